@@ -1,0 +1,93 @@
+"""The ``memprof`` command: parse, call the library, render or print JSON, exit.
+
+Each command lives in its own module (``memprof/cli/<command>.py``) and registers
+itself on :data:`app`. Errors from the library (:class:`MemprofError`) become one
+``ERROR:`` line and one ``HINT:`` line on stderr and the error's exit code.
+
+Exit codes: 0 success; 1 the workload does not fit (estimate/find-batch verdicts);
+2 bad input (model, option, file); 3 needs a GPU and none is there; 4 not even
+batch 1 fits; 130 interrupted (Ctrl-C) - partial results are still printed.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from typing import Any, Callable
+
+import typer
+
+from ..errors import MemprofError
+from ..render import print_error
+
+app = typer.Typer(
+    name="memprof",
+    help="GPU memory profiler and batch-size finder for PyTorch training.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+EXIT_OK = 0
+EXIT_DOES_NOT_FIT = 1
+EXIT_USAGE = 2
+EXIT_NO_GPU = 3
+EXIT_NOTHING_FITS = 4
+EXIT_INTERRUPTED = 130
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Wrap a command: MemprofError -> ERROR/HINT + exit code; Ctrl-C -> exit 130; no tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any):
+        try:
+            return fn(*args, **kwargs)
+        except MemprofError as exc:
+            print_error(exc.message, exc.hint)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            print_error("interrupted", None)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+def emit_json(doc: dict) -> None:
+    """Only JSON on stdout."""
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        print(f"memprof {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Show the version and exit.")) -> None:
+    """GPU memory profiler and batch-size finder for PyTorch training."""
+
+
+def _register() -> None:
+    # each module adds its command to `app`; a missing one (work in progress) is skipped
+    import importlib
+
+    for name in ("estimate", "find_batch", "compare", "profile", "gpus"):
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+
+
+_register()
+
+
+def main() -> None:
+    app()

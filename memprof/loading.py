@@ -1,0 +1,459 @@
+"""Turn what the user typed into a model factory, its inputs and its loss.
+
+Accepted model references:
+
+* a torchvision model name (``resnet50``, ``vit_b_16``, ...), input shape from
+  ``configs/models.toml``; weights are never downloaded;
+* a user file and attribute, ``path/to/my.py:Net`` (a class or a factory function);
+* an importable ``package.module:attr``;
+* a model config file ``something.toml`` (see ``configs/``).
+
+A user file (or module) may define two optional hooks next to the model:
+
+``memprof_batch(batch_size, device, dtype)``
+    returns ``(inputs, target)``: ``inputs`` is a tensor, a tuple of positional
+    arguments or a dict of keyword arguments for ``model(...)``; ``target`` is
+    anything the loss takes (or ``None``). ``dtype`` is the floating dtype inputs
+    should have for the chosen precision. Create tensors with ``torch.randn`` /
+    ``torch.randint`` / ``torch.zeros`` on ``device``: memprof calls the hook on
+    fake tensors too, so it must not read tensor values.
+``memprof_loss(output, target)``
+    returns the scalar loss to call ``backward()`` on.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import inspect
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ModelLoadError, UsageError
+
+BATCH_HOOK = "memprof_batch"
+LOSS_HOOK = "memprof_loss"
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESETS_FILE = CONFIGS_DIR / "models.toml"
+
+
+def _toml_load(path: Path) -> dict:
+    try:
+        import tomllib  # type: ignore[import-not-found]
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read config {path}: {exc.strerror}", "check the path") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ModelLoadError(f"config {path} is not valid TOML: {exc}", "see configs/ for examples") from None
+
+
+# --------------------------------------------------------------------------- inputs
+@dataclass
+class InputSpec:
+    """Default inputs: one tensor per shape, per sample (batch dimension excluded)."""
+
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    #: "float" follows the precision (fp32 for fp32/AMP, fp16/bf16 for pure half precision);
+    #: or an integer dtype name ("int64") for token ids; None = detect from the model
+    dtype: str | None = None
+    low: int = 0
+    high: int | None = None  # exclusive upper bound of token ids
+
+    def describe(self) -> str:
+        shapes = " + ".join("×".join(str(d) for d in s) for s in self.shapes) or "?"
+        if self.dtype and self.dtype != "float":
+            hi = self.high if self.high is not None else "?"
+            return f"{shapes} {self.dtype} in [{self.low}, {hi})"
+        return shapes
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"3,224,224"`` / ``"3x224x224"`` / ``"(3, 224, 224)"`` -> ``(3, 224, 224)``."""
+    cleaned = str(text).strip().strip("()[]").replace("x", ",").replace("×", ",").replace(" ", "")
+    try:
+        shape = tuple(int(p) for p in cleaned.split(",") if p != "")
+    except ValueError:
+        raise UsageError(f"cannot read input shape {text!r}",
+                         "give the per-sample shape without the batch, e.g. --input-shape 3,224,224") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"input shape {text!r} must be positive integers",
+                         "e.g. --input-shape 3,224,224 (batch excluded)")
+    return shape
+
+
+def parse_kwargs(json_text: str | None = None, pairs: list[str] | None = None) -> dict[str, Any]:
+    """Constructor arguments from ``--model-kwargs '{"a": 1}'`` and repeated ``key=value``."""
+    kwargs: dict[str, Any] = {}
+    if json_text:
+        try:
+            parsed = json.loads(json_text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--model-kwargs is not valid JSON: {exc.msg} at column {exc.colno}",
+                             """quote it for the shell, e.g. --model-kwargs '{"num_classes": 10}'""") from None
+        if not isinstance(parsed, dict):
+            raise UsageError("--model-kwargs must be a JSON object",
+                             """e.g. --model-kwargs '{"num_classes": 10}'""")
+        kwargs.update(parsed)
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UsageError(f"cannot read model argument {pair!r}", "write key=value, e.g. --model-arg num_classes=10")
+        key, value = pair.split("=", 1)
+        try:
+            kwargs[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            kwargs[key.strip()] = value
+    return kwargs
+
+
+# --------------------------------------------------------------------------- model spec
+@dataclass
+class ModelSpec:
+    """A model factory plus how to feed it and what loss to train it with."""
+
+    ref: str
+    display_name: str
+    factory: Callable[..., Any]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    inputs: InputSpec = field(default_factory=InputSpec)
+    batch_hook: Callable | None = None
+    loss_hook: Callable | None = None
+    source: str = "torchvision"  # torchvision | file | module | config
+    #: workload defaults from a config file (batch_size, dtype, optimizer, mode)
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def instantiate(self):
+        """Build a fresh model (on the current default device / fake mode)."""
+        import torch
+
+        try:
+            model = self.factory(**self.kwargs)
+        except MemoryError:
+            raise
+        except Exception as exc:  # the user's constructor: show its message
+            args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+            raise ModelLoadError(
+                f"constructing {self.display_name}({args}) failed: {type(exc).__name__}: {exc}",
+                "pass constructor arguments with --model-kwargs '{\"name\": value}' or --model-arg name=value",
+            ) from None
+        if not isinstance(model, torch.nn.Module):
+            raise ModelLoadError(f"{self.ref} returned {type(model).__name__}, not a torch.nn.Module",
+                                 "point at an nn.Module class or a function that returns one")
+        self._detect_inputs(model)
+        return model
+
+    def _detect_inputs(self, model) -> None:
+        """Fill in what the user left out: token ids for Embedding-first models, Linear widths."""
+        import torch
+
+        first = next((m for m in model.modules() if not list(m.children()) and
+                      any(True for _ in m.parameters(recurse=False))), None)
+        if self.inputs.dtype is None:
+            if isinstance(first, torch.nn.Embedding):
+                self.inputs.dtype = "int64"
+                if self.inputs.high is None:
+                    self.inputs.high = first.num_embeddings
+            else:
+                self.inputs.dtype = "float"
+        if self.inputs.dtype != "float" and self.inputs.high is None:
+            self.inputs.high = first.num_embeddings if isinstance(first, torch.nn.Embedding) else 2
+        if not self.inputs.shapes and self.batch_hook is None:
+            if isinstance(first, torch.nn.Linear) and self.inputs.dtype == "float":
+                self.inputs.shapes = [(first.in_features,)]
+            else:
+                raise UsageError(f"memprof does not know the input shape of {self.display_name}",
+                                 f"give the per-sample shape, e.g. --input-shape 3,224,224 (batch excluded), "
+                                 f"or define {BATCH_HOOK}(batch_size, device, dtype) next to the model")
+
+    def input_description(self) -> str:
+        if self.batch_hook is not None and not self.inputs.shapes:
+            return f"from {BATCH_HOOK}()"
+        return self.inputs.describe()
+
+    def make_batch(self, batch_size: int, device, precision) -> tuple[tuple, dict, Any]:
+        """Inputs and target for one batch: ``(args, kwargs, target)``."""
+        import torch
+
+        float_dtype = precision.torch_param_dtype()
+        if self.batch_hook is not None:
+            try:
+                produced = self.batch_hook(batch_size, device, float_dtype)
+            except Exception as exc:
+                raise ModelLoadError(f"{BATCH_HOOK}() failed: {type(exc).__name__}: {exc}",
+                                     f"{BATCH_HOOK}(batch_size, device, dtype) must return (inputs, target)") from None
+            if not (isinstance(produced, tuple) and len(produced) == 2):
+                raise ModelLoadError(f"{BATCH_HOOK}() must return (inputs, target), got {type(produced).__name__}",
+                                     "inputs: a tensor, a tuple of arguments or a dict of keyword arguments")
+            inputs, target = produced
+            if isinstance(inputs, dict):
+                return (), dict(inputs), target
+            if isinstance(inputs, (tuple, list)):
+                return tuple(inputs), {}, target
+            return (inputs,), {}, target
+        args = []
+        for shape in self.inputs.shapes:
+            if self.inputs.dtype in (None, "float"):
+                args.append(torch.randn((batch_size, *shape), dtype=float_dtype, device=device))
+            else:
+                args.append(torch.randint(self.inputs.low, self.inputs.high or 2, (batch_size, *shape),
+                                          dtype=getattr(torch, self.inputs.dtype), device=device))
+        return tuple(args), {}, None
+
+    def loss_fn(self) -> Callable:
+        if self.loss_hook is not None:
+            return self.loss_hook
+        tokens = self.inputs.dtype not in (None, "float")
+        return lambda output, target: default_loss(output, target, tokens=tokens)
+
+
+def default_loss(output, target=None, *, tokens: bool = False):
+    """A loss for any output: cross-entropy against class 0 for logits, MSE otherwise.
+
+    Every floating tensor in the output (tuples, dicts, named tuples such as
+    Inception's aux logits) contributes. With a ``target`` tensor: cross-entropy if
+    it holds integers, MSE if it holds floats.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils._pytree import tree_leaves
+
+    if hasattr(output, "logits") and not isinstance(output, (tuple, dict)):  # HF-style ModelOutput
+        output = output.logits
+    leaves = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves:
+        raise UsageError("the model's output holds no floating-point tensor to train on",
+                         f"define {LOSS_HOOK}(output, target) next to the model")
+    total = None
+    for y in leaves:
+        if isinstance(target, torch.Tensor) and len(leaves) == 1:
+            if target.is_floating_point():
+                loss = F.mse_loss(y, target)
+            elif y.dim() == 3 and target.dim() == 2 and tokens:
+                loss = F.cross_entropy(y.flatten(0, 1), target.flatten())
+            else:
+                loss = F.cross_entropy(y, target)
+        elif y.dim() >= 2:
+            if tokens and y.dim() == 3:
+                loss = F.cross_entropy(y.flatten(0, 1), torch.zeros(y.shape[0] * y.shape[1], dtype=torch.long,
+                                                                     device=y.device))
+            else:
+                loss = F.cross_entropy(y, torch.zeros((y.shape[0], *y.shape[2:]), dtype=torch.long, device=y.device))
+        else:
+            loss = F.mse_loss(y, torch.zeros_like(y))
+        total = loss if total is None else total + loss
+    return total
+
+
+# --------------------------------------------------------------------------- torchvision
+_TV_FAMILIES = ("segmentation", "video", "detection", "optical_flow", "quantization")
+_UNSUPPORTED_FAMILIES = {
+    "detection": "detection models take lists of images and box targets",
+    "optical_flow": "optical-flow models take image pairs",
+    "quantization": "quantized models are inference-only integer models",
+}
+
+
+def _presets() -> dict:
+    return _toml_load(PRESETS_FILE) if PRESETS_FILE.exists() else {}
+
+
+def torchvision_family(name: str) -> str | None:
+    """``"classification"``, ``"segmentation"``, ... or None if torchvision has no such model."""
+    from torchvision import models
+
+    for family in _TV_FAMILIES:
+        if name in models.list_models(module=getattr(models, family)):
+            return family
+    return "classification" if name in models.list_models() else None
+
+
+def torchvision_names() -> list[str]:
+    from torchvision import models
+
+    return sorted(models.list_models())
+
+
+def load_torchvision(name: str, kwargs: dict[str, Any]) -> ModelSpec:
+    from torchvision import models
+
+    family = torchvision_family(name)
+    if family is None:
+        close = difflib.get_close_matches(name, torchvision_names(), n=3, cutoff=0.5)
+        hint = (f"did you mean {', '.join(close)}?" if close else
+                "run `python -c \"import torchvision; print(torchvision.models.list_models())\"` for the names")
+        raise ModelLoadError(f"unknown model {name!r}: not a torchvision model name nor a path/to/file.py:Class",
+                             hint + " A model of your own: path/to/file.py:ClassName")
+    if family in _UNSUPPORTED_FAMILIES:
+        raise ModelLoadError(f"{name} is a torchvision {family.replace('_', '-')} model: "
+                             f"{_UNSUPPORTED_FAMILIES[family]}",
+                             f"wrap it in a file with {BATCH_HOOK}() and {LOSS_HOOK}() and pass file.py:factory")
+    presets = _presets()
+    entry: dict[str, Any] = dict(presets.get("defaults", {}))
+    for layer in (presets.get("family", {}).get(family, {}), presets.get("models", {}).get(name, {})):
+        entry.update({k: v for k, v in layer.items() if k != "kwargs"})
+        entry.setdefault("kwargs", {})
+        entry["kwargs"] = {**entry.get("kwargs", {}), **layer.get("kwargs", {})}
+    preset_kwargs = {k: (None if v == "none" else v) for k, v in entry.get("kwargs", {}).items()}
+    builder = models.get_model_builder(name)
+
+    def factory(**kw):
+        return builder(weights=None, **kw)
+
+    return ModelSpec(ref=name, display_name=name, factory=factory, kwargs={**preset_kwargs, **kwargs},
+                     inputs=InputSpec(shapes=[tuple(entry.get("input_shape", (3, 224, 224)))], dtype="float"),
+                     source="torchvision")
+
+
+# --------------------------------------------------------------------------- user code
+def _import_file(path: Path):
+    if not path.exists():
+        raise ModelLoadError(f"model file {path} does not exist", "check the path, e.g. models/net.py:Net")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory, not a Python file", "point at a .py file: path/to/file.py:Net")
+    module_name = f"memprof_user_{abs(hash(str(path.resolve())))}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelLoadError(f"cannot import {path}", "the model file must be a Python source file")
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    except SystemExit:
+        sys.modules.pop(module_name, None)
+        raise ModelLoadError(f"importing {path} called sys.exit()",
+                             "guard the script part of the file with if __name__ == '__main__':") from None
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        where = ""
+        if isinstance(exc, SyntaxError):
+            where = f" (line {exc.lineno})"
+        raise ModelLoadError(f"importing {path} failed{where}: {type(exc).__name__}: {exc}",
+                             "fix the file so that `python " + str(path) + "` runs") from None
+    finally:
+        try:
+            sys.path.remove(folder)
+        except ValueError:
+            pass
+    return module
+
+
+def _import_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        raise ModelLoadError(f"cannot import module {name!r}: {exc}",
+                             "install it or run memprof from the folder that contains it; "
+                             "for a file use path/to/file.py:Class") from None
+    except Exception as exc:
+        raise ModelLoadError(f"importing {name} failed: {type(exc).__name__}: {exc}", "fix the module") from None
+
+
+def _candidates(module) -> list[str]:
+    import torch
+
+    names = []
+    for attr, value in vars(module).items():
+        if attr.startswith("_") or attr in (BATCH_HOOK, LOSS_HOOK):
+            continue
+        if inspect.isclass(value) and issubclass(value, torch.nn.Module) and \
+                getattr(value, "__module__", None) == module.__name__:
+            names.append(attr)
+        elif inspect.isfunction(value) and getattr(value, "__module__", None) == module.__name__:
+            names.append(attr)
+    return names
+
+
+def _spec_from_module(module, attr: str, ref: str, where: str, kwargs: dict, source: str) -> ModelSpec:
+    import torch
+
+    if not attr:
+        options = _candidates(module)
+        raise ModelLoadError(f"{ref} names no model attribute",
+                             f"write {where}:ClassName" + (f"; {where} defines {', '.join(options[:6])}" if options else ""))
+    if not hasattr(module, attr):
+        options = _candidates(module)
+        close = difflib.get_close_matches(attr, options, n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}?" if close else (
+            f"{where} defines {', '.join(options[:8])}" if options else f"{where} defines no nn.Module class")
+        raise ModelLoadError(f"{where} has no attribute {attr!r}", hint)
+    factory = getattr(module, attr)
+    if isinstance(factory, torch.nn.Module):
+        raise ModelLoadError(f"{ref} is a model instance, not a class or factory",
+                             "memprof builds the model itself (on fake tensors, without memory): point at the class "
+                             "or a function that returns the model")
+    if not callable(factory):
+        raise ModelLoadError(f"{ref} is a {type(factory).__name__}, not a model class or factory",
+                             "point at an nn.Module class or a function that returns one")
+    batch_hook = getattr(factory, BATCH_HOOK, None) or getattr(module, BATCH_HOOK, None)
+    loss_hook = getattr(factory, LOSS_HOOK, None) or getattr(module, LOSS_HOOK, None)
+    return ModelSpec(ref=ref, display_name=attr if source == "file" else ref, factory=factory, kwargs=kwargs,
+                     batch_hook=batch_hook, loss_hook=loss_hook, source=source)
+
+
+def _split_ref(ref: str) -> tuple[str, str]:
+    # a Windows drive letter ("C:\\x.py:Net") keeps its first colon
+    head, sep, tail = ref.rpartition(":")
+    if not sep or (len(head) == 1 and head.isalpha()):
+        return ref, ""
+    return head, tail
+
+
+def load_config(path: Path, kwargs: dict[str, Any]) -> ModelSpec:
+    """A model config file: ``[model] ref, kwargs``; ``[input] shape(s), dtype, range``; ``[workload]``."""
+    data = _toml_load(path)
+    model = data.get("model", {})
+    if "ref" not in model:
+        raise ModelLoadError(f"config {path} has no [model] ref", 'add  [model] ref = "resnet50"  (or file.py:Class)')
+    ref = str(model["ref"])
+    head, _ = _split_ref(ref)
+    if head.endswith(".py") and not Path(head).is_absolute():  # relative to the config file
+        candidate = path.parent / head
+        if candidate.exists():
+            ref = str(candidate) + ref[len(head):]
+    spec = load_model(ref, {**model.get("kwargs", {}), **kwargs})
+    inp = data.get("input", {})
+    if "shape" in inp or "shapes" in inp:
+        shapes = inp.get("shapes") or [inp["shape"]]
+        spec.inputs.shapes = [tuple(int(d) for d in s) for s in shapes]
+    if "dtype" in inp:
+        spec.inputs.dtype = str(inp["dtype"])
+    if "range" in inp:
+        spec.inputs.low, spec.inputs.high = int(inp["range"][0]), int(inp["range"][1])
+    spec.defaults = dict(data.get("workload", {}))
+    spec.display_name = str(model.get("name", path.stem))
+    spec.source = "config"
+    return spec
+
+
+def load_model(ref: str, kwargs: dict[str, Any] | None = None) -> ModelSpec:
+    """Resolve a model reference (see module docstring) without building the model."""
+    kwargs = dict(kwargs or {})
+    ref = str(ref).strip()
+    if not ref:
+        raise UsageError("no model given", "e.g. memprof estimate resnet50, or path/to/file.py:Net")
+    if ref.endswith(".toml"):
+        path = Path(ref)
+        if not path.exists():
+            raise ModelLoadError(f"config file {ref} does not exist", "see configs/ for examples")
+        return load_config(path, kwargs)
+    head, attr = _split_ref(ref)
+    if head.endswith(".py") or Path(head).suffix == ".py" or ("/" in head or "\\" in head):
+        path = Path(head)
+        if path.suffix != ".py":
+            raise ModelLoadError(f"{head} is not a Python file", "write path/to/file.py:ClassName")
+        module = _import_file(path)
+        return _spec_from_module(module, attr, ref, str(path), kwargs, "file")
+    if attr:
+        module = _import_module(head)
+        return _spec_from_module(module, attr, ref, head, kwargs, "module")
+    return load_torchvision(ref, kwargs)

@@ -1,0 +1,332 @@
+"""The workload (what one training step is) and the one training-step function.
+
+The tracer (fake tensors), the CPU measurer and the CUDA measurer all run
+:func:`train_step`, so a prediction and a measurement differ only by what the
+hardware adds. Everything torch-related is imported lazily so that ``memprof --help``
+and the analytic formulas stay fast.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from .loading import ModelSpec
+
+
+# --------------------------------------------------------------------------- precision
+@dataclass(frozen=True)
+class Precision:
+    """How a step handles numbers.
+
+    ``param_dtype`` is the dtype of parameters, gradients and optimizer state;
+    ``autocast_dtype`` (AMP only) is the dtype autocast runs eligible ops in.
+    """
+
+    name: str
+    param_dtype: str  # "float32" | "float16" | "bfloat16"
+    autocast_dtype: str | None = None
+    grad_scaler: bool = False
+
+    @property
+    def is_amp(self) -> bool:
+        return self.autocast_dtype is not None
+
+    @property
+    def param_bytes(self) -> int:
+        return DTYPE_BYTES[self.param_dtype]
+
+    @property
+    def compute_bytes(self) -> int:
+        return DTYPE_BYTES[self.autocast_dtype or self.param_dtype]
+
+    def torch_param_dtype(self) -> "torch.dtype":
+        import torch
+
+        return getattr(torch, self.param_dtype)
+
+    def torch_autocast_dtype(self) -> "torch.dtype | None":
+        import torch
+
+        return getattr(torch, self.autocast_dtype) if self.autocast_dtype else None
+
+
+DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+               "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+
+PRECISIONS: dict[str, Precision] = {
+    "fp32": Precision("fp32", "float32"),
+    "fp16": Precision("fp16", "float16"),
+    "bf16": Precision("bf16", "bfloat16"),
+    "amp-fp16": Precision("amp-fp16", "float32", "float16", grad_scaler=True),
+    "amp-bf16": Precision("amp-bf16", "float32", "bfloat16"),
+}
+_PRECISION_ALIASES = {
+    "float32": "fp32", "float": "fp32", "32": "fp32",
+    "float16": "fp16", "half": "fp16", "16": "fp16",
+    "bfloat16": "bf16",
+    "amp": "amp-fp16", "amp_fp16": "amp-fp16", "amp-float16": "amp-fp16", "mixed": "amp-fp16",
+    "amp_bf16": "amp-bf16", "amp-bfloat16": "amp-bf16",
+}
+
+
+def get_precision(name: str) -> Precision:
+    key = str(name).strip().lower()
+    key = _PRECISION_ALIASES.get(key, key)
+    if key not in PRECISIONS:
+        raise UsageError(f"unknown dtype {name!r}", f"choose one of: {', '.join(PRECISIONS)}")
+    return PRECISIONS[key]
+
+
+# --------------------------------------------------------------------------- optimizers
+#: name -> (number of param-sized state tensors, description)
+OPTIMIZERS: dict[str, tuple[int, str]] = {
+    "sgd": (0, "SGD, no momentum"),
+    "sgd-momentum": (1, "SGD with momentum 0.9 (one momentum buffer)"),
+    "adam": (2, "Adam (exp_avg, exp_avg_sq)"),
+    "adamw": (2, "AdamW (exp_avg, exp_avg_sq)"),
+    "adagrad": (1, "Adagrad (sum of squares)"),
+    "rmsprop": (1, "RMSprop (square_avg)"),
+}
+_OPTIMIZER_ALIASES = {"momentum": "sgd-momentum", "sgd_momentum": "sgd-momentum", "sgdm": "sgd-momentum"}
+
+
+def get_optimizer_name(name: str) -> str:
+    key = str(name).strip().lower()
+    key = _OPTIMIZER_ALIASES.get(key, key)
+    if key not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {name!r}", f"choose one of: {', '.join(OPTIMIZERS)}")
+    return key
+
+
+def optimizer_state_count(name: str) -> int:
+    """How many parameter-sized state tensors the optimizer keeps (SGD 0, momentum 1, Adam 2)."""
+    return OPTIMIZERS[get_optimizer_name(name)][0]
+
+
+def make_optimizer(name: str, params, device_type: str):
+    """Build the optimizer the way PyTorch would by default on ``device_type``.
+
+    ``foreach`` is passed explicitly: PyTorch picks the multi-tensor (foreach)
+    implementations by default on CUDA and the per-tensor loop on CPU, and the two
+    have different temporaries. Tracing for CUDA on fake CPU tensors therefore
+    asks for what CUDA would run.
+    """
+    import torch
+
+    foreach = device_type == "cuda"
+    name = get_optimizer_name(name)
+    params = list(params)
+    if not params:
+        raise UsageError("the model has no trainable parameters", "use --mode eval for inference-only models")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-3, foreach=foreach)
+    if name == "sgd-momentum":
+        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=1e-4, foreach=foreach)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
+    if name == "adagrad":
+        return torch.optim.Adagrad(params, lr=1e-3, foreach=foreach)
+    return torch.optim.RMSprop(params, lr=1e-4, foreach=foreach)
+
+
+# --------------------------------------------------------------------------- workload
+MODES = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Everything that decides the memory of one step, except the hardware."""
+
+    model: "ModelSpec"
+    batch_size: int = 32
+    precision: Precision = PRECISIONS["fp32"]
+    optimizer: str = "adam"
+    mode: str = "train"
+    #: "none", "blocks" (each top-level block checkpointed) or "sqrt" (sqrt(n) segments)
+    checkpointing: str = "none"
+    #: turn every nn.ReLU into ReLU(inplace=True) before the step
+    inplace_relu: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
+            raise UsageError(f"batch size must be a positive integer, got {self.batch_size!r}",
+                             "e.g. --batch-size 32")
+        if self.mode not in MODES:
+            raise UsageError(f"unknown mode {self.mode!r}", "choose train or eval")
+        object.__setattr__(self, "optimizer", get_optimizer_name(self.optimizer))
+
+    def with_batch(self, batch_size: int) -> "Workload":
+        return dataclasses.replace(self, batch_size=batch_size)
+
+    def replace(self, **changes: Any) -> "Workload":
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain data for headers and JSON."""
+        return {
+            "model": self.model.display_name,
+            "batch_size": self.batch_size,
+            "input": self.model.input_description(),
+            "dtype": self.precision.name,
+            "optimizer": self.optimizer if self.mode == "train" else None,
+            "mode": self.mode,
+            "checkpointing": self.checkpointing,
+            "inplace_relu": self.inplace_relu,
+        }
+
+
+# --------------------------------------------------------------------------- building
+@dataclass
+class Prepared:
+    """A model, optimizer and batch ready for :func:`train_step` on one device."""
+
+    workload: Workload
+    model: Any
+    optimizer: Any | None
+    args: tuple
+    kwargs: dict
+    target: Any
+    loss_fn: Callable
+    device_type: str
+    extras: dict = field(default_factory=dict)
+
+
+def _tensors(model):
+    yield from model.parameters()
+    yield from model.buffers()
+
+
+def _convert(model, device, dtype) -> None:
+    """``model.to(device, dtype)`` that also works on fake tensors (which cannot be swapped in place).
+
+    Floating parameters and buffers get ``dtype``; tied parameters stay tied.
+    """
+    import torch
+
+    memo: dict[int, torch.Tensor] = {}
+
+    def convert(t, param: bool):
+        if id(t) not in memo:
+            kwargs = {"device": device}
+            if t.is_floating_point():
+                kwargs["dtype"] = dtype
+            with torch.no_grad():
+                new = t.to(**kwargs)
+            memo[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if param else new
+        return memo[id(t)]
+
+    for module in model.modules():
+        for name, t in list(module._parameters.items()):
+            if t is not None:
+                module._parameters[name] = convert(t, True)
+        for name, t in list(module._buffers.items()):
+            if t is not None:
+                module._buffers[name] = convert(t, False)
+
+
+def build_model(workload: Workload, device: "torch.device | str" = "cpu"):
+    """Construct the model on ``device`` in the workload's parameter dtype and mode.
+
+    Call it inside FakeTensorMode to get a model that holds no real memory.
+    """
+    import torch
+
+    device = torch.device(device)
+    with torch.device(device):
+        model = workload.model.instantiate()
+    dtype = workload.precision.torch_param_dtype()
+    if dtype != torch.float32 or any(t.device != device for t in _tensors(model)):
+        _convert(model, device, dtype)
+    if workload.inplace_relu:
+        for module in model.modules():
+            if isinstance(module, torch.nn.ReLU):
+                module.inplace = True
+    if workload.checkpointing != "none":
+        from .checkpointing import apply_checkpointing
+
+        model = apply_checkpointing(model, workload.checkpointing)
+    model.train(workload.mode == "train")
+    if workload.mode == "eval":
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def prepare(workload: Workload, device: "torch.device | str" = "cpu", *, optimizer_device_type: str | None = None,
+            model=None) -> Prepared:
+    """Build model, optimizer and one batch for ``workload`` on ``device``.
+
+    ``optimizer_device_type`` chooses which device's default optimizer implementation
+    to use (see :func:`make_optimizer`); it defaults to ``device``'s type.
+    """
+    import torch
+
+    device = torch.device(device)
+    if model is None:
+        model = build_model(workload, device)
+    opt = None
+    if workload.mode == "train":
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        opt = make_optimizer(workload.optimizer, trainable, optimizer_device_type or device.type)
+    args, kwargs, target = workload.model.make_batch(workload.batch_size, device, workload.precision)
+    return Prepared(workload, model, opt, args, kwargs, target, workload.model.loss_fn(), device.type)
+
+
+def _autocast(prepared: Prepared):
+    import torch
+
+    precision = prepared.workload.precision
+    if not precision.is_amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=prepared.device_type, dtype=precision.torch_autocast_dtype())
+
+
+def _noop(_phase: str) -> None:
+    return None
+
+
+def train_step(prepared: Prepared, on_phase: Callable[[str], None] = _noop, scaler=None) -> None:
+    """One training step: forward, loss, backward, optimizer.step(), zero_grad(set_to_none=True).
+
+    In eval mode: one forward pass under ``torch.no_grad()``. ``on_phase`` is told
+    "forward", "backward" and "optimizer" as each begins, and "done" at the end.
+    ``scaler`` (a GradScaler, AMP fp16 on CUDA) scales the loss and steps through it.
+    """
+    import torch
+
+    workload = prepared.workload
+    if workload.mode == "eval":
+        on_phase("forward")
+        with torch.no_grad(), _autocast(prepared):
+            out = prepared.model(*prepared.args, **prepared.kwargs)
+        del out
+        on_phase("done")
+        return
+    on_phase("forward")
+    with _autocast(prepared):
+        out = prepared.model(*prepared.args, **prepared.kwargs)
+        loss = prepared.loss_fn(out, prepared.target)
+    del out
+    on_phase("backward")
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+    del loss
+    on_phase("optimizer")
+    if scaler is not None:
+        scaler.step(prepared.optimizer)
+        scaler.update()
+    else:
+        prepared.optimizer.step()
+    prepared.optimizer.zero_grad(set_to_none=True)
+    on_phase("done")
