@@ -21,8 +21,11 @@ Modes
     Inception's ``Mixed_*``); then ``sqrt`` segments of the largest
     ``nn.Sequential`` (VGG ``features``, plain MLPs).
 ``sqrt``
-    ``checkpoint_sequential``-style: the largest ``nn.Sequential`` is cut into
-    ``ceil(sqrt(n))`` segments; all but the last are checkpointed.
+    ``checkpoint_sequential``-style: a chain of ``n`` modules is cut into
+    ``ceil(sqrt(n))`` segments; all but the last are checkpointed. The chain is the
+    repeated blocks when they sit in ``nn.Sequential`` parents (ResNet ``layer1..4``,
+    ViT ``encoder.layers``; segments never cross a parent), else the
+    ``nn.Sequential`` holding the most layers (VGG ``features``).
 ``every-K``
     Like ``sqrt`` with segments of ``K`` modules (``every-2``, ``every-4``...).
 
@@ -86,6 +89,8 @@ class CheckpointPlan:
         return len(self.regions)
 
     def describe(self) -> str:
+        if self.rule.startswith("segments"):
+            return f"{self.count} checkpointed {self.rule} over {self.what}"
         return f"{self.count} × {self.what} ({self.rule})"
 
 
@@ -186,25 +191,21 @@ def _run_children(seq, start: int, end: int, x):
 
 
 def _segmented_forward(self, x):
-    bounds = self._memprof_segments
-    for k, (start, end) in enumerate(bounds):
-        if k < len(bounds) - 1:
+    for start, end, checkpointed in self._memprof_segments:
+        if checkpointed:
             x = _checkpointed_call(functools.partial(_run_children, self, start, end), x)
         else:
             x = _run_children(self, start, end, x)
     return x
 
 
-def _wrap_sequential(seq, segment_size: int) -> list[tuple[int, int]]:
-    """Run ``seq`` as segments of ``segment_size`` children; all but the last checkpointed."""
+def _wrap_sequential(seq, segments: list[tuple[int, int, bool]]) -> None:
+    """Run ``seq`` as segments ``(start, end, checkpointed)`` of its children."""
     import types
 
-    n = len(seq)
-    bounds = [(i, min(i + segment_size, n)) for i in range(0, n, segment_size)]
-    seq._memprof_segments = bounds
+    seq._memprof_segments = list(segments)
     seq.forward = types.MethodType(_segmented_forward, seq)
     setattr(seq, _MARK, True)
-    return bounds
 
 
 # --------------------------------------------------------------------------- planning
@@ -259,27 +260,76 @@ def _largest_sequential(model):
     return None if best is None else (best[1], best[2])
 
 
-def _plan_segments(model, mode: str, segment_size: int | None, notes: list[str]):
+def _segment_size(n: int, k: int | None) -> int:
+    """``k``, or the sqrt(n) rule: ceil(sqrt(n)) segments of equal size."""
+    if k is not None:
+        return k
+    return math.ceil(n / max(1, math.ceil(math.sqrt(n))))
+
+
+def _segments_of(seq_name: str, seq, size: int, last_plain: bool) -> list[tuple[str, tuple[int, int, bool]]]:
+    n = len(seq)
+    out = []
+    for start in range(0, n, size):
+        end = min(start + size, n)
+        out.append((f"{seq_name}[{start}:{end}]", (start, end, True)))
+    if last_plain and out:  # its output is needed at once: checkpointing it saves nothing (checkpoint_sequential)
+        name, (a, b, _) = out[-1]
+        out[-1] = (name, (a, b, False))
+    return out
+
+
+def _plan_block_chain(model, mode: str, k: int | None):
+    """Segments over repeated blocks that sit in nn.Sequential parents (ResNet layer1..4, ViT encoder.layers)."""
+    import torch
+
+    found = _find_block_type(model)
+    if found is None:
+        return None
+    modules = dict(model.named_modules())
+    names = _outermost_instances(model, found[0])
+    parents: list[str] = []
+    for name in names:
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        if not isinstance(modules[parent], torch.nn.Sequential):
+            return None
+        if parent not in parents:
+            parents.append(parent)
+    size = _segment_size(len(names), k)
+    if size >= len(names):
+        return None
+    action, regions = [], []
+    for i, parent in enumerate(parents):
+        segs = _segments_of(parent, modules[parent], size, last_plain=i == len(parents) - 1)
+        action.append((parent, [seg for _, seg in segs]))
+        regions.extend(name for name, seg in segs if seg[2])
+    plan = CheckpointPlan(mode, tuple(regions), f"{len(names)} × {found[0].__name__} in {len(parents)} nn.Sequential",
+                          f"segments of {size}")
+    return action, plan
+
+
+def _plan_segments(model, mode: str, k: int | None, notes: list[str]):
+    chain = _plan_block_chain(model, mode, k)
+    if chain is not None:
+        return chain
     found = _largest_sequential(model)
-    if found is None or len(found[1]) < 2:
+    if found is None:
         raise UsageError(f"--checkpointing {mode}: the model has no nn.Sequential to cut into segments",
                          "use --checkpointing blocks, or wrap the model's layers in an nn.Sequential")
     name, seq = found
     n = len(seq)
-    if segment_size is None:
-        segments = max(1, math.ceil(math.sqrt(n)))
-        segment_size = math.ceil(n / segments)
-    bounds = [(i, min(i + segment_size, n)) for i in range(0, n, segment_size)]
-    if len(bounds) < 2:
-        raise UsageError(f"--checkpointing {mode}: {name or 'the model'} has only {n} modules, one segment",
-                         "use a smaller K (every-1) or --checkpointing blocks")
+    size = _segment_size(n, k)
     label = name or type(model).__name__
+    segs = _segments_of(label, seq, size, last_plain=True)
+    if len(segs) < 2:
+        raise UsageError(f"--checkpointing {mode}: {label} has only {n} modules, one segment",
+                         "use a smaller K (every-1) or --checkpointing blocks")
     total_layers, seq_layers = _param_leaves(model), _param_leaves(seq)
     if total_layers and seq_layers < 0.5 * total_layers:
         notes.append(f"only {label} is segmented ({seq_layers} of {total_layers} layers)")
-    regions = tuple(f"{label}[{a}:{b}]" for a, b in bounds[:-1])
-    return (name, seq, segment_size), CheckpointPlan(mode, regions, f"{label} ({n} modules)",
-                                                     f"segments of {segment_size}", tuple(notes))
+    regions = tuple(r for r, seg in segs if seg[2])
+    return [(name, [seg for _, seg in segs])], CheckpointPlan(mode, regions, f"{label} ({n} modules)",
+                                                             f"segments of {size}", tuple(notes))
 
 
 def plan_checkpointing(model, mode: str) -> tuple[Any, CheckpointPlan]:
@@ -337,8 +387,9 @@ def apply_checkpointing(model, mode: str):
             for name in what:
                 _wrap_module(modules[name])
         else:
-            _, seq, segment_size = what
-            _wrap_sequential(seq, segment_size)
+            modules = dict(model.named_modules())
+            for name, segments in what:
+                _wrap_sequential(modules[name], segments)
     object.__setattr__(model, _PLAN_ATTR, plan)
     return model
 

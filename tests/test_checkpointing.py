@@ -56,6 +56,14 @@ def test_plan_falls_back_to_segments_for_plain_sequential():
     assert plan.count == 7
 
 
+def test_sqrt_segments_the_block_chain():
+    # 8 BasicBlocks in layer1..layer4 (2 each): segments of ceil(8 / ceil(sqrt 8)) = 3 -> one per layer,
+    # the last (layer4) left plain as in checkpoint_sequential
+    _, plan = C.plan_checkpointing(small_resnet(), "sqrt")
+    assert plan.regions == ("layer1[0:2]", "layer2[0:2]", "layer3[0:2]")
+    assert plan.describe() == "3 checkpointed segments of 3 over 8 × BasicBlock in 4 nn.Sequential"
+
+
 def test_no_blocks_is_a_usage_error_with_hint():
     with pytest.raises(UsageError) as info:
         C.apply_checkpointing(zoo.Cruncher(dim=8, num_layers=2), "blocks")
@@ -99,6 +107,7 @@ def _grads(model, x, seed=0):
 @pytest.mark.parametrize("factory,mode,x", [
     (lambda: tiny_gpt(dropout=0.1), "blocks", lambda: torch.randint(0, 64, (2, 16))),
     (small_resnet, "blocks", lambda: torch.randn(2, 3, 32, 32)),
+    (small_resnet, "sqrt", lambda: torch.randn(2, 3, 32, 32)),
     (lambda: nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(16, 16), nn.Tanh())]), "sqrt",
      lambda: torch.randn(4, 16)),
 ])
