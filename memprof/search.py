@@ -1,0 +1,296 @@
+"""Batch-size search over a probe: the largest batch that fits, exactly, in few trials.
+
+Knows nothing about torch. A *probe* runs one trial at a batch size and says whether
+it fit and, when it did, the peak of the metric the capacity limits (bytes). The
+search
+
+1. starts a little below the predicted limit (``Guide.max_batch``), where the trial
+   almost surely fits and gives a measured peak close to the capacity;
+2. fits the measured peaks as an affine function of the batch (the slope from two
+   measured points, or the prediction's bytes per sample while there is only one)
+   and jumps to the largest batch that model says fits;
+3. brackets the limit (a fit at ``b``, an OOM at ``b + 1``) and, when the model is
+   caught being wrong, gallops and bisects inside the bracket, so the answer is
+   exact (±0) even on step-shaped or noisy peaks.
+
+It never tries more than ``max_batch``, and never more than 1.5x the predicted
+limit (or 2x the largest batch measured to fit) while no OOM bounds it.
+Fits are assumed monotone: if ``b`` OOMs, every larger batch does too.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a probe reports for one trial."""
+
+    fits: bool
+    #: peak of the limited metric (bytes) when the trial fit; None when unknown
+    peak_bytes: Optional[int] = None
+    #: the capacity as the probe measured it (e.g. free GPU memory seen by a child process)
+    capacity_bytes: Optional[int] = None
+
+
+def Fit(peak_bytes: Optional[int] = None, capacity_bytes: Optional[int] = None) -> Outcome:  # noqa: N802
+    return Outcome(True, peak_bytes, capacity_bytes)
+
+
+def OOM(capacity_bytes: Optional[int] = None) -> Outcome:  # noqa: N802
+    return Outcome(False, None, capacity_bytes)
+
+
+@dataclass(frozen=True)
+class Guide:
+    """A prediction of the metric: ``fixed_bytes + bytes_per_sample * batch``, and the batch it says fits."""
+
+    max_batch: Optional[int] = None
+    bytes_per_sample: Optional[float] = None
+    fixed_bytes: Optional[float] = None
+
+    def predict(self, batch: int) -> Optional[int]:
+        if self.bytes_per_sample is None or self.fixed_bytes is None:
+            return None
+        return int(round(self.fixed_bytes + self.bytes_per_sample * batch))
+
+
+@dataclass(frozen=True)
+class Step:
+    """One trial the search ran."""
+
+    batch: int
+    fits: bool
+    peak_bytes: Optional[int]
+    #: why this batch: prediction, start, extrapolate, confirm, gallop, bisect, halve, smallest, double
+    reason: str
+    #: the search's own estimate of the peak before the trial (its affine model), if any
+    expected_bytes: Optional[int] = None
+
+
+STATUSES = ("exact", "max_batch", "nothing_fits", "interrupted", "trial_limit")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    largest_fit: Optional[int]
+    smallest_oom: Optional[int]
+    status: str
+    steps: tuple[Step, ...] = field(default_factory=tuple)
+    capacity_bytes: Optional[int] = None
+
+    @property
+    def exact(self) -> bool:
+        return self.status == "exact"
+
+    @property
+    def trials(self) -> int:
+        return len(self.steps)
+
+    @property
+    def ooms(self) -> int:
+        return sum(1 for s in self.steps if not s.fits)
+
+
+Probe = Callable[[int], Outcome]
+
+
+class _State:
+    def __init__(self, capacity: Optional[int], guide: Optional[Guide], min_batch: int, max_batch: int):
+        self.capacity = capacity
+        self.guide = guide
+        self.min_batch = min_batch
+        self.max_batch = max_batch
+        self.lo = min_batch - 1  # largest batch known to fit (min_batch - 1: none yet)
+        self.hi: Optional[int] = None  # smallest batch known to OOM
+        self.points: dict[int, int] = {}  # batch -> measured peak, fits only
+        self.steps: list[Step] = []
+        self.up = 0  # consecutive fits the model said would OOM
+        self.down = 0  # consecutive OOMs (the model said they would fit, or no model)
+        #: the prediction's bytes per sample, until an OOM proves a model built on it too optimistic
+        self.trust_guide = True
+
+    # -- the affine model ------------------------------------------------------------
+    def model(self) -> Optional[tuple[float, float]]:
+        """(intercept, slope) of the metric near the limit, or None."""
+        pts = sorted(self.points.items())
+        guide_slope = self.guide.bytes_per_sample if self.guide and self.guide.bytes_per_sample else None
+        if not self.trust_guide:
+            guide_slope = None
+        if not pts:
+            if guide_slope and self.guide.fixed_bytes is not None:
+                return float(self.guide.fixed_bytes), float(guide_slope)
+            return None
+        b_top, p_top = pts[-1]
+        slope: Optional[float] = None
+        if len(pts) >= 2:
+            b_prev, p_prev = pts[-2]
+            if b_top - b_prev < max(2, 0.02 * b_top):  # too close to read a slope through rounding
+                b_prev, p_prev = pts[0]
+            if b_top > b_prev and p_top > p_prev:
+                slope = (p_top - p_prev) / (b_top - b_prev)
+        if slope is None:
+            slope = guide_slope
+        if slope is None:
+            slope = p_top / b_top  # an upper bound on the slope when the intercept is positive: a safe estimate
+        if slope <= 0:
+            return None
+        return p_top - slope * b_top, slope
+
+    def slope_from_guide(self) -> bool:
+        return bool(self.trust_guide and self.guide and self.guide.bytes_per_sample)
+
+    def estimate(self) -> Optional[int]:
+        """The largest batch the model says fits (may be <= lo or >= hi), or None without a model."""
+        if self.capacity is None:
+            return None
+        m = self.model()
+        if m is None:
+            return None
+        intercept, slope = m
+        room = (self.capacity - intercept) / slope
+        if room > 10 * self.max_batch + 10:
+            return 10 * self.max_batch + 10
+        return math.floor(room + 1e-9)
+
+    def expected(self, batch: int) -> Optional[int]:
+        m = self.model()
+        return None if m is None else int(round(m[0] + m[1] * batch))
+
+    # -- where to go next ------------------------------------------------------------
+    def ceiling(self) -> int:
+        """The largest batch worth trying now."""
+        top = self.max_batch
+        if self.hi is not None:
+            return min(top, self.hi - 1)
+        has_fit = self.lo >= self.min_batch
+        if self.guide and self.guide.max_batch is not None:
+            far = max(math.ceil(1.5 * self.guide.max_batch), self.min_batch)
+            top = min(top, max(far, 2 * self.lo if has_fit else 0))
+        elif has_fit:
+            top = min(top, 16 * self.lo)
+        return max(top, self.lo + 1)
+
+    def propose(self, start: Optional[int], first_fraction: float) -> tuple[int, str]:
+        lo, hi = self.lo, self.hi
+        floor_ = lo + 1
+        ceil_ = self.ceiling()
+        if not self.steps:
+            if start is not None:
+                return _clamp(start, floor_, ceil_), "start"
+            if self.guide and self.guide.max_batch is not None:
+                return _clamp(math.floor(self.guide.max_batch * first_fraction), floor_, ceil_), "prediction"
+            g = self.estimate()
+            if g is not None:
+                return _clamp(math.floor(g * first_fraction), floor_, ceil_), "prediction"
+            return floor_, "start"
+        g = self.estimate()
+        has_fit = lo >= self.min_batch
+        if hi is not None and (self.down > 0 or g is None):
+            # the model was too optimistic (or there is none): step down inside the bracket
+            if not has_fit:
+                if self.down >= 2:  # two OOMs and no fit yet: measure the smallest batch, then extrapolate
+                    return floor_, "smallest"
+                return _clamp(max(self.min_batch, hi // 2), floor_, ceil_), "halve"
+            mid = (lo + hi) // 2
+            if len(self.points) < 2:  # one measured point and a wrong slope: a second point settles the slope
+                return _clamp(mid, floor_, ceil_), "bisect"
+            # a measured slope that missed: most likely just below the OOM; gallop down (2, 8, 32, ...)
+            return _clamp(max(mid, hi - 2 ** (2 * self.down - 1)), floor_, ceil_), "gallop"
+        if g is None:
+            return _clamp(2 * lo if has_fit else floor_, floor_, ceil_), "double"
+        if g > lo and self.up == 0:
+            if len(self.points) == 1 and self.slope_from_guide():
+                # the slope is the prediction's: aim short of the estimate by twice the prediction's error
+                # seen at the measured point, so the next trial most likely fits and measures the slope
+                (b1, p1), = self.points.items()
+                predicted = self.guide.predict(b1)
+                rel = abs(p1 - predicted) / p1 if predicted is not None and p1 > 0 else 0.05
+                margin = 0.0 if rel < 1e-3 else min(0.5, 2 * rel)  # within 0.1 %: take it as exact
+                g = lo + math.floor((g - lo) * (1 - margin) + 1e-9)
+                g = max(g, lo + 1)
+            return _clamp(g, floor_, ceil_), "extrapolate"
+        if self.up == 0:
+            return floor_, "confirm"
+        # the model keeps underestimating: gallop upwards (and use the model if it says more)
+        return _clamp(max(g, lo + 2 ** self.up), floor_, ceil_), "gallop"
+
+    def record(self, batch: int, outcome: Outcome, reason: str, expected_fit: Optional[bool],
+               expected_bytes: Optional[int]) -> None:
+        if outcome.capacity_bytes is not None:
+            self.capacity = outcome.capacity_bytes
+        self.steps.append(Step(batch, outcome.fits, outcome.peak_bytes, reason, expected_bytes))
+        if outcome.fits:
+            self.lo = max(self.lo, batch)
+            if outcome.peak_bytes is not None:
+                self.points[batch] = int(outcome.peak_bytes)
+            self.up = self.up + 1 if expected_fit is False else 0
+            self.down = 0
+        else:
+            self.hi = batch if self.hi is None else min(self.hi, batch)
+            self.down = 0 if expected_fit is False else self.down + 1
+            if expected_fit and len(self.points) < 2:
+                self.trust_guide = False
+            self.up = 0
+
+    def status(self) -> Optional[str]:
+        if self.hi is not None and self.hi <= self.min_batch:
+            return "nothing_fits"
+        if self.hi is not None and self.hi == self.lo + 1:
+            return "exact"
+        if self.lo >= self.max_batch:
+            return "max_batch"
+        return None
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(int(value), high))
+
+
+def search(
+    probe: Probe,
+    *,
+    capacity_bytes: Optional[int] = None,
+    guide: Optional[Guide] = None,
+    min_batch: int = 1,
+    max_batch: int = 4096,
+    start: Optional[int] = None,
+    max_trials: int = 40,
+    first_fraction: float = 0.9,
+    on_step: Optional[Callable[[Step], None]] = None,
+) -> SearchResult:
+    """Find the largest batch in ``[min_batch, max_batch]`` for which ``probe`` fits.
+
+    ``capacity_bytes`` is what the probe's ``peak_bytes`` must stay under (None: use
+    the probe's own reports, or search without a model). ``guide`` is the prediction.
+    A ``KeyboardInterrupt`` from the probe ends the search with status "interrupted"
+    and what was found so far.
+    """
+    if min_batch < 1:
+        raise ValueError("min_batch must be >= 1")
+    if max_batch < min_batch:
+        raise ValueError("max_batch must be >= min_batch")
+    state = _State(capacity_bytes, guide, min_batch, max_batch)
+    status = state.status()
+    while status is None:
+        if len(state.steps) >= max_trials:
+            status = "trial_limit"
+            break
+        batch, reason = state.propose(start, first_fraction)
+        assert state.lo < batch <= max_batch and (state.hi is None or batch < state.hi), (batch, state.lo, state.hi)
+        g = state.estimate()
+        expected_fit = None if g is None else batch <= g
+        expected_bytes = state.expected(batch) if state.capacity is not None or state.points else None
+        try:
+            outcome = probe(batch)
+        except KeyboardInterrupt:
+            status = "interrupted"
+            break
+        state.record(batch, outcome, reason, expected_fit, expected_bytes)
+        if on_step is not None:
+            on_step(state.steps[-1])
+        status = state.status()
+    largest = state.lo if state.lo >= min_batch else None
+    return SearchResult(largest, state.hi, status, tuple(state.steps), state.capacity)
