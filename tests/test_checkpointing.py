@@ -180,3 +180,17 @@ def test_workload_step_runs_checkpointed_on_fake_tensors():
         train_step(prepared)
     assert C.recompute_count() - count == 2
     assert C.get_plan(prepared.model).what == "Block"
+
+
+def test_recompute_cost_counts_the_checkpointed_forward():
+    from memprof.loading import load_model
+    from memprof.workload import Workload
+
+    spec = load_model("memprof.zoo:GPT", dict(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=32))
+    spec.inputs.shapes = [(16,)]
+    cost = C.recompute_cost(Workload(spec, batch_size=2, checkpointing="blocks"))
+    assert cost.regions == 4
+    # every block is recomputed; only the head's matmul is outside: 2*B*T*C*V FLOPs
+    head = 2 * 2 * 16 * 32 * 64
+    assert cost.forward_flops - cost.recompute_flops == head
+    assert 0 < cost.extra_pct < 100 / 3
