@@ -63,3 +63,92 @@ class Capacity:
     total_bytes: int
     source: str  # "--gpu-memory", "NVML: NVIDIA H100 80GB HBM3 (GPU 0)", "--memory-limit"
     device_name: str | None = None
+
+# =========================================================================== analytic / estimate
+@dataclasses.dataclass(frozen=True)
+class LayerRow:
+    """One module in the analytical per-layer table.
+
+    ``params`` counts the module's own parameters (tied ones only at their first owner,
+    so the column sums to the model's total); ``formula_params`` is what the seeds'
+    per-layer formula says for this layer type (None: no formula for the type).
+    ``activation_bytes`` sums the module's outputs over its calls, 0 when it runs in place.
+    """
+
+    name: str
+    type: str
+    output_shapes: tuple[tuple[int, ...], ...]
+    params: int
+    formula_params: int | None
+    activation_bytes: int
+    calls: int = 1
+    inplace: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodTotal:
+    """One estimator's total for the workload (the formula, the seeds' modelsize, torchinfo-style, ...)."""
+
+    method: str
+    total_bytes: int
+    activation_bytes: int | None
+    description: str
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyticEstimate:
+    """The seeds' formulas applied to one workload (module outputs from one meta-device forward)."""
+
+    batch_size: int
+    param_count: int
+    trainable_param_count: int
+    tied_param_count: int  # parameter tensors reached under more than one name, counted once
+    buffer_count: int  # elements
+    bytes_per_element: int  # parameters, gradients, optimizer state
+    activation_bytes_per_element: int  # floating activations (2 under AMP)
+    optimizer_states: int  # parameter-sized state tensors per parameter (0 in eval mode)
+    module_output_elements: int  # summed outputs of the innermost module calls, forward only
+    breakdown: dict[MemCategory, int]
+    total_bytes: int
+    per_sample_bytes: int  # how much each extra sample adds (inputs + activations)
+    fixed_bytes: int  # the total at batch 0 (total = fixed + per_sample * batch)
+    modelsize_param_bytes: int  # seed 004: parameters x type size
+    modelsize_forward_bytes: int  # seed 004: module outputs, forward only
+    modelsize_backward_bytes: int  # seed 004: x2 "with backward"
+    methods: tuple[MethodTotal, ...]
+    layers: tuple[LayerRow, ...]
+    formula_checked: int  # layers whose parameters the per-layer formulas checked against numel()
+    formula_mismatches: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FitSummary:
+    """Does the step fit the capacity, and the largest / recommended batch (by formula or by trace)."""
+
+    capacity: Capacity
+    source: str  # "traced" | "formula"
+    metric: str  # what was compared with the capacity
+    estimate_bytes: int  # that metric at the workload's batch size
+    fits: bool
+    max_batch: int | None  # None: not even batch 1 fits
+    recommended_batch: int | None  # floor(headroom x max_batch), at least 1
+    headroom: float
+    per_sample_bytes: int | None = None
+    fixed_bytes: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimateResult:
+    """``memprof estimate``: the workload, the formula estimate, the traced one when available, the fit."""
+
+    workload: dict[str, Any]
+    analytic: AnalyticEstimate
+    traced: Any  # memprof.trace.TraceResult | None
+    trace_note: str | None  # why there is no traced estimate (or what to know about it)
+    capacity: Capacity | None
+    capacity_note: str | None  # why there is no capacity
+    fit: FitSummary | None
+    headline_bytes: int
+    headline_source: str  # "traced" | "formula"

@@ -1,0 +1,75 @@
+"""``memprof estimate MODEL``: one training step's memory, by trace and by formula, and the batch that fits."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import typer
+
+from . import EXIT_DOES_NOT_FIT, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
+from .common import (BATCH_OPT, DTYPE_OPT, GPU_MEMORY_OPT, HEADROOM_OPT, INPUT_DTYPE_OPT, INPUT_SHAPE_OPT, JSON_OPT,
+                     MODE_OPT, MODEL_ARG, MODEL_ARG_OPT, MODEL_KWARGS_OPT, MODEL_OPT, OPTIMIZER_OPT, TOKEN_RANGE_OPT,
+                     build_workload, parse_capacity, parse_headroom)
+
+
+def estimate_document(result) -> dict[str, Any]:
+    """The ``--json`` document: ``schema_version``, ``kind: "estimate"`` and the result (bytes as ints)."""
+    from ..results import document
+
+    doc = document("estimate", result)
+    traced = doc.get("traced")
+    if isinstance(traced, dict) and isinstance(traced.get("timeline"), list):
+        traced["timeline_points"] = len(traced["timeline"])
+        del traced["timeline"]  # large; `memprof profile` is the command for timelines
+    return doc
+
+
+@app.command("estimate")
+@handle_errors
+def estimate_cmd(
+    model: Optional[str] = MODEL_ARG,
+    model_opt: Optional[str] = MODEL_OPT,
+    batch_size: Optional[int] = BATCH_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
+    optimizer: Optional[str] = OPTIMIZER_OPT,
+    mode: Optional[str] = MODE_OPT,
+    input_shape: Optional[list[str]] = INPUT_SHAPE_OPT,
+    input_dtype: Optional[str] = INPUT_DTYPE_OPT,
+    token_range: Optional[str] = TOKEN_RANGE_OPT,
+    model_kwargs: Optional[str] = MODEL_KWARGS_OPT,
+    model_arg: Optional[list[str]] = MODEL_ARG_OPT,
+    gpu_memory: Optional[str] = GPU_MEMORY_OPT,
+    headroom: float = HEADROOM_OPT,
+    layers: int = typer.Option(10, "--layers", "-l", help="Show the top N layers by activation; 0 shows all."),
+    all_layers: bool = typer.Option(False, "--all-layers", help="Show every layer, in execution order."),
+    no_trace: bool = typer.Option(False, "--no-trace", help="Formula only: skip the fake-tensor trace (fastest)."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Estimate one training step's memory (traced and by formula) and the largest batch that fits.
+
+    Exit code 0 when it fits (or no capacity is known), 1 when the batch does not fit
+    but a smaller one does, 4 when not even batch 1 fits, 2 for bad input.
+    """
+    from ..errors import UsageError
+
+    head = parse_headroom(headroom)
+    if layers < 0:
+        raise UsageError(f"--layers must be 0 or more, got {layers}", "--layers 0 (or --all-layers) shows every layer")
+    capacity_bytes = parse_capacity(gpu_memory)
+    workload = build_workload(model, model_opt, batch_size=batch_size, dtype=dtype, optimizer=optimizer, mode=mode,
+                              input_shape=input_shape, input_dtype=input_dtype, token_range=token_range,
+                              model_kwargs=model_kwargs, model_arg=model_arg)
+    from ..estimate import estimate, resolve_capacity
+
+    capacity, note = resolve_capacity(capacity_bytes)
+    result = estimate(workload, capacity=capacity, headroom=head, traced=not no_trace, capacity_note=note)
+    if json_out:
+        emit_json(estimate_document(result))
+    else:
+        from ..render import stdout_console
+        from ..render.estimate import render_estimate
+
+        render_estimate(result, stdout_console(), layers=None if all_layers else layers)
+    fit = result.fit
+    if fit is None or fit.fits:
+        raise typer.Exit(EXIT_OK)
+    raise typer.Exit(EXIT_NOTHING_FITS if fit.max_batch is None else EXIT_DOES_NOT_FIT)

@@ -1,0 +1,213 @@
+"""`memprof estimate`: rendering (golden files from hand-built results), --json, exit codes, errors."""
+from __future__ import annotations
+
+import io
+import json
+from types import SimpleNamespace
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from memprof.cli import app
+from memprof.results import (AnalyticEstimate, Capacity, EstimateResult, FitSummary, LayerRow, MemCategory,
+                             MethodTotal)
+from memprof.render.estimate import render_estimate, select_layers
+from memprof.units import GiB, MiB
+
+from conftest import assert_golden
+
+runner = CliRunner()
+
+# --------------------------------------------------------------------------- hand-built results
+_LAYERS = (
+    LayerRow("0", "Conv2d", ((8, 64, 32, 32),), 1_792, 1_792, 2 * MiB),
+    LayerRow("1", "ReLU", ((8, 64, 32, 32),), 0, 0, 0, inplace=True),
+    LayerRow("2", "Conv2d", ((8, 64, 32, 32),), 36_928, 36_928, 2 * MiB),
+    LayerRow("3", "ReLU", ((8, 64, 32, 32),), 0, 0, 0, inplace=True),
+    LayerRow("4", "MaxPool2d", ((8, 64, 16, 16),), 0, 0, MiB // 2),
+    LayerRow("5", "Conv2d", ((8, 128, 16, 16),), 73_856, 73_856, MiB),
+)
+_WORKLOAD = {"model": "seed004_convstack", "batch_size": 8, "input": "3×32×32", "dtype": "fp32", "optimizer": "adam",
+             "mode": "train", "checkpointing": "none", "inplace_relu": False}
+
+
+def _analytic(**changes) -> AnalyticEstimate:
+    breakdown = {MemCategory.PARAMETER: 450_304, MemCategory.BUFFER: 0, MemCategory.GRADIENT: 450_304,
+                 MemCategory.OPTIMIZER_STATE: 900_608, MemCategory.ACTIVATION: 5_767_168, MemCategory.INPUT: 98_304}
+    fields = dict(
+        batch_size=8, param_count=112_576, trainable_param_count=112_576, tied_param_count=0, buffer_count=0,
+        bytes_per_element=4, activation_bytes_per_element=4, optimizer_states=2, module_output_elements=1_441_792,
+        breakdown=breakdown, total_bytes=sum(breakdown.values()), per_sample_bytes=733_184, fixed_bytes=1_801_216,
+        modelsize_param_bytes=450_304, modelsize_forward_bytes=5_767_168, modelsize_backward_bytes=11_534_336,
+        methods=(MethodTotal("formula (four-part rule)", sum(breakdown.values()), 5_767_168,
+                             "params + grads + optimizer state + outputs + input"),
+                 MethodTotal("modelsize (seed 004)", 11_984_640, 11_534_336, "params + outputs ×2 (in-place ReLU skipped)"),
+                 MethodTotal("accelerate-style", 1_801_216, None, "4 × model size (Adam), no activations")),
+        layers=_LAYERS, formula_checked=3, formula_mismatches=(), notes=(), seconds=0.01)
+    fields.update(changes)
+    return AnalyticEstimate(**fields)
+
+
+def _result(capacity: Capacity | None = None, fit: FitSummary | None = None, traced=None, **changes) -> EstimateResult:
+    a = _analytic()
+    fields = dict(workload=_WORKLOAD, analytic=a, traced=traced,
+                  trace_note=None if traced is not None else "tracing skipped (--no-trace)",
+                  capacity=capacity, capacity_note=None if capacity else "no GPU capacity known (NVML sees no GPU); "
+                                                                          "pass --gpu-memory, e.g. --gpu-memory 24GiB",
+                  fit=fit, headline_bytes=traced.peak_bytes if traced is not None else a.total_bytes,
+                  headline_source="traced" if traced is not None else "formula")
+    fields.update(changes)
+    return EstimateResult(**fields)
+
+
+def _render(result: EstimateResult, layers: int | None = 10) -> str:
+    buf = io.StringIO()
+    render_estimate(result, Console(file=buf, width=100, color_system=None, highlight=False), layers=layers)
+    return buf.getvalue()
+
+
+def test_golden_formula_with_fit():
+    cap = Capacity(24 * GiB, "--gpu-memory")
+    fit = FitSummary(cap, "formula", "formula total", 7_666_688, True, 35_100, 28_080, 0.8, 733_184, 1_801_216)
+    assert_golden("estimate_formula_fit.txt", _render(_result(cap, fit)))
+
+
+def test_golden_no_capacity_all_layers():
+    assert_golden("estimate_no_capacity.txt", _render(_result(), layers=None))
+
+
+def test_golden_does_not_fit_top_layers():
+    cap = Capacity(6 * MiB, "--gpu-memory")
+    fit = FitSummary(cap, "formula", "formula total", 7_666_688, False, 6, 4, 0.8, 733_184, 1_801_216)
+    assert_golden("estimate_does_not_fit.txt", _render(_result(cap, fit), layers=2))
+
+
+def test_golden_traced_headline():
+    traced = SimpleNamespace(
+        peak_bytes=6_500_000, peak_phase="backward", peak_module="2", predicted_reserved_bytes=20 * MiB,
+        predicted_nvml_bytes=520 * MiB, notes=("cuDNN workspace not modelled",),
+        breakdown_at_peak={MemCategory.PARAMETER: 450_304, MemCategory.GRADIENT: 300_000,
+                           MemCategory.ACTIVATION: 5_651_392, MemCategory.INPUT: 98_304})
+    cap = Capacity(80 * GiB, "NVML: NVIDIA H100 80GB HBM3 (GPU 0)", "NVIDIA H100 80GB HBM3")
+    fit = FitSummary(cap, "traced", "predicted reserved", 20 * MiB, True, 9_000, 7_200, 0.8, 9_000_000, 500_000_000)
+    assert_golden("estimate_traced.txt", _render(_result(cap, fit, traced)))
+
+
+def test_select_layers_top_and_all():
+    assert [r.name for r in select_layers(_LAYERS, 2)] == ["0", "2"]
+    assert [r.name for r in select_layers(_LAYERS, 4)] == ["0", "2", "5", "4"]
+    assert [r.name for r in select_layers(_LAYERS, None)] == [r.name for r in _LAYERS]
+
+
+# --------------------------------------------------------------------------- the command
+MNIST = ["memprof.zoo:mnist_mlp", "--input-shape", "1,28,28", "--no-trace"]
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    import memprof.nvml as nvml
+
+    monkeypatch.setattr(nvml, "device_info", lambda index=0: None)
+    monkeypatch.setattr(nvml, "available", lambda: (False, "NVML sees no GPU"))
+
+
+def test_json_only_json_with_schema(no_gpu):
+    res = runner.invoke(app, ["estimate", *MNIST, "--batch-size", "64", "--optimizer", "sgd", "--gpu-memory", "1GiB",
+                              "--json"])
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["schema_version"] == 1 and doc["kind"] == "estimate"
+    a = doc["analytic"]
+    assert a["param_count"] == 101_770 and a["breakdown"]["parameter"] == 407_080
+    assert a["breakdown"]["optimizer_state"] == 0 and isinstance(a["total_bytes"], int)
+    assert doc["workload"]["batch_size"] == 64 and doc["traced"] is None
+    assert doc["capacity"] == {"total_bytes": GiB, "source": "--gpu-memory", "device_name": None}
+    assert doc["fit"]["fits"] is True and doc["fit"]["max_batch"] > 64
+    assert doc["fit"]["recommended_batch"] == int(0.8 * doc["fit"]["max_batch"])
+    assert doc["headline_source"] == "formula" and doc["headline_bytes"] == a["total_bytes"]
+    assert a["layers"][1] == {"name": "1", "type": "Linear", "output_shapes": [[64, 128]], "params": 100_480,
+                              "formula_params": 100_480, "activation_bytes": 64 * 128 * 4, "calls": 1,
+                              "inplace": False}
+
+
+def test_text_output_without_capacity(no_gpu):
+    res = runner.invoke(app, ["estimate", *MNIST])
+    assert res.exit_code == 0, res.stderr
+    out = res.stdout
+    assert "batch size  32" in out and "Breakdown (formula)" in out and "Parameter" in out
+    assert "Fit: skipped, no GPU capacity known (NVML sees no GPU)" in out
+    assert "101,770" in out and "MiB" in out or "KiB" in out
+
+
+def test_capacity_from_nvml(monkeypatch):
+    import memprof.nvml as nvml
+
+    monkeypatch.setattr(nvml, "device_info", lambda index=0: nvml.GPUInfo(0, "Test GPU", None, 2 * GiB, 0, 2 * GiB))
+    res = runner.invoke(app, ["estimate", *MNIST, "--json"])
+    doc = json.loads(res.stdout)
+    assert doc["capacity"]["source"] == "NVML: Test GPU (GPU 0)" and doc["capacity"]["total_bytes"] == 2 * GiB
+
+
+def test_exit_codes_does_not_fit(no_gpu):
+    # seed 004's stack at 682x700 needs ~343 MB at batch 1: 100 MiB fits nothing (4); 2 GiB fits 5 of 32 (1)
+    stack = ["estimate", "memprof.zoo:seed004_convstack", "-i", "3,682,700", "--no-trace", "--optimizer", "sgd"]
+    res = runner.invoke(app, [*stack, "--gpu-memory", "100MiB", "-b", "1"])
+    assert res.exit_code == 4 and "none (not even batch 1)" in res.stdout
+    res = runner.invoke(app, [*stack, "--gpu-memory", "2GiB", "--json"])
+    assert res.exit_code == 1
+    fit = json.loads(res.stdout)["fit"]
+    assert fit["fits"] is False and fit["max_batch"] == 6 and fit["recommended_batch"] == 4
+
+
+def test_layers_option(no_gpu):
+    res = runner.invoke(app, ["estimate", *MNIST, "--layers", "2"])
+    assert "top 2 of 4" in res.stdout
+    res = runner.invoke(app, ["estimate", *MNIST, "--all-layers"])
+    assert "Layers (4, in execution order)" in res.stdout
+
+
+def _error(args: list[str], code: int = 2) -> str:
+    res = runner.invoke(app, ["estimate", *args])
+    assert res.exit_code == code, (res.exit_code, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr + res.stdout
+    assert res.stderr.startswith("ERROR: ") and "\nHINT: " in res.stderr
+    assert res.stdout == ""
+    return res.stderr
+
+
+def test_error_unknown_model_suggests_names():
+    assert "resnet50" in _error(["resnet5"]).split("HINT:")[1]
+
+
+def test_error_missing_file_and_attribute(tmp_path):
+    assert "does not exist" in _error([f"{tmp_path}/nope.py:Net"])
+    f = tmp_path / "net.py"
+    f.write_text("import torch\nclass Net(torch.nn.Module):\n    def __init__(self, width):\n"
+                 "        super().__init__(); self.fc = torch.nn.Linear(4, width)\n"
+                 "    def forward(self, x):\n        return self.fc(x)\n")
+    err = _error([f"{f}:Nett", "-i", "4"])
+    assert "has no attribute 'Nett'" in err and "Net" in err.split("HINT:")[1]
+    assert "constructing Net" in _error([f"{f}:Net", "-i", "4", "--no-trace"])  # width missing
+    res = runner.invoke(app, ["estimate", f"{f}:Net", "-i", "4", "--model-arg", "width=3", "--no-trace", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["analytic"]["param_count"] == 15
+
+
+def test_error_input_shape_rejected():
+    err = _error(["memprof.zoo:mnist_mlp", "--input-shape", "3,32,32", "--no-trace", "-b", "2"])
+    assert "'1' (Linear)" in err and "2×3072" in err and "784" in err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["memprof.zoo:Cruncher", "--model-kwargs", "{dim: 4}"], "not valid JSON"),
+    (["memprof.zoo:Cruncher", "--batch-size", "0"], "batch size must be a positive integer"),
+    (["memprof.zoo:Cruncher", "--dtype", "fp8"], "unknown dtype"),
+    (["memprof.zoo:Cruncher", "--optimizer", "lion"], "unknown optimizer"),
+    (["memprof.zoo:Cruncher", "--gpu-memory", "lots"], "cannot read 'lots'"),
+    (["memprof.zoo:Cruncher", "--gpu-memory", "24XB"], "unknown size unit"),
+    (["memprof.zoo:Cruncher", "--headroom", "1.5"], "--headroom"),
+    (["memprof.zoo:Cruncher", "--mode", "infer"], "unknown mode"),
+    (["memprof.zoo:Cruncher", "--layers", "-1"], "--layers"),
+])
+def test_error_bad_options(args, needle):
+    assert needle in _error([*args, "--no-trace"])
