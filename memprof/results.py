@@ -152,3 +152,83 @@ class EstimateResult:
     fit: FitSummary | None
     headline_bytes: int
     headline_source: str  # "traced" | "formula"
+
+
+
+# =========================================================================== trace
+#: what each traced number corresponds to on a real CUDA device
+TRACE_METRICS: dict[str, str] = {
+    "allocated": "torch.cuda.max_memory_allocated() (live tensor storages, 512-byte rounded for cuda; "
+                 "raw storage bytes for cpu)",
+    "reserved": "torch.cuda.max_memory_reserved() (caching-allocator segments, replayed by memprof.allocator)",
+    "nvml": "NVML / nvidia-smi per-process used memory (reserved + CUDA context)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TimelinePoint:
+    """Live bytes after one allocation or free of the traced step(s)."""
+
+    op_index: int  # index of the dispatched op (counted over all traced steps)
+    phase: str  # "setup" | "forward" | "backward" | "optimizer" | "done"
+    module: str | None  # dotted module name ("" is the root model), None outside any module
+    allocated_bytes: int
+    step: int = 0  # 0 = first step, 1 = second step, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceResult:
+    """One traced training step (or several), on fake tensors: no real memory, no GPU.
+
+    ``peak_bytes`` is the prediction for ``torch.cuda.max_memory_allocated`` (target "cuda")
+    or for the peak of live tensor bytes of a real CPU step (target "cpu"); see
+    :attr:`metrics` for what each number corresponds to.
+    """
+
+    workload: dict[str, Any]
+    target: str  # "cuda" | "cpu"
+    peak_bytes: int  # max live tensor bytes over the traced steps (+ cuBLAS workspace for cuda)
+    first_step_peak_bytes: int
+    steady_peak_bytes: int
+    peak_phase: str
+    peak_module: str | None
+    breakdown_at_peak: dict[MemCategory, int]
+    totals: dict[MemCategory, int]
+    predicted_reserved_bytes: int | None
+    predicted_nvml_bytes: int | None
+    cuda_overhead_bytes: int | None  # CUDA context (NVML only); cuBLAS workspace is in breakdown as CUDA overhead
+    timeline: tuple[TimelinePoint, ...]
+    trace_seconds: float
+    notes: tuple[str, ...] = ()
+    steps: int = 2
+    op_count: int = 0
+    peak_step: int = 0
+    cublas_workspace_bytes: int | None = None  # included in peak_bytes for cuda (torch allocates it)
+    cuda_context_bytes: int | None = None
+
+    @property
+    def metrics(self) -> dict[str, str]:
+        """Which real measurement each prediction corresponds to."""
+        return dict(TRACE_METRICS)
+
+    @property
+    def predicted_allocated_bytes(self) -> int:
+        return self.peak_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchFit:
+    """The largest batch whose traced prediction fits a capacity."""
+
+    capacity_bytes: int
+    metric: str  # "nvml" (cuda) | "allocated" (cpu) | "reserved"
+    max_batch: int | None  # None: batch 1 does not fit
+    recommended_batch: int | None  # floor(headroom x max_batch), at least 1
+    headroom: float
+    peak_at_max_bytes: int | None  # the metric at max_batch (at batch 1 when nothing fits)
+    peak_at_next_bytes: int | None  # the metric at max_batch + 1 (None when max_batch hit the max_batch limit)
+    slope_bytes_per_sample: int
+    intercept_bytes: int
+    traces: int  # how many traces were used
+    limited_by_max: bool = False  # max_batch is the caller's upper limit, not the capacity
+    notes: tuple[str, ...] = ()

@@ -1,0 +1,695 @@
+"""The traced estimator: run the real training step on fake tensors and record every storage.
+
+How it works
+------------
+The model, optimizer and batch are built under PyTorch's ``FakeTensorMode`` (tensors
+with shapes, dtypes and storages but no data: no memory, no GPU). The shared
+:func:`memprof.workload.train_step` then runs ``steps`` times under a
+:class:`memprof.tracking.StorageTracker`, which sees every storage an op creates and
+when its last reference dies. Each allocation is recorded with the phase (setup,
+forward, backward, optimizer), the module it happened in (forward hooks; in backward,
+the autograd node being executed is mapped back to the module that created it through
+autograd sequence numbers) and, once the step tells, its category:
+
+* Parameter / Buffer / Input: registered before the step;
+* Optimizer state: storages held in ``optimizer.state`` after the step (Adagrad's,
+  created by its constructor, included: the constructor is traced too);
+* Gradient: storages that are some ``param.grad`` when backward ends;
+* Activation: storages created in forward and still alive when forward ends
+  (what autograd saved for backward, plus the loss);
+* Temporary: everything else (freed within its phase).
+
+The timeline of live bytes is replayed afterwards, so the same record gives the
+CPU prediction (raw storage bytes), the CUDA ``max_memory_allocated`` prediction
+(512-byte rounded, plus cuBLAS workspaces), the ``max_memory_reserved`` prediction
+(:mod:`memprof.allocator` replay) and the NVML prediction (reserved + CUDA context).
+"""
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import time
+from typing import Any
+
+from .allocator import CachingAllocatorModel, round_size
+from .errors import InputShapeError, MemprofError, TraceError, UsageError
+from .results import BatchFit, MemCategory, TimelinePoint, TraceResult
+from .search import OOM, Fit, Guide, Outcome, search
+from .workload import Prepared, Workload, build_model, make_optimizer, train_step
+
+MiB = 1024 * 1024
+
+#: cuBLAS workspace PyTorch allocates (through the caching allocator, so it counts in
+#: memory_allocated) per (cuBLAS handle, stream) at the first matmul: 32 MiB on Hopper
+#: (sm90), 8 MiB + 128 KiB otherwise (``CublasHandlePool.cpp``; CUBLAS_WORKSPACE_CONFIG
+#: changes it). Forward (main thread) and backward (autograd's device thread) use
+#: different handles, so a training step holds two.
+CUBLAS_WORKSPACE_HOPPER_BYTES = 32 * MiB
+CUBLAS_WORKSPACE_DEFAULT_BYTES = 8 * MiB + 128 * 1024
+#: CUDA context + kernel images as NVML sees them for a PyTorch process (anchors: 200-700 MB,
+#: pytorch #28113/#86509). Lazy module loading (CUDA >= 11.7) keeps it near the low end for
+#: plain training; 512 MiB is the default, MEMPROF_CUDA_CONTEXT_MIB overrides it.
+CUDA_CONTEXT_DEFAULT_BYTES = 512 * MiB
+
+PHASES = ("setup", "forward", "backward", "optimizer", "done")
+_MATMUL_OPS: frozenset | None = None
+_TIMELINE_MAX = 2000
+
+
+def _matmul_ops() -> frozenset:
+    global _MATMUL_OPS
+    if _MATMUL_OPS is None:
+        import torch
+
+        aten = torch.ops.aten
+        ops = []
+        for name in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "addmv", "mv", "_addmm_activation", "dot",
+                     "_scaled_mm", "_int_mm"):
+            packet = getattr(aten, name, None)
+            if packet is not None:
+                ops.extend(getattr(packet, o) for o in packet.overloads())
+        _MATMUL_OPS = frozenset(ops)
+    return _MATMUL_OPS
+
+
+def cublas_workspace_bytes() -> int:
+    """The per-handle cuBLAS workspace: from CUBLAS_WORKSPACE_CONFIG, the local GPU, or Hopper's default."""
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if config:
+        try:  # ":SIZE_KIB:COUNT[:SIZE_KIB:COUNT...]"
+            nums = [int(p) for p in config.split(":") if p]
+            total = sum(size * 1024 * count for size, count in zip(nums[0::2], nums[1::2]))
+            if total:
+                return total
+        except ValueError:
+            pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return CUBLAS_WORKSPACE_HOPPER_BYTES if (major, minor) == (9, 0) else CUBLAS_WORKSPACE_DEFAULT_BYTES
+    except Exception:  # pragma: no cover - no driver
+        pass
+    return CUBLAS_WORKSPACE_HOPPER_BYTES
+
+
+def cuda_context_bytes() -> int:
+    value = os.environ.get("MEMPROF_CUDA_CONTEXT_MIB")
+    if value:
+        try:
+            return int(float(value) * MiB)
+        except ValueError:
+            pass
+    return CUDA_CONTEXT_DEFAULT_BYTES
+
+
+# =========================================================================== recording
+class _Recorder:
+    """Collects allocation records and events while the step runs; analysis happens afterwards."""
+
+    def __init__(self, target: str):
+        import torch
+
+        self.target = target
+        self.rec_nbytes: list[int] = []
+        self.rec_phase: list[str] = []
+        self.rec_module: list[str | None] = []
+        self.rec_step: list[int] = []
+        self.rec_cat: list[MemCategory | None] = []
+        self.rec_host: list[bool] = []  # lives on the host for a CUDA step (Adam's scalar "step")
+        self.key_to_rec: dict[int, int] = {}
+        # events: (rec, +1 alloc / -1 free, op_index, phase, module, step)
+        self.events: list[tuple[int, int, int, str, str | None, int]] = []
+        self.phase = "setup"
+        self.step = 0
+        self.category: MemCategory | None = None  # forced category while set (setup)
+        self.module_stack: list[str] = []
+        self.seq_marks: list[int] = []
+        self.seq_mods: list[str | None] = []
+        self.last_module_input: tuple[str, list] | None = None
+        self.tracker = None
+        self._current_node = torch._C._current_autograd_node
+        self._seq_nr = torch._C._autograd._get_sequence_nr
+        self.need_workspace = target == "cuda"
+        self.workspace_threads: set[str] = set()
+        self.workspace_bytes = cublas_workspace_bytes() if target == "cuda" else 0
+
+    # -- module attribution -------------------------------------------------------------
+    def module_now(self) -> str | None:
+        if self.module_stack:
+            return self.module_stack[-1]
+        if self.phase == "backward":
+            node = self._current_node()
+            if node is not None:
+                seq = node._sequence_nr()
+                i = bisect.bisect_right(self.seq_marks, seq) - 1
+                if i >= 0 and seq < (1 << 62):
+                    return self.seq_mods[i]
+        return None
+
+    def mark(self) -> None:
+        self.seq_marks.append(self._seq_nr())
+        self.seq_mods.append(self.module_stack[-1] if self.module_stack else None)
+
+    # -- tracker callbacks ----------------------------------------------------------------
+    def on_alloc(self, key: int, nbytes: int, func: Any) -> None:
+        rec = len(self.rec_nbytes)
+        self.key_to_rec[key] = rec
+        module = self.module_now()
+        self.rec_nbytes.append(nbytes)
+        self.rec_phase.append(self.phase)
+        self.rec_module.append(module)
+        self.rec_step.append(self.step)
+        self.rec_cat.append(self.category)
+        self.rec_host.append(False)
+        op = self.tracker.op_count if self.tracker is not None else 0
+        self.events.append((rec, 1, op, self.phase, module, self.step))
+
+    def on_free(self, key: int, nbytes: int) -> None:
+        rec = self.key_to_rec.pop(key, None)
+        if rec is None:
+            return
+        op = self.tracker.op_count if self.tracker is not None else 0
+        self.events.append((rec, -1, op, self.phase, self.module_now(), self.step))
+
+    def synthetic(self, nbytes: int, category: MemCategory) -> None:
+        """A never-freed allocation the trace cannot see (cuBLAS workspace)."""
+        rec = len(self.rec_nbytes)
+        module = self.module_now()
+        self.rec_nbytes.append(nbytes)
+        self.rec_phase.append(self.phase)
+        self.rec_module.append(module)
+        self.rec_step.append(self.step)
+        self.rec_cat.append(category)
+        self.rec_host.append(False)
+        self.events.append((rec, 1, self.tracker.op_count, self.phase, module, self.step))
+
+    def categorize_live(self, keys, category: MemCategory, only_unset: bool = True) -> None:
+        for key in keys:
+            rec = self.key_to_rec.get(key)
+            if rec is not None and (not only_unset or self.rec_cat[rec] is None):
+                self.rec_cat[rec] = category
+
+
+def _make_tracker(recorder: _Recorder):
+    from .tracking import StorageTracker
+
+    matmuls = _matmul_ops()
+
+    class _TraceTracker(StorageTracker):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if recorder.need_workspace and func in matmuls:
+                # one cuBLAS handle (and workspace) per thread: forward and optimizer run on the
+                # main thread, backward on autograd's device thread
+                thread = "backward" if recorder.phase == "backward" else "main"
+                if thread not in recorder.workspace_threads:
+                    recorder.workspace_threads.add(thread)
+                    recorder.synthetic(recorder.workspace_bytes, MemCategory.CUDA_OVERHEAD)
+                    recorder.need_workspace = len(recorder.workspace_threads) < 2
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    tracker = _TraceTracker(on_alloc=recorder.on_alloc, on_free=recorder.on_free)
+    recorder.tracker = tracker
+    return tracker
+
+
+def _install_module_hooks(model, recorder: _Recorder) -> list:
+    import torch
+
+    handles = []
+    root_name = type(model).__name__
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        label = name or root_name
+
+        def pre(mod, args, _label=label):
+            recorder.module_stack.append(_label)
+            recorder.last_module_input = (_label, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
+            recorder.mark()
+
+        def post(mod, args, output, _label=label):
+            stack = recorder.module_stack
+            if stack and stack[-1] == _label:
+                stack.pop()
+            recorder.mark()
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    return handles
+
+
+# =========================================================================== errors
+_SHAPE_WORDS = ("shape", "size", "dimension", "dim", "expected input", "channels", "mat1", "must match",
+                "sizes of tensors")
+
+
+def _forward_error(exc: Exception, recorder: _Recorder, model, workload: Workload) -> MemprofError:
+    msg = " ".join(str(exc).split())
+    where = recorder.module_stack[-1] if recorder.module_stack else None
+    if isinstance(exc, (RuntimeError, ValueError, IndexError)) and any(w in msg.lower() for w in _SHAPE_WORDS):
+        module = None
+        if where is not None:
+            module = dict(model.named_modules()).get(where) if where != type(model).__name__ else model
+        expects = ""
+        if module is not None:
+            attrs = [f"{a}={getattr(module, a)}" for a in ("in_features", "in_channels", "normalized_shape",
+                                                          "num_features", "num_embeddings", "embed_dim")
+                     if hasattr(module, a)]
+            expects = f" ({type(module).__name__}{', ' + ', '.join(attrs) if attrs else ''})"
+        got = ""
+        if recorder.last_module_input and recorder.last_module_input[0] == where:
+            got = " received input shape(s) " + ", ".join("×".join(map(str, s)) or "scalar"
+                                                          for s in recorder.last_module_input[1])
+        inputs = workload.model.input_description()
+        return InputShapeError(
+            f"the model rejected its input {inputs} (batch {workload.batch_size}): layer "
+            f"{where or '?'}{expects}{got}: {msg}",
+            "give the per-sample input shape the model expects with --input-shape (batch excluded), "
+            "e.g. --input-shape 3,224,224",
+        )
+    return _step_error(exc, "forward")
+
+
+def _step_error(exc: Exception, phase: str) -> MemprofError:
+    if isinstance(exc, MemprofError):
+        return exc
+    name = type(exc).__name__
+    msg = " ".join(str(exc).split())[:400]
+    if "DataDependent" in name or "data-dependent" in msg.lower() or "item()" in msg or "Unsupported" in name:
+        hint = ("the step reads tensor values (.item(), data-dependent shapes or an op fake tensors do not "
+                "support); use `memprof measure` on a real device instead")
+    else:
+        hint = "the model may need inputs memprof did not build: define memprof_batch()/memprof_loss() next to it"
+    return TraceError(f"tracing the {phase} pass failed: {name}: {msg}", hint)
+
+
+# =========================================================================== tracing
+def trace_step(workload: Workload, *, target: str = "cuda", steps: int = 2) -> TraceResult:
+    """Trace ``steps`` training steps of ``workload`` on fake tensors and predict their memory.
+
+    ``target="cuda"`` predicts a CUDA step (foreach optimizers, 512-byte rounding, cuBLAS
+    workspaces, caching-allocator reserved bytes, NVML); ``target="cpu"`` predicts the
+    same step run on the CPU (peak live tensor bytes).
+    """
+    import gc
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if target not in ("cuda", "cpu"):
+        raise UsageError(f"unknown trace target {target!r}", "choose cuda or cpu")
+    if steps < 1:
+        raise UsageError(f"steps must be at least 1, got {steps}", "trace 2 steps to see the steady state")
+    started = time.perf_counter()
+    recorder = _Recorder(target)
+    notes: list[str] = []
+    handles: list = []
+    prepared = None
+    model = None
+    gc_was_enabled = gc.isenabled()
+    real_get_rng_state = None
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    try:
+        with fake_mode:
+            model = build_model(workload, "cpu")
+            tracker = _make_tracker(recorder)
+            with tracker:
+                recorder.category = MemCategory.PARAMETER
+                params = list(model.parameters())
+                tracker.register(params)
+                recorder.category = MemCategory.BUFFER
+                tracker.register(list(model.buffers()))
+                recorder.category = None
+                optimizer = None
+                if workload.mode == "train":
+                    trainable = [p for p in params if p.requires_grad]
+                    optimizer = make_optimizer(workload.optimizer, trainable, target)
+                recorder.category = MemCategory.INPUT
+                try:
+                    args, kwargs, tgt = workload.model.make_batch(workload.batch_size, "cpu", workload.precision)
+                except MemprofError:
+                    raise
+                except Exception as exc:
+                    raise _step_error(exc, "input-building") from None
+                recorder.category = None
+                prepared = Prepared(workload, model, optimizer, args, kwargs, tgt, workload.model.loss_fn(), "cpu")
+                del args, kwargs, tgt
+                handles = _install_module_hooks(model, recorder)
+                if target == "cpu":
+                    # torch.utils.checkpoint keeps the CPU RNG state (a real 5056-byte tensor made
+                    # outside any op) per checkpointed call; on CUDA it is host memory
+                    real_get_rng_state = torch.get_rng_state
+
+                    def get_rng_state():
+                        state = real_get_rng_state()
+                        tracker.register([state])
+                        return state
+
+                    torch.get_rng_state = get_rng_state
+                gc.disable()
+
+                def on_phase(phase: str) -> None:
+                    if phase == "backward":
+                        # storages made in this step's forward and still alive: saved for backward
+                        step = recorder.step
+                        for key in list(tracker.live):
+                            rec = recorder.key_to_rec.get(key)
+                            if (rec is not None and recorder.rec_cat[rec] is None
+                                    and recorder.rec_step[rec] == step and recorder.rec_phase[rec] == "forward"):
+                                recorder.rec_cat[rec] = MemCategory.ACTIVATION
+                    elif phase == "optimizer":
+                        recorder.categorize_live(
+                            (p.grad.untyped_storage()._cdata for p in prepared.model.parameters()
+                             if p.grad is not None), MemCategory.GRADIENT)
+                    elif phase == "done" and prepared.optimizer is not None:
+                        for state in prepared.optimizer.state.values():
+                            for name, value in state.items():
+                                if isinstance(value, torch.Tensor):
+                                    key = value.untyped_storage()._cdata
+                                    rec = recorder.key_to_rec.get(key)
+                                    if rec is None:
+                                        continue
+                                    if recorder.rec_cat[rec] is None:
+                                        recorder.rec_cat[rec] = MemCategory.OPTIMIZER_STATE
+                                    if (target == "cuda" and name == "step" and value.dim() == 0
+                                            and not prepared.optimizer.defaults.get("capturable")
+                                            and not prepared.optimizer.defaults.get("fused")):
+                                        recorder.rec_host[rec] = True  # PyTorch keeps it on the CPU
+                    recorder.phase = phase
+
+                for step in range(steps):
+                    recorder.step = step
+                    try:
+                        train_step(prepared, on_phase)
+                    except MemprofError:
+                        raise
+                    except Exception as exc:
+                        if recorder.phase == "forward":
+                            raise _forward_error(exc, recorder, model, workload) from None
+                        raise _step_error(exc, recorder.phase) from None
+                    finally:
+                        recorder.module_stack.clear()
+                recorder.phase = "done"
+                op_count = tracker.op_count
+            tracker.detach()
+    finally:
+        for h in handles:
+            h.remove()
+        if real_get_rng_state is not None:
+            torch.get_rng_state = real_get_rng_state
+        if gc_was_enabled:
+            gc.enable()
+        prepared = None
+        model = None
+    if workload.precision.grad_scaler and workload.mode == "train":
+        notes.append("GradScaler is not traced (it reads values with .item()); it adds a few scalar tensors and "
+                     "unscales gradients in place, so the difference is a few KiB")
+    if target == "cuda":
+        notes.extend(_cuda_notes(workload))
+    result = _analyse(recorder, workload, target, steps, op_count, notes)
+    return _replace_seconds(result, time.perf_counter() - started)
+
+
+def _cuda_notes(workload: Workload) -> list[str]:
+    notes = ["traced on fake CPU tensors with the optimizer CUDA would use (foreach); "
+             "kernel workspaces the trace cannot see (cuDNN convolution algorithms, NCCL) are not included"]
+    if workload.precision.is_amp:
+        notes.append("autocast ran with the CPU op lists; CUDA's lists differ for a few ops (e.g. layer_norm, "
+                     "softmax and losses run in float32 on CUDA), which can change activation dtypes there")
+    return notes
+
+
+def _replace_seconds(result: TraceResult, seconds: float) -> TraceResult:
+    import dataclasses
+
+    return dataclasses.replace(result, trace_seconds=seconds)
+
+
+# =========================================================================== analysis
+def _analyse(rec: _Recorder, workload: Workload, target: str, steps: int, op_count: int,
+             notes: list[str]) -> TraceResult:
+    cuda = target == "cuda"
+    n = len(rec.rec_nbytes)
+    if cuda:
+        sizes = [0 if rec.rec_host[i] or rec.rec_nbytes[i] == 0 else round_size(rec.rec_nbytes[i])
+                 for i in range(n)]
+    else:
+        sizes = rec.rec_nbytes
+    cats = [c if c is not None else MemCategory.TEMPORARY for c in rec.rec_cat]
+
+    # pass 1: live bytes after each event, peaks per step. For cuda the caching-allocator
+    # model decides each block's size (a block too small to split is allocated whole, as
+    # torch.cuda.memory_allocated counts it) and the reserved bytes.
+    events = rec.events
+    alloc = CachingAllocatorModel() if cuda else None
+    cur = 0
+    curve = [0] * len(events)
+    peak = -1
+    peak_i = -1
+    step_peak = [0] * steps
+    for i, (r, sign, _op, _phase, _mod, step) in enumerate(events):
+        if alloc is not None:
+            if sizes[r]:
+                if sign > 0:
+                    sizes[r] = alloc.malloc(r, sizes[r])
+                else:
+                    alloc.free(r)
+            cur = alloc.allocated_bytes
+        else:
+            cur += sign * sizes[r]
+        curve[i] = cur
+        if cur > peak:
+            peak, peak_i = cur, i
+        if step < steps and cur > step_peak[step]:
+            step_peak[step] = cur
+    if peak_i < 0:
+        peak = 0
+    # pass 2: breakdown at the peak
+    breakdown: dict[MemCategory, int] = {}
+    live: set[int] = set()
+    for i in range(peak_i + 1):
+        r, sign = events[i][0], events[i][1]
+        if sign > 0:
+            live.add(r)
+        else:
+            live.discard(r)
+    for r in live:
+        if sizes[r]:
+            breakdown[cats[r]] = breakdown.get(cats[r], 0) + sizes[r]
+    peak_phase = events[peak_i][3] if peak_i >= 0 else "setup"
+    peak_module = events[peak_i][4] if peak_i >= 0 else None
+    peak_step = events[peak_i][5] if peak_i >= 0 else 0
+    if peak_phase == "done":
+        peak_phase = "optimizer"
+
+    # totals: persistent categories (as held at the end), per-step ones from the last step
+    last = steps - 1
+    totals: dict[MemCategory, int] = {c: 0 for c in (MemCategory.PARAMETER, MemCategory.BUFFER, MemCategory.INPUT)}
+    if workload.mode == "train":
+        totals[MemCategory.GRADIENT] = 0
+        totals[MemCategory.OPTIMIZER_STATE] = 0
+        totals[MemCategory.ACTIVATION] = 0
+    for r in range(n):
+        c = cats[r]
+        if c in (MemCategory.PARAMETER, MemCategory.BUFFER, MemCategory.INPUT, MemCategory.OPTIMIZER_STATE):
+            totals[c] = totals.get(c, 0) + sizes[r]
+        elif c in (MemCategory.GRADIENT, MemCategory.ACTIVATION) and rec.rec_step[r] == last:
+            totals[c] = totals.get(c, 0) + sizes[r]
+    workspaces = sum(sizes[r] for r in range(n) if cats[r] is MemCategory.CUDA_OVERHEAD)
+
+    reserved = nvml = overhead = context = None
+    if cuda:
+        reserved = alloc.peak_reserved_bytes
+        context = cuda_context_bytes()
+        nvml = reserved + context
+        overhead = context + workspaces
+        totals[MemCategory.CUDA_OVERHEAD] = overhead
+
+    timeline = _timeline(events, curve, peak_i)
+    first = step_peak[0]
+    steady = step_peak[-1] if steps > 1 else first
+    return TraceResult(
+        workload=workload.describe(),
+        target=target,
+        peak_bytes=peak,
+        first_step_peak_bytes=first,
+        steady_peak_bytes=steady,
+        peak_phase=peak_phase,
+        peak_module=peak_module,
+        breakdown_at_peak=breakdown,
+        totals=totals,
+        predicted_reserved_bytes=reserved,
+        predicted_nvml_bytes=nvml,
+        cuda_overhead_bytes=overhead,
+        timeline=timeline,
+        trace_seconds=0.0,
+        notes=tuple(notes),
+        steps=steps,
+        op_count=op_count,
+        peak_step=peak_step,
+        cublas_workspace_bytes=workspaces if cuda else None,
+        cuda_context_bytes=context,
+    )
+
+
+def _timeline(events, curve, peak_i: int) -> tuple[TimelinePoint, ...]:
+    m = len(events)
+    if m == 0:
+        return ()
+    if m <= _TIMELINE_MAX:
+        idx = range(m)
+    else:
+        # keep the largest point of each bucket (the global peak is one of them), plus the last
+        bucket = math.ceil(m / (_TIMELINE_MAX - 1))
+        idx = []
+        for start in range(0, m, bucket):
+            stop = min(m, start + bucket)
+            best = max(range(start, stop), key=curve.__getitem__)
+            idx.append(best)
+        if idx[-1] != m - 1:
+            idx.append(m - 1)
+        assert peak_i in idx or curve[peak_i] == max(curve[i] for i in idx)
+    return tuple(TimelinePoint(events[i][2], events[i][3], events[i][4], curve[i], events[i][5]) for i in idx)
+
+
+# =========================================================================== batch fitting
+def _metric_value(result: TraceResult, metric: str) -> int:
+    if metric == "nvml":
+        return int(result.predicted_nvml_bytes)
+    if metric == "reserved":
+        return int(result.predicted_reserved_bytes)
+    return int(result.peak_bytes)
+
+
+def fit_batch(workload: Workload, capacity_bytes: int, *, target: str = "cuda", headroom: float = 0.8,
+              max_batch: int | None = None, metric: str | None = None) -> BatchFit:
+    """The largest batch whose traced peak fits ``capacity_bytes``, verified by tracing it and the next one.
+
+    Peak memory is close to affine in the batch size: two traces give a slope and an
+    intercept, the solution is traced, and the bracket [fits, does not fit] is narrowed until the
+    answer fits and answer + 1 does not under the tracer (:func:`memprof.search.search`
+    does the bracketing). ``metric`` defaults to "nvml"
+    for cuda and "allocated" for cpu.
+    """
+    if capacity_bytes <= 0:
+        raise UsageError(f"capacity must be positive, got {capacity_bytes}", "e.g. --gpu-memory 24GiB")
+    if not (0 < headroom <= 1):
+        raise UsageError(f"headroom must be in (0, 1], got {headroom}", "e.g. 0.8")
+    if max_batch is not None and max_batch < 1:
+        raise UsageError(f"max batch must be at least 1, got {max_batch}", "e.g. --max-batch 1024")
+    metric = metric or ("nvml" if target == "cuda" else "allocated")
+    if metric not in ("nvml", "reserved", "allocated") or (target == "cpu" and metric != "allocated"):
+        raise UsageError(f"unknown metric {metric!r} for target {target}", "nvml, reserved or allocated (cuda)")
+    limit = max_batch if max_batch is not None else 1 << 20
+    cache: dict[int, int] = {}
+    notes: list[str] = []
+
+    def peak(b: int) -> int:
+        if b not in cache:
+            cache[b] = _metric_value(trace_step(workload.with_batch(b), target=target), metric)
+        return cache[b]
+
+    def result(max_b, slope, intercept, limited=False) -> BatchFit:
+        rec = None if max_b is None else max(1, int(math.floor(headroom * max_b)))
+        at_max = cache.get(max_b) if max_b is not None else cache.get(1)
+        nxt = cache.get(max_b + 1) if max_b is not None else None
+        return BatchFit(capacity_bytes=capacity_bytes, metric=metric, max_batch=max_b, recommended_batch=rec,
+                        headroom=headroom, peak_at_max_bytes=at_max, peak_at_next_bytes=nxt,
+                        slope_bytes_per_sample=int(slope), intercept_bytes=int(intercept), traces=len(cache),
+                        limited_by_max=limited, notes=tuple(notes))
+
+    p1 = peak(1)
+    if p1 > capacity_bytes:
+        return result(None, 0, p1)
+    if limit == 1:
+        return result(1, 0, p1, limited=True)
+    b2 = min(limit, 8)
+    slope = (peak(b2) - p1) / (b2 - 1)
+    intercept = p1 - slope
+    predicted = limit if slope <= 0 else int(math.floor((capacity_bytes - intercept) / slope))
+    predicted = max(1, min(predicted, limit))
+
+    def probe(batch: int) -> Outcome:
+        value = peak(batch)
+        return Fit(value) if value <= capacity_bytes else OOM()
+
+    found = search(probe, capacity_bytes=capacity_bytes, min_batch=1, max_batch=limit, start=predicted,
+                   guide=Guide(max_batch=predicted, bytes_per_sample=slope, fixed_bytes=intercept), max_trials=60)
+    largest = found.largest_fit or 1
+    if largest < limit and largest + 1 not in cache:
+        peak(largest + 1)  # the verification the answer rests on
+    if found.status not in ("exact", "max_batch"):
+        notes.append(f"the search ended with status {found.status!r}")
+    pts = sorted(cache.items())
+    if len(pts) >= 2:
+        (ba, pa), (bb, pb) = pts[0], pts[-1]
+        slope = (pb - pa) / (bb - ba)
+        intercept = pa - slope * ba
+    limited = largest == limit and cache.get(limit, capacity_bytes + 1) <= capacity_bytes
+    if limited and max_batch is None:
+        notes.append(f"stopped at the search limit of {limit} samples: memory barely grows with the batch")
+    return result(largest, slope, intercept, limited=limited and max_batch is not None)
+
+
+# =========================================================================== ground truth (CPU)
+def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
+    """Run ``steps`` REAL training steps on the CPU and measure peak live bytes without the tracer.
+
+    The truth comes from ``torch.profiler`` memory events (every CPU allocator allocation
+    and free, oneDNN scratch included), summed in time order, plus the storages resident
+    before the first step (parameters, buffers, inputs, optimizer state). Used by the
+    tests and ``scripts/validate_cpu.py``; it allocates the model's real memory.
+    Returns ``{"peak_bytes", "first_step_peak_bytes", "steady_peak_bytes", "resident_bytes"}``.
+    """
+    import gc
+    import logging
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from .workload import prepare
+
+    torch.manual_seed(0)
+    prepared = prepare(workload, "cpu")
+    seen: set[int] = set()
+    resident = 0
+    tensors = list(prepared.model.parameters()) + list(prepared.model.buffers())
+    tensors += [t for t in (*prepared.args, *prepared.kwargs.values(), prepared.target) if isinstance(t, torch.Tensor)]
+    if prepared.optimizer is not None:
+        for state in prepared.optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            resident += st.nbytes()
+    from torch._C._autograd import DeviceType
+
+    gc.collect()
+    gc.disable()
+    logging.getLogger("torch.profiler").setLevel(logging.ERROR)
+    cur = 0
+    step_peaks: list[int] = []
+    try:
+        for _ in range(steps):
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                train_step(prepared)
+            events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+            events.sort(key=lambda e: e[0])
+            peak = cur
+            for _, nbytes in events:
+                cur += nbytes
+                if cur > peak:
+                    peak = cur
+            step_peaks.append(resident + peak)
+    finally:
+        gc.enable()
+    del prepared
+    return {"peak_bytes": max(step_peaks), "first_step_peak_bytes": step_peaks[0],
+            "steady_peak_bytes": step_peaks[-1], "resident_bytes": resident, "end_bytes": resident + cur}

@@ -1,0 +1,182 @@
+"""The traced estimator: exact category totals, agreement with real CPU steps, fit_batch, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from memprof.errors import InputShapeError
+from memprof.loading import InputSpec, ModelSpec
+from memprof.results import MemCategory as C
+from memprof.trace import fit_batch, measure_cpu_step, trace_step
+from memprof.workload import PRECISIONS, Workload
+from memprof.zoo import GPT, gpt_param_count
+
+MNIST_PARAMS = 101_770  # seed 002: 100,480 + 1,290
+#: the real step also allocates a few 0-dim tensors for Python scalars (``x + 1``) inside C++,
+#: where no dispatch mode sees them: at most a few bytes each
+SCALAR_SLACK = 64
+
+
+def spec(factory, shape, dtype="float", name=None, **kwargs) -> ModelSpec:
+    return ModelSpec(ref=name or factory.__name__, display_name=name or factory.__name__, factory=factory,
+                     kwargs=kwargs, inputs=InputSpec(shapes=[shape], dtype=dtype), source="module")
+
+
+def mnist(batch=64, optimizer="adam", **kw) -> Workload:
+    from memprof.zoo import mnist_mlp
+
+    return Workload(spec(mnist_mlp, (1, 28, 28)), batch_size=batch, optimizer=optimizer, **kw)
+
+
+class CkptNet(nn.Module):
+    """Four Linear+Tanh blocks, each under torch.utils.checkpoint (non-reentrant)."""
+
+    def __init__(self, dim: int = 256, use_checkpoint: bool = True):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, dim), nn.Tanh())
+                                    for _ in range(4))
+        self.head = nn.Linear(dim, 10)
+        self.use_checkpoint = use_checkpoint
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.use_checkpoint else block(x)
+        return self.head(x)
+
+
+# --------------------------------------------------------------------------- category totals
+@pytest.mark.parametrize("optimizer, states", [("sgd", 0), ("sgd-momentum", 1), ("adam", 2), ("adagrad", 1)])
+def test_mlp_category_totals_are_exact(optimizer, states):
+    batch = 64
+    r = trace_step(mnist(batch, optimizer), target="cpu")
+    p = MNIST_PARAMS * 4
+    assert r.totals[C.PARAMETER] == p
+    assert r.totals[C.BUFFER] == 0
+    assert r.totals[C.GRADIENT] == p
+    step_scalars = 4 * 4 if optimizer in ("adam", "adagrad") else 0  # one fp32 "step" tensor per parameter tensor
+    assert r.totals[C.OPTIMIZER_STATE] == states * p + step_scalars
+    assert r.totals[C.INPUT] == batch * 784 * 4
+    # saved for backward: ReLU output (B x 128), log_softmax output (B x 10), the int64 class targets
+    # nll_loss keeps, its total_weight scalar, and the loss itself
+    assert r.totals[C.ACTIVATION] == batch * 128 * 4 + batch * 10 * 4 + batch * 8 + 4 + 4
+
+
+def test_tied_weights_counted_once():
+    kw = dict(vocab_size=256, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    tied = Workload(spec(GPT, (16,), dtype="int64", **kw, tied=True), batch_size=2)
+    tied.model.inputs.high = 256
+    untied = Workload(spec(GPT, (16,), dtype="int64", **kw, tied=False), batch_size=2)
+    untied.model.inputs.high = 256
+    r_tied, r_untied = trace_step(tied, target="cpu"), trace_step(untied, target="cpu")
+    assert r_tied.totals[C.PARAMETER] == 4 * gpt_param_count(256, 16, 2, 32, tied=True)
+    assert r_untied.totals[C.PARAMETER] - r_tied.totals[C.PARAMETER] == 4 * 256 * 32
+    assert r_tied.totals[C.GRADIENT] == r_tied.totals[C.PARAMETER]
+
+
+def test_eval_mode_has_no_gradients_or_optimizer_state():
+    r = trace_step(mnist(64, "adam", mode="eval"), target="cpu")
+    assert C.GRADIENT not in r.totals and C.OPTIMIZER_STATE not in r.totals
+    assert set(r.breakdown_at_peak) <= {C.PARAMETER, C.INPUT, C.TEMPORARY}
+    # peak: params + input + the first Linear's output (B x 128) + ReLU's output (B x 128)
+    assert r.peak_bytes == MNIST_PARAMS * 4 + 64 * 784 * 4 + 2 * 64 * 128 * 4
+    assert r.peak_phase == "forward"
+
+
+# --------------------------------------------------------------------------- against real CPU steps
+@pytest.mark.parametrize("optimizer", ["sgd-momentum", "adam"])
+def test_traced_peaks_equal_real_cpu_steps(optimizer):
+    w = mnist(64, optimizer)
+    r = trace_step(w, target="cpu")
+    m = measure_cpu_step(w)
+    assert abs(r.first_step_peak_bytes - m["first_step_peak_bytes"]) <= SCALAR_SLACK
+    assert abs(r.steady_peak_bytes - m["steady_peak_bytes"]) <= SCALAR_SLACK
+
+
+def test_first_step_vs_steady_state():
+    # SGD-momentum: the momentum buffers appear in the first optimizer step, so from the second
+    # step on they are held during backward as well
+    r = trace_step(mnist(64, "sgd-momentum"), target="cpu")
+    assert r.steady_peak_bytes > r.first_step_peak_bytes
+    assert r.peak_bytes == r.steady_peak_bytes and r.peak_step == 1
+    one = trace_step(mnist(64, "sgd-momentum"), target="cpu", steps=1)
+    assert one.peak_bytes == r.first_step_peak_bytes
+
+
+def test_shared_weights_and_checkpointing_match_real_steps():
+    shared = Workload(spec(__import__("memprof.zoo", fromlist=["SharedLinear"]).SharedLinear, (256,)),
+                      batch_size=32, optimizer="adam")
+    plain = Workload(spec(CkptNet, (256,), use_checkpoint=False), batch_size=64, optimizer="sgd")
+    ckpt = Workload(spec(CkptNet, (256,), use_checkpoint=True), batch_size=64, optimizer="sgd")
+    for w in (shared, plain, ckpt):
+        r = trace_step(w, target="cpu")
+        m = measure_cpu_step(w)
+        assert abs(r.peak_bytes - m["peak_bytes"]) <= SCALAR_SLACK, w.model.display_name
+    r_plain, r_ckpt = trace_step(plain, target="cpu"), trace_step(ckpt, target="cpu")
+    # checkpointing keeps each block's input (B x 256) and the CPU RNG state (5056 B) instead of
+    # the block's two Tanh outputs
+    assert r_plain.totals[C.ACTIVATION] - r_ckpt.totals[C.ACTIVATION] == 4 * (64 * 256 * 4 - 5056)
+    assert any(p.phase == "backward" and p.module and p.module.startswith("blocks.") for p in r_ckpt.timeline)
+
+
+# --------------------------------------------------------------------------- cuda target
+def test_cuda_target_rounds_and_adds_overheads(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    r = trace_step(mnist(64, "adam"), target="cuda")
+    # 784x128 weight (512-aligned), 128 bias -> 512, 10x128 weight 5120 (aligned), 10 bias -> 512
+    assert r.totals[C.PARAMETER] == 401408 + 512 + 5120 + 512
+    if not torch.cuda.is_available():  # Hopper's 32 MiB, one per thread: forward and backward (autograd's)
+        assert r.cublas_workspace_bytes == 2 * 32 * 1024 * 1024
+    assert sum(r.breakdown_at_peak.values()) == r.peak_bytes
+    assert r.breakdown_at_peak[C.CUDA_OVERHEAD] == r.cublas_workspace_bytes
+    assert r.predicted_reserved_bytes >= r.peak_bytes
+    assert r.predicted_nvml_bytes == r.predicted_reserved_bytes + r.cuda_context_bytes
+    assert r.peak_phase in ("forward", "backward", "optimizer")
+
+
+# --------------------------------------------------------------------------- fit_batch
+def test_fit_batch_finds_the_edge():
+    w = mnist(1, "adam")
+    capacity = trace_step(w.with_batch(37), target="cpu").peak_bytes + 1000
+    fit = fit_batch(w, capacity, target="cpu", headroom=0.8)
+    assert fit.max_batch == 37
+    assert fit.peak_at_max_bytes <= capacity < fit.peak_at_next_bytes
+    assert trace_step(w.with_batch(38), target="cpu").peak_bytes > capacity
+    assert fit.recommended_batch == 29
+    assert fit.traces <= 8
+    assert fit.slope_bytes_per_sample == 784 * 4  # the peak is in Adam's step: only the input grows
+
+
+def test_fit_batch_limits():
+    w = mnist(1, "adam")
+    assert fit_batch(w, 1000, target="cpu").max_batch is None
+    fit = fit_batch(w, 1 << 40, target="cpu", max_batch=50)
+    assert fit.max_batch == 50 and fit.limited_by_max and fit.recommended_batch == 40
+
+
+# --------------------------------------------------------------------------- errors, timeline
+def test_wrong_input_shape_names_the_layer():
+    from memprof.zoo import mnist_mlp
+
+    w = Workload(spec(mnist_mlp, (3, 32, 32)), batch_size=4)
+    with pytest.raises(InputShapeError) as info:
+        trace_step(w, target="cpu")
+    text = info.value.message
+    assert "in_features=784" in text and "4×3072" in text and "layer 1" in text
+
+
+def test_timeline_is_bounded_and_keeps_the_peak():
+    from memprof.cli.common import build_workload
+
+    w = build_workload("resnet18", batch_size=2, input_shape=["3,64,64"], optimizer="sgd")
+    r = trace_step(w, target="cpu")
+    assert 100 < len(r.timeline) <= 2001
+    assert max(p.allocated_bytes for p in r.timeline) == r.peak_bytes
+    assert r.peak_phase == "backward" and r.peak_module is not None and r.trace_seconds > 0
+
+
+def test_amp_bf16_traces():
+    r = trace_step(mnist(64, "adam", precision=PRECISIONS["amp-bf16"]), target="cpu")
+    m = measure_cpu_step(mnist(64, "adam", precision=PRECISIONS["amp-bf16"]))
+    assert abs(r.peak_bytes - m["peak_bytes"]) <= SCALAR_SLACK
