@@ -44,6 +44,15 @@ def _decode(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _nvml_message(exc: BaseException) -> str:
+    """NVMLError's text ("NVML Shared Library Not Found", "Driver Not Loaded"), not its bare code."""
+    text = str(exc).strip()
+    if text and not text.lstrip("-").isdigit():
+        return text
+    args = getattr(exc, "args", ())
+    return _decode(args[0]) if args else type(exc).__name__
+
+
 def _init() -> tuple[bool, str | None]:
     with _lock:
         if _state["ok"] is not None:
@@ -57,7 +66,7 @@ def _init() -> tuple[bool, str | None]:
             pynvml.nvmlInit()
             _state.update(ok=True, reason=None)
         except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-            _state.update(ok=False, reason=f"NVML could not start: {_decode(getattr(exc, 'args', [exc])[0]) if getattr(exc, 'args', None) else exc}")
+            _state.update(ok=False, reason=f"NVML could not start: {_nvml_message(exc)}")
         return _state["ok"], _state["reason"]
 
 

@@ -154,81 +154,166 @@ class EstimateResult:
     headline_source: str  # "traced" | "formula"
 
 
+# =========================================================================== gpus
+@dataclasses.dataclass(frozen=True)
+class TorchDevice:
+    """One CUDA device as torch numbers it (after CUDA_VISIBLE_DEVICES)."""
 
-# =========================================================================== trace
-#: what each traced number corresponds to on a real CUDA device
-TRACE_METRICS: dict[str, str] = {
-    "allocated": "torch.cuda.max_memory_allocated() (live tensor storages, 512-byte rounded for cuda; "
-                 "raw storage bytes for cpu)",
-    "reserved": "torch.cuda.max_memory_reserved() (caching-allocator segments, replayed by memprof.allocator)",
-    "nvml": "NVML / nvidia-smi per-process used memory (reserved + CUDA context)",
-}
+    index: int
+    name: str
+    total_bytes: int | None
+    capability: str | None  # "9.0"
 
 
 @dataclasses.dataclass(frozen=True)
-class TimelinePoint:
-    """Live bytes after one allocation or free of the traced step(s)."""
+class TorchCudaView:
+    """What torch sees: its version, the CUDA it was built for, and its devices."""
 
-    op_index: int  # index of the dispatched op (counted over all traced steps)
-    phase: str  # "setup" | "forward" | "backward" | "optimizer" | "done"
-    module: str | None  # dotted module name ("" is the root model), None outside any module
-    allocated_bytes: int
-    step: int = 0  # 0 = first step, 1 = second step, ...
+    torch_version: str | None
+    cuda_available: bool
+    cuda_version: str | None  # torch.version.cuda (None: CPU-only build)
+    device_count: int
+    devices: tuple[TorchDevice, ...] = ()
+    reason: str | None = None  # why no device, when none
 
 
 @dataclasses.dataclass(frozen=True)
-class TraceResult:
-    """One traced training step (or several), on fake tensors: no real memory, no GPU.
+class GpusResult:
+    """``memprof gpus``: NVML's view (an :class:`memprof.nvml.NVMLStatus`) and torch's view."""
 
-    ``peak_bytes`` is the prediction for ``torch.cuda.max_memory_allocated`` (target "cuda")
-    or for the peak of live tensor bytes of a real CPU step (target "cpu"); see
-    :attr:`metrics` for what each number corresponds to.
+    available: bool  # NVML or torch sees at least one GPU
+    reason: str | None  # why not, when not available
+    nvml: Any
+    torch: TorchCudaView
+
+
+# =========================================================================== profile
+@dataclasses.dataclass(frozen=True)
+class LineStat:
+    """One source line of the user's files, over all its executions ("hits").
+
+    ``delta_bytes``/``max_delta_bytes``: change of the live total across the line, calls made
+    from it included (summed over hits / largest single hit); ``alloc_bytes``: allocated by ops
+    run on this line itself; ``peak_bytes``: highest live total while it ran; ``live_at_exit_bytes``:
+    what it allocated that is still alive when the script ends.
     """
 
-    workload: dict[str, Any]
-    target: str  # "cuda" | "cpu"
-    peak_bytes: int  # max live tensor bytes over the traced steps (+ cuBLAS workspace for cuda)
-    first_step_peak_bytes: int
-    steady_peak_bytes: int
-    peak_phase: str
-    peak_module: str | None
-    breakdown_at_peak: dict[MemCategory, int]
-    totals: dict[MemCategory, int]
-    predicted_reserved_bytes: int | None
-    predicted_nvml_bytes: int | None
-    cuda_overhead_bytes: int | None  # CUDA context (NVML only); cuBLAS workspace is in breakdown as CUDA overhead
-    timeline: tuple[TimelinePoint, ...]
-    trace_seconds: float
-    notes: tuple[str, ...] = ()
-    steps: int = 2
-    op_count: int = 0
-    peak_step: int = 0
-    cublas_workspace_bytes: int | None = None  # included in peak_bytes for cuda (torch allocates it)
-    cuda_context_bytes: int | None = None
-
-    @property
-    def metrics(self) -> dict[str, str]:
-        """Which real measurement each prediction corresponds to."""
-        return dict(TRACE_METRICS)
-
-    @property
-    def predicted_allocated_bytes(self) -> int:
-        return self.peak_bytes
+    file: str
+    line: int
+    source: str
+    hits: int
+    delta_bytes: int
+    max_delta_bytes: int
+    alloc_bytes: int
+    peak_bytes: int
+    live_at_exit_bytes: int
 
 
 @dataclasses.dataclass(frozen=True)
-class BatchFit:
-    """The largest batch whose traced prediction fits a capacity."""
+class ModuleStat:
+    """One module (by qualified name), forward and backward, over all its calls."""
 
-    capacity_bytes: int
-    metric: str  # "nvml" (cuda) | "allocated" (cpu) | "reserved"
-    max_batch: int | None  # None: batch 1 does not fit
-    recommended_batch: int | None  # floor(headroom x max_batch), at least 1
-    headroom: float
-    peak_at_max_bytes: int | None  # the metric at max_batch (at batch 1 when nothing fits)
-    peak_at_next_bytes: int | None  # the metric at max_batch + 1 (None when max_batch hit the max_batch limit)
-    slope_bytes_per_sample: int
-    intercept_bytes: int
-    traces: int  # how many traces were used
-    limited_by_max: bool = False  # max_batch is the caller's upper limit, not the capacity
-    notes: tuple[str, ...] = ()
+    name: str
+    type: str
+    calls: int
+    forward_added_bytes: int  # largest live-bytes increase one forward call left behind (outputs + saved)
+    forward_peak_bytes: int  # highest live total during its forward
+    backward_alloc_bytes: int  # allocated while autograd ran the nodes its forward created (all calls)
+    backward_peak_bytes: int | None  # highest live total during its backward
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorGroup:
+    """Storages alive at one moment with the same shape, dtype, device, origin line and category."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    device: str
+    origin: str  # "train.py:23" or "<outside the script's files>"
+    category: MemCategory
+    count: int
+    bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfilePeak:
+    """The highest live total: when, where, and what was alive."""
+
+    bytes: int
+    time_s: float  # since the script started
+    op_index: int
+    location: str | None  # "train.py:23"
+    source: str | None
+    module: str | None
+    phase: str  # forward | backward | optimizer | script
+    breakdown: dict[MemCategory, int]
+    tensors: tuple[TensorGroup, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LeakSuspect:
+    """Memory still alive at exit that looks kept by mistake."""
+
+    origin: str  # "train.py:23" or a global variable name
+    source: str | None
+    live_bytes: int
+    storages: int
+    hits_alive: int  # executions of the line whose allocations are still alive
+    hits: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileCuda:
+    """CUDA-side figures when the script used the GPU."""
+
+    device_name: str | None
+    max_allocated_bytes: int
+    max_reserved_bytes: int
+    reserved_at_exit_bytes: int
+    nvml_process_bytes: int | None  # what NVML charges to this process at exit
+    context_bytes: int | None  # NVML process usage - torch reserved: CUDA context, cuBLAS/cuDNN workspaces
+    snapshot_path: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptOutcome:
+    """How the script ended; ``exit_code`` is what ``python script.py`` would have returned."""
+
+    status: str  # ok | exit | exception | interrupted
+    exit_code: int
+    error: str | None = None  # "ZeroDivisionError: division by zero"
+    location: str | None = None  # innermost line of the user's files in the traceback
+    source: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TimelineSample:
+    t_s: float
+    allocated_bytes: int
+    reserved_bytes: int | None = None
+    nvml_bytes: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ProfileResult:
+    """``memprof profile``: a script's memory by line, module and category.
+
+    ``_timeline`` (full resolution, for plots) and ``_log`` (records for ``--log``) stay out of JSON.
+    """
+
+    script: str
+    argv: tuple[str, ...]
+    device: str  # "cpu" or "cuda:0 (NVIDIA H100 ...)"
+    wall_s: float
+    ops: int
+    outcome: ScriptOutcome
+    peak: ProfilePeak
+    at_exit_bytes: int
+    lines: tuple[LineStat, ...]  # most memory added first
+    modules: tuple[ModuleStat, ...]
+    leaks: tuple[LeakSuspect, ...]
+    cuda: ProfileCuda | None
+    timeline: tuple[TimelineSample, ...]  # downsampled
+    _timeline: Any = None
+    _log: Any = None

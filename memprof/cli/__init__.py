@@ -7,6 +7,11 @@ itself on :data:`app`. Errors from the library (:class:`MemprofError`) become on
 Exit codes: 0 success; 1 the workload does not fit (estimate/find-batch verdicts);
 2 bad input (model, option, file); 3 needs a GPU and none is there; 4 not even
 batch 1 fits; 130 interrupted (Ctrl-C) - partial results are still printed.
+``memprof profile`` exits with the profiled script's own status, as ``python script.py``
+would: 0, its ``sys.exit`` code, 1 when it raised (the partial profile is still reported),
+130 on Ctrl-C; 2 and 3 as above for memprof's own usage errors / ``--snapshot`` without CUDA.
+``memprof gpus`` exits 3 when neither NVML nor torch sees a GPU (``--json`` still prints a
+document, with ``available: false``).
 """
 from __future__ import annotations
 

@@ -1,0 +1,33 @@
+"""``memprof gpus``: the local GPUs (NVML) and what torch sees."""
+from __future__ import annotations
+
+import typer
+
+from . import EXIT_NO_GPU, app, emit_json, handle_errors
+from .common import JSON_OPT
+
+
+@app.command("gpus")
+@handle_errors
+def gpus_cmd(json_out: bool = JSON_OPT) -> None:
+    """List the local GPUs: memory total/used/free, processes, driver and CUDA versions, torch's view.
+
+    Exits 3 when neither NVML nor torch sees a GPU (with --json: still a JSON document, available=false).
+    """
+    from ..gpus import gpus
+    from ..render import stdout_console
+    from ..render.gpus import no_gpu_line, render_gpus
+
+    result = gpus()
+    if json_out:
+        from ..results import document
+
+        emit_json(document("gpus", result))
+    elif result.available:
+        render_gpus(result, stdout_console())
+    else:
+        import sys
+
+        print(no_gpu_line(result), file=sys.stderr)
+    if not result.available:
+        raise typer.Exit(EXIT_NO_GPU)

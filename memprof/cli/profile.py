@@ -1,0 +1,83 @@
+"""``memprof profile SCRIPT [-- ARGS]``: run a training script under the profiler, report, exit as it did."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app, emit_json, handle_errors
+from .common import JSON_OPT, check_output_path
+
+
+@app.command("profile", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@handle_errors
+def profile_cmd(
+    script: str = typer.Argument(..., help="The Python script to run, as `python SCRIPT ARGS` would.",
+                                 show_default=False),
+    script_args: Optional[list[str]] = typer.Argument(None, help="Arguments for the script (put them after --).",
+                                                      show_default=False),
+    log: Optional[Path] = typer.Option(None, "--log", help="Write a line-by-line text log (live total, + / - tensors)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Timeline plot with the peak marked: .svg, .html or .png "
+                                                             "(png needs matplotlib)."),
+    snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="CUDA only: save PyTorch's allocator history "
+                                                                     "(.pickle) for https://pytorch.org/memory_viz."),
+    top: int = typer.Option(10, "--top", help="How many lines / tensor groups to show."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Profile a training script: memory by source line, module and category; the peak; leaks.
+
+    The script's own output comes first (on stderr with --json), then the report. memprof exits
+    with the script's status: 0, its sys.exit code, or 1 when it raised (the partial profile is
+    still reported).
+    """
+    from ..errors import UsageError
+    from ..render.profile import check_plot_path
+
+    if top < 1:
+        raise UsageError(f"--top must be at least 1, got {top}", "e.g. --top 10")
+    for path in (log, plot, snapshot):
+        check_output_path(path)
+    if plot is not None:
+        check_plot_path(plot)
+
+    from ..profile import profile_script
+
+    redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
+    with redirect:
+        result = profile_script(script, script_args or [], log=log is not None, snapshot_path=snapshot)
+        sys.stdout.flush()
+
+    from ..render import print_error, stdout_console
+    from ..render.profile import format_log, outcome_line, render_profile, write_plot
+
+    written = []
+    if log is not None:
+        log.write_text(format_log(result))
+        written.append(f"log: {log}")
+    if plot is not None:
+        write_plot(result, plot)
+        written.append(f"plot: {plot}")
+    if json_out:
+        from ..results import document
+
+        doc = document("profile", result)
+        doc["files"] = {"log": str(log) if log else None, "plot": str(plot) if plot else None,
+                        "snapshot": str(snapshot) if snapshot else None}
+        emit_json(doc)
+    else:
+        console = stdout_console()
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console.width = max(console.width, 120)  # piped: the tables need room
+        console.print()
+        render_profile(result, console, top=top)
+        for w in written:
+            console.print(f"Wrote {w}")
+    line = outcome_line(result)
+    if line:
+        print_error(line, None) if result.outcome.status != "exit" else print(line, file=sys.stderr)
+    if result.outcome.exit_code:
+        raise typer.Exit(result.outcome.exit_code)

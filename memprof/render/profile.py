@@ -1,0 +1,312 @@
+"""``memprof profile`` for people: the report, the ``--log`` text and the timeline plot."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ..errors import UsageError
+from ..results import ProfileResult
+from . import format_bytes, format_count, format_signed_bytes
+
+PLOT_SUFFIXES = (".svg", ".html", ".png")
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _short(text: str | None, width: int = 60) -> str:
+    text = text or ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def render_profile(result: ProfileResult, console: Console, top: int = 10) -> None:
+    """The whole report: header, peak with its breakdown, top lines, modules, tensors at the peak, leaks."""
+    p = result.peak
+    argv = " ".join([Path(result.script).name, *result.argv])
+    console.print(Text(f"memprof profile: {argv}  ·  {result.device}  ·  {result.wall_s:.2f} s  ·  "
+                       f"{format_count(result.ops)} ops", style="bold"))
+    where = p.location or "outside the script's files"
+    if p.source:
+        where += f"  {_short(p.source)}"
+    mod = f"  ·  module {p.module}" if p.module else ""
+    console.print(f"Peak {format_bytes(p.bytes)} at {p.time_s:.3f} s (op {format_count(p.op_index)}), "
+                  f"{p.phase}{mod}")
+    console.print(f"  at {where}")
+    console.print(f"Live at exit: {format_bytes(result.at_exit_bytes)}")
+
+    if p.breakdown:
+        t = Table(title="Live at the peak, by category", title_justify="left", show_edge=False)
+        t.add_column("Category")
+        t.add_column("Bytes", justify="right")
+        t.add_column("Share", justify="right")
+        for cat, b in sorted(p.breakdown.items(), key=lambda kv: -kv[1]):
+            t.add_row(cat.value, format_bytes(b), f"{100 * b / p.bytes:.1f} %" if p.bytes else "n/a")
+        console.print()
+        console.print(t)
+
+    lines = [ln for ln in result.lines if ln.max_delta_bytes > 0 or ln.alloc_bytes > 0][:top]
+    if lines:
+        t = Table(title="Top lines of the script's files by memory added", title_justify="left",
+                  show_edge=False)
+        for col, just in (("Line", "left"), ("Hits", "right"), ("Added", "right"), ("Allocated", "right"),
+                          ("Peak", "right"), ("At exit", "right"), ("Source", "left")):
+            t.add_column(col, justify=just, no_wrap=col != "Source", overflow="ellipsis")
+        for ln in lines:
+            t.add_row(f"{ln.file}:{ln.line}", format_count(ln.hits), format_signed_bytes(ln.max_delta_bytes),
+                      format_bytes(ln.alloc_bytes), format_bytes(ln.peak_bytes),
+                      format_bytes(ln.live_at_exit_bytes), _short(ln.source, 48))
+        console.print()
+        console.print(t)
+        console.print("  Added: largest rise of live memory in one execution (calls made from the line included)\n"
+                      "  Allocated: by the line's own ops, all executions · Peak: highest live total while it ran\n"
+                      "  At exit: its allocations still alive when the script ended", style="dim")
+
+    if result.modules:
+        t = Table(title="Modules (forward: added per call and peak; backward: allocated and peak)", title_justify="left",
+                  show_edge=False)
+        for col in ("Module", "Type", "Calls", "Fwd added", "Fwd peak", "Bwd allocated", "Bwd peak"):
+            t.add_column(col, justify="left" if col in ("Module", "Type") else "right", no_wrap=True)
+        for m in sorted(result.modules, key=lambda m: -m.forward_peak_bytes)[: max(top, 10)]:
+            t.add_row(m.name, m.type, format_count(m.calls), format_signed_bytes(m.forward_added_bytes),
+                      format_bytes(m.forward_peak_bytes), format_bytes(m.backward_alloc_bytes),
+                      format_bytes(m.backward_peak_bytes))
+        console.print()
+        console.print(t)
+
+    if p.tensors:
+        t = Table(title="Tensors alive at the peak (grouped by shape, dtype and origin)", title_justify="left",
+                  show_edge=False)
+        for col in ("Count", "Shape", "Dtype", "Device", "Bytes", "Category", "Origin"):
+            t.add_column(col, justify="right" if col in ("Count", "Bytes") else "left", no_wrap=True)
+        for g in p.tensors[:top]:
+            t.add_row(format_count(g.count), _shape(g.shape), g.dtype, g.device, format_bytes(g.bytes),
+                      g.category.value, g.origin)
+        console.print()
+        console.print(t)
+
+    if result.cuda is not None:
+        c = result.cuda
+        console.print()
+        console.print(Text("CUDA", style="bold"))
+        console.print(f"  max allocated {format_bytes(c.max_allocated_bytes)} · max reserved "
+                      f"{format_bytes(c.max_reserved_bytes)} · reserved at exit {format_bytes(c.reserved_at_exit_bytes)}")
+        if c.nvml_process_bytes is not None:
+            console.print(f"  NVML charges this process {format_bytes(c.nvml_process_bytes)}: "
+                          f"{format_bytes(c.context_bytes)} more than torch reserves\n"
+                          "  (CUDA context, cuBLAS/cuDNN workspaces: nvidia-smi shows it, torch.cuda.memory_* does not)")
+        else:
+            console.print("  NVML process usage not available (nvidia-ml-py missing or not permitted)")
+        if c.snapshot_path:
+            console.print(f"  allocator snapshot: {c.snapshot_path} (open it at https://pytorch.org/memory_viz)")
+
+    console.print()
+    if result.leaks:
+        console.print(Text("Possible leaks (alive at exit)", style="bold"))
+        for lk in result.leaks:
+            src = f"  {_short(lk.source)}" if lk.source else ""
+            console.print(f"  {lk.origin}{src}: {format_bytes(lk.live_bytes)} in {format_count(lk.storages)} "
+                          f"storages; {lk.reason}")
+    else:
+        console.print("No leak suspected: no line keeps memory from many of its executions alive at exit.")
+
+
+def outcome_line(result: ProfileResult) -> str | None:
+    """One line for stderr when the script did not end normally, else None."""
+    o = result.outcome
+    if o.status == "ok" or (o.status == "exit" and o.exit_code == 0):
+        return None
+    if o.status == "exit":
+        return f"the script called sys.exit({o.error!r})" if o.error else f"the script exited with status {o.exit_code}"
+    where = f" at {o.location}" + (f" ({_short(o.source)})" if o.source else "") if o.location else ""
+    verb = "was interrupted" if o.status == "interrupted" else "failed"
+    return f"the script {verb}{where}: {o.error}; the profile above covers it up to there"
+
+
+# ------------------------------------------------------------------------------------------ --log
+def format_log(result: ProfileResult) -> str:
+    """The seed tracker's text log: per executed line, the live total and the storages made (+) or freed (-)."""
+    out = [f"# memprof profile --log: {' '.join([Path(result.script).name, *result.argv])} on {result.device}",
+           "# time      line                          total live   (+ allocated / - freed: count x shape dtype device size, origin)"]
+    for t, loc, source, func, total, events in result._log or ():
+        out.append(f"[{t:9.4f}s] {loc:<28} {func:<16} total {format_bytes(total):>10}   {_short(source, 70)}")
+        grouped: dict[tuple, list[int]] = {}
+        for sign, shape, dtype, device, nbytes, origin in events:
+            g = grouped.setdefault((sign, tuple(shape), dtype, device, origin), [0, 0])
+            g[0] += 1
+            g[1] += nbytes
+        for (sign, shape, dtype, device, origin), (n, b) in grouped.items():
+            mark = "+" if sign > 0 else "-"
+            src = f"  from {origin}" if sign < 0 and origin else ""
+            out.append(f"    {mark} {n} x {_shape(shape)} {dtype} {device} {format_bytes(b)}{src}")
+    return "\n".join(out) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ --plot
+def check_plot_path(path: Path) -> None:
+    """Fail before the run when the plot cannot be written."""
+    suffix = path.suffix.lower()
+    if suffix not in PLOT_SUFFIXES:
+        raise UsageError(f"cannot plot to {path.name!r}: unknown format {suffix or '(none)'}",
+                         "use a .svg, .html or .png file name")
+    if suffix == ".png":
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot .png needs matplotlib, which is not installed",
+                             "pip install matplotlib (or memprof[plot]), or plot to .svg / .html (no dependency)") from None
+
+
+def _series(result: ProfileResult, max_points: int = 3000) -> dict[str, Any]:
+    raw = result._timeline or {}
+    ts, bs = list(raw.get("t", ())), list(raw.get("allocated", ()))
+    if not ts:
+        ts = [s.t_s for s in result.timeline]
+        bs = [s.allocated_bytes for s in result.timeline]
+    if len(ts) > max_points:  # keep each bucket's max so the peak survives
+        step = len(ts) / max_points
+        idx = [max(range(int(j * step), min(len(ts), max(int((j + 1) * step), int(j * step) + 1))), key=bs.__getitem__)
+               for j in range(max_points)]
+        ts, bs = [ts[i] for i in idx], [bs[i] for i in idx]
+    cuda = raw.get("cuda") or ()
+    return {
+        "t": ts, "allocated": bs,
+        "reserved": [(c[0], c[1]) for c in cuda],
+        "nvml": [(c[0], c[2]) for c in cuda if c[2] is not None],
+        "peak_t": result.peak.time_s, "peak_bytes": result.peak.bytes,
+    }
+
+
+def _nice_step(top: float) -> float:
+    """A round grid step in the binary unit that ``top`` is shown in: 1, 2 or 5 x 10^k KiB/MiB/GiB."""
+    unit = 1.0
+    while top / unit >= 1024 and unit < 1024 ** 4:
+        unit *= 1024
+    raw = max(top / unit / 5, 1e-9)
+    mag = 1.0
+    while mag * 10 <= raw:
+        mag *= 10
+    while mag > raw:
+        mag /= 10
+    for m in (1, 2, 5, 10):
+        if mag * m >= raw:
+            return max(mag * m * unit, 1.0)
+    return mag * 10 * unit
+
+
+def timeline_svg(result: ProfileResult, width: int = 900, height: int = 360) -> str:
+    """A hand-written SVG of the live total over time (and CUDA reserved / NVML used), peak marked."""
+    s = _series(result)
+    left, right, top_m, bottom = 80, 20, 40, 45
+    pw, ph = width - left - right, height - top_m - bottom
+    t_max = max([s["t"][-1] if s["t"] else 0.0] + [t for t, _ in s["reserved"] + s["nvml"]] + [1e-9])
+    y_max = max([s["peak_bytes"], 1] + [b for _, b in s["reserved"] + s["nvml"]])
+    step = _nice_step(y_max)
+    y_top = step * (int(y_max / step) + 1)
+
+    def x(t: float) -> float:
+        return left + pw * t / t_max
+
+    def y(b: float) -> float:
+        return top_m + ph * (1 - b / y_top)
+
+    def path(points, stepwise: bool) -> str:
+        d, prev = [], None
+        for t, b in points:
+            if prev is not None and stepwise:
+                d.append(f"L{x(t):.1f},{y(prev):.1f}")
+            d.append(f"{'M' if not d else 'L'}{x(t):.1f},{y(b):.1f}")
+            prev = b
+        return " ".join(d)
+
+    title = html.escape(f"memprof profile: {Path(result.script).name} ({result.device})")
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+             '<rect width="100%" height="100%" fill="white"/>',
+             f'<text x="{left}" y="20" font-size="14" font-weight="bold">{title}</text>']
+    v = 0.0
+    while v <= y_top + 1e-9:
+        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{html.escape(format_bytes(v))}</text>')
+        v += step
+    for i in range(6):
+        t = t_max * i / 5
+        parts.append(f'<text x="{x(t):.1f}" y="{top_m + ph + 18}" text-anchor="middle">{t:.2f} s</text>')
+    parts.append(f'<line x1="{left}" x2="{left}" y1="{top_m}" y2="{top_m + ph}" stroke="#444"/>')
+    parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top_m + ph}" y2="{top_m + ph}" stroke="#444"/>')
+    series = [("allocated (tracked tensors)", "#1f77b4", list(zip(s["t"], s["allocated"])), True),
+              ("CUDA reserved", "#ff7f0e", s["reserved"], True),
+              ("NVML used (process)", "#2ca02c", s["nvml"], False)]
+    ly = top_m + 4
+    for label, color, points, stepwise in series:
+        if not points:
+            continue
+        parts.append(f'<path d="{path(points, stepwise)}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        parts.append(f'<rect x="{left + pw - 190}" y="{ly}" width="12" height="3" fill="{color}"/>')
+        parts.append(f'<text x="{left + pw - 172}" y="{ly + 5}">{html.escape(label)}</text>')
+        ly += 16
+    px, py = x(s["peak_t"]), y(s["peak_bytes"])
+    label = html.escape(f"peak {format_bytes(s['peak_bytes'])} at {result.peak.location or '?'} ({result.peak.phase})")
+    anchor = "end" if px > left + pw * 0.6 else "start"
+    dx = -8 if anchor == "end" else 8
+    parts.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{top_m}" y2="{top_m + ph}" stroke="#d62728" stroke-dasharray="4,3"/>')
+    parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4" fill="#d62728"/>')
+    parts.append(f'<text x="{px + dx:.1f}" y="{max(py - 8, top_m + 12):.1f}" text-anchor="{anchor}" fill="#d62728">{label}</text>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">time since the script started</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def timeline_html(result: ProfileResult) -> str:
+    title = html.escape(f"memprof profile: {Path(result.script).name}")
+    rows = "".join(f"<tr><td>{html.escape(f'{ln.file}:{ln.line}')}</td><td>{ln.hits}</td>"
+                   f"<td>{html.escape(format_signed_bytes(ln.max_delta_bytes))}</td>"
+                   f"<td>{html.escape(format_bytes(ln.peak_bytes))}</td><td><code>{html.escape(ln.source)}</code></td></tr>"
+                   for ln in result.lines[:10])
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{title}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 10px;text-align:left}</style></head>"
+            f"<body><h2>{title}</h2>\n{timeline_svg(result)}"
+            f"<p>Peak {html.escape(format_bytes(result.peak.bytes))} at {html.escape(result.peak.location or '?')} "
+            f"({html.escape(result.peak.phase)}).</p>"
+            "<table><tr><th>Line</th><th>Hits</th><th>Added (max)</th><th>Peak on line</th><th>Source</th></tr>"
+            f"{rows}</table></body></html>\n")
+
+
+def write_plot(result: ProfileResult, path: Path) -> None:
+    suffix = path.suffix.lower()
+    if suffix == ".svg":
+        path.write_text(timeline_svg(result))
+    elif suffix == ".html":
+        path.write_text(timeline_html(result))
+    else:
+        _write_png(result, path)
+
+
+def _write_png(result: ProfileResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = _series(result)
+    mib = 1024 * 1024
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.step(s["t"], [b / mib for b in s["allocated"]], where="post", label="allocated (tracked tensors)")
+    if s["reserved"]:
+        ax.step([t for t, _ in s["reserved"]], [b / mib for _, b in s["reserved"]], where="post", label="CUDA reserved")
+    if s["nvml"]:
+        ax.plot([t for t, _ in s["nvml"]], [b / mib for _, b in s["nvml"]], label="NVML used (process)")
+    ax.plot([s["peak_t"]], [s["peak_bytes"] / mib], "o", color="#d62728",
+            label=f"peak {format_bytes(s['peak_bytes'])} at {result.peak.location or '?'}")
+    ax.set_xlabel("time since the script started (s)")
+    ax.set_ylabel("MiB")
+    ax.set_title(f"memprof profile: {Path(result.script).name} ({result.device})")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
