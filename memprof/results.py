@@ -64,7 +64,6 @@ class Capacity:
     source: str  # "--gpu-memory", "NVML: NVIDIA H100 80GB HBM3 (GPU 0)", "--memory-limit"
     device_name: str | None = None
 
-
 # =========================================================================== analytic / estimate
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
@@ -153,6 +152,7 @@ class EstimateResult:
     fit: FitSummary | None
     headline_bytes: int
     headline_source: str  # "traced" | "formula"
+
 
 
 # =========================================================================== trace
@@ -397,167 +397,3 @@ class ProfileResult:
     timeline: tuple[TimelineSample, ...]  # downsampled
     _timeline: Any = None
     _log: Any = None
-
-
-# =========================================================================== find-batch
-@dataclasses.dataclass(frozen=True)
-class BatchTrial:
-    """One real trial of ``find-batch``: the training step run ``steps`` times at one batch size.
-
-    CPU (memory cap): ``peak_allocated_bytes`` is the peak of live tensor bytes; the
-    reserved/NVML fields are None. CUDA: ``torch.cuda.max_memory_allocated`` /
-    ``max_memory_reserved`` and NVML's usage for this process, and ``cuda_overhead_bytes``
-    = NVML usage - torch reserved (context, cuBLAS/cuDNN workspaces).
-    """
-
-    batch_size: int
-    fits: bool
-    steps_run: int  # steps completed (an OOM in step 2 leaves 1)
-    seconds: float
-    peak_allocated_bytes: int | None = None
-    peak_reserved_bytes: int | None = None
-    nvml_used_bytes: int | None = None
-    cuda_overhead_bytes: int | None = None
-    capacity_bytes: int | None = None  # what the limited metric could reach during this trial
-    error: str | None = None  # the out-of-memory message, one line
-    oom_detected_by: str | None = None  # "exception type" | "message"
-    oom_phase: str | None = None  # "setup" | "step 2 backward" ...
-    attempted_bytes: int | None = None  # CPU cap: live bytes the failing allocation would have made
-    leaked_bytes: int | None = None  # still allocated after the cleanup, beyond the pre-trial baseline
-    predicted_bytes: int | None = None  # the prediction of the limited metric at this batch
-    reason: str | None = None  # why the search tried this batch (prediction, extrapolate, confirm, ...)
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchPrediction:
-    """The traced prediction the search started from (``trace.fit_batch``)."""
-
-    max_batch: int | None
-    slope_bytes_per_sample: int
-    intercept_bytes: int
-    metric: str
-    seconds: float
-    traces: int
-
-
-@dataclasses.dataclass(frozen=True)
-class FindBatchResult:
-    """``memprof find-batch``: the largest batch that really fits, and what to use.
-
-    ``status``: "exact" (largest fits, largest + 1 OOMs), "max_batch" (--max-batch fits:
-    the limit lies above), "nothing_fits", "interrupted" (Ctrl-C: what was found so far),
-    "trial_limit".
-    """
-
-    workload: dict[str, Any]
-    device: str
-    capacity: Capacity
-    metric: str  # "allocated" (CPU cap: live tensor bytes) | "reserved" (CUDA)
-    steps: int
-    status: str
-    largest_batch: int | None
-    smallest_oom_batch: int | None
-    recommended_batch: int | None
-    recommended_expected_bytes: int | None  # the limited metric at the recommended batch (measured fit)
-    headroom_left_bytes: int | None  # capacity - recommended_expected_bytes
-    headroom: float
-    multiple_of: int | None
-    min_batch: int
-    max_batch: int
-    trials: tuple[BatchTrial, ...]
-    ooms: int
-    prediction: BatchPrediction | None
-    slope_bytes_per_sample: float | None  # measured: affine fit through the fitting trials
-    intercept_bytes: float | None
-    target_global_batch: int | None = None
-    grad_accum_steps: int | None = None
-    micro_batch: int | None = None  # per-step batch with grad_accum_steps (<= recommended)
-    wall_seconds: float = 0.0
-    notes: tuple[str, ...] = ()
-
-
-# =========================================================================== compare
-@dataclasses.dataclass(frozen=True)
-class RecomputeInfo:
-    """What a checkpointed row pays: its regions' forward runs again in backward."""
-
-    plan: str  # "16 × Bottleneck (repeated blocks)"
-    regions: int
-    forward_flops: int | None  # one forward (FlopCounterMode: matmuls, convolutions, attention)
-    recompute_flops: int | None  # run again during backward
-    extra_pct: float | None  # recompute / (forward + backward ~ 3 x forward), in %
-
-
-@dataclasses.dataclass(frozen=True)
-class CompareFit:
-    """The largest batch of one row that fits the capacity (traced), and the recommended one."""
-
-    metric: str  # what was compared with the capacity: "nvml" (cuda) | "allocated" (cpu)
-    max_batch: int | None  # None: not even batch 1 fits
-    recommended_batch: int | None  # floor(headroom x max_batch), at least 1
-    fits: bool  # the row's own batch size fits
-    limited_by_max: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class CompareMeasurement:
-    """A real step of one row (CUDA, or CPU under --memory-limit) next to its prediction."""
-
-    metric: str  # "allocated" (CPU live tensor bytes / torch.cuda.max_memory_allocated)
-    peak_bytes: int | None  # None: out of memory or failed
-    predicted_bytes: int | None
-    error_pct: float | None  # (predicted - measured) / measured
-    oom: bool = False
-    max_batch: int | None = None  # --find-batch: the largest batch that really ran
-    seconds: float = 0.0
-    note: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class CompareRow:
-    """One configuration, traced. Category bytes: persistent ones as held, activations saved at the
-    end of forward, temporaries as alive at the peak; ``breakdown_at_peak`` sums to ``peak_bytes``."""
-
-    label: str
-    changes: dict[str, Any]  # axis -> value that differs from the baseline ({} for the baseline)
-    workload: dict[str, Any]
-    baseline: bool
-    peak_bytes: int | None
-    parameter_bytes: int | None
-    gradient_bytes: int | None
-    optimizer_state_bytes: int | None
-    activation_bytes: int | None
-    temporary_bytes: int | None
-    input_bytes: int | None
-    buffer_bytes: int | None
-    breakdown_at_peak: dict[MemCategory, int]
-    delta_bytes: int | None  # peak - baseline peak
-    delta_pct: float | None
-    peak_phase: str | None
-    peak_module: str | None
-    fit: CompareFit | None
-    recompute: RecomputeInfo | None
-    measured: CompareMeasurement | None
-    best: bool = False
-    error: str | None = None  # this row could not be traced (the others still are)
-    notes: tuple[str, ...] = ()
-    trace_seconds: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class CompareResult:
-    """``memprof compare``: configurations side by side, baseline first, then by peak."""
-
-    model: str
-    base_workload: dict[str, Any]
-    target: str  # "cuda" | "cpu": what the traced peaks predict
-    peak_metric: str  # what peak_bytes means
-    capacity: Capacity | None
-    capacity_note: str | None  # why there are no fit columns
-    headroom: float
-    rows: tuple[CompareRow, ...]
-    best_label: str | None  # lowest peak at the baseline's batch size (below the baseline's)
-    #: lowest peak among rows that keep fp32 master weights (pure fp16/bf16 excluded)
-    safe_best_label: str | None
-    notes: tuple[str, ...] = ()
-    seconds: float = 0.0
