@@ -90,7 +90,7 @@ def test_golden_traced_headline():
         breakdown_at_peak={MemCategory.PARAMETER: 450_304, MemCategory.GRADIENT: 300_000,
                            MemCategory.ACTIVATION: 5_651_392, MemCategory.INPUT: 98_304})
     cap = Capacity(80 * GiB, "NVML: NVIDIA H100 80GB HBM3 (GPU 0)", "NVIDIA H100 80GB HBM3")
-    fit = FitSummary(cap, "traced", "predicted reserved", 20 * MiB, True, 9_000, 7_200, 0.8, 9_000_000, 500_000_000)
+    fit = FitSummary(cap, "traced", "reserved", 20 * MiB, True, 9_000, 7_200, 0.8, 9_000_000, 500_000_000)
     assert_golden("estimate_traced.txt", _render(_result(cap, fit, traced)))
 
 
@@ -211,3 +211,11 @@ def test_error_input_shape_rejected():
 ])
 def test_error_bad_options(args, needle):
     assert needle in _error([*args, "--no-trace"])
+
+
+def test_help_shows_defaults():
+    res = runner.invoke(app, ["estimate", "--help"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0
+    for needle in ("[default: 32", "[default: fp32]", "[default: adam]", "[default: train]", "[default: 0.8]",
+                   "[default: 10]"):
+        assert needle in res.stdout

@@ -19,23 +19,23 @@ DEFAULT_OPTIMIZER = "adam"
 MODEL_ARG = typer.Argument(None, help="torchvision name (resnet50), path/to/file.py:Class, package.module:attr, "
                                       "or a config .toml", show_default=False)
 MODEL_OPT = typer.Option(None, "--model", "-m", help="The model, as the positional argument (either works).")
-BATCH_OPT = typer.Option(None, "--batch-size", "-b", help=f"Batch size [default: {DEFAULT_BATCH}, or the config's]")
+BATCH_OPT = typer.Option(None, "--batch-size", "-b", help=f"Batch size \\[default: {DEFAULT_BATCH}, or the config's]")
 DTYPE_OPT = typer.Option(None, "--dtype", help="fp32 | fp16 | bf16 | amp-fp16 | amp-bf16 "
-                                               f"[default: {DEFAULT_DTYPE}]")
+                                               f"\\[default: {DEFAULT_DTYPE}]")
 OPTIMIZER_OPT = typer.Option(None, "--optimizer", "-o", help="sgd | sgd-momentum | adam | adamw | adagrad | rmsprop "
-                                                              f"[default: {DEFAULT_OPTIMIZER}]")
+                                                              f"\\[default: {DEFAULT_OPTIMIZER}]")
 MODE_OPT = typer.Option(None, "--mode", help="train (forward, backward, optimizer step) or eval (no_grad inference) "
-                                             "[default: train]")
+                                             "\\[default: train]")
 INPUT_SHAPE_OPT = typer.Option(None, "--input-shape", "-i",
                                help="Per-sample input shape, batch excluded (3,224,224); repeat for several inputs.")
 INPUT_DTYPE_OPT = typer.Option(None, "--input-dtype", help="float (follows --dtype) or int64 for token ids "
-                                                           "[default: detected]")
+                                                           "\\[default: detected]")
 TOKEN_RANGE_OPT = typer.Option(None, "--token-range", help="Token id range LOW,HIGH (HIGH exclusive) "
-                                                           "[default: 0,num_embeddings]")
+                                                           "\\[default: 0,num_embeddings]")
 MODEL_KWARGS_OPT = typer.Option(None, "--model-kwargs", help="""Constructor arguments as JSON: '{"num_classes": 10}'""")
 MODEL_ARG_OPT = typer.Option(None, "--model-arg", help="One constructor argument key=value (repeatable).")
 GPU_MEMORY_OPT = typer.Option(None, "--gpu-memory", help="GPU capacity, e.g. 24GiB or 80GB "
-                                                         "[default: the local GPU's, via NVML]")
+                                                         "\\[default: the local GPU's, via NVML]")
 HEADROOM_OPT = typer.Option(0.8, "--headroom", help="Recommended batch = headroom x the largest batch that fits.")
 JSON_OPT = typer.Option(False, "--json", help="Print only JSON on stdout.")
 

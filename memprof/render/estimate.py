@@ -16,6 +16,14 @@ _ORDER = (MemCategory.PARAMETER, MemCategory.BUFFER, MemCategory.GRADIENT, MemCa
           MemCategory.ACTIVATION, MemCategory.TEMPORARY, MemCategory.INPUT, MemCategory.CUDA_OVERHEAD)
 
 
+_METRICS = {
+    "nvml": "the traced prediction of nvidia-smi memory (tensors, allocator cache, CUDA context)",
+    "reserved": "the traced prediction of memory reserved by the CUDA caching allocator",
+    "allocated": "the traced peak of allocated tensor memory",
+    "formula total": "the formula total (four-part rule)",
+}
+
+
 def _table() -> Table:
     return Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
 
@@ -73,15 +81,13 @@ def _headline(result: EstimateResult, console: Console) -> None:
     console.print()
     if result.traced is not None:
         t = result.traced
-        line = f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] peak per {what} (traced)"
+        console.print(f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] peak per {what} (traced)")
         if getattr(t, "peak_phase", None):
-            line += f", in {t.peak_phase}"
-        if getattr(t, "peak_module", None):
-            line += f" (module {t.peak_module})"
-        console.print(line)
+            console.print(f"  peak in {t.peak_phase}" + (f", in module {t.peak_module}" if getattr(t, "peak_module", None)
+                                                         else ""))
         extra = []
         if getattr(t, "predicted_reserved_bytes", None) is not None:
-            extra.append(f"reserved by the CUDA allocator ≈ {format_bytes(t.predicted_reserved_bytes)}")
+            extra.append(f"CUDA allocator reserved ≈ {format_bytes(t.predicted_reserved_bytes)}")
         if getattr(t, "predicted_nvml_bytes", None) is not None:
             extra.append(f"nvidia-smi ≈ {format_bytes(t.predicted_nvml_bytes)}")
         if extra:
@@ -215,8 +221,8 @@ def _fit(result: EstimateResult, console: Console) -> None:
         console.print("[bold]Fit[/bold]: skipped, " + (result.capacity_note or "no GPU capacity known"))
         return
     cap = fit.capacity
-    judge = "the traced prediction" if fit.source == "traced" else "the formula"
-    console.print(f"[bold]Fit[/bold] on {format_bytes(cap.total_bytes)} ({cap.source}), by {judge}: {fit.metric}")
+    console.print(f"[bold]Fit[/bold] on {format_bytes(cap.total_bytes)} ({cap.source})")
+    console.print(f"  judged by: {_METRICS.get(fit.metric, fit.metric)}")
     batch = result.workload.get("batch_size")
     verdict = "fits" if fit.fits else "DOES NOT FIT"
     console.print(f"  batch {batch}: {format_bytes(fit.estimate_bytes)} = {_pct(fit.estimate_bytes, cap.total_bytes)} "
