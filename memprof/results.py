@@ -397,3 +397,80 @@ class ProfileResult:
     timeline: tuple[TimelineSample, ...]  # downsampled
     _timeline: Any = None
     _log: Any = None
+
+
+# =========================================================================== find-batch
+@dataclasses.dataclass(frozen=True)
+class BatchTrial:
+    """One real trial of ``find-batch``: the training step run ``steps`` times at one batch size.
+
+    CPU (memory cap): ``peak_allocated_bytes`` is the peak of live tensor bytes; the
+    reserved/NVML fields are None. CUDA: ``torch.cuda.max_memory_allocated`` /
+    ``max_memory_reserved`` and NVML's usage for this process, and ``cuda_overhead_bytes``
+    = NVML usage - torch reserved (context, cuBLAS/cuDNN workspaces).
+    """
+
+    batch_size: int
+    fits: bool
+    steps_run: int  # steps completed (an OOM in step 2 leaves 1)
+    seconds: float
+    peak_allocated_bytes: int | None = None
+    peak_reserved_bytes: int | None = None
+    nvml_used_bytes: int | None = None
+    cuda_overhead_bytes: int | None = None
+    capacity_bytes: int | None = None  # what the limited metric could reach during this trial
+    error: str | None = None  # the out-of-memory message, one line
+    oom_detected_by: str | None = None  # "exception type" | "message"
+    oom_phase: str | None = None  # "setup" | "step 2 backward" ...
+    attempted_bytes: int | None = None  # CPU cap: live bytes the failing allocation would have made
+    leaked_bytes: int | None = None  # still allocated after the cleanup, beyond the pre-trial baseline
+    predicted_bytes: int | None = None  # the prediction of the limited metric at this batch
+    reason: str | None = None  # why the search tried this batch (prediction, extrapolate, confirm, ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPrediction:
+    """The traced prediction the search started from (``trace.fit_batch``)."""
+
+    max_batch: int | None
+    slope_bytes_per_sample: int
+    intercept_bytes: int
+    metric: str
+    seconds: float
+    traces: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FindBatchResult:
+    """``memprof find-batch``: the largest batch that really fits, and what to use.
+
+    ``status``: "exact" (largest fits, largest + 1 OOMs), "max_batch" (--max-batch fits:
+    the limit lies above), "nothing_fits", "interrupted" (Ctrl-C: what was found so far),
+    "trial_limit".
+    """
+
+    workload: dict[str, Any]
+    device: str
+    capacity: Capacity
+    metric: str  # "allocated" (CPU cap: live tensor bytes) | "reserved" (CUDA)
+    steps: int
+    status: str
+    largest_batch: int | None
+    smallest_oom_batch: int | None
+    recommended_batch: int | None
+    recommended_expected_bytes: int | None  # the limited metric at the recommended batch (measured fit)
+    headroom_left_bytes: int | None  # capacity - recommended_expected_bytes
+    headroom: float
+    multiple_of: int | None
+    min_batch: int
+    max_batch: int
+    trials: tuple[BatchTrial, ...]
+    ooms: int
+    prediction: BatchPrediction | None
+    slope_bytes_per_sample: float | None  # measured: affine fit through the fitting trials
+    intercept_bytes: float | None
+    target_global_batch: int | None = None
+    grad_accum_steps: int | None = None
+    micro_batch: int | None = None  # per-step batch with grad_accum_steps (<= recommended)
+    wall_seconds: float = 0.0
+    notes: tuple[str, ...] = ()

@@ -1,0 +1,130 @@
+"""``memprof find-batch MODEL``: the largest batch that really fits, in a handful of real trials."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from . import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
+from .common import (DTYPE_OPT, HEADROOM_OPT, INPUT_DTYPE_OPT, INPUT_SHAPE_OPT, JSON_OPT, MODE_OPT, MODEL_ARG,
+                     MODEL_ARG_OPT, MODEL_KWARGS_OPT, MODEL_OPT, OPTIMIZER_OPT, TOKEN_RANGE_OPT, build_workload,
+                     check_output_path, parse_headroom)
+
+
+def find_batch_document(result) -> dict[str, Any]:
+    """The ``--json`` document: ``schema_version``, ``kind: "find-batch"`` and the result (bytes as ints)."""
+    from ..results import document
+
+    return document("find-batch", result)
+
+
+@app.command("find-batch")
+@handle_errors
+def find_batch_cmd(
+    model: Optional[str] = MODEL_ARG,
+    model_opt: Optional[str] = MODEL_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
+    optimizer: Optional[str] = OPTIMIZER_OPT,
+    mode: Optional[str] = MODE_OPT,
+    input_shape: Optional[list[str]] = INPUT_SHAPE_OPT,
+    input_dtype: Optional[str] = INPUT_DTYPE_OPT,
+    token_range: Optional[str] = TOKEN_RANGE_OPT,
+    model_kwargs: Optional[str] = MODEL_KWARGS_OPT,
+    model_arg: Optional[list[str]] = MODEL_ARG_OPT,
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="cuda, cuda:N, or cpu (with --memory-limit) "
+                                                                      "[default: cuda; cpu when --memory-limit is given]"),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="CPU only: cap live tensor bytes at this "
+                                                                            "size (4GiB); crossing it raises PyTorch's "
+                                                                            "out-of-memory error."),
+    steps: int = typer.Option(2, "--steps", help="Training steps per trial (the first creates optimizer state)."),
+    min_batch: int = typer.Option(1, "--min-batch", help="Smallest batch to consider."),
+    max_batch: int = typer.Option(4096, "--max-batch", help="Never try a batch above this."),
+    start: Optional[int] = typer.Option(None, "--start", help="First batch to try [default: from the prediction]."),
+    headroom: float = HEADROOM_OPT,
+    multiple_of: Optional[int] = typer.Option(None, "--multiple-of", help="Round the recommended batch down to a "
+                                                                          "multiple of this (8, 64, ...)."),
+    target_global_batch: Optional[int] = typer.Option(None, "--target-global-batch",
+                                                      help="Global batch you want: prints the gradient-accumulation "
+                                                           "steps to reach it with the recommended batch."),
+    isolate: bool = typer.Option(False, "--isolate", help="Run each trial in a fresh child process."),
+    no_predict: bool = typer.Option(False, "--no-predict", help="Do not trace a prediction first: grow geometrically."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a plot of peak memory vs batch: file.svg or "
+                                                             "file.png (PNG needs matplotlib: pip install memprof[plot])."),
+    no_chart: bool = typer.Option(False, "--no-chart", help="Do not draw the chart in the terminal."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Find the largest batch whose real training steps fit, and the batch to use.
+
+    Runs the real training step (forward, backward, optimizer step) --steps times per
+    trial, guided by the traced prediction: typically 3-4 trials and at most 1-2
+    out-of-memory errors. Without a GPU, --device cpu --memory-limit 4GiB runs the same
+    steps on the CPU under an enforced cap. Exit codes: 0 found, 4 not even the smallest
+    batch fits, 3 no GPU, 2 bad input, 130 interrupted (what was found so far is printed).
+    """
+    from ..errors import UsageError
+    from ..units import parse_bytes
+
+    head = parse_headroom(headroom)
+    limit = parse_bytes(memory_limit) if memory_limit else None
+    if device is None:
+        device = "cpu" if limit is not None else "cuda"
+    if plot is not None:
+        from ..plot import check_plot_path
+
+        check_output_path(plot)
+        check_plot_path(plot)
+    if not (device.strip().lower() == "cpu") and limit is None:
+        _require_cuda(device)
+    workload = build_workload(model, model_opt, dtype=dtype, optimizer=optimizer, mode=mode, input_shape=input_shape,
+                              input_dtype=input_dtype, token_range=token_range, model_kwargs=model_kwargs,
+                              model_arg=model_arg)
+    from ..find_batch import find_batch
+    from ..render import stderr_console, stdout_console
+    from ..render.find_batch import TrialProgress, render_find_batch
+
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}", "use 2 or more")
+    with TrialProgress(stderr_console()) as progress:
+        result = find_batch(workload, device=device, memory_limit=limit, steps=steps, min_batch=min_batch,
+                            max_batch=max_batch, start=start, headroom=head, multiple_of=multiple_of,
+                            target_global_batch=target_global_batch, isolate=isolate, predict=not no_predict,
+                            on_event=progress.on_event)
+    if plot is not None and result.trials:
+        from ..plot import write_plot
+
+        write_plot(result, plot)
+    if json_out:
+        emit_json(find_batch_document(result))
+    else:
+        render_find_batch(result, stdout_console(), chart=not no_chart, plot_path=plot if result.trials else None)
+    if result.status == "interrupted":
+        from ..render import print_error
+
+        print_error("interrupted", "the results above are what the trials found before Ctrl-C")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if result.status == "nothing_fits":
+        from ..render import format_bytes, print_error
+
+        print_error(f"not even batch {result.min_batch} fits in {format_bytes(result.capacity.total_bytes)} "
+                    f"({result.capacity.source})",
+                    "raise --memory-limit, use a smaller model or --dtype bf16, or see `memprof estimate` for "
+                    "where the memory goes")
+        raise typer.Exit(EXIT_NOTHING_FITS)
+    raise typer.Exit(EXIT_OK)
+
+
+def _require_cuda(device: str) -> None:
+    """Fail fast, before loading the model, when there is no CUDA."""
+    from ..errors import NoGPUError
+
+    try:
+        import torch
+
+        ok = torch.cuda.is_available()
+    except Exception:  # pragma: no cover - a broken torch install
+        ok = False
+    if not ok:
+        raise NoGPUError("find-batch needs a CUDA GPU and none is available",
+                         "use `memprof estimate` for a prediction, or run the real steps on the CPU under a cap: "
+                         "--device cpu --memory-limit 4GiB")

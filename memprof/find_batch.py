@@ -1,0 +1,243 @@
+"""``find_batch``: the largest batch that really fits, found with a handful of real trials.
+
+Orchestration only: the traced prediction (:func:`memprof.trace.fit_batch`) gives the
+search its start and slope, :mod:`memprof.measure` runs the real trials, and
+:func:`memprof.search.search` decides which batch to try next. Never prints; progress
+goes to the ``on_event`` callback.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+from typing import Any, Callable, Optional
+
+from .errors import MemprofError, UsageError
+from .measure import make_runner
+from .results import BatchPrediction, BatchTrial, Capacity, FindBatchResult
+from .search import Guide, Outcome, search
+from .workload import Workload
+
+DEFAULT_MAX_BATCH = 4096
+DEFAULT_STEPS = 2
+
+#: on_event(kind, data): kinds "predict" (start), "predicted" (data: BatchPrediction | None),
+#: "trial" (data: batch), "phase" (data: (batch, step, phase)), "trial-done" (data: BatchTrial)
+EventCallback = Callable[[str, Any], None]
+Predictor = Callable[..., Any]
+
+
+def metric_value(trial: BatchTrial, metric: str) -> Optional[int]:
+    """The limited metric of a trial: live tensor bytes on the CPU cap, reserved bytes on CUDA."""
+    return trial.peak_reserved_bytes if metric == "reserved" else trial.peak_allocated_bytes
+
+
+def recommend(largest: Optional[int], headroom: float, multiple_of: Optional[int]) -> Optional[int]:
+    """floor(headroom x largest), rounded down to a multiple of ``multiple_of``; None if nothing qualifies."""
+    if largest is None:
+        return None
+    rec = max(1, math.floor(headroom * largest + 1e-9))
+    if multiple_of:
+        rounded = (rec // multiple_of) * multiple_of
+        if rounded == 0:
+            rounded = (largest // multiple_of) * multiple_of
+        return rounded or None
+    return rec
+
+
+def accumulation(target_global_batch: Optional[int], per_step: Optional[int]) -> tuple[Optional[int], Optional[int]]:
+    """(gradient-accumulation steps, micro-batch) to reach ``target_global_batch`` with at most ``per_step`` a step.
+
+    The fewest steps, preferring (within three more steps) a micro-batch that divides the
+    target exactly; otherwise ``ceil(target / steps)`` (the global batch then rounds up a little).
+    """
+    if not target_global_batch or not per_step:
+        return None, None
+    steps = math.ceil(target_global_batch / per_step)
+    for s in range(steps, steps + 4):
+        if target_global_batch % s == 0:
+            return s, target_global_batch // s
+    return steps, math.ceil(target_global_batch / steps)
+
+
+def affine_fit(points: dict[int, int]) -> tuple[Optional[float], Optional[float]]:
+    """Least-squares (intercept, slope) through (batch, bytes) points; (None, None) with fewer than two batches."""
+    if len(points) < 2:
+        return None, None
+    xs, ys = zip(*sorted(points.items()))
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return my - slope * mx, slope
+
+
+def _default_predictor(workload: Workload, capacity_bytes: int, *, target: str, metric: str, max_batch: int):
+    from .trace import fit_batch
+
+    return fit_batch(workload, capacity_bytes, target=target, max_batch=max_batch, metric=metric)
+
+
+def find_batch(
+    workload: Workload,
+    *,
+    device: str = "cuda",
+    memory_limit: Optional[int] = None,
+    steps: int = DEFAULT_STEPS,
+    min_batch: int = 1,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    start: Optional[int] = None,
+    headroom: float = 0.8,
+    multiple_of: Optional[int] = None,
+    target_global_batch: Optional[int] = None,
+    isolate: bool = False,
+    predict: bool = True,
+    predictor: Optional[Predictor] = None,
+    on_event: Optional[EventCallback] = None,
+) -> FindBatchResult:
+    """Search the largest batch for which ``steps`` real training steps fit.
+
+    ``device="cpu"`` needs ``memory_limit`` (bytes): live tensor bytes are capped there
+    and crossing the cap raises PyTorch's CPU out-of-memory error. ``predictor`` replaces
+    the traced prediction (signature of :func:`memprof.trace.fit_batch`, returning an
+    object with ``max_batch``, ``slope_bytes_per_sample`` and ``intercept_bytes``);
+    ``predict=False`` searches without one (geometric growth capped by ``max_batch``).
+    """
+    t0 = time.perf_counter()
+    emit = on_event or (lambda kind, data: None)
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}", "use 2 or more: the first step creates the "
+                                                                      "optimizer state")
+    if min_batch < 1:
+        raise UsageError(f"--min-batch must be at least 1, got {min_batch}", "e.g. --min-batch 1")
+    if max_batch < min_batch:
+        raise UsageError(f"--max-batch {max_batch} is below --min-batch {min_batch}", "raise --max-batch")
+    if start is not None and not (min_batch <= start <= max_batch):
+        raise UsageError(f"--start {start} is outside [{min_batch}, {max_batch}]", "choose a start between them")
+    if not (0 < headroom <= 1):
+        raise UsageError(f"--headroom must be in (0, 1], got {headroom}", "e.g. --headroom 0.8")
+    if multiple_of is not None and multiple_of < 1:
+        raise UsageError(f"--multiple-of must be at least 1, got {multiple_of}", "e.g. --multiple-of 8")
+    if target_global_batch is not None and target_global_batch < 1:
+        raise UsageError(f"--target-global-batch must be at least 1, got {target_global_batch}", "e.g. 1024")
+
+    runner = make_runner(device, memory_limit, isolate)
+    metric = runner.metric
+    notes: list[str] = []
+    capacity_bytes = runner.capacity_bytes()
+    if runner.device == "cpu":
+        capacity = Capacity(int(memory_limit), "--memory-limit", "cpu")
+    else:
+        capacity = Capacity(capacity_bytes or 0, "free + reserved at start (torch.cuda.mem_get_info)",
+                            runner.describe())
+
+    # ---- prediction --------------------------------------------------------------------
+    prediction: Optional[BatchPrediction] = None
+    guide: Optional[Guide] = None
+    interrupted = False
+    if predict:
+        emit("predict", None)
+        tp = time.perf_counter()
+        try:
+            target = "cpu" if runner.device == "cpu" else "cuda"
+            pred_metric, pred_capacity = metric, capacity_bytes
+            if pred_capacity is None:  # isolated CUDA: the parent does not touch CUDA; NVML's free memory
+                from . import nvml
+
+                info = nvml.device_info(getattr(runner, "arg", 0))
+                pred_metric, pred_capacity = "nvml", (info.free_bytes if info else None)
+            if pred_capacity:
+                fit = (predictor or _default_predictor)(workload, pred_capacity, target=target, metric=pred_metric,
+                                                        max_batch=max_batch)
+                prediction = BatchPrediction(fit.max_batch, int(fit.slope_bytes_per_sample), int(fit.intercept_bytes),
+                                             pred_metric, time.perf_counter() - tp, int(getattr(fit, "traces", 0)))
+                same_units = pred_metric == metric
+                guide = Guide(max_batch=fit.max_batch if fit.max_batch is not None else 0,
+                              bytes_per_sample=float(fit.slope_bytes_per_sample) or None,
+                              fixed_bytes=float(fit.intercept_bytes) if same_units else None)
+        except KeyboardInterrupt:
+            interrupted = True
+        except ModuleNotFoundError as exc:
+            notes.append(f"no traced prediction ({exc}); searched without one")
+        except MemprofError as exc:
+            notes.append(f"no traced prediction ({exc.message}); searched without one")
+        emit("predicted", prediction)
+
+    # ---- trials ------------------------------------------------------------------------
+    trials: list[BatchTrial] = []
+
+    def predicted_at(batch: int) -> Optional[int]:
+        if prediction is None or prediction.metric != metric:
+            return None
+        return int(prediction.intercept_bytes + prediction.slope_bytes_per_sample * batch)
+
+    def probe(batch: int) -> Outcome:
+        emit("trial", batch)
+        trial = runner.run(workload, batch, steps, lambda step, phase: emit("phase", (batch, step, phase)))
+        trial = replace(trial, predicted_bytes=predicted_at(batch))
+        trials.append(trial)
+        if trial.leaked_bytes:
+            notes.append(f"batch {batch}: {trial.leaked_bytes} bytes were still allocated after the cleanup")
+        emit("trial-done", trial)
+        return Outcome(trial.fits, metric_value(trial, metric), trial.capacity_bytes)
+
+    def on_step(step) -> None:
+        trials[-1] = replace(trials[-1], reason=step.reason)
+
+    if interrupted:
+        status, largest, smallest_oom = "interrupted", None, None
+    else:
+        res = search(probe, capacity_bytes=capacity_bytes, guide=guide, min_batch=min_batch, max_batch=max_batch,
+                     start=start, on_step=on_step)
+        status, largest, smallest_oom = res.status, res.largest_fit, res.smallest_oom
+        if res.capacity_bytes and runner.device != "cpu":
+            capacity = replace(capacity, total_bytes=int(res.capacity_bytes))
+        if len(trials) > res.trials:  # the interrupted trial: measured but not counted by the search
+            trials.pop()
+
+    # ---- the answer --------------------------------------------------------------------
+    points = {t.batch_size: metric_value(t, metric) for t in trials if t.fits and metric_value(t, metric) is not None}
+    intercept, slope = affine_fit(points)
+    if slope is None and points and prediction is not None:
+        (b, p), = points.items()
+        slope, intercept = float(prediction.slope_bytes_per_sample), p - prediction.slope_bytes_per_sample * b
+    rec = recommend(largest, headroom, multiple_of)
+    if largest is not None and rec is None:
+        notes.append(f"no multiple of {multiple_of} fits: the largest batch is {largest}")
+    expected = None
+    if rec is not None:
+        if rec in points:
+            expected = points[rec]
+        elif slope is not None:
+            expected = int(round(intercept + slope * rec))
+    headroom_left = capacity.total_bytes - expected if expected is not None and capacity.total_bytes else None
+    accum, micro = accumulation(target_global_batch, rec)
+    if status == "max_batch":
+        notes.append(f"batch {max_batch} (--max-batch) fits; the limit is higher")
+    return FindBatchResult(
+        workload=workload.describe() | {"batch_size": None},
+        device=runner.describe(),
+        capacity=capacity,
+        metric=metric,
+        steps=steps,
+        status=status,
+        largest_batch=largest,
+        smallest_oom_batch=smallest_oom,
+        recommended_batch=rec,
+        recommended_expected_bytes=expected,
+        headroom_left_bytes=headroom_left,
+        headroom=headroom,
+        multiple_of=multiple_of,
+        min_batch=min_batch,
+        max_batch=max_batch,
+        trials=tuple(trials),
+        ooms=sum(1 for t in trials if not t.fits),
+        prediction=prediction,
+        slope_bytes_per_sample=slope,
+        intercept_bytes=intercept,
+        target_global_batch=target_global_batch,
+        grad_accum_steps=accum,
+        micro_batch=micro,
+        wall_seconds=time.perf_counter() - t0,
+        notes=tuple(notes),
+    )

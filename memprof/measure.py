@@ -1,0 +1,437 @@
+"""Real trials: the shared training step on CUDA, or on the CPU under an enforced memory cap.
+
+A trial builds the model, optimizer and one batch, runs :func:`memprof.workload.train_step`
+``steps`` times (the first creates the optimizer state, the later ones are the steady
+state), and reports peak memory. Running out of memory is an answer, not an error:
+it is recognised (the exception type first, known messages second), everything the
+trial held is dropped (model, optimizer, batch and the exception's traceback frames),
+the caches are emptied, and the memory still allocated afterwards is compared with
+the baseline from before the trial.
+
+On the CPU the cap is enforced by counting live tensor storages
+(:class:`memprof.tracking.StorageTracker`, parameters, buffers and inputs included):
+the first allocation that takes the total over the cap raises the error PyTorch's own
+CPU allocator raises, ``torch.OutOfMemoryError("DefaultCPUAllocator: can't allocate
+memory: ...")``, which Lightning's ``is_oom_error`` and accelerate's
+``should_reduce_batch_size`` both recognise.
+
+``IsolatedRunner`` runs each trial in a fresh child process (multiprocessing, spawn):
+the parent never touches CUDA, and whatever a trial leaves behind dies with the child.
+"""
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import os
+import time
+import traceback
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
+
+from .errors import MeasureError, MemprofError, NoGPUError
+from .results import BatchTrial
+from .workload import Workload, prepare, train_step
+
+PhaseCallback = Callable[[int, str], None]  # (step number from 1, phase)
+
+#: messages that mean "out of memory" when the exception type does not say so
+OOM_MESSAGES = (
+    "CUDA out of memory",
+    "CUDA error: out of memory",
+    "CUDNN_STATUS_NOT_SUPPORTED",  # cuDNN's answer when it cannot get workspace
+    "CUDNN_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_INTERNAL_ERROR",
+    "CUBLAS_STATUS_ALLOC_FAILED",
+    "DefaultCPUAllocator: can't allocate memory",
+    "DefaultCPUAllocator: not enough memory",
+    "HIP out of memory",
+    "XPU out of memory",
+)
+
+
+def oom_kind(exc: BaseException) -> Optional[str]:
+    """How ``exc`` is recognised as out-of-memory: "exception type", "message", or None if it is not one."""
+    import torch
+
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if t)
+    if oom_types and isinstance(exc, oom_types):
+        return "exception type"
+    if isinstance(exc, MemoryError):
+        return "exception type"
+    if isinstance(exc, RuntimeError):
+        text = str(exc)
+        if any(m in text for m in OOM_MESSAGES):
+            return "message"
+    return None
+
+
+def is_oom_error(exc: BaseException) -> bool:
+    return oom_kind(exc) is not None
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def cpu_oom_message(nbytes: int, live_bytes: int, cap_bytes: int) -> str:
+    """The message of the CPU cap's error: PyTorch's CPU allocator wording, then memprof's numbers."""
+    return (f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {nbytes} bytes. "
+            f"(memprof --memory-limit cap of {cap_bytes} bytes: {live_bytes - nbytes} bytes of tensors were live)")
+
+
+def _resident_tensors(prepared) -> list:
+    """Everything a trial holds before the first step: parameters, buffers, inputs, target."""
+    from torch.utils._pytree import tree_leaves
+
+    tensors = list(prepared.model.parameters()) + list(prepared.model.buffers())
+    tensors += [t for t in tree_leaves((prepared.args, prepared.kwargs, prepared.target))]
+    return tensors
+
+
+class _Trial:
+    """Bookkeeping shared by the runners: phase tracking and the OOM/cleanup protocol."""
+
+    def __init__(self, batch: int, on_phase: Optional[PhaseCallback]):
+        self.batch = batch
+        self.step = 0
+        self.phase = "setup"
+        self._on_phase = on_phase
+        self.t0 = time.perf_counter()
+
+    def phase_cb(self, phase: str) -> None:
+        self.phase = phase
+        if self._on_phase is not None:
+            self._on_phase(self.step, phase)
+
+    def begin_step(self, i: int) -> None:
+        self.step = i
+        self.phase_cb("forward")
+
+    @property
+    def where(self) -> str:
+        return "setup" if self.step == 0 else f"step {self.step} {self.phase}"
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def _run_steps(workload: Workload, trial: _Trial, device, steps: int, before_steps=None, scaler=None):
+    prepared = prepare(workload, device)
+    if before_steps is not None:
+        before_steps(prepared)
+    for i in range(1, steps + 1):
+        trial.step = i
+        train_step(prepared, trial.phase_cb, scaler)
+    return prepared
+
+
+def _classify(exc: BaseException, trial: _Trial) -> tuple[str, str]:
+    """(message, how recognised) for an OOM; re-raises anything else as MeasureError (or as itself)."""
+    if isinstance(exc, (KeyboardInterrupt, MemprofError)):
+        raise exc
+    kind = oom_kind(exc)
+    if kind is None:
+        raise MeasureError(
+            f"batch {trial.batch}: the training step failed ({trial.where}): {type(exc).__name__}: {_first_line(exc)}",
+            "check the model with `memprof estimate` first; this is not an out-of-memory error") from None
+    return _first_line(str(exc)), kind
+
+
+# =========================================================================== CPU under a cap
+class CpuCapRunner:
+    """Real steps on the CPU with live tensor bytes capped at ``cap_bytes``."""
+
+    device = "cpu"
+    metric = "allocated"
+
+    def __init__(self, cap_bytes: int):
+        if cap_bytes <= 0:
+            raise MeasureError(f"memory limit must be positive, got {cap_bytes}", "e.g. --memory-limit 4GiB")
+        self.cap_bytes = int(cap_bytes)
+
+    def describe(self) -> str:
+        return "cpu (live tensor bytes capped)"
+
+    def capacity_bytes(self) -> int:
+        return self.cap_bytes
+
+    def run(self, workload: Workload, batch: int, steps: int = 2, on_phase: Optional[PhaseCallback] = None) -> BatchTrial:
+        from .tracking import StorageTracker
+        import torch
+
+        cap = self.cap_bytes
+        attempted: dict[str, int] = {}
+
+        def check(_key, nbytes, _func):
+            if tracker.current_bytes > cap:
+                attempted["bytes"] = tracker.current_bytes
+                raise torch.OutOfMemoryError(cpu_oom_message(nbytes, tracker.current_bytes, cap))
+
+        tracker = StorageTracker(on_alloc=check)
+        trial = _Trial(batch, on_phase)
+        error = kind = where = None
+        peak = None
+        try:
+            prepared = prepare(workload.with_batch(batch), "cpu")
+            tracker.register(_resident_tensors(prepared))
+            with tracker:
+                for i in range(1, steps + 1):
+                    trial.step = i
+                    train_step(prepared, trial.phase_cb)
+            peak = tracker.peak_bytes
+            steps_run = steps
+        except BaseException as exc:  # noqa: BLE001 - classified below; anything else re-raised
+            try:
+                error, kind = _classify(exc, trial)
+            except BaseException:
+                tracker.detach()
+                raise
+            where = trial.where
+            steps_run = max(0, trial.step - 1)
+            exc.__traceback__ = None
+            del exc
+        prepared = None  # noqa: F841 - drop the model, optimizer and batch
+        gc.collect()
+        leaked = tracker.current_bytes
+        tracker.detach()
+        return BatchTrial(batch_size=batch, fits=error is None, steps_run=steps_run, seconds=trial.seconds(),
+                          peak_allocated_bytes=peak, capacity_bytes=cap, error=error, oom_detected_by=kind,
+                          oom_phase=where, attempted_bytes=attempted.get("bytes"), leaked_bytes=leaked)
+
+
+# =========================================================================== CUDA
+class CudaRunner:
+    """Real steps on one CUDA device; peak allocated/reserved from torch, process usage from NVML."""
+
+    device = "cuda"
+    metric = "reserved"
+
+    def __init__(self, index: int = 0):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise NoGPUError("CUDA is not available", "use `memprof estimate`, or --device cpu --memory-limit 4GiB")
+        if index >= torch.cuda.device_count():
+            raise NoGPUError(f"there is no CUDA device {index} (found {torch.cuda.device_count()})",
+                             "choose --device cuda:0")
+        self.index = index
+        self.dev = torch.device("cuda", index)
+
+    def describe(self) -> str:
+        import torch
+
+        return f"cuda:{self.index} {torch.cuda.get_device_name(self.index)}"
+
+    def _clean(self) -> None:
+        import torch
+
+        gc.collect()
+        torch.cuda.synchronize(self.dev)
+        torch.cuda.empty_cache()
+
+    def capacity_bytes(self) -> int:
+        """What torch can reserve now: free device memory plus what it already holds."""
+        import torch
+
+        self._clean()
+        free, _total = torch.cuda.mem_get_info(self.dev)
+        return int(free + torch.cuda.memory_reserved(self.dev))
+
+    def run(self, workload: Workload, batch: int, steps: int = 2, on_phase: Optional[PhaseCallback] = None) -> BatchTrial:
+        import torch
+
+        from . import nvml
+
+        self._clean()
+        baseline = torch.cuda.memory_allocated(self.dev)
+        capacity = self.capacity_bytes()
+        torch.cuda.reset_peak_memory_stats(self.dev)
+        trial = _Trial(batch, on_phase)
+        error = kind = where = None
+        peak_alloc = peak_res = nvml_used = overhead = None
+        scaler = None
+        if workload.precision.grad_scaler and workload.mode == "train":
+            scaler = torch.amp.GradScaler("cuda")
+        try:
+            with torch.cuda.device(self.dev):
+                prepared = _run_steps(workload.with_batch(batch), trial, self.dev, steps, scaler=scaler)
+            torch.cuda.synchronize(self.dev)
+            steps_run = steps
+            peak_alloc = int(torch.cuda.max_memory_allocated(self.dev) - baseline)
+            peak_res = int(torch.cuda.max_memory_reserved(self.dev))
+            nvml_used = nvml.process_used_bytes(self.index)
+            if nvml_used is not None:
+                overhead = int(nvml_used - torch.cuda.memory_reserved(self.dev))
+        except BaseException as exc:  # noqa: BLE001
+            error, kind = _classify(exc, trial)
+            where = trial.where
+            steps_run = max(0, trial.step - 1)
+            peak_res = int(torch.cuda.max_memory_reserved(self.dev))
+            exc.__traceback__ = None
+            del exc
+        prepared = scaler = None  # noqa: F841
+        self._clean()
+        leaked = int(torch.cuda.memory_allocated(self.dev) - baseline)
+        return BatchTrial(batch_size=batch, fits=error is None, steps_run=steps_run, seconds=trial.seconds(),
+                          peak_allocated_bytes=peak_alloc, peak_reserved_bytes=peak_res, nvml_used_bytes=nvml_used,
+                          cuda_overhead_bytes=overhead, capacity_bytes=capacity, error=error, oom_detected_by=kind,
+                          oom_phase=where, leaked_bytes=leaked)
+
+
+# =========================================================================== isolated trials
+@dataclass(frozen=True)
+class _Recipe:
+    """How a child process rebuilds the workload (user files are re-imported there)."""
+
+    ref: str
+    kwargs: dict
+    inputs: Any
+    workload_fields: dict
+
+
+def _recipe(workload: Workload) -> _Recipe:
+    spec = workload.model
+    fields = {"precision": workload.precision, "optimizer": workload.optimizer, "mode": workload.mode,
+              "checkpointing": workload.checkpointing, "inplace_relu": workload.inplace_relu,
+              "batch_size": workload.batch_size}
+    return _Recipe(spec.ref, dict(spec.kwargs), spec.inputs, fields)
+
+
+def _rebuild(recipe: _Recipe) -> Workload:
+    from .loading import load_model
+
+    spec = load_model(recipe.ref, recipe.kwargs)
+    spec.inputs = recipe.inputs
+    return Workload(model=spec, **recipe.workload_fields)
+
+
+def _child(recipe: _Recipe, kind: str, arg: int, batch: int, steps: int, conn) -> None:
+    """Entry point of a trial's child process: run one trial, send phases and the result."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends the child
+    try:
+        workload = _rebuild(recipe)
+        runner = CpuCapRunner(arg) if kind == "cpu" else CudaRunner(arg)
+        trial = runner.run(workload, batch, steps, lambda step, phase: conn.send(("phase", step, phase)))
+        conn.send(("result", trial))
+    except MemprofError as exc:
+        conn.send(("error", type(exc).__name__, exc.message, exc.hint))
+    except BaseException as exc:  # noqa: BLE001
+        conn.send(("error", "MeasureError", f"{type(exc).__name__}: {_first_line(str(exc))}",
+                   _first_line(traceback.format_exc().strip().splitlines()[-1])))
+    finally:
+        conn.close()
+
+
+class IsolatedRunner:
+    """Each trial in a fresh child process (spawn). The parent never initialises CUDA."""
+
+    def __init__(self, kind: str, arg: int, description: str):
+        self.kind = kind  # "cpu" (arg: cap bytes) | "cuda" (arg: device index)
+        self.arg = arg
+        self.device = kind
+        self.metric = "allocated" if kind == "cpu" else "reserved"
+        self._description = description
+        self._ctx = multiprocessing.get_context("spawn")
+
+    def describe(self) -> str:
+        return self._description + " (each trial in a child process)"
+
+    def capacity_bytes(self) -> Optional[int]:
+        if self.kind == "cpu":
+            return self.arg
+        return None  # measured by each child; the search takes it from the trials
+
+    def run(self, workload: Workload, batch: int, steps: int = 2, on_phase: Optional[PhaseCallback] = None) -> BatchTrial:
+        from . import errors as errors_mod
+
+        parent, child = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(target=_child, args=(_recipe(workload), self.kind, self.arg, batch, steps, child),
+                                 daemon=True)
+        t0 = time.perf_counter()
+        proc.start()
+        child.close()
+        message = None
+        try:
+            while True:
+                if parent.poll(0.1):
+                    try:
+                        message = parent.recv()
+                    except EOFError:
+                        break
+                    if message[0] == "phase":
+                        if on_phase is not None:
+                            on_phase(message[1], message[2])
+                        continue
+                    break
+                if not proc.is_alive() and not parent.poll(0):
+                    break
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.join(5)
+            raise
+        finally:
+            parent.close()
+        proc.join(30)
+        if proc.is_alive():  # pragma: no cover - a child that hangs after replying
+            proc.terminate()
+            proc.join(5)
+        if message is None or message[0] not in ("result", "error"):
+            code = proc.exitcode
+            how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+            raise MeasureError(f"batch {batch}: the trial's child process {how} without a result",
+                               "a signal 9 usually means the host ran out of RAM; try without --isolate to see the error")
+        if message[0] == "error":
+            cls = getattr(errors_mod, message[1], MeasureError)
+            if not (isinstance(cls, type) and issubclass(cls, MemprofError)):
+                cls = MeasureError
+            raise cls(message[2], message[3])
+        trial: BatchTrial = message[1]
+        return replace(trial, seconds=time.perf_counter() - t0)
+
+
+def make_runner(device: str, memory_limit: Optional[int], isolate: bool = False):
+    """``device``: "cpu" (needs ``memory_limit``), "cuda" or "cuda:N". Raises NoGPUError/UsageError."""
+    from .errors import UsageError
+
+    device = (device or "cuda").strip().lower()
+    if device == "cpu":
+        if memory_limit is None:
+            raise UsageError("--device cpu needs --memory-limit",
+                             "e.g. --device cpu --memory-limit 4GiB (live tensor bytes are capped there)")
+        if isolate:
+            return IsolatedRunner("cpu", int(memory_limit), CpuCapRunner(memory_limit).describe())
+        return CpuCapRunner(memory_limit)
+    if device == "cuda" or device.startswith("cuda:"):
+        try:
+            index = int(device.split(":", 1)[1]) if ":" in device else 0
+        except ValueError:
+            raise UsageError(f"cannot read device {device!r}", "write cuda, cuda:1 or cpu") from None
+        if memory_limit is not None:
+            raise UsageError("--memory-limit is for --device cpu",
+                             "on a GPU the device's own memory is the limit; use `memprof estimate --gpu-memory` "
+                             "to ask about another card")
+        if isolate:
+            return _isolated_cuda(index)
+        return CudaRunner(index)
+    raise UsageError(f"unknown device {device!r}", "write cuda, cuda:1 or cpu")
+
+
+def _isolated_cuda(index: int) -> IsolatedRunner:
+    """Check CUDA is there without initialising it in this process (NVML, then a child's answer)."""
+    from . import nvml
+
+    info = nvml.device_info(index)
+    if info is None:
+        ok, reason = nvml.available()
+        import torch
+
+        # torch.cuda.is_available() does not create a context (it asks the driver through NVML when it can)
+        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+        if not torch.cuda.is_available():
+            raise NoGPUError("CUDA is not available", "use `memprof estimate`, or --device cpu --memory-limit 4GiB")
+        return IsolatedRunner("cuda", index, f"cuda:{index}")
+    return IsolatedRunner("cuda", index, f"cuda:{index} {info.name}")

@@ -1,0 +1,253 @@
+"""Peak memory vs batch size for ``find-batch``: SVG (written by hand, always works), PNG (matplotlib), terminal.
+
+Every rendering shows the same things: measured peaks (fits as dots, OOMs as crosses
+above the capacity), the prediction's line, the capacity line, and the recommended
+batch with the headroom it leaves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+from typing import Optional
+
+from .errors import UsageError
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class PlotData:
+    fits: tuple[tuple[int, int], ...]  # (batch, bytes)
+    ooms: tuple[int, ...]  # batches
+    predicted: Optional[tuple[float, float]]  # (intercept, slope) of the limited metric
+    measured: Optional[tuple[float, float]]  # affine fit of the measured peaks
+    capacity: int
+    largest: Optional[int]
+    recommended: Optional[int]
+    recommended_bytes: Optional[int]
+    metric: str
+    x_max: int
+    y_max: int
+    title: str
+    y_min: int = 0  # above 0 when fixed memory (parameters, optimizer state) dwarfs the batch's share
+
+
+def plot_data(result) -> PlotData:
+    metric = result.metric
+    fits, ooms = [], []
+    for t in result.trials:
+        value = t.peak_reserved_bytes if metric == "reserved" else t.peak_allocated_bytes
+        if t.fits and value is not None:
+            fits.append((t.batch_size, int(value)))
+        elif not t.fits:
+            ooms.append(t.batch_size)
+    p = result.prediction
+    predicted = (float(p.intercept_bytes), float(p.slope_bytes_per_sample)) if p and p.metric == metric else None
+    measured = None
+    if result.slope_bytes_per_sample is not None and result.intercept_bytes is not None:
+        measured = (float(result.intercept_bytes), float(result.slope_bytes_per_sample))
+    batches = [b for b, _ in fits] + ooms + [result.recommended_batch or 0]
+    x_max = max(max(batches or [1]), 1)
+    x_max = int(x_max * 1.08) + 1
+    cap = int(result.capacity.total_bytes)
+    y_vals = [v for _, v in fits] + [cap]
+    y_max = int(max(y_vals) * 1.12)
+    lows = [v for _, v in fits] + [int(line[0]) for line in (predicted, measured) if line is not None]
+    y_min = 0
+    if lows and min(lows) > 0.4 * cap:  # zoom in on the part that grows with the batch
+        y_min = int(min(lows) * 0.9)
+        y_max = int(cap + 0.12 * (cap - y_min))
+    label = "live tensor bytes" if metric == "allocated" else "torch reserved"
+    title = f"{result.workload.get('model')}: peak {label} vs batch size"
+    return PlotData(tuple(fits), tuple(ooms), predicted, measured, cap, result.largest_batch,
+                    result.recommended_batch, result.recommended_expected_bytes, metric, x_max, y_max, title, y_min)
+
+
+def check_plot_path(path: Path) -> None:
+    """Fail before any trial when the plot cannot be written: unknown suffix, PNG without matplotlib."""
+    suffix = path.suffix.lower()
+    if suffix not in (".svg", ".png"):
+        raise UsageError(f"cannot write a plot to {path.name!r}: unknown format {suffix or '(none)'}",
+                         "name the file .svg (always works) or .png (needs matplotlib)")
+    if suffix == ".png":
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot *.png needs matplotlib, which is not installed",
+                             "pip install 'memprof[plot]' (or matplotlib), or write --plot file.svg instead") from None
+
+
+def write_plot(result, path: Path) -> Path:
+    data = plot_data(result)
+    if path.suffix.lower() == ".png":
+        _write_png(data, path)
+    else:
+        path.write_text(svg(data), encoding="utf-8")
+    return path
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / 1024**2:.1f} MiB"
+
+
+# --------------------------------------------------------------------------- SVG by hand
+def svg(data: PlotData, width: int = 720, height: int = 440) -> str:
+    left, right, top, bottom = 80, 30, 40, 50
+    pw, ph = width - left - right, height - top - bottom
+
+    def x(b: float) -> float:
+        return left + pw * b / data.x_max
+
+    def y(v: float) -> float:
+        return top + ph * (1 - (v - data.y_min) / (data.y_max - data.y_min))
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14">{escape(data.title)}</text>']
+    # axes and ticks
+    out.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="black"/>')
+    out.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="black"/>')
+    for i in range(6):
+        v = data.y_min + (data.y_max - data.y_min) * i / 5
+        out.append(f'<line x1="{left - 4}" y1="{y(v):.1f}" x2="{left}" y2="{y(v):.1f}" stroke="black"/>')
+        out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{_gib(v)}</text>')
+        b = data.x_max * i / 5
+        out.append(f'<line x1="{x(b):.1f}" y1="{top + ph}" x2="{x(b):.1f}" y2="{top + ph + 4}" stroke="black"/>')
+        out.append(f'<text x="{x(b):.1f}" y="{top + ph + 18}" text-anchor="middle">{int(round(b))}</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">batch size</text>')
+    # capacity
+    out.append(f'<line x1="{left}" y1="{y(data.capacity):.1f}" x2="{left + pw}" y2="{y(data.capacity):.1f}" '
+               f'stroke="#c0392b" stroke-width="2"/>')
+    out.append(f'<text x="{left + pw - 4}" y="{y(data.capacity) - 6:.1f}" text-anchor="end" fill="#c0392b">'
+               f'capacity {_gib(data.capacity)}</text>')
+    # lines
+    for line, colour, name, dash in ((data.predicted, "#2980b9", "predicted", "6,4"),
+                                     (data.measured, "#27ae60", "measured fit", "")):
+        if line is None:
+            continue
+        a, s = line
+        x1, x2 = 0, data.x_max
+        x1 = max(0.0, (data.y_min - a) / s) if s > 0 and a < data.y_min else 0
+        out.append(f'<line x1="{x(x1):.1f}" y1="{y(a + s * x1):.1f}" x2="{x(x2):.1f}" '
+                   f'y2="{y(a + s * x2):.1f}" stroke="{colour}" stroke-width="1.5"'
+                   + (f' stroke-dasharray="{dash}"' if dash else "") + "/>")
+    # recommended batch and its headroom
+    if data.recommended is not None:
+        rx = x(data.recommended)
+        out.append(f'<line x1="{rx:.1f}" y1="{top}" x2="{rx:.1f}" y2="{top + ph}" stroke="#8e44ad" '
+                   f'stroke-dasharray="3,3"/>')
+        label = f"recommended {data.recommended}"
+        if data.recommended_bytes is not None:
+            ry = y(data.recommended_bytes)
+            out.append(f'<line x1="{rx:.1f}" y1="{ry:.1f}" x2="{rx:.1f}" y2="{y(data.capacity):.1f}" '
+                       f'stroke="#8e44ad" stroke-width="4" opacity="0.5"/>')
+            label += f" (headroom {_gib(data.capacity - data.recommended_bytes)})"
+        out.append(f'<text x="{rx - 4:.1f}" y="{top + 14}" text-anchor="end" fill="#8e44ad">{escape(label)}</text>')
+    # points
+    for b, v in data.fits:
+        out.append(f'<circle cx="{x(b):.1f}" cy="{y(v):.1f}" r="4" fill="#27ae60"><title>batch {b}: {_gib(v)}'
+                   f'</title></circle>')
+    oom_y = y(min(data.y_max * 0.97, data.capacity * 1.05))
+    for b in data.ooms:
+        cx = x(b)
+        out.append(f'<path d="M{cx - 4:.1f},{oom_y - 4:.1f} L{cx + 4:.1f},{oom_y + 4:.1f} M{cx - 4:.1f},'
+                   f'{oom_y + 4:.1f} L{cx + 4:.1f},{oom_y - 4:.1f}" stroke="#c0392b" stroke-width="2">'
+                   f'<title>batch {b}: out of memory</title></path>')
+    # legend
+    lx, ly = left + 10, top + 30
+    legend = [("#27ae60", "measured (fits)"), ("#c0392b", "out of memory"), ("#2980b9", "predicted")]
+    for i, (colour, text) in enumerate(legend):
+        out.append(f'<rect x="{lx}" y="{ly + 16 * i - 9}" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{lx + 14}" y="{ly + 16 * i}">{text}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+# --------------------------------------------------------------------------- PNG via matplotlib
+def _write_png(data: PlotData, path: Path) -> None:  # pragma: no cover - needs matplotlib
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    U, unit = (GiB, "GiB") if data.capacity >= GiB else (1024**2, "MiB")  # noqa: N806
+    xs = [0, data.x_max]
+    if data.predicted:
+        a, s = data.predicted
+        ax.plot(xs, [(a + s * v) / U for v in xs], "--", color="#2980b9", label="predicted")
+    if data.measured:
+        a, s = data.measured
+        ax.plot(xs, [(a + s * v) / U for v in xs], "-", color="#27ae60", lw=1, label="measured fit")
+    if data.fits:
+        ax.plot([b for b, _ in data.fits], [v / U for _, v in data.fits], "o", color="#27ae60",
+                label="measured (fits)")
+    if data.ooms:
+        ax.plot(list(data.ooms), [min(data.y_max * 0.97, data.capacity * 1.05) / U] * len(data.ooms), "x",
+                color="#c0392b", ms=9, mew=2, label="out of memory")
+    ax.axhline(data.capacity / U, color="#c0392b", lw=2, label=f"capacity {_gib(data.capacity)}")
+    if data.recommended is not None:
+        ax.axvline(data.recommended, color="#8e44ad", ls=":", label=f"recommended {data.recommended}")
+        if data.recommended_bytes is not None:
+            ax.vlines(data.recommended, data.recommended_bytes / U, data.capacity / U, color="#8e44ad", lw=4,
+                      alpha=0.5, label=f"headroom {_gib(data.capacity - data.recommended_bytes)}")
+    ax.set_xlim(0, data.x_max)
+    ax.set_ylim(data.y_min / U, data.y_max / U)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(unit)
+    ax.set_title(data.title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- terminal
+def terminal_chart(result, width: int = 56, height: int = 12) -> str:
+    """An ASCII chart: ``o`` fits, ``x`` OOM, ``.`` prediction, ``=`` capacity, ``|`` recommended batch."""
+    data = plot_data(result)
+    grid = [[" "] * width for _ in range(height)]
+
+    def col(b: float) -> int:
+        return max(0, min(width - 1, int(round((width - 1) * b / data.x_max))))
+
+    def row(v: float) -> int:
+        frac = (v - data.y_min) / (data.y_max - data.y_min)
+        return max(0, min(height - 1, int(round((height - 1) * (1 - frac)))))
+
+    if data.predicted:
+        a, s = data.predicted
+        for c in range(width):
+            v = a + s * data.x_max * c / (width - 1)
+            if data.y_min <= v <= data.y_max:
+                grid[row(v)][c] = "."
+    cap_row = row(data.capacity)
+    for c in range(width):
+        grid[cap_row][c] = "="
+    if data.recommended is not None:
+        rc = col(data.recommended)
+        for r in range(cap_row + 1, height):
+            if grid[r][rc] in " .":
+                grid[r][rc] = "|"
+    for b, v in data.fits:
+        grid[row(v)][col(b)] = "o"
+    for b in data.ooms:
+        grid[max(0, cap_row - 1)][col(b)] = "x"
+    label_w = 10
+    lines = []
+    for r in range(height):
+        v = data.y_max - (data.y_max - data.y_min) * r / (height - 1)
+        label = _gib(v) if r in (0, cap_row, height - 1) else ""
+        lines.append(f"{label:>{label_w}} |" + "".join(grid[r]).rstrip())
+    lines.append(" " * label_w + " +" + "-" * width)
+    left, right = "0", str(data.x_max)
+    lines.append(" " * (label_w + 2) + left + " " * (width - len(left) - len(right)) + right + "  batch")
+    legend = "o fits   x out of memory   = capacity"
+    if data.predicted:
+        legend += "   . predicted"
+    lines.append(" " * (label_w + 2) + legend)
+    if data.recommended is not None:
+        lines.append(" " * (label_w + 2) + f"| recommended batch {data.recommended}")
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""``memprof find-batch`` end to end on the CPU under a cap, plus its renderings and exit codes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from memprof.cli import app
+from memprof.find_batch import accumulation, find_batch, recommend
+from memprof.loading import load_model
+from memprof.measure import CpuCapRunner
+from memprof.results import BatchPrediction, BatchTrial, Capacity, FindBatchResult
+from memprof.workload import Workload
+
+from conftest import assert_golden
+
+runner = CliRunner()
+MODEL = "memprof.zoo:mnist_mlp"
+CAP = 2_950_001  # an awkward cap: the limit falls at batch 165 with Adam, 2 steps
+
+
+def _run(*args):
+    return runner.invoke(app, ["find-batch", MODEL, *args])
+
+
+def _mlp(optimizer="adam"):
+    return Workload(model=load_model(MODEL, {}), batch_size=1, optimizer=optimizer)
+
+
+def test_cpu_find_batch_is_exact_and_verified(tmp_path):
+    plot = tmp_path / "peak.svg"
+    res = _run("--device", "cpu", "--memory-limit", str(CAP), "--json", "--plot", str(plot),
+               "--target-global-batch", "1000")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["kind"] == "find-batch" and doc["schema_version"] == 1 and doc["status"] == "exact"
+    largest = doc["largest_batch"]
+    assert doc["smallest_oom_batch"] == largest + 1
+    assert len(doc["trials"]) <= 4 and doc["ooms"] <= 2
+    assert doc["recommended_batch"] == int(0.8 * largest)
+    assert doc["grad_accum_steps"] * doc["micro_batch"] >= 1000
+    # check the answer ourselves: the reported batch fits under the cap and the next one does not
+    cap_runner = CpuCapRunner(CAP)
+    assert cap_runner.run(_mlp(), largest, steps=2).fits
+    assert not cap_runner.run(_mlp(), largest + 1, steps=2).fits
+    assert plot.read_text().startswith("<svg") and "capacity" in plot.read_text()
+
+
+def test_cpu_find_batch_table_and_chart():
+    res = _run("--device", "cpu", "--memory-limit", "3000000", "--multiple-of", "8", "--optimizer", "sgd")
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert "Trials" in out and "Largest batch that fits:" in out and "Recommended batch:" in out
+    assert "multiple of 8" in out and "o fits" in out
+    assert "trial 1: batch" in res.stderr  # progress on stderr, one line per trial off a terminal
+
+
+def test_search_without_prediction_finds_the_same_batch():
+    with_pred = find_batch(_mlp("sgd"), device="cpu", memory_limit=CAP)
+    without = find_batch(_mlp("sgd"), device="cpu", memory_limit=CAP, predict=False)
+    assert with_pred.largest_batch == without.largest_batch and without.status == "exact"
+    assert without.prediction is None and with_pred.prediction is not None
+
+
+def test_nothing_fits_exits_4():
+    res = _run("--device", "cpu", "--memory-limit", "100kB")
+    assert res.exit_code == 4, res.output
+    assert "ERROR: not even batch 1 fits in 97.7 KiB" in res.stderr
+    assert "HINT:" in res.stderr and "Traceback" not in res.output
+
+
+def test_no_gpu_says_so_in_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    res = _run()
+    assert res.exit_code == 3
+    assert res.stderr.splitlines()[0] == "ERROR: find-batch needs a CUDA GPU and none is available"
+    assert "--device cpu --memory-limit 4GiB" in res.stderr and "memprof estimate" in res.stderr
+
+
+def test_bad_inputs_fail_before_any_trial(tmp_path):
+    res = _run("--device", "cpu", "--memory-limit", "4GiB", "--plot", str(tmp_path / "missing" / "x.svg"))
+    assert res.exit_code == 2 and "does not exist" in res.stderr
+    res = _run("--device", "cpu", "--memory-limit", "4GiB", "--plot", str(tmp_path / "x.pdf"))
+    assert res.exit_code == 2 and ".svg" in res.stderr
+    res = _run("--device", "cpu")
+    assert res.exit_code == 2 and "--memory-limit" in res.stderr
+    res = _run("--device", "cpu", "--memory-limit", "4GiB", "--max-batch", "0")
+    assert res.exit_code == 2 and "--max-batch" in res.stderr
+
+
+def test_png_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    res = _run("--device", "cpu", "--memory-limit", "4GiB", "--plot", str(tmp_path / "x.png"))
+    assert res.exit_code == 2 and "matplotlib" in res.stderr and "file.svg" in res.stderr
+
+
+def test_ctrl_c_prints_what_was_found_and_exits_130(monkeypatch):
+    real_run = CpuCapRunner.run
+    calls = []
+
+    def run(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(CpuCapRunner, "run", run)
+    res = _run("--device", "cpu", "--memory-limit", str(CAP))
+    assert res.exit_code == 130, res.output
+    assert "Interrupted: so far batch" in res.stdout
+    assert "ERROR: interrupted" in res.stderr
+
+
+def test_recommend_and_accumulation():
+    assert recommend(181, 0.8, None) == 144
+    assert recommend(181, 0.8, 64) == 128
+    assert recommend(100, 0.8, 128) is None
+    assert recommend(10, 0.8, 16) is None
+    assert recommend(1, 0.8, None) == 1
+    assert accumulation(1000, 144) == (8, 125)  # 7 steps would not divide 1000; 8 x 125 does
+    assert accumulation(1024, 256) == (4, 256)
+    assert accumulation(1009, 300) == (4, 253)  # a prime: rounds the global batch up to 1012
+    assert accumulation(None, 300) == (None, None)
+
+
+def _hand_built() -> FindBatchResult:
+    cap = 3 * 1024**3
+    trials = (
+        BatchTrial(1470, True, 2, 2.41, peak_allocated_bytes=2_899_102_720, capacity_bytes=cap,
+                   predicted_bytes=2_899_102_720, reason="prediction", leaked_bytes=0),
+        BatchTrial(1633, True, 2, 2.66, peak_allocated_bytes=3_220_172_800, capacity_bytes=cap,
+                   predicted_bytes=3_210_000_000, reason="extrapolate", leaked_bytes=0),
+        BatchTrial(1634, False, 0, 1.93, capacity_bytes=cap, error="DefaultCPUAllocator: can't allocate memory: ...",
+                   oom_detected_by="exception type", oom_phase="step 1 backward", attempted_bytes=3_221_300_000,
+                   predicted_bytes=3_212_000_000, reason="confirm", leaked_bytes=0),
+    )
+    return FindBatchResult(
+        workload={"model": "resnet18", "batch_size": None, "input": "3×64×64", "dtype": "fp32", "optimizer": "adam",
+                  "mode": "train", "checkpointing": "none", "inplace_relu": False},
+        device="cpu (live tensor bytes capped)", capacity=Capacity(cap, "--memory-limit", "cpu"),
+        metric="allocated", steps=2, status="exact", largest_batch=1633, smallest_oom_batch=1634,
+        recommended_batch=1304, recommended_expected_bytes=2_576_000_000, headroom_left_bytes=cap - 2_576_000_000,
+        headroom=0.8, multiple_of=8, min_batch=1, max_batch=4096, trials=trials, ooms=1,
+        prediction=BatchPrediction(1634, 1_960_000, 17_900_000, "allocated", 0.9, 4),
+        slope_bytes_per_sample=1_966_000.0, intercept_bytes=10_000_000.0, target_global_batch=4096,
+        grad_accum_steps=4, micro_batch=1024, wall_seconds=8.0, notes=())
+
+
+def test_golden_rendering():
+    from rich.console import Console
+
+    from memprof.render.find_batch import render_find_batch
+
+    console = Console(width=100, record=True, file=open("/dev/null", "w"), color_system=None)
+    render_find_batch(_hand_built(), console)
+    assert_golden("find_batch_cpu.txt", console.export_text())
+
+
+def test_golden_svg():
+    from memprof.plot import plot_data, svg
+
+    assert_golden("find_batch_plot.svg", svg(plot_data(_hand_built())))
