@@ -25,14 +25,13 @@ def resolve_capacity(capacity_bytes: int | None = None, *, use_nvml: bool = True
     if capacity_bytes is not None:
         return Capacity(total_bytes=int(capacity_bytes), source="--gpu-memory"), None
     if not use_nvml:
-        return None, "no GPU capacity given"
+        return None, "no --gpu-memory given"
     from . import nvml
 
     info = nvml.device_info(0)
     if info is None:
         _, reason = nvml.available()
-        why = reason or "NVML sees no GPU"
-        return None, f"no GPU capacity known ({why}); pass --gpu-memory, e.g. --gpu-memory 24GiB"
+        return None, reason or "NVML sees no GPU"
     return Capacity(total_bytes=info.total_bytes, source=f"NVML: {info.name} (GPU {info.index})",
                     device_name=info.name), None
 
@@ -123,7 +122,7 @@ def estimate(workload: "Workload", capacity: Capacity | None = None, headroom: f
     else:
         headline, source = analytic.total_bytes, "formula"
     if capacity is None and capacity_note is None:
-        capacity_note = "no GPU capacity given"
+        capacity_note = "no --gpu-memory given"
     return EstimateResult(workload=workload.describe(), analytic=analytic, traced=trace_result,
                           trace_note=trace_note, capacity=capacity, capacity_note=capacity_note if capacity is None else None,
                           fit=fit, headline_bytes=headline, headline_source=source)

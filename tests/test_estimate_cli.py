@@ -53,8 +53,7 @@ def _result(capacity: Capacity | None = None, fit: FitSummary | None = None, tra
     a = _analytic()
     fields = dict(workload=_WORKLOAD, analytic=a, traced=traced,
                   trace_note=None if traced is not None else "tracing skipped (--no-trace)",
-                  capacity=capacity, capacity_note=None if capacity else "no GPU capacity known (NVML sees no GPU); "
-                                                                          "pass --gpu-memory, e.g. --gpu-memory 24GiB",
+                  capacity=capacity, capacity_note=None if capacity else "NVML sees no GPU",
                   fit=fit, headline_bytes=traced.peak_bytes if traced is not None else a.total_bytes,
                   headline_source="traced" if traced is not None else "formula")
     fields.update(changes)
@@ -136,7 +135,7 @@ def test_text_output_without_capacity(no_gpu):
     assert res.exit_code == 0, res.stderr
     out = res.stdout
     assert "batch size  32" in out and "Breakdown (formula)" in out and "Parameter" in out
-    assert "Fit: skipped, no GPU capacity known (NVML sees no GPU)" in out
+    assert "capacity unknown (NVML sees no GPU)" in out and "Fit: skipped, no GPU capacity known" in out
     assert "101,770" in out and "MiB" in out or "KiB" in out
 
 
@@ -219,3 +218,57 @@ def test_help_shows_defaults():
     for needle in ("[default: 32", "[default: fp32]", "[default: adam]", "[default: train]", "[default: 0.8]",
                    "[default: 10]"):
         assert needle in res.stdout
+
+
+# --------------------------------------------------------------------------- the traced estimate beside the formula
+def test_traced_estimate_is_the_headline(no_gpu):
+    res = runner.invoke(app, ["estimate", "memprof.zoo:mnist_mlp", "-i", "1,28,28", "-b", "4", "--json"])
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["headline_source"] == "traced" and doc["headline_bytes"] == doc["traced"]["peak_bytes"]
+    assert doc["traced"]["target"] == "cuda" and "timeline" not in doc["traced"]
+    assert doc["analytic"]["param_count"] == 101_770 and doc["fit"] is None and doc["trace_note"] is None
+
+
+def test_traced_fit_drives_the_verdict(monkeypatch):
+    import memprof.trace as trace
+    from memprof.estimate import estimate
+    from memprof.loading import load_model
+    from memprof.results import BatchFit
+    from memprof.workload import Workload
+
+    calls = []
+
+    def fake_fit(workload, capacity_bytes, *, target="cuda", headroom=0.8, max_batch=None, metric=None):
+        calls.append((workload.batch_size, capacity_bytes, target, headroom))
+        return BatchFit(capacity_bytes=capacity_bytes, metric="nvml", max_batch=50, recommended_batch=40,
+                        headroom=headroom, peak_at_max_bytes=900, peak_at_next_bytes=1100, slope_bytes_per_sample=10,
+                        intercept_bytes=400, traces=4)
+
+    monkeypatch.setattr(trace, "fit_batch", fake_fit)
+    spec = load_model("memprof.zoo:mnist_mlp")
+    spec.inputs.shapes = [(1, 28, 28)]
+    res = estimate(Workload(model=spec, batch_size=4), capacity=Capacity(GiB, "--gpu-memory"), headroom=0.8)
+    assert calls == [(4, GiB, "cuda", 0.8)]
+    fit = res.fit
+    assert fit.source == "traced" and fit.metric == "nvml" and fit.max_batch == 50 and fit.recommended_batch == 40
+    assert fit.estimate_bytes == res.traced.predicted_nvml_bytes and fit.fits
+    assert fit.per_sample_bytes == 10 and fit.fixed_bytes == 400
+
+
+def test_tracer_failure_falls_back_to_formula(monkeypatch):
+    import memprof.trace as trace
+    from memprof.errors import TraceError
+    from memprof.estimate import estimate
+    from memprof.loading import load_model
+    from memprof.workload import Workload
+
+    def broken(*args, **kwargs):
+        raise TraceError("an op the tracer cannot run", "use --no-trace")
+
+    monkeypatch.setattr(trace, "trace_step", broken)
+    spec = load_model("memprof.zoo:mnist_mlp")
+    spec.inputs.shapes = [(1, 28, 28)]
+    res = estimate(Workload(model=spec, batch_size=4), capacity=Capacity(GiB, "--gpu-memory"))
+    assert res.traced is None and res.headline_source == "formula" and res.fit.source == "formula"
+    assert res.trace_note == "tracing failed: an op the tracer cannot run (formula only)"

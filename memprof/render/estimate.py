@@ -5,6 +5,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 
 from ..results import EstimateResult, LayerRow, MemCategory
@@ -70,7 +71,7 @@ def _header(result: EstimateResult, console: Console) -> None:
     if result.capacity is not None:
         rows.append(("device", f"{format_bytes(result.capacity.total_bytes)} ({result.capacity.source})"))
     else:
-        rows.append(("device", result.capacity_note or "no GPU capacity known"))
+        rows.append(("device", f"capacity unknown ({result.capacity_note or 'no --gpu-memory given'})"))
     for key, value in rows:
         console.print(f"  {key:<11} {value}")
 
@@ -218,7 +219,7 @@ def _fit(result: EstimateResult, console: Console) -> None:
     console.print()
     fit = result.fit
     if fit is None:
-        console.print("[bold]Fit[/bold]: skipped, " + (result.capacity_note or "no GPU capacity known"))
+        console.print("[bold]Fit[/bold]: skipped, no GPU capacity known; pass --gpu-memory, e.g. --gpu-memory 24GiB")
         return
     cap = fit.capacity
     console.print(f"[bold]Fit[/bold] on {format_bytes(cap.total_bytes)} ({cap.source})")
@@ -245,7 +246,9 @@ def render_estimate(result: EstimateResult, console: Console, layers: int | None
     _layers(result, console, layers)
     _methods(result, console)
     _fit(result, console)
-    for note in result.analytic.notes:
-        console.print(f"  note: {note}")
-    for note in getattr(result.traced, "notes", None) or ():
-        console.print(f"  note: {note}")
+    notes = list(result.analytic.notes) + list(getattr(result.traced, "notes", None) or ())
+    if notes:
+        console.print()
+        console.print("[bold]Notes[/bold]")
+    for note in notes:
+        console.print(Padding(f"- {note}", (0, 0, 0, 2), expand=False))
