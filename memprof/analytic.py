@@ -167,6 +167,13 @@ class _Call:
     out_shapes: tuple = ()
     fp32_out_elements: int = 0  # every floating output as 4-byte (torchsummary)
     in_shapes: tuple = ()
+    in_ids: frozenset = frozenset()
+    returns_input: bool = False  # the output is one of the inputs (identity: Dropout in eval, Identity)
+
+    @property
+    def no_new_memory(self) -> bool:
+        """In-place (``inplace=True``, the seeds' in-place ReLU) or returning its input: no new output."""
+        return self.returns_input or _is_inplace(self.module)
 
 
 @dataclass
@@ -261,7 +268,9 @@ class _Recorder:
             self.stack[-1].leaf = False
         call = _Call(self.names.get(module, type(module).__name__), module)
         call.in_bytes = self._size(_tensors((args, kwargs)))[1]
-        call.in_shapes = tuple(tuple(t.shape) for t in _tensors((args, kwargs)))
+        inputs = _tensors((args, kwargs))
+        call.in_shapes = tuple(tuple(t.shape) for t in inputs)
+        call.in_ids = frozenset(id(t) for t in inputs)
         self.stack.append(call)
 
     def _post(self, module, args, kwargs, output):
@@ -269,6 +278,7 @@ class _Recorder:
             return
         call = self.stack.pop()
         outs = _tensors(output)
+        call.returns_input = bool(outs) and all(id(t) in call.in_ids for t in outs)
         call.out_shapes = tuple(tuple(t.shape) for t in outs)
         call.out_elements, call.out_bytes, call.fp32_out_elements = self._size(outs)
         self.calls.append(call)
@@ -383,8 +393,8 @@ def _buffers(model) -> tuple[int, int]:
 def _activation_bytes(run: _Run, mode: str) -> int:
     leaves = [c for c in run.calls if c.leaf]
     if mode == "eval":  # nothing is kept: the largest layer's input and output are live at once
-        return max((c.in_bytes + c.out_bytes for c in leaves), default=0)
-    return sum(c.out_bytes for c in leaves if not _is_inplace(c.module))
+        return max((c.in_bytes + (0 if c.no_new_memory else c.out_bytes) for c in leaves), default=0)
+    return sum(c.out_bytes for c in leaves if not c.no_new_memory)
 
 
 def analyse(workload: "Workload") -> AnalyticEstimate:
@@ -397,8 +407,7 @@ def analyse(workload: "Workload") -> AnalyticEstimate:
     owned, n_params, n_trainable, param_bytes, tied, _ = _param_table(model)
     n_buffers, buffer_bytes = _buffers(model)
     train = workload.mode == "train"
-    if not train:
-        n_trainable = 0
+    n_grad = n_trainable if train else 0  # eval: no gradients, no optimizer state
     el = precision.param_bytes
     act_el = precision.compute_bytes if precision.is_amp else None
 
@@ -412,14 +421,14 @@ def analyse(workload: "Workload") -> AnalyticEstimate:
     breakdown: dict[MemCategory, int] = {
         MemCategory.PARAMETER: param_bytes,
         MemCategory.BUFFER: buffer_bytes,
-        MemCategory.GRADIENT: n_trainable * el,
-        MemCategory.OPTIMIZER_STATE: k * n_trainable * el,
+        MemCategory.GRADIENT: n_grad * el,
+        MemCategory.OPTIMIZER_STATE: k * n_grad * el,
         MemCategory.ACTIVATION: activation,
         MemCategory.INPUT: run.input_bytes,
     }
     notes: list[str] = []
     if precision.is_amp and train:  # autocast keeps low-precision copies of the weights it casts
-        breakdown[MemCategory.TEMPORARY] = n_trainable * precision.compute_bytes
+        breakdown[MemCategory.TEMPORARY] = n_grad * precision.compute_bytes
         notes.append(f"AMP: activations at {precision.compute_bytes} B/element, "
                      "plus one low-precision copy of the weights (Temporary)")
     total = sum(breakdown.values())
@@ -432,14 +441,17 @@ def analyse(workload: "Workload") -> AnalyticEstimate:
         own = owned.get(call.module, 0)
         if not call.leaf and not own:
             continue
-        row = rows.setdefault(call.module, {"name": call.name, "shapes": call.out_shapes, "act": 0, "calls": 0})
+        row = rows.setdefault(call.module, {"name": call.name, "shapes": call.out_shapes, "act": 0, "calls": 0,
+                                            "inplace": False})
         row["calls"] += 1
-        if call.leaf and not _is_inplace(call.module):
+        if call.leaf and call.no_new_memory:
+            row["inplace"] = True
+        elif call.leaf:
             row["act"] += call.out_bytes
     for module, n in owned.items():
         if module not in rows:
             rows[module] = {"name": next((nm for m, nm in _names(model) if m is module), "?"), "shapes": (),
-                            "act": 0, "calls": 0}
+                            "act": 0, "calls": 0, "inplace": False}
     checked = 0
     mismatches: list[str] = []
     layers = []
@@ -452,7 +464,7 @@ def analyse(workload: "Workload") -> AnalyticEstimate:
                 mismatches.append(f"{row['name']} ({type(module).__name__}): formula {formula:,} vs numel {numel:,}")
         layers.append(LayerRow(name=row["name"], type=type(module).__name__, output_shapes=tuple(row["shapes"]),
                                params=owned.get(module, 0), formula_params=formula, activation_bytes=row["act"],
-                               calls=row["calls"], inplace=_is_inplace(module)))
+                               calls=row["calls"], inplace=row["inplace"]))
     if mismatches:
         notes.append(f"{len(mismatches)} layer(s) differ from the per-layer formulas (numel() is used)")
     if tied:
@@ -462,7 +474,7 @@ def analyse(workload: "Workload") -> AnalyticEstimate:
 
     # ---- the other estimators, for comparison
     leaves = [c for c in run.calls if c.leaf]
-    outputs_elems = sum(c.out_elements for c in leaves if not _is_inplace(c.module))
+    outputs_elems = sum(c.out_elements for c in leaves if not c.no_new_memory)
     type_size = el
     ms_params = n_params * type_size
     ms_forward = outputs_elems * type_size

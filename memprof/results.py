@@ -72,7 +72,8 @@ class LayerRow:
     ``params`` counts the module's own parameters (tied ones only at their first owner,
     so the column sums to the model's total); ``formula_params`` is what the seeds'
     per-layer formula says for this layer type (None: no formula for the type).
-    ``activation_bytes`` sums the module's outputs over its calls, 0 when it runs in place.
+    ``activation_bytes`` sums the module's outputs over its calls, 0 when it runs in place
+    or returns its input (``inplace`` is then True).
     """
 
     name: str

@@ -168,7 +168,7 @@ def test_precisions_bytes_per_element():
 def test_eval_mode_has_no_gradients_or_state():
     est = analyse(_workload("memprof.zoo:Cruncher", batch=4, kwargs={"dim": 32, "num_layers": 3}, mode="eval"))
     assert est.breakdown[MemCategory.GRADIENT] == 0 and est.breakdown[MemCategory.OPTIMIZER_STATE] == 0
-    assert est.trainable_param_count == 0 and est.param_count == 32 * 32 * 3 + 32
+    assert est.trainable_param_count == est.param_count == 32 * 32 * 3 + 32
     # nothing kept: the largest layer's input and output
     assert est.breakdown[MemCategory.ACTIVATION] == 2 * 4 * 32 * 4
 
@@ -251,3 +251,17 @@ def test_hooks_removed_after_success_and_failure():
     assert [c.name for c in ok.calls] == ["0", "1", "(model)"]
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_identity_outputs_need_no_new_memory(tmp_path):
+    f = tmp_path / "drop.py"
+    f.write_text("import torch\n"
+                 "def net():\n"
+                 "    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1), torch.nn.Identity(),\n"
+                 "                               torch.nn.Linear(16, 4))\n")
+    train = analyse(_workload(f"{f}:net", (8,), batch=2))
+    assert [r.inplace for r in train.layers] == [False, False, True, False]  # Dropout makes a new tensor in train
+    assert train.breakdown[MemCategory.ACTIVATION] == 4 * 2 * (16 + 16 + 4)
+    ev = analyse(_workload(f"{f}:net", (8,), batch=2, mode="eval"))
+    assert [r.inplace for r in ev.layers] == [False, True, True, False]  # ... and returns its input in eval
+    assert ev.breakdown[MemCategory.ACTIVATION] == 4 * 2 * (8 + 16)  # the largest layer's input + output
