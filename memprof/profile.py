@@ -56,8 +56,9 @@ _LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" 
 class _Recorder(StorageTracker):
     """The dispatch mode plus everything charged to lines, modules and phases."""
 
-    def __init__(self, user_dir: str, log: bool, cuda_samples: bool):
+    def __init__(self, user_dir: str, log: bool, cuda_samples: bool, device_type: str | None = None):
         super().__init__()
+        self.device_type = device_type  # count only storages on this device type (None: all)
         self.user_dir = user_dir.rstrip(os.sep) + os.sep
         self.t0 = time.perf_counter()
         self.meta: dict[int, list] = {}  # live storages
@@ -110,9 +111,16 @@ class _Recorder(StorageTracker):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.op_count += 1
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._track(t)
+        if isinstance(out, torch.Tensor):  # the common case, without pytree's cost
+            self._track(out)
+        elif isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) or t is None for t in out):
+            for t in out:
+                if t is not None:
+                    self._track(t)
+        else:
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self._track(t)
         return out
 
     def register(self, tensors, func=None) -> list[int]:  # keep the base API working
@@ -130,7 +138,7 @@ class _Recorder(StorageTracker):
         except Exception:  # sparse and other storage-less tensors
             return None
         key = st._cdata
-        if key in self.live or self.closed:
+        if key in self.live or self.closed or (self.device_type is not None and st.device.type != self.device_type):
             return None
         nbytes = st.nbytes()
         self.live[key] = nbytes
@@ -440,6 +448,21 @@ class _Recorder(StorageTracker):
 
 
 # ======================================================================================== run
+_ACTIVE: list[_Recorder | None] = [None]
+
+
+def _after_fork_in_child() -> None:
+    """DataLoader workers and other forks: stop tracing and counting there (the parent's profile is the one)."""
+    rec = _ACTIVE[0]
+    if rec is not None:
+        sys.settrace(None)
+        rec.closed = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _warm_up() -> None:
     """The first dispatch mode a process enters costs ~1 s of lazy imports: pay it before the clock starts."""
     class _Noop(TorchDispatchMode):
@@ -461,23 +484,37 @@ def _check_script(script: str | Path) -> Path:
     return path
 
 
+DEVICES = ("auto", "cuda", "cpu", "all")
+
+
 def profile_script(script: str | Path, args: Sequence[str] = (), *, log: bool = False,
-                   snapshot_path: str | Path | None = None, top: int = 50,
+                   snapshot_path: str | Path | None = None, device: str = "auto", top: int = 50,
                    timeline_points: int = 200) -> ProfileResult:
     """Run ``script`` as ``python script args...`` would, under the profiler; return what it used.
 
+    ``device``: whose storages count: "cuda" (GPU memory; the "auto" choice when CUDA is
+    available), "cpu", or "all" (the "auto" choice without CUDA).
+
     Never raises for the script's own failures (exceptions, ``sys.exit``, Ctrl-C): they end up
     in ``result.outcome`` with the partial profile. Raises :class:`UsageError` when the script
-    cannot be found and :class:`NoGPUError` when a snapshot is asked without CUDA.
+    cannot be found or ``device`` is unknown, and :class:`NoGPUError` when CUDA is asked for
+    (a snapshot, ``device="cuda"``) and there is none.
     """
+    if device not in DEVICES:
+        raise UsageError(f"unknown device {device!r}", "choose auto, cuda, cpu or all")
     path = _check_script(script)
-    if snapshot_path is not None and not torch.cuda.is_available():
+    has_cuda = torch.cuda.is_available()
+    if snapshot_path is not None and not has_cuda:
         raise NoGPUError("--snapshot needs CUDA (it records PyTorch's CUDA allocator history) and torch sees no GPU",
                          "drop --snapshot on CPU; the line, module and category profile works without it")
+    if device == "cuda" and not has_cuda:
+        raise NoGPUError("--device cuda: torch sees no GPU", "use --device auto (CPU tensors are profiled then)")
+    if device == "auto":
+        device = "cuda" if has_cuda else "all"
     _warm_up()
     abspath = os.path.abspath(path)
     user_dir = abspath if path.is_dir() else os.path.dirname(abspath)
-    rec = _Recorder(user_dir, log=log, cuda_samples=torch.cuda.is_available())
+    rec = _Recorder(user_dir, log=log, cuda_samples=has_cuda, device_type=None if device == "all" else device)
     saved_argv, saved_path0 = sys.argv[:], list(sys.path)
     saved_trace = sys.gettrace()
     snapshot_on = False
@@ -485,11 +522,13 @@ def profile_script(script: str | Path, args: Sequence[str] = (), *, log: bool = 
     t_start = time.perf_counter()
     try:
         if snapshot_path is not None:
-            torch.cuda.memory._record_memory_history(max_entries=200_000)
+            # Python stacks only: C++ ones make _dump_snapshot slow to symbolize, and the viewer shows Python's
+            torch.cuda.memory._record_memory_history(enabled="all", stacks="python", max_entries=200_000)
             snapshot_on = True
         sys.argv = [str(script), *args]
         sys.path.insert(0, user_dir)
         rec.install_hooks()
+        _ACTIVE[0] = rec
         rec.t0 = t_start = time.perf_counter()
         try:
             with rec:
@@ -518,6 +557,7 @@ def profile_script(script: str | Path, args: Sequence[str] = (), *, log: bool = 
         rec.close()
         return _build(rec, path, args, outcome, wall, cuda, leaks, top, timeline_points)
     finally:
+        _ACTIVE[0] = None
         rec.remove_hooks()
         rec.close()
         rec.script_globals = None

@@ -227,6 +227,35 @@ def test_snapshot_needs_cuda(script):
     assert res.exit_code == 3 and "--snapshot needs CUDA" in res.stderr
 
 
+def test_user_modules_next_to_the_script_count_and_workers_do_not_hang(tmp_path):
+    (tmp_path / "helper.py").write_text("import torch\n\n\ndef make(n):\n    return torch.zeros(n, 100)\n")
+    (tmp_path / "main.py").write_text(textwrap.dedent("""\
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+        from helper import make
+
+        dl = DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=16, num_workers=1)
+        n = sum(len(b[0]) for b in dl)
+        kept = make(n)
+    """))
+    r = profile_script(tmp_path / "main.py")
+    assert r.outcome.status == "ok"
+    helper = next(ln for ln in r.lines if ln.file == "helper.py")
+    assert (helper.line, helper.max_delta_bytes) == (5, 64 * 100 * 4)
+    assert next(ln for ln in r.lines if ln.file == "main.py" and ln.line == 7).live_at_exit_bytes == 0  # via helper
+    assert r.at_exit_bytes >= 64 * 100 * 4
+
+
+def test_device_filter(script):
+    r = profile_script(script(CRASH, "crash.py"), device="cpu")
+    assert r.peak.bytes == 256 * 256 * 4 + 2 * 100 * 100 * 4
+    if not torch.cuda.is_available():
+        with pytest.raises(NoGPUError):
+            profile_script(script(CRASH, "crash.py"), device="cuda")
+    with pytest.raises(UsageError):
+        profile_script(script(CRASH, "crash.py"), device="tpu")
+
+
 def test_missing_script_raises():
     with pytest.raises(UsageError):
         profile_script("/nonexistent/train.py")

@@ -25,6 +25,8 @@ def profile_cmd(
                                                              "(png needs matplotlib)."),
     snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="CUDA only: save PyTorch's allocator history "
                                                                      "(.pickle) for https://pytorch.org/memory_viz."),
+    device: str = typer.Option("auto", "--device", help="Whose memory counts: auto (cuda when available, else all), "
+                                                          "cuda, cpu or all."),
     top: int = typer.Option(10, "--top", help="How many lines / tensor groups to show."),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -37,6 +39,10 @@ def profile_cmd(
     from ..errors import UsageError
     from ..render.profile import check_plot_path
 
+    from ..profile import DEVICES
+
+    if device not in DEVICES:
+        raise UsageError(f"unknown --device {device!r}", "choose auto, cuda, cpu or all")
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}", "e.g. --top 10")
     for path in (log, plot, snapshot):
@@ -48,7 +54,8 @@ def profile_cmd(
 
     redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
     with redirect:
-        result = profile_script(script, script_args or [], log=log is not None, snapshot_path=snapshot)
+        result = profile_script(script, script_args or [], log=log is not None, snapshot_path=snapshot,
+                                device=device)
         sys.stdout.flush()
 
     from ..render import print_error, stdout_console

@@ -1,0 +1,128 @@
+"""Overhead of ``memprof profile`` on small CPU training scripts: the same loop with and without the profiler.
+
+Each case writes a training script to a temporary folder; the script times its own training loop
+(after a warm-up step, so imports and first-call costs are excluded) and writes the seconds to a
+file. The script runs in a fresh subprocess, once as ``python train.py`` and once as
+``python -m memprof profile train.py`` (plus ``--log`` for the log mode), ``--repeats`` times
+each, alternating; the median loop time is reported, and the slowdown is profiled / plain.
+
+    python scripts/bench_profile.py                  # all cases, 3 repeats
+    python scripts/bench_profile.py --repeats 5 --markdown
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+TEMPLATE = textwrap.dedent("""\
+    import sys, time
+    import torch
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    torch.set_num_threads({threads})
+    model = {model}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    crit = nn.CrossEntropyLoss()
+    x = torch.randn({batch}, {inp})
+    y = torch.randint(0, 10, ({batch},))
+
+
+    def step():
+        out = model(x)
+        loss = crit(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+
+    step()  # warm-up: first-call costs and Adam's state are not timed
+    t0 = time.perf_counter()
+    for i in range({steps}):
+        loss = step()
+    elapsed = time.perf_counter() - t0
+    open(sys.argv[1], "w").write(repr(elapsed))
+""")
+
+CASES = {
+    # name: (model expression, batch, input features, steps)
+    "mlp-small (784-256-10, batch 64)":
+        ("nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))", 64, 784, 300),
+    "mlp (784-1024-1024-10, batch 128)":
+        ("nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))",
+         128, 784, 100),
+    "cnn (2 conv + linear, batch 32, 1x28x28)":
+        ("nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), "
+         "nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 7 * 7, 10))",
+         32, 784, 60),
+}
+
+
+def run_once(script: Path, out: Path, mode: str) -> tuple[float, float]:
+    """(loop seconds measured inside the script, whole process seconds)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if mode == "plain":
+        cmd = [sys.executable, str(script), str(out)]
+    else:
+        extra = ["--log", str(out.with_suffix(".log"))] if mode == "log" else []
+        cmd = [sys.executable, "-m", "memprof", "profile", *extra, str(script), "--", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return float(out.read_text()), wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in the script (default 1)")
+    ap.add_argument("--modes", default="plain,line,log")
+    ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = ap.parse_args()
+    modes = args.modes.split(",")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (model, batch, inp, steps) in CASES.items():
+            script = Path(tmp) / "train.py"
+            script.write_text(TEMPLATE.format(model=model, batch=batch, inp=inp, steps=steps, threads=args.threads))
+            loops: dict[str, list[float]] = {m: [] for m in modes}
+            walls: dict[str, list[float]] = {m: [] for m in modes}
+            for _ in range(args.repeats):
+                for m in modes:
+                    loop, wall = run_once(script, Path(tmp) / "t.txt", m)
+                    loops[m].append(loop)
+                    walls[m].append(wall)
+            med = {m: statistics.median(v) for m, v in loops.items()}
+            medw = {m: statistics.median(v) for m, v in walls.items()}
+            rows.append((name, steps, med, medw))
+            print(f"{name}: " + ", ".join(f"{m} {med[m] * 1000 / steps:.2f} ms/step" for m in modes)
+                  + "".join(f", {m} x{med[m] / med['plain']:.2f}" for m in modes if m != "plain"), file=sys.stderr)
+    if args.markdown:
+        print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'n/a'}), "
+              f"Python {platform.python_version()}, torch {__import__('torch').__version__}, "
+              f"torch threads {args.threads}, median of {args.repeats} runs.\n")
+        head = ["case", "steps"] + [f"{m} ms/step" for m in modes] + [f"{m} slowdown" for m in modes if m != "plain"] \
+            + [f"{m} process s" for m in modes]
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for name, steps, med, medw in rows:
+            cells = [name, str(steps)] + [f"{med[m] * 1000 / steps:.2f}" for m in modes] \
+                + [f"{med[m] / med['plain']:.2f}x" for m in modes if m != "plain"] + [f"{medw[m]:.1f}" for m in modes]
+            print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
