@@ -83,11 +83,8 @@ def cpu_oom_message(nbytes: int, live_bytes: int, cap_bytes: int) -> str:
 
 def _resident_tensors(prepared) -> list:
     """Everything a trial holds before the first step: parameters, buffers, inputs, target."""
-    from torch.utils._pytree import tree_leaves
-
-    tensors = list(prepared.model.parameters()) + list(prepared.model.buffers())
-    tensors += [t for t in tree_leaves((prepared.args, prepared.kwargs, prepared.target))]
-    return tensors
+    return [list(prepared.model.parameters()), list(prepared.model.buffers()), prepared.args, prepared.kwargs,
+            prepared.target]
 
 
 class _Trial:
@@ -117,10 +114,8 @@ class _Trial:
         return time.perf_counter() - self.t0
 
 
-def _run_steps(workload: Workload, trial: _Trial, device, steps: int, before_steps=None, scaler=None):
+def _run_steps(workload: Workload, trial: _Trial, device, steps: int, scaler=None):
     prepared = prepare(workload, device)
-    if before_steps is not None:
-        before_steps(prepared)
     for i in range(1, steps + 1):
         trial.step = i
         train_step(prepared, trial.phase_cb, scaler)
@@ -140,6 +135,56 @@ def _classify(exc: BaseException, trial: _Trial) -> tuple[str, str]:
 
 
 # =========================================================================== CPU under a cap
+class CpuMemoryCap:
+    """Cap live tensor bytes on the CPU: crossing ``cap_bytes`` raises PyTorch's CPU out-of-memory error.
+
+    Use as a context manager around the code to cap (a :class:`StorageTracker` dispatch
+    mode), after :meth:`register`-ing what is already resident (parameters, buffers,
+    inputs). Frees are seen whether or not the mode is active, so one cap can be entered
+    once per step (Lightning's ``optimizer_step``) or around a whole trial.
+    ``attempted_bytes`` is the live total the failing allocation would have made.
+    """
+
+    def __init__(self, cap_bytes: int):
+        from .tracking import StorageTracker
+
+        self.cap_bytes = int(cap_bytes)
+        self.attempted_bytes: Optional[int] = None
+        self.tracker = StorageTracker(on_alloc=self._check)
+
+    def _check(self, _key, nbytes: int, _func) -> None:
+        live = self.tracker.current_bytes
+        if live > self.cap_bytes:
+            import torch
+
+            self.attempted_bytes = live
+            raise torch.OutOfMemoryError(cpu_oom_message(nbytes, live, self.cap_bytes))
+
+    def register(self, tensors) -> None:
+        """Count these tensors (and nested containers of them) as live; raises if that crosses the cap."""
+        from torch.utils._pytree import tree_leaves
+
+        self.tracker.register(tree_leaves(tensors))
+
+    @property
+    def live_bytes(self) -> int:
+        return self.tracker.current_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.tracker.peak_bytes
+
+    def close(self) -> None:
+        self.tracker.detach()
+
+    def __enter__(self) -> "CpuMemoryCap":
+        self.tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.tracker.__exit__(*exc)
+
+
 class CpuCapRunner:
     """Real steps on the CPU with live tensor bytes capped at ``cap_bytes``."""
 
@@ -158,35 +203,24 @@ class CpuCapRunner:
         return self.cap_bytes
 
     def run(self, workload: Workload, batch: int, steps: int = 2, on_phase: Optional[PhaseCallback] = None) -> BatchTrial:
-        from .tracking import StorageTracker
-        import torch
-
-        cap = self.cap_bytes
-        attempted: dict[str, int] = {}
-
-        def check(_key, nbytes, _func):
-            if tracker.current_bytes > cap:
-                attempted["bytes"] = tracker.current_bytes
-                raise torch.OutOfMemoryError(cpu_oom_message(nbytes, tracker.current_bytes, cap))
-
-        tracker = StorageTracker(on_alloc=check)
+        cap = CpuMemoryCap(self.cap_bytes)
         trial = _Trial(batch, on_phase)
         error = kind = where = None
         peak = None
         try:
             prepared = prepare(workload.with_batch(batch), "cpu")
-            tracker.register(_resident_tensors(prepared))
-            with tracker:
+            cap.register(_resident_tensors(prepared))
+            with cap:
                 for i in range(1, steps + 1):
                     trial.step = i
                     train_step(prepared, trial.phase_cb)
-            peak = tracker.peak_bytes
+            peak = cap.peak_bytes
             steps_run = steps
         except BaseException as exc:  # noqa: BLE001 - classified below; anything else re-raised
             try:
                 error, kind = _classify(exc, trial)
             except BaseException:
-                tracker.detach()
+                cap.close()
                 raise
             where = trial.where
             steps_run = max(0, trial.step - 1)
@@ -194,11 +228,11 @@ class CpuCapRunner:
             del exc
         prepared = None  # noqa: F841 - drop the model, optimizer and batch
         gc.collect()
-        leaked = tracker.current_bytes
-        tracker.detach()
+        leaked = cap.live_bytes
+        cap.close()
         return BatchTrial(batch_size=batch, fits=error is None, steps_run=steps_run, seconds=trial.seconds(),
-                          peak_allocated_bytes=peak, capacity_bytes=cap, error=error, oom_detected_by=kind,
-                          oom_phase=where, attempted_bytes=attempted.get("bytes"), leaked_bytes=leaked)
+                          peak_allocated_bytes=peak, capacity_bytes=self.cap_bytes, error=error, oom_detected_by=kind,
+                          oom_phase=where, attempted_bytes=cap.attempted_bytes, leaked_bytes=leaked)
 
 
 # =========================================================================== CUDA

@@ -4,8 +4,10 @@ Knows nothing about torch. A *probe* runs one trial at a batch size and says whe
 it fit and, when it did, the peak of the metric the capacity limits (bytes). The
 search
 
-1. starts a little below the predicted limit (``Guide.max_batch``), where the trial
-   almost surely fits and gives a measured peak close to the capacity;
+1. starts at or a little below the predicted limit (``Guide.max_batch`` x
+   ``first_fraction``: 1.0 when the prediction is known to be close, as on the CPU cap;
+   0.9 by default), where the trial most likely fits and gives a measured peak close to
+   the capacity (if it does not, it backs off by 10 %, then measures the smallest batch);
 2. fits the measured peaks as an affine function of the batch (the slope from two
    measured points, or the prediction's bytes per sample while there is only one)
    and jumps to the largest batch that model says fits;
@@ -64,7 +66,7 @@ class Step:
     batch: int
     fits: bool
     peak_bytes: Optional[int]
-    #: why this batch: prediction, start, extrapolate, confirm, gallop, bisect, halve, smallest, double
+    #: why this batch: prediction, start, extrapolate, confirm, gallop, bisect, back off, halve, smallest, double
     reason: str
     #: the search's own estimate of the peak before the trial (its affine model), if any
     expected_bytes: Optional[int] = None
@@ -193,6 +195,10 @@ class _State:
             if not has_fit:
                 if self.down >= 2:  # two OOMs and no fit yet: measure the smallest batch, then extrapolate
                     return floor_, "smallest"
+                if self.steps[0].reason == "prediction" and self.steps[0].batch >= 0.95 * hi and \
+                        self.guide and self.guide.max_batch and hi >= 0.95 * self.guide.max_batch:
+                    # started at the predicted limit and missed: step back by a typical prediction error
+                    return _clamp(max(self.min_batch, math.floor(0.9 * hi)), floor_, ceil_), "back off"
                 return _clamp(max(self.min_batch, hi // 2), floor_, ceil_), "halve"
             mid = (lo + hi) // 2
             if len(self.points) < 2:  # one measured point and a wrong slope: a second point settles the slope

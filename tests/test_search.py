@@ -199,3 +199,14 @@ def test_capacity_reported_by_the_probe_is_used():
 
     res = search(probe, guide=Guide(max_batch=190))
     assert res.largest_fit == 200 and res.capacity_bytes == int(cap) and res.trials <= 4
+
+
+@pytest.mark.parametrize("error, trials", [(0.0, 2), (-0.02, 5), (0.02, 4), (0.3, 7)])
+def test_starting_at_the_prediction(error, trials):
+    # first_fraction=1.0 (the CPU cap, where the tracer predicts the counted bytes): exact prediction -> 2 trials
+    a, s = 100 * MiB, 0.8 * MiB
+    cap = a + s * 1500.5
+    probe = FakeProbe(affine(a, s), cap)
+    res = search(probe, capacity_bytes=int(cap), guide=guide_for(a, s, cap, error), first_fraction=1.0)
+    assert res.largest_fit == 1500 and res.exact
+    assert res.trials <= trials, probe.tried
