@@ -480,7 +480,7 @@ def analyse(workload: "Workload") -> AnalyticEstimate:
     ms_forward = outputs_elems * type_size
     methods = [MethodTotal("formula (four-part rule)", total, activation,
                            "params + grads + optimizer state + outputs + input"),
-               MethodTotal("modelsize (seed 004)", ms_params + 2 * ms_forward, 2 * ms_forward,
+               MethodTotal("modelsize ×2", ms_params + 2 * ms_forward, 2 * ms_forward,
                            "params + outputs ×2 (in-place ReLU skipped)")]
     containers = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
     ts_out = sum(c.fp32_out_elements for c in run.calls if c.module is not model and not isinstance(c.module, containers))

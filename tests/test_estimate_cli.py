@@ -42,7 +42,7 @@ def _analytic(**changes) -> AnalyticEstimate:
         modelsize_param_bytes=450_304, modelsize_forward_bytes=5_767_168, modelsize_backward_bytes=11_534_336,
         methods=(MethodTotal("formula (four-part rule)", sum(breakdown.values()), 5_767_168,
                              "params + grads + optimizer state + outputs + input"),
-                 MethodTotal("modelsize (seed 004)", 11_984_640, 11_534_336, "params + outputs ×2 (in-place ReLU skipped)"),
+                 MethodTotal("modelsize ×2", 11_984_640, 11_534_336, "params + outputs ×2 (in-place ReLU skipped)"),
                  MethodTotal("accelerate-style", 1_801_216, None, "4 × model size (Adam), no activations")),
         layers=_LAYERS, formula_checked=3, formula_mismatches=(), notes=(), seconds=0.01)
     fields.update(changes)

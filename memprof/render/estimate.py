@@ -1,11 +1,11 @@
 """Rendering of ``memprof estimate`` results (see :class:`memprof.results.EstimateResult`)."""
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 from rich import box
 from rich.console import Console
-from rich.padding import Padding
 from rich.table import Table
 
 from ..results import EstimateResult, LayerRow, MemCategory
@@ -210,7 +210,7 @@ def _methods(result: EstimateResult, console: Console) -> None:
     width = max(len(name) for name, _ in legend)
     for name, how in legend:
         console.print(f"  {name:<{width}}  {how}")
-    console.print(f"  seed 004 modelsize (decimal MB): parameters {a.modelsize_param_bytes / 1e6:.6f} MB,")
+    console.print(f"  modelsize in decimal MB: parameters {a.modelsize_param_bytes / 1e6:.6f} MB,")
     console.print(f"    intermediates {a.modelsize_forward_bytes / 1e6:.4f} MB forward-only, "
                   f"{a.modelsize_backward_bytes / 1e6:.4f} MB with backward")
 
@@ -233,7 +233,7 @@ def _fit(result: EstimateResult, console: Console) -> None:
         return
     console.print(f"  largest batch that fits: {fit.max_batch}")
     console.print(f"  recommended batch:       {fit.recommended_batch}  "
-                  f"(floor({fit.headroom:g} × {fit.max_batch}), the seeds' headroom rule)")
+                  f"(floor({fit.headroom:g} × {fit.max_batch}): headroom for what the estimate cannot see)")
     if fit.per_sample_bytes is not None and fit.fixed_bytes is not None:
         console.print(f"  by batch: {format_bytes(fit.fixed_bytes)} + {format_bytes(fit.per_sample_bytes)} per sample")
 
@@ -251,4 +251,5 @@ def render_estimate(result: EstimateResult, console: Console, layers: int | None
         console.print()
         console.print("[bold]Notes[/bold]")
     for note in notes:
-        console.print(Padding(f"- {note}", (0, 0, 0, 2), expand=False))
+        console.print(textwrap.fill(note, width=max(40, console.width - 1), initial_indent="  - ",
+                                    subsequent_indent="    "), markup=False, highlight=False)
