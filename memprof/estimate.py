@@ -113,6 +113,12 @@ def estimate(workload: "Workload", capacity: Capacity | None = None, headroom: f
             except MemprofError as exc:
                 trace_result, fit = None, None
                 trace_note = f"tracing failed: {exc.message} (formula only)"
+            except MemoryError:
+                raise
+            except Exception as exc:  # a tracer bug must not cost the user the formula estimate
+                trace_result, fit = None, None
+                first = (str(exc).strip().splitlines() or [""])[0]
+                trace_note = f"tracing failed: {type(exc).__name__}: {first} (formula only)"
     else:
         trace_note = "tracing skipped (--no-trace)"
     if fit is None and capacity is not None:

@@ -272,3 +272,20 @@ def test_tracer_failure_falls_back_to_formula(monkeypatch):
     res = estimate(Workload(model=spec, batch_size=4), capacity=Capacity(GiB, "--gpu-memory"))
     assert res.traced is None and res.headline_source == "formula" and res.fit.source == "formula"
     assert res.trace_note == "tracing failed: an op the tracer cannot run (formula only)"
+
+
+def test_unexpected_tracer_exception_falls_back_too(monkeypatch):
+    import memprof.trace as trace
+    from memprof.estimate import estimate
+    from memprof.loading import load_model
+    from memprof.workload import Workload
+
+    def buggy(*args, **kwargs):
+        raise RuntimeError("aten::foo has no fake implementation\nmore detail")
+
+    monkeypatch.setattr(trace, "trace_step", buggy)
+    spec = load_model("memprof.zoo:mnist_mlp")
+    spec.inputs.shapes = [(1, 28, 28)]
+    res = estimate(Workload(model=spec, batch_size=4))
+    assert res.traced is None and res.headline_source == "formula"
+    assert res.trace_note == "tracing failed: RuntimeError: aten::foo has no fake implementation (formula only)"
