@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
-import os
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -455,17 +454,14 @@ def make_runner(device: str, memory_limit: Optional[int], isolate: bool = False)
 
 
 def _isolated_cuda(index: int) -> IsolatedRunner:
-    """Check CUDA is there without initialising it in this process (NVML, then a child's answer)."""
+    """Check CUDA is there without creating a CUDA context in this process (NVML, else the driver's device count)."""
     from . import nvml
 
     info = nvml.device_info(index)
-    if info is None:
-        ok, reason = nvml.available()
-        import torch
+    if info is not None:
+        return IsolatedRunner("cuda", index, f"cuda:{index} {info.name}")
+    import torch
 
-        # torch.cuda.is_available() does not create a context (it asks the driver through NVML when it can)
-        os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-        if not torch.cuda.is_available():
-            raise NoGPUError("CUDA is not available", "use `memprof estimate`, or --device cpu --memory-limit 4GiB")
-        return IsolatedRunner("cuda", index, f"cuda:{index}")
-    return IsolatedRunner("cuda", index, f"cuda:{index} {info.name}")
+    if not torch.cuda.is_available():  # asks the driver for a device count; allocates nothing on the GPU
+        raise NoGPUError("CUDA is not available", "use `memprof estimate`, or --device cpu --memory-limit 4GiB")
+    return IsolatedRunner("cuda", index, f"cuda:{index}")

@@ -56,7 +56,7 @@ def plot_data(result) -> PlotData:
     lows = [v for _, v in fits] + [int(line[0]) for line in (predicted, measured) if line is not None]
     y_min = 0
     if lows and min(lows) > 0.4 * cap:  # zoom in on the part that grows with the batch
-        y_min = int(min(lows) * 0.9)
+        y_min = int(min(min(lows), cap) * 0.9)
         y_max = int(cap + 0.12 * (cap - y_min))
     label = "live tensor bytes" if metric == "allocated" else "torch reserved"
     title = f"{result.workload.get('model')}: peak {label} vs batch size"

@@ -56,11 +56,12 @@ def test_cpu_find_batch_table_and_chart():
     assert "trial 1: batch" in res.stderr  # progress on stderr, one line per trial off a terminal
 
 
-def test_search_without_prediction_finds_the_same_batch():
-    with_pred = find_batch(_mlp("sgd"), device="cpu", memory_limit=CAP)
-    without = find_batch(_mlp("sgd"), device="cpu", memory_limit=CAP, predict=False)
-    assert with_pred.largest_batch == without.largest_batch and without.status == "exact"
-    assert without.prediction is None and with_pred.prediction is not None
+def test_search_without_prediction_is_exact_too():
+    # "exact" means the search itself ran the answer (fits) and the answer + 1 (OOM) for real
+    res = find_batch(_mlp("sgd"), device="cpu", memory_limit=CAP, predict=False)
+    assert res.status == "exact" and res.prediction is None and len(res.trials) <= 8
+    by_batch = {t.batch_size: t.fits for t in res.trials}
+    assert by_batch[res.largest_batch] is True and by_batch[res.largest_batch + 1] is False
 
 
 def test_nothing_fits_exits_4():

@@ -82,7 +82,7 @@ class TrialProgress:
         elif kind == "predicted":
             self.state = "trials"
             if self.live is None and data is not None:
-                self.console.print(f"prediction: largest batch {data.max_batch} "
+                self.console.print(f"prediction: largest batch {data.max_batch or 'none (nothing fits)'} "
                                    f"({format_bytes(data.slope_bytes_per_sample)}/sample, traced in "
                                    f"{data.seconds:.1f} s)", highlight=False)
         elif kind == "trial":
@@ -157,7 +157,8 @@ def answer_lines(result) -> list[str]:
         lines.append(f"Largest batch found to fit: {result.largest_batch} (search stopped: {result.status})")
     if result.recommended_batch is not None:
         rounding = f", multiple of {result.multiple_of}" if result.multiple_of else ""
-        lines.append(f"Recommended batch: {result.recommended_batch} "
+        so_far = " so far" if result.status == "interrupted" else ""
+        lines.append(f"Recommended batch{so_far}: {result.recommended_batch} "
                      f"({result.headroom:g} x {result.largest_batch}{rounding})")
         if result.recommended_expected_bytes is not None:
             left = result.headroom_left_bytes
@@ -203,7 +204,7 @@ def render_find_batch(result, console: Console, *, chart: bool = True, plot_path
         console.print(line, highlight=False)
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
-    if chart and result.trials:
+    if chart and any(t.fits for t in result.trials):
         from ..plot import terminal_chart
 
         console.print()
