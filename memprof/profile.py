@@ -48,6 +48,7 @@ _HITS, _DELTA, _MAXDELTA, _ALLOC, _PEAK = range(5)
 # fields of a module's statistics
 _CALLS, _ADDED, _FPEAK, _BALLOC, _BPEAK = range(5)
 
+_DTYPE_NAMES: dict[Any, str] = {}
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep,
                     os.sep + ".venv" + os.sep, os.sep + "venv" + os.sep)
@@ -138,7 +139,10 @@ class _Recorder(StorageTracker):
         except Exception:  # sparse and other storage-less tensors
             return None
         key = st._cdata
-        if key in self.live or self.closed or (self.device_type is not None and st.device.type != self.device_type):
+        if key in self.live or self.closed:
+            return None
+        dev = st.device.type
+        if self.device_type is not None and dev != self.device_type:
             return None
         nbytes = st.nbytes()
         self.live[key] = nbytes
@@ -187,7 +191,10 @@ class _Recorder(StorageTracker):
             shape = tuple(t.shape)
         except Exception:
             shape = ()
-        rec = [nbytes, shape, str(t.dtype).replace("torch.", ""), t.device.type, origin, hit, cat, phase, module]
+        dtype = _DTYPE_NAMES.get(t.dtype)
+        if dtype is None:
+            dtype = _DTYPE_NAMES[t.dtype] = str(t.dtype).replace("torch.", "")
+        rec = [nbytes, shape, dtype, dev, origin, hit, cat, phase, module]
         self.meta[key] = rec
         now = time.perf_counter() - self.t0
         self.tl_t.append(now)
@@ -235,7 +242,11 @@ class _Recorder(StorageTracker):
 
     # -- line tracing ---------------------------------------------------------------------------
     def global_trace(self, frame, event, arg):
-        if not self.is_user(frame.f_code.co_filename):
+        # called for every new Python frame (torch's included): keep the common "not ours" path short
+        u = self._user_cache.get(frame.f_code.co_filename)
+        if u is None:
+            u = self.is_user(frame.f_code.co_filename)
+        if not u:
             return None
         if self.script_globals is None and frame.f_code.co_name == "<module>":
             self.script_globals = frame.f_globals
@@ -627,23 +638,28 @@ def _cuda_info(rec: _Recorder, snapshot_path) -> ProfileCuda | None:
 
 
 def _leaks(rec: _Recorder) -> list[LeakSuspect]:
-    """Lines whose allocations from many executions are all still alive; containers of graph-holding tensors."""
+    """Lines whose allocations from many executions are all alive (at exit, else at the peak), and
+    global containers of tensors that keep their autograd graphs."""
     out: list[LeakSuspect] = []
-    by_origin: dict[Any, list] = {}
-    for r in rec.meta.values():
-        if r[_CAT] in (MemCategory.PARAMETER, MemCategory.BUFFER, MemCategory.OPTIMIZER_STATE, MemCategory.GRADIENT):
-            continue
-        g = by_origin.setdefault(r[_ORIGIN], [0, 0, set()])
-        g[0] += r[_NBYTES]
-        g[1] += 1
-        g[2].add(r[_HIT])
-    for origin, (nbytes, count, hits_alive) in by_origin.items():
-        if origin is None:
-            continue
-        hits = rec.lines[origin][_HITS]
-        if len(hits_alive) >= 3 and len(hits_alive) >= 0.5 * hits:
-            out.append(LeakSuspect(_loc(rec, origin), _source(origin), nbytes, count, len(hits_alive), hits,
-                                   f"memory allocated by {len(hits_alive)} of its {hits} executions is still alive"))
+    seen = set()
+    for records, when in ((list(rec.meta.values()), "still alive at exit"), (rec.peak_live, "alive together at the peak")):
+        by_origin: dict[Any, list] = {}
+        for r in records:
+            if r[_CAT] in (MemCategory.PARAMETER, MemCategory.BUFFER, MemCategory.OPTIMIZER_STATE,
+                           MemCategory.GRADIENT):
+                continue
+            g = by_origin.setdefault(r[_ORIGIN], [0, 0, set()])
+            g[0] += r[_NBYTES]
+            g[1] += 1
+            g[2].add(r[_HIT])
+        for origin, (nbytes, count, hits_alive) in by_origin.items():
+            if origin is None or origin in seen:
+                continue
+            hits = rec.lines[origin][_HITS]
+            if len(hits_alive) >= 3 and len(hits_alive) >= 0.5 * hits:
+                seen.add(origin)
+                out.append(LeakSuspect(_loc(rec, origin), _source(origin), nbytes, count, len(hits_alive), hits,
+                                       f"memory allocated by {len(hits_alive)} of its {hits} executions is {when}"))
     for name, value in list((rec.script_globals or {}).items()):
         if name.startswith("__") or not isinstance(value, (list, tuple, dict, set)) or isinstance(value, type):
             continue

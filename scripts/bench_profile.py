@@ -1,13 +1,15 @@
 """Overhead of ``memprof profile`` on small CPU training scripts: the same loop with and without the profiler.
 
-Each case writes a training script to a temporary folder; the script times its own training loop
-(after a warm-up step, so imports and first-call costs are excluded) and writes the seconds to a
-file. The script runs in a fresh subprocess, once as ``python train.py`` and once as
-``python -m memprof profile train.py`` (plus ``--log`` for the log mode), ``--repeats`` times
-each, alternating; the median loop time is reported, and the slowdown is profiled / plain.
+Each case writes a training script to a temporary folder; the script times every training step
+(after a warm-up step, so imports and first-call costs are excluded) and writes the median step
+time to a file. It runs in a fresh subprocess as ``python train.py`` (plain), as
+``python -m memprof profile train.py`` (line mode, the default) and with ``--log`` (log mode),
+``--repeats`` times each, interleaved. Reported: per mode the best (minimum) of the repeats'
+median step times - the estimator least disturbed by other load on a shared machine - and the
+slowdown profiled / plain from those; the median over repeats is shown too.
 
-    python scripts/bench_profile.py                  # all cases, 3 repeats
-    python scripts/bench_profile.py --repeats 5 --markdown
+    python scripts/bench_profile.py                  # all cases, 5 repeats
+    python scripts/bench_profile.py --repeats 7 --markdown
 """
 from __future__ import annotations
 
@@ -48,11 +50,13 @@ TEMPLATE = textwrap.dedent("""\
 
 
     step()  # warm-up: first-call costs and Adam's state are not timed
-    t0 = time.perf_counter()
+    times = []
     for i in range({steps}):
+        t0 = time.perf_counter()
         loss = step()
-    elapsed = time.perf_counter() - t0
-    open(sys.argv[1], "w").write(repr(elapsed))
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    open(sys.argv[1], "w").write(repr(times[len(times) // 2]))
 """)
 
 CASES = {
@@ -70,7 +74,7 @@ CASES = {
 
 
 def run_once(script: Path, out: Path, mode: str) -> tuple[float, float]:
-    """(loop seconds measured inside the script, whole process seconds)."""
+    """(median step seconds measured inside the script, whole process seconds)."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if mode == "plain":
         cmd = [sys.executable, str(script), str(out)]
@@ -87,13 +91,14 @@ def run_once(script: Path, out: Path, mode: str) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in the script (default 1)")
     ap.add_argument("--modes", default="plain,line,log")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = ap.parse_args()
     modes = args.modes.split(",")
     rows = []
+    load0 = f"{os.getloadavg()[0]:.2f}"
     with tempfile.TemporaryDirectory() as tmp:
         for name, (model, batch, inp, steps) in CASES.items():
             script = Path(tmp) / "train.py"
@@ -105,22 +110,29 @@ def main() -> None:
                     loop, wall = run_once(script, Path(tmp) / "t.txt", m)
                     loops[m].append(loop)
                     walls[m].append(wall)
+            best = {m: min(v) for m, v in loops.items()}
             med = {m: statistics.median(v) for m, v in loops.items()}
             medw = {m: statistics.median(v) for m, v in walls.items()}
-            rows.append((name, steps, med, medw))
-            print(f"{name}: " + ", ".join(f"{m} {med[m] * 1000 / steps:.2f} ms/step" for m in modes)
-                  + "".join(f", {m} x{med[m] / med['plain']:.2f}" for m in modes if m != "plain"), file=sys.stderr)
+            rows.append((name, steps, best, med, medw))
+            print(f"{name}: " + ", ".join(f"{m} {best[m] * 1000:.2f} ms/step" for m in modes)
+                  + "".join(f", {m} x{best[m] / best['plain']:.2f}" for m in modes if m != "plain")
+                  + f"  (all: {', '.join(f'{m} ' + '/'.join(f'{v * 1000:.2f}' for v in loops[m]) for m in modes)})",
+                  file=sys.stderr)
     if args.markdown:
         print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'n/a'}), "
               f"Python {platform.python_version()}, torch {__import__('torch').__version__}, "
-              f"torch threads {args.threads}, median of {args.repeats} runs.\n")
-        head = ["case", "steps"] + [f"{m} ms/step" for m in modes] + [f"{m} slowdown" for m in modes if m != "plain"] \
-            + [f"{m} process s" for m in modes]
+              f"torch threads {args.threads}, {args.repeats} runs per mode; load average before/after "
+              f"{load0} / {os.getloadavg()[0]:.2f}.\n")
+        head = (["case", "steps"] + [f"{m} ms/step (best)" for m in modes]
+                + [f"{m} slowdown (best)" for m in modes if m != "plain"]
+                + [f"{m} slowdown (median)" for m in modes if m != "plain"] + [f"{m} process s" for m in modes])
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
-        for name, steps, med, medw in rows:
-            cells = [name, str(steps)] + [f"{med[m] * 1000 / steps:.2f}" for m in modes] \
-                + [f"{med[m] / med['plain']:.2f}x" for m in modes if m != "plain"] + [f"{medw[m]:.1f}" for m in modes]
+        for name, steps, best, med, medw in rows:
+            cells = ([name, str(steps)] + [f"{best[m] * 1000:.2f}" for m in modes]
+                     + [f"{best[m] / best['plain']:.2f}x" for m in modes if m != "plain"]
+                     + [f"{med[m] / med['plain']:.2f}x" for m in modes if m != "plain"]
+                     + [f"{medw[m]:.1f}" for m in modes])
             print("| " + " | ".join(cells) + " |")
 
 

@@ -150,6 +150,30 @@ def test_leak_is_flagged(script):
     assert graph.hits_alive == 8 and "autograd graph" in graph.reason
 
 
+def test_leak_inside_a_function_is_flagged_at_the_peak(script):
+    # everything is freed when main() returns; the growth is still visible at the peak
+    r = profile_script(script(textwrap.dedent("""\
+        import torch
+
+
+        def main():
+            w = torch.randn(64, 64, requires_grad=True)
+            kept = []
+            for step in range(6):
+                y = (torch.randn(16, 64) @ w).relu().sum()
+                y.backward(retain_graph=True)
+                kept.append(y)
+
+
+        main()
+    """), "leak_in_main.py"))
+    assert r.at_exit_bytes == 0
+    (lk,) = r.leaks
+    assert lk.origin == "leak_in_main.py:8" and lk.hits_alive == 6 and "at the peak" in lk.reason
+    # each kept graph: the (16, 64) input, the (16, 64) matmul output saved by relu, the scalar sum
+    assert lk.live_bytes == 6 * (2 * 16 * 64 * 4 + 4)
+
+
 def test_crash_gives_partial_profile(script):
     r = profile_script(script(CRASH, "crash.py"))
     assert r.outcome.status == "exception" and r.outcome.exit_code == 1
@@ -278,7 +302,7 @@ def _hand_built(cuda: bool = False) -> ProfileResult:
     modules = (ModuleStat("Net", "Net", 5, 5 * mib // 2, 12 * mib, 0, None),
                ModuleStat("Net.fc1", "Linear", 5, 2 * mib, 11 * mib, 10 * mib, 14 * mib))
     leaks = (LeakSuspect("train.py:28", "loss = crit(out, y)", 3 * mib, 24, 8, 8,
-                         "memory allocated by 8 of its 8 executions is still alive"),)
+                         "memory allocated by 8 of its 8 executions is still alive at exit"),)
     c = ProfileCuda("NVIDIA H100 80GB HBM3", 14 * mib, 22 * mib, 20 * mib, 540 * mib, 520 * mib, "snap.pickle") \
         if cuda else None
     return ProfileResult(

@@ -107,13 +107,13 @@ def render_profile(result: ProfileResult, console: Console, top: int = 10) -> No
 
     console.print()
     if result.leaks:
-        console.print(Text("Possible leaks (alive at exit)", style="bold"))
+        console.print(Text("Possible leaks: memory kept from many executions of one line", style="bold"))
         for lk in result.leaks:
-            src = f"  {_short(lk.source)}" if lk.source else ""
-            console.print(f"  {lk.origin}{src}: {format_bytes(lk.live_bytes)} in {format_count(lk.storages)} "
-                          f"storages; {lk.reason}")
+            src = f"  {_short(lk.source, 80)}" if lk.source else ""
+            console.print(f"  {lk.origin}{src}")
+            console.print(f"    {format_bytes(lk.live_bytes)} in {format_count(lk.storages)} storages: {lk.reason}")
     else:
-        console.print("No leak suspected: no line keeps memory from many of its executions alive at exit.")
+        console.print("No leak suspected: no line keeps memory from many of its executions alive (at the peak or at exit).")
 
 
 def outcome_line(result: ProfileResult) -> str | None:
