@@ -413,6 +413,9 @@ class RecomputeCost:
     regions: int  # checkpointed regions recomputed per step
     forward_flops: int  # the whole forward
     recompute_flops: int  # the forward of the checkpointed regions, again in backward
+    plan: str = ""  # CheckpointPlan.describe()
+    #: BatchNorm layers inside checkpointed regions update their running statistics twice per step
+    batchnorm_recomputed: bool = False
 
     @property
     def step_flops(self) -> int:
@@ -454,8 +457,11 @@ def _count_recompute(workload, device: str, mode) -> RecomputeCost:
                 prepared.model(*prepared.args, **prepared.kwargs)
         finally:
             _state.probe = None
+    model = prepared.model
+    batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     return RecomputeCost(regions=plan.count if plan else 0, forward_flops=int(total.get_total_flops()),
-                         recompute_flops=int(sum(probe)))
+                         recompute_flops=int(sum(probe)), plan=plan.describe() if plan else "",
+                         batchnorm_recomputed=batchnorm and bool(probe))
 
 
 def get_plan(model) -> CheckpointPlan | None:

@@ -64,6 +64,7 @@ class Capacity:
     source: str  # "--gpu-memory", "NVML: NVIDIA H100 80GB HBM3 (GPU 0)", "--memory-limit"
     device_name: str | None = None
 
+
 # =========================================================================== analytic / estimate
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
@@ -153,7 +154,6 @@ class EstimateResult:
     fit: FitSummary | None
     headline_bytes: int
     headline_source: str  # "traced" | "formula"
-
 
 
 # =========================================================================== trace
@@ -475,3 +475,93 @@ class FindBatchResult:
     micro_batch: int | None = None  # per-step batch with grad_accum_steps (<= recommended)
     wall_seconds: float = 0.0
     notes: tuple[str, ...] = ()
+
+
+# =========================================================================== compare
+@dataclasses.dataclass(frozen=True)
+class RecomputeInfo:
+    """What a checkpointed row pays: its regions' forward runs again in backward."""
+
+    plan: str  # "16 × Bottleneck (repeated blocks)"
+    regions: int
+    forward_flops: int | None  # one forward (FlopCounterMode: matmuls, convolutions, attention)
+    recompute_flops: int | None  # run again during backward
+    extra_pct: float | None  # recompute / (forward + backward ~ 3 x forward), in %
+    batchnorm_recomputed: bool = False  # BatchNorm running statistics then update twice per step
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareFit:
+    """The largest batch of one row that fits the capacity (traced), and the recommended one."""
+
+    metric: str  # what was compared with the capacity: "nvml" (cuda) | "allocated" (cpu)
+    max_batch: int | None  # None: not even batch 1 fits
+    recommended_batch: int | None  # floor(headroom x max_batch), at least 1
+    fits: bool  # the row's own batch size fits
+    limited_by_max: bool = False
+    traces: int = 0  # traces the search used
+    exact: bool = True  # False: the search stopped early; max_batch is a lower bound
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareMeasurement:
+    """A real step of one row (CUDA, or CPU under --memory-limit) next to its prediction."""
+
+    metric: str  # "allocated" (CPU live tensor bytes / torch.cuda.max_memory_allocated)
+    peak_bytes: int | None  # None: out of memory or failed
+    predicted_bytes: int | None
+    error_pct: float | None  # (predicted - measured) / measured
+    oom: bool = False
+    max_batch: int | None = None  # --find-batch: the largest batch that really ran
+    seconds: float = 0.0
+    note: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareRow:
+    """One configuration, traced. Category bytes: persistent ones as held, activations saved at the
+    end of forward, temporaries as alive at the peak; ``breakdown_at_peak`` sums to ``peak_bytes``."""
+
+    label: str
+    changes: dict[str, Any]  # axis -> value that differs from the baseline ({} for the baseline)
+    workload: dict[str, Any]
+    baseline: bool
+    peak_bytes: int | None
+    parameter_bytes: int | None
+    gradient_bytes: int | None
+    optimizer_state_bytes: int | None
+    activation_bytes: int | None
+    temporary_bytes: int | None
+    input_bytes: int | None
+    buffer_bytes: int | None
+    breakdown_at_peak: dict[MemCategory, int]
+    delta_bytes: int | None  # peak - baseline peak
+    delta_pct: float | None
+    peak_phase: str | None
+    peak_module: str | None
+    fit: CompareFit | None
+    recompute: RecomputeInfo | None
+    measured: CompareMeasurement | None
+    best: bool = False
+    error: str | None = None  # this row could not be traced (the others still are)
+    notes: tuple[str, ...] = ()
+    trace_seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareResult:
+    """``memprof compare``: configurations side by side, baseline first, then by peak."""
+
+    model: str
+    base_workload: dict[str, Any]
+    target: str  # "cuda" | "cpu": what the traced peaks predict
+    peak_metric: str  # what peak_bytes means
+    capacity: Capacity | None
+    capacity_note: str | None  # why there are no fit columns
+    headroom: float
+    rows: tuple[CompareRow, ...]
+    best_label: str | None  # lowest peak at the baseline's batch size (below the baseline's)
+    #: lowest peak among rows that keep fp32 master weights (pure fp16/bf16 excluded)
+    safe_best_label: str | None
+    notes: tuple[str, ...] = ()
+    seconds: float = 0.0

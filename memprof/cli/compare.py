@@ -1,0 +1,215 @@
+"""``memprof compare MODEL``: precisions, optimizers and memory-saving techniques side by side."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from . import EXIT_OK, app, emit_json, handle_errors
+from .common import (GPU_MEMORY_OPT, HEADROOM_OPT, INPUT_DTYPE_OPT, INPUT_SHAPE_OPT, JSON_OPT, MODEL_ARG,
+                     MODEL_ARG_OPT, MODEL_KWARGS_OPT, MODEL_OPT, TOKEN_RANGE_OPT, build_workload, check_output_path,
+                     parse_headroom)
+
+
+def compare_document(result) -> dict[str, Any]:
+    """The ``--json`` document: ``schema_version``, ``kind: "compare"``, the result and the verdict sentence."""
+    from ..render.compare import verdict_text
+    from ..results import document
+
+    doc = document("compare", result)
+    doc["verdict"] = verdict_text(result)
+    return doc
+
+
+def resolve_capacity(device: str, gpu_memory: Optional[str], memory_limit: Optional[int]):
+    """(Capacity | None, note): --gpu-memory, else the local GPU via NVML; --memory-limit on the CPU."""
+    from .. import nvml
+    from ..results import Capacity
+    from ..units import parse_bytes
+
+    if device == "cpu":
+        if memory_limit is not None:
+            return Capacity(memory_limit, "--memory-limit", "cpu"), None
+        return None, "no --memory-limit: largest-batch columns left out (e.g. --memory-limit 8GiB)"
+    if gpu_memory:
+        return Capacity(parse_bytes(gpu_memory), "--gpu-memory"), None
+    info = nvml.device_info(0)
+    if info is not None:
+        return Capacity(info.total_bytes, f"NVML: {info.name} (GPU 0)", info.name), None
+    _, reason = nvml.available()
+    why = reason or "NVML sees no GPU"
+    return None, f"no --gpu-memory and no local GPU ({why}): largest-batch columns left out (e.g. --gpu-memory 24GiB)"
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - a broken torch install
+        return False
+
+
+def _measurers(device: str, memory_limit: Optional[int], measure: bool, find: bool, headroom: float,
+               max_batch: Optional[int]):
+    """(measure_fn, find_fn) reusing find-batch's runners: real steps on CUDA or on the CPU under a cap."""
+    from ..compare import Measured
+
+    measure_fn = find_fn = None
+    if measure:
+        from ..measure import make_runner
+
+        cap = memory_limit
+        if device == "cpu" and cap is None:
+            import os
+
+            cap = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # no cap given: the host's RAM
+        runner = make_runner(device, cap)
+
+        def measure_fn(workload):
+            trial = runner.run(workload, workload.batch_size, 2)
+            note = None if trial.fits else f"out of memory at batch {workload.batch_size} ({trial.oom_phase})"
+            return Measured(peak_bytes=trial.peak_allocated_bytes if trial.fits else None, oom=not trial.fits,
+                            metric="allocated", seconds=trial.seconds, note=note)
+
+    if find:
+        from ..find_batch import find_batch
+
+        def find_fn(workload):
+            kwargs = {"max_batch": max_batch} if max_batch else {}
+            res = find_batch(workload, device=device, memory_limit=memory_limit, headroom=headroom, **kwargs)
+            return res.largest_batch
+
+    return measure_fn, find_fn
+
+
+@app.command("compare")
+@handle_errors
+def compare_cmd(
+    model: Optional[str] = MODEL_ARG,
+    model_opt: Optional[str] = MODEL_OPT,
+    dtype: Optional[list[str]] = typer.Option(None, "--dtype", help="Add a row per dtype: fp32 | fp16 | bf16 | "
+                                                                    "amp-fp16 | amp-bf16 (repeatable)."),
+    optimizer: Optional[list[str]] = typer.Option(None, "--optimizer", "-o",
+                                                  help="Add a row per optimizer: sgd | sgd-momentum | adam | adamw | "
+                                                       "adagrad | rmsprop (repeatable)."),
+    checkpointing: Optional[list[str]] = typer.Option(None, "--checkpointing", "-c",
+                                                      help="Add a row per checkpointing mode: blocks (each repeated "
+                                                           "block) | sqrt (sqrt(n) segments) | every-K | none "
+                                                           "(repeatable)."),
+    inplace_relu: bool = typer.Option(False, "--inplace-relu", help="Add a row with every ReLU in place."),
+    mode: Optional[list[str]] = typer.Option(None, "--mode", help="Add a row per mode: eval (no_grad inference) | "
+                                                                  "train (repeatable)."),
+    batch_size: Optional[list[int]] = typer.Option(None, "--batch-size", "-b",
+                                                   help="Batch size of the baseline; more values add rows "
+                                                        "(repeatable) \\[default: 32, or the config's]."),
+    baseline_dtype: Optional[str] = typer.Option(None, "--baseline-dtype", help="dtype of the baseline "
+                                                                                "\\[default: fp32]."),
+    baseline_optimizer: Optional[str] = typer.Option(None, "--baseline-optimizer", help="Optimizer of the baseline "
+                                                                                        "\\[default: adam]."),
+    combine: bool = typer.Option(False, "--combine", help="One row per combination of the axes instead of one "
+                                                          "row per value."),
+    input_shape: Optional[list[str]] = INPUT_SHAPE_OPT,
+    input_dtype: Optional[str] = INPUT_DTYPE_OPT,
+    token_range: Optional[str] = TOKEN_RANGE_OPT,
+    model_kwargs: Optional[str] = MODEL_KWARGS_OPT,
+    model_arg: Optional[list[str]] = MODEL_ARG_OPT,
+    gpu_memory: Optional[str] = GPU_MEMORY_OPT,
+    headroom: float = HEADROOM_OPT,
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch the fit columns consider."),
+    no_fit: bool = typer.Option(False, "--no-fit", help="Leave out the largest-batch columns (faster)."),
+    device: Optional[str] = typer.Option(None, "--device", "-d",
+                                         help="cuda (predict a CUDA step) or cpu (predict and --measure a CPU "
+                                              "step) \\[default: cuda; cpu when --memory-limit is given]."),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="CPU: the capacity, and the cap real "
+                                                                            "steps run under (8GiB)."),
+    measure: bool = typer.Option(False, "--measure", help="Also run each row's real step at its batch size and "
+                                                          "show predicted vs measured."),
+    find: bool = typer.Option(False, "--find-batch", help="With --measure: also find each row's largest batch "
+                                                          "with real steps (slow)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the breakdown bars: file.svg, or file.png "
+                                                             "(needs matplotlib: pip install memprof[plot])."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Compare precisions, optimizers and memory-saving techniques for one model.
+
+    The baseline is the workload as given (fp32, Adam, batch 32 by default); each
+    --dtype/--optimizer/--checkpointing/--inplace-relu/--mode/--batch-size value adds a
+    row (--combine: every combination). Without any, rows for amp-fp16, amp-bf16, fp16
+    and per-block checkpointing. Every row is traced on fake tensors (no GPU needed):
+    parameters, gradients, optimizer state, activations, temporaries, the peak and where
+    it happens, the change vs the baseline and, with a capacity (--gpu-memory, the local
+    GPU, or --memory-limit on the CPU), the largest and recommended batch.
+    """
+    from ..errors import NoGPUError, UsageError
+    from ..units import parse_bytes
+
+    head = parse_headroom(headroom)
+    limit = parse_bytes(memory_limit) if memory_limit else None
+    device = (device or ("cpu" if limit is not None else "cuda")).strip().lower()
+    if device.startswith("cuda:"):
+        device = "cuda"
+    if device not in ("cuda", "cpu"):
+        raise UsageError(f"unknown device {device!r}", "write cuda or cpu")
+    if device == "cuda" and limit is not None:
+        raise UsageError("--memory-limit is for --device cpu", "on a GPU use --gpu-memory 24GiB for the capacity")
+    if device == "cpu" and gpu_memory:
+        raise UsageError("--gpu-memory is for --device cuda", "on the CPU the capacity is --memory-limit 8GiB")
+    if find and not measure:
+        raise UsageError("--find-batch runs real steps: it needs --measure", "add --measure")
+    if find and device == "cpu" and limit is None:
+        raise UsageError("--find-batch on the CPU needs --memory-limit", "e.g. --device cpu --memory-limit 8GiB")
+    if max_batch is not None and max_batch < 1:
+        raise UsageError(f"--max-batch must be at least 1, got {max_batch}", "e.g. --max-batch 4096")
+    if plot is not None:
+        from ..plot import check_plot_path
+
+        check_output_path(plot)
+        check_plot_path(plot)
+    if measure and device == "cuda" and not _has_cuda():
+        raise NoGPUError("--measure needs a CUDA GPU and none is available",
+                         "measure on the CPU instead: --device cpu --memory-limit 8GiB (predictions then target the "
+                         "CPU), or leave out --measure")
+    batches = list(batch_size or [])
+    if any(b <= 0 for b in batches):
+        raise UsageError(f"batch size must be a positive integer, got {min(batches)}", "e.g. --batch-size 32")
+
+    from ..compare import compare
+
+    axes: dict[str, list[Any]] = {}
+    for name, values in (("dtype", dtype), ("optimizer", optimizer), ("checkpointing", checkpointing),
+                         ("mode", mode), ("batch_size", batches[1:])):
+        if values:
+            axes[name] = list(values)
+    if inplace_relu:
+        axes["inplace_relu"] = [True]
+    from ..compare import normalize_axes
+
+    axes = normalize_axes(axes)  # bad values fail before the model loads
+    workload = build_workload(model, model_opt, batch_size=batches[0] if batches else None, dtype=baseline_dtype,
+                              optimizer=baseline_optimizer, input_shape=input_shape, input_dtype=input_dtype,
+                              token_range=token_range, model_kwargs=model_kwargs, model_arg=model_arg)
+    capacity, capacity_note = (None, None) if no_fit else resolve_capacity(device, gpu_memory, limit)
+    measure_fn, find_fn = _measurers(device, limit, measure, find, head, max_batch)
+
+    def progress(i: int, n: int, label: str) -> None:
+        print(f"[{i}/{n}] tracing {label} ...", file=sys.stderr, flush=True)
+
+    result = compare(workload, axes or None, combine=combine, target=device, capacity=capacity,
+                     capacity_note=capacity_note, headroom=head, fit=not no_fit, max_batch=max_batch,
+                     measure_fn=measure_fn, find_fn=find_fn, on_progress=progress)
+    if plot is not None:
+        from ..render.compare import write_plot
+
+        write_plot(result, plot)
+        print(f"wrote {plot}", file=sys.stderr)
+    if json_out:
+        emit_json(compare_document(result))
+    else:
+        from ..render import stdout_console
+        from ..render.compare import render_compare
+
+        render_compare(result, stdout_console())
+    raise typer.Exit(EXIT_OK)

@@ -1,0 +1,436 @@
+"""``memprof compare``: what each precision, optimizer and memory-saving technique buys.
+
+A baseline workload plus axes (dtype, optimizer, checkpointing, in-place ReLU, mode,
+batch size) become rows; every row is traced (the same fake-tensor step as
+``memprof estimate``), optionally fitted to a capacity, measured for real and, for
+checkpointed rows, priced in recomputed FLOPs. Pure: no printing; the tracer, the batch
+fitter, the measurer and the FLOP counter are injectable so the logic is testable with
+fakes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+from . import checkpointing as ckpt
+from .errors import MemprofError, UsageError
+from .results import (Capacity, CompareFit, CompareMeasurement, CompareResult, CompareRow, MemCategory,
+                      RecomputeInfo)
+from .workload import Workload, get_optimizer_name, get_precision
+
+#: the axes a comparison can vary, in the order rows and labels use them
+AXES = ("dtype", "optimizer", "checkpointing", "inplace_relu", "mode", "batch_size")
+#: dtypes the default comparison shows (besides the baseline's)
+DEFAULT_DTYPES = ("fp32", "amp-fp16", "amp-bf16", "fp16")
+#: pure half precision: no fp32 master weights (shown, but not recommended by the verdict)
+PURE_HALF = ("fp16", "bf16")
+
+
+# =========================================================================== variants
+@dataclass(frozen=True)
+class Variant:
+    """One row to trace: a label, its workload and what differs from the baseline."""
+
+    label: str
+    workload: Workload
+    changes: dict[str, Any]
+    baseline: bool = False
+    #: added by the default set (dropped with a note, not shown as an error, when it cannot apply)
+    optional: bool = False
+
+
+def axis_value(workload: Workload, axis: str) -> Any:
+    if axis == "dtype":
+        return workload.precision.name
+    if axis == "inplace_relu":
+        return workload.inplace_relu
+    return getattr(workload, axis)
+
+
+def _normalize(axis: str, value: Any) -> Any:
+    if axis == "dtype":
+        return get_precision(value).name
+    if axis == "optimizer":
+        return get_optimizer_name(value)
+    if axis == "checkpointing":
+        return ckpt.parse_mode(value)
+    if axis == "inplace_relu":
+        if isinstance(value, str):
+            value = value.strip().lower() in ("1", "true", "yes", "on")
+        return bool(value)
+    if axis == "mode":
+        mode = str(value).strip().lower()
+        if mode not in ("train", "eval"):
+            raise UsageError(f"unknown mode {value!r}", "choose train or eval (no_grad inference)")
+        return mode
+    if axis == "batch_size":
+        try:
+            batch = int(value)
+        except (TypeError, ValueError):
+            batch = 0
+        if batch <= 0 or isinstance(value, bool):
+            raise UsageError(f"batch size must be a positive integer, got {value!r}", "e.g. --batch-size 64")
+        return batch
+    raise UsageError(f"unknown comparison axis {axis!r}", f"choose from {', '.join(AXES)}")
+
+
+def normalize_axes(axes: Mapping[str, Iterable[Any]]) -> dict[str, list[Any]]:
+    """Validate and normalise axis values (aliases resolved, duplicates dropped, order kept)."""
+    out: dict[str, list[Any]] = {}
+    for axis in AXES:
+        values = axes.get(axis)
+        if values is None:
+            continue
+        seen: list[Any] = []
+        for v in values:
+            v = _normalize(axis, v)
+            if v not in seen:
+                seen.append(v)
+        if seen:
+            out[axis] = seen
+    unknown = set(axes) - set(AXES)
+    if unknown:
+        raise UsageError(f"unknown comparison axis {sorted(unknown)[0]!r}", f"choose from {', '.join(AXES)}")
+    return out
+
+
+def default_axes(base: Workload) -> dict[str, list[Any]]:
+    """fp32, amp-fp16, amp-bf16, fp16 and per-block checkpointing (what `memprof compare MODEL` shows)."""
+    axes: dict[str, list[Any]] = {"dtype": [d for d in DEFAULT_DTYPES if d != base.precision.name]}
+    if base.mode == "train" and base.checkpointing == "none":
+        axes["checkpointing"] = ["blocks"]
+    return axes
+
+
+def apply_change(workload: Workload, axis: str, value: Any) -> Workload:
+    value = _normalize(axis, value)
+    if axis == "dtype":
+        return workload.replace(precision=get_precision(value))
+    return workload.replace(**{axis: value})
+
+
+def _part(axis: str, value: Any) -> str:
+    if axis == "dtype":
+        return str(value)
+    if axis == "optimizer":
+        return str(value)
+    if axis == "checkpointing":
+        return "no checkpointing" if value == "none" else f"checkpointing {value}"
+    if axis == "inplace_relu":
+        return "in-place ReLU" if value else "no in-place ReLU"
+    if axis == "mode":
+        return "eval (no_grad)" if value == "eval" else "train"
+    return f"batch {value}"
+
+
+def variant_label(changes: Mapping[str, Any]) -> str:
+    return " + ".join(_part(axis, changes[axis]) for axis in AXES if axis in changes)
+
+
+def _key(w: Workload) -> tuple:
+    train = w.mode == "train"
+    return (w.precision.name, w.optimizer if train else None, w.checkpointing if train else "none",
+            w.inplace_relu, w.mode, w.batch_size)
+
+
+def make_variants(base: Workload, axes: Mapping[str, Iterable[Any]] | None = None, *,
+                  combine: bool = False) -> list[Variant]:
+    """The baseline, then one row per axis value (or, with ``combine``, per combination).
+
+    Without axes: :func:`default_axes`. Rows identical to an earlier one (e.g. eval with a
+    different optimizer) are dropped.
+    """
+    optional = not axes
+    chosen = default_axes(base) if optional else normalize_axes(axes)
+    rows = [Variant(f"{base.precision.name} (baseline)", base, {}, baseline=True)]
+    seen = {_key(base)}
+    if combine:
+        options = [[axis_value(base, a)] + [v for v in vals if v != axis_value(base, a)] for a, vals in chosen.items()]
+        combos = [dict(zip(chosen, values)) for values in itertools.product(*options)]
+    else:
+        combos = [{axis: v} for axis, vals in chosen.items() for v in vals]
+    for combo in combos:
+        w = base
+        for axis, v in combo.items():
+            w = apply_change(w, axis, v)
+        key = _key(w)
+        if key in seen:
+            continue
+        seen.add(key)
+        changes = {axis: axis_value(w, axis) for axis in AXES if axis_value(w, axis) != axis_value(base, axis)}
+        if w.mode == "eval":  # optimizer and checkpointing do nothing in eval
+            changes.pop("optimizer", None)
+            changes.pop("checkpointing", None)
+        rows.append(Variant(variant_label(changes), w, changes, optional=optional))
+    return rows
+
+
+# =========================================================================== measurement adapters
+@dataclass(frozen=True)
+class Measured:
+    """What a measurer returns for one real step (injectable; see :func:`compare`)."""
+
+    peak_bytes: int | None  # None: out of memory
+    oom: bool = False
+    metric: str = "allocated"
+    seconds: float = 0.0
+    note: str | None = None
+
+
+TraceFn = Callable[..., Any]  # (workload, *, target) -> TraceResult
+FitFn = Callable[..., CompareFit]  # like traced_fit
+MeasureFn = Callable[[Workload], Measured]
+FindFn = Callable[[Workload], "int | None"]
+RecomputeFn = Callable[[Workload], Any]  # -> checkpointing.RecomputeCost
+
+
+def _default_trace(workload: Workload, *, target: str):
+    from .trace import trace_step
+
+    return trace_step(workload, target=target)
+
+
+def fit_metric(target: str) -> str:
+    """What a row's peak is compared with the capacity by: NVML usage on CUDA, live tensor bytes on CPU."""
+    return "nvml" if target == "cuda" else "allocated"
+
+
+def _metric_bytes(traced: Any, metric: str) -> int:
+    if metric == "nvml" and getattr(traced, "predicted_nvml_bytes", None) is not None:
+        return int(traced.predicted_nvml_bytes)
+    return int(traced.peak_bytes)
+
+
+def traced_fit(workload: Workload, capacity_bytes: int, *, target: str, headroom: float, max_batch: int | None,
+               traced: Any, trace_fn: TraceFn | None = None, max_traces: int = 4) -> CompareFit:
+    """The largest batch whose traced peak fits ``capacity_bytes``: :func:`memprof.search.search` over traces,
+    guided by the row's own trace (fixed bytes + per-sample bytes), so a few traces suffice.
+
+    At most 1 + ``max_traces`` traces: when the search has not bracketed the answer by then
+    (the CUDA reserved/NVML metric steps with allocator segments), the largest batch
+    traced to fit is returned with ``exact=False`` - a lower bound."""
+    from .search import Guide, Outcome, search
+
+    trace_fn = trace_fn or _default_trace
+    metric = fit_metric(target)
+    cache: dict[int, int] = {workload.batch_size: _metric_bytes(traced, metric)}
+
+    def probe(batch: int) -> Outcome:
+        if batch not in cache:
+            cache[batch] = _metric_bytes(trace_fn(workload.with_batch(batch), target=target), metric)
+        return Outcome(cache[batch] <= capacity_bytes, cache[batch])
+
+    # a guide from two traces: the row's own and one at the batch its breakdown suggests (what grows with
+    # the batch: activations, inputs, temporaries); the affine through both is close to the answer
+    batch = workload.batch_size
+    limit = max_batch or (1 << 20)
+    at_peak = traced.breakdown_at_peak
+    per_batch = sum(int(at_peak.get(c, 0)) for c in (MemCategory.ACTIVATION, MemCategory.INPUT,
+                                                       MemCategory.TEMPORARY))
+    guide = None
+    if per_batch > 0:
+        per_sample = per_batch / batch
+        first = min(limit, max(1, int((capacity_bytes - (cache[batch] - per_batch)) // per_sample)))
+        if first != batch:
+            probe(first)
+            slope = (cache[first] - cache[batch]) / (first - batch)
+            if slope > 0:
+                per_sample = slope
+        fixed = cache[first] - per_sample * first
+        guide = Guide(max(1, int((capacity_bytes - fixed) // per_sample)), per_sample, fixed)
+    found = search(probe, capacity_bytes=capacity_bytes, guide=guide, max_batch=limit, max_trials=max_traces,
+                   first_fraction=1.0)
+    best = found.largest_fit
+    return CompareFit(metric=metric, max_batch=best,
+                      recommended_batch=None if best is None else max(1, int(headroom * best)),
+                      fits=cache[workload.batch_size] <= capacity_bytes,
+                      limited_by_max=best is not None and best == limit, traces=len(cache),
+                      exact=found.status in ("exact", "max_batch", "nothing_fits"))
+
+
+# =========================================================================== compare
+def _row_from_trace(v: Variant, r: Any) -> dict[str, Any]:
+    totals = r.totals
+    at_peak = dict(r.breakdown_at_peak)
+    return dict(
+        peak_bytes=int(r.peak_bytes),
+        parameter_bytes=int(totals.get(MemCategory.PARAMETER, 0)),
+        gradient_bytes=int(totals.get(MemCategory.GRADIENT, 0)),
+        optimizer_state_bytes=int(totals.get(MemCategory.OPTIMIZER_STATE, 0)),
+        activation_bytes=int(totals.get(MemCategory.ACTIVATION, 0)),
+        temporary_bytes=int(at_peak.get(MemCategory.TEMPORARY, 0)),
+        input_bytes=int(totals.get(MemCategory.INPUT, 0)),
+        buffer_bytes=int(totals.get(MemCategory.BUFFER, 0)),
+        breakdown_at_peak=at_peak,
+        peak_phase=r.peak_phase,
+        peak_module=r.peak_module,
+        trace_seconds=float(getattr(r, "trace_seconds", 0.0)),
+    )
+
+
+def _row_notes(w: Workload) -> list[str]:
+    notes = []
+    p = w.precision
+    if w.mode == "eval":
+        notes.append("eval: forward under no_grad, no gradients, no optimizer state, nothing saved for backward")
+    elif p.is_amp:
+        notes.append(f"{p.name}: fp32 master weights, gradients and optimizer state kept; eligible ops run in "
+                     f"{p.autocast_dtype}, so saved activations shrink by about half - the activation column also "
+                     f"holds the {p.autocast_dtype} weight copies autocast makes and backward keeps (about half "
+                     "the parameter bytes), which dominate at small batches")
+    elif p.name in PURE_HALF:
+        notes.append(f"{p.name}: parameters, gradients and optimizer state in {p.param_dtype} - no fp32 master "
+                     "weights, so small updates can underflow; usually trained with AMP instead")
+    if w.inplace_relu:
+        notes.append("in-place ReLU: a ReLU overwrites its input instead of allocating its output")
+    return notes
+
+
+def _measure_row(v: Variant, predicted: int | None, measure_fn: MeasureFn | None,
+                 find_fn: FindFn | None) -> CompareMeasurement | None:
+    if measure_fn is None and find_fn is None:
+        return None
+    started = time.perf_counter()
+    m = measure_fn(v.workload) if measure_fn is not None else None
+    max_b = find_fn(v.workload) if find_fn is not None else None
+    peak = m.peak_bytes if m is not None else None
+    error = None
+    if peak and predicted is not None:
+        error = 100.0 * (predicted - peak) / peak
+    return CompareMeasurement(metric=m.metric if m is not None else "allocated", peak_bytes=peak,
+                              predicted_bytes=predicted, error_pct=error, oom=bool(m and m.oom),
+                              max_batch=max_b, seconds=time.perf_counter() - started,
+                              note=m.note if m is not None else None)
+
+
+def _recompute_info(w: Workload, recompute_fn: RecomputeFn | None) -> RecomputeInfo | None:
+    if w.checkpointing == "none" or w.mode != "train" or recompute_fn is None:
+        return None
+    cost = recompute_fn(w)
+    return RecomputeInfo(plan=cost.plan, regions=cost.regions, forward_flops=cost.forward_flops,
+                         recompute_flops=cost.recompute_flops, extra_pct=cost.extra_pct,
+                         batchnorm_recomputed=bool(getattr(cost, "batchnorm_recomputed", False)))
+
+
+def _error_row(v: Variant, message: str) -> CompareRow:
+    return CompareRow(label=v.label, changes=dict(v.changes), workload=v.workload.describe(), baseline=v.baseline,
+                      peak_bytes=None, parameter_bytes=None, gradient_bytes=None, optimizer_state_bytes=None,
+                      activation_bytes=None, temporary_bytes=None, input_bytes=None, buffer_bytes=None,
+                      breakdown_at_peak={}, delta_bytes=None, delta_pct=None, peak_phase=None, peak_module=None,
+                      fit=None, recompute=None, measured=None, error=message)
+
+
+def _is_pure_half(row: CompareRow) -> bool:
+    return row.workload.get("dtype") in PURE_HALF
+
+
+def order_rows(rows: list[CompareRow], base_batch: int) -> tuple[list[CompareRow], str | None, str | None]:
+    """Baseline first; rows at the baseline's batch size and mode by peak; other batch sizes by batch, then the
+    other mode (eval); errors last. Only the first group competes for "best".
+
+    Returns (rows with ``best`` set, best label, best label among rows with fp32 master weights).
+    """
+    baseline = [r for r in rows if r.baseline]
+    ok = [r for r in rows if not r.baseline and r.error is None]
+    base_mode = baseline[0].workload.get("mode") if baseline else "train"
+
+    def comparable(r: CompareRow) -> bool:  # same batch and mode: a real alternative to the baseline
+        return r.workload.get("batch_size") == base_batch and r.workload.get("mode") == base_mode
+
+    same = sorted((r for r in ok if comparable(r)), key=lambda r: r.peak_bytes)
+    other = sorted((r for r in ok if not comparable(r)),
+                   key=lambda r: (r.workload.get("mode") != base_mode, r.workload.get("batch_size"), r.peak_bytes))
+    failed = [r for r in rows if not r.baseline and r.error is not None]
+    base_peak = baseline[0].peak_bytes if baseline and baseline[0].peak_bytes is not None else None
+    best = next((r for r in same if base_peak is None or r.peak_bytes < base_peak), None)
+    safe = next((r for r in same if not _is_pure_half(r) and (base_peak is None or r.peak_bytes < base_peak)), None)
+    ordered = [dataclasses.replace(r, best=r is best) for r in baseline + same + other + failed]
+    return ordered, best.label if best else None, safe.label if safe else None
+
+
+def compare(
+    base: Workload,
+    axes: Mapping[str, Iterable[Any]] | None = None,
+    *,
+    variants: list[Variant] | None = None,
+    combine: bool = False,
+    target: str = "cuda",
+    capacity: Capacity | None = None,
+    capacity_note: str | None = None,
+    headroom: float = 0.8,
+    fit: bool = True,
+    max_batch: int | None = None,
+    trace_fn: TraceFn | None = None,
+    fit_fn: FitFn | None = None,
+    measure_fn: MeasureFn | None = None,
+    find_fn: FindFn | None = None,
+    recompute_fn: RecomputeFn | None = ckpt.recompute_cost,
+    on_progress: Callable[[int, int, str], None] | None = None,
+) -> CompareResult:
+    """Trace every variant of ``base`` and put them side by side.
+
+    ``axes`` maps axis names (:data:`AXES`) to values; none given: :func:`default_axes`.
+    ``capacity`` (bytes the step must fit) adds the largest and recommended batch per
+    row (``fit_fn``, by default :func:`traced_fit`). ``measure_fn`` /
+    ``find_fn`` run real steps (``--measure`` / ``--find-batch``). A row that cannot be
+    traced becomes an error row; a failing baseline raises.
+    """
+    if target not in ("cuda", "cpu"):
+        raise UsageError(f"unknown target {target!r}", "choose cuda or cpu")
+    if not (0 < headroom <= 1):
+        raise UsageError(f"headroom must be in (0, 1], got {headroom}", "e.g. --headroom 0.8")
+    started = time.perf_counter()
+    trace_fn = trace_fn or _default_trace
+    fit_fn = fit_fn or traced_fit
+    variants = variants if variants is not None else make_variants(base, axes, combine=combine)
+    notes: list[str] = []
+    raw: list[tuple[Variant, dict[str, Any] | None, str | None]] = []
+    total = len(variants)
+    for i, v in enumerate(variants):
+        if on_progress is not None:
+            on_progress(i + 1, total, v.label)
+        try:
+            result = trace_fn(v.workload, target=target)
+            traced = _row_from_trace(v, result)
+            traced["recompute"] = _recompute_info(v.workload, recompute_fn)
+            traced["fit"] = None
+            if fit and capacity is not None:
+                traced["fit"] = fit_fn(v.workload, capacity.total_bytes, target=target, headroom=headroom,
+                                       max_batch=max_batch, traced=result, trace_fn=trace_fn)
+            traced["measured"] = _measure_row(v, traced["peak_bytes"], measure_fn, find_fn)
+            raw.append((v, traced, None))
+        except MemprofError as exc:
+            if v.baseline:
+                raise
+            if v.optional:
+                notes.append(f"{v.label} left out: {exc.message}")
+                continue
+            raw.append((v, None, exc.message + (f" ({exc.hint})" if exc.hint else "")))
+    base_peak = raw[0][1]["peak_bytes"]
+    rows: list[CompareRow] = []
+    for v, traced, error in raw:
+        if traced is None:
+            rows.append(_error_row(v, error or "failed"))
+            continue
+        delta = traced["peak_bytes"] - base_peak
+        rows.append(CompareRow(label=v.label, changes=dict(v.changes), workload=v.workload.describe(),
+                               baseline=v.baseline, delta_bytes=delta,
+                               delta_pct=100.0 * delta / base_peak if base_peak else None,
+                               notes=tuple(_row_notes(v.workload)), **traced))
+    ordered, best, safe = order_rows(rows, base.batch_size)
+    if capacity is None and fit:
+        notes.append(capacity_note or "no capacity given: largest-batch columns left out (use --gpu-memory 24GiB)")
+    return CompareResult(model=base.model.display_name, base_workload=base.describe(), target=target,
+                         peak_metric=_peak_metric(target), capacity=capacity if fit else None,
+                         capacity_note=capacity_note if capacity is None else None, headroom=headroom,
+                         rows=tuple(ordered), best_label=best, safe_best_label=safe, notes=tuple(notes),
+                         seconds=time.perf_counter() - started)
+
+
+def _peak_metric(target: str) -> str:
+    if target == "cpu":
+        return "peak live tensor bytes of the step run on the CPU"
+    return "torch.cuda.max_memory_allocated() of the step (tensors + cuBLAS workspace)"

@@ -1,0 +1,313 @@
+"""Rendering of ``memprof compare`` (see :class:`memprof.results.CompareResult`): table, stacked bars,
+verdict, notes; and the ``--plot`` file (hand-written SVG, or PNG/PDF through matplotlib)."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from ..results import CompareResult, CompareRow, MemCategory
+from . import format_bytes, format_count, format_pct, format_signed_bytes
+
+BAR_WIDTH = 40
+#: stacking order, bar character (readable without colour), terminal colour, plot colour
+BAR_STYLE: dict[MemCategory, tuple[str, str, str]] = {
+    MemCategory.PARAMETER: ("█", "blue", "#4e79a7"),
+    MemCategory.BUFFER: ("▌", "cyan", "#76b7b2"),
+    MemCategory.GRADIENT: ("▓", "magenta", "#b07aa1"),
+    MemCategory.OPTIMIZER_STATE: ("▒", "yellow", "#edc948"),
+    MemCategory.ACTIVATION: ("░", "green", "#59a14f"),
+    MemCategory.TEMPORARY: ("▞", "red", "#e15759"),
+    MemCategory.INPUT: ("▪", "white", "#9c755f"),
+    MemCategory.CUDA_OVERHEAD: ("·", "bright_black", "#bab0ac"),
+}
+
+
+def format_flops(n: int | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} FLOP"
+
+
+def _delta(row: CompareRow) -> str:
+    if row.baseline:
+        return "-"
+    if row.delta_bytes is None:
+        return "n/a"
+    return f"{format_signed_bytes(row.delta_bytes)} {format_pct(row.delta_pct, 1, signed=True)}"
+
+
+def _where(row: CompareRow) -> str:
+    if row.peak_phase is None:
+        return ""
+    return row.peak_phase + (f", {row.peak_module}" if row.peak_module else "")
+
+
+# --------------------------------------------------------------------------- verdict
+def _row(result: CompareResult, label: str | None) -> CompareRow | None:
+    return next((r for r in result.rows if r.label == label), None) if label else None
+
+
+def verdict_text(result: CompareResult) -> str:
+    """One or two sentences: which configuration gives the lowest peak, and at what price."""
+    base = next((r for r in result.rows if r.baseline), None)
+    others = [r for r in result.rows if not r.baseline]
+    if base is None or not others:
+        return "Only the baseline was traced: add --dtype, --optimizer, --checkpointing, ... to compare."
+    best = _row(result, result.best_label)
+    if best is None:
+        return "No configuration lowers the peak below the baseline at the same batch size."
+
+    def batch(fit) -> str:
+        return ("" if fit.exact else "≥") + format_count(fit.max_batch)
+
+    def summary(r: CompareRow) -> str:
+        text = f"{r.label} ({format_bytes(r.peak_bytes)}, {format_pct(r.delta_pct, 0, signed=True)}"
+        if r.recompute is not None and r.recompute.extra_pct is not None:
+            text += f", about {r.recompute.extra_pct:.0f} % more compute"
+        text += ")"
+        if r.fit is not None and r.fit.max_batch is not None and base.fit is not None and base.fit.max_batch:
+            text += f", largest batch {batch(r.fit)} vs {batch(base.fit)}"
+        return text
+
+    parts = [f"Lowest peak: {summary(best)}."]
+    safe = _row(result, result.safe_best_label)
+    if best.workload.get("dtype") in ("fp16", "bf16"):
+        if safe is not None:
+            parts.append(f"Pure {best.workload.get('dtype')} drops the fp32 master weights; "
+                         f"with them: {summary(safe)}.")
+        else:
+            parts.append(f"Pure {best.workload.get('dtype')} drops the fp32 master weights (numerically risky).")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------- terminal
+def _header(result: CompareResult, console: Console) -> None:
+    w = result.base_workload
+    opt = w.get("optimizer") if w.get("mode") == "train" else "no optimizer"
+    console.print(f"[bold]memprof compare[/bold] · {result.model} · batch {w.get('batch_size')} · "
+                  f"input {w.get('input')} · {opt} · {w.get('mode')}")
+    console.print(f"  peak = {result.peak_metric} (traced for {result.target})")
+    if result.capacity is not None:
+        console.print(f"  capacity {format_bytes(result.capacity.total_bytes)} ({result.capacity.source}), "
+                      f"recommended batch = {result.headroom:g} × largest")
+    else:
+        console.print(f"  {result.capacity_note or 'no capacity: largest-batch columns left out'}")
+
+
+def compare_table(result: CompareResult) -> Table:
+    fit = result.capacity is not None and any(r.fit is not None for r in result.rows)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 0))
+    table.add_column("Configuration", no_wrap=True)
+    for name in ("Params", "Grads", "Optim.", "Activ.", "Temp.", "Peak"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("vs baseline", justify="right", no_wrap=True)
+    if fit:
+        table.add_column("Max batch", justify="right", no_wrap=True)
+        table.add_column(f"Rec.@{result.headroom:g}", justify="right", no_wrap=True)
+    for r in result.rows:
+        label = ("★ " if r.best else "✗ " if r.error is not None else "  ") + r.label
+        if r.error is not None:  # the reason is in the notes below the chart
+            table.add_row(Text(label), *(["-"] * (7 + (2 if fit else 0))))
+            continue
+        cells = [format_bytes(r.parameter_bytes), format_bytes(r.gradient_bytes),
+                 format_bytes(r.optimizer_state_bytes), format_bytes(r.activation_bytes),
+                 format_bytes(r.temporary_bytes), format_bytes(r.peak_bytes), _delta(r)]
+        if fit:
+            if r.fit is None:
+                cells += ["n/a", "n/a"]
+            elif r.fit.max_batch is None:
+                cells += ["none", "-"]
+            else:
+                more = "+" if r.fit.limited_by_max else ""
+                at_least = "" if r.fit.exact else "≥"
+                cells += [at_least + format_count(r.fit.max_batch) + more, format_count(r.fit.recommended_batch)]
+        table.add_row(Text(label, style="bold" if r.best else ""), *cells, style="bold" if r.best else None)
+    return table
+
+
+def measure_table(result: CompareResult) -> Table | None:
+    rows = [r for r in result.rows if r.measured is not None]
+    if not rows:
+        return None
+    find = any(r.measured.max_batch is not None for r in rows)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title="Predicted vs measured",
+                  title_justify="left")
+    table.add_column("Configuration", no_wrap=True)
+    table.add_column("Predicted", justify="right")
+    table.add_column("Measured", justify="right")
+    table.add_column("Error", justify="right")
+    if find:
+        table.add_column("Max batch (traced)", justify="right")
+        table.add_column("Max batch (measured)", justify="right")
+    for r in rows:
+        m = r.measured
+        measured = "OOM" if m.oom else format_bytes(m.peak_bytes)
+        cells = [format_bytes(m.predicted_bytes), measured, format_pct(m.error_pct, 1, signed=True)]
+        if find:
+            traced = r.fit.max_batch if r.fit is not None else None
+            cells += [format_count(traced), format_count(m.max_batch)]
+        table.add_row("  " + r.label, *cells)
+    return table
+
+
+def bar_segments(row: CompareRow, scale: int, width: int = BAR_WIDTH) -> list[tuple[MemCategory, int]]:
+    """(category, characters) of one stacked bar; cumulative rounding keeps the total exact."""
+    out = []
+    cum = 0
+    pos = 0
+    for cat in BAR_STYLE:
+        value = int(row.breakdown_at_peak.get(cat, 0) or 0)
+        if value <= 0:
+            continue
+        cum += value
+        end = round(cum / scale * width) if scale else 0
+        if end > pos:
+            out.append((cat, end - pos))
+            pos = end
+    return out
+
+
+def bars(result: CompareResult) -> Text:
+    rows = [r for r in result.rows if r.error is None and r.peak_bytes]
+    scale = max((r.peak_bytes for r in rows), default=0)
+    used = [c for c in BAR_STYLE if any(r.breakdown_at_peak.get(c) for r in rows)]
+    text = Text("Breakdown at the peak  ")
+    for c in used:
+        ch, style, _ = BAR_STYLE[c]
+        text.append(ch, style=style)
+        text.append(f" {c.value}  ")
+    text.append("\n")
+    width = max((len(r.label) for r in rows), default=10) + 2
+    for r in rows:
+        text.append(("★ " if r.best else "  ") + r.label.ljust(width))
+        n = 0
+        for cat, count in bar_segments(r, scale):
+            ch, style, _ = BAR_STYLE[cat]
+            text.append(ch * count, style=style)
+            n += count
+        text.append(" " * (BAR_WIDTH - n + 1))
+        text.append(f"{format_bytes(r.peak_bytes):>10}  {_where(r)}\n")
+    return text
+
+
+def detail_lines(result: CompareResult) -> list[str]:
+    lines = []
+    for r in result.rows:
+        if r.error is not None:
+            lines.append(f"{r.label}: could not be traced: {r.error}")
+        if r.recompute is not None:
+            rc = r.recompute
+            line = f"{r.label}: recomputes {rc.plan} in backward"
+            if rc.recompute_flops is not None:
+                line += f": +{format_flops(rc.recompute_flops)} per step"
+                if rc.extra_pct is not None:
+                    line += f" (+{rc.extra_pct:.0f} % of the step's compute)"
+            if rc.batchnorm_recomputed:
+                line += "; BatchNorm running statistics update twice per step (in forward and in the recomputation)"
+            lines.append(line)
+        for note in r.notes:
+            if note not in lines:
+                lines.append(note)
+        m = r.measured
+        if m is not None and m.note:
+            lines.append(f"{r.label}: {m.note}")
+    lines.extend(result.notes)
+    return lines
+
+
+def render_compare(result: CompareResult, console: Console) -> None:
+    _header(result, console)
+    console.print()
+    console.print(compare_table(result))
+    mt = measure_table(result)
+    if mt is not None:
+        console.print()
+        console.print(mt)
+    console.print()
+    console.print(bars(result))
+    console.print(Text(verdict_text(result), style="bold"))
+    lines = detail_lines(result)
+    if lines:
+        console.print()
+        for line in lines:
+            console.print(Text(f"  · {line}"))
+
+
+# --------------------------------------------------------------------------- plot files
+def plot_svg(result: CompareResult) -> str:
+    """A stacked horizontal bar per configuration, as a standalone SVG (no dependencies)."""
+    rows = [r for r in result.rows if r.error is None and r.peak_bytes]
+    scale = max((r.peak_bytes for r in rows), default=1) or 1
+    used = [c for c in BAR_STYLE if any(r.breakdown_at_peak.get(c) for r in rows)]
+    label_w, bar_w, row_h, top = 220, 520, 28, 64
+    width = label_w + bar_w + 110
+    height = top + row_h * len(rows) + 40
+    esc = html.escape
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="10" y="20" font-size="14" font-weight="bold">{esc(result.model)}: memory at the peak '
+           f'(batch {result.base_workload.get("batch_size")}, {esc(result.target)})</text>']
+    x = 10
+    for c in used:
+        out.append(f'<rect x="{x}" y="32" width="12" height="12" fill="{BAR_STYLE[c][2]}"/>')
+        out.append(f'<text x="{x + 16}" y="42">{esc(c.value)}</text>')
+        x += 22 + 7 * len(c.value)
+    for i, r in enumerate(rows):
+        y = top + i * row_h
+        weight = ' font-weight="bold"' if r.best else ""
+        out.append(f'<text x="10" y="{y + 16}"{weight}>{esc(("★ " if r.best else "") + r.label)}</text>')
+        pos = 0.0
+        for cat in BAR_STYLE:
+            value = int(r.breakdown_at_peak.get(cat, 0) or 0)
+            if value <= 0:
+                continue
+            w = value / scale * bar_w
+            out.append(f'<rect x="{label_w + pos:.1f}" y="{y + 4}" width="{w:.1f}" height="{row_h - 8}" '
+                       f'fill="{BAR_STYLE[cat][2]}"><title>{esc(cat.value)}: {esc(format_bytes(value))}</title></rect>')
+            pos += w
+        out.append(f'<text x="{label_w + pos + 6:.1f}" y="{y + 16}">{esc(format_bytes(r.peak_bytes))}</text>')
+    out.append(f'<text x="10" y="{height - 14}" fill="#555">peak = {esc(result.peak_metric)}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _plot_matplotlib(result: CompareResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result.rows if r.error is None and r.peak_bytes]
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.6))
+    labels = [("★ " if r.best else "") + r.label for r in rows][::-1]
+    left = [0.0] * len(rows)
+    for cat, (_, _, colour) in BAR_STYLE.items():
+        values = [int(r.breakdown_at_peak.get(cat, 0) or 0) / 2**30 for r in rows][::-1]
+        if not any(values):
+            continue
+        ax.barh(labels, values, left=left, color=colour, label=cat.value)
+        left = [a + b for a, b in zip(left, values)]
+    ax.set_xlabel("GiB at the peak")
+    ax.set_title(f"{result.model}: memory at the peak (batch {result.base_workload.get('batch_size')}, "
+                 f"{result.target})")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_plot(result: CompareResult, path: Path) -> None:
+    """``.svg``: hand-written, no dependencies; otherwise matplotlib (check with memprof.plot.check_plot_path)."""
+    if path.suffix.lower() == ".svg":
+        path.write_text(plot_svg(result), encoding="utf-8")
+    else:
+        _plot_matplotlib(result, path)
