@@ -162,8 +162,9 @@ def test_exit_codes_does_not_fit(no_gpu):
 def test_layers_option(no_gpu):
     res = runner.invoke(app, ["estimate", *MNIST, "--layers", "2"])
     assert "top 2 of 4" in res.stdout
-    res = runner.invoke(app, ["estimate", *MNIST, "--all-layers"])
-    assert "Layers (4, in execution order)" in res.stdout
+    for show_all in (["--all-layers"], ["--layers", "0"]):
+        res = runner.invoke(app, ["estimate", *MNIST, *show_all])
+        assert "Layers (4, in execution order)" in res.stdout
 
 
 def _error(args: list[str], code: int = 2) -> str:
