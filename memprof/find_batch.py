@@ -48,16 +48,22 @@ def recommend(largest: Optional[int], headroom: float, multiple_of: Optional[int
 def accumulation(target_global_batch: Optional[int], per_step: Optional[int]) -> tuple[Optional[int], Optional[int]]:
     """(gradient-accumulation steps, micro-batch) to reach ``target_global_batch`` with at most ``per_step`` a step.
 
-    The fewest steps, preferring (within three more steps) a micro-batch that divides the
-    target exactly; otherwise ``ceil(target / steps)`` (the global batch then rounds up a little).
+    The fewest steps, with the micro-batch spread evenly: ``ceil(target / steps)`` (so
+    ``steps x micro`` may pass the target by less than ``steps``).
     """
     if not target_global_batch or not per_step:
         return None, None
     steps = math.ceil(target_global_batch / per_step)
-    for s in range(steps, steps + 4):
+    return steps, math.ceil(target_global_batch / steps)
+
+
+def exact_accumulation(target_global_batch: int, per_step: int, extra_steps: int = 3) -> Optional[tuple[int, int]]:
+    """(steps, micro-batch) that make exactly ``target_global_batch``, with at most ``extra_steps`` more steps."""
+    steps = math.ceil(target_global_batch / per_step)
+    for s in range(steps, steps + extra_steps + 1):
         if target_global_batch % s == 0:
             return s, target_global_batch // s
-    return steps, math.ceil(target_global_batch / steps)
+    return None
 
 
 def affine_fit(points: dict[int, int]) -> tuple[Optional[float], Optional[float]]:
@@ -157,10 +163,10 @@ def find_batch(
                               fixed_bytes=float(fit.intercept_bytes) if same_units else None)
         except KeyboardInterrupt:
             interrupted = True
-        except ModuleNotFoundError as exc:
-            notes.append(f"no traced prediction ({exc}); searched without one")
         except MemprofError as exc:
             notes.append(f"no traced prediction ({exc.message}); searched without one")
+        except Exception as exc:  # noqa: BLE001 - the real trials do not need the prediction
+            notes.append(f"no traced prediction ({type(exc).__name__}: {exc}); searched without one")
         emit("predicted", prediction)
 
     # ---- trials ------------------------------------------------------------------------

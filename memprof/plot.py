@@ -207,6 +207,8 @@ def _write_png(data: PlotData, path: Path) -> None:  # pragma: no cover - needs 
 # --------------------------------------------------------------------------- terminal
 def terminal_chart(result, width: int = 56, height: int = 12) -> str:
     """An ASCII chart: ``o`` fits, ``x`` OOM, ``.`` prediction, ``=`` capacity, ``|`` recommended batch."""
+    from .render import format_bytes
+
     data = plot_data(result)
     grid = [[" "] * width for _ in range(height)]
 
@@ -239,7 +241,7 @@ def terminal_chart(result, width: int = 56, height: int = 12) -> str:
     lines = []
     for r in range(height):
         v = data.y_max - (data.y_max - data.y_min) * r / (height - 1)
-        label = _gib(v) if r in (0, cap_row, height - 1) else ""
+        label = format_bytes(data.capacity) if r == cap_row else format_bytes(v) if r in (0, height - 1) else ""
         lines.append(f"{label:>{label_w}} |" + "".join(grid[r]).rstrip())
     lines.append(" " * label_w + " +" + "-" * width)
     left, right = "0", str(data.x_max)

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from memprof.cli import app
-from memprof.find_batch import accumulation, find_batch, recommend
+from memprof.find_batch import accumulation, exact_accumulation, find_batch, recommend
 from memprof.loading import load_model
 from memprof.measure import CpuCapRunner
 from memprof.results import BatchPrediction, BatchTrial, Capacity, FindBatchResult
@@ -124,9 +124,11 @@ def test_recommend_and_accumulation():
     assert recommend(100, 0.8, 128) is None
     assert recommend(10, 0.8, 16) is None
     assert recommend(1, 0.8, None) == 1
-    assert accumulation(1000, 144) == (8, 125)  # 7 steps would not divide 1000; 8 x 125 does
+    assert accumulation(1000, 144) == (7, 143)  # the fewest steps: 7 x 143 = 1001
+    assert exact_accumulation(1000, 144) == (8, 125)  # or 8 x 125 = 1000 exactly
     assert accumulation(1024, 256) == (4, 256)
     assert accumulation(1009, 300) == (4, 253)  # a prime: rounds the global batch up to 1012
+    assert exact_accumulation(1009, 300) is None
     assert accumulation(None, 300) == (None, None)
 
 
@@ -167,3 +169,19 @@ def test_golden_svg():
     from memprof.plot import plot_data, svg
 
     assert_golden("find_batch_plot.svg", svg(plot_data(_hand_built())))
+
+
+@pytest.mark.gpu
+def test_cuda_find_batch_respects_max_batch_and_reports_overhead():
+    res = find_batch(_mlp("sgd"), device="cuda", max_batch=64)
+    assert res.status == "max_batch" and res.largest_batch == 64 and len(res.trials) <= 2
+    trial = res.trials[-1]
+    assert trial.peak_reserved_bytes >= trial.peak_allocated_bytes > 0
+    assert trial.leaked_bytes == 0
+
+
+@pytest.mark.gpu
+def test_cuda_isolated_trials():
+    res = find_batch(_mlp("sgd"), device="cuda", max_batch=8, isolate=True, predict=False)
+    assert res.largest_batch == 8 and "child process" in res.device
+    assert all(t.capacity_bytes for t in res.trials)  # each child measured what it could reserve

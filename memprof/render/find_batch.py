@@ -65,8 +65,8 @@ class TrialProgress:
         now = time.perf_counter()
         lines = []
         for t in self.done[-8:]:
-            lines.append(Text(f"  batch {t.batch_size:>6}  {_verdict(t):<4}  "
-                              f"{format_bytes(t.peak_reserved_bytes or t.peak_allocated_bytes)}  {t.seconds:.1f} s",
+            what = format_bytes(t.peak_reserved_bytes or t.peak_allocated_bytes) if t.fits else f"in {t.oom_phase}"
+            lines.append(Text(f"  batch {t.batch_size:>6}  {_verdict(t):<4}  {what}  {t.seconds:.1f} s",
                               style="green" if t.fits else "red"))
         if self.state == "predict":
             lines.append(Text(f"  tracing a prediction ... {now - self.t0:.1f} s", style="cyan"))
@@ -166,9 +166,17 @@ def answer_lines(result) -> list[str]:
             lines.append(f"  expected peak {format_bytes(result.recommended_expected_bytes)} of "
                          f"{format_bytes(cap.total_bytes)}; headroom left {_gib(left)}{pct}")
     if result.grad_accum_steps is not None:
+        from ..find_batch import exact_accumulation
+
+        target = result.target_global_batch
         eff = result.grad_accum_steps * result.micro_batch
-        lines.append(f"Global batch {result.target_global_batch}: {result.grad_accum_steps} gradient-accumulation "
-                     f"steps of {result.micro_batch}" + (f" (= {eff})" if eff != result.target_global_batch else ""))
+        line = f"Global batch {target}: {result.grad_accum_steps} gradient-accumulation steps of {result.micro_batch}"
+        if eff != target:
+            line += f" (= {eff})"
+            exact = exact_accumulation(target, result.recommended_batch)
+            if exact:
+                line += f", or {exact[0]} x {exact[1]} for exactly {target}"
+        lines.append(line)
     oom = result.ooms
     lines.append(f"{len(result.trials)} trials, {oom} out of memory, {result.wall_seconds:.1f} s")
     return lines
@@ -188,7 +196,7 @@ def header_lines(result) -> list[str]:
     p = result.prediction
     if p is not None:
         mb = "nothing fits" if p.max_batch in (None, 0) else f"largest batch {p.max_batch}"
-        lines.append(f"Prediction (traced, {p.metric}): {mb}; {format_bytes(p.intercept_bytes)} + "
+        lines.append(f"Prediction (traced): {mb}; {format_bytes(p.intercept_bytes)} + "
                      f"{format_bytes(p.slope_bytes_per_sample)}/sample ({p.seconds:.1f} s)")
     return lines
 
