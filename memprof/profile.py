@@ -19,6 +19,7 @@ a script that raises or calls ``sys.exit`` still yields its partial profile.
 from __future__ import annotations
 
 import bisect
+import functools
 import linecache
 import os
 import runpy
@@ -56,6 +57,12 @@ _LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" 
 
 class _Recorder(StorageTracker):
     """The dispatch mode plus everything charged to lines, modules and phases."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in a dynamo-disable wrapper: two more Python frames
+        # per op (each one a trace event under sys.settrace); this mode runs eager scripts only
+        return False
 
     def __init__(self, user_dir: str, log: bool, cuda_samples: bool, device_type: str | None = None):
         super().__init__()
@@ -110,7 +117,9 @@ class _Recorder(StorageTracker):
 
     # -- allocation and free -------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        # OpOverload.__call__ only forwards to ._op: calling that saves a Python frame per op (and a
+        # trace 'call' event: under sys.settrace every Python frame costs one)
+        out = getattr(func, "_op", func)(*args, **(kwargs or {}))
         self.op_count += 1
         if isinstance(out, torch.Tensor):  # the common case, without pytree's cost
             self._track(out)
@@ -147,7 +156,7 @@ class _Recorder(StorageTracker):
         nbytes = st.nbytes()
         self.live[key] = nbytes
         cur = self.current_bytes = self.current_bytes + nbytes
-        self._refs[key] = weakref.ref(st, lambda _r, k=key: self._freed(k))
+        self._refs[key] = weakref.ref(st, functools.partial(self._freed, key))
         stack = self.stack
         if stack:
             top = stack[-1]
@@ -207,7 +216,7 @@ class _Recorder(StorageTracker):
             self._log_pending.append((1, rec))
         return key
 
-    def _freed(self, key: int) -> None:
+    def _freed(self, key: int, _ref: Any = None) -> None:  # also the weakref callback (partial(key), ref)
         if self.closed:
             return
         if self._peak_dirty:  # the live set right now is the live set at the peak

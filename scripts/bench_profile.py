@@ -2,11 +2,13 @@
 
 Each case writes a training script to a temporary folder; the script times every training step
 (after a warm-up step, so imports and first-call costs are excluded) and writes the median step
-time to a file. It runs in a fresh subprocess as ``python train.py`` (plain), as
+time to a file: CPU time of the thread (``time.thread_time``; torch runs with one thread, and CPU
+autograd runs on the calling thread, so this is all the step's work) - robust when other jobs
+share the machine - and wall time. It runs in a fresh subprocess as ``python train.py`` (plain), as
 ``python -m memprof profile train.py`` (line mode, the default) and with ``--log`` (log mode),
 ``--repeats`` times each, interleaved. Reported: per mode the best (minimum) of the repeats'
-median step times - the estimator least disturbed by other load on a shared machine - and the
-slowdown profiled / plain from those; the median over repeats is shown too.
+median step CPU times - the estimator least disturbed by other load on a shared machine - and
+the slowdown profiled / plain from those; the median over repeats and the wall-time slowdown too.
 
     python scripts/bench_profile.py                  # all cases, 5 repeats
     python scripts/bench_profile.py --repeats 7 --markdown
@@ -50,13 +52,15 @@ TEMPLATE = textwrap.dedent("""\
 
 
     step()  # warm-up: first-call costs and Adam's state are not timed
-    times = []
+    cpu, wall = [], []
     for i in range({steps}):
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         loss = step()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    open(sys.argv[1], "w").write(repr(times[len(times) // 2]))
+        cpu.append(time.thread_time() - c0)
+        wall.append(time.perf_counter() - t0)
+    cpu.sort()
+    wall.sort()
+    open(sys.argv[1], "w").write(repr((cpu[len(cpu) // 2], wall[len(wall) // 2])))
 """)
 
 CASES = {
@@ -73,8 +77,8 @@ CASES = {
 }
 
 
-def run_once(script: Path, out: Path, mode: str) -> tuple[float, float]:
-    """(median step seconds measured inside the script, whole process seconds)."""
+def run_once(script: Path, out: Path, mode: str) -> tuple[float, float, float]:
+    """(median step CPU seconds, median step wall seconds, both measured inside the script; process seconds)."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if mode == "plain":
         cmd = [sys.executable, str(script), str(out)]
@@ -86,7 +90,8 @@ def run_once(script: Path, out: Path, mode: str) -> tuple[float, float]:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return float(out.read_text()), wall
+    cpu, step_wall = eval(out.read_text())
+    return cpu, step_wall, wall
 
 
 def main() -> None:
@@ -103,36 +108,40 @@ def main() -> None:
         for name, (model, batch, inp, steps) in CASES.items():
             script = Path(tmp) / "train.py"
             script.write_text(TEMPLATE.format(model=model, batch=batch, inp=inp, steps=steps, threads=args.threads))
-            loops: dict[str, list[float]] = {m: [] for m in modes}
-            walls: dict[str, list[float]] = {m: [] for m in modes}
+            cpu: dict[str, list[float]] = {m: [] for m in modes}
+            wall: dict[str, list[float]] = {m: [] for m in modes}
+            proc: dict[str, list[float]] = {m: [] for m in modes}
             for _ in range(args.repeats):
                 for m in modes:
-                    loop, wall = run_once(script, Path(tmp) / "t.txt", m)
-                    loops[m].append(loop)
-                    walls[m].append(wall)
-            best = {m: min(v) for m, v in loops.items()}
-            med = {m: statistics.median(v) for m, v in loops.items()}
-            medw = {m: statistics.median(v) for m, v in walls.items()}
-            rows.append((name, steps, best, med, medw))
-            print(f"{name}: " + ", ".join(f"{m} {best[m] * 1000:.2f} ms/step" for m in modes)
+                    c, w, p = run_once(script, Path(tmp) / "t.txt", m)
+                    cpu[m].append(c)
+                    wall[m].append(w)
+                    proc[m].append(p)
+            best = {m: min(v) for m, v in cpu.items()}
+            med = {m: statistics.median(v) for m, v in cpu.items()}
+            bestw = {m: min(v) for m, v in wall.items()}
+            medp = {m: statistics.median(v) for m, v in proc.items()}
+            rows.append((name, steps, best, med, bestw, medp))
+            print(f"{name}: CPU " + ", ".join(f"{m} {best[m] * 1000:.2f} ms/step" for m in modes)
                   + "".join(f", {m} x{best[m] / best['plain']:.2f}" for m in modes if m != "plain")
-                  + f"  (all: {', '.join(f'{m} ' + '/'.join(f'{v * 1000:.2f}' for v in loops[m]) for m in modes)})",
-                  file=sys.stderr)
+                  + f"  (CPU ms/step per run: {'; '.join(f'{m} ' + '/'.join(f'{v * 1000:.2f}' for v in cpu[m]) for m in modes)})"
+                  + f"  (wall best: {', '.join(f'{m} {bestw[m] * 1000:.2f}' for m in modes)})", file=sys.stderr)
     if args.markdown:
-        print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs ({platform.processor() or 'n/a'}), "
-              f"Python {platform.python_version()}, torch {__import__('torch').__version__}, "
-              f"torch threads {args.threads}, {args.repeats} runs per mode; load average before/after "
-              f"{load0} / {os.getloadavg()[0]:.2f}.\n")
-        head = (["case", "steps"] + [f"{m} ms/step (best)" for m in modes]
-                + [f"{m} slowdown (best)" for m in modes if m != "plain"]
-                + [f"{m} slowdown (median)" for m in modes if m != "plain"] + [f"{m} process s" for m in modes])
+        print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+              f"torch {__import__('torch').__version__}, torch threads {args.threads}, {args.repeats} runs per mode "
+              f"(interleaved); load average before/after {load0} / {os.getloadavg()[0]:.2f}.\n")
+        others = [m for m in modes if m != "plain"]
+        head = (["case", "steps"] + [f"{m} CPU ms/step" for m in modes]
+                + [f"{m} slowdown (CPU, best)" for m in others] + [f"{m} slowdown (CPU, median)" for m in others]
+                + [f"{m} slowdown (wall, best)" for m in others] + [f"{m} process s" for m in modes])
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
-        for name, steps, best, med, medw in rows:
+        for name, steps, best, med, bestw, medp in rows:
             cells = ([name, str(steps)] + [f"{best[m] * 1000:.2f}" for m in modes]
-                     + [f"{best[m] / best['plain']:.2f}x" for m in modes if m != "plain"]
-                     + [f"{med[m] / med['plain']:.2f}x" for m in modes if m != "plain"]
-                     + [f"{medw[m]:.1f}" for m in modes])
+                     + [f"{best[m] / best['plain']:.2f}x" for m in others]
+                     + [f"{med[m] / med['plain']:.2f}x" for m in others]
+                     + [f"{bestw[m] / bestw['plain']:.2f}x" for m in others]
+                     + [f"{medp[m]:.1f}" for m in modes])
             print("| " + " | ".join(cells) + " |")
 
 

@@ -335,3 +335,28 @@ def test_golden_svg_and_json():
     d = to_dict(r)
     assert "_timeline" not in d and d["peak"]["breakdown"]["optimizer_state"] == 4 * 1024 * 1024
     assert format_log(r).startswith("# memprof profile --log: train.py --epochs 1 on cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_profile_snapshot_and_context_gap(script, tmp_path):
+    path = script(textwrap.dedent("""\
+        import torch
+
+        model = torch.nn.Linear(1024, 1024).cuda()
+        x = torch.randn(256, 1024, device="cuda")
+        for _ in range(3):
+            model(x).sum().backward()
+    """), "cuda_train.py")
+    snap = tmp_path / "snap.pickle"
+    r = profile_script(path, snapshot_path=snap)
+    assert r.outcome.status == "ok" and r.device.startswith("cuda:")
+    assert r.cuda is not None and r.cuda.max_allocated_bytes >= (1024 * 1024 + 1024) * 4
+    assert r.peak.breakdown[MemCategory.PARAMETER] == (1024 * 1024 + 1024) * 4
+    assert all(g.device == "cuda" for g in r.peak.tensors)
+    import pickle
+    with open(snap, "rb") as fh:
+        data = pickle.load(fh)
+    assert "segments" in data and "device_traces" in data  # what pytorch.org/memory_viz reads
+    if r.cuda.nvml_process_bytes is not None:
+        assert r.cuda.context_bytes == r.cuda.nvml_process_bytes - r.cuda.reserved_at_exit_bytes
+        assert r.cuda.context_bytes > 0

@@ -301,12 +301,15 @@ def _write_png(result: ProfileResult, path: Path) -> None:
         ax.step([t for t, _ in s["reserved"]], [b / mib for _, b in s["reserved"]], where="post", label="CUDA reserved")
     if s["nvml"]:
         ax.plot([t for t, _ in s["nvml"]], [b / mib for _, b in s["nvml"]], label="NVML used (process)")
+    ax.axvline(s["peak_t"], color="#d62728", linestyle="--", linewidth=0.8)
     ax.plot([s["peak_t"]], [s["peak_bytes"] / mib], "o", color="#d62728",
-            label=f"peak {format_bytes(s['peak_bytes'])} at {result.peak.location or '?'}")
+            label=f"peak {format_bytes(s['peak_bytes'])} at {result.peak.location or '?'} ({result.peak.phase})")
     ax.set_xlabel("time since the script started (s)")
     ax.set_ylabel("MiB")
     ax.set_title(f"memprof profile: {Path(result.script).name} ({result.device})")
-    ax.legend(loc="upper left")
+    top = max([s["peak_bytes"], 1] + [b for _, b in s["reserved"] + s["nvml"]])
+    ax.set_ylim(bottom=0, top=top / mib * 1.25)  # room for the legend above the curves
+    ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
