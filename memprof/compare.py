@@ -251,6 +251,39 @@ def traced_fit(workload: Workload, capacity_bytes: int, *, target: str, headroom
                       exact=found.status in ("exact", "max_batch", "nothing_fits"))
 
 
+def real_step_measurer(device: str, memory_limit: int | None = None, steps: int = 2) -> MeasureFn:
+    """A ``measure_fn`` running each row's real step at its batch size with find-batch's runners
+    (CUDA, or the CPU with live tensor bytes capped at ``memory_limit``, default the host's RAM)."""
+    from .measure import make_runner
+
+    if device == "cpu" and memory_limit is None:
+        import os
+
+        memory_limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    runner = make_runner(device, memory_limit)
+
+    def measure(workload: Workload) -> Measured:
+        trial = runner.run(workload, workload.batch_size, steps)
+        note = None if trial.fits else f"out of memory at batch {workload.batch_size} ({trial.oom_phase})"
+        return Measured(peak_bytes=trial.peak_allocated_bytes if trial.fits else None, oom=not trial.fits,
+                        metric="allocated", seconds=trial.seconds, note=note)
+
+    return measure
+
+
+def real_batch_finder(device: str, memory_limit: int | None, headroom: float,
+                      max_batch: int | None = None) -> FindFn:
+    """A ``find_fn``: each row's largest batch with real steps (``memprof find-batch``)."""
+    from .find_batch import find_batch
+
+    def find(workload: Workload) -> int | None:
+        kwargs = {"max_batch": max_batch} if max_batch else {}
+        return find_batch(workload, device=device, memory_limit=memory_limit, headroom=headroom,
+                          **kwargs).largest_batch
+
+    return find
+
+
 # =========================================================================== compare
 def _row_from_trace(v: Variant, r: Any) -> dict[str, Any]:
     totals = r.totals
@@ -420,6 +453,9 @@ def compare(
                                baseline=v.baseline, delta_bytes=delta,
                                delta_pct=100.0 * delta / base_peak if base_peak else None,
                                notes=tuple(_row_notes(v.workload)), **traced))
+    for r in rows:
+        if r.changes == {"inplace_relu": True} and r.error is None and r.delta_bytes == 0:
+            notes.append("in-place ReLU: no change - the model's nn.ReLU modules already run in place, or it has none")
     ordered, best, safe = order_rows(rows, base.batch_size)
     if capacity is None and fit:
         notes.append(capacity_note or "no capacity given: largest-batch columns left out (use --gpu-memory 24GiB)")

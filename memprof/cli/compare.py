@@ -52,39 +52,6 @@ def _has_cuda() -> bool:
         return False
 
 
-def _measurers(device: str, memory_limit: Optional[int], measure: bool, find: bool, headroom: float,
-               max_batch: Optional[int]):
-    """(measure_fn, find_fn) reusing find-batch's runners: real steps on CUDA or on the CPU under a cap."""
-    from ..compare import Measured
-
-    measure_fn = find_fn = None
-    if measure:
-        from ..measure import make_runner
-
-        cap = memory_limit
-        if device == "cpu" and cap is None:
-            import os
-
-            cap = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # no cap given: the host's RAM
-        runner = make_runner(device, cap)
-
-        def measure_fn(workload):
-            trial = runner.run(workload, workload.batch_size, 2)
-            note = None if trial.fits else f"out of memory at batch {workload.batch_size} ({trial.oom_phase})"
-            return Measured(peak_bytes=trial.peak_allocated_bytes if trial.fits else None, oom=not trial.fits,
-                            metric="allocated", seconds=trial.seconds, note=note)
-
-    if find:
-        from ..find_batch import find_batch
-
-        def find_fn(workload):
-            kwargs = {"max_batch": max_batch} if max_batch else {}
-            res = find_batch(workload, device=device, memory_limit=memory_limit, headroom=headroom, **kwargs)
-            return res.largest_batch
-
-    return measure_fn, find_fn
-
-
 @app.command("compare")
 @handle_errors
 def compare_cmd(
@@ -192,7 +159,10 @@ def compare_cmd(
                               optimizer=baseline_optimizer, input_shape=input_shape, input_dtype=input_dtype,
                               token_range=token_range, model_kwargs=model_kwargs, model_arg=model_arg)
     capacity, capacity_note = (None, None) if no_fit else resolve_capacity(device, gpu_memory, limit)
-    measure_fn, find_fn = _measurers(device, limit, measure, find, head, max_batch)
+    from ..compare import real_batch_finder, real_step_measurer
+
+    measure_fn = real_step_measurer(device, limit) if measure else None
+    find_fn = real_batch_finder(device, limit, head, max_batch) if find else None
 
     def progress(i: int, n: int, label: str) -> None:
         print(f"[{i}/{n}] tracing {label} ...", file=sys.stderr, flush=True)

@@ -1,0 +1,101 @@
+"""Validate ``memprof compare`` on the CPU: every row's traced prediction (target cpu) vs a real CPU step.
+
+For a few models, runs :func:`memprof.compare.compare` with ``target="cpu"`` and the
+real-step measurer that ``memprof compare --measure --device cpu`` uses (find-batch's
+CPU runner: two real training steps, live tensor storages counted by a dispatch mode,
+parameters, buffers and inputs included). Writes a Markdown table.
+
+    python scripts/validate_compare.py                       # -> benchmarks/compare_cpu.md
+    python scripts/validate_compare.py --models resnet18 --out /tmp/x.md
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MiB = 2**20
+
+#: name -> (model ref, build_workload kwargs, batch)
+MODELS = {
+    "resnet18": ("resnet18", {"input_shape": ["3,128,128"]}, 16),
+    "mobilenet_v3_small": ("mobilenet_v3_small", {"input_shape": ["3,128,128"]}, 32),
+    "gpt-small": ("memprof.zoo:GPT", {"model_kwargs": '{"vocab_size": 8192, "block_size": 128, "n_layer": 4, '
+                                                      '"n_head": 4, "n_embd": 256}', "input_shape": ["128"]}, 8),
+    "unet": ("memprof.zoo:UNet", {"model_kwargs": '{"base": 16}', "input_shape": ["3,128,128"]}, 4),
+}
+AXES = {"dtype": ["amp-bf16", "bf16"], "checkpointing": ["blocks"], "inplace_relu": [True], "mode": ["eval"]}
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "compare_cpu.md")
+    args = ap.parse_args()
+
+    from memprof.cli.common import build_workload
+    from memprof.compare import compare, real_step_measurer
+    from memprof.render import format_bytes
+
+    measure = real_step_measurer("cpu")
+    lines = ["# `memprof compare` on the CPU: traced prediction vs a real step", "",
+             f"Machine: {machine()}.", "",
+             "Each row: the traced peak (`target=\"cpu\"`, fake tensors, 2 steps) and the measured peak of live "
+             "tensor bytes over 2 real training steps (find-batch's CPU runner, the code behind "
+             "`memprof compare --measure --device cpu`). Error = (predicted - measured) / measured.", "",
+             f"Command: `python scripts/validate_compare.py --models {' '.join(args.models)}`", "",
+             "| model | batch | row | params | activations | predicted peak | measured peak | error | peak at | "
+             "trace s | measure s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    errors: list[float] = []
+    for name in args.models:
+        ref, kwargs, batch = MODELS[name]
+        workload = build_workload(ref, batch_size=batch, **kwargs)
+        started = time.perf_counter()
+        result = compare(workload, AXES, target="cpu", fit=False, measure_fn=measure,
+                         on_progress=lambda i, n, label: print(f"{name}: [{i}/{n}] {label}", file=sys.stderr))
+        print(f"{name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+        for r in result.rows:
+            if r.error is not None:
+                lines.append(f"| {name} | {batch} | {r.label} | | | error: {r.error} | | | | | |")
+                continue
+            m = r.measured
+            measured = "OOM" if m.oom else format_bytes(m.peak_bytes)
+            err = "n/a" if m.error_pct is None else f"{m.error_pct:+.2f} %"
+            if m.error_pct is not None:
+                errors.append(abs(m.error_pct))
+            where = r.peak_phase + (f" `{r.peak_module}`" if r.peak_module else "")
+            lines.append(f"| {name} | {batch} | {r.label} | {format_bytes(r.parameter_bytes)} | "
+                         f"{format_bytes(r.activation_bytes)} | {format_bytes(r.peak_bytes)} | {measured} | {err} | "
+                         f"{where} | {r.trace_seconds:.2f} | {m.seconds:.2f} |")
+    if errors:
+        lines += ["", f"Rows: {len(errors)}; |error| mean {statistics.mean(errors):.2f} %, "
+                      f"median {statistics.median(errors):.2f} %, max {max(errors):.2f} %."]
+    text = "\n".join(lines) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
