@@ -146,14 +146,14 @@ class EstimateResult:
     """``memprof estimate``: the workload, the formula estimate, the traced one when available, the fit."""
 
     workload: dict[str, Any]
+    headline_bytes: int  # the number to read: the traced peak, or the formula total without a trace
+    headline_source: str  # "traced" | "formula"
     analytic: AnalyticEstimate
-    traced: Any  # memprof.trace.TraceResult | None
-    trace_note: str | None  # why there is no traced estimate (or what to know about it)
+    traced: Any  # memprof.results.TraceResult | None
+    trace_note: str | None  # why there is no traced estimate
     capacity: Capacity | None
     capacity_note: str | None  # why there is no capacity
     fit: FitSummary | None
-    headline_bytes: int
-    headline_source: str  # "traced" | "formula"
 
 
 # =========================================================================== trace
