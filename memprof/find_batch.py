@@ -155,12 +155,17 @@ def find_batch(
             if pred_capacity:
                 fit = (predictor or _default_predictor)(workload, pred_capacity, target=target, metric=pred_metric,
                                                         max_batch=max_batch)
-                prediction = BatchPrediction(fit.max_batch, int(fit.slope_bytes_per_sample), int(fit.intercept_bytes),
-                                             pred_metric, time.perf_counter() - tp, int(getattr(fit, "traces", 0)))
+                slope, intercept = int(fit.slope_bytes_per_sample), int(fit.intercept_bytes)
+                at_max = getattr(fit, "peak_at_max_bytes", None)
+                if fit.max_batch and at_max is not None:
+                    # anchor the line at the traced limit: the trials all happen near it
+                    intercept = int(at_max - slope * fit.max_batch)
+                prediction = BatchPrediction(fit.max_batch, slope, intercept, pred_metric, time.perf_counter() - tp,
+                                             int(getattr(fit, "traces", 0)))
                 same_units = pred_metric == metric
                 guide = Guide(max_batch=fit.max_batch if fit.max_batch is not None else 0,
-                              bytes_per_sample=float(fit.slope_bytes_per_sample) or None,
-                              fixed_bytes=float(fit.intercept_bytes) if same_units else None)
+                              bytes_per_sample=float(slope) or None,
+                              fixed_bytes=float(intercept) if same_units else None)
         except KeyboardInterrupt:
             interrupted = True
         except MemprofError as exc:

@@ -7,7 +7,8 @@ search
 1. starts at or a little below the predicted limit (``Guide.max_batch`` x
    ``first_fraction``: 1.0 when the prediction is known to be close, as on the CPU cap;
    0.9 by default), where the trial most likely fits and gives a measured peak close to
-   the capacity (if it does not, it backs off by 10 %, then measures the smallest batch);
+   the capacity (if it does not, it backs off by 2 % or 10 %, halves, then measures the
+   smallest batch);
 2. fits the measured peaks as an affine function of the batch (the slope from two
    measured points, or the prediction's bytes per sample while there is only one)
    and jumps to the largest batch that model says fits;
@@ -193,13 +194,17 @@ class _State:
         if hi is not None and (self.down > 0 or g is None):
             # the model was too optimistic (or there is none): step down inside the bracket
             if not has_fit:
-                if self.down >= 2:  # two OOMs and no fit yet: measure the smallest batch, then extrapolate
-                    return floor_, "smallest"
-                if self.steps[0].reason == "prediction" and self.steps[0].batch >= 0.95 * hi and \
-                        self.guide and self.guide.max_batch and hi >= 0.95 * self.guide.max_batch:
-                    # started at the predicted limit and missed: step back by a typical prediction error
-                    return _clamp(max(self.min_batch, math.floor(0.9 * hi)), floor_, ceil_), "back off"
-                return _clamp(max(self.min_batch, hi // 2), floor_, ceil_), "halve"
+                # nothing fits yet: back off from the OOM by typical prediction errors when the search
+                # started at the prediction (2 %, then 10 % when it started there exactly; else 10 %),
+                # then halve once, then measure the smallest batch and extrapolate from it
+                factors = [0.5]
+                if self.steps[0].reason == "prediction":
+                    factors = ([0.98, 0.9] if first_fraction >= 0.99 else [0.9]) + factors
+                if self.down <= len(factors):
+                    f = factors[self.down - 1]
+                    why = "halve" if f == 0.5 else "back off"
+                    return _clamp(max(self.min_batch, math.floor(f * hi)), floor_, ceil_), why
+                return floor_, "smallest"
             mid = (lo + hi) // 2
             if len(self.points) < 2:  # one measured point and a wrong slope: a second point settles the slope
                 return _clamp(mid, floor_, ceil_), "bisect"
