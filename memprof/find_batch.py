@@ -226,8 +226,6 @@ def find_batch(
             expected = int(round(intercept + slope * rec))
     headroom_left = capacity.total_bytes - expected if expected is not None and capacity.total_bytes else None
     accum, micro = accumulation(target_global_batch, rec)
-    if status == "max_batch":
-        notes.append(f"batch {max_batch} (--max-batch) fits; the limit is higher")
     return FindBatchResult(
         workload=workload.describe() | {"batch_size": None},
         device=runner.describe(),

@@ -33,14 +33,14 @@ def find_batch_cmd(
     model_kwargs: Optional[str] = MODEL_KWARGS_OPT,
     model_arg: Optional[list[str]] = MODEL_ARG_OPT,
     device: Optional[str] = typer.Option(None, "--device", "-d", help="cuda, cuda:N, or cpu (with --memory-limit) "
-                                                                      "[default: cuda; cpu when --memory-limit is given]"),
+                                                                      "\\[default: cuda; cpu when --memory-limit is given]"),
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="CPU only: cap live tensor bytes at this "
                                                                             "size (4GiB); crossing it raises PyTorch's "
                                                                             "out-of-memory error."),
     steps: int = typer.Option(2, "--steps", help="Training steps per trial (the first creates optimizer state)."),
     min_batch: int = typer.Option(1, "--min-batch", help="Smallest batch to consider."),
     max_batch: int = typer.Option(4096, "--max-batch", help="Never try a batch above this."),
-    start: Optional[int] = typer.Option(None, "--start", help="First batch to try [default: from the prediction]."),
+    start: Optional[int] = typer.Option(None, "--start", help="First batch to try \\[default: the prediction]."),
     headroom: float = HEADROOM_OPT,
     multiple_of: Optional[int] = typer.Option(None, "--multiple-of", help="Round the recommended batch down to a "
                                                                           "multiple of this (8, 64, ...)."),
@@ -50,15 +50,15 @@ def find_batch_cmd(
     isolate: bool = typer.Option(False, "--isolate", help="Run each trial in a fresh child process."),
     no_predict: bool = typer.Option(False, "--no-predict", help="Do not trace a prediction first: grow geometrically."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a plot of peak memory vs batch: file.svg or "
-                                                             "file.png (PNG needs matplotlib: pip install memprof[plot])."),
+                                                             "file.png (PNG needs matplotlib: pip install 'memprof\\[plot]')."),
     no_chart: bool = typer.Option(False, "--no-chart", help="Do not draw the chart in the terminal."),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Find the largest batch whose real training steps fit, and the batch to use.
 
     Runs the real training step (forward, backward, optimizer step) --steps times per
-    trial, guided by the traced prediction: typically 3-4 trials and at most 1-2
-    out-of-memory errors. Without a GPU, --device cpu --memory-limit 4GiB runs the same
+    trial, guided by the traced prediction: typically 2-5 trials and 1-2 out-of-memory
+    errors, and the answer is exact (it fits, one more does not). Without a GPU, --device cpu --memory-limit 4GiB runs the same
     steps on the CPU under an enforced cap. Exit codes: 0 found, 4 not even the smallest
     batch fits, 3 no GPU, 2 bad input, 130 interrupted (what was found so far is printed).
     """

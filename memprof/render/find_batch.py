@@ -178,12 +178,13 @@ def answer_lines(result) -> list[str]:
                 line += f", or {exact[0]} x {exact[1]} for exactly {target}"
         lines.append(line)
     oom = result.ooms
-    lines.append(f"{len(result.trials)} trials, {oom} out of memory, {result.wall_seconds:.1f} s")
+    n = len(result.trials)
+    lines.append(f"{n} trial{'s' if n != 1 else ''}, {oom} out of memory, {result.wall_seconds:.1f} s")
     return lines
 
 
 def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB" + (f" = {format_bytes(n)}" if abs(n) < 1024**3 / 10 else "")
+    return format_bytes(n) if abs(n) < 1024**3 / 10 else f"{n / 1024**3:.2f} GiB"
 
 
 def header_lines(result) -> list[str]:
