@@ -13,7 +13,8 @@ trials that no finder is charged for).
 
     pip install lightning accelerate        # the `bench` extra
     python scripts/bench_search.py --cap 150MiB --out benchmarks/search_cpu.md
-    python scripts/bench_search.py --device cuda --out benchmarks/search_cuda.md   # with a GPU
+    python scripts/bench_search.py --device cuda --resolution 224 --max-batch 16384 \
+        --out benchmarks/search_cuda.md          # with a GPU: larger images so the limit is below max-batch
 
 Per finder: result, exact?, trials, OOMs, wall time.
 """
