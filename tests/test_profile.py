@@ -312,14 +312,20 @@ def _hand_built(cuda: bool = False) -> ProfileResult:
         timeline=(TimelineSample(0.0, 0), TimelineSample(1.25, 14 * mib), TimelineSample(2.5, 8 * mib)))
 
 
-def _render(result: ProfileResult) -> str:
+def _render(result: ProfileResult, width: int = 120) -> str:
     buf = io.StringIO()
-    render_profile(result, Console(file=buf, width=120, color_system=None, highlight=False), top=10)
+    render_profile(result, Console(file=buf, width=width, color_system=None, highlight=False), top=10)
     return buf.getvalue()
 
 
 def test_golden_render_cpu():
     assert_golden("profile_cpu.txt", _render(_hand_built()))
+
+
+def test_golden_render_narrow_terminal():
+    text = _render(_hand_built(), width=80)
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert_golden("profile_cpu_80cols.txt", text)
 
 
 def test_golden_render_cuda():

@@ -54,18 +54,29 @@ def render_profile(result: ProfileResult, console: Console, top: int = 10) -> No
     if lines:
         t = Table(title="Top lines of the script's files by memory added", title_justify="left",
                   show_edge=False)
-        for col, just in (("Line", "left"), ("Hits", "right"), ("Added", "right"), ("Allocated", "right"),
-                          ("Peak", "right"), ("At exit", "right"), ("Source", "left")):
-            t.add_column(col, justify=just, no_wrap=col != "Source", overflow="ellipsis")
-        for ln in lines:
-            t.add_row(f"{ln.file}:{ln.line}", format_count(ln.hits), format_signed_bytes(ln.max_delta_bytes),
-                      format_bytes(ln.alloc_bytes), format_bytes(ln.peak_bytes),
-                      format_bytes(ln.live_at_exit_bytes), _short(ln.source, 48))
+        wide = console.width >= 100  # narrow terminals: Allocated and At exit stay in --json
+        cols = [("Line", "left"), ("Hits", "right"), ("Added", "right"), ("Allocated", "right"), ("Peak", "right"),
+                ("At exit", "right")]
+        rows = [[f"{ln.file}:{ln.line}", format_count(ln.hits), format_signed_bytes(ln.max_delta_bytes),
+                 format_bytes(ln.alloc_bytes), format_bytes(ln.peak_bytes), format_bytes(ln.live_at_exit_bytes)]
+                for ln in lines]
+        if not wide:
+            keep = (0, 1, 2, 4)
+            cols = [cols[i] for i in keep]
+            rows = [[r[i] for i in keep] for r in rows]
+        used = sum(max(len(c[0]), *(len(r[i]) for r in rows)) + 3 for i, c in enumerate(cols))
+        room = max(16, console.width - used - 4)  # the source column gets what is left, truncated
+        for col, just in cols:
+            t.add_column(col, justify=just, no_wrap=True)
+        t.add_column("Source", no_wrap=True)
+        for row, ln in zip(rows, lines):
+            t.add_row(*row, _short(ln.source, room))
         console.print()
         console.print(t)
-        console.print("  Added: largest rise of live memory in one execution (calls made from the line included)\n"
-                      "  Allocated: by the line's own ops, all executions · Peak: highest live total while it ran\n"
-                      "  At exit: its allocations still alive when the script ended", style="dim")
+        console.print("  Added: the most one execution added to live memory (calls from it included)\n"
+                      + ("  Allocated: by the line's own ops, all executions · " if wide else "  ")
+                      + "Peak: highest live total while it ran"
+                      + ("\n  At exit: its allocations still alive when the script ended" if wide else ""), style="dim")
 
     if result.modules:
         t = Table(title="Modules (forward: added per call and peak; backward: allocated and peak)", title_justify="left",
@@ -111,7 +122,8 @@ def render_profile(result: ProfileResult, console: Console, top: int = 10) -> No
         for lk in result.leaks:
             src = f"  {_short(lk.source, 80)}" if lk.source else ""
             console.print(f"  {lk.origin}{src}")
-            console.print(f"    {format_bytes(lk.live_bytes)} in {format_count(lk.storages)} storages: {lk.reason}")
+            console.print(f"    {format_bytes(lk.live_bytes)} in {format_count(lk.storages)} storages")
+            console.print(f"    {lk.reason}")
     else:
         console.print("No leak suspected: no line keeps memory from many of its executions alive (at the peak or at exit).")
 
