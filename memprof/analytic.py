@@ -206,8 +206,7 @@ def _expected(module) -> str | None:
     if isinstance(m, nn.Linear):
         return f"(*, {m.in_features})"
     if isinstance(m, nn.modules.conv._ConvNd):
-        dims = len(m.kernel_size)
-        return f"(N, {m.in_channels}, " + ", ".join("*" * 1 for _ in range(dims)) + ")"
+        return f"(N, {m.in_channels}, " + ", ".join("*" for _ in m.kernel_size) + ")"
     if isinstance(m, nn.modules.batchnorm._NormBase):
         return f"(N, {m.num_features}, ...)"
     if isinstance(m, nn.LayerNorm):
@@ -228,11 +227,12 @@ class _Recorder:
     def __init__(self, model, act_bytes: int | None):
         self.model = model
         self.act_bytes = act_bytes  # element size for floating outputs under AMP (None: the tensor's own)
-        self.names = {m: (n or "(model)") for n, m in model.named_modules(remove_duplicate=False)}
+        self.names: dict[Any, str] = {}
+        for n, m in model.named_modules(remove_duplicate=False):
+            self.names.setdefault(m, n or "(model)")  # a module reachable under two names: its first
         self.stack: list[_Call] = []
         self.calls: list[_Call] = []
         self.handles: list = []
-        self.failed_in: list[tuple[str, Any, tuple]] = []  # innermost module running when it failed
 
     def __enter__(self):
         for module in self.model.modules():
