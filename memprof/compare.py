@@ -310,12 +310,12 @@ def _row_notes(w: Workload) -> list[str]:
     if w.mode == "eval":
         notes.append("eval: forward under no_grad, no gradients, no optimizer state, nothing saved for backward")
     elif p.is_amp:
-        notes.append(f"{p.name}: fp32 master weights, gradients and optimizer state kept; eligible ops run in "
-                     f"{p.autocast_dtype}, so saved activations shrink by about half - the activation column also "
-                     f"holds the {p.autocast_dtype} weight copies autocast makes and backward keeps (about half "
-                     "the parameter bytes), which dominate at small batches")
+        notes.append("AMP (amp-fp16, amp-bf16): fp32 master weights, gradients and optimizer state kept; eligible "
+                     "ops run in 16 bits, so saved activations shrink by about half - the activation column also "
+                     "holds the 16-bit weight copies autocast makes for backward (about half the parameter bytes), "
+                     "which dominate at small batches")
     elif p.name in PURE_HALF:
-        notes.append(f"{p.name}: parameters, gradients and optimizer state in {p.param_dtype} - no fp32 master "
+        notes.append("pure fp16/bf16: parameters, gradients and optimizer state in 16 bits - no fp32 master "
                      "weights, so small updates can underflow; usually trained with AMP instead")
     if w.inplace_relu:
         notes.append("in-place ReLU: a ReLU overwrites its input instead of allocating its output")

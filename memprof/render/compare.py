@@ -3,6 +3,7 @@ verdict, notes; and the ``--plot`` file (hand-written SVG, or PNG/PDF through ma
 from __future__ import annotations
 
 import html
+import textwrap
 from pathlib import Path
 
 from rich import box
@@ -179,7 +180,7 @@ def bars(result: CompareResult) -> Text:
     rows = [r for r in result.rows if r.error is None and r.peak_bytes]
     scale = max((r.peak_bytes for r in rows), default=0)
     used = [c for c in BAR_STYLE if any(r.breakdown_at_peak.get(c) for r in rows)]
-    text = Text("Breakdown at the peak  ")
+    text = Text("Breakdown at the peak:\n  ")
     for c in used:
         ch, style, _ = BAR_STYLE[c]
         text.append(ch, style=style)
@@ -237,8 +238,9 @@ def render_compare(result: CompareResult, console: Console) -> None:
     lines = detail_lines(result)
     if lines:
         console.print()
+        width = max(40, console.width - 1)
         for line in lines:
-            console.print(Text(f"  · {line}"))
+            console.print(Text(textwrap.fill(line, width, initial_indent="  · ", subsequent_indent="    ")))
 
 
 # --------------------------------------------------------------------------- plot files
@@ -287,21 +289,27 @@ def _plot_matplotlib(result: CompareResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result.rows if r.error is None and r.peak_bytes]
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.6))
+    top = max(r.peak_bytes for r in rows)
+    unit, scale = next(((u, 1024.0 ** i) for i, u in ((3, "GiB"), (2, "MiB"), (1, "KiB")) if top >= 1024.0 ** i),
+                       ("B", 1.0))
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 2.0))
     labels = [("★ " if r.best else "") + r.label for r in rows][::-1]
     left = [0.0] * len(rows)
+    used = 0
     for cat, (_, _, colour) in BAR_STYLE.items():
-        values = [int(r.breakdown_at_peak.get(cat, 0) or 0) / 2**30 for r in rows][::-1]
+        values = [int(r.breakdown_at_peak.get(cat, 0) or 0) / scale for r in rows][::-1]
         if not any(values):
             continue
         ax.barh(labels, values, left=left, color=colour, label=cat.value)
         left = [a + b for a, b in zip(left, values)]
-    ax.set_xlabel("GiB at the peak")
+        used += 1
+    ax.set_xlabel(f"{unit} at the peak")
     ax.set_title(f"{result.model}: memory at the peak (batch {result.base_workload.get('batch_size')}, "
                  f"{result.target})")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) < 4 else -0.15),
+              ncol=max(1, used), frameon=False)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
