@@ -687,8 +687,8 @@ def _leaks(rec: _Recorder) -> list[LeakSuspect]:
         if n >= 2:
             out.append(LeakSuspect(
                 f"global {name!r}", None, sum(storages.values()), len(storages), n, n,
-                f"a {type(value).__name__} holding {n} tensors that keep their autograd graphs alive "
-                f"(their graphs' saved tensors too); keep loss.item() or loss.detach() instead"))
+                f"a {type(value).__name__} of {n} tensors with autograd graphs: the graphs and the tensors "
+                f"they saved for backward stay alive; keep loss.item() or loss.detach() instead"))
     out.sort(key=lambda s: -s.live_bytes)
     return out
 

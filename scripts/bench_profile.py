@@ -12,6 +12,7 @@ the slowdown profiled / plain from those; the median over repeats and the wall-t
 
     python scripts/bench_profile.py                  # all cases, 5 repeats
     python scripts/bench_profile.py --repeats 7 --markdown
+    python scripts/bench_profile.py --breakdown --repeats 3   # where the overhead goes
 """
 from __future__ import annotations
 
@@ -94,13 +95,81 @@ def run_once(script: Path, out: Path, mode: str) -> tuple[float, float, float]:
     return cpu, step_wall, wall
 
 
+def breakdown(repeats: int) -> None:
+    """Where the line mode's overhead goes, in-process on the smallest case: each layer added in turn."""
+    import runpy
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from memprof import profile as P
+
+    class Bare(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    model, batch, inp, steps = next(iter(CASES.values()))
+    with tempfile.TemporaryDirectory() as tmp:
+        script, out = Path(tmp) / "train.py", Path(tmp) / "t.txt"
+        script.write_text(TEMPLATE.format(model=model, batch=batch, inp=inp, steps=steps, threads=1))
+
+        def run() -> float:
+            sys.argv = [str(script), str(out)]
+            runpy.run_path(str(script), run_name="__main__")
+            return eval(out.read_text())[0]
+
+        def bare() -> float:
+            with Bare():
+                return run()
+
+        def recorder(hooks: bool, trace: bool) -> float:
+            rec = P._Recorder(tmp, log=False, cuda_samples=False)
+            if hooks:
+                rec.install_hooks()
+            try:
+                with rec:
+                    if trace:
+                        sys.settrace(rec.global_trace)
+                    try:
+                        return run()
+                    finally:
+                        sys.settrace(None)
+            finally:
+                rec.remove_hooks()
+                rec.close()
+
+        def full() -> float:
+            P.profile_script(script, [str(out)])
+            return eval(out.read_text())[0]
+
+        variants = {"plain": run, "any dispatch mode (pass-through)": bare,
+                    "+ storage accounting": lambda: recorder(False, False),
+                    "+ module/optimizer hooks": lambda: recorder(True, False),
+                    "+ line tracing (sys.settrace)": lambda: recorder(True, True),
+                    "memprof profile (all of it)": full}
+        res: dict[str, list[float]] = {k: [] for k in variants}
+        for _ in range(repeats):
+            for k, f in variants.items():
+                res[k].append(f())
+    base = min(res["plain"])
+    print(f"\nBreakdown, {next(iter(CASES))}, in-process, CPU ms/step (best of {repeats}):\n")
+    print("| variant | CPU ms/step | vs plain |")
+    print("|---|---|---|")
+    for k, v in res.items():
+        print(f"| {k} | {min(v) * 1000:.2f} | {min(v) / base:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in the script (default 1)")
     ap.add_argument("--modes", default="plain,line,log")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--breakdown", action="store_true", help="only the in-process overhead breakdown")
     args = ap.parse_args()
+    if args.breakdown:
+        breakdown(args.repeats)
+        return
     modes = args.modes.split(",")
     rows = []
     load0 = f"{os.getloadavg()[0]:.2f}"

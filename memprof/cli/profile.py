@@ -18,7 +18,8 @@ from .common import JSON_OPT, check_output_path
 def profile_cmd(
     script: str = typer.Argument(..., help="The Python script to run, as `python SCRIPT ARGS` would.",
                                  show_default=False),
-    script_args: Optional[list[str]] = typer.Argument(None, help="Arguments for the script (put them after --).",
+    script_args: Optional[list[str]] = typer.Argument(None, help="Arguments for the script; put them after -- when "
+                                                                 "one looks like a memprof option (--json, --log, ...).",
                                                       show_default=False),
     log: Optional[Path] = typer.Option(None, "--log", help="Write a line-by-line text log (live total, + / - tensors)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Timeline plot with the peak marked: .svg, .html or .png "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +123,15 @@ def render_profile(result: ProfileResult, console: Console, top: int = 10) -> No
         for lk in result.leaks:
             src = f"  {_short(lk.source, 80)}" if lk.source else ""
             console.print(f"  {lk.origin}{src}")
-            console.print(f"    {format_bytes(lk.live_bytes)} in {format_count(lk.storages)} storages")
-            console.print(f"    {lk.reason}")
+            reason = textwrap.fill(lk.reason, width=max(40, console.width - 2), initial_indent="    ",
+                                   subsequent_indent="    ")
+            if lk.source is None:  # a global container: its tensors are small, what they keep is not
+                console.print(reason)
+                console.print(f"    (the tensors themselves: {format_bytes(lk.live_bytes)}; their graphs' memory "
+                              "is in the lines above)")
+            else:
+                console.print(f"    {format_bytes(lk.live_bytes)} in {format_count(lk.storages)} storages")
+                console.print(reason)
     else:
         console.print("No leak suspected: no line keeps memory from many of its executions alive (at the peak or at exit).")
 
