@@ -134,6 +134,12 @@ class _State:
                 b_prev, p_prev = pts[0]
             if b_top > b_prev and p_top > p_prev:
                 slope = (p_top - p_prev) / (b_top - b_prev)
+        if slope is None and len(pts) == 1 and self.guide and self.guide.fixed_bytes is not None \
+                and p_top > self.guide.fixed_bytes:
+            # one measured point and the prediction's fixed part (parameters, optimizer state: what
+            # predictions get right): the per-sample bytes follow; better than the predicted slope,
+            # whose error is where a prediction's error usually is
+            slope = (p_top - self.guide.fixed_bytes) / b_top
         if slope is None:
             slope = guide_slope
         if slope is None:
@@ -213,15 +219,10 @@ class _State:
         if g is None:
             return _clamp(2 * lo if has_fit else floor_, floor_, ceil_), "double"
         if g > lo and self.up == 0:
-            if len(self.points) == 1 and self.slope_from_guide():
-                # the slope is the prediction's: aim short of the estimate by twice the prediction's error
-                # seen at the measured point, so the next trial most likely fits and measures the slope
-                (b1, p1), = self.points.items()
-                predicted = self.guide.predict(b1)
-                rel = abs(p1 - predicted) / p1 if predicted is not None and p1 > 0 else 0.05
-                margin = 0.0 if rel < 1e-3 else min(0.5, 2 * rel)  # within 0.1 %: take it as exact
-                g = lo + math.floor((g - lo) * (1 - margin) + 1e-9)
-                g = max(g, lo + 1)
+            if len(self.points) == 1 and self.slope_from_guide() and self.guide.fixed_bytes is None:
+                # the slope is the prediction's own and its fixed part unknown (other units): aim 10 % short,
+                # so the next trial most likely fits and measures the slope
+                g = max(lo + 1, lo + math.floor((g - lo) * 0.9 + 1e-9))
             return _clamp(g, floor_, ceil_), "extrapolate"
         if self.up == 0:
             return floor_, "confirm"
