@@ -171,6 +171,11 @@ def _checkpointed_call(fn, *args, **kwargs):
         return out
     if not torch.is_grad_enabled():
         return fn(*args, **kwargs)
+    # fresh lists/dicts: the recomputation must see the arguments as they were, not as the caller
+    # mutated them later (DenseNet's dense block appends to the feature list it passed to each layer)
+    from torch.utils._pytree import tree_map
+
+    args, kwargs = tree_map(lambda x: x, (args, kwargs))
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_context_fn, **kwargs)
 
 

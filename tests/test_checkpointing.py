@@ -133,6 +133,42 @@ def test_checkpointed_step_gives_identical_gradients(factory, mode, x):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+class _Dense(nn.Module):
+    """DenseNet-style: each layer gets the growing feature list, which the block mutates afterwards."""
+
+    class Layer(nn.Module):
+        def __init__(self, cin: int):
+            super().__init__()
+            self.bn = nn.BatchNorm1d(cin)
+            self.fc = nn.Linear(cin, 4)
+            self.out = nn.Linear(4, 4)
+
+        def forward(self, features):
+            return self.out(torch.relu(self.fc(self.bn(torch.cat(features, 1)))))
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(self.Layer(8 + 4 * i) for i in range(3))
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.layers:
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+def test_mutated_list_arguments_are_recomputed_as_passed():
+    torch.manual_seed(0)
+    plain = _Dense()
+    ckpt = C.apply_checkpointing(copy.deepcopy(plain), "blocks")
+    assert C.get_plan(ckpt).what == "Layer"
+    x = torch.randn(4, 8)
+    _, grads_a = _grads(plain, x)
+    _, grads_b = _grads(ckpt, x)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], msg=name)
+
+
 def test_no_grad_forward_bypasses_checkpoint():
     model = C.apply_checkpointing(tiny_gpt(), "blocks").eval()
     count = C.recompute_count()
