@@ -95,9 +95,15 @@ def _tracer() -> tuple[Any, str | None]:
     return trace, None
 
 
-def estimate(workload: "Workload", capacity: Capacity | None = None, headroom: float = DEFAULT_HEADROOM,
+def estimate(workload: "Workload", capacity: Capacity | int | None = None, headroom: float = DEFAULT_HEADROOM,
              traced: bool = True, capacity_note: str | None = None) -> EstimateResult:
-    """Estimate one step of ``workload`` by formula and, if ``traced``, by fake-tensor trace; fit ``capacity``."""
+    """Estimate one step of ``workload`` by formula and, if ``traced``, by fake-tensor trace; fit ``capacity``.
+
+    ``capacity`` is a :class:`Capacity` or a number of bytes; None skips the fit
+    (:func:`resolve_capacity` finds the local GPU's).
+    """
+    if isinstance(capacity, int) and not isinstance(capacity, bool):
+        capacity = Capacity(total_bytes=capacity, source="capacity_bytes")
     analytic = analyse(workload)
     trace_result = None
     trace_note: str | None = None

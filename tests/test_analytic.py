@@ -226,6 +226,8 @@ def test_estimate_without_tracer_uses_formula():
     assert res.traced is None and res.headline_source == "formula"
     assert res.headline_bytes == res.analytic.total_bytes and res.fit.source == "formula"
     assert res.trace_note == "tracing skipped (--no-trace)"
+    by_bytes = estimate(w, capacity=10**9, traced=False)
+    assert by_bytes.capacity.total_bytes == 10**9 and by_bytes.fit.max_batch == res.fit.max_batch
 
 
 # --------------------------------------------------------------------------- errors and hooks
