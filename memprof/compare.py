@@ -317,8 +317,6 @@ def _row_notes(w: Workload) -> list[str]:
     elif p.name in PURE_HALF:
         notes.append("pure fp16/bf16: parameters, gradients and optimizer state in 16 bits - no fp32 master "
                      "weights, so small updates can underflow; usually trained with AMP instead")
-    if w.inplace_relu:
-        notes.append("in-place ReLU: a ReLU overwrites its input instead of allocating its output")
     return notes
 
 
@@ -454,15 +452,20 @@ def compare(
                                delta_pct=100.0 * delta / base_peak if base_peak else None,
                                notes=tuple(_row_notes(v.workload)), **traced))
     for r in rows:
-        if r.changes == {"inplace_relu": True} and r.error is None and r.delta_bytes == 0:
-            notes.append("in-place ReLU: no change - the model's nn.ReLU modules already run in place, or it has none")
+        if r.changes.get("inplace_relu") and r.error is None:
+            if len(r.changes) == 1 and r.delta_bytes == 0:
+                notes.append("in-place ReLU: no change - the model's nn.ReLU modules already run in place, or it "
+                             "has none (functional relu is not changed)")
+            else:
+                notes.append("in-place ReLU: each nn.ReLU overwrites its input instead of allocating its output")
     ordered, best, safe = order_rows(rows, base.batch_size)
     if capacity is None and fit:
         notes.append(capacity_note or "no capacity given: largest-batch columns left out (use --gpu-memory 24GiB)")
     return CompareResult(model=base.model.display_name, base_workload=base.describe(), target=target,
                          peak_metric=_peak_metric(target), capacity=capacity if fit else None,
                          capacity_note=capacity_note if capacity is None else None, headroom=headroom,
-                         rows=tuple(ordered), best_label=best, safe_best_label=safe, notes=tuple(notes),
+                         rows=tuple(ordered), best_label=best, safe_best_label=safe,
+                         notes=tuple(dict.fromkeys(notes)),
                          seconds=time.perf_counter() - started)
 
 

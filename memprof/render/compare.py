@@ -195,7 +195,10 @@ def bars(result: CompareResult) -> Text:
             text.append(ch * count, style=style)
             n += count
         text.append(" " * (BAR_WIDTH - n + 1))
-        text.append(f"{format_bytes(r.peak_bytes):>10}  {_where(r)}\n")
+        where = _where(r)
+        if len(where) > 44:
+            where = "…" + where[-43:]
+        text.append(f"{format_bytes(r.peak_bytes):>10}  {where}\n")
     return text
 
 
