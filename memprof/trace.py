@@ -133,6 +133,7 @@ class _Recorder:
         self._current_node = torch._C._current_autograd_node
         self._seq_nr = torch._C._autograd._get_sequence_nr
         self.need_workspace = target == "cuda"
+        self.cpu_scratch = target == "cpu"
         self.forward_start: dict[int, int] = {}  # step -> index of its first event
         self.optimizer_start: dict[int, int] = {}
         self.forward_op: dict[int, int] = {}
@@ -184,8 +185,8 @@ class _Recorder:
         op = self.tracker.op_count if self.tracker is not None else 0
         self.events.append((rec, -1, op, self.phase, self.module_now(), self.step))
 
-    def synthetic(self, nbytes: int, category: MemCategory) -> None:
-        """A never-freed allocation the trace cannot see (cuBLAS workspace)."""
+    def synthetic(self, nbytes: int, category: MemCategory) -> int:
+        """An allocation the trace cannot see (cuBLAS workspace, kernel scratch); returns its record."""
         rec = len(self.rec_nbytes)
         module = self.module_now()
         self.rec_nbytes.append(nbytes)
@@ -195,6 +196,10 @@ class _Recorder:
         self.rec_cat.append(category)
         self.rec_host.append(False)
         self.events.append((rec, 1, self.tracker.op_count, self.phase, module, self.step))
+        return rec
+
+    def free_synthetic(self, rec: int) -> None:
+        self.events.append((rec, -1, self.tracker.op_count, self.phase, self.module_now(), self.step))
 
     def clone(self, rec: int, step: int) -> int:
         new = len(self.rec_nbytes)
@@ -220,6 +225,7 @@ def _make_tracker(recorder: _Recorder):
 
     matmuls = _matmul_ops()
     prim_device = torch.ops.prim.device.default
+    convs = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
 
     class _TraceTracker(StorageTracker):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -233,11 +239,63 @@ def _make_tracker(recorder: _Recorder):
                     recorder.workspace_threads.add(thread)
                     recorder.synthetic(recorder.workspace_bytes, MemCategory.CUDA_OVERHEAD)
                     recorder.need_workspace = len(recorder.workspace_threads) < 2
+            if recorder.cpu_scratch and func in convs:
+                scratch = _onednn_conv_scratch(func, args)
+                if scratch:
+                    rec = recorder.synthetic(scratch, MemCategory.TEMPORARY)
+                    try:
+                        return super().__torch_dispatch__(func, types, args, kwargs)
+                    finally:
+                        recorder.free_synthetic(rec)
             return super().__torch_dispatch__(func, types, args, kwargs)
 
     tracker = _TraceTracker(on_alloc=recorder.on_alloc, on_free=recorder.on_free)
     recorder.tracker = tracker
     return tracker
+
+
+def _onednn_conv_scratch(func, args) -> int:
+    """Bytes oneDNN (mkldnn) convolutions on the CPU hold inside the op, next to its outputs.
+
+    PyTorch's CPU convolution reorders NCHW tensors to oneDNN's blocked layouts inside the
+    kernel (measured with torch.profiler): forward keeps a blocked output (and, when the
+    input channels are blockable, a blocked input and weight) while the real output is
+    allocated; backward keeps blocked copies of the input and of grad_output while the
+    gradients are produced (in bf16/fp16 also an fp32 weight-gradient accumulator). No
+    dispatch mode sees these, so the CPU trace adds them as a temporary around the op.
+    CUDA (cuDNN) works on the tensors as they are; its workspaces are not modelled.
+    """
+    import torch
+
+    if func is torch.ops.aten.convolution.default:
+        x, w = args[0], args[1]
+        transposed = args[6] if len(args) > 6 else False
+        groups = args[8] if len(args) > 8 else 1
+        if transposed or groups != 1 or x.dim() != 4 or not x.is_floating_point():
+            return 0
+        n, c, h, wd = x.shape
+        out_numel = n * w.shape[0] * _conv_out(h, w.shape[2], args) * _conv_out(wd, w.shape[3], args, dim=1)
+        esize = x.element_size()
+        blocked_in = x.numel() * esize + w.numel() * esize if c % 8 == 0 else 0
+        return max(out_numel * esize, blocked_in)
+    # convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation,
+    #                      transposed, output_padding, groups, output_mask)
+    grad_out, x = args[0], args[1]
+    transposed, groups, mask = args[7], args[9], args[10]
+    if transposed or groups != 1 or x.dim() != 4 or not x.is_floating_point():
+        return 0
+    scratch = grad_out.numel() * grad_out.element_size()
+    if mask[1]:
+        scratch += x.numel() * x.element_size()
+        w = args[2]
+        if w.element_size() < 4:  # bf16/fp16: the weight gradient is accumulated in fp32
+            scratch += w.numel() * 4
+    return scratch
+
+
+def _conv_out(size: int, k: int, args, dim: int = 0) -> int:
+    stride, padding, dilation = args[3], args[4], args[5]
+    return (size + 2 * padding[dim] - dilation[dim] * (k - 1) - 1) // stride[dim] + 1
 
 
 def _install_module_hooks(model, recorder: _Recorder) -> list:
@@ -272,32 +330,30 @@ def _install_module_hooks(model, recorder: _Recorder) -> list:
 
 
 # =========================================================================== building on fake tensors
-def _fake_trunc_normal(real):
-    """``nn.init.trunc_normal_`` that does not read values on fake tensors (recent PyTorch's does)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    def trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
-        if isinstance(tensor, FakeTensor):
-            import torch
-
-            with torch.no_grad():
-                return tensor.normal_(mean, std)
-        return real(tensor, mean, std, a, b, generator=generator)
-
-    return trunc_normal_
+_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
+                 "sparse_")
 
 
 def _build_fake_model(workload: Workload):
     """Build the model on fake CPU tensors (call inside FakeTensorMode).
 
-    Constructors that read tensor values (initialisers with rejection loops, ``.item()``)
-    cannot run on fake tensors: such a model is built on the meta device instead (where
-    ``nn.init`` skips its work) and its parameters and buffers are swapped for fake ones.
+    ``torch.nn.init`` functions are skipped while building (values do not exist on fake
+    tensors; recent ``trunc_normal_`` even reads them). Constructors that read tensor values
+    themselves (``.item()``) cannot run on fake tensors: such a model is built on the meta
+    device instead and its parameters and buffers are swapped for fake ones.
     """
     import torch
 
-    real_trunc = torch.nn.init.trunc_normal_
-    torch.nn.init.trunc_normal_ = _fake_trunc_normal(real_trunc)
+    # values do not matter on fake tensors: skip the initialisers' kernels (a sixth of a trace)
+    init = torch.nn.init
+    saved = {name: getattr(init, name) for name in _INITIALISERS if hasattr(init, name)}
+
+    def skip(tensor, *args, **kwargs):
+        return tensor
+
+    for name in saved:
+        setattr(init, name, skip)
     try:
         try:
             return build_model(workload, "cpu")
@@ -318,7 +374,8 @@ def _build_fake_model(workload: Workload):
                     group[name] = memo[id(t)]
         return model
     finally:
-        torch.nn.init.trunc_normal_ = real_trunc
+        for name, fn in saved.items():
+            setattr(init, name, fn)
 
 
 # =========================================================================== errors
