@@ -106,7 +106,8 @@ def _header(result: CompareResult, console: Console) -> None:
 def compare_table(result: CompareResult) -> Table:
     fit = result.capacity is not None and any(r.fit is not None for r in result.rows)
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 0))
-    table.add_column("Configuration", no_wrap=True)
+    table.add_column("", width=1, no_wrap=True)  # ★ best, ✗ failed
+    table.add_column("Configuration", max_width=26)  # --combine labels wrap
     for name in ("Params", "Grads", "Optim.", "Activ.", "Temp.", "Peak"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("vs baseline", justify="right", no_wrap=True)
@@ -114,9 +115,9 @@ def compare_table(result: CompareResult) -> Table:
         table.add_column("Max batch", justify="right", no_wrap=True)
         table.add_column(f"Rec.@{result.headroom:g}", justify="right", no_wrap=True)
     for r in result.rows:
-        label = ("★ " if r.best else "✗ " if r.error is not None else "  ") + r.label
+        mark = "★" if r.best else "✗" if r.error is not None else ""
         if r.error is not None:  # the reason is in the notes below the chart
-            table.add_row(Text(label), *(["-"] * (7 + (2 if fit else 0))))
+            table.add_row(mark, Text(r.label), *(["-"] * (7 + (2 if fit else 0))))
             continue
         cells = [format_bytes(r.parameter_bytes), format_bytes(r.gradient_bytes),
                  format_bytes(r.optimizer_state_bytes), format_bytes(r.activation_bytes),
@@ -130,7 +131,7 @@ def compare_table(result: CompareResult) -> Table:
                 more = "+" if r.fit.limited_by_max else ""
                 at_least = "" if r.fit.exact else "≥"
                 cells += [at_least + format_count(r.fit.max_batch) + more, format_count(r.fit.recommended_batch)]
-        table.add_row(Text(label, style="bold" if r.best else ""), *cells, style="bold" if r.best else None)
+        table.add_row(mark, Text(r.label), *cells, style="bold" if r.best else None)
     return table
 
 
