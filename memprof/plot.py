@@ -88,13 +88,37 @@ def write_plot(result, path: Path) -> Path:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= 0.1 * GiB else f"{n / 1024**2:.1f} MiB"
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / 1024**2:.1f} MiB"
 
 
 # --------------------------------------------------------------------------- SVG by hand
+def _nice_step(span: float, target: int = 5) -> float:
+    """A 1/2/5 x 10^k step that cuts ``span`` into about ``target`` pieces."""
+    import math
+
+    raw = span / max(1, target)
+    if raw <= 0:
+        return 1.0
+    mag = 10 ** math.floor(math.log10(raw))
+    return next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+
+
+def _ticks(low: float, high: float, target: int = 5) -> list[float]:
+    import math
+
+    step = _nice_step(high - low, target)
+    first = math.ceil(low / step) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def _unit(data: PlotData) -> tuple[float, str]:
+    return (GiB, "GiB") if data.y_max >= GiB else (1024**2, "MiB")
+
+
 def svg(data: PlotData, width: int = 720, height: int = 440) -> str:
     left, right, top, bottom = 80, 30, 40, 50
     pw, ph = width - left - right, height - top - bottom
+    scale, unit = _unit(data)
 
     def x(b: float) -> float:
         return left + pw * b / data.x_max
@@ -104,63 +128,73 @@ def svg(data: PlotData, width: int = 720, height: int = 440) -> str:
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+           f'<defs><clipPath id="plot"><rect x="{left}" y="{top}" width="{pw}" height="{ph}"/></clipPath></defs>',
            f'<rect width="{width}" height="{height}" fill="white"/>',
            f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14">{escape(data.title)}</text>']
-    # axes and ticks
+    # axes, ticks, grid
     out.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="black"/>')
     out.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="black"/>')
-    for i in range(6):
-        v = data.y_min + (data.y_max - data.y_min) * i / 5
-        out.append(f'<line x1="{left - 4}" y1="{y(v):.1f}" x2="{left}" y2="{y(v):.1f}" stroke="black"/>')
-        out.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{_gib(v)}</text>')
-        b = data.x_max * i / 5
+    for v in _ticks(data.y_min / scale, data.y_max / scale):
+        yy = y(v * scale)
+        out.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{left + pw}" y2="{yy:.1f}" stroke="#eeeeee"/>')
+        out.append(f'<line x1="{left - 4}" y1="{yy:.1f}" x2="{left}" y2="{yy:.1f}" stroke="black"/>')
+        out.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end">{v:g}</text>')
+    out.append(f'<text x="16" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 16 {top + ph / 2})">'
+               f'{unit}</text>')
+    for b in _ticks(0, data.x_max):
+        if b != int(b):
+            continue
         out.append(f'<line x1="{x(b):.1f}" y1="{top + ph}" x2="{x(b):.1f}" y2="{top + ph + 4}" stroke="black"/>')
-        out.append(f'<text x="{x(b):.1f}" y="{top + ph + 18}" text-anchor="middle">{int(round(b))}</text>')
+        out.append(f'<text x="{x(b):.1f}" y="{top + ph + 18}" text-anchor="middle">{int(b)}</text>')
     out.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">batch size</text>')
+    out.append('<g clip-path="url(#plot)">')
     # capacity
-    out.append(f'<line x1="{left}" y1="{y(data.capacity):.1f}" x2="{left + pw}" y2="{y(data.capacity):.1f}" '
-               f'stroke="#c0392b" stroke-width="2"/>')
-    out.append(f'<text x="{left + pw - 4}" y="{y(data.capacity) - 6:.1f}" text-anchor="end" fill="#c0392b">'
-               f'capacity {_gib(data.capacity)}</text>')
+    cy = y(data.capacity)
+    out.append(f'<line x1="{left}" y1="{cy:.1f}" x2="{left + pw}" y2="{cy:.1f}" stroke="#c0392b" stroke-width="2"/>')
     # lines
-    for line, colour, name, dash in ((data.predicted, "#2980b9", "predicted", "6,4"),
-                                     (data.measured, "#27ae60", "measured fit", "")):
+    for line, colour, dash in ((data.predicted, "#2980b9", "6,4"), (data.measured, "#27ae60", "")):
         if line is None:
             continue
         a, s = line
-        x1, x2 = 0, data.x_max
         x1 = max(0.0, (data.y_min - a) / s) if s > 0 and a < data.y_min else 0
-        out.append(f'<line x1="{x(x1):.1f}" y1="{y(a + s * x1):.1f}" x2="{x(x2):.1f}" '
-                   f'y2="{y(a + s * x2):.1f}" stroke="{colour}" stroke-width="1.5"'
+        out.append(f'<line x1="{x(x1):.1f}" y1="{y(a + s * x1):.1f}" x2="{x(data.x_max):.1f}" '
+                   f'y2="{y(a + s * data.x_max):.1f}" stroke="{colour}" stroke-width="1.5"'
                    + (f' stroke-dasharray="{dash}"' if dash else "") + "/>")
-    # recommended batch and its headroom
+    # recommended batch and the headroom it leaves
     if data.recommended is not None:
         rx = x(data.recommended)
         out.append(f'<line x1="{rx:.1f}" y1="{top}" x2="{rx:.1f}" y2="{top + ph}" stroke="#8e44ad" '
                    f'stroke-dasharray="3,3"/>')
-        label = f"recommended {data.recommended}"
         if data.recommended_bytes is not None:
-            ry = y(data.recommended_bytes)
-            out.append(f'<line x1="{rx:.1f}" y1="{ry:.1f}" x2="{rx:.1f}" y2="{y(data.capacity):.1f}" '
-                       f'stroke="#8e44ad" stroke-width="4" opacity="0.5"/>')
-            label += f" (headroom {_gib(data.capacity - data.recommended_bytes)})"
-        out.append(f'<text x="{rx - 4:.1f}" y="{top + 14}" text-anchor="end" fill="#8e44ad">{escape(label)}</text>')
+            out.append(f'<line x1="{rx:.1f}" y1="{y(data.recommended_bytes):.1f}" x2="{rx:.1f}" y2="{cy:.1f}" '
+                       f'stroke="#8e44ad" stroke-width="5" opacity="0.5"/>')
     # points
     for b, v in data.fits:
         out.append(f'<circle cx="{x(b):.1f}" cy="{y(v):.1f}" r="4" fill="#27ae60"><title>batch {b}: {_gib(v)}'
                    f'</title></circle>')
-    oom_y = y(min(data.y_max * 0.97, data.capacity * 1.05))
+    oom_y = y(min(data.y_max - 0.03 * (data.y_max - data.y_min), data.capacity + 0.05 * (data.y_max - data.y_min)))
     for b in data.ooms:
         cx = x(b)
         out.append(f'<path d="M{cx - 4:.1f},{oom_y - 4:.1f} L{cx + 4:.1f},{oom_y + 4:.1f} M{cx - 4:.1f},'
                    f'{oom_y + 4:.1f} L{cx + 4:.1f},{oom_y - 4:.1f}" stroke="#c0392b" stroke-width="2">'
                    f'<title>batch {b}: out of memory</title></path>')
-    # legend
-    lx, ly = left + 10, top + 30
-    legend = [("#27ae60", "measured (fits)"), ("#c0392b", "out of memory"), ("#2980b9", "predicted")]
+    out.append("</g>")
+    # labels, legend (bottom right: the lines rise to the top right)
+    out.append(f'<text x="{left + 6}" y="{cy - 6:.1f}" fill="#c0392b">capacity {_gib(data.capacity)}</text>')
+    legend = [("#27ae60", "measured (fits), and its fit"), ("#c0392b", "out of memory, capacity"),
+              ("#2980b9", "predicted (traced)")]
+    if data.recommended is not None:
+        text = f"recommended batch {data.recommended}"
+        if data.recommended_bytes is not None:
+            text += f", headroom {_gib(data.capacity - data.recommended_bytes)}"
+        legend.append(("#8e44ad", text))
+    box = int(max(len(text) for _, text in legend) * 7.0) + 26  # about 7 px a character at 12 px
+    lx, ly = left + pw - box, top + ph - 16 * len(legend) - 4
+    out.append(f'<rect x="{lx - 6}" y="{ly - 14}" width="{box}" height="{16 * len(legend) + 6}" fill="white" '
+               f'stroke="#cccccc"/>')
     for i, (colour, text) in enumerate(legend):
         out.append(f'<rect x="{lx}" y="{ly + 16 * i - 9}" width="10" height="10" fill="{colour}"/>')
-        out.append(f'<text x="{lx + 14}" y="{ly + 16 * i}">{text}</text>')
+        out.append(f'<text x="{lx + 14}" y="{ly + 16 * i}">{escape(text)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
