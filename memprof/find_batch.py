@@ -134,7 +134,7 @@ def find_batch(
     if runner.device == "cpu":
         capacity = Capacity(int(memory_limit), "--memory-limit", "cpu")
     else:
-        capacity = Capacity(capacity_bytes or 0, "free + reserved at start (torch.cuda.mem_get_info)",
+        capacity = Capacity(capacity_bytes or 0, "torch.cuda.mem_get_info: free + reserved at start",
                             runner.describe())
 
     # ---- prediction --------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
@@ -163,6 +164,39 @@ def test_golden_rendering():
     console = Console(width=100, record=True, file=open("/dev/null", "w"), color_system=None)
     render_find_batch(_hand_built(), console)
     assert_golden("find_batch_cpu.txt", console.export_text())
+
+
+def _hand_built_cuda() -> FindBatchResult:
+    cap = 79_000_000_000
+    common = dict(capacity_bytes=cap, leaked_bytes=0)
+    trials = (
+        BatchTrial(201, True, 2, 3.1, peak_allocated_bytes=70_100_000_000, peak_reserved_bytes=71_300_000_000,
+                   nvml_used_bytes=71_900_000_000, cuda_overhead_bytes=600_000_000, predicted_bytes=70_900_000_000,
+                   reason="prediction", **common),
+        BatchTrial(223, True, 2, 3.4, peak_allocated_bytes=77_700_000_000, peak_reserved_bytes=78_950_000_000,
+                   nvml_used_bytes=79_550_000_000, cuda_overhead_bytes=600_000_000, predicted_bytes=78_600_000_000,
+                   reason="extrapolate", **common),
+        BatchTrial(224, False, 1, 2.2, peak_reserved_bytes=78_990_000_000, error="CUDA out of memory. Tried to ...",
+                   oom_detected_by="exception type", oom_phase="step 2 forward", predicted_bytes=78_950_000_000,
+                   reason="confirm", **common),
+    )
+    base = _hand_built()
+    return replace(base, device="cuda:0 NVIDIA H100 80GB HBM3", metric="reserved",
+                   capacity=Capacity(cap, "torch.cuda.mem_get_info: free + reserved at start", "cuda:0"),
+                   largest_batch=223, smallest_oom_batch=224, recommended_batch=176,
+                   recommended_expected_bytes=62_400_000_000, headroom_left_bytes=cap - 62_400_000_000,
+                   trials=trials, prediction=BatchPrediction(224, 351_000_000, 300_000_000, "reserved", 1.2, 4),
+                   target_global_batch=None, grad_accum_steps=None, micro_batch=None)
+
+
+def test_golden_rendering_cuda():
+    from rich.console import Console
+
+    from memprof.render.find_batch import render_find_batch
+
+    console = Console(width=120, record=True, file=open("/dev/null", "w"), color_system=None)
+    render_find_batch(_hand_built_cuda(), console, chart=False)
+    assert_golden("find_batch_cuda.txt", console.export_text())
 
 
 def test_golden_svg():

@@ -25,7 +25,7 @@ def _measured(trial, metric: str) -> Optional[int]:
 
 def _error_pct(trial, metric: str) -> Optional[float]:
     measured = _measured(trial, metric)
-    if measured is None or trial.predicted_bytes is None or measured == 0:
+    if not trial.fits or measured is None or trial.predicted_bytes is None or measured == 0:
         return None
     return 100.0 * (trial.predicted_bytes - measured) / measured
 
@@ -178,6 +178,10 @@ def answer_lines(result) -> list[str]:
                 line += f", or {exact[0]} x {exact[1]} for exactly {target}"
         lines.append(line)
     oom = result.ooms
+    overheads = sorted(t.cuda_overhead_bytes for t in result.trials if t.cuda_overhead_bytes is not None)
+    if overheads:
+        lines.append(f"CUDA context and workspaces (NVML process usage - torch reserved): "
+                     f"{format_bytes(overheads[len(overheads) // 2])}, on top of the limit's reserved bytes")
     n = len(result.trials)
     lines.append(f"{n} trial{'s' if n != 1 else ''}, {oom} out of memory, {result.wall_seconds:.1f} s")
     return lines
