@@ -355,3 +355,21 @@ def test_cli_measure_without_gpu_says_what_to_do():
         pytest.skip("has CUDA")
     res = invoke(*GPT, "--measure")
     assert res.exit_code == 3 and "--device cpu" in res.stderr
+
+
+def test_capacity_from_flag_nvml_or_nothing(monkeypatch):
+    from memprof import nvml
+    from memprof.cli.compare import resolve_capacity
+
+    cap, note = resolve_capacity("cuda", "24GiB", None)
+    assert cap.total_bytes == 24 * 2**30 and cap.source == "--gpu-memory" and note is None
+    gpu = nvml.GPUInfo(0, "NVIDIA H100 80GB HBM3", None, 80 * 10**9, 10**9, 79 * 10**9)
+    monkeypatch.setattr(nvml, "device_info", lambda index=0: gpu)
+    cap, _ = resolve_capacity("cuda", None, None)
+    assert cap.total_bytes == 80 * 10**9 and cap.source == "NVML: NVIDIA H100 80GB HBM3 (GPU 0)"
+    monkeypatch.setattr(nvml, "device_info", lambda index=0: None)
+    monkeypatch.setattr(nvml, "available", lambda: (False, "NVML could not start: driver not loaded"))
+    cap, note = resolve_capacity("cuda", None, None)
+    assert cap is None and "driver not loaded" in note and "--gpu-memory" in note
+    cap, note = resolve_capacity("cpu", None, 8 * 2**30)
+    assert cap.source == "--memory-limit" and cap.total_bytes == 8 * 2**30
