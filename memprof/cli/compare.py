@@ -97,7 +97,7 @@ def compare_cmd(
     find: bool = typer.Option(False, "--find-batch", help="With --measure: also find each row's largest batch "
                                                           "with real steps (slow)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the breakdown bars: file.svg, or file.png "
-                                                             "(needs matplotlib: pip install memprof[plot])."),
+                                                             "(needs matplotlib: pip install memprof\\[plot])."),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Compare precisions, optimizers and memory-saving techniques for one model.
