@@ -362,6 +362,7 @@ def order_rows(rows: list[CompareRow], base_batch: int) -> tuple[list[CompareRow
     """Baseline first; rows at the baseline's batch size and mode by peak; other batch sizes by batch, then the
     other mode (eval); errors last. Only the first group competes for "best".
 
+    "Better" than the baseline: a lower peak, or the same peak and a larger largest batch.
     Returns (rows with ``best`` set, best label, best label among rows with fp32 master weights).
     """
     baseline = [r for r in rows if r.baseline]
@@ -371,13 +372,24 @@ def order_rows(rows: list[CompareRow], base_batch: int) -> tuple[list[CompareRow
     def comparable(r: CompareRow) -> bool:  # same batch and mode: a real alternative to the baseline
         return r.workload.get("batch_size") == base_batch and r.workload.get("mode") == base_mode
 
-    same = sorted((r for r in ok if comparable(r)), key=lambda r: r.peak_bytes)
+    def max_batch(r: CompareRow) -> int:
+        return r.fit.max_batch or 0 if r.fit is not None else 0
+
+    # lowest peak first; on a tie (the peak sits in the optimizer step at small batches) the larger batch
+    same = sorted((r for r in ok if comparable(r)), key=lambda r: (r.peak_bytes, -max_batch(r)))
     other = sorted((r for r in ok if not comparable(r)),
                    key=lambda r: (r.workload.get("mode") != base_mode, r.workload.get("batch_size"), r.peak_bytes))
     failed = [r for r in rows if not r.baseline and r.error is not None]
     base_peak = baseline[0].peak_bytes if baseline and baseline[0].peak_bytes is not None else None
-    best = next((r for r in same if base_peak is None or r.peak_bytes < base_peak), None)
-    safe = next((r for r in same if not _is_pure_half(r) and (base_peak is None or r.peak_bytes < base_peak)), None)
+    base_batch = max_batch(baseline[0]) if baseline else 0
+
+    def better(r: CompareRow) -> bool:
+        if base_peak is None:
+            return True
+        return r.peak_bytes < base_peak or (r.peak_bytes == base_peak and max_batch(r) > base_batch)
+
+    best = next((r for r in same if better(r)), None)
+    safe = next((r for r in same if not _is_pure_half(r) and better(r)), None)
     ordered = [dataclasses.replace(r, best=r is best) for r in baseline + same + other + failed]
     return ordered, best.label if best else None, safe.label if safe else None
 

@@ -373,3 +373,21 @@ def test_capacity_from_flag_nvml_or_nothing(monkeypatch):
     assert cap is None and "driver not loaded" in note and "--gpu-memory" in note
     cap, note = resolve_capacity("cpu", None, 8 * 2**30)
     assert cap.source == "--memory-limit" and cap.total_bytes == 8 * 2**30
+
+
+def test_same_peak_larger_batch_counts_as_better():
+    # at a small batch the peak sits in the optimizer step: AMP does not move it, but fits a larger batch
+    from memprof.workload import get_precision
+
+    def trace(workload, *, target):
+        return fake_trace(workload.replace(precision=get_precision("fp32")), target=target)
+
+    def fit_fn(workload, capacity, *, target, headroom, max_batch, traced, trace_fn):
+        best = 200 if workload.precision.is_amp else 100
+        return CompareFit("nvml", best, int(headroom * best), True)
+
+    result = run(axes={"dtype": ["amp-bf16", "bf16"]}, trace_fn=trace, fit_fn=fit_fn,
+                 capacity=Capacity(2**30, "--gpu-memory"))
+    assert row(result, "amp-bf16").delta_bytes == 0 and result.best_label == "amp-bf16"
+    assert [r.label for r in result.rows] == ["fp32 (baseline)", "amp-bf16", "bf16"]
+    assert verdict_text(result).startswith("Same peak, larger batch: amp-bf16 (")

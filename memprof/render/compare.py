@@ -65,6 +65,7 @@ def verdict_text(result: CompareResult) -> str:
     best = _row(result, result.best_label)
     if best is None:
         return "No configuration lowers the peak below the baseline at the same batch size."
+    lead = "Lowest peak" if best.peak_bytes < base.peak_bytes else "Same peak, larger batch"
 
     def batch(fit) -> str:
         return ("" if fit.exact else "≥") + format_count(fit.max_batch)
@@ -78,7 +79,7 @@ def verdict_text(result: CompareResult) -> str:
             text += f", largest batch {batch(r.fit)} vs {batch(base.fit)}"
         return text
 
-    parts = [f"Lowest peak: {summary(best)}."]
+    parts = [f"{lead}: {summary(best)}."]
     safe = _row(result, result.safe_best_label)
     if best.workload.get("dtype") in ("fp16", "bf16"):
         if safe is not None:
