@@ -7,6 +7,11 @@ parameters, buffers and inputs included). Writes a Markdown table.
 
     python scripts/validate_compare.py                       # -> benchmarks/compare_cpu.md
     python scripts/validate_compare.py --models resnet18 --out /tmp/x.md
+    python scripts/validate_compare.py --summary             # -> benchmarks/compare_models.md
+
+``--summary`` only traces (no measurement): the default comparison (fp32, amp-fp16,
+amp-bf16, fp16, checkpointing) of a few torchvision models at batch 32, 224×224, as
+predicted for a CUDA step, with the time each row took.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ MODELS = {
     "unet": ("memprof.zoo:UNet", {"model_kwargs": '{"base": 16}', "input_shape": ["3,128,128"]}, 4),
 }
 AXES = {"dtype": ["amp-bf16", "bf16"], "checkpointing": ["blocks"], "inplace_relu": [True], "mode": ["eval"]}
+SUMMARY_MODELS = ("resnet50", "vit_b_16", "efficientnet_b0", "convnext_tiny", "densenet121")
 
 
 def machine() -> str:
@@ -49,8 +55,12 @@ def machine() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "compare_cpu.md")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--summary", action="store_true", help="trace the default comparison of torchvision models")
     args = ap.parse_args()
+    if args.summary:
+        return summary(args.out or ROOT / "benchmarks" / "compare_models.md")
+    args.out = args.out or ROOT / "benchmarks" / "compare_cpu.md"
 
     from memprof.cli.common import build_workload
     from memprof.compare import compare, real_step_measurer
@@ -93,6 +103,41 @@ def main() -> int:
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
+    print(text)
+    return 0
+
+
+def summary(out: Path) -> int:
+    from memprof.cli.common import build_workload
+    from memprof.compare import compare
+    from memprof.render import format_bytes
+
+    lines = ["# What each technique buys: `memprof compare MODEL` (traced, CUDA step, batch 32)", "",
+             f"Machine (tracing only, no GPU): {machine()}.", "",
+             "Command: `python scripts/validate_compare.py --summary` (the rows of `memprof compare MODEL -b 32 "
+             "--no-fit`). Peak = predicted `torch.cuda.max_memory_allocated()`; activations = saved at the end "
+             "of forward; recompute = extra compute of the checkpointed step.", "",
+             "| model | row | params | grads | optimizer | activations | peak | vs fp32 | recompute | peak at | "
+             "trace s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in SUMMARY_MODELS:
+        workload = build_workload(name, batch_size=32)
+        result = compare(workload, fit=False,
+                         on_progress=lambda i, n, label: print(f"{name}: [{i}/{n}] {label}", file=sys.stderr))
+        for r in result.rows:
+            if r.error is not None:
+                lines.append(f"| {name} | {r.label} | error: {r.error} | | | | | | | | |")
+                continue
+            rc = f"+{r.recompute.extra_pct:.0f} %" if r.recompute and r.recompute.extra_pct is not None else ""
+            where = r.peak_phase + (f" `{r.peak_module}`" if r.peak_module else "")
+            lines.append(f"| {name} | {r.label} | {format_bytes(r.parameter_bytes)} | {format_bytes(r.gradient_bytes)} "
+                         f"| {format_bytes(r.optimizer_state_bytes)} | {format_bytes(r.activation_bytes)} | "
+                         f"{format_bytes(r.peak_bytes)} | {r.delta_pct:+.1f} % | {rc} | {where} | "
+                         f"{r.trace_seconds:.1f} |")
+        for note in result.notes:
+            lines.append(f"| {name} | note: {note} | | | | | | | | | |")
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     print(text)
     return 0
 
