@@ -134,6 +134,7 @@ class _Recorder:
         self._seq_nr = torch._C._autograd._get_sequence_nr
         self.need_workspace = target == "cuda"
         self.cpu_scratch = target == "cpu"
+        self.saw_flash_attention = False
         self.forward_start: dict[int, int] = {}  # step -> index of its first event
         self.optimizer_start: dict[int, int] = {}
         self.forward_op: dict[int, int] = {}
@@ -226,6 +227,7 @@ def _make_tracker(recorder: _Recorder):
     matmuls = _matmul_ops()
     prim_device = torch.ops.prim.device.default
     convs = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+    sdpa_flash = getattr(getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), "default", None)
 
     class _TraceTracker(StorageTracker):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -239,6 +241,8 @@ def _make_tracker(recorder: _Recorder):
                     recorder.workspace_threads.add(thread)
                     recorder.synthetic(recorder.workspace_bytes, MemCategory.CUDA_OVERHEAD)
                     recorder.need_workspace = len(recorder.workspace_threads) < 2
+            if func is sdpa_flash:
+                recorder.saw_flash_attention = True
             if recorder.cpu_scratch and func in convs:
                 scratch = _onednn_conv_scratch(func, args)
                 if scratch:
@@ -340,8 +344,9 @@ def _build_fake_model(workload: Workload):
 
     ``torch.nn.init`` functions are skipped while building (values do not exist on fake
     tensors; recent ``trunc_normal_`` even reads them). Constructors that read tensor values
-    themselves (``.item()``) cannot run on fake tensors: such a model is built on the meta
-    device instead and its parameters and buffers are swapped for fake ones.
+    themselves (``.item()``, ``.tolist()``) cannot run on fake tensors: such a model is built
+    with real tensors, each parameter and buffer swapped for a fake one as it is registered
+    (the ``init_empty_weights`` idea), so only the constructor's own small computations are real.
     """
     import torch
 
@@ -360,22 +365,41 @@ def _build_fake_model(workload: Workload):
         except MemprofError as exc:
             if "DataDependent" not in exc.message and "item()" not in exc.message:
                 raise
-        with torch._subclasses.fake_tensor.unset_fake_temporarily():
-            model = build_model(workload, "meta")
-        memo: dict[int, torch.Tensor] = {}
-        for module in model.modules():
-            for group, param in ((module._parameters, True), (module._buffers, False)):
-                for name, t in list(group.items()):
-                    if t is None:
-                        continue
-                    if id(t) not in memo:
-                        new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
-                        memo[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if param else new
-                    group[name] = memo[id(t)]
-        return model
+        return _build_with_fake_parameters(workload)
     finally:
         for name, fn in saved.items():
             setattr(init, name, fn)
+
+
+def _build_with_fake_parameters(workload: Workload):
+    """Build the model outside FakeTensorMode; every parameter/buffer becomes fake when registered."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+    mode = torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE)
+    Module = torch.nn.Module
+    real_param, real_buffer = Module.register_parameter, Module.register_buffer
+
+    def fake_like(t):
+        if t is None or isinstance(t, FakeTensor):
+            return t
+        with mode:
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+
+    def register_parameter(self, name, param):
+        if param is not None and not isinstance(param, FakeTensor):
+            param = torch.nn.Parameter(fake_like(param.detach()), requires_grad=param.requires_grad)
+        return real_param(self, name, param)
+
+    def register_buffer(self, name, tensor, persistent=True):
+        return real_buffer(self, name, fake_like(tensor), persistent)
+
+    Module.register_parameter, Module.register_buffer = register_parameter, register_buffer
+    try:
+        with unset_fake_temporarily():
+            return build_model(workload, "cpu")
+    finally:
+        Module.register_parameter, Module.register_buffer = real_param, real_buffer
 
 
 # =========================================================================== errors
@@ -574,6 +598,10 @@ def trace_step(workload: Workload, *, target: str = "cuda", steps: int = 2, repl
                      "unscales gradients in place, so the difference is a few KiB")
     if target == "cuda":
         notes.extend(_cuda_notes(workload))
+        if recorder.saw_flash_attention:
+            notes.append("attention traced with the CPU's flash attention, which saves the output and logsumexp as "
+                         "CUDA's flash/memory-efficient kernels do; attention with dropout takes the CPU's math path "
+                         "and saves the attention matrix, which CUDA would not")
     result = _analyse(recorder, workload, target, steps, op_count, notes)
     return _replace_seconds(result, time.perf_counter() - started)
 
