@@ -122,7 +122,13 @@ class _Recorder(StorageTracker):
         out = getattr(func, "_op", func)(*args, **(kwargs or {}))
         self.op_count += 1
         if isinstance(out, torch.Tensor):  # the common case, without pytree's cost
-            self._track(out)
+            # views and in-place ops return a storage already counted: no call (a Python frame) for them
+            try:
+                known = out.untyped_storage()._cdata in self.live
+            except Exception:
+                known = True
+            if not known:
+                self._track(out)
         elif isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) or t is None for t in out):
             for t in out:
                 if t is not None:
@@ -250,13 +256,25 @@ class _Recorder(StorageTracker):
         self._refs.clear()  # dead weakrefs never call back
 
     # -- line tracing ---------------------------------------------------------------------------
+    def make_global_trace(self):
+        """The sys.settrace function. It runs for every new Python frame, torch's included (dozens per
+        training step): a closure over a dict keeps the common "not the user's file" answer cheap."""
+        cache_get = self._user_cache.get
+        is_user = self.is_user
+        enter = self._enter_user_frame
+
+        def global_trace(frame, event, arg):
+            u = cache_get(frame.f_code.co_filename)
+            if u is None:
+                u = is_user(frame.f_code.co_filename)
+            return enter(frame) if u else None
+
+        return global_trace
+
     def global_trace(self, frame, event, arg):
-        # called for every new Python frame (torch's included): keep the common "not ours" path short
-        u = self._user_cache.get(frame.f_code.co_filename)
-        if u is None:
-            u = self.is_user(frame.f_code.co_filename)
-        if not u:
-            return None
+        return self.make_global_trace()(frame, event, arg)
+
+    def _enter_user_frame(self, frame):
         if self.script_globals is None and frame.f_code.co_name == "<module>":
             self.script_globals = frame.f_globals
             self.script_file = frame.f_code.co_filename
@@ -552,7 +570,7 @@ def profile_script(script: str | Path, args: Sequence[str] = (), *, log: bool = 
         rec.t0 = t_start = time.perf_counter()
         try:
             with rec:
-                sys.settrace(rec.global_trace)
+                sys.settrace(rec.make_global_trace())
                 try:
                     runpy.run_path(str(path), run_name="__main__")
                 finally:

@@ -102,6 +102,7 @@ def breakdown(repeats: int) -> None:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    sys.path.insert(0, str(REPO))
     from memprof import profile as P
 
     class Bare(TorchDispatchMode):
@@ -129,7 +130,7 @@ def breakdown(repeats: int) -> None:
             try:
                 with rec:
                     if trace:
-                        sys.settrace(rec.global_trace)
+                        sys.settrace(rec.make_global_trace())
                     try:
                         return run()
                     finally:
