@@ -184,9 +184,10 @@ def test_amp_bf16_traces():
 
 @pytest.mark.parametrize("target", ["cpu", "cuda"])
 def test_replayed_steps_equal_fully_traced_steps(target):
-    """Steps after the first copy its forward/backward: the result must equal tracing every step."""
-    workloads = [mnist(64, "adam"), Workload(spec(CkptNet, (256,)), batch_size=32, optimizer="adagrad"),
-                 mnist(32, "sgd-momentum", precision=PRECISIONS["amp-bf16"])]
+    """Steps after the first are copied from it: the result must equal tracing every step (all optimizers)."""
+    workloads = [mnist(64, name) for name in ("adam", "adamw", "sgd", "rmsprop")]
+    workloads += [Workload(spec(CkptNet, (256,)), batch_size=32, optimizer="adagrad"),
+                  mnist(32, "sgd-momentum", precision=PRECISIONS["amp-bf16"])]
     for w in workloads:
         a = trace_step(w, target=target, steps=3, replay_steps=False)
         b = trace_step(w, target=target, steps=3)
