@@ -197,7 +197,7 @@ class TraceResult:
     totals: dict[MemCategory, int]
     predicted_reserved_bytes: int | None
     predicted_nvml_bytes: int | None
-    cuda_overhead_bytes: int | None  # CUDA context (NVML only); cuBLAS workspace is in breakdown as CUDA overhead
+    cuda_overhead_bytes: int | None  # CUDA context + cuBLAS workspaces (the workspaces are also in peak_bytes)
     timeline: tuple[TimelinePoint, ...]
     trace_seconds: float
     notes: tuple[str, ...] = ()
@@ -206,11 +206,8 @@ class TraceResult:
     peak_step: int = 0
     cublas_workspace_bytes: int | None = None  # included in peak_bytes for cuda (torch allocates it)
     cuda_context_bytes: int | None = None
-
-    @property
-    def metrics(self) -> dict[str, str]:
-        """Which real measurement each prediction corresponds to."""
-        return dict(TRACE_METRICS)
+    #: which real measurement each prediction corresponds to (allocated / reserved / nvml)
+    metrics: dict[str, str] = dataclasses.field(default_factory=lambda: dict(TRACE_METRICS))
 
     @property
     def predicted_allocated_bytes(self) -> int:
