@@ -554,6 +554,7 @@ def profile_script(script: str | Path, args: Sequence[str] = (), *, log: bool = 
     user_dir = abspath if path.is_dir() else os.path.dirname(abspath)
     rec = _Recorder(user_dir, log=log, cuda_samples=has_cuda, device_type=None if device == "all" else device)
     saved_argv, saved_path0 = sys.argv[:], list(sys.path)
+    saved_modules = set(sys.modules)
     saved_trace = sys.gettrace()
     snapshot_on = False
     outcome = ScriptOutcome("ok", 0)
@@ -601,6 +602,7 @@ def profile_script(script: str | Path, args: Sequence[str] = (), *, log: bool = 
         rec.script_globals = None
         sys.argv = saved_argv
         sys.path[:] = saved_path0
+        _forget_user_modules(saved_modules, rec)
         if sys.gettrace() is not saved_trace:
             sys.settrace(saved_trace)
         if snapshot_on:
@@ -608,6 +610,15 @@ def profile_script(script: str | Path, args: Sequence[str] = (), *, log: bool = 
                 torch.cuda.memory._record_memory_history(enabled=None)
             except Exception:
                 pass
+
+
+def _forget_user_modules(before: set[str], rec: _Recorder) -> None:
+    """Modules the script imported from its own folder: gone with it, as when its process ends
+    (a second profile in the same process must import its own ``helper.py``, not this one's)."""
+    for name in set(sys.modules) - before:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if file and rec.is_user(file):
+            sys.modules.pop(name, None)
 
 
 def _display(rec: _Recorder, filename: str) -> str:

@@ -268,6 +268,7 @@ def test_user_modules_next_to_the_script_count_and_workers_do_not_hang(tmp_path)
     assert (helper.line, helper.max_delta_bytes) == (5, 64 * 100 * 4)
     assert next(ln for ln in r.lines if ln.file == "main.py" and ln.line == 7).live_at_exit_bytes == 0  # via helper
     assert r.at_exit_bytes >= 64 * 100 * 4
+    assert "helper" not in sys.modules  # imported from the script's folder: forgotten with it
 
 
 def test_device_filter(script):
