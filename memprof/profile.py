@@ -662,8 +662,11 @@ def _cuda_info(rec: _Recorder, snapshot_path) -> ProfileCuda | None:
     nvml_b = nvml.process_used_bytes(dev)
     snap = None
     if snapshot_path is not None:
-        torch.cuda.memory._dump_snapshot(str(snapshot_path))
-        snap = str(snapshot_path)
+        try:
+            torch.cuda.memory._dump_snapshot(str(snapshot_path))
+            snap = str(snapshot_path)
+        except Exception:  # the profile matters more than the file: snapshot_path stays None, the CLI says so
+            snap = None
     return ProfileCuda(
         device_name=torch.cuda.get_device_name(dev),
         max_allocated_bytes=int(torch.cuda.max_memory_allocated(dev)),

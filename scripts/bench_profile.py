@@ -99,7 +99,6 @@ def breakdown(repeats: int) -> None:
     """Where the line mode's overhead goes, in-process on the smallest case: each layer added in turn."""
     import runpy
 
-    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     sys.path.insert(0, str(REPO))

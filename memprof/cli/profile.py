@@ -84,6 +84,9 @@ def profile_cmd(
         render_profile(result, console, top=top)
         for w in written:
             console.print(f"Wrote {w}")
+    if snapshot is not None and (result.cuda is None or result.cuda.snapshot_path is None):
+        print_error(f"the allocator snapshot could not be written to {snapshot}", "check the folder and free space; "
+                    "the profile above is complete without it")
     line = outcome_line(result)
     if line:
         print_error(line, None) if result.outcome.status != "exit" else print(line, file=sys.stderr)
