@@ -227,6 +227,14 @@ def test_plots(script, tmp_path, monkeypatch):
     assert svg.read_text().startswith("<svg") and "peak 334.1 KiB at crash.py:5" in svg.read_text()
     res = runner.invoke(app, ["profile", "--plot", str(page), str(script(CRASH, "crash.py"))])
     assert "<html>" in page.read_text()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        png = tmp_path / "t.png"
+        res = runner.invoke(app, ["profile", "--plot", str(png), str(script(CRASH, "crash.py"))])
+        assert res.exit_code == 1 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     res = runner.invoke(app, ["profile", "--plot", str(tmp_path / "t.png"), str(script(CRASH, "crash.py"))])
     assert res.exit_code == 2 and "matplotlib" in res.stderr and "HINT:" in res.stderr
