@@ -252,14 +252,36 @@ def traced_fit(workload: Workload, capacity_bytes: int, *, target: str, headroom
 
 
 def real_step_measurer(device: str, memory_limit: int | None = None, steps: int = 2) -> MeasureFn:
-    """A ``measure_fn`` running each row's real step at its batch size with find-batch's runners
-    (CUDA, or the CPU with live tensor bytes capped at ``memory_limit``, default the host's RAM)."""
+    """A ``measure_fn`` running each row's real training steps at its batch size.
+
+    CUDA: find-batch's runner (``torch.cuda.max_memory_allocated``). CPU: the traced
+    estimator's ground truth, :func:`memprof.trace.measure_cpu_step` (torch.profiler's CPU
+    allocator events, oneDNN convolution scratch included - what the CPU trace predicts);
+    a peak above ``memory_limit`` is reported as not fitting the cap.
+    """
+    if device == "cpu":
+        from .measure import is_oom_error
+        from .trace import measure_cpu_step
+
+        def measure_cpu(workload: Workload) -> Measured:
+            started = time.perf_counter()
+            try:
+                peak = int(measure_cpu_step(workload, steps=steps)["peak_bytes"])
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is an answer
+                if not is_oom_error(exc):
+                    raise
+                return Measured(None, oom=True, seconds=time.perf_counter() - started,
+                                note=f"out of memory at batch {workload.batch_size}")
+            note = None
+            if memory_limit is not None and peak > memory_limit:
+                note = f"the real step needs more than the --memory-limit cap ({peak} > {memory_limit} bytes)"
+            return Measured(peak, oom=False, metric="cpu allocator (torch.profiler)",
+                            seconds=time.perf_counter() - started, note=note)
+
+        return measure_cpu
+
     from .measure import make_runner
 
-    if device == "cpu" and memory_limit is None:
-        import os
-
-        memory_limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     runner = make_runner(device, memory_limit)
 
     def measure(workload: Workload) -> Measured:
@@ -483,5 +505,5 @@ def compare(
 
 def _peak_metric(target: str) -> str:
     if target == "cpu":
-        return "peak live tensor bytes of the step run on the CPU"
+        return "peak CPU allocator bytes of the step run on the CPU (tensors + oneDNN convolution scratch)"
     return "torch.cuda.max_memory_allocated() of the step (tensors + cuBLAS workspace)"

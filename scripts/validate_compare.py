@@ -69,9 +69,10 @@ def main() -> int:
     measure = real_step_measurer("cpu")
     lines = ["# `memprof compare` on the CPU: traced prediction vs a real step", "",
              f"Machine: {machine()}.", "",
-             "Each row: the traced peak (`target=\"cpu\"`, fake tensors, 2 steps) and the measured peak of live "
-             "tensor bytes over 2 real training steps (find-batch's CPU runner, the code behind "
-             "`memprof compare --measure --device cpu`). Error = (predicted - measured) / measured.", "",
+             "Each row: the traced peak (`target=\"cpu\"`, fake tensors, 2 steps) and the measured peak of the CPU "
+             "allocator over 2 real training steps (torch.profiler memory events, oneDNN convolution scratch "
+             "included: `memprof.trace.measure_cpu_step`, the code behind `memprof compare --measure --device "
+             "cpu`). Error = (predicted - measured) / measured.", "",
              f"Command: `python scripts/validate_compare.py --models {' '.join(args.models)}`", "",
              "| model | batch | row | params | activations | predicted peak | measured peak | error | peak at | "
              "trace s | measure s |",
