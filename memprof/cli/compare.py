@@ -90,8 +90,9 @@ def compare_cmd(
     device: Optional[str] = typer.Option(None, "--device", "-d",
                                          help="cuda (predict a CUDA step) or cpu (predict and --measure a CPU "
                                               "step) \\[default: cuda; cpu when --memory-limit is given]."),
-    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="CPU: the capacity, and the cap real "
-                                                                            "steps run under (8GiB)."),
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="CPU: the capacity (8GiB) for the "
+                                                                            "fit columns; --measure flags rows above "
+                                                                            "it; --find-batch runs under it."),
     measure: bool = typer.Option(False, "--measure", help="Also run each row's real step at its batch size and "
                                                           "show predicted vs measured."),
     find: bool = typer.Option(False, "--find-batch", help="With --measure: also find each row's largest batch "
