@@ -523,6 +523,8 @@ def _check_script(script: str | Path) -> Path:
 
 
 DEVICES = ("auto", "cuda", "cpu", "all")
+#: ProfileResult.device when only CUDA memory was counted and the script never used CUDA
+UNUSED_CUDA = "cuda (unused by the script)"
 
 
 def profile_script(script: str | Path, args: Sequence[str] = (), *, log: bool = False,
@@ -777,7 +779,7 @@ def _build(rec: _Recorder, path: Path, args, outcome, wall, cuda, leaks, top, ti
     peak = ProfilePeak(bytes=rec.peak_bytes, time_s=round(t_peak, 6), op_index=op_peak, location=_loc(rec, key_peak),
                        source=_source(key_peak), module=module_peak, phase=phase_peak, breakdown=breakdown,
                        tensors=_groups(rec, rec.peak_live, 30))
-    device = "cpu"
+    device = "cpu" if rec.device_type in (None, "cpu") else UNUSED_CUDA
     if cuda is not None:
         device = f"cuda:{torch.cuda.current_device()} ({cuda.device_name})"
     timeline = _downsample(rec.tl_t, rec.tl_b, timeline_points)

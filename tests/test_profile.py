@@ -289,6 +289,14 @@ def test_device_filter(script):
         profile_script(script(CRASH, "crash.py"), device="tpu")
 
 
+def test_cuda_only_count_of_a_cpu_script_says_so(script, monkeypatch):
+    # a GPU machine running a CPU script: --device auto counts CUDA memory, of which there is none
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    r = profile_script(script(CRASH, "crash.py"), device="auto")
+    assert r.peak.bytes == 0 and r.cuda is None
+    assert "--device cpu" in _render(r)
+
+
 def test_missing_script_raises():
     with pytest.raises(UsageError):
         profile_script("/nonexistent/train.py")

@@ -40,6 +40,11 @@ def render_profile(result: ProfileResult, console: Console, top: int = 10) -> No
                   f"{p.phase}{mod}")
     console.print(f"  at {where}")
     console.print(f"Live at exit: {format_bytes(result.at_exit_bytes)}")
+    from ..profile import UNUSED_CUDA
+
+    if result.device == UNUSED_CUDA:
+        console.print("Only CUDA memory was counted and the script allocated none: "
+                      "run with --device cpu (or all) to profile its CPU tensors.")
 
     if p.breakdown:
         t = Table(title="Live at the peak, by category", title_justify="left", show_edge=False)
