@@ -257,40 +257,55 @@ def _make_tracker(recorder: _Recorder):
 def _onednn_conv_scratch(func, args) -> int:
     """Bytes oneDNN (mkldnn) convolutions on the CPU hold inside the op, next to its outputs.
 
-    PyTorch's CPU convolution reorders NCHW tensors to oneDNN's blocked layouts inside the
-    kernel (measured with torch.profiler): forward keeps a blocked output (and, when the
-    input channels are blockable, a blocked input and weight) while the real output is
-    allocated; backward keeps blocked copies of the input and of grad_output while the
-    gradients are produced (in bf16/fp16 also an fp32 weight-gradient accumulator). No
-    dispatch mode sees these, so the CPU trace adds them as a temporary around the op.
+    PyTorch's CPU convolution reorders NCHW tensors to oneDNN's blocked layouts (channels
+    padded to 16) inside the kernel (measured with torch.profiler, per op): forward holds a
+    blocked output and, when the input channels are blockable (multiple of 8), a blocked input
+    and weight, then the real output; a transposed convolution holds twice its output;
+    backward holds a blocked grad_output and, for the weight gradient, a blocked input (in
+    bf16/fp16 also an fp32 weight-gradient accumulator) while the gradients are produced.
+    No dispatch mode sees these, so the CPU trace adds them as a temporary around the op.
     CUDA (cuDNN) works on the tensors as they are; its workspaces are not modelled.
     """
     import torch
 
     if func is torch.ops.aten.convolution.default:
         x, w = args[0], args[1]
-        transposed = args[6] if len(args) > 6 else False
-        groups = args[8] if len(args) > 8 else 1
-        if transposed or groups != 1 or x.dim() != 4 or not x.is_floating_point():
+        transposed = args[6]
+        if x.dim() != 4 or not x.is_floating_point():
             return 0
-        n, c, h, wd = x.shape
-        out_numel = n * w.shape[0] * _conv_out(h, w.shape[2], args) * _conv_out(wd, w.shape[3], args, dim=1)
         esize = x.element_size()
-        blocked_in = x.numel() * esize + w.numel() * esize if c % 8 == 0 else 0
-        return max(out_numel * esize, blocked_in)
+        if transposed:  # computed as a backward-data convolution into a blocked buffer
+            n, h, wd = x.shape[0], x.shape[2], x.shape[3]
+            c_out = w.shape[1] * args[8]
+            stride, padding, dilation, out_pad = args[3], args[4], args[5], args[7]
+            oh = (h - 1) * stride[0] - 2 * padding[0] + dilation[0] * (w.shape[2] - 1) + out_pad[0] + 1
+            ow = (wd - 1) * stride[1] - 2 * padding[1] + dilation[1] * (w.shape[3] - 1) + out_pad[1] + 1
+            return 2 * n * c_out * oh * ow * esize
+        n, c, h, wd = x.shape
+        c_out = w.shape[0]
+        out = n * c_out * _conv_out(h, w.shape[2], args) * _conv_out(wd, w.shape[3], args, dim=1) * esize
+        out_blocked = out * _pad16(c_out) // c_out
+        in_blocked = x.numel() * esize * _pad16(c) // c + w.numel() * esize if c % 8 == 0 else 0
+        return max(in_blocked + out_blocked, out_blocked + out) - out
     # convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation,
     #                      transposed, output_padding, groups, output_mask)
-    grad_out, x = args[0], args[1]
-    transposed, groups, mask = args[7], args[9], args[10]
-    if transposed or groups != 1 or x.dim() != 4 or not x.is_floating_point():
+    grad_out, x, w = args[0], args[1], args[2]
+    mask = args[10]
+    if x.dim() != 4 or not x.is_floating_point():
         return 0
-    scratch = grad_out.numel() * grad_out.element_size()
+    c_out = grad_out.shape[1]
+    scratch = grad_out.numel() * grad_out.element_size() * _pad16(c_out) // c_out
     if mask[1]:
-        scratch += x.numel() * x.element_size()
-        w = args[2]
+        if x.shape[1] % 8 == 0:
+            scratch += x.numel() * x.element_size() * _pad16(x.shape[1]) // x.shape[1]
         if w.element_size() < 4:  # bf16/fp16: the weight gradient is accumulated in fp32
             scratch += w.numel() * 4
     return scratch
+
+
+def _pad16(channels: int) -> int:
+    """oneDNN's blocked layouts pad channels to a multiple of 16."""
+    return -(-channels // 16) * 16
 
 
 def _conv_out(size: int, k: int, args, dim: int = 0) -> int:
