@@ -81,7 +81,9 @@ def affine_fit(points: dict[int, int]) -> tuple[Optional[float], Optional[float]
 def _default_predictor(workload: Workload, capacity_bytes: int, *, target: str, metric: str, max_batch: int):
     from .trace import fit_batch
 
-    return fit_batch(workload, capacity_bytes, target=target, max_batch=max_batch, metric=metric)
+    # the CPU cap counts tensor storages only (as a GPU would), so predict without oneDNN's kernel scratch
+    return fit_batch(workload, capacity_bytes, target=target, max_batch=max_batch, metric=metric,
+                     kernel_scratch=target != "cpu")
 
 
 def find_batch(

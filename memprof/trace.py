@@ -109,7 +109,7 @@ def cuda_context_bytes() -> int:
 class _Recorder:
     """Collects allocation records and events while the step runs; analysis happens afterwards."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, kernel_scratch: bool = True):
         import torch
 
         self.target = target
@@ -133,7 +133,7 @@ class _Recorder:
         self._current_node = torch._C._current_autograd_node
         self._seq_nr = torch._C._autograd._get_sequence_nr
         self.need_workspace = target == "cuda"
-        self.cpu_scratch = target == "cpu"
+        self.cpu_scratch = target == "cpu" and kernel_scratch
         self.saw_flash_attention = False
         self.forward_start: dict[int, int] = {}  # step -> index of its first event
         self.optimizer_start: dict[int, int] = {}
@@ -461,12 +461,15 @@ def _step_error(exc: Exception, phase: str) -> MemprofError:
 
 
 # =========================================================================== tracing
-def trace_step(workload: Workload, *, target: str = "cuda", steps: int = 2, replay_steps: bool = True) -> TraceResult:
+def trace_step(workload: Workload, *, target: str = "cuda", steps: int = 2, replay_steps: bool = True,
+               kernel_scratch: bool = True) -> TraceResult:
     """Trace ``steps`` training steps of ``workload`` on fake tensors and predict their memory.
 
     ``target="cuda"`` predicts a CUDA step (foreach optimizers, 512-byte rounding, cuBLAS
     workspaces, caching-allocator reserved bytes, NVML); ``target="cpu"`` predicts the
-    same step run on the CPU (peak live tensor bytes).
+    same step run on the CPU (peak live tensor bytes, plus the scratch oneDNN convolutions
+    hold inside the op; ``kernel_scratch=False`` leaves that scratch out, which is what
+    find-batch's CPU cap counts: tensor storages only, as on a GPU).
 
     Steps after the first repeat the first one exactly (same ops, same storages; only the
     optimizer state now lives through them and is not created again), so with
@@ -484,7 +487,7 @@ def trace_step(workload: Workload, *, target: str = "cuda", steps: int = 2, repl
     if steps < 1:
         raise UsageError(f"steps must be at least 1, got {steps}", "trace 2 steps to see the steady state")
     started = time.perf_counter()
-    recorder = _Recorder(target)
+    recorder = _Recorder(target, kernel_scratch)
     notes: list[str] = []
     handles: list = []
     prepared = None
@@ -804,14 +807,14 @@ def _metric_value(result: TraceResult, metric: str) -> int:
 
 
 def fit_batch(workload: Workload, capacity_bytes: int, *, target: str = "cuda", headroom: float = 0.8,
-              max_batch: int | None = None, metric: str | None = None) -> BatchFit:
+              max_batch: int | None = None, metric: str | None = None, kernel_scratch: bool = True) -> BatchFit:
     """The largest batch whose traced peak fits ``capacity_bytes``, verified by tracing it and the next one.
 
     Peak memory is close to affine in the batch size: two traces give a slope and an
     intercept, the solution is traced, and the bracket [fits, does not fit] is narrowed until the
     answer fits and answer + 1 does not under the tracer (:func:`memprof.search.search`
     does the bracketing). ``metric`` defaults to "nvml"
-    for cuda and "allocated" for cpu.
+    for cuda and "allocated" for cpu. ``kernel_scratch`` is passed to :func:`trace_step`.
     """
     if capacity_bytes <= 0:
         raise UsageError(f"capacity must be positive, got {capacity_bytes}", "e.g. --gpu-memory 24GiB")
@@ -828,7 +831,8 @@ def fit_batch(workload: Workload, capacity_bytes: int, *, target: str = "cuda", 
 
     def peak(b: int) -> int:
         if b not in cache:
-            cache[b] = _metric_value(trace_step(workload.with_batch(b), target=target), metric)
+            cache[b] = _metric_value(trace_step(workload.with_batch(b), target=target,
+                                                kernel_scratch=kernel_scratch), metric)
         return cache[b]
 
     def result(max_b, slope, intercept, limited=False) -> BatchFit:

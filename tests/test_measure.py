@@ -136,3 +136,27 @@ def test_cuda_trial_measures_and_recovers():
     huge = runner.capacity_bytes() // (256 * 4) + 1  # the input alone exceeds what torch can reserve
     oom = runner.run(workload, huge, steps=2)
     assert not oom.fits and oom.oom_detected_by == "exception type" and oom.leaked_bytes == 0
+
+
+def test_cpu_cap_peak_equals_tensor_only_trace_for_a_conv_model():
+    """find-batch predicts its CPU cap with the tracer: both must count the same bytes.
+
+    The cap counts tensor storages only (as a GPU would), so the prediction leaves out the
+    scratch oneDNN convolutions hold inside the op (kernel_scratch=False); with it, the
+    prediction is higher than what the cap sees.
+    """
+    import torch
+
+    from memprof.cli.common import build_workload
+    from memprof.measure import CpuCapRunner
+    from memprof.trace import trace_step
+
+    torch.manual_seed(0)
+    workload = build_workload("memprof.zoo:seed004_convstack", batch_size=3, input_shape=["3,24,24"],
+                              optimizer="adam")
+    measured = CpuCapRunner(1 << 40).run(workload, 3, steps=2)
+    assert measured.fits
+    tensors_only = trace_step(workload, target="cpu", kernel_scratch=False)
+    with_scratch = trace_step(workload, target="cpu")
+    assert tensors_only.peak_bytes == measured.peak_allocated_bytes
+    assert with_scratch.peak_bytes > tensors_only.peak_bytes
