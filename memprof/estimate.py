@@ -114,7 +114,8 @@ def estimate(workload: "Workload", capacity: Capacity | int | None = None, headr
             try:
                 trace_result = tracer.trace_step(workload, target="cuda")
                 if capacity is not None:
-                    batch_fit = tracer.fit_batch(workload, capacity.total_bytes, target="cuda", headroom=headroom)
+                    batch_fit = tracer.fit_batch(workload, capacity.total_bytes, target="cuda", headroom=headroom,
+                                                 known={workload.batch_size: trace_result})
                     fit = traced_fit(trace_result, batch_fit, capacity, headroom)
             except MemprofError as exc:
                 trace_result, fit = None, None

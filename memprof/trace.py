@@ -35,7 +35,6 @@ from typing import Any
 from .allocator import CachingAllocatorModel, round_size
 from .errors import InputShapeError, MemprofError, TraceError, UsageError
 from .results import BatchFit, MemCategory, TimelinePoint, TraceResult
-from .search import OOM, Fit, Guide, Outcome, search
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
 MiB = 1024 * 1024
@@ -806,8 +805,59 @@ def _metric_value(result: TraceResult, metric: str) -> int:
     return int(result.peak_bytes)
 
 
+def _bracket(peak, cache: dict[int, int], capacity_bytes: int, limit: int, guess: int,
+             max_traces: int = 40) -> tuple[int, str]:
+    """The largest batch in [1, limit] with ``peak(b) <= capacity_bytes``, given that batch 1 fits.
+
+    Unlike a real trial, a trace also gives the bytes of a batch that does not fit, so the
+    next guess interpolates between the bracket's ends (regula falsi), which lands on the
+    answer in one or two traces when peak memory is affine in the batch; a bisection step
+    follows any guess that did not halve the bracket, so a non-affine curve (allocator
+    segments) still converges. Ends with ``peak(answer + 1)`` traced unless the answer is ``limit``.
+    ``cache`` holds the batches ``peak`` has already traced.
+    """
+    lo, hi = 1, None  # peak(lo) fits; peak(hi) does not
+    for b in sorted(k for k in cache if k <= limit):
+        if peak(b) <= capacity_bytes:
+            lo = max(lo, b)
+        elif hi is None or b < hi:
+            hi = b
+    b = max(lo + 1, min(guess, limit)) if hi is None else None
+    streak, last_side = 0, None  # how many guesses in a row moved the same end of the bracket
+    for _ in range(max_traces):
+        if hi is not None and hi - lo <= 1:
+            return lo, "exact"
+        if lo >= limit:
+            return limit, "exact"
+        if b is None:
+            p_lo, p_hi = peak(lo), peak(hi)
+            g = lo + int((capacity_bytes - p_lo) * (hi - lo) // (p_hi - p_lo)) if p_hi > p_lo else lo
+            if g <= lo:
+                b = lo + 1  # the line says lo is the answer: one trace confirms it
+            elif streak >= 3:
+                b = (lo + hi) // 2  # interpolation keeps missing on one side: bisect
+            else:
+                b = min(g, hi - 1)
+        side = "lo" if peak(b) <= capacity_bytes else "hi"
+        if side == "lo":
+            lo = b
+        else:
+            hi = b
+        streak, last_side = (streak + 1 if side == last_side else 1), side
+        if hi is None:  # still unbounded above: extrapolate from the two largest fits
+            pts = sorted(k for k in cache if k <= lo)
+            prev = pts[-2] if len(pts) >= 2 else None
+            slope = (peak(lo) - peak(prev)) / (lo - prev) if prev is not None else 0
+            step = int((capacity_bytes - peak(lo)) // slope) if slope > 0 else lo
+            b = min(limit, lo + max(1, step))
+        else:
+            b = None
+    return lo, "max_trials"
+
+
 def fit_batch(workload: Workload, capacity_bytes: int, *, target: str = "cuda", headroom: float = 0.8,
-              max_batch: int | None = None, metric: str | None = None, kernel_scratch: bool = True) -> BatchFit:
+              max_batch: int | None = None, metric: str | None = None, kernel_scratch: bool = True,
+              known: "dict[int, TraceResult] | None" = None) -> BatchFit:
     """The largest batch whose traced peak fits ``capacity_bytes``, verified by tracing it and the next one.
 
     Peak memory is close to affine in the batch size: two traces give a slope and an
@@ -815,6 +865,8 @@ def fit_batch(workload: Workload, capacity_bytes: int, *, target: str = "cuda", 
     answer fits and answer + 1 does not under the tracer (:func:`memprof.search.search`
     does the bracketing). ``metric`` defaults to "nvml"
     for cuda and "allocated" for cpu. ``kernel_scratch`` is passed to :func:`trace_step`.
+    ``known`` maps batch sizes to traces the caller already made of this workload with the
+    same target (e.g. ``estimate``'s trace at the requested batch): they are reused, not redone.
     """
     if capacity_bytes <= 0:
         raise UsageError(f"capacity must be positive, got {capacity_bytes}", "e.g. --gpu-memory 24GiB")
@@ -826,7 +878,8 @@ def fit_batch(workload: Workload, capacity_bytes: int, *, target: str = "cuda", 
     if metric not in ("nvml", "reserved", "allocated") or (target == "cpu" and metric != "allocated"):
         raise UsageError(f"unknown metric {metric!r} for target {target}", "nvml, reserved or allocated (cuda)")
     limit = max_batch if max_batch is not None else 1 << 20
-    cache: dict[int, int] = {}
+    cache: dict[int, int] = {b: _metric_value(r, metric) for b, r in (known or {}).items()
+                             if r.target == target}
     notes: list[str] = []
 
     def peak(b: int) -> int:
@@ -849,23 +902,16 @@ def fit_batch(workload: Workload, capacity_bytes: int, *, target: str = "cuda", 
         return result(None, 0, p1)
     if limit == 1:
         return result(1, 0, p1, limited=True)
-    b2 = min(limit, 8)
+    # the second point of the line: a batch already traced if there is one, else 8
+    b2 = next((b for b in sorted(cache, reverse=True) if 1 < b <= limit), min(limit, 8))
     slope = (peak(b2) - p1) / (b2 - 1)
     intercept = p1 - slope
     predicted = limit if slope <= 0 else int(math.floor((capacity_bytes - intercept) / slope))
     predicted = max(1, min(predicted, limit))
 
-    def probe(batch: int) -> Outcome:
-        value = peak(batch)
-        return Fit(value) if value <= capacity_bytes else OOM()
-
-    found = search(probe, capacity_bytes=capacity_bytes, min_batch=1, max_batch=limit, start=predicted,
-                   guide=Guide(max_batch=predicted, bytes_per_sample=slope, fixed_bytes=intercept), max_trials=60)
-    largest = found.largest_fit or 1
-    if largest < limit and largest + 1 not in cache:
-        peak(largest + 1)  # the verification the answer rests on
-    if found.status not in ("exact", "max_batch"):
-        notes.append(f"the search ended with status {found.status!r}")
+    largest, status = _bracket(peak, cache, capacity_bytes, limit, predicted)
+    if status != "exact":
+        notes.append(f"the search ended with status {status!r}")
     pts = sorted(cache.items())
     if len(pts) >= 2:
         (ba, pa), (bb, pb) = pts[0], pts[-1]

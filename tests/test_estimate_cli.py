@@ -240,8 +240,10 @@ def test_traced_fit_drives_the_verdict(monkeypatch):
 
     calls = []
 
-    def fake_fit(workload, capacity_bytes, *, target="cuda", headroom=0.8, max_batch=None, metric=None):
+    def fake_fit(workload, capacity_bytes, *, target="cuda", headroom=0.8, max_batch=None, metric=None, known=None):
         calls.append((workload.batch_size, capacity_bytes, target, headroom))
+        # the estimate hands over its own trace at the requested batch, so the fit does not redo it
+        assert list(known) == [4] and known[4].target == "cuda" and known[4].workload["batch_size"] == 4
         return BatchFit(capacity_bytes=capacity_bytes, metric="nvml", max_batch=50, recommended_batch=40,
                         headroom=headroom, peak_at_max_bytes=900, peak_at_next_bytes=1100, slope_bytes_per_sample=10,
                         intercept_bytes=400, traces=4)

@@ -204,3 +204,32 @@ def _per_op(result):
     for p in result.timeline:
         last[(p.step, p.op_index)] = (p.allocated_bytes, p.phase, p.step)
     return [v for _, v in sorted(last.items())]
+
+
+def test_bracket_is_exact_on_affine_stepped_and_capped_curves():
+    """fit_batch's search over traced peaks: exact answers in few traces (a trace also gives the bytes of a miss)."""
+    from memprof.trace import _bracket
+
+    def run(curve, capacity, limit, guess):
+        cache = {}
+
+        def peak(b):
+            if b not in cache:
+                cache[b] = curve(b)
+            return cache[b]
+
+        peak(1)
+        answer, status = _bracket(peak, cache, capacity, limit, guess)
+        return answer, status, len(cache) - 1
+
+    affine = lambda b: 1000 + 37 * b  # noqa: E731
+    # the largest b with 1000 + 37 b <= 100_000 is 2675
+    assert run(affine, 100_000, 1 << 20, 2600) == (2675, "exact", 3)  # guess fits, jump to the line, confirm +1
+    answer, status, traces = run(affine, 100_000, 1 << 20, 3000)  # guess misses: interpolation lands on it
+    assert (answer, status) == (2675, "exact") and traces <= 3
+    # 2 MiB allocator segments on top of the line: still the exact boundary of the traced values
+    stepped = lambda b: 10 * 2**20 + 2**21 * ((b * 300_000) // 2**21 + 1)  # noqa: E731
+    capacity = 4 * 2**30
+    answer, status, traces = run(stepped, capacity, 1 << 20, 10_000)
+    assert status == "exact" and stepped(answer) <= capacity < stepped(answer + 1) and traces <= 8
+    assert run(affine, 100_000, 500, 3000)[:2] == (500, "exact")  # --max-batch caps it
