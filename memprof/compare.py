@@ -205,50 +205,44 @@ def _metric_bytes(traced: Any, metric: str) -> int:
 
 
 def traced_fit(workload: Workload, capacity_bytes: int, *, target: str, headroom: float, max_batch: int | None,
-               traced: Any, trace_fn: TraceFn | None = None, max_traces: int = 4) -> CompareFit:
-    """The largest batch whose traced peak fits ``capacity_bytes``: :func:`memprof.search.search` over traces,
-    guided by the row's own trace (fixed bytes + per-sample bytes), so a few traces suffice.
+               traced: Any, trace_fn: TraceFn | None = None, max_traces: int = 40) -> CompareFit:
+    """The largest batch whose traced peak fits ``capacity_bytes``, exact under the tracer.
 
-    At most 1 + ``max_traces`` traces: when the search has not bracketed the answer by then
-    (the CUDA reserved/NVML metric steps with allocator segments), the largest batch
-    traced to fit is returned with ``exact=False`` - a lower bound."""
-    from .search import Guide, Outcome, search
+    The row's own trace gives a first guess (what grows with the batch at its peak:
+    activations, inputs, temporaries); :func:`memprof.trace.bracket_peaks` then interpolates
+    on traced bytes (a trace also measures a batch that does not fit) until the answer fits
+    and answer + 1 does not - usually two or three more traces."""
+    from .trace import bracket_peaks
 
     trace_fn = trace_fn or _default_trace
     metric = fit_metric(target)
     cache: dict[int, int] = {workload.batch_size: _metric_bytes(traced, metric)}
 
-    def probe(batch: int) -> Outcome:
+    def peak(batch: int) -> int:
         if batch not in cache:
             cache[batch] = _metric_bytes(trace_fn(workload.with_batch(batch), target=target), metric)
-        return Outcome(cache[batch] <= capacity_bytes, cache[batch])
+        return cache[batch]
 
-    # a guide from two traces: the row's own and one at the batch its breakdown suggests (what grows with
-    # the batch: activations, inputs, temporaries); the affine through both is close to the answer
     batch = workload.batch_size
     limit = max_batch or (1 << 20)
     at_peak = traced.breakdown_at_peak
     per_batch = sum(int(at_peak.get(c, 0)) for c in (MemCategory.ACTIVATION, MemCategory.INPUT,
                                                        MemCategory.TEMPORARY))
-    guide = None
+    guess = limit
     if per_batch > 0:
-        per_sample = per_batch / batch
-        first = min(limit, max(1, int((capacity_bytes - (cache[batch] - per_batch)) // per_sample)))
-        if first != batch:
-            probe(first)
-            slope = (cache[first] - cache[batch]) / (first - batch)
-            if slope > 0:
-                per_sample = slope
-        fixed = cache[first] - per_sample * first
-        guide = Guide(max(1, int((capacity_bytes - fixed) // per_sample)), per_sample, fixed)
-    found = search(probe, capacity_bytes=capacity_bytes, guide=guide, max_batch=limit, max_trials=max_traces,
-                   first_fraction=1.0)
-    best = found.largest_fit
+        guess = int((capacity_bytes - (cache[batch] - per_batch)) // (per_batch / batch))
+    guess = max(1, min(guess, limit))
+    best: int | None
+    status = "exact"
+    if cache[batch] > capacity_bytes and peak(1) > capacity_bytes:
+        best = None
+    else:
+        best, status = bracket_peaks(peak, cache, capacity_bytes, limit, guess, max_traces=max_traces)
     return CompareFit(metric=metric, max_batch=best,
                       recommended_batch=None if best is None else max(1, int(headroom * best)),
                       fits=cache[workload.batch_size] <= capacity_bytes,
                       limited_by_max=best is not None and best == limit, traces=len(cache),
-                      exact=found.status in ("exact", "max_batch", "nothing_fits"))
+                      exact=status == "exact")
 
 
 def real_step_measurer(device: str, memory_limit: int | None = None, steps: int = 2) -> MeasureFn:

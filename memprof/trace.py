@@ -805,8 +805,8 @@ def _metric_value(result: TraceResult, metric: str) -> int:
     return int(result.peak_bytes)
 
 
-def _bracket(peak, cache: dict[int, int], capacity_bytes: int, limit: int, guess: int,
-             max_traces: int = 40) -> tuple[int, str]:
+def bracket_peaks(peak, cache: dict[int, int], capacity_bytes: int, limit: int, guess: int,
+                  max_traces: int = 40) -> tuple[int, str]:
     """The largest batch in [1, limit] with ``peak(b) <= capacity_bytes``, given that batch 1 fits.
 
     Unlike a real trial, a trace also gives the bytes of a batch that does not fit, so the
@@ -909,7 +909,7 @@ def fit_batch(workload: Workload, capacity_bytes: int, *, target: str = "cuda", 
     predicted = limit if slope <= 0 else int(math.floor((capacity_bytes - intercept) / slope))
     predicted = max(1, min(predicted, limit))
 
-    largest, status = _bracket(peak, cache, capacity_bytes, limit, predicted)
+    largest, status = bracket_peaks(peak, cache, capacity_bytes, limit, predicted)
     if status != "exact":
         notes.append(f"the search ended with status {status!r}")
     pts = sorted(cache.items())

@@ -208,7 +208,7 @@ def _per_op(result):
 
 def test_bracket_is_exact_on_affine_stepped_and_capped_curves():
     """fit_batch's search over traced peaks: exact answers in few traces (a trace also gives the bytes of a miss)."""
-    from memprof.trace import _bracket
+    from memprof.trace import bracket_peaks
 
     def run(curve, capacity, limit, guess):
         cache = {}
@@ -219,7 +219,7 @@ def test_bracket_is_exact_on_affine_stepped_and_capped_curves():
             return cache[b]
 
         peak(1)
-        answer, status = _bracket(peak, cache, capacity, limit, guess)
+        answer, status = bracket_peaks(peak, cache, capacity, limit, guess)
         return answer, status, len(cache) - 1
 
     affine = lambda b: 1000 + 37 * b  # noqa: E731
