@@ -36,7 +36,8 @@ from .errors import ModelLoadError, UsageError
 
 BATCH_HOOK = "memprof_batch"
 LOSS_HOOK = "memprof_loss"
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# the top-level configs/ folder, reached through the package link memprof/_configs (shipped in wheels too)
+CONFIGS_DIR = Path(__file__).resolve().parent / "_configs"
 PRESETS_FILE = CONFIGS_DIR / "models.toml"
 
 
