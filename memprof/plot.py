@@ -64,18 +64,23 @@ def plot_data(result) -> PlotData:
                     result.recommended_batch, result.recommended_expected_bytes, metric, x_max, y_max, title, y_min)
 
 
-def check_plot_path(path: Path) -> None:
-    """Fail before any trial when the plot cannot be written: unknown suffix, PNG without matplotlib."""
+def check_plot_path(path: Path, suffixes: tuple[str, ...] = (".svg", ".png")) -> None:
+    """Fail before any work when the plot cannot be written: unknown suffix, PNG without matplotlib.
+
+    ``.svg`` (and ``.html`` where a command offers it) are written by hand and always work.
+    """
     suffix = path.suffix.lower()
-    if suffix not in (".svg", ".png"):
+    if suffix not in suffixes:
+        names = " or ".join(suffixes)
         raise UsageError(f"cannot write a plot to {path.name!r}: unknown format {suffix or '(none)'}",
-                         "name the file .svg (always works) or .png (needs matplotlib)")
+                         f"name the file {names} (.png needs matplotlib)")
     if suffix == ".png":
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot *.png needs matplotlib, which is not installed",
-                             "pip install 'memprof[plot]' (or matplotlib), or write --plot file.svg instead") from None
+                             "pip install matplotlib (or the memprof[plot] extra), or write --plot file.svg "
+                             "instead") from None
 
 
 def write_plot(result, path: Path) -> Path:

@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..errors import UsageError
 from ..results import ProfileResult
 from . import format_bytes, format_count, format_signed_bytes
 
@@ -174,17 +173,10 @@ def format_log(result: ProfileResult) -> str:
 
 # ------------------------------------------------------------------------------------------ --plot
 def check_plot_path(path: Path) -> None:
-    """Fail before the run when the plot cannot be written."""
-    suffix = path.suffix.lower()
-    if suffix not in PLOT_SUFFIXES:
-        raise UsageError(f"cannot plot to {path.name!r}: unknown format {suffix or '(none)'}",
-                         "use a .svg, .html or .png file name")
-    if suffix == ".png":
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise UsageError("--plot .png needs matplotlib, which is not installed",
-                             "pip install matplotlib (or memprof[plot]), or plot to .svg / .html (no dependency)") from None
+    """Fail before the run when the plot cannot be written (.svg, .html or .png)."""
+    from ..plot import check_plot_path as check
+
+    check(path, PLOT_SUFFIXES)
 
 
 def _series(result: ProfileResult, max_points: int = 3000) -> dict[str, Any]:
