@@ -477,6 +477,7 @@ def trace_step(workload: Workload, *, target: str = "cuda", steps: int = 2, repl
     """
     import gc
     import logging
+    import warnings
 
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -498,7 +499,10 @@ def trace_step(workload: Workload, *, target: str = "cuda", steps: int = 2, repl
     fake_log_level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)  # it logs every meta-kernel failure; ours become MemprofErrors
     try:
-        with fake_mode:
+        with fake_mode, warnings.catch_warnings():
+            # modules that test data_ptr() (nn.TransformerEncoder's fast path) make PyTorch warn about
+            # fake tensors; the answer they get does not change what is allocated, so keep it off the screen
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
             model = _build_fake_model(workload)
             tracker = _make_tracker(recorder)
             with tracker:

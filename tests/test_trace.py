@@ -233,3 +233,25 @@ def test_bracket_is_exact_on_affine_stepped_and_capped_curves():
     answer, status, traces = run(stepped, capacity, 1 << 20, 10_000)
     assert status == "exact" and stepped(answer) <= capacity < stepped(answer + 1) and traces <= 8
     assert run(affine, 100_000, 500, 3000)[:2] == (500, "exact")  # --max-batch caps it
+
+
+def test_transformer_encoder_traces_without_fake_tensor_warnings():
+    """nn.TransformerEncoder probes data_ptr() on its fast path: PyTorch warns about fake tensors, the user must not see it."""
+    import warnings
+
+    import torch
+
+    from memprof.loading import InputSpec, ModelSpec
+    from memprof.trace import trace_step
+    from memprof.workload import Workload
+
+    def factory():
+        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+        return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.TransformerEncoder(layer, 2))
+
+    spec = ModelSpec(ref="enc", display_name="enc", factory=factory, inputs=InputSpec(shapes=[(10, 8)], dtype="float"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = trace_step(Workload(model=spec, batch_size=4, optimizer="sgd"), target="cpu")
+    assert result.peak_bytes > 0
+    assert not [w for w in caught if "data pointer of FakeTensor" in str(w.message)]
