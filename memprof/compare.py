@@ -188,9 +188,11 @@ RecomputeFn = Callable[[Workload], Any]  # -> checkpointing.RecomputeCost
 
 
 def _default_trace(workload: Workload, *, target: str):
+    """The row's trace. On the CPU, tensor storages only (``kernel_scratch=False``): what the CPU cap
+    (``--memory-limit``) counts, as a GPU would, and what ``--measure`` on the CPU measures."""
     from .trace import trace_step
 
-    return trace_step(workload, target=target)
+    return trace_step(workload, target=target, kernel_scratch=False)
 
 
 def fit_metric(target: str) -> str:
@@ -248,41 +250,25 @@ def traced_fit(workload: Workload, capacity_bytes: int, *, target: str, headroom
 def real_step_measurer(device: str, memory_limit: int | None = None, steps: int = 2) -> MeasureFn:
     """A ``measure_fn`` running each row's real training steps at its batch size.
 
-    CUDA: find-batch's runner (``torch.cuda.max_memory_allocated``). CPU: the traced
-    estimator's ground truth, :func:`memprof.trace.measure_cpu_step` (torch.profiler's CPU
-    allocator events, oneDNN convolution scratch included - what the CPU trace predicts);
-    a peak above ``memory_limit`` is reported as not fitting the cap.
+    CUDA: find-batch's runner (``torch.cuda.max_memory_allocated``). CPU: find-batch's
+    capped runner - the peak of live tensor storages, exactly what the CPU rows are traced
+    as (without oneDNN's in-kernel scratch); crossing ``memory_limit`` is an out-of-memory
+    (no limit: nothing is capped, the peak is still measured).
     """
+    from .measure import CpuCapRunner, make_runner
+
     if device == "cpu":
-        from .measure import is_oom_error
-        from .trace import measure_cpu_step
-
-        def measure_cpu(workload: Workload) -> Measured:
-            started = time.perf_counter()
-            try:
-                peak = int(measure_cpu_step(workload, steps=steps)["peak_bytes"])
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory is an answer
-                if not is_oom_error(exc):
-                    raise
-                return Measured(None, oom=True, seconds=time.perf_counter() - started,
-                                note=f"out of memory at batch {workload.batch_size}")
-            note = None
-            if memory_limit is not None and peak > memory_limit:
-                note = f"the real step needs more than the --memory-limit cap ({peak} > {memory_limit} bytes)"
-            return Measured(peak, oom=False, metric="cpu allocator (torch.profiler)",
-                            seconds=time.perf_counter() - started, note=note)
-
-        return measure_cpu
-
-    from .measure import make_runner
-
-    runner = make_runner(device, memory_limit)
+        runner = CpuCapRunner(memory_limit if memory_limit is not None else 1 << 62)
+        metric = "live tensor bytes"
+    else:
+        runner = make_runner(device, memory_limit)
+        metric = "allocated"
 
     def measure(workload: Workload) -> Measured:
         trial = runner.run(workload, workload.batch_size, steps)
         note = None if trial.fits else f"out of memory at batch {workload.batch_size} ({trial.oom_phase})"
         return Measured(peak_bytes=trial.peak_allocated_bytes if trial.fits else None, oom=not trial.fits,
-                        metric="allocated", seconds=trial.seconds, note=note)
+                        metric=metric, seconds=trial.seconds, note=note)
 
     return measure
 

@@ -69,10 +69,12 @@ def main() -> int:
     measure = real_step_measurer("cpu")
     lines = ["# `memprof compare` on the CPU: traced prediction vs a real step", "",
              f"Machine: {machine()}.", "",
-             "Each row: the traced peak (`target=\"cpu\"`, fake tensors, 2 steps) and the measured peak of the CPU "
-             "allocator over 2 real training steps (torch.profiler memory events, oneDNN convolution scratch "
-             "included: `memprof.trace.measure_cpu_step`, the code behind `memprof compare --measure --device "
-             "cpu`). Error = (predicted - measured) / measured.", "",
+             "Each row: the traced peak (`target=\"cpu\"`, fake tensors, 2 steps, tensor storages only) and the "
+             "measured peak of live tensor storages over 2 real training steps on the CPU (find-batch's capped "
+             "runner with no cap: `memprof.compare.real_step_measurer`, the code behind `memprof compare --measure "
+             "--device cpu`). Both leave out the scratch oneDNN convolutions hold inside the kernel, which a GPU "
+             "does not have (`scripts/validate_cpu.py` validates the tracer against the full CPU allocator, scratch "
+             "included). Error = (predicted - measured) / measured.", "",
              f"Command: `python scripts/validate_compare.py --models {' '.join(args.models)}`", "",
              "| model | batch | row | params | activations | predicted peak | measured peak | error | peak at | "
              "trace s | measure s |",
