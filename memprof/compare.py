@@ -214,7 +214,7 @@ def traced_fit(workload: Workload, capacity_bytes: int, *, target: str, headroom
     activations, inputs, temporaries); :func:`memprof.trace.bracket_peaks` then interpolates
     on traced bytes (a trace also measures a batch that does not fit) until the answer fits
     and answer + 1 does not - usually two or three more traces."""
-    from .trace import bracket_peaks
+    from .trace import bracket_peaks, first_guess
 
     trace_fn = trace_fn or _default_trace
     metric = fit_metric(target)
@@ -225,18 +225,11 @@ def traced_fit(workload: Workload, capacity_bytes: int, *, target: str, headroom
             cache[batch] = _metric_bytes(trace_fn(workload.with_batch(batch), target=target), metric)
         return cache[batch]
 
-    batch = workload.batch_size
     limit = max_batch or (1 << 20)
-    at_peak = traced.breakdown_at_peak
-    per_batch = sum(int(at_peak.get(c, 0)) for c in (MemCategory.ACTIVATION, MemCategory.INPUT,
-                                                       MemCategory.TEMPORARY))
-    guess = limit
-    if per_batch > 0:
-        guess = int((capacity_bytes - (cache[batch] - per_batch)) // (per_batch / batch))
-    guess = max(1, min(guess, limit))
+    guess = first_guess(traced, workload.batch_size, cache[workload.batch_size], capacity_bytes, limit)
     best: int | None
     status = "exact"
-    if cache[batch] > capacity_bytes and peak(1) > capacity_bytes:
+    if cache[workload.batch_size] > capacity_bytes and peak(1) > capacity_bytes:
         best = None
     else:
         best, status = bracket_peaks(peak, cache, capacity_bytes, limit, guess, max_traces=max_traces)

@@ -809,6 +809,17 @@ def _metric_value(result: TraceResult, metric: str) -> int:
     return int(result.peak_bytes)
 
 
+def first_guess(traced: TraceResult, batch: int, metric_bytes: int, capacity_bytes: int, limit: int) -> int:
+    """The largest batch one trace (at ``batch``) suggests: what grows with the batch at its peak
+    (activations, inputs, temporaries) is per-sample, the rest of ``metric_bytes`` is fixed."""
+    per_batch = sum(int(traced.breakdown_at_peak.get(c, 0))
+                    for c in (MemCategory.ACTIVATION, MemCategory.INPUT, MemCategory.TEMPORARY))
+    if per_batch <= 0:
+        return limit
+    guess = int((capacity_bytes - (metric_bytes - per_batch)) // (per_batch / batch))
+    return max(1, min(guess, limit))
+
+
 def bracket_peaks(peak, cache: dict[int, int], capacity_bytes: int, limit: int, guess: int,
                   max_traces: int = 40) -> tuple[int, str]:
     """The largest batch in [1, limit] with ``peak(b) <= capacity_bytes``, given that batch 1 fits.
@@ -901,6 +912,25 @@ def fit_batch(workload: Workload, capacity_bytes: int, *, target: str = "cuda", 
                         slope_bytes_per_sample=int(slope), intercept_bytes=int(intercept), traces=len(cache),
                         limited_by_max=limited, notes=tuple(notes))
 
+    def finish(largest: int, status: str) -> BatchFit:
+        if status != "exact":
+            notes.append(f"the search ended with status {status!r}")
+        slope = intercept = 0.0
+        pts = sorted(cache.items())
+        if len(pts) >= 2:
+            (ba, pa), (bb, pb) = pts[0], pts[-1]
+            slope = (pb - pa) / (bb - ba)
+            intercept = pa - slope * ba
+        limited = largest == limit and cache.get(limit, capacity_bytes + 1) <= capacity_bytes
+        if limited and max_batch is None:
+            notes.append(f"stopped at the search limit of {limit} samples: memory barely grows with the batch")
+        return result(largest, slope, intercept, limited=limited and max_batch is not None)
+
+    fitting = sorted((b for b, r in (known or {}).items()
+                      if r.target == target and b <= limit and cache[b] <= capacity_bytes), reverse=True)
+    if fitting:  # a trace that fits already: its breakdown gives the first guess, no batch-1 trace needed
+        guess = first_guess(known[fitting[0]], fitting[0], cache[fitting[0]], capacity_bytes, limit)
+        return finish(*bracket_peaks(peak, cache, capacity_bytes, limit, guess))
     p1 = peak(1)
     if p1 > capacity_bytes:
         return result(None, 0, p1)
@@ -914,17 +944,7 @@ def fit_batch(workload: Workload, capacity_bytes: int, *, target: str = "cuda", 
     predicted = max(1, min(predicted, limit))
 
     largest, status = bracket_peaks(peak, cache, capacity_bytes, limit, predicted)
-    if status != "exact":
-        notes.append(f"the search ended with status {status!r}")
-    pts = sorted(cache.items())
-    if len(pts) >= 2:
-        (ba, pa), (bb, pb) = pts[0], pts[-1]
-        slope = (pb - pa) / (bb - ba)
-        intercept = pa - slope * ba
-    limited = largest == limit and cache.get(limit, capacity_bytes + 1) <= capacity_bytes
-    if limited and max_batch is None:
-        notes.append(f"stopped at the search limit of {limit} samples: memory barely grows with the batch")
-    return result(largest, slope, intercept, limited=limited and max_batch is not None)
+    return finish(largest, status)
 
 
 # =========================================================================== ground truth (CPU)
