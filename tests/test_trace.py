@@ -255,3 +255,18 @@ def test_transformer_encoder_traces_without_fake_tensor_warnings():
         result = trace_step(Workload(model=spec, batch_size=4, optimizer="sgd"), target="cpu")
     assert result.peak_bytes > 0
     assert not [w for w in caught if "data pointer of FakeTensor" in str(w.message)]
+
+
+def test_fit_batch_reuses_a_known_trace_and_agrees_with_a_cold_fit():
+    from memprof.cli.common import build_workload
+    from memprof.trace import fit_batch, trace_step
+
+    workload = build_workload("memprof.zoo:mnist_mlp", batch_size=16, optimizer="adam")
+    capacity = 3 * 2**20  # CPU target: live tensor bytes
+    cold = fit_batch(workload, capacity, target="cpu")
+    known = {16: trace_step(workload, target="cpu")}
+    warm = fit_batch(workload, capacity, target="cpu", known=known)
+    assert warm.max_batch == cold.max_batch and warm.max_batch is not None
+    assert warm.peak_at_max_bytes <= capacity < warm.peak_at_next_bytes
+    assert (cold.max_batch, cold.traces) == (227, 4)  # batch 1, batch 8, the answer, answer + 1
+    assert warm.traces - len(known) == 3  # no batch-1 trace: first guess, the answer, answer + 1
