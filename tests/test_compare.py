@@ -221,7 +221,7 @@ MiB = 2**20
 
 
 def golden_result() -> CompareResult:
-    P, G, O = 97 * MiB, 97 * MiB, 194 * MiB
+    P, O = 97 * MiB, 194 * MiB
     rows = (
         _row("fp32 (baseline)", {M.PARAMETER: P, M.GRADIENT: 7 * MiB, M.OPTIMIZER_STATE: O,
                                  M.ACTIVATION: 2603 * MiB, M.TEMPORARY: 24 * MiB}, baseline=True,
