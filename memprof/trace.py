@@ -32,6 +32,7 @@ import os
 import time
 from typing import Any
 
+from . import fastfake
 from .allocator import CachingAllocatorModel, round_size
 from .errors import InputShapeError, MemprofError, TraceError, UsageError
 from .results import BatchFit, MemCategory, TimelinePoint, TraceResult
@@ -220,13 +221,19 @@ def _make_tracker(recorder: _Recorder):
     import torch
 
     matmuls = _matmul_ops()
+    from torch._subclasses.fake_tensor import FakeTensor
+
     prim_device = torch.ops.prim.device.default
+    meta_device = torch.device("meta")
     convs = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
     sdpa_flash = getattr(getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), "default", None)
 
     class _TraceTracker(StorageTracker):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is prim_device:  # FakeTensorMode asks for devices through the mode stack: no storage
+                if len(args) == 1 and type(args[0]) is FakeTensor:  # what FakeTensorMode answers, without it
+                    a = args[0]
+                    return meta_device if a.fake_mode.in_kernel_invocation else a.fake_device
                 return func(*args, **(kwargs or {}))
             if recorder.need_workspace and func in matmuls:
                 # one cuBLAS handle (and workspace) per thread: forward and optimizer run on the
@@ -503,8 +510,12 @@ def trace_step(workload: Workload, *, target: str = "cuda", steps: int = 2, repl
             # modules that test data_ptr() (nn.TransformerEncoder's fast path) make PyTorch warn about
             # fake tensors; the answer they get does not change what is allocated, so keep it off the screen
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
-            model = _build_fake_model(workload)
+            fast = fastfake.FastFake(fake_mode) if fastfake.enabled() else None
+            with fastfake.mode(fast):  # parameters and buffers are made through the same fast cache
+                model = _build_fake_model(workload)
             tracker = _make_tracker(recorder)
+            if fast is not None:
+                tracker.run_op = fast.run
             with tracker:
                 recorder.category = MemCategory.PARAMETER
                 params = list(model.parameters())

@@ -39,6 +39,7 @@ class StorageTracker(TorchDispatchMode):
         self._on_alloc = on_alloc
         self._on_free = on_free
         self._finalizers: list[weakref.finalize] = []
+        self.run_op: Callable[[Any, tuple, dict | None], Any] | None = None  # runs each op (default: call it)
 
     # -- registration ---------------------------------------------------------------
     def register(self, tensors: Iterable[torch.Tensor], func: Any = None) -> list[int]:
@@ -82,7 +83,8 @@ class StorageTracker(TorchDispatchMode):
 
     # -- dispatch -----------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        run = self.run_op
+        out = run(func, args, kwargs) if run is not None else func(*args, **(kwargs or {}))
         self.op_count += 1
         self.register(tree_leaves(out), func)
         return out
