@@ -95,4 +95,42 @@ _register()
 
 
 def main() -> None:
-    app()
+    """The ``memprof`` console script.
+
+    Importing torch, torchvision and torch._dynamo leaves about a second of module teardown to
+    interpreter shutdown (measured: ``import torch, torchvision`` then exit takes 3.7 s, 2.8 s
+    without the teardown). Nothing of memprof's needs it, so once the command has finished
+    the process ends right after the exit handlers ran and the output was flushed - unless
+    another non-daemon thread is still running (a profiled script's), which Python would wait for.
+    """
+    try:
+        app()
+        code: Any = 0
+    except SystemExit as exc:
+        code = exc.code
+    _exit_now(code)
+
+
+def _exit_now(code: Any) -> None:
+    import atexit
+    import os
+    import threading
+
+    if any(t is not threading.main_thread() and t.is_alive() and not t.daemon for t in threading.enumerate()):
+        raise SystemExit(code)
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:  # SystemExit("message"): Python prints it and exits 1
+        print(code, file=sys.stderr)
+        status = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # a closed pipe (memprof ... | head)
+                pass
+        os._exit(status & 0xFF if status >= 0 else 1)
