@@ -1,23 +1,32 @@
-"""A faster road through FakeTensorMode for the ops a training step repeats.
+"""A faster road through FakeTensorMode for the ops a training step runs.
 
-FakeTensorMode already caches the output metadata of an op by the metadata of its
-inputs, but building and checking that key is written in Python for every possible
-case (symbolic shapes, constants, sparse tensors, ...) and costs about 150 µs per op:
-most of a trace. The tracer only ever runs plain fake tensors with concrete shapes, so
-:class:`FastFake` keeps a second, much simpler cache in front of it:
+FakeTensorMode caches the output metadata of an op by the metadata of its inputs, but
+building and checking that key is written in Python for every possible case (symbolic
+shapes, constants, sparse tensors, ...) and costs about 150 µs per op; a first call runs
+the op's meta kernel, many of them Python decompositions (batch norm: ~30 sub-ops, 15 ms).
+Together that was most of a trace. The tracer only runs plain fake tensors with concrete
+shapes, so :class:`FastFake` stands in front of FakeTensorMode with three shortcuts:
 
-* only *functional* ops (no argument is written to, no output aliases an input, no
-  data-dependent or dynamic output shape) whose outputs FakeTensorMode produced as fresh
-  fake tensors, with no constant, storage offset 0 and a storage exactly as large as
-  their shape and strides need;
-* the key is the op and, for each argument, either its value (numbers, dtypes, ...)
-  or, for a fake tensor, ``(shape, strides, dtype, storage offset, device)``: what a meta
-  kernel can see. Any other argument (a real tensor, a fake tensor holding a constant, a
-  symbolic size, an unknown object) sends the call to FakeTensorMode unchanged.
+* **Exact cache.** Key: the op, the default dtype and, per argument, its value (numbers,
+  dtypes, ...) or, for a fake tensor, ``(shape, strides, dtype, storage offset, device)``.
+  The first call with a key goes through FakeTensorMode; a repeat rebuilds what it made
+  (about 20 µs). Only for *functional* ops whose outputs were fresh, plain fake tensors
+  (no constant, offset 0, storage exactly as large as shape and strides need), *views*
+  of their first argument, and *in-place* ops that return their first argument unchanged.
+* **In-place ops** (not resize/set/copy/view-changing ones) return their first argument with
+  its metadata untouched: once their tensor arguments are seen to broadcast to it, nothing
+  needs computing.
+* **Shape rules** for the ops that dominate a first trace (batch/layer norm and their
+  backward, convolution and its backward, pointwise ops, cat, mm, the common views):
+  output shapes and strides from input shapes. A rule is trusted for a *class* of calls
+  (op, dtypes, ranks, memory formats, non-numeric arguments) only after it agreed exactly
+  with FakeTensorMode on ``_VERIFY`` calls of that class with different shapes; one
+  disagreement and the class always goes to FakeTensorMode.
 
-The first call with a key always goes through FakeTensorMode, so every output's metadata
-is PyTorch's own; a repeat builds the same fake tensors directly (about 20 µs). Tests
-compare a trace with and without it (``MEMPROF_FAST_FAKE=0`` turns it off).
+Anything else (a real tensor, a fake tensor holding a constant, a symbolic size, an
+unknown object, a call outside this FakeTensorMode) goes to FakeTensorMode unchanged.
+``tests/test_fastfake.py`` checks traces with and without it are identical;
+``MEMPROF_FAST_FAKE=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -76,6 +85,7 @@ class FastFake:
         self._no_dispatch = no_dispatch
         self._empty_strided = torch.empty_strided
         self._strided = torch.strided
+        self._default_dtype = torch.get_default_dtype
         self._atom_types = _NUMBER_TYPES + (torch.dtype, torch.device, torch.memory_format, torch.layout)
         self._funcs = _FUNCS  # shared by every trace in the process: entries hold no fake tensor
         self._cache = _CACHE
@@ -253,7 +263,8 @@ class FastFake:
             self.passed += 1
             return func(*args, **(kwargs or {}))
         try:
-            key = (func, self._key(args), self._key(tuple(kwargs.items())) if kwargs else None)
+            key = (func, self._key(args), self._key(tuple(kwargs.items())) if kwargs else None,
+                   self._default_dtype())  # factories and Python floats follow it
             entry = self._cache.get(key)
         except (_Skip, TypeError):  # TypeError: an unhashable argument
             self.passed += 1
@@ -275,7 +286,8 @@ class FastFake:
             try:
                 sketch = rule(args, kwargs)
                 if sketch is not None:
-                    cls = (func, self._class_key(args), self._class_key(tuple(kwargs.items())) if kwargs else None)
+                    cls = (func, self._class_key(args), self._class_key(tuple(kwargs.items())) if kwargs else None,
+                           key[3])
             except (_Skip, TypeError, IndexError, ValueError, AttributeError):
                 sketch = cls = None
             state = self._classes.get(cls) if cls is not None else None
@@ -315,7 +327,10 @@ class FastFake:
         if kind in self._atom_types:
             return (kind, value)
         if kind is list or kind is tuple:
-            return (kind, tuple(self._class_key(v) for v in value))
+            keys = tuple(self._class_key(v) for v in value)
+            if len(keys) > 2 and value and type(value[0]) is self._FakeTensor:
+                return (kind, keys[0], frozenset(keys))  # a list of tensors (cat): its length is not the class
+            return (kind, keys)
         raise _Skip
 
     def _learn(self, cls, kind, sketch, spec, args) -> None:
@@ -333,7 +348,7 @@ class FastFake:
                 for s, sh in zip(specs, sketch))
             types = tuple((None, None) if s is _NONE else (s[2], s[3]) for s in specs)
         if ok:
-            shape0 = tuple(args[0].shape) if args and isinstance(args[0], self._Tensor) else None
+            shape0 = _shape_of(args[0]) if args else None
             if state is None:
                 self._classes[cls] = [1, shape0, types, container]
                 return
@@ -364,6 +379,13 @@ def _dense_format(t) -> str:
     if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
         return "channels_last_3d"
     return "other"
+
+
+def _shape_of(value):
+    """What tells two calls of a rule class apart: the first argument's shape (each shape, for a list)."""
+    if type(value) in (list, tuple):
+        return tuple(tuple(t.shape) if hasattr(t, "shape") else None for t in value)
+    return tuple(value.shape) if hasattr(value, "shape") else None
 
 
 def _tensors(args) -> list:
@@ -604,6 +626,63 @@ def _mm_rule(args, kwargs):
     return ((shape, _contiguous_strides(shape)),)
 
 
+def _conv_rule(args, kwargs):
+    """convolution (not transposed): the standard output size; strides checked against FakeTensorMode's."""
+    if kwargs or len(args) != 9:
+        return None
+    x, w, _, stride, padding, dilation, transposed, _, groups = args
+    if transposed or x.dim() < 3 or w.dim() != x.dim():
+        return None
+    spatial = []
+    for i, n in enumerate(x.shape[2:]):
+        k = w.shape[2 + i]
+        s_, p_, d_ = (v[i] if len(v) > 1 else v[0] for v in (stride, padding, dilation))
+        out = (n + 2 * p_ - d_ * (k - 1) - 1) // s_ + 1
+        if out <= 0:
+            return None
+        spatial.append(out)
+    shape = (x.shape[0], w.shape[0], *spatial)
+    return ((shape, _format_strides(shape, x, w)),)
+
+
+def _conv_backward_rule(args, kwargs):
+    """convolution_backward: gradients of the input's and the weight's shapes, bias gradient of size C_out."""
+    if kwargs or len(args) != 11:
+        return None
+    grad, x, w, mask = args[0], args[1], args[2], args[10]
+    if args[7]:  # transposed
+        return None
+    return ((tuple(x.shape), _format_strides(tuple(x.shape), x, w)) if mask[0] else None,
+            (tuple(w.shape), _format_strides(tuple(w.shape), x, w)) if mask[1] else None,
+            ((w.shape[0],), (1,)) if mask[2] else None)
+
+
+def _format_strides(shape, *tensors) -> tuple:
+    """Contiguous strides, or channels-last ones when an input is channels-last (the class check confirms which)."""
+    if len(shape) == 4 and any(_dense_format(t) == "channels_last" and not t.is_contiguous() for t in tensors):
+        n, c, h, w = shape
+        return (h * w * c, 1, w * c, c)
+    return _contiguous_strides(shape)
+
+
+def _cat_rule(args, kwargs):
+    """cat of contiguous tensors: the sizes add up along ``dim``; contiguous result."""
+    if kwargs or not args or type(args[0]) not in (list, tuple) or not args[0]:
+        return None
+    tensors = args[0]
+    dim = args[1] if len(args) > 1 else 0
+    first = tensors[0]
+    if first.dim() == 0 or any(not t.is_contiguous() or t.dim() != first.dim() for t in tensors):
+        return None
+    dim = dim % first.dim()
+    shape = list(first.shape)
+    for t in tensors[1:]:
+        if any(a != b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != dim):
+            return None
+        shape[dim] += t.shape[dim]
+    return ((tuple(shape), _contiguous_strides(shape)),)
+
+
 def _entry(kind: str, sketch, state) -> tuple:
     """The cache entry for a verified rule's sketch."""
     if kind == "view":
@@ -666,4 +745,6 @@ def _rules(torch) -> dict:
             ("as_strided", "view"): _as_strided_rule, ("select", "view"): _select_rule,
             ("native_layer_norm", "fresh"): _layer_norm_rule,
             ("native_layer_norm_backward", "fresh"): _layer_norm_backward_rule,
+            ("convolution", "fresh"): _conv_rule, ("convolution_backward", "fresh"): _conv_backward_rule,
+            ("cat", "fresh"): _cat_rule,
             ("mm", "fresh"): _mm_rule, ("addmm", "fresh"): _mm_rule, ("bmm", "fresh"): _mm_rule}
