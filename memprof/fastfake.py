@@ -381,6 +381,13 @@ def _dense_format(t) -> str:
     return "other"
 
 
+def _dim(dim, n: int) -> int:
+    """``dim`` wrapped into ``range(n)`` as PyTorch does, or _Skip when PyTorch would raise."""
+    if type(dim) is not int or n <= 0 or not -n <= dim < n:
+        raise IndexError(f"dimension {dim} out of range for {n} dimensions")
+    return dim % n
+
+
 def _shape_of(value):
     """What tells two calls of a rule class apart: the first argument's shape (each shape, for a list)."""
     if type(value) in (list, tuple):
@@ -409,16 +416,12 @@ def _pointwise_rule(args, kwargs):
         tensors = [t for t in tensors if t.dim()] or tensors[:1]  # 0-dim tensors broadcast like numbers
     first = tensors[0]
     shape, stride = tuple(first.shape), first.stride()
-    same = True
     for t in tensors[1:]:
         if tuple(t.shape) != shape:
             return None
-        same = same and t.stride() == stride
-    if not same or _dense_format(first) == "other":
-        from torch._prims_common import compute_elementwise_output_strides
+    from torch._prims_common import compute_elementwise_output_strides
 
-        stride = tuple(compute_elementwise_output_strides(*tensors))
-    return ((shape, stride),)
+    return ((shape, tuple(compute_elementwise_output_strides(*tensors))),)
 
 
 def _batch_norm_rule(args, kwargs):
@@ -458,10 +461,10 @@ def _slice_rule(args, kwargs):
     if start is not None and type(start) is not int or end is not None and type(end) is not int:
         return None
     shape, stride = list(x.shape), list(x.stride())
-    dim = dim % len(shape)
+    dim = _dim(dim, len(shape))
     lo, hi, _ = slice(start, end, step).indices(shape[dim])
     n = max(0, (hi - lo + step - 1) // step)
-    offset = x.storage_offset() + (lo * stride[dim] if n else 0)
+    offset = x.storage_offset() + lo * stride[dim]
     shape[dim] = n
     stride[dim] = stride[dim] * step
     return (tuple(shape), tuple(stride), offset)
@@ -509,11 +512,9 @@ def _transpose_rule(args, kwargs):
         return None
     x, a, b = args
     shape, stride = list(x.shape), list(x.stride())
-    n = max(len(shape), 1)
-    a, b = a % n, b % n
-    if shape:
-        shape[a], shape[b] = shape[b], shape[a]
-        stride[a], stride[b] = stride[b], stride[a]
+    a, b = _dim(a, len(shape)), _dim(b, len(shape))
+    shape[a], shape[b] = shape[b], shape[a]
+    stride[a], stride[b] = stride[b], stride[a]
     return (tuple(shape), tuple(stride), x.storage_offset())
 
 
@@ -522,7 +523,7 @@ def _permute_rule(args, kwargs):
         return None
     x, dims = args
     n = x.dim()
-    dims = [d % n for d in dims] if n else list(dims)
+    dims = [_dim(d, n) for d in dims]
     if sorted(dims) != list(range(n)):
         return None
     return (tuple(x.shape[d] for d in dims), tuple(x.stride()[d] for d in dims), x.storage_offset())
@@ -533,7 +534,7 @@ def _unsqueeze_rule(args, kwargs):
         return None
     x, dim = args
     shape, stride = list(x.shape), list(x.stride())
-    dim = dim % (len(shape) + 1)
+    dim = _dim(dim, len(shape) + 1)
     new_stride = 1 if dim >= len(shape) else shape[dim] * stride[dim]
     shape.insert(dim, 1)
     stride.insert(dim, new_stride)
@@ -541,29 +542,30 @@ def _unsqueeze_rule(args, kwargs):
 
 
 def _expand_rule(args, kwargs):
+    """expand: ATen's inferExpandGeometry."""
     if kwargs or len(args) not in (2, 3):
         return None
     x, size = args[0], list(args[1])
-    if len(size) < x.dim():
+    n, have = len(size), x.dim()
+    if n < have or have == 0:
         return None
-    shape, stride = [], []
-    lead = len(size) - x.dim()
-    for i, n in enumerate(size):
-        if i < lead:
-            if n < 0:
-                return None
-            shape.append(n)
-            stride.append(0)
-            continue
-        have, st = x.shape[i - lead], x.stride()[i - lead]
-        if n == -1 or n == have:
-            shape.append(have)
-            stride.append(st)
-        elif have == 1:
-            shape.append(n)
-            stride.append(0)
+    shape, stride = [0] * n, [0] * n
+    for i in range(n - 1, -1, -1):
+        d = have - (n - i)
+        if d >= 0:
+            cur, st = x.shape[d], x.stride()[d]
         else:
-            return None
+            cur, st = 1, shape[i + 1] * stride[i + 1] if i + 1 < n else 1
+        want = size[i]
+        if want == -1:
+            if d < 0:
+                return None
+            want = cur
+        if cur != want:
+            if cur != 1 or want < 0:
+                return None
+            cur, st = want, 0
+        shape[i], stride[i] = cur, st
     return (tuple(shape), tuple(stride), x.storage_offset())
 
 
@@ -580,8 +582,8 @@ def _select_rule(args, kwargs):
         return None
     x, dim, index = args
     shape, stride = list(x.shape), list(x.stride())
-    dim = dim % len(shape)
-    if not -shape[dim] <= index < shape[dim]:
+    dim = _dim(dim, len(shape))
+    if type(index) is not int or not -shape[dim] <= index < shape[dim]:
         return None
     index %= shape[dim]
     offset = x.storage_offset() + index * stride[dim]
@@ -674,7 +676,7 @@ def _cat_rule(args, kwargs):
     first = tensors[0]
     if first.dim() == 0 or any(not t.is_contiguous() or t.dim() != first.dim() for t in tensors):
         return None
-    dim = dim % first.dim()
+    dim = _dim(dim, first.dim())
     shape = list(first.shape)
     for t in tensors[1:]:
         if any(a != b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != dim):
@@ -701,32 +703,48 @@ def _broadcasts_to(shape, target) -> bool:
     return all(a == b or a == 1 for a, b in zip(reversed(shape), reversed(target)))
 
 
+def _fits_into(other, target) -> bool:
+    """``target.op_(other)`` is legal for PyTorch: ``other`` broadcasts to it, on its device (or a CPU scalar),
+    and the promoted dtype casts back to ``target``'s."""
+    import torch
+
+    if not _broadcasts_to(tuple(other.shape), tuple(target.shape)):
+        return False
+    if other.fake_device != target.fake_device and not (other.dim() == 0 and other.fake_device.type == "cpu"):
+        return False
+    if other.dtype is not target.dtype and not torch.can_cast(torch.promote_types(other.dtype, target.dtype),
+                                                             target.dtype):
+        return False
+    return True
+
+
 def _inplace_ok(args, kwargs, fake_type) -> bool:
-    """Every tensor argument of an in-place op is a plain fake tensor that broadcasts to the one written."""
+    """Every tensor argument of an in-place op is a plain fake tensor PyTorch would accept for the one written
+    (see :func:`_fits_into`); scalar lists of a foreach op are as long as its tensor list."""
     if not args:
         return False
     first = args[0]
+    rest = list(args[1:]) + (list(kwargs.values()) if kwargs else [])
     if type(first) is fake_type:
-        target = tuple(first.shape)
-        for a in list(args[1:]) + (list(kwargs.values()) if kwargs else []):
+        for a in rest:
             if type(a) is fake_type:
-                if not _broadcasts_to(tuple(a.shape), target):
+                if not _fits_into(a, first):
                     return False
             elif type(a) in (list, tuple) or (hasattr(a, "shape") and not isinstance(a, (int, float, bool))):
                 return False
         return True
     if type(first) is list and first and all(type(t) is fake_type for t in first):
-        targets = [tuple(t.shape) for t in first]
-        for a in list(args[1:]) + (list(kwargs.values()) if kwargs else []):
-            if type(a) in (list, tuple) and a and type(a[0]) is fake_type:
-                if len(a) != len(targets) or any(type(t) is not fake_type or not _broadcasts_to(tuple(t.shape), g)
-                                                 for t, g in zip(a, targets)):
+        for a in rest:
+            if type(a) in (list, tuple):
+                if len(a) != len(first):
+                    return False
+                if a and type(a[0]) is fake_type:
+                    if any(type(t) is not fake_type or not _fits_into(t, g) for t, g in zip(a, first)):
+                        return False
+                elif any(type(v) not in (int, float, bool) for v in a):
                     return False
             elif type(a) is fake_type:
-                if a.dim() != 0:
-                    return False
-            elif type(a) in (list, tuple):
-                if any(not isinstance(v, (int, float, bool)) for v in a):
+                if a.dim() != 0 or any(not _fits_into(a, g) for g in first):
                     return False
             elif hasattr(a, "shape"):
                 return False
