@@ -93,6 +93,8 @@ class FastFake:
         self._returns = _RETURNS  # func -> whether it returns its first argument
         self._rules = _rules(torch)
         self._pointwise = getattr(torch.Tag, "pointwise", None)
+        self._prim_device = torch.ops.prim.device.default
+        self._meta = torch.device("meta")
         self.predicted = 0
         self.hits = 0
         self.misses = 0
@@ -207,19 +209,8 @@ class FastFake:
         return None
 
     def _inputs(self, args, kwargs) -> set[int]:
-        keys: set[int] = set()
-
-        def walk(v):
-            if isinstance(v, self._Tensor):
-                keys.add(v.untyped_storage()._cdata)
-            elif type(v) in (list, tuple):
-                for x in v:
-                    walk(x)
-
-        walk(args)
-        if kwargs:
-            walk(tuple(kwargs.values()))
-        return keys
+        tensors = _tensors(args) + (_tensors(kwargs.values()) if kwargs else [])
+        return {t.untyped_storage()._cdata for t in tensors}
 
     def _build(self, entry, args):
         kind = entry[0]
@@ -236,22 +227,27 @@ class FastFake:
                 elem.set_(storage, offset, shape, stride)
             return FakeTensor(mode, elem, device)
         _, container, specs = entry
-        if container is None:
-            shape, stride, dtype, device = specs
-            with self._no_dispatch():
-                elem = empty(shape, stride, dtype=dtype, device="meta")
-            return FakeTensor(mode, elem, device)
+        if container is None:  # a single tensor
+            specs = (specs,)
         with self._no_dispatch():
             elems = [None if s is _NONE else empty(s[0], s[1], dtype=s[2], device="meta") for s in specs]
-        return container(None if e is None else FakeTensor(mode, e, s[3]) for e, s in zip(elems, specs))
+        outs = [None if e is None else FakeTensor(mode, e, s[3]) for e, s in zip(elems, specs)]
+        return outs[0] if container is None else container(outs)
 
     # -- the call -----------------------------------------------------------------------
+    def _pass(self, func, args, kwargs):
+        """Let FakeTensorMode (or whatever is below) run the call."""
+        self.passed += 1
+        return func(*args, **(kwargs or {}))
+
     def run(self, func, args, kwargs):
+        if func is self._prim_device and len(args) == 1 and type(args[0]) is self._FakeTensor:
+            # the autograd engine asks every tensor's device; FakeTensorMode's own answer, without its dispatch
+            return self._meta if args[0].fake_mode.in_kernel_invocation else args[0].fake_device
         if self._active_fake(self._fake_key) is not self.mode:
             # outside FakeTensorMode (a constructor that reads values is being built on real tensors):
             # the same call makes real tensors there
-            self.passed += 1
-            return func(*args, **(kwargs or {}))
+            return self._pass(func, args, kwargs)
         kind = self._funcs.get(func, False)
         if kind is False:
             try:
@@ -260,19 +256,16 @@ class FastFake:
                 kind = None
             self._funcs[func] = kind
         if kind is None:
-            self.passed += 1
-            return func(*args, **(kwargs or {}))
+            return self._pass(func, args, kwargs)
         try:
             key = (func, self._key(args), self._key(tuple(kwargs.items())) if kwargs else None,
                    self._default_dtype())  # factories and Python floats follow it
             entry = self._cache.get(key)
         except (_Skip, TypeError):  # TypeError: an unhashable argument
-            self.passed += 1
-            return func(*args, **(kwargs or {}))
+            return self._pass(func, args, kwargs)
         if entry is not None:
             if entry is False:
-                self.passed += 1
-                return func(*args, **(kwargs or {}))
+                return self._pass(func, args, kwargs)
             self.hits += 1
             return self._build(entry, args)
         if kind == "inplace" and _inplace_ok(args, kwargs, self._FakeTensor):

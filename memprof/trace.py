@@ -221,20 +221,14 @@ def _make_tracker(recorder: _Recorder):
     import torch
 
     matmuls = _matmul_ops()
-    from torch._subclasses.fake_tensor import FakeTensor
-
     prim_device = torch.ops.prim.device.default
-    meta_device = torch.device("meta")
     convs = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
     sdpa_flash = getattr(getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), "default", None)
 
     class _TraceTracker(StorageTracker):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is prim_device:  # FakeTensorMode asks for devices through the mode stack: no storage
-                if len(args) == 1 and type(args[0]) is FakeTensor:  # what FakeTensorMode answers, without it
-                    a = args[0]
-                    return meta_device if a.fake_mode.in_kernel_invocation else a.fake_device
-                return func(*args, **(kwargs or {}))
+            if func is prim_device:  # FakeTensorMode asks for devices through the mode stack: no storage, no op
+                return self.run_op(func, args, kwargs) if self.run_op is not None else func(*args, **(kwargs or {}))
             if recorder.need_workspace and func in matmuls:
                 # one cuBLAS handle (and workspace) per thread: forward and optimizer run on the
                 # main thread, backward on autograd's device thread
