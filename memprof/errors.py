@@ -2,8 +2,21 @@
 
 The library raises these and never prints or exits; only ``memprof.cli`` turns
 them into ``ERROR: ...`` / ``HINT: ...`` lines on stderr and an exit code.
+
+Messages name *parameters*, not command-line flags: a parameter is written in backticks
+(```batch_size` must be a positive integer``). The Python API shows it as written;
+the command line shows the flag that sets it (``--batch-size``), see :meth:`MemprofError.render`.
 """
 from __future__ import annotations
+
+import re
+from typing import Callable, Mapping
+
+_PARAM = re.compile(r"`([a-z_][a-z0-9_]*)`")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 class MemprofError(Exception):
@@ -13,11 +26,22 @@ class MemprofError(Exception):
 
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
-        self.message = " ".join(str(message).split())  # always one line
-        self.hint = " ".join(str(hint).split()) if hint else None
+        self.message = _one_line(message)  # always one line
+        self.hint = _one_line(hint) if hint else None
 
     def __str__(self) -> str:  # pragma: no cover - trivial
         return self.message
+
+    def render(self, names: Mapping[str, str] | Callable[[str], str | None]) -> tuple[str, str | None]:
+        """``(message, hint)`` with each backticked parameter replaced by ``names[param]``
+        (a command-line flag); parameters ``names`` does not know keep their backticks."""
+        lookup = names.get if isinstance(names, Mapping) else names
+
+        def sub(match: re.Match) -> str:
+            flag = lookup(match.group(1))
+            return flag if flag else match.group(0)
+
+        return _PARAM.sub(sub, self.message), _PARAM.sub(sub, self.hint) if self.hint else None
 
 
 class UsageError(MemprofError):

@@ -8,9 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any
+from typing import Any, Literal
 
 SCHEMA_VERSION = 1
+
+#: what a traced step predicts: a CUDA step or the same step run on the CPU
+Target = Literal["cuda", "cpu"]
+#: where in a training step something happened
+Phase = Literal["setup", "forward", "backward", "optimizer", "done"]
+#: which estimate a number comes from
+Source = Literal["traced", "formula"]
+#: how a batch search ended
+SearchStatus = Literal["exact", "max_batch", "nothing_fits", "interrupted", "trial_limit"]
+
+
+class Metric(str, enum.Enum):
+    """Which memory figure is compared with a capacity (values are the JSON strings)."""
+
+    ALLOCATED = "allocated"  # live tensor storages: torch.cuda.max_memory_allocated, or the CPU cap's count
+    RESERVED = "reserved"  # the CUDA caching allocator's segments: torch.cuda.max_memory_reserved
+    NVML = "nvml"  # what nvidia-smi shows for the process: reserved + CUDA context
 
 
 class MemCategory(str, enum.Enum):
@@ -161,7 +178,7 @@ class EstimateResult:
 TRACE_METRICS: dict[str, str] = {
     "allocated": "torch.cuda.max_memory_allocated() (live tensor storages, 512-byte rounded for cuda; "
                  "raw storage bytes for cpu)",
-    "reserved": "torch.cuda.max_memory_reserved() (caching-allocator segments, replayed by memprof.allocator)",
+    "reserved": "torch.cuda.max_memory_reserved() (caching-allocator segments, replayed by memprof.engine.allocator)",
     "nvml": "NVML / nvidia-smi per-process used memory (reserved + CUDA context)",
 }
 
@@ -230,6 +247,7 @@ class BatchFit:
     traces: int  # how many traces were used
     limited_by_max: bool = False  # max_batch is the caller's upper limit, not the capacity
     notes: tuple[str, ...] = ()
+    exact: bool = True  # False: the search stopped early; max_batch is a lower bound
 
 
 # =========================================================================== gpus
@@ -257,7 +275,7 @@ class TorchCudaView:
 
 @dataclasses.dataclass(frozen=True)
 class GpusResult:
-    """``memprof gpus``: NVML's view (an :class:`memprof.nvml.NVMLStatus`) and torch's view."""
+    """``memprof gpus``: NVML's view (an :class:`memprof.engine.nvml.NVMLStatus`) and torch's view."""
 
     available: bool  # NVML or torch sees at least one GPU
     reason: str | None  # why not, when not available
@@ -373,6 +391,10 @@ class TimelineSample:
     nvml_bytes: int | None = None
 
 
+#: ProfileResult.device when only CUDA memory was counted and the script used none
+UNUSED_CUDA = "cuda (unused by the script)"
+
+
 @dataclasses.dataclass(frozen=True)
 class ProfileResult:
     """``memprof profile``: a script's memory by line, module and category.
@@ -428,7 +450,7 @@ class BatchTrial:
 
 @dataclasses.dataclass(frozen=True)
 class BatchPrediction:
-    """The traced prediction the search started from (``trace.fit_batch``)."""
+    """The traced prediction the search started from (``memprof.engine.fit.fit_batch``)."""
 
     max_batch: int | None
     slope_bytes_per_sample: int
@@ -470,6 +492,9 @@ class FindBatchResult:
     target_global_batch: int | None = None
     grad_accum_steps: int | None = None
     micro_batch: int | None = None  # per-step batch with grad_accum_steps (<= recommended)
+    #: (steps, micro-batch) that make exactly target_global_batch with at most 3 more steps, when
+    #: grad_accum_steps x micro_batch overshoots it
+    exact_accumulation: tuple[int, int] | None = None
     wall_seconds: float = 0.0
     notes: tuple[str, ...] = ()
 

@@ -102,7 +102,7 @@ def breakdown(repeats: int) -> None:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     sys.path.insert(0, str(REPO))
-    from memprof import profile as P
+    from memprof.engine import profiler as P
 
     class Bare(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -2,7 +2,7 @@
 
 Same model, same device, same cap, same training step (forward, loss, backward,
 Adam step, zero_grad) for every finder. On the CPU the cap is memprof's enforced
-live-tensor-bytes cap (``memprof.measure.CpuMemoryCap``), which raises
+live-tensor-bytes cap (``memprof.engine.measure.CpuMemoryCap``), which raises
 ``torch.OutOfMemoryError("DefaultCPUAllocator: can't allocate memory: ...")`` - the
 error both Lightning's ``is_oom_error`` and accelerate's ``should_reduce_batch_size``
 recognise - so all three finders see real OOMs at the same byte count.
@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from memprof.loading import InputSpec, ModelSpec  # noqa: E402
-from memprof.workload import Workload, make_optimizer, prepare, train_step  # noqa: E402
+from memprof.engine.loading import InputSpec, ModelSpec  # noqa: E402
+from memprof.engine.workload import Workload, make_optimizer, prepare, train_step  # noqa: E402
 
 STEPS = 2  # steps per trial, for every finder
 
@@ -95,7 +95,7 @@ class Device:
             import contextlib
 
             return contextlib.nullcontext()
-        from memprof.measure import CpuMemoryCap
+        from memprof.engine.measure import CpuMemoryCap
 
         cap = CpuMemoryCap(self.cap_bytes)
         cap.register(resident)
@@ -125,7 +125,7 @@ def run_trial(workload: Workload, dev: Device, batch: int) -> None:
 
 
 def fits(workload: Workload, dev: Device, batch: int) -> bool:
-    from memprof.measure import is_oom_error
+    from memprof.engine.measure import is_oom_error
 
     try:
         run_trial(workload, dev, batch)
@@ -140,7 +140,7 @@ def fits(workload: Workload, dev: Device, batch: int) -> bool:
 
 # --------------------------------------------------------------------------- finders
 def memprof_finder(workload: Workload, dev: Device, max_batch: int) -> Row:
-    from memprof.find_batch import find_batch
+    from memprof.commands.find_batch import find_batch
 
     t0 = time.perf_counter()
     res = find_batch(workload, device=dev.kind, memory_limit=dev.cap_bytes if dev.kind == "cpu" else None,
@@ -191,7 +191,7 @@ def lightning_finder(workload: Workload, dev: Device, mode: str, margin: float, 
                 log.append([len(batch), True])
             if dev.kind == "cpu":
                 if self.cap is None:
-                    from memprof.measure import CpuMemoryCap
+                    from memprof.engine.measure import CpuMemoryCap
 
                     self.cap = CpuMemoryCap(dev.cap_bytes)
                 self.cap.register([list(self.parameters()), list(self.buffers()), batch])
@@ -270,7 +270,7 @@ def warm_up(dev: Device) -> str:
     import lightning  # noqa: F401
     import accelerate  # noqa: F401
     t1 = time.perf_counter()
-    from memprof.trace import trace_step
+    from memprof.engine.trace import trace_step
 
     tiny = Workload(model=ModelSpec(ref="tiny", display_name="tiny", factory=lambda: nn.Linear(4, 2),
                                     inputs=InputSpec(shapes=[(4,)], dtype="float")), batch_size=2)

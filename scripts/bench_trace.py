@@ -29,7 +29,7 @@ REPEATS = 3
 
 def bench(name: str) -> dict:
     from memprof.cli.common import build_workload
-    from memprof.trace import trace_step
+    from memprof.engine.trace import trace_step
 
     workload = build_workload(name, batch_size=BATCH, optimizer="adam")
     trace_step(workload.with_batch(1), target="cuda", steps=1)  # first use of the model's ops
@@ -57,7 +57,7 @@ GPT7B = """
 import resource, sys, time
 sys.path.insert(0, {root!r})
 from memprof.cli.common import build_workload
-from memprof.trace import trace_step
+from memprof.engine.trace import trace_step
 w = build_workload("configs/gpt-7b.toml")
 t = time.perf_counter()
 r = trace_step(w, target="cuda")
@@ -69,7 +69,7 @@ COLD = """
 import sys, time
 sys.path.insert(0, {root!r})
 from memprof.cli.common import build_workload
-from memprof.trace import trace_step
+from memprof.engine.trace import trace_step
 w = build_workload({name!r}, batch_size={batch}, optimizer="adam")
 t = time.perf_counter()
 trace_step(w, target="cuda")

@@ -1,6 +1,6 @@
 """Validate ``memprof compare`` on the CPU: every row's traced prediction (target cpu) vs a real CPU step.
 
-For a few models, runs :func:`memprof.compare.compare` with ``target="cpu"`` and the
+For a few models, runs :func:`memprof.commands.compare.compare` with ``target="cpu"`` and the
 real-step measurer that ``memprof compare --measure --device cpu`` uses (find-batch's
 CPU runner: two real training steps, live tensor storages counted by a dispatch mode,
 parameters, buffers and inputs included). Writes a Markdown table.
@@ -63,7 +63,7 @@ def main() -> int:
     args.out = args.out or ROOT / "benchmarks" / "compare_cpu.md"
 
     from memprof.cli.common import build_workload
-    from memprof.compare import compare, real_step_measurer
+    from memprof.commands.compare import compare, real_step_measurer
     from memprof.render import format_bytes
 
     measure = real_step_measurer("cpu")
@@ -71,7 +71,7 @@ def main() -> int:
              f"Machine: {machine()}.", "",
              "Each row: the traced peak (`target=\"cpu\"`, fake tensors, 2 steps, tensor storages only) and the "
              "measured peak of live tensor storages over 2 real training steps on the CPU (find-batch's capped "
-             "runner with no cap: `memprof.compare.real_step_measurer`, the code behind `memprof compare --measure "
+             "runner with no cap: `memprof.commands.compare.real_step_measurer`, the code behind `memprof compare --measure "
              "--device cpu`). Both leave out the scratch oneDNN convolutions hold inside the kernel, which a GPU "
              "does not have (`scripts/validate_cpu.py` validates the tracer against the full CPU allocator, scratch "
              "included). Error = (predicted - measured) / measured.", "",
@@ -112,7 +112,7 @@ def main() -> int:
 
 def summary(out: Path) -> int:
     from memprof.cli.common import build_workload
-    from memprof.compare import compare
+    from memprof.commands.compare import compare
     from memprof.render import format_bytes
 
     lines = ["# What each technique buys: `memprof compare MODEL` (traced, CUDA step, batch 32)", "",

@@ -2,7 +2,7 @@
 
 For each workload of the zoo: trace two steps with ``trace_step(workload, target="cpu")``
 (fake tensors), then run two real steps on the CPU and measure the peak of live bytes
-independently of the tracer (``memprof.trace.measure_cpu_step``: torch.profiler memory
+independently of the tracer (``memprof.engine.measure.measure_cpu_step``: torch.profiler memory
 events, oneDNN scratch included, plus the storages resident before the first step).
 Prints a table and writes ``benchmarks/validate_cpu.md`` and ``benchmarks/validate_cpu.json``.
 
@@ -79,7 +79,8 @@ def machine() -> dict:
 
 def run_case(name: str, ref: str, options: dict) -> dict:
     from memprof.cli.common import build_workload
-    from memprof.trace import measure_cpu_step, trace_step
+    from memprof.engine.measure import measure_cpu_step
+    from memprof.engine.trace import trace_step
 
     workload = build_workload(ref, **options)
     trace_step(workload.with_batch(1), target="cpu", steps=1)  # warm caches so the timing is the trace's own
@@ -133,7 +134,7 @@ def write_report(rows: list[dict], info: dict, path_md: Path, path_json: Path) -
               "  convolutions, blocked input + grad_output in backward, an fp32 weight-gradient accumulator",
               "  in bf16). Modelled from per-op profiler observations (dense, depthwise, 1×1, transposed)",
               "  as a temporary around each `convolution` / `convolution_backward`",
-              "  (`memprof.trace._onednn_conv_scratch`); before this the CNNs were 0.2–0.5 % low, the",
+              "  (`memprof.engine.overheads.onednn_conv_scratch`); before this the CNNs were 0.2–0.5 % low, the",
               "  seed-004 conv stack 16 % low and MobileNetV3 in eval 2.5 % low.",
               "- Not modelled: an ~18 MiB oneDNN scratchpad in the weight-gradient of stem convolutions",
               "  with 3 input channels and large strided kernels (ViT's 16×16 patch embedding, ConvNeXt's",

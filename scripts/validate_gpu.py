@@ -47,8 +47,8 @@ def child(spec_json: str) -> int:
     """Run two real CUDA steps and print one JSON line with the measured numbers."""
     import torch
 
-    from memprof import nvml
-    from memprof.workload import prepare, train_step
+    from memprof.engine import nvml
+    from memprof.engine.workload import prepare, train_step
 
     spec = json.loads(spec_json)
     workload = _workload(spec["ref"], spec["options"])
@@ -105,7 +105,7 @@ def cases(quick: bool, names: list[str]) -> list[tuple[str, str, dict]]:
 
 
 def measure(ref: str, options: dict) -> dict:
-    from memprof import nvml
+    from memprof.engine import nvml
 
     baseline = None
     info = nvml.device_info(0)
@@ -137,7 +137,7 @@ def main(argv: list[str]) -> int:
         print("validate_gpu: CUDA is not available here (torch.cuda.is_available() is False); "
               "run it on a machine with an NVIDIA GPU", file=sys.stderr)
         return 3
-    from memprof.trace import trace_step
+    from memprof.engine.trace import trace_step
 
     quick = "--quick" in argv
     names = [a for a in argv if not a.startswith("--")]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from memprof.allocator import (CachingAllocatorModel, MiB, replay, round_size, segment_size, should_split)
+from memprof.engine.allocator import (CachingAllocatorModel, MiB, replay, round_size, segment_size, should_split)
 
 
 @pytest.mark.parametrize("nbytes, rounded", [

@@ -5,14 +5,15 @@ import pytest
 import torch
 from torch import nn
 
-from memprof import analytic
-from memprof.analytic import (analyse, analytic_total_at, cruncher_counts, cruncher_total_bytes, four_part_bytes,
+from memprof.engine import analytic
+from memprof.engine.analytic import (analyse, analytic_total_at, cruncher_counts, cruncher_total_bytes, four_part_bytes,
                               largest_batch, module_param_formula)
 from memprof.errors import InputShapeError
-from memprof.estimate import estimate, formula_fit, recommended
-from memprof.loading import load_model
+from memprof.commands.estimate import estimate, formula_fit
+from memprof.engine.fit import recommend as recommended
+from memprof.engine.loading import load_model
 from memprof.results import Capacity, MemCategory
-from memprof.workload import Workload, get_precision
+from memprof.engine.workload import Workload, get_precision
 from memprof.zoo import gpt_param_count
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from memprof import checkpointing as C
+from memprof.engine import checkpointing as C
 from memprof import zoo
 from memprof.errors import UsageError
 
@@ -180,7 +180,7 @@ def test_no_grad_forward_bypasses_checkpoint():
 # --------------------------------------------------------------------------- activations drop
 def _saved_bytes_after_forward(model, x) -> int:
     """Real CPU bytes alive after forward + loss that were not alive before (saved activations + output)."""
-    from memprof.tracking import StorageTracker
+    from memprof.engine.tracking import StorageTracker
 
     tracker = StorageTracker()
     with tracker:
@@ -211,8 +211,8 @@ def test_workload_step_runs_checkpointed_on_fake_tensors():
     """The tracer's path: build_model + train_step under FakeTensorMode with checkpointing on."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from memprof.loading import load_model
-    from memprof.workload import Workload, prepare, train_step
+    from memprof.engine.loading import load_model
+    from memprof.engine.workload import Workload, prepare, train_step
 
     spec = load_model("memprof.zoo:GPT", dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
     spec.inputs.shapes = [(16,)]
@@ -226,12 +226,14 @@ def test_workload_step_runs_checkpointed_on_fake_tensors():
 
 
 def test_recompute_cost_counts_the_checkpointed_forward():
-    from memprof.loading import load_model
-    from memprof.workload import Workload
+    from memprof.engine.loading import load_model
+    from memprof.engine.workload import Workload
 
     spec = load_model("memprof.zoo:GPT", dict(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=32))
     spec.inputs.shapes = [(16,)]
-    cost = C.recompute_cost(Workload(spec, batch_size=2, checkpointing="blocks"))
+    from memprof.engine.flops import recompute_cost
+
+    cost = recompute_cost(Workload(spec, batch_size=2, checkpointing="blocks"))
     assert cost.regions == 4
     # every block is recomputed; only the head's matmul is outside: 2*B*T*C*V FLOPs
     head = 2 * 2 * 16 * 32 * 64

@@ -11,15 +11,15 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from conftest import assert_golden
-from memprof import compare as C
+from memprof.commands import compare as C
 from memprof.cli import app
 from memprof.cli.compare import compare_document
 from memprof.errors import TraceError, UsageError
-from memprof.loading import InputSpec, ModelSpec
+from memprof.engine.loading import InputSpec, ModelSpec
 from memprof.render.compare import bar_segments, plot_svg, render_compare, verdict_text
 from memprof.results import (Capacity, CompareFit, CompareMeasurement, CompareResult, CompareRow, MemCategory as M,
                              RecomputeInfo)
-from memprof.workload import Workload, optimizer_state_count
+from memprof.engine.workload import Workload, optimizer_state_count
 
 KiB = 1024
 
@@ -358,7 +358,7 @@ def test_cli_measure_without_gpu_says_what_to_do():
 
 
 def test_capacity_from_flag_nvml_or_nothing(monkeypatch):
-    from memprof import nvml
+    from memprof.engine import nvml
     from memprof.cli.compare import resolve_capacity
 
     cap, note = resolve_capacity("cuda", "24GiB", None)
@@ -377,7 +377,7 @@ def test_capacity_from_flag_nvml_or_nothing(monkeypatch):
 
 def test_same_peak_larger_batch_counts_as_better():
     # at a small batch the peak sits in the optimizer step: AMP does not move it, but fits a larger batch
-    from memprof.workload import get_precision
+    from memprof.engine.workload import get_precision
 
     def trace(workload, *, target):
         return fake_trace(workload.replace(precision=get_precision("fp32")), target=target)

@@ -105,7 +105,7 @@ MNIST = ["memprof.zoo:mnist_mlp", "--input-shape", "1,28,28", "--no-trace"]
 
 @pytest.fixture
 def no_gpu(monkeypatch):
-    import memprof.nvml as nvml
+    import memprof.engine.nvml as nvml
 
     monkeypatch.setattr(nvml, "device_info", lambda index=0: None)
     monkeypatch.setattr(nvml, "available", lambda: (False, "NVML sees no GPU"))
@@ -140,7 +140,7 @@ def test_text_output_without_capacity(no_gpu):
 
 
 def test_capacity_from_nvml(monkeypatch):
-    import memprof.nvml as nvml
+    import memprof.engine.nvml as nvml
 
     monkeypatch.setattr(nvml, "device_info", lambda index=0: nvml.GPUInfo(0, "Test GPU", None, 2 * GiB, 0, 2 * GiB))
     res = runner.invoke(app, ["estimate", *MNIST, "--json"])
@@ -232,15 +232,16 @@ def test_traced_estimate_is_the_headline(no_gpu):
 
 
 def test_traced_fit_drives_the_verdict(monkeypatch):
-    import memprof.trace as trace
-    from memprof.estimate import estimate
-    from memprof.loading import load_model
+    import memprof.engine.fit as fitting
+    from memprof.commands.estimate import estimate
+    from memprof.engine.loading import load_model
     from memprof.results import BatchFit
-    from memprof.workload import Workload
+    from memprof.engine.workload import Workload
 
     calls = []
 
-    def fake_fit(workload, capacity_bytes, *, target="cuda", headroom=0.8, max_batch=None, metric=None, known=None):
+    def fake_fit(workload, capacity_bytes, *, target="cuda", headroom=0.8, max_batch=None, metric=None, known=None,
+                 **_):
         calls.append((workload.batch_size, capacity_bytes, target, headroom))
         # the estimate hands over its own trace at the requested batch, so the fit does not redo it
         assert list(known) == [4] and known[4].target == "cuda" and known[4].workload["batch_size"] == 4
@@ -248,7 +249,7 @@ def test_traced_fit_drives_the_verdict(monkeypatch):
                         headroom=headroom, peak_at_max_bytes=900, peak_at_next_bytes=1100, slope_bytes_per_sample=10,
                         intercept_bytes=400, traces=4)
 
-    monkeypatch.setattr(trace, "fit_batch", fake_fit)
+    monkeypatch.setattr(fitting, "fit_batch", fake_fit)
     spec = load_model("memprof.zoo:mnist_mlp")
     spec.inputs.shapes = [(1, 28, 28)]
     res = estimate(Workload(model=spec, batch_size=4), capacity=Capacity(GiB, "--gpu-memory"), headroom=0.8)
@@ -260,11 +261,11 @@ def test_traced_fit_drives_the_verdict(monkeypatch):
 
 
 def test_tracer_failure_falls_back_to_formula(monkeypatch):
-    import memprof.trace as trace
+    import memprof.engine.trace as trace
     from memprof.errors import TraceError
-    from memprof.estimate import estimate
-    from memprof.loading import load_model
-    from memprof.workload import Workload
+    from memprof.commands.estimate import estimate
+    from memprof.engine.loading import load_model
+    from memprof.engine.workload import Workload
 
     def broken(*args, **kwargs):
         raise TraceError("an op the tracer cannot run", "use --no-trace")
@@ -278,10 +279,10 @@ def test_tracer_failure_falls_back_to_formula(monkeypatch):
 
 
 def test_unexpected_tracer_exception_falls_back_too(monkeypatch):
-    import memprof.trace as trace
-    from memprof.estimate import estimate
-    from memprof.loading import load_model
-    from memprof.workload import Workload
+    import memprof.engine.trace as trace
+    from memprof.commands.estimate import estimate
+    from memprof.engine.loading import load_model
+    from memprof.engine.workload import Workload
 
     def buggy(*args, **kwargs):
         raise RuntimeError("aten::foo has no fake implementation\nmore detail")

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from memprof import fastfake
-from memprof.loading import InputSpec, ModelSpec
+from memprof.engine import fastfake
+from memprof.engine.loading import InputSpec, ModelSpec
 from memprof.results import to_dict
-from memprof.trace import trace_step
-from memprof.workload import PRECISIONS, Workload
+from memprof.engine.trace import trace_step
+from memprof.engine.workload import PRECISIONS, Workload
 from memprof.zoo import GPT, mnist_mlp
 
 aten = torch.ops.aten

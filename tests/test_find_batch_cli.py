@@ -8,11 +8,12 @@ import pytest
 from typer.testing import CliRunner
 
 from memprof.cli import app
-from memprof.find_batch import accumulation, exact_accumulation, find_batch, recommend
-from memprof.loading import load_model
-from memprof.measure import CpuCapRunner
+from memprof.commands.find_batch import find_batch
+from memprof.engine.fit import accumulation, exact_accumulation, recommend
+from memprof.engine.loading import load_model
+from memprof.engine.measure import CpuCapRunner
 from memprof.results import BatchPrediction, BatchTrial, Capacity, FindBatchResult
-from memprof.workload import Workload
+from memprof.engine.workload import Workload
 
 from conftest import assert_golden
 
@@ -200,7 +201,7 @@ def test_golden_rendering_cuda():
 
 
 def test_golden_svg():
-    from memprof.plot import plot_data, svg
+    from memprof.render.charts import plot_data, svg
 
     assert_golden("find_batch_plot.svg", svg(plot_data(_hand_built())))
 

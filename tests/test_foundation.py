@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from memprof.errors import ModelLoadError, UsageError
-from memprof.loading import default_loss, load_model, parse_kwargs, parse_shape
+from memprof.engine.loading import default_loss, load_model, parse_kwargs, parse_shape
 from memprof.units import GiB, MiB, parse_bytes
-from memprof.workload import Workload, get_optimizer_name, get_precision, prepare, train_step
+from memprof.engine.workload import Workload, get_optimizer_name, get_precision, prepare, train_step
 
 
 def test_parse_bytes_units():

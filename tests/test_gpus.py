@@ -8,8 +8,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from conftest import assert_golden
-from memprof import gpus as gpus_mod
-from memprof import nvml
+from memprof.commands import gpus as gpus_mod
+from memprof.engine import nvml
 from memprof.cli import EXIT_NO_GPU, app
 from memprof.render.gpus import render_gpus
 from memprof.results import TorchCudaView, TorchDevice

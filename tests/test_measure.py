@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from memprof.errors import MeasureError
-from memprof.loading import InputSpec, ModelSpec, load_model
-from memprof.measure import CpuCapRunner, IsolatedRunner, cpu_oom_message, is_oom_error, oom_kind
-from memprof.workload import Workload
+from memprof.engine.loading import InputSpec, ModelSpec, load_model
+from memprof.engine.measure import CpuCapRunner, IsolatedRunner, cpu_oom_message, is_oom_error, oom_kind
+from memprof.engine.workload import Workload
 
 W_BYTES = 256 * 256 * 4  # Linear(256, 256, bias=False)
 
@@ -125,7 +125,7 @@ def test_isolated_trial_matches_in_process():
 
 @pytest.mark.gpu
 def test_cuda_trial_measures_and_recovers():
-    from memprof.measure import CudaRunner
+    from memprof.engine.measure import CudaRunner
 
     runner = CudaRunner(0)
     workload = linear_workload(64, optimizer="adam")
@@ -148,8 +148,8 @@ def test_cpu_cap_peak_equals_tensor_only_trace_for_a_conv_model():
     import torch
 
     from memprof.cli.common import build_workload
-    from memprof.measure import CpuCapRunner
-    from memprof.trace import trace_step
+    from memprof.engine.measure import CpuCapRunner
+    from memprof.engine.trace import trace_step
 
     torch.manual_seed(0)
     workload = build_workload("memprof.zoo:seed004_convstack", batch_size=3, input_shape=["3,24,24"],

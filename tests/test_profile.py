@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from conftest import assert_golden
 from memprof.cli import app
 from memprof.errors import NoGPUError, UsageError
-from memprof.profile import profile_script
+from memprof.engine.profiler import profile_script
 from memprof.render.profile import format_log, render_profile, timeline_html, timeline_svg
 from memprof.results import (LeakSuspect, LineStat, MemCategory, ModuleStat, ProfileCuda, ProfilePeak, ProfileResult,
                              ScriptOutcome, TensorGroup, TimelineSample, to_dict)

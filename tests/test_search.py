@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from memprof.search import OOM, Fit, Guide, search
+from memprof.engine.search import OOM, Fit, Guide, search
 
 MiB = 1024**2
 

@@ -7,10 +7,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from memprof.errors import InputShapeError
-from memprof.loading import InputSpec, ModelSpec
+from memprof.engine.loading import InputSpec, ModelSpec
 from memprof.results import MemCategory as C
-from memprof.trace import fit_batch, measure_cpu_step, trace_step
-from memprof.workload import PRECISIONS, Workload
+from memprof.engine.fit import fit_batch
+from memprof.engine.measure import measure_cpu_step
+from memprof.engine.trace import trace_step
+from memprof.engine.workload import PRECISIONS, Workload
 from memprof.zoo import GPT, gpt_param_count
 
 MNIST_PARAMS = 101_770  # seed 002: 100,480 + 1,290
@@ -208,7 +210,7 @@ def _per_op(result):
 
 def test_bracket_is_exact_on_affine_stepped_and_capped_curves():
     """fit_batch's search over traced peaks: exact answers in few traces (a trace also gives the bytes of a miss)."""
-    from memprof.trace import bracket_peaks
+    from memprof.engine.fit import bracket_peaks
 
     def run(curve, capacity, limit, guess):
         cache = {}
@@ -241,9 +243,9 @@ def test_transformer_encoder_traces_without_fake_tensor_warnings():
 
     import torch
 
-    from memprof.loading import InputSpec, ModelSpec
-    from memprof.trace import trace_step
-    from memprof.workload import Workload
+    from memprof.engine.loading import InputSpec, ModelSpec
+    from memprof.engine.trace import trace_step
+    from memprof.engine.workload import Workload
 
     def factory():
         layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
@@ -259,7 +261,8 @@ def test_transformer_encoder_traces_without_fake_tensor_warnings():
 
 def test_fit_batch_reuses_a_known_trace_and_agrees_with_a_cold_fit():
     from memprof.cli.common import build_workload
-    from memprof.trace import fit_batch, trace_step
+    from memprof.engine.fit import fit_batch
+    from memprof.engine.trace import trace_step
 
     workload = build_workload("memprof.zoo:mnist_mlp", batch_size=16, optimizer="adam")
     capacity = 3 * 2**20  # CPU target: live tensor bytes

@@ -42,6 +42,29 @@ EXIT_NOTHING_FITS = 4
 EXIT_INTERRUPTED = 130
 
 
+def flag_names() -> dict[str, str]:
+    """The running command's parameters -> their long flags (``batch_size`` -> ``--batch-size``).
+
+    The library names parameters in its messages (:meth:`MemprofError.render`); this is how the
+    command line shows them. Parameters of the Python API that are not options keep their name.
+    """
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    names: dict[str, str] = {}
+    if ctx is None:
+        return names
+    for param in ctx.command.params:
+        longs = [o for o in param.opts if o.startswith("--")]
+        if param.name and longs:
+            names[param.name] = longs[0]
+    return names
+
+
+def _flag(names: dict[str, str], param: str) -> str:
+    return names.get(param) or "--" + param.replace("_", "-")
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Wrap a command: MemprofError -> ERROR/HINT + exit code; Ctrl-C -> exit 130; no tracebacks."""
 
@@ -50,7 +73,9 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except MemprofError as exc:
-            print_error(exc.message, exc.hint)
+            names = flag_names()
+            message, hint = exc.render(lambda param: _flag(names, param))
+            print_error(message, hint)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             print_error("interrupted", None)
@@ -67,7 +92,7 @@ def emit_json(doc: dict) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        from .. import __version__
+        from .._version import __version__
 
         print(f"memprof {__version__}")
         raise typer.Exit(0)

@@ -7,9 +7,9 @@ from typing import Optional
 import typer
 
 from ..errors import UsageError
-from ..loading import load_model, parse_kwargs, parse_shape
+from ..engine.loading import load_model, parse_kwargs, parse_shape
 from ..units import parse_bytes
-from ..workload import Workload, get_optimizer_name, get_precision
+from ..engine.workload import Workload, get_optimizer_name, get_precision
 
 DEFAULT_BATCH = 32
 DEFAULT_DTYPE = "fp32"

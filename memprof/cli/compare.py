@@ -25,7 +25,7 @@ def compare_document(result) -> dict[str, Any]:
 
 def resolve_capacity(device: str, gpu_memory: Optional[str], memory_limit: Optional[int]):
     """(Capacity | None, note): --gpu-memory, else the local GPU via NVML; --memory-limit on the CPU."""
-    from .. import nvml
+    from ..engine import nvml
     from ..results import Capacity
     from ..units import parse_bytes
 
@@ -132,7 +132,7 @@ def compare_cmd(
     if max_batch is not None and max_batch < 1:
         raise UsageError(f"--max-batch must be at least 1, got {max_batch}", "e.g. --max-batch 4096")
     if plot is not None:
-        from ..plot import check_plot_path
+        from ..render.charts import check_plot_path
 
         check_output_path(plot)
         check_plot_path(plot)
@@ -144,7 +144,7 @@ def compare_cmd(
     if any(b <= 0 for b in batches):
         raise UsageError(f"batch size must be a positive integer, got {min(batches)}", "e.g. --batch-size 32")
 
-    from ..compare import compare
+    from ..commands.compare import compare
 
     axes: dict[str, list[Any]] = {}
     for name, values in (("dtype", dtype), ("optimizer", optimizer), ("checkpointing", checkpointing),
@@ -153,14 +153,14 @@ def compare_cmd(
             axes[name] = list(values)
     if inplace_relu:
         axes["inplace_relu"] = [True]
-    from ..compare import normalize_axes
+    from ..commands.compare import normalize_axes
 
     axes = normalize_axes(axes)  # bad values fail before the model loads
     workload = build_workload(model, model_opt, batch_size=batches[0] if batches else None, dtype=baseline_dtype,
                               optimizer=baseline_optimizer, input_shape=input_shape, input_dtype=input_dtype,
                               token_range=token_range, model_kwargs=model_kwargs, model_arg=model_arg)
     capacity, capacity_note = (None, None) if no_fit else resolve_capacity(device, gpu_memory, limit)
-    from ..compare import real_batch_finder, real_step_measurer
+    from ..commands.compare import real_batch_finder, real_step_measurer
 
     measure_fn = real_step_measurer(device, limit) if measure else None
     find_fn = real_batch_finder(device, limit, head, max_batch) if find else None

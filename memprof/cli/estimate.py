@@ -58,7 +58,7 @@ def estimate_cmd(
     workload = build_workload(model, model_opt, batch_size=batch_size, dtype=dtype, optimizer=optimizer, mode=mode,
                               input_shape=input_shape, input_dtype=input_dtype, token_range=token_range,
                               model_kwargs=model_kwargs, model_arg=model_arg)
-    from ..estimate import estimate, resolve_capacity
+    from ..commands.estimate import estimate, resolve_capacity
 
     capacity, note = resolve_capacity(capacity_bytes)
     result = estimate(workload, capacity=capacity, headroom=head, traced=not no_trace, capacity_note=note)

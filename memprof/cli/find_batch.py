@@ -70,7 +70,7 @@ def find_batch_cmd(
     if device is None:
         device = "cpu" if limit is not None else "cuda"
     if plot is not None:
-        from ..plot import check_plot_path
+        from ..render.charts import check_plot_path
 
         check_output_path(plot)
         check_plot_path(plot)
@@ -79,7 +79,7 @@ def find_batch_cmd(
     workload = build_workload(model, model_opt, dtype=dtype, optimizer=optimizer, mode=mode, input_shape=input_shape,
                               input_dtype=input_dtype, token_range=token_range, model_kwargs=model_kwargs,
                               model_arg=model_arg)
-    from ..find_batch import find_batch
+    from ..commands.find_batch import find_batch
     from ..render import stderr_console, stdout_console
     from ..render.find_batch import TrialProgress, render_find_batch
 
@@ -91,7 +91,7 @@ def find_batch_cmd(
                             target_global_batch=target_global_batch, isolate=isolate, predict=not no_predict,
                             on_event=progress.on_event)
     if plot is not None and result.trials:
-        from ..plot import write_plot
+        from ..render.charts import write_plot
 
         write_plot(result, plot)
     if json_out:

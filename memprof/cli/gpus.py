@@ -14,7 +14,7 @@ def gpus_cmd(json_out: bool = JSON_OPT) -> None:
 
     Exits 3 when neither NVML nor torch sees a GPU (with --json: still a JSON document, available=false).
     """
-    from ..gpus import gpus
+    from ..commands.gpus import gpus
     from ..render import stdout_console
     from ..render.gpus import no_gpu_line, render_gpus
 

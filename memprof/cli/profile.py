@@ -40,7 +40,7 @@ def profile_cmd(
     from ..errors import UsageError
     from ..render.profile import check_plot_path
 
-    from ..profile import DEVICES
+    from ..engine.profiler import DEVICES
 
     if device not in DEVICES:
         raise UsageError(f"unknown --device {device!r}", "choose auto, cuda, cpu or all")
@@ -51,7 +51,7 @@ def profile_cmd(
     if plot is not None:
         check_plot_path(plot)
 
-    from ..profile import profile_script
+    from ..engine.profiler import profile_script
 
     redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
     with redirect:

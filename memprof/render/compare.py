@@ -319,7 +319,7 @@ def _plot_matplotlib(result: CompareResult, path: Path) -> None:
 
 
 def write_plot(result: CompareResult, path: Path) -> None:
-    """``.svg``: hand-written, no dependencies; otherwise matplotlib (check with memprof.plot.check_plot_path)."""
+    """``.svg``: hand-written, no dependencies; otherwise matplotlib (check with memprof.render.charts.check_plot_path)."""
     if path.suffix.lower() == ".svg":
         path.write_text(plot_svg(result), encoding="utf-8")
     else:

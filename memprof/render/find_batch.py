@@ -166,14 +166,12 @@ def answer_lines(result) -> list[str]:
             lines.append(f"  expected peak {format_bytes(result.recommended_expected_bytes)} of "
                          f"{format_bytes(cap.total_bytes)}; headroom left {_gib(left)}{pct}")
     if result.grad_accum_steps is not None:
-        from ..find_batch import exact_accumulation
-
         target = result.target_global_batch
         eff = result.grad_accum_steps * result.micro_batch
         line = f"Global batch {target}: {result.grad_accum_steps} gradient-accumulation steps of {result.micro_batch}"
         if eff != target:
             line += f" (= {eff})"
-            exact = exact_accumulation(target, result.recommended_batch)
+            exact = result.exact_accumulation
             if exact:
                 line += f", or {exact[0]} x {exact[1]} for exactly {target}"
         lines.append(line)
@@ -218,7 +216,7 @@ def render_find_batch(result, console: Console, *, chart: bool = True, plot_path
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
     if chart and any(t.fits for t in result.trials):
-        from ..plot import terminal_chart
+        from .charts import terminal_chart
 
         console.print()
         console.print(terminal_chart(result), highlight=False, markup=False)

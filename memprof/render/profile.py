@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..results import ProfileResult
+from ..results import UNUSED_CUDA, ProfileResult
 from . import format_bytes, format_count, format_signed_bytes
 
 PLOT_SUFFIXES = (".svg", ".html", ".png")
@@ -39,8 +39,6 @@ def render_profile(result: ProfileResult, console: Console, top: int = 10) -> No
                   f"{p.phase}{mod}")
     console.print(f"  at {where}")
     console.print(f"Live at exit: {format_bytes(result.at_exit_bytes)}")
-    from ..profile import UNUSED_CUDA
-
     if result.device == UNUSED_CUDA:
         console.print("Only CUDA memory was counted and the script allocated none: "
                       "run with --device cpu (or all) to profile its CPU tensors.")
@@ -174,7 +172,7 @@ def format_log(result: ProfileResult) -> str:
 # ------------------------------------------------------------------------------------------ --plot
 def check_plot_path(path: Path) -> None:
     """Fail before the run when the plot cannot be written (.svg, .html or .png)."""
-    from ..plot import check_plot_path as check
+    from .charts import check_plot_path as check
 
     check(path, PLOT_SUFFIXES)
 

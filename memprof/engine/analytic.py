@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from .errors import InputShapeError, TraceError
-from .results import AnalyticEstimate, LayerRow, MemCategory, MethodTotal
+from ..errors import InputShapeError, TraceError
+from ..results import AnalyticEstimate, LayerRow, MemCategory, MethodTotal
 from .workload import DTYPE_BYTES, optimizer_state_count
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -290,7 +290,7 @@ def _build_meta_model(workload: "Workload"):
 
     from .workload import build_model
 
-    from .errors import ModelLoadError
+    from ..errors import ModelLoadError
 
     plain = workload.replace(checkpointing="none", mode="train")
     try:

@@ -15,11 +15,13 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from . import checkpointing as ckpt
-from .errors import MemprofError, UsageError
-from .results import (Capacity, CompareFit, CompareMeasurement, CompareResult, CompareRow, MemCategory,
-                      RecomputeInfo)
-from .workload import Workload, get_optimizer_name, get_precision
+from ..engine import checkpointing as ckpt
+from ..engine import fit as fitting
+from ..engine.flops import recompute_cost
+from ..errors import MemprofError, UsageError
+from ..results import (Capacity, CompareFit, CompareMeasurement, CompareResult, CompareRow, MemCategory,
+                      RecomputeInfo, Target)
+from ..engine.workload import Workload, get_optimizer_name, get_precision
 
 #: the axes a comparison can vary, in the order rows and labels use them
 AXES = ("dtype", "optimizer", "checkpointing", "inplace_relu", "mode", "batch_size")
@@ -184,60 +186,33 @@ TraceFn = Callable[..., Any]  # (workload, *, target) -> TraceResult
 FitFn = Callable[..., CompareFit]  # like traced_fit
 MeasureFn = Callable[[Workload], Measured]
 FindFn = Callable[[Workload], "int | None"]
-RecomputeFn = Callable[[Workload], Any]  # -> checkpointing.RecomputeCost
+RecomputeFn = Callable[[Workload], Any]  # -> flops.RecomputeCost
 
 
 def _default_trace(workload: Workload, *, target: str):
     """The row's trace. On the CPU, tensor storages only (``kernel_scratch=False``): what the CPU cap
     (``--memory-limit``) counts, as a GPU would, and what ``--measure`` on the CPU measures."""
-    from .trace import trace_step
+    from ..engine.trace import trace_step
 
     return trace_step(workload, target=target, kernel_scratch=False)
 
 
-def fit_metric(target: str) -> str:
-    """What a row's peak is compared with the capacity by: NVML usage on CUDA, live tensor bytes on CPU."""
-    return "nvml" if target == "cuda" else "allocated"
-
-
-def _metric_bytes(traced: Any, metric: str) -> int:
-    if metric == "nvml" and getattr(traced, "predicted_nvml_bytes", None) is not None:
-        return int(traced.predicted_nvml_bytes)
-    return int(traced.peak_bytes)
-
-
-def traced_fit(workload: Workload, capacity_bytes: int, *, target: str, headroom: float, max_batch: int | None,
+def traced_fit(workload: Workload, capacity_bytes: int, *, target: Target, headroom: float, max_batch: int | None,
                traced: Any, trace_fn: TraceFn | None = None, max_traces: int = 40) -> CompareFit:
-    """The largest batch whose traced peak fits ``capacity_bytes``, exact under the tracer.
+    """The largest batch whose traced peak fits ``capacity_bytes``, exact under the tracer
+    (:func:`memprof.engine.fit.fit_batch`, starting from the row's own trace)."""
+    row_trace = trace_fn or _default_trace
 
-    The row's own trace gives a first guess (what grows with the batch at its peak:
-    activations, inputs, temporaries); :func:`memprof.trace.bracket_peaks` then interpolates
-    on traced bytes (a trace also measures a batch that does not fit) until the answer fits
-    and answer + 1 does not - usually two or three more traces."""
-    from .trace import bracket_peaks, first_guess
+    def trace(w: Workload, *, target: Target, kernel_scratch: bool = False) -> Any:
+        return row_trace(w, target=target)
 
-    trace_fn = trace_fn or _default_trace
-    metric = fit_metric(target)
-    cache: dict[int, int] = {workload.batch_size: _metric_bytes(traced, metric)}
-
-    def peak(batch: int) -> int:
-        if batch not in cache:
-            cache[batch] = _metric_bytes(trace_fn(workload.with_batch(batch), target=target), metric)
-        return cache[batch]
-
-    limit = max_batch or (1 << 20)
-    guess = first_guess(traced, workload.batch_size, cache[workload.batch_size], capacity_bytes, limit)
-    best: int | None
-    status = "exact"
-    if cache[workload.batch_size] > capacity_bytes and peak(1) > capacity_bytes:
-        best = None
-    else:
-        best, status = bracket_peaks(peak, cache, capacity_bytes, limit, guess, max_traces=max_traces)
-    return CompareFit(metric=metric, max_batch=best,
-                      recommended_batch=None if best is None else max(1, int(headroom * best)),
-                      fits=cache[workload.batch_size] <= capacity_bytes,
-                      limited_by_max=best is not None and best == limit, traces=len(cache),
-                      exact=status == "exact")
+    fit = fitting.fit_batch(workload, capacity_bytes, target=target, headroom=headroom, max_batch=max_batch,
+                            known={workload.batch_size: traced}, trace_fn=trace, max_traces=max_traces)
+    at_batch = fitting.value_of(traced, fit.metric)
+    return CompareFit(metric=fit.metric, max_batch=fit.max_batch, recommended_batch=fit.recommended_batch,
+                      fits=at_batch is not None and at_batch <= capacity_bytes,
+                      limited_by_max=fit.max_batch is not None and fit.max_batch == (max_batch or fitting.SEARCH_LIMIT),
+                      traces=fit.traces, exact=fit.exact)
 
 
 def real_step_measurer(device: str, memory_limit: int | None = None, steps: int = 2) -> MeasureFn:
@@ -248,7 +223,7 @@ def real_step_measurer(device: str, memory_limit: int | None = None, steps: int 
     as (without oneDNN's in-kernel scratch); crossing ``memory_limit`` is an out-of-memory
     (no limit: nothing is capped, the peak is still measured).
     """
-    from .measure import CpuCapRunner, make_runner
+    from ..engine.measure import CpuCapRunner, make_runner
 
     if device == "cpu":
         runner = CpuCapRunner(memory_limit if memory_limit is not None else 1 << 62)
@@ -398,14 +373,14 @@ def compare(
     target: str = "cuda",
     capacity: Capacity | None = None,
     capacity_note: str | None = None,
-    headroom: float = 0.8,
+    headroom: float = fitting.DEFAULT_HEADROOM,
     fit: bool = True,
     max_batch: int | None = None,
     trace_fn: TraceFn | None = None,
     fit_fn: FitFn | None = None,
     measure_fn: MeasureFn | None = None,
     find_fn: FindFn | None = None,
-    recompute_fn: RecomputeFn | None = ckpt.recompute_cost,
+    recompute_fn: RecomputeFn | None = recompute_cost,
     on_progress: Callable[[int, int, str], None] | None = None,
 ) -> CompareResult:
     """Trace every variant of ``base`` and put them side by side.
@@ -418,8 +393,7 @@ def compare(
     """
     if target not in ("cuda", "cpu"):
         raise UsageError(f"unknown target {target!r}", "choose cuda or cpu")
-    if not (0 < headroom <= 1):
-        raise UsageError(f"headroom must be in (0, 1], got {headroom}", "e.g. --headroom 0.8")
+    headroom = fitting.check_headroom(headroom)
     started = time.perf_counter()
     trace_fn = trace_fn or _default_trace
     fit_fn = fit_fn or traced_fit

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ModelLoadError, UsageError
+from ..errors import ModelLoadError, UsageError
 
 BATCH_HOOK = "memprof_batch"
 LOSS_HOOK = "memprof_loss"
 # the top-level configs/ folder, reached through the package link memprof/_configs (shipped in wheels too)
-CONFIGS_DIR = Path(__file__).resolve().parent / "_configs"
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "_configs"
 PRESETS_FILE = CONFIGS_DIR / "models.toml"
 
 

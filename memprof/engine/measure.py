@@ -1,6 +1,6 @@
 """Real trials: the shared training step on CUDA, or on the CPU under an enforced memory cap.
 
-A trial builds the model, optimizer and one batch, runs :func:`memprof.workload.train_step`
+A trial builds the model, optimizer and one batch, runs :func:`memprof.engine.workload.train_step`
 ``steps`` times (the first creates the optimizer state, the later ones are the steady
 state), and reports peak memory. Running out of memory is an answer, not an error:
 it is recognised (the exception type first, known messages second), everything the
@@ -9,7 +9,7 @@ the caches are emptied, and the memory still allocated afterwards is compared wi
 the baseline from before the trial.
 
 On the CPU the cap is enforced by counting live tensor storages
-(:class:`memprof.tracking.StorageTracker`, parameters, buffers and inputs included):
+(:class:`memprof.engine.tracking.StorageTracker`, parameters, buffers and inputs included):
 the first allocation that takes the total over the cap raises the error PyTorch's own
 CPU allocator raises, ``torch.OutOfMemoryError("DefaultCPUAllocator: can't allocate
 memory: ...")``, which Lightning's ``is_oom_error`` and accelerate's
@@ -26,13 +26,31 @@ import multiprocessing
 import time
 import traceback
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
-from .errors import MeasureError, MemprofError, NoGPUError
-from .results import BatchTrial
+from ..errors import MeasureError, MemprofError, NoGPUError
+from ..results import BatchTrial, Metric
 from .workload import Workload, prepare, train_step
 
 PhaseCallback = Callable[[int, str], None]  # (step number from 1, phase)
+
+
+class Runner(Protocol):
+    """Runs real training steps at one batch size and reports their memory as a :class:`BatchTrial`.
+
+    Implemented by :class:`CpuCapRunner` (the CPU under a cap), :class:`CudaRunner` and
+    :class:`IsolatedRunner` (either, each trial in a child process).
+    """
+
+    device: str  # "cpu" | "cuda"
+    metric: Metric  # the figure the capacity limits: allocated (CPU cap) or reserved (CUDA)
+
+    def describe(self) -> str: ...
+
+    def capacity_bytes(self) -> Optional[int]: ...
+
+    def run(self, workload: Workload, batch: int, steps: int = 2,
+            on_phase: Optional[PhaseCallback] = None) -> BatchTrial: ...
 
 #: messages that mean "out of memory" when the exception type does not say so
 OOM_MESSAGES = (
@@ -189,7 +207,7 @@ class CpuCapRunner:
     """Real steps on the CPU with live tensor bytes capped at ``cap_bytes``."""
 
     device = "cpu"
-    metric = "allocated"
+    metric = Metric.ALLOCATED
 
     def __init__(self, cap_bytes: int):
         if cap_bytes <= 0:
@@ -240,7 +258,7 @@ class CudaRunner:
     """Real steps on one CUDA device; peak allocated/reserved from torch, process usage from NVML."""
 
     device = "cuda"
-    metric = "reserved"
+    metric = Metric.RESERVED
 
     def __init__(self, index: int = 0):
         import torch
@@ -363,7 +381,7 @@ def _child(recipe: _Recipe, kind: str, arg: int, batch: int, steps: int, conn) -
 def _trial_context():
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "memprof.measure", "memprof.loading"])
+        ctx.set_forkserver_preload(["torch", "memprof.engine.measure", "memprof.engine.loading"])
         return ctx
     return multiprocessing.get_context("spawn")
 
@@ -379,7 +397,7 @@ class IsolatedRunner:
         self.kind = kind  # "cpu" (arg: cap bytes) | "cuda" (arg: device index)
         self.arg = arg
         self.device = kind
-        self.metric = "allocated" if kind == "cpu" else "reserved"
+        self.metric = Metric.ALLOCATED if kind == "cpu" else Metric.RESERVED
         self._description = description
         self._ctx = _trial_context()
 
@@ -392,7 +410,7 @@ class IsolatedRunner:
         return None  # measured by each child; the search takes it from the trials
 
     def run(self, workload: Workload, batch: int, steps: int = 2, on_phase: Optional[PhaseCallback] = None) -> BatchTrial:
-        from . import errors as errors_mod
+        from .. import errors as errors_mod
 
         parent, child = self._ctx.Pipe(duplex=False)
         args = (_recipe(workload), self.kind, self.arg, batch, steps, child)
@@ -444,9 +462,9 @@ class IsolatedRunner:
         return replace(trial, seconds=time.perf_counter() - t0)
 
 
-def make_runner(device: str, memory_limit: Optional[int], isolate: bool = False):
+def make_runner(device: str, memory_limit: Optional[int], isolate: bool = False) -> Runner:
     """``device``: "cpu" (needs ``memory_limit``), "cuda" or "cuda:N". Raises NoGPUError/UsageError."""
-    from .errors import UsageError
+    from ..errors import UsageError
 
     device = (device or "cuda").strip().lower()
     if device == "cpu":
@@ -483,3 +501,61 @@ def _isolated_cuda(index: int) -> IsolatedRunner:
     if not torch.cuda.is_available():  # asks the driver for a device count; allocates nothing on the GPU
         raise NoGPUError("CUDA is not available", "use `memprof estimate`, or --device cpu --memory-limit 4GiB")
     return IsolatedRunner("cuda", index, f"cuda:{index}")
+
+
+def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
+    """Run ``steps`` REAL training steps on the CPU and measure peak live bytes without the tracer.
+
+    The truth comes from ``torch.profiler`` memory events (every CPU allocator allocation
+    and free, oneDNN scratch included), summed in time order, plus the storages resident
+    before the first step (parameters, buffers, inputs, optimizer state). Used by the
+    tests and ``scripts/validate_cpu.py``; it allocates the model's real memory.
+    Returns ``{"peak_bytes", "first_step_peak_bytes", "steady_peak_bytes", "resident_bytes"}``.
+    """
+    import gc
+    import logging
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from .workload import prepare
+
+    torch.manual_seed(0)
+    prepared = prepare(workload, "cpu")
+    seen: set[int] = set()
+    resident = 0
+    tensors = list(prepared.model.parameters()) + list(prepared.model.buffers())
+    tensors += [t for t in (*prepared.args, *prepared.kwargs.values(), prepared.target) if isinstance(t, torch.Tensor)]
+    if prepared.optimizer is not None:
+        for state in prepared.optimizer.state.values():
+            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        st = t.untyped_storage()
+        if st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            resident += st.nbytes()
+    from torch._C._autograd import DeviceType
+
+    gc.collect()
+    gc.disable()
+    logging.getLogger("torch.profiler").setLevel(logging.ERROR)
+    cur = 0
+    step_peaks: list[int] = []
+    try:
+        for _ in range(steps):
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                train_step(prepared)
+            events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                      if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+            events.sort(key=lambda e: e[0])
+            peak = cur
+            for _, nbytes in events:
+                cur += nbytes
+                if cur > peak:
+                    peak = cur
+            step_peaks.append(resident + peak)
+    finally:
+        gc.enable()
+    del prepared
+    return {"peak_bytes": max(step_peaks), "first_step_peak_bytes": step_peaks[0],
+            "steady_peak_bytes": step_peaks[-1], "resident_bytes": resident, "end_bytes": resident + cur}

@@ -11,7 +11,7 @@ from html import escape
 from pathlib import Path
 from typing import Optional
 
-from .errors import UsageError
+from ..errors import UsageError
 
 GiB = 1024**3
 
@@ -246,7 +246,7 @@ def _write_png(data: PlotData, path: Path) -> None:  # pragma: no cover - needs 
 # --------------------------------------------------------------------------- terminal
 def terminal_chart(result, width: int = 56, height: int = 12) -> str:
     """An ASCII chart: ``o`` fits, ``x`` OOM, ``.`` prediction, ``=`` capacity, ``|`` recommended batch."""
-    from .render import format_bytes
+    from . import format_bytes
 
     data = plot_data(result)
     grid = [[" "] * width for _ in range(height)]

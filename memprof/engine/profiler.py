@@ -2,7 +2,7 @@
 
 How it works (real tensors, CPU or CUDA, no re-execution):
 
-* a :class:`~memprof.tracking.StorageTracker` subclass is the active dispatch mode for the
+* a :class:`~memprof.engine.tracking.StorageTracker` subclass is the active dispatch mode for the
   whole script: every storage an op creates is counted once, and a weakref callback tells
   when it dies;
 * a ``sys.settrace`` hook that only follows frames of the user's own files (the script's
@@ -35,8 +35,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .errors import NoGPUError, UsageError
-from .results import (LeakSuspect, LineStat, MemCategory, ModuleStat, ProfileCuda, ProfilePeak, ProfileResult,
+from ..errors import NoGPUError, UsageError
+from ..results import (UNUSED_CUDA, LeakSuspect, LineStat, MemCategory, ModuleStat, ProfileCuda, ProfilePeak, ProfileResult,
                       ScriptOutcome, TensorGroup, TimelineSample)
 from .tracking import StorageTracker
 
@@ -524,7 +524,6 @@ def _check_script(script: str | Path) -> Path:
 
 DEVICES = ("auto", "cuda", "cpu", "all")
 #: ProfileResult.device when only CUDA memory was counted and the script never used CUDA
-UNUSED_CUDA = "cuda (unused by the script)"
 
 
 def profile_script(script: str | Path, args: Sequence[str] = (), *, log: bool = False,

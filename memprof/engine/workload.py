@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import UsageError
+from ..errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -281,7 +281,7 @@ def prepare(workload: Workload, device: "torch.device | str" = "cpu", *, optimiz
     return Prepared(workload, model, opt, args, kwargs, target, workload.model.loss_fn(), device.type)
 
 
-def _autocast(prepared: Prepared):
+def autocast(prepared: Prepared):
     import torch
 
     precision = prepared.workload.precision
@@ -306,13 +306,13 @@ def train_step(prepared: Prepared, on_phase: Callable[[str], None] = _noop, scal
     workload = prepared.workload
     if workload.mode == "eval":
         on_phase("forward")
-        with torch.no_grad(), _autocast(prepared):
+        with torch.no_grad(), autocast(prepared):
             out = prepared.model(*prepared.args, **prepared.kwargs)
         del out
         on_phase("done")
         return
     on_phase("forward")
-    with _autocast(prepared):
+    with autocast(prepared):
         out = prepared.model(*prepared.args, **prepared.kwargs)
         loss = prepared.loss_fn(out, prepared.target)
     del out

@@ -1,8 +1,8 @@
 """``memprof gpus``: the local GPUs as NVML sees them, and what torch sees. Never raises."""
 from __future__ import annotations
 
-from . import nvml
-from .results import GpusResult, TorchCudaView, TorchDevice
+from ..engine import nvml
+from ..results import GpusResult, TorchCudaView, TorchDevice
 
 
 def torch_view() -> TorchCudaView:

@@ -4,8 +4,8 @@ How it works
 ------------
 The model, optimizer and batch are built under PyTorch's ``FakeTensorMode`` (tensors
 with shapes, dtypes and storages but no data: no memory, no GPU). The shared
-:func:`memprof.workload.train_step` then runs ``steps`` times under a
-:class:`memprof.tracking.StorageTracker`, which sees every storage an op creates and
+:func:`memprof.engine.workload.train_step` then runs ``steps`` times under a
+:class:`memprof.engine.tracking.StorageTracker`, which sees every storage an op creates and
 when its last reference dies. Each allocation is recorded with the phase (setup,
 forward, backward, optimizer), the module it happened in (forward hooks; in backward,
 the autograd node being executed is mapped back to the module that created it through
@@ -22,36 +22,24 @@ autograd sequence numbers) and, once the step tells, its category:
 The timeline of live bytes is replayed afterwards, so the same record gives the
 CPU prediction (raw storage bytes), the CUDA ``max_memory_allocated`` prediction
 (512-byte rounded, plus cuBLAS workspaces), the ``max_memory_reserved`` prediction
-(:mod:`memprof.allocator` replay) and the NVML prediction (reserved + CUDA context).
+(:mod:`memprof.engine.allocator` replay) and the NVML prediction (reserved + CUDA context).
 """
 from __future__ import annotations
 
 import bisect
 import math
-import os
 import time
 from typing import Any
 
+from ..errors import InputShapeError, MemprofError, TraceError, UsageError
+from ..results import MemCategory, TimelinePoint, TraceResult
 from . import fastfake
 from .allocator import CachingAllocatorModel, round_size
-from .errors import InputShapeError, MemprofError, TraceError, UsageError
-from .results import BatchFit, MemCategory, TimelinePoint, TraceResult
+from .overheads import cublas_workspace_bytes, cuda_context_bytes, onednn_conv_scratch
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
-MiB = 1024 * 1024
 
 #: cuBLAS workspace PyTorch allocates (through the caching allocator, so it counts in
-#: memory_allocated) per (cuBLAS handle, stream) at the first matmul: 32 MiB on Hopper
-#: (sm90), 8 MiB + 128 KiB otherwise (``CublasHandlePool.cpp``; CUBLAS_WORKSPACE_CONFIG
-#: changes it). Forward (main thread) and backward (autograd's device thread) use
-#: different handles, so a training step holds two.
-CUBLAS_WORKSPACE_HOPPER_BYTES = 32 * MiB
-CUBLAS_WORKSPACE_DEFAULT_BYTES = 8 * MiB + 128 * 1024
-#: CUDA context + kernel images as NVML sees them for a PyTorch process (anchors: 200-700 MB,
-#: pytorch #28113/#86509). Lazy module loading (CUDA >= 11.7) keeps it near the low end for
-#: plain training; 512 MiB is the default, MEMPROF_CUDA_CONTEXT_MIB overrides it.
-CUDA_CONTEXT_DEFAULT_BYTES = 512 * MiB
-
 PHASES = ("setup", "forward", "backward", "optimizer", "done")
 _MATMUL_OPS: frozenset | None = None
 _TIMELINE_MAX = 2000
@@ -71,38 +59,6 @@ def _matmul_ops() -> frozenset:
                 ops.extend(getattr(packet, o) for o in packet.overloads())
         _MATMUL_OPS = frozenset(ops)
     return _MATMUL_OPS
-
-
-def cublas_workspace_bytes() -> int:
-    """The per-handle cuBLAS workspace: from CUBLAS_WORKSPACE_CONFIG, the local GPU, or Hopper's default."""
-    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    if config:
-        try:  # ":SIZE_KIB:COUNT[:SIZE_KIB:COUNT...]"
-            nums = [int(p) for p in config.split(":") if p]
-            total = sum(size * 1024 * count for size, count in zip(nums[0::2], nums[1::2]))
-            if total:
-                return total
-        except ValueError:
-            pass
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            major, minor = torch.cuda.get_device_capability()
-            return CUBLAS_WORKSPACE_HOPPER_BYTES if (major, minor) == (9, 0) else CUBLAS_WORKSPACE_DEFAULT_BYTES
-    except Exception:  # pragma: no cover - no driver
-        pass
-    return CUBLAS_WORKSPACE_HOPPER_BYTES
-
-
-def cuda_context_bytes() -> int:
-    value = os.environ.get("MEMPROF_CUDA_CONTEXT_MIB")
-    if value:
-        try:
-            return int(float(value) * MiB)
-        except ValueError:
-            pass
-    return CUDA_CONTEXT_DEFAULT_BYTES
 
 
 # =========================================================================== recording
@@ -240,7 +196,7 @@ def _make_tracker(recorder: _Recorder):
             if func is sdpa_flash:
                 recorder.saw_flash_attention = True
             if recorder.cpu_scratch and func in convs:
-                scratch = _onednn_conv_scratch(func, args)
+                scratch = onednn_conv_scratch(func, args)
                 if scratch:
                     rec = recorder.synthetic(scratch, MemCategory.TEMPORARY)
                     try:
@@ -252,65 +208,6 @@ def _make_tracker(recorder: _Recorder):
     tracker = _TraceTracker(on_alloc=recorder.on_alloc, on_free=recorder.on_free)
     recorder.tracker = tracker
     return tracker
-
-
-def _onednn_conv_scratch(func, args) -> int:
-    """Bytes oneDNN (mkldnn) convolutions on the CPU hold inside the op, next to its outputs.
-
-    PyTorch's CPU convolution reorders NCHW tensors to oneDNN's blocked layouts (channels
-    padded to 16) inside the kernel (measured with torch.profiler, per op): forward holds a
-    blocked output and, when the input channels are blockable (multiple of 8), a blocked input
-    and weight, then the real output; a transposed convolution holds twice its output;
-    backward holds a blocked grad_output and, for the weight gradient, a blocked input (in
-    bf16/fp16 also an fp32 weight-gradient accumulator) while the gradients are produced.
-    No dispatch mode sees these, so the CPU trace adds them as a temporary around the op.
-    CUDA (cuDNN) works on the tensors as they are; its workspaces are not modelled.
-    """
-    import torch
-
-    if func is torch.ops.aten.convolution.default:
-        x, w = args[0], args[1]
-        transposed = args[6]
-        if x.dim() != 4 or not x.is_floating_point():
-            return 0
-        esize = x.element_size()
-        if transposed:  # computed as a backward-data convolution into a blocked buffer
-            n, h, wd = x.shape[0], x.shape[2], x.shape[3]
-            c_out = w.shape[1] * args[8]
-            stride, padding, dilation, out_pad = args[3], args[4], args[5], args[7]
-            oh = (h - 1) * stride[0] - 2 * padding[0] + dilation[0] * (w.shape[2] - 1) + out_pad[0] + 1
-            ow = (wd - 1) * stride[1] - 2 * padding[1] + dilation[1] * (w.shape[3] - 1) + out_pad[1] + 1
-            return 2 * n * c_out * oh * ow * esize
-        n, c, h, wd = x.shape
-        c_out = w.shape[0]
-        out = n * c_out * _conv_out(h, w.shape[2], args) * _conv_out(wd, w.shape[3], args, dim=1) * esize
-        out_blocked = out * _pad16(c_out) // c_out
-        in_blocked = x.numel() * esize * _pad16(c) // c + w.numel() * esize if c % 8 == 0 else 0
-        return max(in_blocked + out_blocked, out_blocked + out) - out
-    # convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation,
-    #                      transposed, output_padding, groups, output_mask)
-    grad_out, x, w = args[0], args[1], args[2]
-    mask = args[10]
-    if x.dim() != 4 or not x.is_floating_point():
-        return 0
-    c_out = grad_out.shape[1]
-    scratch = grad_out.numel() * grad_out.element_size() * _pad16(c_out) // c_out
-    if mask[1]:
-        if x.shape[1] % 8 == 0:
-            scratch += x.numel() * x.element_size() * _pad16(x.shape[1]) // x.shape[1]
-        if w.element_size() < 4:  # bf16/fp16: the weight gradient is accumulated in fp32
-            scratch += w.numel() * 4
-    return scratch
-
-
-def _pad16(channels: int) -> int:
-    """oneDNN's blocked layouts pad channels to a multiple of 16."""
-    return -(-channels // 16) * 16
-
-
-def _conv_out(size: int, k: int, args, dim: int = 0) -> int:
-    stride, padding, dilation = args[3], args[4], args[5]
-    return (size + 2 * padding[dim] - dilation[dim] * (k - 1) - 1) // stride[dim] + 1
 
 
 def _install_module_hooks(model, recorder: _Recorder) -> list:
@@ -486,7 +383,7 @@ def trace_step(workload: Workload, *, target: str = "cuda", steps: int = 2, repl
     if target not in ("cuda", "cpu"):
         raise UsageError(f"unknown trace target {target!r}", "choose cuda or cpu")
     if steps < 1:
-        raise UsageError(f"steps must be at least 1, got {steps}", "trace 2 steps to see the steady state")
+        raise UsageError(f"`steps` must be at least 1, got {steps}", "trace 2 steps to see the steady state")
     started = time.perf_counter()
     recorder = _Recorder(target, kernel_scratch)
     notes: list[str] = []
@@ -803,209 +700,3 @@ def _timeline(events, curve, peak_i: int) -> tuple[TimelinePoint, ...]:
             idx.append(m - 1)
         assert peak_i in idx or curve[peak_i] == max(curve[i] for i in idx)
     return tuple(TimelinePoint(events[i][2], events[i][3], events[i][4], curve[i], events[i][5]) for i in idx)
-
-
-# =========================================================================== batch fitting
-def _metric_value(result: TraceResult, metric: str) -> int:
-    if metric == "nvml":
-        return int(result.predicted_nvml_bytes)
-    if metric == "reserved":
-        return int(result.predicted_reserved_bytes)
-    return int(result.peak_bytes)
-
-
-def first_guess(traced: TraceResult, batch: int, metric_bytes: int, capacity_bytes: int, limit: int) -> int:
-    """The largest batch one trace (at ``batch``) suggests: what grows with the batch at its peak
-    (activations, inputs, temporaries) is per-sample, the rest of ``metric_bytes`` is fixed."""
-    per_batch = sum(int(traced.breakdown_at_peak.get(c, 0))
-                    for c in (MemCategory.ACTIVATION, MemCategory.INPUT, MemCategory.TEMPORARY))
-    if per_batch <= 0:
-        return limit
-    guess = int((capacity_bytes - (metric_bytes - per_batch)) // (per_batch / batch))
-    return max(1, min(guess, limit))
-
-
-def bracket_peaks(peak, cache: dict[int, int], capacity_bytes: int, limit: int, guess: int,
-                  max_traces: int = 40) -> tuple[int, str]:
-    """The largest batch in [1, limit] with ``peak(b) <= capacity_bytes``, given that batch 1 fits.
-
-    Unlike a real trial, a trace also gives the bytes of a batch that does not fit, so the
-    next guess interpolates between the bracket's ends (regula falsi), which lands on the
-    answer in one or two traces when peak memory is affine in the batch; a bisection step
-    follows any guess that did not halve the bracket, so a non-affine curve (allocator
-    segments) still converges. Ends with ``peak(answer + 1)`` traced unless the answer is ``limit``.
-    ``cache`` holds the batches ``peak`` has already traced.
-    """
-    lo, hi = 1, None  # peak(lo) fits; peak(hi) does not
-    for b in sorted(k for k in cache if k <= limit):
-        if peak(b) <= capacity_bytes:
-            lo = max(lo, b)
-        elif hi is None or b < hi:
-            hi = b
-    b = max(lo + 1, min(guess, limit)) if hi is None else None
-    streak, last_side = 0, None  # how many guesses in a row moved the same end of the bracket
-    for _ in range(max_traces):
-        if hi is not None and hi - lo <= 1:
-            return lo, "exact"
-        if lo >= limit:
-            return limit, "exact"
-        if b is None:
-            p_lo, p_hi = peak(lo), peak(hi)
-            g = lo + int((capacity_bytes - p_lo) * (hi - lo) // (p_hi - p_lo)) if p_hi > p_lo else lo
-            if g <= lo:
-                b = lo + 1  # the line says lo is the answer: one trace confirms it
-            elif streak >= 3:
-                b = (lo + hi) // 2  # interpolation keeps missing on one side: bisect
-            else:
-                b = min(g, hi - 1)
-        side = "lo" if peak(b) <= capacity_bytes else "hi"
-        if side == "lo":
-            lo = b
-        else:
-            hi = b
-        streak, last_side = (streak + 1 if side == last_side else 1), side
-        if hi is None:  # still unbounded above: extrapolate from the two largest fits
-            pts = sorted(k for k in cache if k <= lo)
-            prev = pts[-2] if len(pts) >= 2 else None
-            slope = (peak(lo) - peak(prev)) / (lo - prev) if prev is not None else 0
-            step = int((capacity_bytes - peak(lo)) // slope) if slope > 0 else lo
-            b = min(limit, lo + max(1, step))
-        else:
-            b = None
-    return lo, "max_trials"
-
-
-def fit_batch(workload: Workload, capacity_bytes: int, *, target: str = "cuda", headroom: float = 0.8,
-              max_batch: int | None = None, metric: str | None = None, kernel_scratch: bool = True,
-              known: "dict[int, TraceResult] | None" = None) -> BatchFit:
-    """The largest batch whose traced peak fits ``capacity_bytes``, verified by tracing it and the next one.
-
-    Peak memory is close to affine in the batch size: two traces give a slope and an
-    intercept, the solution is traced, and the bracket [fits, does not fit] is narrowed until the
-    answer fits and answer + 1 does not under the tracer (:func:`memprof.search.search`
-    does the bracketing). ``metric`` defaults to "nvml"
-    for cuda and "allocated" for cpu. ``kernel_scratch`` is passed to :func:`trace_step`.
-    ``known`` maps batch sizes to traces the caller already made of this workload with the
-    same target (e.g. ``estimate``'s trace at the requested batch): they are reused, not redone.
-    """
-    if capacity_bytes <= 0:
-        raise UsageError(f"capacity must be positive, got {capacity_bytes}", "e.g. --gpu-memory 24GiB")
-    if not (0 < headroom <= 1):
-        raise UsageError(f"headroom must be in (0, 1], got {headroom}", "e.g. 0.8")
-    if max_batch is not None and max_batch < 1:
-        raise UsageError(f"max batch must be at least 1, got {max_batch}", "e.g. --max-batch 1024")
-    metric = metric or ("nvml" if target == "cuda" else "allocated")
-    if metric not in ("nvml", "reserved", "allocated") or (target == "cpu" and metric != "allocated"):
-        raise UsageError(f"unknown metric {metric!r} for target {target}", "nvml, reserved or allocated (cuda)")
-    limit = max_batch if max_batch is not None else 1 << 20
-    cache: dict[int, int] = {b: _metric_value(r, metric) for b, r in (known or {}).items()
-                             if r.target == target}
-    notes: list[str] = []
-
-    def peak(b: int) -> int:
-        if b not in cache:
-            cache[b] = _metric_value(trace_step(workload.with_batch(b), target=target,
-                                                kernel_scratch=kernel_scratch), metric)
-        return cache[b]
-
-    def result(max_b, slope, intercept, limited=False) -> BatchFit:
-        rec = None if max_b is None else max(1, int(math.floor(headroom * max_b)))
-        at_max = cache.get(max_b) if max_b is not None else cache.get(1)
-        nxt = cache.get(max_b + 1) if max_b is not None else None
-        return BatchFit(capacity_bytes=capacity_bytes, metric=metric, max_batch=max_b, recommended_batch=rec,
-                        headroom=headroom, peak_at_max_bytes=at_max, peak_at_next_bytes=nxt,
-                        slope_bytes_per_sample=int(slope), intercept_bytes=int(intercept), traces=len(cache),
-                        limited_by_max=limited, notes=tuple(notes))
-
-    def finish(largest: int, status: str) -> BatchFit:
-        if status != "exact":
-            notes.append(f"the search ended with status {status!r}")
-        slope = intercept = 0.0
-        pts = sorted(cache.items())
-        if len(pts) >= 2:
-            (ba, pa), (bb, pb) = pts[0], pts[-1]
-            slope = (pb - pa) / (bb - ba)
-            intercept = pa - slope * ba
-        limited = largest == limit and cache.get(limit, capacity_bytes + 1) <= capacity_bytes
-        if limited and max_batch is None:
-            notes.append(f"stopped at the search limit of {limit} samples: memory barely grows with the batch")
-        return result(largest, slope, intercept, limited=limited and max_batch is not None)
-
-    fitting = sorted((b for b, r in (known or {}).items()
-                      if r.target == target and b <= limit and cache[b] <= capacity_bytes), reverse=True)
-    if fitting:  # a trace that fits already: its breakdown gives the first guess, no batch-1 trace needed
-        guess = first_guess(known[fitting[0]], fitting[0], cache[fitting[0]], capacity_bytes, limit)
-        return finish(*bracket_peaks(peak, cache, capacity_bytes, limit, guess))
-    p1 = peak(1)
-    if p1 > capacity_bytes:
-        return result(None, 0, p1)
-    if limit == 1:
-        return result(1, 0, p1, limited=True)
-    # the second point of the line: a batch already traced if there is one, else 8
-    b2 = next((b for b in sorted(cache, reverse=True) if 1 < b <= limit), min(limit, 8))
-    slope = (peak(b2) - p1) / (b2 - 1)
-    intercept = p1 - slope
-    predicted = limit if slope <= 0 else int(math.floor((capacity_bytes - intercept) / slope))
-    predicted = max(1, min(predicted, limit))
-
-    largest, status = bracket_peaks(peak, cache, capacity_bytes, limit, predicted)
-    return finish(largest, status)
-
-
-# =========================================================================== ground truth (CPU)
-def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
-    """Run ``steps`` REAL training steps on the CPU and measure peak live bytes without the tracer.
-
-    The truth comes from ``torch.profiler`` memory events (every CPU allocator allocation
-    and free, oneDNN scratch included), summed in time order, plus the storages resident
-    before the first step (parameters, buffers, inputs, optimizer state). Used by the
-    tests and ``scripts/validate_cpu.py``; it allocates the model's real memory.
-    Returns ``{"peak_bytes", "first_step_peak_bytes", "steady_peak_bytes", "resident_bytes"}``.
-    """
-    import gc
-    import logging
-
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from .workload import prepare
-
-    torch.manual_seed(0)
-    prepared = prepare(workload, "cpu")
-    seen: set[int] = set()
-    resident = 0
-    tensors = list(prepared.model.parameters()) + list(prepared.model.buffers())
-    tensors += [t for t in (*prepared.args, *prepared.kwargs.values(), prepared.target) if isinstance(t, torch.Tensor)]
-    if prepared.optimizer is not None:
-        for state in prepared.optimizer.state.values():
-            tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    for t in tensors:
-        st = t.untyped_storage()
-        if st.data_ptr() not in seen:
-            seen.add(st.data_ptr())
-            resident += st.nbytes()
-    from torch._C._autograd import DeviceType
-
-    gc.collect()
-    gc.disable()
-    logging.getLogger("torch.profiler").setLevel(logging.ERROR)
-    cur = 0
-    step_peaks: list[int] = []
-    try:
-        for _ in range(steps):
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                train_step(prepared)
-            events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                      if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
-            events.sort(key=lambda e: e[0])
-            peak = cur
-            for _, nbytes in events:
-                cur += nbytes
-                if cur > peak:
-                    peak = cur
-            step_peaks.append(resident + peak)
-    finally:
-        gc.enable()
-    del prepared
-    return {"peak_bytes": max(step_peaks), "first_step_peak_bytes": step_peaks[0],
-            "steady_peak_bytes": step_peaks[-1], "resident_bytes": resident, "end_bytes": resident + cur}

@@ -1,22 +1,22 @@
 """``find_batch``: the largest batch that really fits, found with a handful of real trials.
 
-Orchestration only: the traced prediction (:func:`memprof.trace.fit_batch`) gives the
-search its start and slope, :mod:`memprof.measure` runs the real trials, and
-:func:`memprof.search.search` decides which batch to try next. Never prints; progress
+Orchestration only: the traced prediction (:func:`memprof.engine.fit.fit_batch`) gives the
+search its start and slope, :mod:`memprof.engine.measure` runs the real trials, and
+:func:`memprof.engine.search.search` decides which batch to try next. Never prints; progress
 goes to the ``on_event`` callback.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
-from .errors import MemprofError, UsageError
-from .measure import make_runner
-from .results import BatchPrediction, BatchTrial, Capacity, FindBatchResult
-from .search import Guide, Outcome, search
-from .workload import Workload
+from ..engine import fit as fitting
+from ..engine.measure import make_runner
+from ..engine.search import Guide, Outcome, search
+from ..engine.workload import Workload
+from ..errors import MemprofError, UsageError
+from ..results import BatchPrediction, BatchTrial, Capacity, FindBatchResult, Metric, Target
 
 DEFAULT_MAX_BATCH = 4096
 DEFAULT_STEPS = 2
@@ -27,62 +27,9 @@ EventCallback = Callable[[str, Any], None]
 Predictor = Callable[..., Any]
 
 
-def metric_value(trial: BatchTrial, metric: str) -> Optional[int]:
-    """The limited metric of a trial: live tensor bytes on the CPU cap, reserved bytes on CUDA."""
-    return trial.peak_reserved_bytes if metric == "reserved" else trial.peak_allocated_bytes
-
-
-def recommend(largest: Optional[int], headroom: float, multiple_of: Optional[int]) -> Optional[int]:
-    """floor(headroom x largest), rounded down to a multiple of ``multiple_of``; None if nothing qualifies."""
-    if largest is None:
-        return None
-    rec = max(1, math.floor(headroom * largest + 1e-9))
-    if multiple_of:
-        rounded = (rec // multiple_of) * multiple_of
-        if rounded == 0:
-            rounded = (largest // multiple_of) * multiple_of
-        return rounded or None
-    return rec
-
-
-def accumulation(target_global_batch: Optional[int], per_step: Optional[int]) -> tuple[Optional[int], Optional[int]]:
-    """(gradient-accumulation steps, micro-batch) to reach ``target_global_batch`` with at most ``per_step`` a step.
-
-    The fewest steps, with the micro-batch spread evenly: ``ceil(target / steps)`` (so
-    ``steps x micro`` may pass the target by less than ``steps``).
-    """
-    if not target_global_batch or not per_step:
-        return None, None
-    steps = math.ceil(target_global_batch / per_step)
-    return steps, math.ceil(target_global_batch / steps)
-
-
-def exact_accumulation(target_global_batch: int, per_step: int, extra_steps: int = 3) -> Optional[tuple[int, int]]:
-    """(steps, micro-batch) that make exactly ``target_global_batch``, with at most ``extra_steps`` more steps."""
-    steps = math.ceil(target_global_batch / per_step)
-    for s in range(steps, steps + extra_steps + 1):
-        if target_global_batch % s == 0:
-            return s, target_global_batch // s
-    return None
-
-
-def affine_fit(points: dict[int, int]) -> tuple[Optional[float], Optional[float]]:
-    """Least-squares (intercept, slope) through (batch, bytes) points; (None, None) with fewer than two batches."""
-    if len(points) < 2:
-        return None, None
-    xs, ys = zip(*sorted(points.items()))
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return my - slope * mx, slope
-
-
-def _default_predictor(workload: Workload, capacity_bytes: int, *, target: str, metric: str, max_batch: int):
-    from .trace import fit_batch
-
+def _default_predictor(workload: Workload, capacity_bytes: int, *, target: Target, metric: Metric, max_batch: int):
     # the CPU cap counts tensor storages only (as a GPU would), so predict without oneDNN's kernel scratch
-    return fit_batch(workload, capacity_bytes, target=target, max_batch=max_batch, metric=metric,
+    return fitting.fit_batch(workload, capacity_bytes, target=target, max_batch=max_batch, metric=metric,
                      kernel_scratch=target != "cpu")
 
 
@@ -95,7 +42,7 @@ def find_batch(
     min_batch: int = 1,
     max_batch: int = DEFAULT_MAX_BATCH,
     start: Optional[int] = None,
-    headroom: float = 0.8,
+    headroom: float = fitting.DEFAULT_HEADROOM,
     multiple_of: Optional[int] = None,
     target_global_batch: Optional[int] = None,
     isolate: bool = False,
@@ -107,27 +54,26 @@ def find_batch(
 
     ``device="cpu"`` needs ``memory_limit`` (bytes): live tensor bytes are capped there
     and crossing the cap raises PyTorch's CPU out-of-memory error. ``predictor`` replaces
-    the traced prediction (signature of :func:`memprof.trace.fit_batch`, returning an
+    the traced prediction (signature of :func:`memprof.engine.fit.fit_batch`, returning an
     object with ``max_batch``, ``slope_bytes_per_sample`` and ``intercept_bytes``);
     ``predict=False`` searches without one (geometric growth capped by ``max_batch``).
     """
     t0 = time.perf_counter()
     emit = on_event or (lambda kind, data: None)
     if steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {steps}", "use 2 or more: the first step creates the "
+        raise UsageError(f"`steps` must be at least 1, got {steps}", "use 2 or more: the first step creates the "
                                                                       "optimizer state")
     if min_batch < 1:
-        raise UsageError(f"--min-batch must be at least 1, got {min_batch}", "e.g. --min-batch 1")
+        raise UsageError(f"`min_batch` must be at least 1, got {min_batch}", "e.g. `min_batch` 1")
     if max_batch < min_batch:
-        raise UsageError(f"--max-batch {max_batch} is below --min-batch {min_batch}", "raise --max-batch")
+        raise UsageError(f"`max_batch` {max_batch} is below `min_batch` {min_batch}", "raise `max_batch`")
     if start is not None and not (min_batch <= start <= max_batch):
-        raise UsageError(f"--start {start} is outside [{min_batch}, {max_batch}]", "choose a start between them")
-    if not (0 < headroom <= 1):
-        raise UsageError(f"--headroom must be in (0, 1], got {headroom}", "e.g. --headroom 0.8")
+        raise UsageError(f"`start` {start} is outside [{min_batch}, {max_batch}]", "choose a start between them")
+    headroom = fitting.check_headroom(headroom)
     if multiple_of is not None and multiple_of < 1:
-        raise UsageError(f"--multiple-of must be at least 1, got {multiple_of}", "e.g. --multiple-of 8")
+        raise UsageError(f"`multiple_of` must be at least 1, got {multiple_of}", "e.g. `multiple_of` 8")
     if target_global_batch is not None and target_global_batch < 1:
-        raise UsageError(f"--target-global-batch must be at least 1, got {target_global_batch}", "e.g. 1024")
+        raise UsageError(f"`target_global_batch` must be at least 1, got {target_global_batch}", "e.g. 1024")
 
     runner = make_runner(device, memory_limit, isolate)
     metric = runner.metric
@@ -150,10 +96,10 @@ def find_batch(
             target = "cpu" if runner.device == "cpu" else "cuda"
             pred_metric, pred_capacity = metric, capacity_bytes
             if pred_capacity is None:  # isolated CUDA: the parent does not touch CUDA; NVML's free memory
-                from . import nvml
+                from ..engine import nvml
 
                 info = nvml.device_info(getattr(runner, "arg", 0))
-                pred_metric, pred_capacity = "nvml", (info.free_bytes if info else None)
+                pred_metric, pred_capacity = Metric.NVML, (info.free_bytes if info else None)
             if pred_capacity:
                 fit = (predictor or _default_predictor)(workload, pred_capacity, target=target, metric=pred_metric,
                                                         max_batch=max_batch)
@@ -192,7 +138,7 @@ def find_batch(
         if trial.leaked_bytes:
             notes.append(f"batch {batch}: {trial.leaked_bytes} bytes were still allocated after the cleanup")
         emit("trial-done", trial)
-        return Outcome(trial.fits, metric_value(trial, metric), trial.capacity_bytes)
+        return Outcome(trial.fits, fitting.value_of(trial, metric), trial.capacity_bytes)
 
     def on_step(step) -> None:
         trials[-1] = replace(trials[-1], reason=step.reason)
@@ -212,12 +158,12 @@ def find_batch(
             trials.pop()
 
     # ---- the answer --------------------------------------------------------------------
-    points = {t.batch_size: metric_value(t, metric) for t in trials if t.fits and metric_value(t, metric) is not None}
-    intercept, slope = affine_fit(points)
+    points = {t.batch_size: fitting.value_of(t, metric) for t in trials if t.fits and fitting.value_of(t, metric) is not None}
+    intercept, slope = fitting.affine_fit(points)
     if slope is None and points and prediction is not None:
         (b, p), = points.items()
         slope, intercept = float(prediction.slope_bytes_per_sample), p - prediction.slope_bytes_per_sample * b
-    rec = recommend(largest, headroom, multiple_of)
+    rec = fitting.recommend(largest, headroom, multiple_of)
     if largest is not None and rec is None:
         notes.append(f"no multiple of {multiple_of} fits: the largest batch is {largest}")
     expected = None
@@ -227,7 +173,11 @@ def find_batch(
         elif slope is not None:
             expected = int(round(intercept + slope * rec))
     headroom_left = capacity.total_bytes - expected if expected is not None and capacity.total_bytes else None
-    accum, micro = accumulation(target_global_batch, rec)
+    accum, micro = fitting.accumulation(target_global_batch, rec)
+    exact_accum = None
+    if accum is not None and micro is not None and target_global_batch and rec \
+            and accum * micro != target_global_batch:
+        exact_accum = fitting.exact_accumulation(target_global_batch, rec)
     return FindBatchResult(
         workload=workload.describe() | {"batch_size": None},
         device=runner.describe(),
@@ -252,6 +202,7 @@ def find_batch(
         target_global_batch=target_global_batch,
         grad_accum_steps=accum,
         micro_batch=micro,
+        exact_accumulation=exact_accum,
         wall_seconds=time.perf_counter() - t0,
         notes=tuple(notes),
     )

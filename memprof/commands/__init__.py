@@ -1,0 +1,1 @@
+"""Commands: orchestrate the engine, return result dataclasses. Never print, never exit."""

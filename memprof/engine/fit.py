@@ -1,0 +1,265 @@
+"""The one home of the fitting policy: headroom, the recommended batch, which metric decides a fit,
+and the traced search for the largest batch that fits.
+
+Every command (``estimate``, ``find-batch``, ``compare``) calls these; none keeps a copy.
+
+* :data:`DEFAULT_HEADROOM` and :func:`check_headroom`: the usual 80 % rule, validated once.
+* :func:`recommend`: ``floor(headroom x largest)`` in exact decimal arithmetic (0.35 x 180 is
+  63, not 62.999... -> 62), at least 1, optionally rounded down to a multiple.
+* :func:`default_metric` and :func:`value_of`: which figure of a trace or a trial is compared
+  with the capacity (:class:`memprof.results.Metric`).
+* :func:`first_guess`, :func:`bracket_peaks` and :func:`fit_batch`: the largest batch whose
+  traced figure fits, exact under the tracer (it fits and one more does not).
+"""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+from typing import Any, Callable
+
+from ..errors import UsageError
+from ..results import BatchFit, MemCategory, Metric, Target, TraceResult
+
+#: recommended batch = DEFAULT_HEADROOM x the largest batch that fits (the usual 80 % rule)
+DEFAULT_HEADROOM = 0.8
+#: the largest batch any traced search considers when the caller gives no limit
+SEARCH_LIMIT = 1 << 20
+
+
+def check_headroom(headroom: float) -> float:
+    """``headroom`` as a float in (0, 1]; anything else raises :class:`UsageError` naming the parameter."""
+    try:
+        value = float(headroom)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(headroom, bool) or not (0 < value <= 1):
+        raise UsageError(f"`headroom` must be in (0, 1], got {headroom!r}",
+                         "e.g. `headroom` 0.8 (the usual 80 % rule)")
+    return value
+
+
+def _exact(x: float) -> Fraction:
+    """The decimal a person typed (0.35 -> 7/20), not the nearest binary float."""
+    return Fraction(repr(float(x)))
+
+
+def recommend(largest: int | None, headroom: float = DEFAULT_HEADROOM, multiple_of: int | None = None) -> int | None:
+    """The batch to use: ``floor(headroom x largest)``, at least 1; None when nothing fits.
+
+    With ``multiple_of``, rounded down to a multiple of it; when that is 0, the largest multiple
+    that fits at all; None when no multiple fits (``largest < multiple_of``).
+    """
+    if largest is None:
+        return None
+    rec = max(1, math.floor(_exact(headroom) * largest))
+    if multiple_of:
+        rounded = (rec // multiple_of) * multiple_of
+        if rounded == 0:
+            rounded = (largest // multiple_of) * multiple_of
+        return rounded or None
+    return rec
+
+
+def default_metric(target: Target) -> Metric:
+    """What a traced fit compares with the capacity: NVML usage on CUDA, live tensor bytes on the CPU."""
+    return Metric.NVML if target == "cuda" else Metric.ALLOCATED
+
+
+def value_of(result: Any, metric: Metric | str) -> int | None:
+    """The ``metric`` figure of a :class:`TraceResult` (a prediction) or a ``BatchTrial`` (a measurement)."""
+    metric = Metric(metric)
+    if hasattr(result, "peak_bytes"):  # a trace (a TraceResult, or anything shaped like one)
+        if metric is Metric.NVML:
+            value = getattr(result, "predicted_nvml_bytes", None)
+        elif metric is Metric.RESERVED:
+            value = getattr(result, "predicted_reserved_bytes", None)
+        else:
+            value = result.peak_bytes
+        return None if value is None else int(value)
+    if metric is Metric.RESERVED:
+        return getattr(result, "peak_reserved_bytes", None)
+    if metric is Metric.NVML:
+        return getattr(result, "nvml_used_bytes", None)
+    return getattr(result, "peak_allocated_bytes", None)
+
+
+def first_guess(traced: TraceResult, batch: int, metric_bytes: int, capacity_bytes: int, limit: int) -> int:
+    """The largest batch one trace (at ``batch``) suggests: what grows with the batch at its peak
+    (activations, inputs, temporaries) is per-sample, the rest of ``metric_bytes`` is fixed."""
+    per_batch = sum(int(traced.breakdown_at_peak.get(c, 0))
+                    for c in (MemCategory.ACTIVATION, MemCategory.INPUT, MemCategory.TEMPORARY))
+    if per_batch <= 0:
+        return limit
+    guess = int((capacity_bytes - (metric_bytes - per_batch)) // (per_batch / batch))
+    return max(1, min(guess, limit))
+
+
+def bracket_peaks(peak: Callable[[int], int], cache: dict[int, int], capacity_bytes: int, limit: int, guess: int,
+                  max_traces: int = 40) -> tuple[int, str]:
+    """The largest batch in [1, limit] with ``peak(b) <= capacity_bytes``, given that batch 1 fits.
+
+    Unlike a real trial, a trace also gives the bytes of a batch that does not fit, so the
+    next guess interpolates between the bracket's ends (regula falsi), which lands on the
+    answer in one or two traces when peak memory is affine in the batch; a bisection step
+    follows any guess that did not halve the bracket, so a non-affine curve (allocator
+    segments) still converges. Ends with ``peak(answer + 1)`` traced unless the answer is ``limit``.
+    ``cache`` holds the batches ``peak`` has already traced. Returns ``(answer, status)``,
+    status "exact" or "max_trials".
+    """
+    lo, hi = 1, None  # peak(lo) fits; peak(hi) does not
+    for b in sorted(k for k in cache if k <= limit):
+        if peak(b) <= capacity_bytes:
+            lo = max(lo, b)
+        elif hi is None or b < hi:
+            hi = b
+    b: int | None = max(lo + 1, min(guess, limit)) if hi is None else None
+    streak, last_side = 0, None  # how many guesses in a row moved the same end of the bracket
+    for _ in range(max_traces):
+        if hi is not None and hi - lo <= 1:
+            return lo, "exact"
+        if lo >= limit:
+            return limit, "exact"
+        if b is None:
+            assert hi is not None
+            p_lo, p_hi = peak(lo), peak(hi)
+            g = lo + int((capacity_bytes - p_lo) * (hi - lo) // (p_hi - p_lo)) if p_hi > p_lo else lo
+            if g <= lo:
+                b = lo + 1  # the line says lo is the answer: one trace confirms it
+            elif streak >= 3:
+                b = (lo + hi) // 2  # interpolation keeps missing on one side: bisect
+            else:
+                b = min(g, hi - 1)
+        side = "lo" if peak(b) <= capacity_bytes else "hi"
+        if side == "lo":
+            lo = b
+        else:
+            hi = b
+        streak, last_side = (streak + 1 if side == last_side else 1), side
+        if hi is None:  # still unbounded above: extrapolate from the two largest fits
+            pts = sorted(k for k in cache if k <= lo)
+            prev = pts[-2] if len(pts) >= 2 else None
+            slope = (peak(lo) - peak(prev)) / (lo - prev) if prev is not None else 0
+            step = int((capacity_bytes - peak(lo)) // slope) if slope > 0 else lo
+            b = min(limit, lo + max(1, step))
+        else:
+            b = None
+    return lo, "max_trials"
+
+
+TraceFn = Callable[..., TraceResult]  # (workload, *, target, kernel_scratch) -> TraceResult
+
+
+def fit_batch(workload: Any, capacity_bytes: int, *, target: Target = "cuda", headroom: float = DEFAULT_HEADROOM,
+              max_batch: int | None = None, metric: Metric | str | None = None, kernel_scratch: bool = True,
+              known: dict[int, TraceResult] | None = None, trace_fn: TraceFn | None = None,
+              max_traces: int = 40) -> BatchFit:
+    """The largest batch whose traced ``metric`` fits ``capacity_bytes``, verified by tracing it and the next one.
+
+    Peak memory is close to affine in the batch size. With a trace that already fits (in
+    ``known``, e.g. ``estimate``'s own trace at the requested batch) its breakdown gives the
+    first guess; otherwise batch 1 and a second batch give a line. :func:`bracket_peaks` then
+    narrows [fits, does not fit] until the answer fits and answer + 1 does not, under the tracer.
+    ``metric`` defaults to :func:`default_metric`; ``kernel_scratch`` is passed to the tracer;
+    ``trace_fn`` replaces :func:`memprof.engine.trace.trace_step` (tests, compare's CPU rows).
+    """
+    if capacity_bytes <= 0:
+        raise UsageError(f"capacity must be positive, got {capacity_bytes}", "e.g. `gpu_memory` 24GiB")
+    headroom = check_headroom(headroom)
+    if max_batch is not None and max_batch < 1:
+        raise UsageError(f"`max_batch` must be at least 1, got {max_batch}", "e.g. `max_batch` 1024")
+    metric = Metric(metric) if metric is not None else default_metric(target)
+    if target == "cpu" and metric is not Metric.ALLOCATED:
+        raise UsageError(f"metric {metric.value!r} does not exist for a CPU step", "use allocated")
+    if trace_fn is None:
+        from .trace import trace_step
+
+        trace_fn = trace_step
+
+    def figure(r: TraceResult) -> int:
+        v = value_of(r, metric)
+        assert v is not None, f"a {r.target} trace has no {metric.value} figure"
+        return v
+
+    limit = max_batch if max_batch is not None else SEARCH_LIMIT
+    usable = {b: r for b, r in (known or {}).items() if getattr(r, "target", target) == target}
+    cache: dict[int, int] = {b: figure(r) for b, r in usable.items()}
+    notes: list[str] = []
+
+    def peak(b: int) -> int:
+        if b not in cache:
+            cache[b] = figure(trace_fn(workload.with_batch(b), target=target, kernel_scratch=kernel_scratch))
+        return cache[b]
+
+    def result(max_b: int | None, slope: float, intercept: float, limited: bool = False,
+               exact: bool = True) -> BatchFit:
+        at_max = cache.get(max_b) if max_b is not None else cache.get(1)
+        nxt = cache.get(max_b + 1) if max_b is not None else None
+        return BatchFit(capacity_bytes=capacity_bytes, metric=metric, max_batch=max_b,
+                        recommended_batch=recommend(max_b, headroom), headroom=headroom, peak_at_max_bytes=at_max,
+                        peak_at_next_bytes=nxt, slope_bytes_per_sample=int(slope), intercept_bytes=int(intercept),
+                        traces=len(cache), limited_by_max=limited, notes=tuple(notes), exact=exact)
+
+    def finish(largest: int, status: str) -> BatchFit:
+        if status != "exact":
+            notes.append(f"the search ended with status {status!r}")
+        slope = intercept = 0.0
+        pts = sorted(cache.items())
+        if len(pts) >= 2:
+            (ba, pa), (bb, pb) = pts[0], pts[-1]
+            slope = (pb - pa) / (bb - ba)
+            intercept = pa - slope * ba
+        limited = largest == limit and cache.get(limit, capacity_bytes + 1) <= capacity_bytes
+        if limited and max_batch is None:
+            notes.append(f"stopped at the search limit of {limit} samples: memory barely grows with the batch")
+        return result(largest, slope, intercept, limited=limited and max_batch is not None, exact=status == "exact")
+
+    fitting = sorted((b for b in usable if b <= limit and cache[b] <= capacity_bytes), reverse=True)
+    if fitting:  # a trace that fits already: its breakdown gives the first guess, no batch-1 trace needed
+        guess = first_guess(usable[fitting[0]], fitting[0], cache[fitting[0]], capacity_bytes, limit)
+        return finish(*bracket_peaks(peak, cache, capacity_bytes, limit, guess, max_traces))
+    p1 = peak(1)
+    if p1 > capacity_bytes:
+        return result(None, 0, p1)
+    if limit == 1:
+        return result(1, 0, p1, limited=True)
+    # the second point of the line: a batch already traced if there is one, else 8
+    b2 = next((b for b in sorted(cache, reverse=True) if 1 < b <= limit), min(limit, 8))
+    slope = (peak(b2) - p1) / (b2 - 1)
+    intercept = p1 - slope
+    predicted = limit if slope <= 0 else int(math.floor((capacity_bytes - intercept) / slope))
+    predicted = max(1, min(predicted, limit))
+    return finish(*bracket_peaks(peak, cache, capacity_bytes, limit, predicted, max_traces))
+
+
+# =========================================================================== gradient accumulation
+def accumulation(target_global_batch: int | None, per_step: int | None) -> tuple[int | None, int | None]:
+    """(gradient-accumulation steps, micro-batch) to reach ``target_global_batch`` with at most ``per_step`` a step.
+
+    The fewest steps, with the micro-batch spread evenly: ``ceil(target / steps)`` (so
+    ``steps x micro`` may pass the target by less than ``steps``).
+    """
+    if not target_global_batch or not per_step:
+        return None, None
+    steps = math.ceil(target_global_batch / per_step)
+    return steps, math.ceil(target_global_batch / steps)
+
+
+def exact_accumulation(target_global_batch: int, per_step: int, extra_steps: int = 3) -> tuple[int, int] | None:
+    """(steps, micro-batch) that make exactly ``target_global_batch``, with at most ``extra_steps`` more steps."""
+    steps = math.ceil(target_global_batch / per_step)
+    for s in range(steps, steps + extra_steps + 1):
+        if target_global_batch % s == 0:
+            return s, target_global_batch // s
+    return None
+
+
+def affine_fit(points: dict[int, int]) -> tuple[float | None, float | None]:
+    """Least-squares (intercept, slope) through (batch, bytes) points; (None, None) with fewer than two batches."""
+    if len(points) < 2:
+        return None, None
+    xs, ys = zip(*sorted(points.items()))
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return my - slope * mx, slope
