@@ -7,10 +7,11 @@ Messages name *parameters*, not command-line flags: a parameter is written in ba
 (```batch_size` must be a positive integer``). The Python API shows it as written;
 the command line shows the flag that sets it (``--batch-size``), see :meth:`MemprofError.render`.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 _PARAM = re.compile(r"`([a-z_][a-z0-9_]*)`")
 

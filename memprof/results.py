@@ -4,6 +4,7 @@ Every result converts to plain JSON-able data with :func:`to_dict`; the top-leve
 JSON object of every command carries ``schema_version``. Each command's result
 classes live here, in its own section.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,7 @@ class MemCategory(str, enum.Enum):
 def to_dict(obj: Any) -> Any:
     """Dataclasses, enums, tuples and dicts -> plain JSON-able data (enum dict keys become ``.key``)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if not f.name.startswith("_")}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.name.startswith("_")}
     if isinstance(obj, MemCategory):
         return obj.key
     if isinstance(obj, enum.Enum):
@@ -177,7 +177,7 @@ class EstimateResult:
 #: what each traced number corresponds to on a real CUDA device
 TRACE_METRICS: dict[str, str] = {
     "allocated": "torch.cuda.max_memory_allocated() (live tensor storages, 512-byte rounded for cuda; "
-                 "raw storage bytes for cpu)",
+    "raw storage bytes for cpu)",
     "reserved": "torch.cuda.max_memory_reserved() (caching-allocator segments, replayed by memprof.engine.allocator)",
     "nvml": "NVML / nvidia-smi per-process used memory (reserved + CUDA context)",
 }

@@ -2,6 +2,7 @@
 
 Formatting for people lives in ``memprof.render``; this module only parses.
 """
+
 from __future__ import annotations
 
 import re
@@ -14,10 +15,24 @@ GiB = 1024**3
 TiB = 1024**4
 
 _UNITS = {
-    "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-    "t": 1000**4, "tb": 1000**4,
-    "ki": KiB, "kib": KiB, "mi": MiB, "mib": MiB, "gi": GiB, "gib": GiB, "ti": TiB, "tib": TiB,
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "ki": KiB,
+    "kib": KiB,
+    "mi": MiB,
+    "mib": MiB,
+    "gi": GiB,
+    "gib": GiB,
+    "ti": TiB,
+    "tib": TiB,
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
@@ -33,12 +48,15 @@ def parse_bytes(text: str | int | float) -> int:
     else:
         match = _SIZE_RE.match(str(text))
         if not match:
-            raise UsageError(f"cannot read {text!r} as a memory size",
-                             "write a number with a unit, e.g. 24GiB, 80GB or 512MiB")
+            raise UsageError(
+                f"cannot read {text!r} as a memory size", "write a number with a unit, e.g. 24GiB, 80GB or 512MiB"
+            )
         value, unit = float(match.group(1)), match.group(2).lower()
     if unit not in _UNITS:
-        raise UsageError(f"unknown size unit {unit!r} in {text!r}",
-                         "use B, kB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)")
+        raise UsageError(
+            f"unknown size unit {unit!r} in {text!r}",
+            "use B, kB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)",
+        )
     size = int(round(value * _UNITS[unit]))
     if size <= 0:
         raise UsageError(f"memory size must be positive, got {text!r}", "e.g. --gpu-memory 24GiB")

@@ -3,6 +3,7 @@
 Used by the tests, the validation scripts and the configs in ``configs/``; also a
 handy ``memprof estimate memprof.zoo:GPT --model-kwargs ...``.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,10 @@ def seed004_convstack() -> nn.Module:
     112,576 parameters; at 1x3x682x700 its module outputs are 336.0896 MB.
     """
     return nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(inplace=True),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(64, 64, 3, padding=1),
+        nn.ReLU(inplace=True),
         nn.MaxPool2d(2),
         nn.Conv2d(64, 128, 3, padding=1),
     )
@@ -69,8 +72,7 @@ class Block(nn.Module):
         q = q.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
         k = k.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
         v = v.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(b, t, c)
         x = x + self.proj(y)
         x = x + self.fc_proj(F.gelu(self.fc(self.ln_2(x))))
@@ -80,8 +82,16 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """A GPT-2-style decoder on token ids; the output head shares the embedding weight."""
 
-    def __init__(self, vocab_size: int = 50304, block_size: int = 1024, n_layer: int = 12, n_head: int = 12,
-                 n_embd: int = 768, dropout: float = 0.0, tied: bool = True):
+    def __init__(
+        self,
+        vocab_size: int = 50304,
+        block_size: int = 1024,
+        n_layer: int = 12,
+        n_head: int = 12,
+        n_embd: int = 768,
+        dropout: float = 0.0,
+        tied: bool = True,
+    ):
         super().__init__()
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(block_size, n_embd)
@@ -103,8 +113,14 @@ class GPT(nn.Module):
 # --------------------------------------------------------------------------- UNet
 class _DoubleConv(nn.Sequential):
     def __init__(self, cin: int, cout: int):
-        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
 
 
 class UNet(nn.Module):
@@ -135,7 +151,7 @@ class UNet(nn.Module):
             skips.append(x)
             x = F.max_pool2d(x, 2)
         x = self.bottleneck(x)
-        for up, conv, skip in zip(self.ups, self.up_convs, reversed(skips)):
+        for up, conv, skip in zip(self.ups, self.up_convs, reversed(skips), strict=False):
             x = up(x)
             x = conv(torch.cat([skip, x], dim=1))
         return self.head(x)
@@ -166,5 +182,14 @@ def gpt_param_count(vocab_size: int, block_size: int, n_layer: int, n_embd: int,
     return total + (0 if tied else vocab_size * n_embd)
 
 
-__all__ = ["mnist_mlp", "cifar_mlp", "Cruncher", "seed004_convstack", "GPT", "UNet", "SharedLinear",
-           "gpt_param_count", "math"]
+__all__ = [
+    "mnist_mlp",
+    "cifar_mlp",
+    "Cruncher",
+    "seed004_convstack",
+    "GPT",
+    "UNet",
+    "SharedLinear",
+    "gpt_param_count",
+    "math",
+]

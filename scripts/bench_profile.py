@@ -14,6 +14,7 @@ the slowdown profiled / plain from those; the median over repeats and the wall-t
     python scripts/bench_profile.py --repeats 7 --markdown
     python scripts/bench_profile.py --breakdown --repeats 3   # where the overhead goes
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,15 +67,25 @@ TEMPLATE = textwrap.dedent("""\
 
 CASES = {
     # name: (model expression, batch, input features, steps)
-    "mlp-small (784-256-10, batch 64)":
-        ("nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))", 64, 784, 300),
-    "mlp (784-1024-1024-10, batch 128)":
-        ("nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))",
-         128, 784, 100),
-    "cnn (2 conv + linear, batch 32, 1x28x28)":
-        ("nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), "
-         "nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 7 * 7, 10))",
-         32, 784, 60),
+    "mlp-small (784-256-10, batch 64)": (
+        "nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))",
+        64,
+        784,
+        300,
+    ),
+    "mlp (784-1024-1024-10, batch 128)": (
+        "nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))",
+        128,
+        784,
+        100,
+    ),
+    "cnn (2 conv + linear, batch 32, 1x28x28)": (
+        "nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), "
+        "nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 7 * 7, 10))",
+        32,
+        784,
+        60,
+    ),
 }
 
 
@@ -142,11 +153,14 @@ def breakdown(repeats: int) -> None:
             P.profile_script(script, [str(out)])
             return eval(out.read_text())[0]
 
-        variants = {"plain": run, "any dispatch mode (pass-through)": bare,
-                    "+ storage accounting": lambda: recorder(False, False),
-                    "+ module/optimizer hooks": lambda: recorder(True, False),
-                    "+ line tracing (sys.settrace)": lambda: recorder(True, True),
-                    "memprof profile (all of it)": full}
+        variants = {
+            "plain": run,
+            "any dispatch mode (pass-through)": bare,
+            "+ storage accounting": lambda: recorder(False, False),
+            "+ module/optimizer hooks": lambda: recorder(True, False),
+            "+ line tracing (sys.settrace)": lambda: recorder(True, True),
+            "memprof profile (all of it)": full,
+        }
         res: dict[str, list[float]] = {k: [] for k in variants}
         for _ in range(repeats):
             for k, f in variants.items():
@@ -191,26 +205,42 @@ def main() -> None:
             bestw = {m: min(v) for m, v in wall.items()}
             medp = {m: statistics.median(v) for m, v in proc.items()}
             rows.append((name, steps, best, med, bestw, medp))
-            print(f"{name}: CPU " + ", ".join(f"{m} {best[m] * 1000:.2f} ms/step" for m in modes)
-                  + "".join(f", {m} x{best[m] / best['plain']:.2f}" for m in modes if m != "plain")
-                  + f"  (CPU ms/step per run: {'; '.join(f'{m} ' + '/'.join(f'{v * 1000:.2f}' for v in cpu[m]) for m in modes)})"
-                  + f"  (wall best: {', '.join(f'{m} {bestw[m] * 1000:.2f}' for m in modes)})", file=sys.stderr)
+            print(
+                f"{name}: CPU "
+                + ", ".join(f"{m} {best[m] * 1000:.2f} ms/step" for m in modes)
+                + "".join(f", {m} x{best[m] / best['plain']:.2f}" for m in modes if m != "plain")
+                + "  (CPU ms/step per run: "
+                + "; ".join(f"{m} " + "/".join(f"{v * 1000:.2f}" for v in cpu[m]) for m in modes)
+                + ")"
+                + f"  (wall best: {', '.join(f'{m} {bestw[m] * 1000:.2f}' for m in modes)})",
+                file=sys.stderr,
+            )
     if args.markdown:
-        print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-              f"torch {__import__('torch').__version__}, torch threads {args.threads}, {args.repeats} runs per mode "
-              f"(interleaved); load average before/after {load0} / {os.getloadavg()[0]:.2f}.\n")
+        print(
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+            f"torch {__import__('torch').__version__}, torch threads {args.threads}, {args.repeats} runs per mode "
+            f"(interleaved); load average before/after {load0} / {os.getloadavg()[0]:.2f}.\n"
+        )
         others = [m for m in modes if m != "plain"]
-        head = (["case", "steps"] + [f"{m} CPU ms/step" for m in modes]
-                + [f"{m} slowdown (CPU, best)" for m in others] + [f"{m} slowdown (CPU, median)" for m in others]
-                + [f"{m} slowdown (wall, best)" for m in others] + [f"{m} process s" for m in modes])
+        head = (
+            ["case", "steps"]
+            + [f"{m} CPU ms/step" for m in modes]
+            + [f"{m} slowdown (CPU, best)" for m in others]
+            + [f"{m} slowdown (CPU, median)" for m in others]
+            + [f"{m} slowdown (wall, best)" for m in others]
+            + [f"{m} process s" for m in modes]
+        )
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
         for name, steps, best, med, bestw, medp in rows:
-            cells = ([name, str(steps)] + [f"{best[m] * 1000:.2f}" for m in modes]
-                     + [f"{best[m] / best['plain']:.2f}x" for m in others]
-                     + [f"{med[m] / med['plain']:.2f}x" for m in others]
-                     + [f"{bestw[m] / bestw['plain']:.2f}x" for m in others]
-                     + [f"{medp[m]:.1f}" for m in modes])
+            cells = (
+                [name, str(steps)]
+                + [f"{best[m] * 1000:.2f}" for m in modes]
+                + [f"{best[m] / best['plain']:.2f}x" for m in others]
+                + [f"{med[m] / med['plain']:.2f}x" for m in others]
+                + [f"{bestw[m] / bestw['plain']:.2f}x" for m in others]
+                + [f"{medp[m]:.1f}" for m in modes]
+            )
             print("| " + " | ".join(cells) + " |")
 
 

@@ -18,6 +18,7 @@ trials that no finder is charged for).
 
 Per finder: result, exact?, trials, OOMs, wall time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,14 @@ class BenchNet(nn.Module):
     def __init__(self, width: int = 16, num_classes: int = 10):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
-            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1),
+            nn.ReLU(),
         )
         self.head = nn.Linear(4 * width, num_classes)
 
@@ -59,8 +65,13 @@ class BenchNet(nn.Module):
 
 
 def bench_workload(resolution: int) -> Workload:
-    spec = ModelSpec(ref="scripts/bench_search.py:BenchNet", display_name="BenchNet", factory=BenchNet,
-                     inputs=InputSpec(shapes=[(3, resolution, resolution)], dtype="float"), source="file")
+    spec = ModelSpec(
+        ref="scripts/bench_search.py:BenchNet",
+        display_name="BenchNet",
+        factory=BenchNet,
+        inputs=InputSpec(shapes=[(3, resolution, resolution)], dtype="float"),
+        source="file",
+    )
     return Workload(model=spec, batch_size=1, optimizer="adam")
 
 
@@ -143,13 +154,25 @@ def memprof_finder(workload: Workload, dev: Device, max_batch: int) -> Row:
     from memprof.commands.find_batch import find_batch
 
     t0 = time.perf_counter()
-    res = find_batch(workload, device=dev.kind, memory_limit=dev.cap_bytes if dev.kind == "cpu" else None,
-                     steps=STEPS, max_batch=max_batch)
+    res = find_batch(
+        workload,
+        device=dev.kind,
+        memory_limit=dev.cap_bytes if dev.kind == "cpu" else None,
+        steps=STEPS,
+        max_batch=max_batch,
+    )
     seconds = time.perf_counter() - t0
     pred = res.prediction
     note = f"prediction {pred.max_batch} ({pred.seconds:.1f} s of tracing)" if pred else "no prediction"
-    return Row("memprof find-batch", res.largest_batch, len(res.trials), res.ooms, seconds,
-               [(t.batch_size, t.fits) for t in res.trials], note)
+    return Row(
+        "memprof find-batch",
+        res.largest_batch,
+        len(res.trials),
+        res.ooms,
+        seconds,
+        [(t.batch_size, t.fits) for t in res.trials],
+        note,
+    )
 
 
 def lightning_finder(workload: Workload, dev: Device, mode: str, margin: float, max_batch: int) -> Row:
@@ -199,7 +222,7 @@ def lightning_finder(workload: Workload, dev: Device, mode: str, margin: float, 
         def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
             # the whole step (training_step + backward inside the closure, then Adam) runs under the cap
             try:
-                with (self.cap if self.cap is not None else _null()):
+                with self.cap if self.cap is not None else _null():
                     optimizer.step(closure=optimizer_closure)
             except Exception:
                 log[-1][1] = False
@@ -211,13 +234,24 @@ def lightning_finder(workload: Workload, dev: Device, mode: str, margin: float, 
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     t0 = time.perf_counter()
     model = Lit()
-    trainer = L.Trainer(accelerator="gpu" if dev.kind == "cuda" else "cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        max_epochs=1)
-    size = Tuner(trainer).scale_batch_size(model, mode=mode, steps_per_trial=STEPS, init_val=2, max_trials=25,
-                                           margin=margin, max_val=max_batch) if mode == "binsearch" else \
-        Tuner(trainer).scale_batch_size(model, mode=mode, steps_per_trial=STEPS, init_val=2, max_trials=25,
-                                        max_val=max_batch)
+    trainer = L.Trainer(
+        accelerator="gpu" if dev.kind == "cuda" else "cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_epochs=1,
+    )
+    size = (
+        Tuner(trainer).scale_batch_size(
+            model, mode=mode, steps_per_trial=STEPS, init_val=2, max_trials=25, margin=margin, max_val=max_batch
+        )
+        if mode == "binsearch"
+        else Tuner(trainer).scale_batch_size(
+            model, mode=mode, steps_per_trial=STEPS, init_val=2, max_trials=25, max_val=max_batch
+        )
+    )
     seconds = time.perf_counter() - t0
     if model.cap is not None:
         model.cap.close()
@@ -251,8 +285,15 @@ def accelerate_finder(workload: Workload, dev: Device, start: int) -> Row:
     else:
         note = f"starting_batch_size={start}"
     seconds = time.perf_counter() - t0
-    return Row("accelerate find_executable_batch_size", size, len(log), sum(1 for _, ok in log if not ok), seconds,
-               [tuple(x) for x in log], note)
+    return Row(
+        "accelerate find_executable_batch_size",
+        size,
+        len(log),
+        sum(1 for _, ok in log if not ok),
+        seconds,
+        [tuple(x) for x in log],
+        note,
+    )
 
 
 FINDERS = {
@@ -267,16 +308,27 @@ FINDERS = {
 def warm_up(dev: Device) -> str:
     """Imports and first-use costs, paid once per process, kept out of every finder's time."""
     t0 = time.perf_counter()
-    import lightning  # noqa: F401
     import accelerate  # noqa: F401
+    import lightning  # noqa: F401
+
     t1 = time.perf_counter()
     from memprof.engine.trace import trace_step
 
-    tiny = Workload(model=ModelSpec(ref="tiny", display_name="tiny", factory=lambda: nn.Linear(4, 2),
-                                    inputs=InputSpec(shapes=[(4,)], dtype="float")), batch_size=2)
+    tiny = Workload(
+        model=ModelSpec(
+            ref="tiny",
+            display_name="tiny",
+            factory=lambda: nn.Linear(4, 2),
+            inputs=InputSpec(shapes=[(4,)], dtype="float"),
+        ),
+        batch_size=2,
+    )
     trace_step(tiny, target="cuda" if dev.kind == "cuda" else "cpu")
     t2 = time.perf_counter()
-    return f"import lightning + accelerate {t1 - t0:.1f} s; memprof's first fake-tensor trace of a tiny model {t2 - t1:.1f} s"
+    return (
+        f"import lightning + accelerate {t1 - t0:.1f} s; "
+        f"memprof's first fake-tensor trace of a tiny model {t2 - t1:.1f} s"
+    )
 
 
 # --------------------------------------------------------------------------- report
@@ -299,17 +351,28 @@ def _machine() -> str:
 
 
 def table(rows: list[Row], truth: int | None) -> str:
-    out = ["| finder | result | exact? | trials | OOMs | wall time (median) | CPU time | tried (✓ fits, ✗ OOM) |",
-           "|---|---:|---|---:|---:|---:|---:|---|"]
+    out = [
+        "| finder | result | exact? | trials | OOMs | wall time (median) | CPU time | tried (✓ fits, ✗ OOM) |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
-        exact = "n/a" if truth is None else ("yes" if r.result == truth else
-                                             f"no ({'+' if (r.result or 0) > truth else ''}{(r.result or 0) - truth})")
+        exact = (
+            "n/a"
+            if truth is None
+            else (
+                "yes"
+                if r.result == truth
+                else f"no ({'+' if (r.result or 0) > truth else ''}{(r.result or 0) - truth})"
+            )
+        )
         tried = " ".join(f"{b}{'✓' if ok else '✗'}" for b, ok in r.sizes)
         note = f" — {r.note}" if r.note else ""
         runs = " / ".join(f"{x:.1f}" for x in r.runs) if len(r.runs) > 1 else ""
         wall = f"{r.seconds:.1f} s" + (f" ({runs})" if runs else "")
-        out.append(f"| {r.finder} | {r.result} | {exact} | {r.trials} | {r.ooms} | {wall} | {r.cpu_seconds:.1f} s | "
-                   f"{tried}{note} |")
+        out.append(
+            f"| {r.finder} | {r.result} | {exact} | {r.trials} | {r.ooms} | {wall} | {r.cpu_seconds:.1f} s | "
+            f"{tried}{note} |"
+        )
     return "\n".join(out)
 
 
@@ -321,8 +384,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cap", default="150MiB", help="CPU cap on live tensor bytes (CPU only)")
     ap.add_argument("--resolution", type=int, default=32, help="input resolution (square images)")
     ap.add_argument("--max-batch", type=int, default=8192)
-    ap.add_argument("--accelerate-start", type=int, default=1024,
-                    help="accelerate's starting_batch_size (it only searches downwards)")
+    ap.add_argument(
+        "--accelerate-start",
+        type=int,
+        default=1024,
+        help="accelerate's starting_batch_size (it only searches downwards)",
+    )
     ap.add_argument("--finders", default="memprof,lightning-power,lightning-binsearch,accelerate")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--repeat", type=int, default=1, help="run each finder this many times; report the median")
@@ -332,8 +399,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("ERROR: --device cuda needs a CUDA GPU and none is available", file=sys.stderr)
-        print("HINT: run the CPU benchmark (the default): python scripts/bench_search.py --cap 150MiB",
-              file=sys.stderr)
+        print("HINT: run the CPU benchmark (the default): python scripts/bench_search.py --cap 150MiB", file=sys.stderr)
         return 3
     dev = Device(args.device, parse_bytes(args.cap) if args.device == "cpu" else None)
     workload = bench_workload(args.resolution)
@@ -353,8 +419,12 @@ def main(argv=None) -> int:
             row.cpu_seconds = time.process_time() - c0
             dev.clean()
             runs.append(row)
-            print(f"  {row.finder}: {row.result} in {row.trials} trials, {row.ooms} OOMs, {row.seconds:.1f} s "
-                  f"(CPU {row.cpu_seconds:.1f} s)", file=sys.stderr, flush=True)
+            print(
+                f"  {row.finder}: {row.result} in {row.trials} trials, {row.ooms} OOMs, {row.seconds:.1f} s "
+                f"(CPU {row.cpu_seconds:.1f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         runs.sort(key=lambda r: r.seconds)
         median = runs[len(runs) // 2]
         median.runs = [r.seconds for r in runs]
@@ -368,26 +438,33 @@ def main(argv=None) -> int:
         if not ok or next_ok:
             truth = None
             verified += " (memprof's answer is NOT the limit)"
-    where = f"CPU, live tensor bytes capped at {args.cap}" if dev.kind == "cpu" else \
-        f"CUDA: {torch.cuda.get_device_name(0)}"
+    where = (
+        f"CPU, live tensor bytes capped at {args.cap}"
+        if dev.kind == "cpu"
+        else f"CUDA: {torch.cuda.get_device_name(0)}"
+    )
     cmd = "python scripts/bench_search.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = "\n".join([
-        f"# Batch-size finders on {('the CPU under a cap' if dev.kind == 'cpu' else 'CUDA')}",
-        "",
-        f"- command: `{cmd.strip()}`",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-        f"- machine: {_machine()}",
-        f"- workload: BenchNet (3 conv + linear, defined in the script), input 3×{args.resolution}×{args.resolution}, "
-        f"Adam, fp32, {STEPS} training steps per trial for every finder",
-        f"- device: {where}",
-        f"- ground truth (checked separately): {verified or 'n/a'}",
-        f"- wall time: median of {args.repeat} run(s) (all runs in brackets); CPU time: that run's process CPU time "
-        f"(less sensitive to other load on the machine). Excluded for every finder: imports and one-time "
-        f"warm-up ({warm})",
-        "",
-        table(rows, truth),
-        "",
-    ])
+    report = "\n".join(
+        [
+            f"# Batch-size finders on {('the CPU under a cap' if dev.kind == 'cpu' else 'CUDA')}",
+            "",
+            f"- command: `{cmd.strip()}`",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+            f"- machine: {_machine()}",
+            "- workload: BenchNet (3 conv + linear, defined in the script), "
+            f"input 3×{args.resolution}×{args.resolution}, "
+            f"Adam, fp32, {STEPS} training steps per trial for every finder",
+            f"- device: {where}",
+            f"- ground truth (checked separately): {verified or 'n/a'}",
+            f"- wall time: median of {args.repeat} run(s) (all runs in brackets); "
+            "CPU time: that run's process CPU time "
+            f"(less sensitive to other load on the machine). Excluded for every finder: imports and one-time "
+            f"warm-up ({warm})",
+            "",
+            table(rows, truth),
+            "",
+        ]
+    )
     print(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

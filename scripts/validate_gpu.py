@@ -17,6 +17,7 @@ with one line on stderr.
 
 Works with torch >= 2.1 (GradScaler falls back to torch.cuda.amp on older versions).
 """
+
 from __future__ import annotations
 
 import json
@@ -74,14 +75,18 @@ def child(spec_json: str) -> int:
         info = nvml.device_info(torch.cuda.current_device())
         if info is not None:
             used = info.used_bytes - spec["nvml_baseline_bytes"]
-    print(json.dumps({
-        "allocated_bytes": torch.cuda.max_memory_allocated(),
-        "reserved_bytes": torch.cuda.max_memory_reserved(),
-        "nvml_bytes": used,
-        "first_step_allocated_bytes": peaks[0],
-        "device": torch.cuda.get_device_name(),
-        "capability": list(torch.cuda.get_device_capability()),
-    }))
+    print(
+        json.dumps(
+            {
+                "allocated_bytes": torch.cuda.max_memory_allocated(),
+                "reserved_bytes": torch.cuda.max_memory_reserved(),
+                "nvml_bytes": used,
+                "first_step_allocated_bytes": peaks[0],
+                "device": torch.cuda.get_device_name(),
+                "capability": list(torch.cuda.get_device_capability()),
+            }
+        )
+    )
     return 0
 
 
@@ -113,8 +118,9 @@ def measure(ref: str, options: dict) -> dict:
         baseline = info.used_bytes
     spec = json.dumps({"ref": ref, "options": options, "nvml_baseline_bytes": baseline})
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", spec], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -134,8 +140,11 @@ def main(argv: list[str]) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        print("validate_gpu: CUDA is not available here (torch.cuda.is_available() is False); "
-              "run it on a machine with an NVIDIA GPU", file=sys.stderr)
+        print(
+            "validate_gpu: CUDA is not available here (torch.cuda.is_available() is False); "
+            "run it on a machine with an NVIDIA GPU",
+            file=sys.stderr,
+        )
         return 3
     from memprof.engine.trace import trace_step
 
@@ -144,8 +153,10 @@ def main(argv: list[str]) -> int:
     rows: list[dict] = []
     failures: list[dict] = []
     device = None
-    print(f"{'workload':36s} {'alloc meas':>10s} {'pred':>9s} {'err%':>7s} {'resv meas':>10s} {'pred':>9s} "
-          f"{'err%':>7s} {'nvml meas':>10s} {'pred':>9s} {'err%':>7s}")
+    print(
+        f"{'workload':36s} {'alloc meas':>10s} {'pred':>9s} {'err%':>7s} {'resv meas':>10s} {'pred':>9s} "
+        f"{'err%':>7s} {'nvml meas':>10s} {'pred':>9s} {'err%':>7s}"
+    )
     for name, ref, options in cases(quick, names):
         try:
             traced = trace_step(_workload(ref, options), target="cuda")
@@ -156,10 +167,15 @@ def main(argv: list[str]) -> int:
             continue
         device = real["device"]
         row = {
-            "name": name, "model": ref, "options": options,
-            "allocated_bytes": real["allocated_bytes"], "predicted_allocated_bytes": traced.peak_bytes,
-            "reserved_bytes": real["reserved_bytes"], "predicted_reserved_bytes": traced.predicted_reserved_bytes,
-            "nvml_bytes": real["nvml_bytes"], "predicted_nvml_bytes": traced.predicted_nvml_bytes,
+            "name": name,
+            "model": ref,
+            "options": options,
+            "allocated_bytes": real["allocated_bytes"],
+            "predicted_allocated_bytes": traced.peak_bytes,
+            "reserved_bytes": real["reserved_bytes"],
+            "predicted_reserved_bytes": traced.predicted_reserved_bytes,
+            "nvml_bytes": real["nvml_bytes"],
+            "predicted_nvml_bytes": traced.predicted_nvml_bytes,
             "trace_seconds": traced.trace_seconds,
         }
         row["allocated_error_pct"] = pct(traced.peak_bytes, real["allocated_bytes"])
@@ -173,10 +189,13 @@ def main(argv: list[str]) -> int:
         def e(v):
             return f"{v:+7.2f}" if v is not None else f"{'-':>7s}"
 
-        print(f"{name:36s} {f(row['allocated_bytes'])} {f(row['predicted_allocated_bytes'])[1:]} "
-              f"{e(row['allocated_error_pct'])} {f(row['reserved_bytes'])} {f(row['predicted_reserved_bytes'])[1:]} "
-              f"{e(row['reserved_error_pct'])} {f(row['nvml_bytes'])} {f(row['predicted_nvml_bytes'])[1:]} "
-              f"{e(row['nvml_error_pct'])}", flush=True)
+        print(
+            f"{name:36s} {f(row['allocated_bytes'])} {f(row['predicted_allocated_bytes'])[1:]} "
+            f"{e(row['allocated_error_pct'])} {f(row['reserved_bytes'])} {f(row['predicted_reserved_bytes'])[1:]} "
+            f"{e(row['reserved_error_pct'])} {f(row['nvml_bytes'])} {f(row['predicted_nvml_bytes'])[1:]} "
+            f"{e(row['nvml_error_pct'])}",
+            flush=True,
+        )
     if not rows:
         print("validate_gpu: no workload ran", file=sys.stderr)
         return 1
@@ -184,18 +203,27 @@ def main(argv: list[str]) -> int:
     for key in ("allocated", "reserved", "nvml"):
         errs = [r[f"{key}_error_pct"] for r in rows if r[f"{key}_error_pct"] is not None]
         if errs:
-            summary[key] = {"median_abs_pct": statistics.median(abs(x) for x in errs),
-                            "max_abs_pct": max(abs(x) for x in errs), "min_pct": min(errs), "max_pct": max(errs)}
+            summary[key] = {
+                "median_abs_pct": statistics.median(abs(x) for x in errs),
+                "max_abs_pct": max(abs(x) for x in errs),
+                "min_pct": min(errs),
+                "max_pct": max(errs),
+            }
     slug = "".join(c if c.isalnum() else "_" for c in (device or "gpu")).strip("_").lower()
     out = ROOT / "benchmarks"
     out.mkdir(exist_ok=True)
-    lines = ["# Traced CUDA prediction vs real CUDA training steps", "",
-             f"Device: {device}; torch {torch.__version__}; generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
-             "by `PYTHONPATH=. python scripts/validate_gpu.py`.", "",
-             "Measured in a fresh process per workload after `empty_cache()` + `reset_peak_memory_stats()`, two steps;",
-             "NVML = the process's used memory after the steps. Error = (predicted − measured) / measured.", "",
-             "| workload | allocated MiB | pred | err % | reserved MiB | pred | err % | NVML MiB | pred | err % |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# Traced CUDA prediction vs real CUDA training steps",
+        "",
+        f"Device: {device}; torch {torch.__version__}; generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+        "by `PYTHONPATH=. python scripts/validate_gpu.py`.",
+        "",
+        "Measured in a fresh process per workload after `empty_cache()` + `reset_peak_memory_stats()`, two steps;",
+        "NVML = the process's used memory after the steps. Error = (predicted − measured) / measured.",
+        "",
+        "| workload | allocated MiB | pred | err % | reserved MiB | pred | err % | NVML MiB | pred | err % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
 
     def mib(v):
         return f"{v / MiB:.1f}" if v is not None else "–"
@@ -204,20 +232,28 @@ def main(argv: list[str]) -> int:
         return f"{v:+.2f}" if v is not None else "–"
 
     for r in rows:
-        lines.append(f"| {r['name']} | {mib(r['allocated_bytes'])} | {mib(r['predicted_allocated_bytes'])} | "
-                     f"{pc(r['allocated_error_pct'])} | {mib(r['reserved_bytes'])} | {mib(r['predicted_reserved_bytes'])} | "
-                     f"{pc(r['reserved_error_pct'])} | {mib(r['nvml_bytes'])} | {mib(r['predicted_nvml_bytes'])} | "
-                     f"{pc(r['nvml_error_pct'])} |")
+        lines.append(
+            f"| {r['name']} | {mib(r['allocated_bytes'])} | {mib(r['predicted_allocated_bytes'])} | "
+            f"{pc(r['allocated_error_pct'])} | {mib(r['reserved_bytes'])} | {mib(r['predicted_reserved_bytes'])} | "
+            f"{pc(r['reserved_error_pct'])} | {mib(r['nvml_bytes'])} | {mib(r['predicted_nvml_bytes'])} | "
+            f"{pc(r['nvml_error_pct'])} |"
+        )
     lines.append("")
     for key, s in summary.items():
-        lines.append(f"- {key}: median |error| {s['median_abs_pct']:.2f} %, max |error| {s['max_abs_pct']:.2f} % "
-                     f"(range {s['min_pct']:+.2f} … {s['max_pct']:+.2f} %)")
+        lines.append(
+            f"- {key}: median |error| {s['median_abs_pct']:.2f} %, max |error| {s['max_abs_pct']:.2f} % "
+            f"(range {s['min_pct']:+.2f} … {s['max_pct']:+.2f} %)"
+        )
     for fail in failures:
         lines.append(f"- FAILED {fail['name']}: {fail['error']}")
     (out / f"validate_gpu_{slug}.md").write_text("\n".join(lines) + "\n")
-    (out / f"validate_gpu_{slug}.json").write_text(json.dumps({"device": device, "torch": torch.__version__,
-                                                               "summary": summary, "rows": rows,
-                                                               "failures": failures}, indent=2) + "\n")
+    (out / f"validate_gpu_{slug}.json").write_text(
+        json.dumps(
+            {"device": device, "torch": torch.__version__, "summary": summary, "rows": rows, "failures": failures},
+            indent=2,
+        )
+        + "\n"
+    )
     for key, s in summary.items():
         print(f"{key}: median |error| {s['median_abs_pct']:.2f} %, max |error| {s['max_abs_pct']:.2f} %")
     return 0

@@ -1,4 +1,5 @@
 """Shared test helpers: golden files and the GPU marker."""
+
 from __future__ import annotations
 
 import os

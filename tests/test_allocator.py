@@ -1,24 +1,45 @@
 """The CUDA caching-allocator model: rounding, pools, segments, splitting, coalescing (hand-computed)."""
+
 from __future__ import annotations
 
 import pytest
 
-from memprof.engine.allocator import (CachingAllocatorModel, MiB, replay, round_size, segment_size, should_split)
+from memprof.engine.allocator import CachingAllocatorModel, MiB, replay, round_size, segment_size, should_split
 
 
-@pytest.mark.parametrize("nbytes, rounded", [
-    (1, 512), (4, 512), (511, 512), (512, 512), (513, 1024), (1000, 1024), (4096, 4096), (4097, 4608),
-    (MiB, MiB), (MiB + 1, MiB + 512), (10 * MiB + 3, 10 * MiB + 512),
-])
+@pytest.mark.parametrize(
+    "nbytes, rounded",
+    [
+        (1, 512),
+        (4, 512),
+        (511, 512),
+        (512, 512),
+        (513, 1024),
+        (1000, 1024),
+        (4096, 4096),
+        (4097, 4608),
+        (MiB, MiB),
+        (MiB + 1, MiB + 512),
+        (10 * MiB + 3, 10 * MiB + 512),
+    ],
+)
 def test_round_size(nbytes, rounded):
     assert round_size(nbytes) == rounded
 
 
-@pytest.mark.parametrize("rounded, segment", [
-    (512, 2 * MiB), (MiB, 2 * MiB),  # small pool: 2 MiB segments
-    (MiB + 512, 20 * MiB), (5 * MiB, 20 * MiB), (10 * MiB - 512, 20 * MiB),  # 1-10 MiB: 20 MiB segments
-    (10 * MiB, 10 * MiB), (10 * MiB + 512, 12 * MiB), (33 * MiB, 34 * MiB),  # >= 10 MiB: own, 2 MiB-rounded
-])
+@pytest.mark.parametrize(
+    "rounded, segment",
+    [
+        (512, 2 * MiB),
+        (MiB, 2 * MiB),  # small pool: 2 MiB segments
+        (MiB + 512, 20 * MiB),
+        (5 * MiB, 20 * MiB),
+        (10 * MiB - 512, 20 * MiB),  # 1-10 MiB: 20 MiB segments
+        (10 * MiB, 10 * MiB),
+        (10 * MiB + 512, 12 * MiB),
+        (33 * MiB, 34 * MiB),  # >= 10 MiB: own, 2 MiB-rounded
+    ],
+)
 def test_segment_size(rounded, segment):
     assert segment_size(rounded) == segment
 

@@ -1,19 +1,27 @@
 """The analytical model reproduces the seeds' numbers and hand-computed models exactly."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from memprof.engine import analytic
-from memprof.engine.analytic import (analyse, analytic_total_at, cruncher_counts, cruncher_total_bytes, four_part_bytes,
-                              largest_batch, module_param_formula)
-from memprof.errors import InputShapeError
 from memprof.commands.estimate import estimate, formula_fit
+from memprof.engine import analytic
+from memprof.engine.analytic import (
+    analyse,
+    analytic_total_at,
+    cruncher_counts,
+    cruncher_total_bytes,
+    four_part_bytes,
+    largest_batch,
+    module_param_formula,
+)
 from memprof.engine.fit import recommend as recommended
 from memprof.engine.loading import load_model
-from memprof.results import Capacity, MemCategory
 from memprof.engine.workload import Workload, get_precision
+from memprof.errors import InputShapeError
+from memprof.results import Capacity, MemCategory
 from memprof.zoo import gpt_param_count
 
 
@@ -25,35 +33,38 @@ def _workload(ref: str, shape=None, batch=1, kwargs=None, **kw) -> Workload:
 
 
 # --------------------------------------------------------------------------- seed 001: per-layer formulas
-@pytest.mark.parametrize("make", [
-    lambda: nn.Conv2d(3, 64, 3),
-    lambda: nn.Conv2d(32, 64, 5, groups=4, bias=False),
-    lambda: nn.Conv2d(64, 64, (3, 1), groups=64),  # depthwise, non-square kernel
-    lambda: nn.Conv1d(8, 16, 7, groups=2),
-    lambda: nn.Conv3d(3, 8, (2, 3, 3)),
-    lambda: nn.ConvTranspose2d(64, 32, 2, stride=2),
-    lambda: nn.ConvTranspose2d(64, 32, 3, groups=4, bias=False),
-    lambda: nn.Linear(784, 128),
-    lambda: nn.Linear(128, 10, bias=False),
-    lambda: nn.Bilinear(4, 5, 6),
-    lambda: nn.BatchNorm2d(64),
-    lambda: nn.BatchNorm1d(32, affine=False),
-    lambda: nn.InstanceNorm2d(16, affine=True),
-    lambda: nn.LayerNorm(768),
-    lambda: nn.LayerNorm((4, 8)),
-    lambda: nn.LayerNorm(10, bias=False),
-    lambda: nn.LayerNorm(10, elementwise_affine=False),
-    lambda: nn.GroupNorm(8, 64),
-    lambda: nn.Embedding(50304, 64),
-    lambda: nn.EmbeddingBag(100, 7),
-    lambda: nn.PReLU(12),
-    lambda: nn.MultiheadAttention(64, 4),
-    lambda: nn.MultiheadAttention(64, 4, kdim=32, vdim=16, add_bias_kv=True),
-    lambda: nn.ReLU(inplace=True),
-    lambda: nn.MaxPool2d(2),
-    lambda: nn.Dropout(0.1),
-    lambda: nn.Flatten(),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Conv2d(3, 64, 3),
+        lambda: nn.Conv2d(32, 64, 5, groups=4, bias=False),
+        lambda: nn.Conv2d(64, 64, (3, 1), groups=64),  # depthwise, non-square kernel
+        lambda: nn.Conv1d(8, 16, 7, groups=2),
+        lambda: nn.Conv3d(3, 8, (2, 3, 3)),
+        lambda: nn.ConvTranspose2d(64, 32, 2, stride=2),
+        lambda: nn.ConvTranspose2d(64, 32, 3, groups=4, bias=False),
+        lambda: nn.Linear(784, 128),
+        lambda: nn.Linear(128, 10, bias=False),
+        lambda: nn.Bilinear(4, 5, 6),
+        lambda: nn.BatchNorm2d(64),
+        lambda: nn.BatchNorm1d(32, affine=False),
+        lambda: nn.InstanceNorm2d(16, affine=True),
+        lambda: nn.LayerNorm(768),
+        lambda: nn.LayerNorm((4, 8)),
+        lambda: nn.LayerNorm(10, bias=False),
+        lambda: nn.LayerNorm(10, elementwise_affine=False),
+        lambda: nn.GroupNorm(8, 64),
+        lambda: nn.Embedding(50304, 64),
+        lambda: nn.EmbeddingBag(100, 7),
+        lambda: nn.PReLU(12),
+        lambda: nn.MultiheadAttention(64, 4),
+        lambda: nn.MultiheadAttention(64, 4, kdim=32, vdim=16, add_bias_kv=True),
+        lambda: nn.ReLU(inplace=True),
+        lambda: nn.MaxPool2d(2),
+        lambda: nn.Dropout(0.1),
+        lambda: nn.Flatten(),
+    ],
+)
 def test_per_layer_formula_matches_numel(make):
     with torch.device("meta"):
         m = make()
@@ -121,20 +132,28 @@ def test_seed004_convstack_modelsize():
 
 
 # --------------------------------------------------------------------------- seed 000: the four-part rule
-@pytest.mark.parametrize("dim,layers,batch,opt", [(1024, 4, 8, "adagrad"), (256, 2, 32, "sgd"),
-                                                  (64, 8, 3, "adam"), (512, 1, 1, "sgd-momentum")])
+@pytest.mark.parametrize(
+    "dim,layers,batch,opt",
+    [(1024, 4, 8, "adagrad"), (256, 2, 32, "sgd"), (64, 8, 3, "adam"), (512, 1, 1, "sgd-momentum")],
+)
 def test_cruncher_four_part_rule(dim, layers, batch, opt):
     k = {"sgd": 0, "sgd-momentum": 1, "adagrad": 1, "adam": 2}[opt]
     params = dim * dim * layers + dim
     # the seed, literally
-    assert cruncher_counts(dim, layers, batch, opt) == {"params": params, "activations": batch * dim * layers,
-                                                        "gradients": params, "optimizer_states": k * params}
+    assert cruncher_counts(dim, layers, batch, opt) == {
+        "params": params,
+        "activations": batch * dim * layers,
+        "gradients": params,
+        "optimizer_states": k * params,
+    }
     assert cruncher_total_bytes(dim, layers, batch, opt) == 4 * (params + batch * dim * layers + params + k * params)
-    assert cruncher_total_bytes(dim, layers, batch, opt, bytes_per_element=2) * 2 == \
-        cruncher_total_bytes(dim, layers, batch, opt)
+    assert cruncher_total_bytes(dim, layers, batch, opt, bytes_per_element=2) * 2 == cruncher_total_bytes(
+        dim, layers, batch, opt
+    )
     # the model-driven estimate: the same parts, plus the final layer's B x 1 output the seed leaves out
-    est = analyse(_workload("memprof.zoo:Cruncher", batch=batch, kwargs={"dim": dim, "num_layers": layers},
-                            optimizer=opt))
+    est = analyse(
+        _workload("memprof.zoo:Cruncher", batch=batch, kwargs={"dim": dim, "num_layers": layers}, optimizer=opt)
+    )
     assert est.param_count == params
     assert est.module_output_elements == batch * dim * layers + batch
     parts = four_part_bytes(params, batch * dim * layers + batch, opt)
@@ -146,8 +165,9 @@ def test_cruncher_four_part_rule(dim, layers, batch, opt):
     assert est.total_bytes == parts["total"] + bd[MemCategory.INPUT] == parts["total"] + 4 * batch * dim
 
 
-@pytest.mark.parametrize("opt,k", [("sgd", 0), ("sgd-momentum", 1), ("adagrad", 1), ("rmsprop", 1), ("adam", 2),
-                                   ("adamw", 2)])
+@pytest.mark.parametrize(
+    "opt,k", [("sgd", 0), ("sgd-momentum", 1), ("adagrad", 1), ("rmsprop", 1), ("adam", 2), ("adamw", 2)]
+)
 def test_optimizer_state_multiples(opt, k):
     est = analyse(_workload("memprof.zoo:Cruncher", batch=2, kwargs={"dim": 16, "num_layers": 2}, optimizer=opt))
     assert est.optimizer_states == k
@@ -189,9 +209,11 @@ def test_tied_weights_counted_once():
 
 def test_buffers_apart_from_parameters(tmp_path):
     f = tmp_path / "bn.py"
-    f.write_text("import torch\n"
-                 "def net():\n"
-                 "    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, bias=False), torch.nn.BatchNorm2d(16))\n")
+    f.write_text(
+        "import torch\n"
+        "def net():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, bias=False), torch.nn.BatchNorm2d(16))\n"
+    )
     est = analyse(_workload(f"{f}:net", (3, 8, 8), batch=2))
     assert est.param_count == 16 * 3 * 9 + 32
     assert est.buffer_count == 16 + 16 + 1  # running mean, running var, num_batches_tracked
@@ -203,8 +225,9 @@ def test_seven_billion_parameters_on_the_meta_device():
     spec = load_model("configs/gpt-7b.toml")
     kw = spec.kwargs
     est = analyse(Workload(model=spec, batch_size=1, precision=get_precision("bf16"), optimizer="adamw"))
-    assert est.param_count == gpt_param_count(kw["vocab_size"], kw["block_size"], kw["n_layer"], kw["n_embd"],
-                                              tied=False)
+    assert est.param_count == gpt_param_count(
+        kw["vocab_size"], kw["block_size"], kw["n_layer"], kw["n_embd"], tied=False
+    )
     assert est.breakdown[MemCategory.PARAMETER] == 2 * est.param_count
 
 
@@ -258,10 +281,12 @@ def test_hooks_removed_after_success_and_failure():
 
 def test_identity_outputs_need_no_new_memory(tmp_path):
     f = tmp_path / "drop.py"
-    f.write_text("import torch\n"
-                 "def net():\n"
-                 "    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1), torch.nn.Identity(),\n"
-                 "                               torch.nn.Linear(16, 4))\n")
+    f.write_text(
+        "import torch\n"
+        "def net():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.1), torch.nn.Identity(),\n"
+        "                               torch.nn.Linear(16, 4))\n"
+    )
     train = analyse(_workload(f"{f}:net", (8,), batch=2))
     assert [r.inplace for r in train.layers] == [False, False, True, False]  # Dropout makes a new tensor in train
     assert train.breakdown[MemCategory.ACTIVATION] == 4 * 2 * (16 + 16 + 4)

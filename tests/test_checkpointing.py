@@ -1,4 +1,5 @@
 """Checkpointing really changes the step: same gradients, fewer saved activations, same parameters."""
+
 from __future__ import annotations
 
 import copy
@@ -7,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from memprof.engine import checkpointing as C
 from memprof import zoo
+from memprof.engine import checkpointing as C
 from memprof.errors import UsageError
 
 
@@ -30,8 +31,17 @@ def tiny_resnet() -> nn.Module:
 
 
 # --------------------------------------------------------------------------- parsing and planning
-@pytest.mark.parametrize("text,mode", [("none", "none"), ("blocks", "blocks"), ("per-block", "blocks"),
-                                       ("SQRT", "sqrt"), ("every-3", "every-3"), ("every_2", "every-2")])
+@pytest.mark.parametrize(
+    "text,mode",
+    [
+        ("none", "none"),
+        ("blocks", "blocks"),
+        ("per-block", "blocks"),
+        ("SQRT", "sqrt"),
+        ("every-3", "every-3"),
+        ("every_2", "every-2"),
+    ],
+)
 def test_parse_mode(text, mode):
     assert C.parse_mode(text) == mode
 
@@ -111,13 +121,19 @@ def _grads(model, x, seed=0):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("factory,mode,x", [
-    (lambda: tiny_gpt(dropout=0.1), "blocks", lambda: torch.randint(0, 64, (2, 16))),
-    (lambda: zoo.UNet(base=4), "blocks", lambda: torch.randn(2, 3, 32, 32)),  # BatchNorm, skips
-    (lambda: tiny_resnet(), "sqrt", lambda: torch.randn(2, 3, 32, 32)),
-    (lambda: nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(16, 16), nn.Tanh())]), "sqrt",
-     lambda: torch.randn(4, 16)),
-])
+@pytest.mark.parametrize(
+    "factory,mode,x",
+    [
+        (lambda: tiny_gpt(dropout=0.1), "blocks", lambda: torch.randint(0, 64, (2, 16))),
+        (lambda: zoo.UNet(base=4), "blocks", lambda: torch.randn(2, 3, 32, 32)),  # BatchNorm, skips
+        (lambda: tiny_resnet(), "sqrt", lambda: torch.randn(2, 3, 32, 32)),
+        (
+            lambda: nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(16, 16), nn.Tanh())]),
+            "sqrt",
+            lambda: torch.randn(4, 16),
+        ),
+    ],
+)
 def test_checkpointed_step_gives_identical_gradients(factory, mode, x):
     torch.manual_seed(0)
     plain = factory().train()
@@ -191,12 +207,18 @@ def _saved_bytes_after_forward(model, x) -> int:
     return alive
 
 
-@pytest.mark.parametrize("factory,x,ratio", [
-    (lambda: zoo.GPT(vocab_size=64, block_size=64, n_layer=6, n_head=2, n_embd=64), lambda: torch.randint(0, 64, (4, 64)),
-     0.5),
-    # the stem (conv1, bn1, relu, maxpool) is outside the blocks and stays saved
-    (lambda: tiny_resnet(), lambda: torch.randn(4, 3, 64, 64), 0.7),
-])
+@pytest.mark.parametrize(
+    "factory,x,ratio",
+    [
+        (
+            lambda: zoo.GPT(vocab_size=64, block_size=64, n_layer=6, n_head=2, n_embd=64),
+            lambda: torch.randint(0, 64, (4, 64)),
+            0.5,
+        ),
+        # the stem (conv1, bn1, relu, maxpool) is outside the blocks and stays saved
+        (lambda: tiny_resnet(), lambda: torch.randn(4, 3, 64, 64), 0.7),
+    ],
+)
 def test_real_activation_memory_drops(factory, x, ratio):
     torch.manual_seed(0)
     plain = factory()

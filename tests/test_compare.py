@@ -1,4 +1,5 @@
 """memprof compare: variants, deltas, sorting and verdict with a fake tracer; goldens; JSON; CLI on a tiny GPT."""
+
 from __future__ import annotations
 
 import io
@@ -7,19 +8,19 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from conftest import assert_golden
 from rich.console import Console
 from typer.testing import CliRunner
 
-from conftest import assert_golden
-from memprof.commands import compare as C
 from memprof.cli import app
 from memprof.cli.compare import compare_document
-from memprof.errors import TraceError, UsageError
+from memprof.commands import compare as C
 from memprof.engine.loading import InputSpec, ModelSpec
-from memprof.render.compare import bar_segments, plot_svg, render_compare, verdict_text
-from memprof.results import (Capacity, CompareFit, CompareMeasurement, CompareResult, CompareRow, MemCategory as M,
-                             RecomputeInfo)
 from memprof.engine.workload import Workload, optimizer_state_count
+from memprof.errors import TraceError, UsageError
+from memprof.render.compare import bar_segments, plot_svg, render_compare, verdict_text
+from memprof.results import Capacity, CompareFit, CompareMeasurement, CompareResult, CompareRow, RecomputeInfo
+from memprof.results import MemCategory as M
 
 KiB = 1024
 
@@ -43,21 +44,32 @@ def fake_trace(workload: Workload, *, target: str = "cuda"):
     if train and workload.checkpointing != "none":
         acts //= 4
         temps += 5 * KiB * workload.batch_size
-    breakdown = {M.PARAMETER: params, M.GRADIENT: grads, M.OPTIMIZER_STATE: opt, M.ACTIVATION: acts,
-                 M.TEMPORARY: temps}
+    breakdown = {M.PARAMETER: params, M.GRADIENT: grads, M.OPTIMIZER_STATE: opt, M.ACTIVATION: acts, M.TEMPORARY: temps}
     breakdown = {k: v for k, v in breakdown.items() if v}
     peak = sum(breakdown.values())
     totals = {M.PARAMETER: params, M.BUFFER: 0, M.INPUT: 0}
     if train:
         totals.update({M.GRADIENT: grads, M.OPTIMIZER_STATE: opt, M.ACTIVATION: acts})
-    return SimpleNamespace(peak_bytes=peak, breakdown_at_peak=breakdown, totals=totals,
-                           peak_phase="backward" if train else "forward", peak_module="layer1" if train else None,
-                           trace_seconds=0.01, predicted_nvml_bytes=peak + 100 * KiB)
+    return SimpleNamespace(
+        peak_bytes=peak,
+        breakdown_at_peak=breakdown,
+        totals=totals,
+        peak_phase="backward" if train else "forward",
+        peak_module="layer1" if train else None,
+        trace_seconds=0.01,
+        predicted_nvml_bytes=peak + 100 * KiB,
+    )
 
 
 def fake_recompute(workload):
-    return SimpleNamespace(plan="4 × Block (repeated blocks)", regions=4, forward_flops=3_000_000,
-                           recompute_flops=2_700_000, extra_pct=30.0, batchnorm_recomputed=False)
+    return SimpleNamespace(
+        plan="4 × Block (repeated blocks)",
+        regions=4,
+        forward_flops=3_000_000,
+        recompute_flops=2_700_000,
+        extra_pct=30.0,
+        batchnorm_recomputed=False,
+    )
 
 
 def run(base=None, axes=None, **kw):
@@ -77,24 +89,45 @@ def test_default_variants():
 
 
 def test_axis_values_are_normalised_and_deduplicated():
-    variants = C.make_variants(fake_workload(), {"dtype": ["amp", "AMP-FP16", "fp32"], "checkpointing": ["per-block"],
-                                                 "optimizer": ["SGD"], "batch_size": ["64"]})
+    variants = C.make_variants(
+        fake_workload(),
+        {
+            "dtype": ["amp", "AMP-FP16", "fp32"],
+            "checkpointing": ["per-block"],
+            "optimizer": ["SGD"],
+            "batch_size": ["64"],
+        },
+    )
     assert [v.label for v in variants] == ["fp32 (baseline)", "amp-fp16", "sgd", "checkpointing blocks", "batch 64"]
     assert variants[1].changes == {"dtype": "amp-fp16"} and variants[4].workload.batch_size == 64
 
 
 def test_combine_makes_the_product_and_drops_duplicates():
-    variants = C.make_variants(fake_workload(), {"dtype": ["amp-bf16"], "optimizer": ["sgd"], "mode": ["eval"]},
-                               combine=True)
+    variants = C.make_variants(
+        fake_workload(), {"dtype": ["amp-bf16"], "optimizer": ["sgd"], "mode": ["eval"]}, combine=True
+    )
     labels = [v.label for v in variants]
     # 2 x 2 x 2 = 8 combinations; in eval the optimizer does nothing: eval+sgd == eval, amp+eval+sgd == amp+eval
-    assert labels == ["fp32 (baseline)", "eval (no_grad)", "sgd", "amp-bf16", "amp-bf16 + eval (no_grad)",
-                      "amp-bf16 + sgd"]
+    assert labels == [
+        "fp32 (baseline)",
+        "eval (no_grad)",
+        "sgd",
+        "amp-bf16",
+        "amp-bf16 + eval (no_grad)",
+        "amp-bf16 + sgd",
+    ]
 
 
-@pytest.mark.parametrize("axes,word", [({"dtype": ["fp8"]}, "dtype"), ({"checkpointing": ["often"]}, "checkpointing"),
-                                       ({"batch_size": [0]}, "batch size"), ({"colour": ["red"]}, "axis"),
-                                       ({"mode": ["infer"]}, "mode")])
+@pytest.mark.parametrize(
+    "axes,word",
+    [
+        ({"dtype": ["fp8"]}, "dtype"),
+        ({"checkpointing": ["often"]}, "checkpointing"),
+        ({"batch_size": [0]}, "batch size"),
+        ({"colour": ["red"]}, "axis"),
+        ({"mode": ["infer"]}, "mode"),
+    ],
+)
 def test_bad_axis_values_are_usage_errors(axes, word):
     with pytest.raises(UsageError) as info:
         C.make_variants(fake_workload(), axes)
@@ -103,8 +136,7 @@ def test_bad_axis_values_are_usage_errors(axes, word):
 
 # --------------------------------------------------------------------------- compare logic
 def test_deltas_sorting_and_verdict():
-    result = run(axes={"dtype": ["amp-fp16", "fp16"], "checkpointing": ["blocks"], "mode": ["eval"],
-                       "batch_size": [8]})
+    result = run(axes={"dtype": ["amp-fp16", "fp16"], "checkpointing": ["blocks"], "mode": ["eval"], "batch_size": [8]})
     labels = [r.label for r in result.rows]
     # baseline, then same batch + mode by peak, then other batch sizes, then eval
     assert labels == ["fp32 (baseline)", "fp16", "amp-fp16", "checkpointing blocks", "batch 8", "eval (no_grad)"]
@@ -112,8 +144,11 @@ def test_deltas_sorting_and_verdict():
     assert base.peak_bytes == 400 * KiB * 4 + 32 * 10 * KiB + 64 * KiB and base.delta_bytes == 0
     amp = row(result, "amp-fp16")
     # AMP: fp32 master weights, gradients and optimizer state kept, activations halved
-    assert (amp.parameter_bytes, amp.gradient_bytes, amp.optimizer_state_bytes) == \
-        (base.parameter_bytes, base.gradient_bytes, base.optimizer_state_bytes)
+    assert (amp.parameter_bytes, amp.gradient_bytes, amp.optimizer_state_bytes) == (
+        base.parameter_bytes,
+        base.gradient_bytes,
+        base.optimizer_state_bytes,
+    )
     assert amp.activation_bytes == base.activation_bytes // 2
     assert amp.delta_bytes == -160 * KiB and amp.delta_pct == pytest.approx(-100 * 160 / 1984)
     fp16 = row(result, "fp16")
@@ -206,54 +241,142 @@ def test_progress_is_reported():
 def _row(label, peak_parts, *, baseline=False, best=False, changes=None, dtype="fp32", fit=None, **kw):
     parts = dict(peak_parts)
     peak = sum(parts.values())
-    return CompareRow(label=label, changes=changes or {}, baseline=baseline, best=best,
-                      workload={"model": "resnet50", "batch_size": 32, "dtype": dtype, "mode": "train"},
-                      peak_bytes=peak, parameter_bytes=parts.get(M.PARAMETER, 0),
-                      gradient_bytes=parts.get(M.GRADIENT, 0), optimizer_state_bytes=parts.get(M.OPTIMIZER_STATE, 0),
-                      activation_bytes=parts.get(M.ACTIVATION, 0), temporary_bytes=parts.get(M.TEMPORARY, 0),
-                      input_bytes=0, buffer_bytes=0, breakdown_at_peak=parts,
-                      delta_bytes=kw.pop("delta", 0), delta_pct=kw.pop("pct", 0.0), peak_phase="backward",
-                      peak_module=kw.pop("module", "layer4.2.relu"), fit=fit, recompute=kw.pop("recompute", None),
-                      measured=kw.pop("measured", None), error=kw.pop("error", None), notes=kw.pop("notes", ()))
+    return CompareRow(
+        label=label,
+        changes=changes or {},
+        baseline=baseline,
+        best=best,
+        workload={"model": "resnet50", "batch_size": 32, "dtype": dtype, "mode": "train"},
+        peak_bytes=peak,
+        parameter_bytes=parts.get(M.PARAMETER, 0),
+        gradient_bytes=parts.get(M.GRADIENT, 0),
+        optimizer_state_bytes=parts.get(M.OPTIMIZER_STATE, 0),
+        activation_bytes=parts.get(M.ACTIVATION, 0),
+        temporary_bytes=parts.get(M.TEMPORARY, 0),
+        input_bytes=0,
+        buffer_bytes=0,
+        breakdown_at_peak=parts,
+        delta_bytes=kw.pop("delta", 0),
+        delta_pct=kw.pop("pct", 0.0),
+        peak_phase="backward",
+        peak_module=kw.pop("module", "layer4.2.relu"),
+        fit=fit,
+        recompute=kw.pop("recompute", None),
+        measured=kw.pop("measured", None),
+        error=kw.pop("error", None),
+        notes=kw.pop("notes", ()),
+    )
 
 
 MiB = 2**20
 
 
 def golden_result() -> CompareResult:
-    P, O = 97 * MiB, 194 * MiB
+    P, OPT = 97 * MiB, 194 * MiB
     rows = (
-        _row("fp32 (baseline)", {M.PARAMETER: P, M.GRADIENT: 7 * MiB, M.OPTIMIZER_STATE: O,
-                                 M.ACTIVATION: 2603 * MiB, M.TEMPORARY: 24 * MiB}, baseline=True,
-             fit=CompareFit("nvml", 820, 656, True)),
-        _row("fp16", {M.PARAMETER: P // 2, M.GRADIENT: 3 * MiB, M.OPTIMIZER_STATE: O // 2,
-                      M.ACTIVATION: 1100 * MiB, M.TEMPORARY: 12 * MiB}, best=True, dtype="fp16",
-             delta=-1664 * MiB, pct=-56.9, fit=CompareFit("nvml", 1700, 1360, True),
-             notes=("fp16: no fp32 master weights",)),
-        _row("checkpointing blocks", {M.PARAMETER: P, M.GRADIENT: 64 * MiB, M.OPTIMIZER_STATE: O,
-                                      M.ACTIVATION: 882 * MiB, M.TEMPORARY: 122 * MiB},
-             delta=-1566 * MiB, pct=-53.5, module="layer3.5.relu",
-             fit=CompareFit("nvml", 1650, 1320, True, exact=False),
-             recompute=RecomputeInfo("16 × Bottleneck (repeated blocks)", 16, 261_700_000_000, 254_000_000_000,
-                                     32.4, True)),
-        _row("amp-fp16", {M.PARAMETER: P, M.GRADIENT: 7 * MiB, M.OPTIMIZER_STATE: O, M.ACTIVATION: 1380 * MiB,
-                          M.TEMPORARY: 12 * MiB}, dtype="amp-fp16", delta=-1235 * MiB, pct=-41.0,
-             fit=CompareFit("nvml", 1420, 1136, True),
-             measured=CompareMeasurement("allocated", 1700 * MiB, 1690 * MiB, -0.6, max_batch=1400)),
-        CompareRow(label="checkpointing sqrt", changes={"checkpointing": "sqrt"},
-                   workload={"model": "resnet50", "batch_size": 32, "dtype": "fp32", "mode": "train"}, baseline=False,
-                   peak_bytes=None, parameter_bytes=None, gradient_bytes=None, optimizer_state_bytes=None,
-                   activation_bytes=None, temporary_bytes=None, input_bytes=None, buffer_bytes=None,
-                   breakdown_at_peak={}, delta_bytes=None, delta_pct=None, peak_phase=None, peak_module=None,
-                   fit=None, recompute=None, measured=None, error="no nn.Sequential to cut (use blocks)"),
+        _row(
+            "fp32 (baseline)",
+            {
+                M.PARAMETER: P,
+                M.GRADIENT: 7 * MiB,
+                M.OPTIMIZER_STATE: OPT,
+                M.ACTIVATION: 2603 * MiB,
+                M.TEMPORARY: 24 * MiB,
+            },
+            baseline=True,
+            fit=CompareFit("nvml", 820, 656, True),
+        ),
+        _row(
+            "fp16",
+            {
+                M.PARAMETER: P // 2,
+                M.GRADIENT: 3 * MiB,
+                M.OPTIMIZER_STATE: OPT // 2,
+                M.ACTIVATION: 1100 * MiB,
+                M.TEMPORARY: 12 * MiB,
+            },
+            best=True,
+            dtype="fp16",
+            delta=-1664 * MiB,
+            pct=-56.9,
+            fit=CompareFit("nvml", 1700, 1360, True),
+            notes=("fp16: no fp32 master weights",),
+        ),
+        _row(
+            "checkpointing blocks",
+            {
+                M.PARAMETER: P,
+                M.GRADIENT: 64 * MiB,
+                M.OPTIMIZER_STATE: OPT,
+                M.ACTIVATION: 882 * MiB,
+                M.TEMPORARY: 122 * MiB,
+            },
+            delta=-1566 * MiB,
+            pct=-53.5,
+            module="layer3.5.relu",
+            fit=CompareFit("nvml", 1650, 1320, True, exact=False),
+            recompute=RecomputeInfo(
+                "16 × Bottleneck (repeated blocks)", 16, 261_700_000_000, 254_000_000_000, 32.4, True
+            ),
+        ),
+        _row(
+            "amp-fp16",
+            {
+                M.PARAMETER: P,
+                M.GRADIENT: 7 * MiB,
+                M.OPTIMIZER_STATE: OPT,
+                M.ACTIVATION: 1380 * MiB,
+                M.TEMPORARY: 12 * MiB,
+            },
+            dtype="amp-fp16",
+            delta=-1235 * MiB,
+            pct=-41.0,
+            fit=CompareFit("nvml", 1420, 1136, True),
+            measured=CompareMeasurement("allocated", 1700 * MiB, 1690 * MiB, -0.6, max_batch=1400),
+        ),
+        CompareRow(
+            label="checkpointing sqrt",
+            changes={"checkpointing": "sqrt"},
+            workload={"model": "resnet50", "batch_size": 32, "dtype": "fp32", "mode": "train"},
+            baseline=False,
+            peak_bytes=None,
+            parameter_bytes=None,
+            gradient_bytes=None,
+            optimizer_state_bytes=None,
+            activation_bytes=None,
+            temporary_bytes=None,
+            input_bytes=None,
+            buffer_bytes=None,
+            breakdown_at_peak={},
+            delta_bytes=None,
+            delta_pct=None,
+            peak_phase=None,
+            peak_module=None,
+            fit=None,
+            recompute=None,
+            measured=None,
+            error="no nn.Sequential to cut (use blocks)",
+        ),
     )
-    return CompareResult(model="resnet50", base_workload={"model": "resnet50", "batch_size": 32,
-                                                          "input": "3×224×224", "optimizer": "adam",
-                                                          "mode": "train"},
-                         target="cuda", peak_metric="torch.cuda.max_memory_allocated()",
-                         capacity=Capacity(80 * 2**30, "--gpu-memory"), capacity_note=None, headroom=0.8,
-                         rows=rows, best_label="fp16", safe_best_label="checkpointing blocks",
-                         notes=("a result note",))
+    return CompareResult(
+        model="resnet50",
+        base_workload={
+            "model": "resnet50",
+            "batch_size": 32,
+            "input": "3×224×224",
+            "optimizer": "adam",
+            "mode": "train",
+        },
+        target="cuda",
+        peak_metric="torch.cuda.max_memory_allocated()",
+        capacity=Capacity(80 * 2**30, "--gpu-memory"),
+        capacity_note=None,
+        headroom=0.8,
+        rows=rows,
+        best_label="fp16",
+        safe_best_label="checkpointing blocks",
+        notes=("a result note",),
+    )
 
 
 def rendered(result) -> str:
@@ -289,8 +412,15 @@ def test_json_document():
 
 
 # --------------------------------------------------------------------------- CLI (real tracer, tiny GPT)
-GPT = ["memprof.zoo:GPT", "--model-kwargs", '{"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, '
-                                            '"n_embd": 32}', "-i", "16", "-b", "4"]
+GPT = [
+    "memprof.zoo:GPT",
+    "--model-kwargs",
+    '{"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32}',
+    "-i",
+    "16",
+    "-b",
+    "4",
+]
 
 
 def invoke(*args):
@@ -298,8 +428,7 @@ def invoke(*args):
 
 
 def test_cli_json_rows_behave():
-    res = invoke(*GPT, "--no-fit", "--dtype", "amp-bf16", "--dtype", "bf16", "-c", "blocks", "--mode", "eval",
-                 "--json")
+    res = invoke(*GPT, "--no-fit", "--dtype", "amp-bf16", "--dtype", "bf16", "-c", "blocks", "--mode", "eval", "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     rows = {r["label"]: r for r in doc["rows"]}
@@ -316,8 +445,9 @@ def test_cli_json_rows_behave():
 
 def test_cli_cpu_measure_agrees_with_prediction(tmp_path):
     plot = tmp_path / "bars.svg"
-    res = invoke(*GPT, "--device", "cpu", "--memory-limit", "32MiB", "--measure", "-c", "blocks",
-                 "--plot", str(plot), "--json")
+    res = invoke(
+        *GPT, "--device", "cpu", "--memory-limit", "32MiB", "--measure", "-c", "blocks", "--plot", str(plot), "--json"
+    )
     assert res.exit_code == 0, res.output
     assert plot.read_text().startswith("<svg")
     doc = json.loads(res.stdout)
@@ -327,15 +457,18 @@ def test_cli_cpu_measure_agrees_with_prediction(tmp_path):
         assert r["fit"]["max_batch"] > 4 and r["fit"]["metric"] == "allocated"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--plot", "/no/such/folder/x.svg"], "does not exist"),
-    (["--plot", "bars.gif"], "unknown format"),
-    (["--find-batch"], "needs --measure"),
-    (["--memory-limit", "1GiB", "--device", "cuda"], "--memory-limit is for --device cpu"),
-    (["--dtype", "fp8"], "unknown dtype"),
-    (["-c", "often"], "unknown checkpointing mode"),
-    (["--headroom", "1.5"], "--headroom"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--plot", "/no/such/folder/x.svg"], "does not exist"),
+        (["--plot", "bars.gif"], "unknown format"),
+        (["--find-batch"], "needs --measure"),
+        (["--memory-limit", "1GiB", "--device", "cuda"], "--memory-limit is for --device cpu"),
+        (["--dtype", "fp8"], "unknown dtype"),
+        (["-c", "often"], "unknown checkpointing mode"),
+        (["--headroom", "1.5"], "--headroom"),
+    ],
+)
 def test_cli_usage_errors(args, message):
     res = invoke(*GPT, *args)
     assert res.exit_code == 2
@@ -358,8 +491,8 @@ def test_cli_measure_without_gpu_says_what_to_do():
 
 
 def test_capacity_from_flag_nvml_or_nothing(monkeypatch):
-    from memprof.engine import nvml
     from memprof.cli.compare import resolve_capacity
+    from memprof.engine import nvml
 
     cap, note = resolve_capacity("cuda", "24GiB", None)
     assert cap.total_bytes == 24 * 2**30 and cap.source == "--gpu-memory" and note is None
@@ -386,8 +519,9 @@ def test_same_peak_larger_batch_counts_as_better():
         best = 200 if workload.precision.is_amp else 100
         return CompareFit("nvml", best, int(headroom * best), True)
 
-    result = run(axes={"dtype": ["amp-bf16", "bf16"]}, trace_fn=trace, fit_fn=fit_fn,
-                 capacity=Capacity(2**30, "--gpu-memory"))
+    result = run(
+        axes={"dtype": ["amp-bf16", "bf16"]}, trace_fn=trace, fit_fn=fit_fn, capacity=Capacity(2**30, "--gpu-memory")
+    )
     assert row(result, "amp-bf16").delta_bytes == 0 and result.best_label == "amp-bf16"
     assert [r.label for r in result.rows] == ["fp32 (baseline)", "amp-bf16", "bf16"]
     assert verdict_text(result).startswith("Same peak, larger batch: amp-bf16 (")

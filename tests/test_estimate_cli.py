@@ -1,4 +1,5 @@
 """`memprof estimate`: rendering (golden files from hand-built results), --json, exit codes, errors."""
+
 from __future__ import annotations
 
 import io
@@ -6,16 +7,14 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from conftest import assert_golden
 from rich.console import Console
 from typer.testing import CliRunner
 
 from memprof.cli import app
-from memprof.results import (AnalyticEstimate, Capacity, EstimateResult, FitSummary, LayerRow, MemCategory,
-                             MethodTotal)
 from memprof.render.estimate import render_estimate, select_layers
+from memprof.results import AnalyticEstimate, Capacity, EstimateResult, FitSummary, LayerRow, MemCategory, MethodTotal
 from memprof.units import GiB, MiB
-
-from conftest import assert_golden
 
 runner = CliRunner()
 
@@ -28,34 +27,77 @@ _LAYERS = (
     LayerRow("4", "MaxPool2d", ((8, 64, 16, 16),), 0, 0, MiB // 2),
     LayerRow("5", "Conv2d", ((8, 128, 16, 16),), 73_856, 73_856, MiB),
 )
-_WORKLOAD = {"model": "seed004_convstack", "batch_size": 8, "input": "3×32×32", "dtype": "fp32", "optimizer": "adam",
-             "mode": "train", "checkpointing": "none", "inplace_relu": False}
+_WORKLOAD = {
+    "model": "seed004_convstack",
+    "batch_size": 8,
+    "input": "3×32×32",
+    "dtype": "fp32",
+    "optimizer": "adam",
+    "mode": "train",
+    "checkpointing": "none",
+    "inplace_relu": False,
+}
 
 
 def _analytic(**changes) -> AnalyticEstimate:
-    breakdown = {MemCategory.PARAMETER: 450_304, MemCategory.BUFFER: 0, MemCategory.GRADIENT: 450_304,
-                 MemCategory.OPTIMIZER_STATE: 900_608, MemCategory.ACTIVATION: 5_767_168, MemCategory.INPUT: 98_304}
+    breakdown = {
+        MemCategory.PARAMETER: 450_304,
+        MemCategory.BUFFER: 0,
+        MemCategory.GRADIENT: 450_304,
+        MemCategory.OPTIMIZER_STATE: 900_608,
+        MemCategory.ACTIVATION: 5_767_168,
+        MemCategory.INPUT: 98_304,
+    }
     fields = dict(
-        batch_size=8, param_count=112_576, trainable_param_count=112_576, tied_param_count=0, buffer_count=0,
-        bytes_per_element=4, activation_bytes_per_element=4, optimizer_states=2, module_output_elements=1_441_792,
-        breakdown=breakdown, total_bytes=sum(breakdown.values()), per_sample_bytes=733_184, fixed_bytes=1_801_216,
-        modelsize_param_bytes=450_304, modelsize_forward_bytes=5_767_168, modelsize_backward_bytes=11_534_336,
-        methods=(MethodTotal("formula (four-part rule)", sum(breakdown.values()), 5_767_168,
-                             "params + grads + optimizer state + outputs + input"),
-                 MethodTotal("modelsize ×2", 11_984_640, 11_534_336, "params + outputs ×2 (in-place ReLU skipped)"),
-                 MethodTotal("accelerate-style", 1_801_216, None, "4 × model size (Adam), no activations")),
-        layers=_LAYERS, formula_checked=3, formula_mismatches=(), notes=(), seconds=0.01)
+        batch_size=8,
+        param_count=112_576,
+        trainable_param_count=112_576,
+        tied_param_count=0,
+        buffer_count=0,
+        bytes_per_element=4,
+        activation_bytes_per_element=4,
+        optimizer_states=2,
+        module_output_elements=1_441_792,
+        breakdown=breakdown,
+        total_bytes=sum(breakdown.values()),
+        per_sample_bytes=733_184,
+        fixed_bytes=1_801_216,
+        modelsize_param_bytes=450_304,
+        modelsize_forward_bytes=5_767_168,
+        modelsize_backward_bytes=11_534_336,
+        methods=(
+            MethodTotal(
+                "formula (four-part rule)",
+                sum(breakdown.values()),
+                5_767_168,
+                "params + grads + optimizer state + outputs + input",
+            ),
+            MethodTotal("modelsize ×2", 11_984_640, 11_534_336, "params + outputs ×2 (in-place ReLU skipped)"),
+            MethodTotal("accelerate-style", 1_801_216, None, "4 × model size (Adam), no activations"),
+        ),
+        layers=_LAYERS,
+        formula_checked=3,
+        formula_mismatches=(),
+        notes=(),
+        seconds=0.01,
+    )
     fields.update(changes)
     return AnalyticEstimate(**fields)
 
 
 def _result(capacity: Capacity | None = None, fit: FitSummary | None = None, traced=None, **changes) -> EstimateResult:
     a = _analytic()
-    fields = dict(workload=_WORKLOAD, analytic=a, traced=traced,
-                  trace_note=None if traced is not None else "tracing skipped (--no-trace)",
-                  capacity=capacity, capacity_note=None if capacity else "NVML sees no GPU",
-                  fit=fit, headline_bytes=traced.peak_bytes if traced is not None else a.total_bytes,
-                  headline_source="traced" if traced is not None else "formula")
+    fields = dict(
+        workload=_WORKLOAD,
+        analytic=a,
+        traced=traced,
+        trace_note=None if traced is not None else "tracing skipped (--no-trace)",
+        capacity=capacity,
+        capacity_note=None if capacity else "NVML sees no GPU",
+        fit=fit,
+        headline_bytes=traced.peak_bytes if traced is not None else a.total_bytes,
+        headline_source="traced" if traced is not None else "formula",
+    )
     fields.update(changes)
     return EstimateResult(**fields)
 
@@ -84,10 +126,19 @@ def test_golden_does_not_fit_top_layers():
 
 def test_golden_traced_headline():
     traced = SimpleNamespace(
-        peak_bytes=6_500_000, peak_phase="backward", peak_module="2", predicted_reserved_bytes=20 * MiB,
-        predicted_nvml_bytes=520 * MiB, notes=("cuDNN workspace not modelled",),
-        breakdown_at_peak={MemCategory.PARAMETER: 450_304, MemCategory.GRADIENT: 300_000,
-                           MemCategory.ACTIVATION: 5_651_392, MemCategory.INPUT: 98_304})
+        peak_bytes=6_500_000,
+        peak_phase="backward",
+        peak_module="2",
+        predicted_reserved_bytes=20 * MiB,
+        predicted_nvml_bytes=520 * MiB,
+        notes=("cuDNN workspace not modelled",),
+        breakdown_at_peak={
+            MemCategory.PARAMETER: 450_304,
+            MemCategory.GRADIENT: 300_000,
+            MemCategory.ACTIVATION: 5_651_392,
+            MemCategory.INPUT: 98_304,
+        },
+    )
     cap = Capacity(80 * GiB, "NVML: NVIDIA H100 80GB HBM3 (GPU 0)", "NVIDIA H100 80GB HBM3")
     fit = FitSummary(cap, "traced", "reserved", 20 * MiB, True, 9_000, 7_200, 0.8, 9_000_000, 500_000_000)
     assert_golden("estimate_traced.txt", _render(_result(cap, fit, traced)))
@@ -112,8 +163,9 @@ def no_gpu(monkeypatch):
 
 
 def test_json_only_json_with_schema(no_gpu):
-    res = runner.invoke(app, ["estimate", *MNIST, "--batch-size", "64", "--optimizer", "sgd", "--gpu-memory", "1GiB",
-                              "--json"])
+    res = runner.invoke(
+        app, ["estimate", *MNIST, "--batch-size", "64", "--optimizer", "sgd", "--gpu-memory", "1GiB", "--json"]
+    )
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["schema_version"] == 1 and doc["kind"] == "estimate"
@@ -125,9 +177,16 @@ def test_json_only_json_with_schema(no_gpu):
     assert doc["fit"]["fits"] is True and doc["fit"]["max_batch"] > 64
     assert doc["fit"]["recommended_batch"] == int(0.8 * doc["fit"]["max_batch"])
     assert doc["headline_source"] == "formula" and doc["headline_bytes"] == a["total_bytes"]
-    assert a["layers"][1] == {"name": "1", "type": "Linear", "output_shapes": [[64, 128]], "params": 100_480,
-                              "formula_params": 100_480, "activation_bytes": 64 * 128 * 4, "calls": 1,
-                              "inplace": False}
+    assert a["layers"][1] == {
+        "name": "1",
+        "type": "Linear",
+        "output_shapes": [[64, 128]],
+        "params": 100_480,
+        "formula_params": 100_480,
+        "activation_bytes": 64 * 128 * 4,
+        "calls": 1,
+        "inplace": False,
+    }
 
 
 def test_text_output_without_capacity(no_gpu):
@@ -183,9 +242,11 @@ def test_error_unknown_model_suggests_names():
 def test_error_missing_file_and_attribute(tmp_path):
     assert "does not exist" in _error([f"{tmp_path}/nope.py:Net"])
     f = tmp_path / "net.py"
-    f.write_text("import torch\nclass Net(torch.nn.Module):\n    def __init__(self, width):\n"
-                 "        super().__init__(); self.fc = torch.nn.Linear(4, width)\n"
-                 "    def forward(self, x):\n        return self.fc(x)\n")
+    f.write_text(
+        "import torch\nclass Net(torch.nn.Module):\n    def __init__(self, width):\n"
+        "        super().__init__(); self.fc = torch.nn.Linear(4, width)\n"
+        "    def forward(self, x):\n        return self.fc(x)\n"
+    )
     err = _error([f"{f}:Nett", "-i", "4"])
     assert "has no attribute 'Nett'" in err and "Net" in err.split("HINT:")[1]
     assert "constructing Net" in _error([f"{f}:Net", "-i", "4", "--no-trace"])  # width missing
@@ -198,17 +259,20 @@ def test_error_input_shape_rejected():
     assert "'1' (Linear)" in err and "2×3072" in err and "784" in err
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["memprof.zoo:Cruncher", "--model-kwargs", "{dim: 4}"], "not valid JSON"),
-    (["memprof.zoo:Cruncher", "--batch-size", "0"], "batch size must be a positive integer"),
-    (["memprof.zoo:Cruncher", "--dtype", "fp8"], "unknown dtype"),
-    (["memprof.zoo:Cruncher", "--optimizer", "lion"], "unknown optimizer"),
-    (["memprof.zoo:Cruncher", "--gpu-memory", "lots"], "cannot read 'lots'"),
-    (["memprof.zoo:Cruncher", "--gpu-memory", "24XB"], "unknown size unit"),
-    (["memprof.zoo:Cruncher", "--headroom", "1.5"], "--headroom"),
-    (["memprof.zoo:Cruncher", "--mode", "infer"], "unknown mode"),
-    (["memprof.zoo:Cruncher", "--layers", "-1"], "--layers"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["memprof.zoo:Cruncher", "--model-kwargs", "{dim: 4}"], "not valid JSON"),
+        (["memprof.zoo:Cruncher", "--batch-size", "0"], "batch size must be a positive integer"),
+        (["memprof.zoo:Cruncher", "--dtype", "fp8"], "unknown dtype"),
+        (["memprof.zoo:Cruncher", "--optimizer", "lion"], "unknown optimizer"),
+        (["memprof.zoo:Cruncher", "--gpu-memory", "lots"], "cannot read 'lots'"),
+        (["memprof.zoo:Cruncher", "--gpu-memory", "24XB"], "unknown size unit"),
+        (["memprof.zoo:Cruncher", "--headroom", "1.5"], "--headroom"),
+        (["memprof.zoo:Cruncher", "--mode", "infer"], "unknown mode"),
+        (["memprof.zoo:Cruncher", "--layers", "-1"], "--layers"),
+    ],
+)
 def test_error_bad_options(args, needle):
     assert needle in _error([*args, "--no-trace"])
 
@@ -216,8 +280,14 @@ def test_error_bad_options(args, needle):
 def test_help_shows_defaults():
     res = runner.invoke(app, ["estimate", "--help"], env={"COLUMNS": "200"})
     assert res.exit_code == 0
-    for needle in ("[default: 32", "[default: fp32]", "[default: adam]", "[default: train]", "[default: 0.8]",
-                   "[default: 10]"):
+    for needle in (
+        "[default: 32",
+        "[default: fp32]",
+        "[default: adam]",
+        "[default: train]",
+        "[default: 0.8]",
+        "[default: 10]",
+    ):
         assert needle in res.stdout
 
 
@@ -235,19 +305,29 @@ def test_traced_fit_drives_the_verdict(monkeypatch):
     import memprof.engine.fit as fitting
     from memprof.commands.estimate import estimate
     from memprof.engine.loading import load_model
-    from memprof.results import BatchFit
     from memprof.engine.workload import Workload
+    from memprof.results import BatchFit
 
     calls = []
 
-    def fake_fit(workload, capacity_bytes, *, target="cuda", headroom=0.8, max_batch=None, metric=None, known=None,
-                 **_):
+    def fake_fit(
+        workload, capacity_bytes, *, target="cuda", headroom=0.8, max_batch=None, metric=None, known=None, **_
+    ):
         calls.append((workload.batch_size, capacity_bytes, target, headroom))
         # the estimate hands over its own trace at the requested batch, so the fit does not redo it
         assert list(known) == [4] and known[4].target == "cuda" and known[4].workload["batch_size"] == 4
-        return BatchFit(capacity_bytes=capacity_bytes, metric="nvml", max_batch=50, recommended_batch=40,
-                        headroom=headroom, peak_at_max_bytes=900, peak_at_next_bytes=1100, slope_bytes_per_sample=10,
-                        intercept_bytes=400, traces=4)
+        return BatchFit(
+            capacity_bytes=capacity_bytes,
+            metric="nvml",
+            max_batch=50,
+            recommended_batch=40,
+            headroom=headroom,
+            peak_at_max_bytes=900,
+            peak_at_next_bytes=1100,
+            slope_bytes_per_sample=10,
+            intercept_bytes=400,
+            traces=4,
+        )
 
     monkeypatch.setattr(fitting, "fit_batch", fake_fit)
     spec = load_model("memprof.zoo:mnist_mlp")
@@ -262,10 +342,10 @@ def test_traced_fit_drives_the_verdict(monkeypatch):
 
 def test_tracer_failure_falls_back_to_formula(monkeypatch):
     import memprof.engine.trace as trace
-    from memprof.errors import TraceError
     from memprof.commands.estimate import estimate
     from memprof.engine.loading import load_model
     from memprof.engine.workload import Workload
+    from memprof.errors import TraceError
 
     def broken(*args, **kwargs):
         raise TraceError("an op the tracer cannot run", "use --no-trace")

@@ -7,6 +7,7 @@
 * the rule helpers against PyTorch's own ops on real CPU tensors;
 * a rule that disagrees with FakeTensorMode is never trusted.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -19,9 +20,9 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from memprof.engine import fastfake
 from memprof.engine.loading import InputSpec, ModelSpec
-from memprof.results import to_dict
 from memprof.engine.trace import trace_step
 from memprof.engine.workload import PRECISIONS, Workload
+from memprof.results import to_dict
 from memprof.zoo import GPT, mnist_mlp
 
 aten = torch.ops.aten
@@ -31,6 +32,7 @@ _CACHES = ("_FUNCS", "_CACHE", "_RETURNS", "_RULE_CLASSES")
 @pytest.fixture(autouse=True)
 def fresh_caches():
     """The layer's tables are shared by every trace in the process: each test starts (and leaves) them empty."""
+
     def clear():
         for name in _CACHES:
             table = getattr(fastfake, name, None)
@@ -67,13 +69,18 @@ class TinyRes(nn.Module):
 
 def _spec(factory, shape, dtype="float", high=None, **kwargs) -> ModelSpec:
     name = getattr(factory, "__name__", "model")
-    return ModelSpec(ref=name, display_name=name, factory=factory, kwargs=kwargs,
-                     inputs=InputSpec(shapes=[shape], dtype=dtype, high=high), source="module")
+    return ModelSpec(
+        ref=name,
+        display_name=name,
+        factory=factory,
+        kwargs=kwargs,
+        inputs=InputSpec(shapes=[shape], dtype=dtype, high=high),
+        source="module",
+    )
 
 
 def _gpt(**kw) -> ModelSpec:
-    return _spec(GPT, (16,), dtype="int64", high=64, vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32,
-                 **kw)
+    return _spec(GPT, (16,), dtype="int64", high=64, vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32, **kw)
 
 
 def _resnet18() -> ModelSpec:
@@ -87,10 +94,18 @@ AMP = PRECISIONS["amp-bf16"]
 WORKLOADS = {
     "mlp-adam-cuda": (lambda: _spec(mnist_mlp, (1, 28, 28)), dict(optimizer="adam"), "cuda", (8, 5)),
     "convnet-sgd-cpu": (lambda: _spec(TinyRes, (3, 8, 8)), dict(optimizer="sgd"), "cpu", (2, 3)),
-    "convnet-channels-last-adamw-cuda": (lambda: _spec(TinyRes, (3, 8, 8), channels_last=True),
-                                         dict(optimizer="adamw"), "cuda", (3, 2)),
-    "convnet-amp-bf16-cuda": (lambda: _spec(TinyRes, (3, 8, 8)), dict(optimizer="sgd-momentum", precision=AMP),
-                              "cuda", (2, 4)),
+    "convnet-channels-last-adamw-cuda": (
+        lambda: _spec(TinyRes, (3, 8, 8), channels_last=True),
+        dict(optimizer="adamw"),
+        "cuda",
+        (3, 2),
+    ),
+    "convnet-amp-bf16-cuda": (
+        lambda: _spec(TinyRes, (3, 8, 8)),
+        dict(optimizer="sgd-momentum", precision=AMP),
+        "cuda",
+        (2, 4),
+    ),
     "convnet-eval-cpu": (lambda: _spec(TinyRes, (3, 8, 8)), dict(mode="eval"), "cpu", (2, 5)),
     "gpt-adam-cuda": (_gpt, dict(optimizer="adam"), "cuda", (2, 3)),
     "gpt-amp-bf16-cpu": (_gpt, dict(optimizer="adam", precision=AMP), "cpu", (2, 1)),
@@ -163,8 +178,7 @@ def _meta(t):
     if isinstance(t, (list, tuple)):
         return type(t), [_meta(x) for x in t]
     assert type(t) is FakeTensor
-    return (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.fake_device,
-            t.untyped_storage().nbytes())
+    return (tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.fake_device, t.untyped_storage().nbytes())
 
 
 def _mode_and_fast():
@@ -183,10 +197,12 @@ def test_first_call_goes_to_fake_tensor_mode_and_a_repeat_is_a_cache_hit():
         a, b = torch.empty(5, 7), torch.empty(7, 3)
         x = torch.empty(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
         conv = (x, torch.empty(8, 3, 3, 3), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
-        calls = [(aten.mm.default, (a, b), None),
-                 (aten.add.Tensor, (a, a), {"alpha": 2}),
-                 (aten.native_batch_norm.default, _bn_args(x), None),
-                 (aten.convolution.default, conv, None)]
+        calls = [
+            (aten.mm.default, (a, b), None),
+            (aten.add.Tensor, (a, a), {"alpha": 2}),
+            (aten.native_batch_norm.default, _bn_args(x), None),
+            (aten.convolution.default, conv, None),
+        ]
         for func, args, kwargs in calls:
             expected = _meta(func(*args, **(kwargs or {})))
             misses, hits = fast.misses, fast.hits
@@ -240,7 +256,7 @@ def test_inplace_op_returns_its_argument_without_asking_fake_tensor_mode():
 
 def _wrong_mm_rule(args, kwargs):
     a, b = args
-    return ((b.shape[1], a.shape[0]), (a.shape[0], 1)),  # transposed output
+    return (((b.shape[1], a.shape[0]), (a.shape[0], 1)),)  # transposed output
 
 
 def _first_shape_only_rule():
@@ -250,6 +266,7 @@ def _first_shape_only_rule():
         a, b = args
         seen.append(((a.shape[0], b.shape[1]), (b.shape[1], 1)))
         return (seen[0],)  # right for the first call only
+
     return rule
 
 
@@ -261,8 +278,11 @@ def test_a_rule_that_disagrees_with_fake_tensor_mode_is_never_trusted(make_rule)
         for m, n in [(5, 3), (6, 4), (7, 2), (8, 9), (5, 3)]:
             a, b = torch.empty(m, 11), torch.empty(11, n)
             out = fast.run(aten.mm.default, (a, b), None)
-            assert _meta(out) == _meta(aten.mm.default(a, b)) == ((m, n), (n, 1), 0, torch.float32,
-                                                                   torch.device("cpu"), 4 * m * n)
+            assert (
+                _meta(out)
+                == _meta(aten.mm.default(a, b))
+                == ((m, n), (n, 1), 0, torch.float32, torch.device("cpu"), 4 * m * n)
+            )
     cls = [k for k in fastfake._RULE_CLASSES if k[0] is aten.mm.default]
     assert len(cls) == 1 and fastfake._RULE_CLASSES[cls[0]] is False
     assert fast.predicted == 0 and fast.misses == 4 and fast.hits == 1
@@ -380,7 +400,7 @@ def _edge_factory_after_default_dtype_change(run):
         torch.set_default_dtype(torch.float32)
 
 
-EDGES = {name[len("_edge_"):]: fn for name, fn in dict(globals()).items() if name.startswith("_edge_")}
+EDGES = {name[len("_edge_") :]: fn for name, fn in dict(globals()).items() if name.startswith("_edge_")}
 
 
 def _outcome(edge, run, mode):
@@ -434,8 +454,13 @@ def _sketch_view(got):
 
 def _slice_inputs():
     base = torch.randn(6, 10)
-    return {"contiguous": base, "transposed": base.t(), "sliced": base[1:, ::3],
-            "offset-sliced-transposed": base[2:, 1::2].t(), "expanded": torch.randn(1, 10).expand(6, 10)}
+    return {
+        "contiguous": base,
+        "transposed": base.t(),
+        "sliced": base[1:, ::3],
+        "offset-sliced-transposed": base[2:, 1::2].t(),
+        "expanded": torch.randn(1, 10).expand(6, 10),
+    }
 
 
 SLICE_STARTS = [None, 0, 1, 4, -1, -3, -100, 100]
@@ -444,8 +469,9 @@ SLICE_STEPS = [1, 2, 3, 7]
 
 
 def _slice_cases(empty: bool):
-    for (name, x), dim, start, end, step in itertools.product(_slice_inputs().items(), [0, 1, -1, -2], SLICE_STARTS,
-                                                              SLICE_ENDS, SLICE_STEPS):
+    for (name, x), dim, start, end, step in itertools.product(
+        _slice_inputs().items(), [0, 1, -1, -2], SLICE_STARTS, SLICE_ENDS, SLICE_STEPS
+    ):
         real = aten.slice.Tensor(x, dim, start, end, step)
         if (real.numel() == 0) == empty:
             yield name, x, (dim, start, end, step), real
@@ -540,8 +566,17 @@ def _view_calls(rule_name):
             yield name, aten.as_strided.default, (x, [3], [1], None)
 
 
-VIEW_RULES = ["_unsqueeze_rule", "_transpose_rule", "_permute_rule", "_t_rule", "_same_view_rule", "_select_rule",
-              "_expand_rule", "_view_rule", "_as_strided_rule"]
+VIEW_RULES = [
+    "_unsqueeze_rule",
+    "_transpose_rule",
+    "_permute_rule",
+    "_t_rule",
+    "_same_view_rule",
+    "_select_rule",
+    "_expand_rule",
+    "_view_rule",
+    "_as_strided_rule",
+]
 
 
 @pytest.mark.parametrize("rule_name", VIEW_RULES)
@@ -616,8 +651,16 @@ def _pointwise_check(rule, x, y):
     got = rule((x, y), {})
     assert got is not None and len(got) == 1, (x.stride(), y.stride())
     got = (tuple(got[0][0]), tuple(got[0][1]))
-    assert _pytorch_agrees(got, (tuple(real.shape), real.stride()), (tuple(fake.shape), fake.stride())), \
-        (x.stride(), y.stride(), "rule", got[1], "torch.add", real.stride(), "FakeTensorMode", fake.stride())
+    assert _pytorch_agrees(got, (tuple(real.shape), real.stride()), (tuple(fake.shape), fake.stride())), (
+        x.stride(),
+        y.stride(),
+        "rule",
+        got[1],
+        "torch.add",
+        real.stride(),
+        "FakeTensorMode",
+        fake.stride(),
+    )
 
 
 @pytest.mark.parametrize("layout", list(POINTWISE_INPUTS))
@@ -803,12 +846,20 @@ def test_convolution_rule_declines_transposed_convolutions():
 
 def test_cat_rule_matches_cat():
     rule = _helper("_cat_rule")
-    cases = [([(2, 3, 4, 5), (2, 1, 4, 5)], 1), ([(2, 3, 4, 5)] * 3, 0), ([(4, 3), (4, 2), (4, 1), (4, 5)], 1),
-             ([(4, 3), (0, 3)], 0), ([(4, 3), (4, 3)], -1), ([(2, 3, 1, 1), (2, 5, 1, 1)], 1), ([(7,)], 0),
-             ([(3,), (5,)], 0), ([(2, 3, 4)] * 2, -2)]
+    cases = [
+        ([(2, 3, 4, 5), (2, 1, 4, 5)], 1),
+        ([(2, 3, 4, 5)] * 3, 0),
+        ([(4, 3), (4, 2), (4, 1), (4, 5)], 1),
+        ([(4, 3), (0, 3)], 0),
+        ([(4, 3), (4, 3)], -1),
+        ([(2, 3, 1, 1), (2, 5, 1, 1)], 1),
+        ([(7,)], 0),
+        ([(3,), (5,)], 0),
+        ([(2, 3, 4)] * 2, -2),
+    ]
     for shapes, dim in cases:
         for dtypes in ([torch.float32] * len(shapes), [torch.float32] + [torch.bfloat16] * (len(shapes) - 1)):
-            tensors = [torch.randn(s).to(d) for s, d in zip(shapes, dtypes)]
+            tensors = [torch.randn(s).to(d) for s, d in zip(shapes, dtypes, strict=False)]
             assert _rule_check(rule, aten.cat.default, (tensors, dim)), (shapes, dim)
     cl = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     assert rule(([cl, cl], 1), {}) is None  # not contiguous: FakeTensorMode decides
@@ -823,8 +874,14 @@ def test_inplace_ok_accepts_broadcastable_arguments_and_refuses_the_rest():
     ok = lambda *args, **kwargs: inplace_ok(args, kwargs, FakeTensor)  # noqa: E731
     with mode:
         x = torch.empty(4, 3)
-        for other in (torch.empty(4, 3), torch.empty(3), torch.empty(1, 3), torch.empty(4, 1), torch.empty(()),
-                      torch.empty(1, 1)):
+        for other in (
+            torch.empty(4, 3),
+            torch.empty(3),
+            torch.empty(1, 3),
+            torch.empty(4, 1),
+            torch.empty(()),
+            torch.empty(1, 1),
+        ):
             assert ok(x, other), tuple(other.shape)
         assert ok(x, 2.0) and ok(x) and ok(x, x, alpha=0.5)
         for other in (torch.empty(4), torch.empty(2, 3), torch.empty(1, 4, 3), torch.empty(3, 1, 1)):

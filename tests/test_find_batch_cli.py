@@ -1,10 +1,12 @@
 """``memprof find-batch`` end to end on the CPU under a cap, plus its renderings and exit codes."""
+
 from __future__ import annotations
 
 import json
 from dataclasses import replace
 
 import pytest
+from conftest import assert_golden
 from typer.testing import CliRunner
 
 from memprof.cli import app
@@ -12,10 +14,8 @@ from memprof.commands.find_batch import find_batch
 from memprof.engine.fit import accumulation, exact_accumulation, recommend
 from memprof.engine.loading import load_model
 from memprof.engine.measure import CpuCapRunner
-from memprof.results import BatchPrediction, BatchTrial, Capacity, FindBatchResult
 from memprof.engine.workload import Workload
-
-from conftest import assert_golden
+from memprof.results import BatchPrediction, BatchTrial, Capacity, FindBatchResult
 
 runner = CliRunner()
 MODEL = "memprof.zoo:mnist_mlp"
@@ -32,8 +32,9 @@ def _mlp(optimizer="adam"):
 
 def test_cpu_find_batch_is_exact_and_verified(tmp_path):
     plot = tmp_path / "peak.svg"
-    res = _run("--device", "cpu", "--memory-limit", str(CAP), "--json", "--plot", str(plot),
-               "--target-global-batch", "1000")
+    res = _run(
+        "--device", "cpu", "--memory-limit", str(CAP), "--json", "--plot", str(plot), "--target-global-batch", "1000"
+    )
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["kind"] == "find-batch" and doc["schema_version"] == 1 and doc["status"] == "exact"
@@ -137,24 +138,79 @@ def test_recommend_and_accumulation():
 def _hand_built() -> FindBatchResult:
     cap = 3 * 1024**3
     trials = (
-        BatchTrial(1470, True, 2, 2.41, peak_allocated_bytes=2_899_102_720, capacity_bytes=cap,
-                   predicted_bytes=2_899_102_720, reason="prediction", leaked_bytes=0),
-        BatchTrial(1633, True, 2, 2.66, peak_allocated_bytes=3_220_172_800, capacity_bytes=cap,
-                   predicted_bytes=3_210_000_000, reason="extrapolate", leaked_bytes=0),
-        BatchTrial(1634, False, 0, 1.93, capacity_bytes=cap, error="DefaultCPUAllocator: can't allocate memory: ...",
-                   oom_detected_by="exception type", oom_phase="step 1 backward", attempted_bytes=3_221_300_000,
-                   predicted_bytes=3_212_000_000, reason="confirm", leaked_bytes=0),
+        BatchTrial(
+            1470,
+            True,
+            2,
+            2.41,
+            peak_allocated_bytes=2_899_102_720,
+            capacity_bytes=cap,
+            predicted_bytes=2_899_102_720,
+            reason="prediction",
+            leaked_bytes=0,
+        ),
+        BatchTrial(
+            1633,
+            True,
+            2,
+            2.66,
+            peak_allocated_bytes=3_220_172_800,
+            capacity_bytes=cap,
+            predicted_bytes=3_210_000_000,
+            reason="extrapolate",
+            leaked_bytes=0,
+        ),
+        BatchTrial(
+            1634,
+            False,
+            0,
+            1.93,
+            capacity_bytes=cap,
+            error="DefaultCPUAllocator: can't allocate memory: ...",
+            oom_detected_by="exception type",
+            oom_phase="step 1 backward",
+            attempted_bytes=3_221_300_000,
+            predicted_bytes=3_212_000_000,
+            reason="confirm",
+            leaked_bytes=0,
+        ),
     )
     return FindBatchResult(
-        workload={"model": "resnet18", "batch_size": None, "input": "3×64×64", "dtype": "fp32", "optimizer": "adam",
-                  "mode": "train", "checkpointing": "none", "inplace_relu": False},
-        device="cpu (live tensor bytes capped)", capacity=Capacity(cap, "--memory-limit", "cpu"),
-        metric="allocated", steps=2, status="exact", largest_batch=1633, smallest_oom_batch=1634,
-        recommended_batch=1304, recommended_expected_bytes=2_576_000_000, headroom_left_bytes=cap - 2_576_000_000,
-        headroom=0.8, multiple_of=8, min_batch=1, max_batch=4096, trials=trials, ooms=1,
+        workload={
+            "model": "resnet18",
+            "batch_size": None,
+            "input": "3×64×64",
+            "dtype": "fp32",
+            "optimizer": "adam",
+            "mode": "train",
+            "checkpointing": "none",
+            "inplace_relu": False,
+        },
+        device="cpu (live tensor bytes capped)",
+        capacity=Capacity(cap, "--memory-limit", "cpu"),
+        metric="allocated",
+        steps=2,
+        status="exact",
+        largest_batch=1633,
+        smallest_oom_batch=1634,
+        recommended_batch=1304,
+        recommended_expected_bytes=2_576_000_000,
+        headroom_left_bytes=cap - 2_576_000_000,
+        headroom=0.8,
+        multiple_of=8,
+        min_batch=1,
+        max_batch=4096,
+        trials=trials,
+        ooms=1,
         prediction=BatchPrediction(1634, 1_960_000, 17_900_000, "allocated", 0.9, 4),
-        slope_bytes_per_sample=1_966_000.0, intercept_bytes=10_000_000.0, target_global_batch=4096,
-        grad_accum_steps=4, micro_batch=1024, wall_seconds=8.0, notes=())
+        slope_bytes_per_sample=1_966_000.0,
+        intercept_bytes=10_000_000.0,
+        target_global_batch=4096,
+        grad_accum_steps=4,
+        micro_batch=1024,
+        wall_seconds=8.0,
+        notes=(),
+    )
 
 
 def test_golden_rendering():
@@ -171,23 +227,63 @@ def _hand_built_cuda() -> FindBatchResult:
     cap = 79_000_000_000
     common = dict(capacity_bytes=cap, leaked_bytes=0)
     trials = (
-        BatchTrial(201, True, 2, 3.1, peak_allocated_bytes=70_100_000_000, peak_reserved_bytes=71_300_000_000,
-                   nvml_used_bytes=71_900_000_000, cuda_overhead_bytes=600_000_000, predicted_bytes=70_900_000_000,
-                   reason="prediction", **common),
-        BatchTrial(223, True, 2, 3.4, peak_allocated_bytes=77_700_000_000, peak_reserved_bytes=78_950_000_000,
-                   nvml_used_bytes=79_550_000_000, cuda_overhead_bytes=600_000_000, predicted_bytes=78_600_000_000,
-                   reason="extrapolate", **common),
-        BatchTrial(224, False, 1, 2.2, peak_reserved_bytes=78_990_000_000, error="CUDA out of memory. Tried to ...",
-                   oom_detected_by="exception type", oom_phase="step 2 forward", predicted_bytes=78_950_000_000,
-                   reason="confirm", **common),
+        BatchTrial(
+            201,
+            True,
+            2,
+            3.1,
+            peak_allocated_bytes=70_100_000_000,
+            peak_reserved_bytes=71_300_000_000,
+            nvml_used_bytes=71_900_000_000,
+            cuda_overhead_bytes=600_000_000,
+            predicted_bytes=70_900_000_000,
+            reason="prediction",
+            **common,
+        ),
+        BatchTrial(
+            223,
+            True,
+            2,
+            3.4,
+            peak_allocated_bytes=77_700_000_000,
+            peak_reserved_bytes=78_950_000_000,
+            nvml_used_bytes=79_550_000_000,
+            cuda_overhead_bytes=600_000_000,
+            predicted_bytes=78_600_000_000,
+            reason="extrapolate",
+            **common,
+        ),
+        BatchTrial(
+            224,
+            False,
+            1,
+            2.2,
+            peak_reserved_bytes=78_990_000_000,
+            error="CUDA out of memory. Tried to ...",
+            oom_detected_by="exception type",
+            oom_phase="step 2 forward",
+            predicted_bytes=78_950_000_000,
+            reason="confirm",
+            **common,
+        ),
     )
     base = _hand_built()
-    return replace(base, device="cuda:0 NVIDIA H100 80GB HBM3", metric="reserved",
-                   capacity=Capacity(cap, "torch.cuda.mem_get_info: free + reserved at start", "cuda:0"),
-                   largest_batch=223, smallest_oom_batch=224, recommended_batch=176,
-                   recommended_expected_bytes=62_400_000_000, headroom_left_bytes=cap - 62_400_000_000,
-                   trials=trials, prediction=BatchPrediction(224, 351_000_000, 300_000_000, "reserved", 1.2, 4),
-                   target_global_batch=None, grad_accum_steps=None, micro_batch=None)
+    return replace(
+        base,
+        device="cuda:0 NVIDIA H100 80GB HBM3",
+        metric="reserved",
+        capacity=Capacity(cap, "torch.cuda.mem_get_info: free + reserved at start", "cuda:0"),
+        largest_batch=223,
+        smallest_oom_batch=224,
+        recommended_batch=176,
+        recommended_expected_bytes=62_400_000_000,
+        headroom_left_bytes=cap - 62_400_000_000,
+        trials=trials,
+        prediction=BatchPrediction(224, 351_000_000, 300_000_000, "reserved", 1.2, 4),
+        target_global_batch=None,
+        grad_accum_steps=None,
+        micro_batch=None,
+    )
 
 
 def test_golden_rendering_cuda():

@@ -1,13 +1,14 @@
 """Loading, workload and units: the pieces every command stands on."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from memprof.errors import ModelLoadError, UsageError
 from memprof.engine.loading import default_loss, load_model, parse_kwargs, parse_shape
-from memprof.units import GiB, MiB, parse_bytes
 from memprof.engine.workload import Workload, get_optimizer_name, get_precision, prepare, train_step
+from memprof.errors import ModelLoadError, UsageError
+from memprof.units import GiB, MiB, parse_bytes
 
 
 def test_parse_bytes_units():
@@ -28,7 +29,10 @@ def test_parse_shape_and_kwargs():
     with pytest.raises(UsageError):
         parse_shape("3,a")
     assert parse_kwargs('{"num_classes": 10}', ["dropout=0.5", "name=abc"]) == {
-        "num_classes": 10, "dropout": 0.5, "name": "abc"}
+        "num_classes": 10,
+        "dropout": 0.5,
+        "name": "abc",
+    }
     with pytest.raises(UsageError, match="not valid JSON"):
         parse_kwargs("{num_classes: 10}")
 
@@ -87,8 +91,7 @@ def test_user_file_class_kwargs_and_hooks(tmp_path):
 
 
 def test_embedding_first_model_gets_token_ids():
-    spec = load_model("memprof.zoo:GPT", {"vocab_size": 100, "block_size": 16, "n_layer": 1, "n_head": 2,
-                                           "n_embd": 8})
+    spec = load_model("memprof.zoo:GPT", {"vocab_size": 100, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 8})
     spec.inputs.shapes = [(16,)]
     prepared = prepare(Workload(model=spec, batch_size=3))
     (idx,) = prepared.args
@@ -101,8 +104,11 @@ def test_default_loss_handles_tuples_and_segmentation():
     aux = torch.randn(4, 10, requires_grad=True)
     seg = torch.randn(2, 3, 8, 8, requires_grad=True)
     loss = default_loss((logits, aux))
-    assert loss.shape == () and torch.isclose(loss, torch.nn.functional.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
-                                              + torch.nn.functional.cross_entropy(aux, torch.zeros(4, dtype=torch.long)))
+    assert loss.shape == () and torch.isclose(
+        loss,
+        torch.nn.functional.cross_entropy(logits, torch.zeros(4, dtype=torch.long))
+        + torch.nn.functional.cross_entropy(aux, torch.zeros(4, dtype=torch.long)),
+    )
     assert default_loss({"out": seg}).shape == ()
 
 

@@ -11,6 +11,7 @@ Layers, lowest first (see docs/development.md):
 Every import counts, at module level or inside a function: a circle hidden in a function
 body is still a circle.
 """
+
 from __future__ import annotations
 
 import ast
@@ -118,7 +119,7 @@ def test_no_circles():
         stack.append(node)
         for nxt in sorted(edges.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt)
         stack.pop()

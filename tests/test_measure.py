@@ -1,4 +1,5 @@
 """Real trials: the CPU cap's error (type, message, byte count), OOM recognition, recovery, isolation, CUDA."""
+
 from __future__ import annotations
 
 import gc
@@ -8,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from memprof.errors import MeasureError
 from memprof.engine.loading import InputSpec, ModelSpec, load_model
 from memprof.engine.measure import CpuCapRunner, IsolatedRunner, cpu_oom_message, is_oom_error, oom_kind
 from memprof.engine.workload import Workload
+from memprof.errors import MeasureError
 
 W_BYTES = 256 * 256 * 4  # Linear(256, 256, bias=False)
 
@@ -27,8 +28,14 @@ def linear_workload(batch=64, optimizer="sgd", made=None):
             made.append(weakref.ref(model))
         return model
 
-    spec = ModelSpec(ref="test:linear", display_name="linear", factory=factory,
-                     inputs=InputSpec(shapes=[(256,)], dtype="float"), loss_hook=_sum_loss, source="module")
+    spec = ModelSpec(
+        ref="test:linear",
+        display_name="linear",
+        factory=factory,
+        inputs=InputSpec(shapes=[(256,)], dtype="float"),
+        loss_hook=_sum_loss,
+        source="module",
+    )
     return Workload(model=spec, batch_size=batch, optimizer=optimizer)
 
 
@@ -81,18 +88,31 @@ def test_cap_error_is_what_lightning_and_accelerate_recognise():
         assert should_reduce_batch_size(exc)
 
 
-@pytest.mark.parametrize("exc, kind", [
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "exception type"),
-    (RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 79.1 GiB total)"), "message"),
-    (RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous "
-                  "input."), "message"),
-    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), "message"),
-    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to "
-                  "allocate 1 bytes."), "message"),
-    (MemoryError(), "exception type"),
-    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x2)"), None),
-    (ValueError("out of memory"), None),
-])
+@pytest.mark.parametrize(
+    "exc, kind",
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "exception type"),
+        (RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 79.1 GiB total)"), "message"),
+        (
+            RuntimeError(
+                "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous "
+                "input."
+            ),
+            "message",
+        ),
+        (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), "message"),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to "
+                "allocate 1 bytes."
+            ),
+            "message",
+        ),
+        (MemoryError(), "exception type"),
+        (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x2)"), None),
+        (ValueError("out of memory"), None),
+    ],
+)
 def test_oom_recognition(exc, kind):
     assert oom_kind(exc) == kind
     assert is_oom_error(exc) == (kind is not None)
@@ -107,8 +127,14 @@ def test_recovery_drops_everything_the_trial_held():
 
 
 def test_a_real_error_is_not_taken_for_oom():
-    spec = ModelSpec(ref="test:bad", display_name="bad", factory=lambda: nn.Linear(256, 256),
-                     inputs=InputSpec(shapes=[(7,)], dtype="float"), loss_hook=_sum_loss, source="module")
+    spec = ModelSpec(
+        ref="test:bad",
+        display_name="bad",
+        factory=lambda: nn.Linear(256, 256),
+        inputs=InputSpec(shapes=[(7,)], dtype="float"),
+        loss_hook=_sum_loss,
+        source="module",
+    )
     with pytest.raises(MeasureError, match="training step failed .step 1 forward.: RuntimeError"):
         CpuCapRunner(10**9).run(Workload(model=spec, batch_size=4), 4, steps=1)
 
@@ -152,8 +178,7 @@ def test_cpu_cap_peak_equals_tensor_only_trace_for_a_conv_model():
     from memprof.engine.trace import trace_step
 
     torch.manual_seed(0)
-    workload = build_workload("memprof.zoo:seed004_convstack", batch_size=3, input_shape=["3,24,24"],
-                              optimizer="adam")
+    workload = build_workload("memprof.zoo:seed004_convstack", batch_size=3, input_shape=["3,24,24"], optimizer="adam")
     measured = CpuCapRunner(1 << 40).run(workload, 3, steps=2)
     assert measured.fits
     tensors_only = trace_step(workload, target="cpu", kernel_scratch=False)

@@ -1,4 +1,5 @@
 """``memprof profile``: real scripts run in-process on CPU, hand-computed bytes; renders from hand-built results."""
+
 from __future__ import annotations
 
 import io
@@ -8,16 +9,27 @@ import textwrap
 
 import pytest
 import torch
+from conftest import assert_golden
 from rich.console import Console
 from typer.testing import CliRunner
 
-from conftest import assert_golden
 from memprof.cli import app
-from memprof.errors import NoGPUError, UsageError
 from memprof.engine.profiler import profile_script
+from memprof.errors import NoGPUError, UsageError
 from memprof.render.profile import format_log, render_profile, timeline_html, timeline_svg
-from memprof.results import (LeakSuspect, LineStat, MemCategory, ModuleStat, ProfileCuda, ProfilePeak, ProfileResult,
-                             ScriptOutcome, TensorGroup, TimelineSample, to_dict)
+from memprof.results import (
+    LeakSuspect,
+    LineStat,
+    MemCategory,
+    ModuleStat,
+    ProfileCuda,
+    ProfilePeak,
+    ProfileResult,
+    ScriptOutcome,
+    TensorGroup,
+    TimelineSample,
+    to_dict,
+)
 
 runner = CliRunner()
 
@@ -97,6 +109,7 @@ def script(tmp_path):
         path = tmp_path / name
         path.write_text(text)
         return path
+
     return write
 
 
@@ -108,6 +121,7 @@ def test_training_script_real_values(script):
     path = script(TRAIN)
     before_argv, before_path, before_trace = sys.argv[:], sys.path[:], sys.gettrace()
     from torch.nn.modules import module as mm
+
     hooks_before = (len(mm._global_forward_pre_hooks), len(mm._global_forward_hooks))
     r = profile_script(path, ["4"], top=0)
     # the run leaves nothing behind
@@ -152,7 +166,9 @@ def test_leak_is_flagged(script):
 
 def test_leak_inside_a_function_is_flagged_at_the_peak(script):
     # everything is freed when main() returns; the growth is still visible at the peak
-    r = profile_script(script(textwrap.dedent("""\
+    r = profile_script(
+        script(
+            textwrap.dedent("""\
         import torch
 
 
@@ -166,7 +182,10 @@ def test_leak_inside_a_function_is_flagged_at_the_peak(script):
 
 
         main()
-    """), "leak_in_main.py"))
+    """),
+            "leak_in_main.py",
+        )
+    )
     assert r.at_exit_bytes == 0
     (lk,) = r.leaks
     assert lk.origin == "leak_in_main.py:8" and lk.hits_alive == 6 and "at the peak" in lk.reason
@@ -188,8 +207,9 @@ def test_crash_gives_partial_profile(script):
 
 
 def test_sys_exit_and_argv(script, tmp_path):
-    path = script("import sys\nopen(sys.argv[2], 'w').write(repr((sys.argv, __name__)))\nsys.exit(int(sys.argv[1]))\n",
-                  "ex.py")
+    path = script(
+        "import sys\nopen(sys.argv[2], 'w').write(repr((sys.argv, __name__)))\nsys.exit(int(sys.argv[1]))\n", "ex.py"
+    )
     out = tmp_path / "seen.txt"
     res = runner.invoke(app, ["profile", str(path), "--", "3", str(out)])
     assert res.exit_code == 3
@@ -240,11 +260,14 @@ def test_plots(script, tmp_path, monkeypatch):
     assert res.exit_code == 2 and "matplotlib" in res.stderr and "HINT:" in res.stderr
 
 
-@pytest.mark.parametrize("args, code, words", [
-    (["profile", "no_such_script.py"], 2, "not found"),
-    (["profile", "--plot", "x.pdf", "no_such_script.py"], 2, "unknown format"),
-    (["profile", "--top", "0", "x.py"], 2, "--top"),
-])
+@pytest.mark.parametrize(
+    "args, code, words",
+    [
+        (["profile", "no_such_script.py"], 2, "not found"),
+        (["profile", "--plot", "x.pdf", "no_such_script.py"], 2, "unknown format"),
+        (["profile", "--top", "0", "x.py"], 2, "--top"),
+    ],
+)
 def test_usage_errors(args, code, words):
     res = runner.invoke(app, args)
     assert res.exit_code == code
@@ -261,7 +284,8 @@ def test_snapshot_needs_cuda(script):
 
 def test_user_modules_next_to_the_script_count_and_workers_do_not_hang(tmp_path):
     (tmp_path / "helper.py").write_text("import torch\n\n\ndef make(n):\n    return torch.zeros(n, 100)\n")
-    (tmp_path / "main.py").write_text(textwrap.dedent("""\
+    (tmp_path / "main.py").write_text(
+        textwrap.dedent("""\
         import torch
         from torch.utils.data import DataLoader, TensorDataset
         from helper import make
@@ -269,7 +293,8 @@ def test_user_modules_next_to_the_script_count_and_workers_do_not_hang(tmp_path)
         dl = DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=16, num_workers=1)
         n = sum(len(b[0]) for b in dl)
         kept = make(n)
-    """))
+    """)
+    )
     r = profile_script(tmp_path / "main.py")
     assert r.outcome.status == "ok"
     helper = next(ln for ln in r.lines if ln.file == "helper.py")
@@ -306,27 +331,65 @@ def test_missing_script_raises():
 def _hand_built(cuda: bool = False) -> ProfileResult:
     mib = 1024 * 1024
     peak = ProfilePeak(
-        bytes=14 * mib, time_s=1.25, op_index=4210, location="train.py:31", source="loss.backward()",
-        module="Net.fc1", phase="backward",
-        breakdown={MemCategory.PARAMETER: 2 * mib, MemCategory.GRADIENT: 2 * mib,
-                   MemCategory.OPTIMIZER_STATE: 4 * mib, MemCategory.ACTIVATION: 5 * mib,
-                   MemCategory.TEMPORARY: mib},
-        tensors=(TensorGroup((64, 512), "float32", "cpu", "train.py:14", MemCategory.ACTIVATION, 10, 5 * mib),
-                 TensorGroup((512, 1024), "float32", "cpu", "train.py:10", MemCategory.PARAMETER, 1, 2 * mib)))
-    lines = (LineStat("train.py", 30, "opt.step()", 5, 4 * mib, 4 * mib, 9 * mib, 13 * mib, 4 * mib),
-             LineStat("train.py", 27, "out = model(x)", 5, 0, 5 * mib // 2, 0, 12 * mib, 0),
-             LineStat("train.py", 3, "import torch", 1, 0, 0, 0, 0, 0))
-    modules = (ModuleStat("Net", "Net", 5, 5 * mib // 2, 12 * mib, 0, None),
-               ModuleStat("Net.fc1", "Linear", 5, 2 * mib, 11 * mib, 10 * mib, 14 * mib))
-    leaks = (LeakSuspect("train.py:28", "loss = crit(out, y)", 3 * mib, 24, 8, 8,
-                         "memory allocated by 8 of its 8 executions is still alive at exit"),)
-    c = ProfileCuda("NVIDIA H100 80GB HBM3", 14 * mib, 22 * mib, 20 * mib, 540 * mib, 520 * mib, "snap.pickle") \
-        if cuda else None
+        bytes=14 * mib,
+        time_s=1.25,
+        op_index=4210,
+        location="train.py:31",
+        source="loss.backward()",
+        module="Net.fc1",
+        phase="backward",
+        breakdown={
+            MemCategory.PARAMETER: 2 * mib,
+            MemCategory.GRADIENT: 2 * mib,
+            MemCategory.OPTIMIZER_STATE: 4 * mib,
+            MemCategory.ACTIVATION: 5 * mib,
+            MemCategory.TEMPORARY: mib,
+        },
+        tensors=(
+            TensorGroup((64, 512), "float32", "cpu", "train.py:14", MemCategory.ACTIVATION, 10, 5 * mib),
+            TensorGroup((512, 1024), "float32", "cpu", "train.py:10", MemCategory.PARAMETER, 1, 2 * mib),
+        ),
+    )
+    lines = (
+        LineStat("train.py", 30, "opt.step()", 5, 4 * mib, 4 * mib, 9 * mib, 13 * mib, 4 * mib),
+        LineStat("train.py", 27, "out = model(x)", 5, 0, 5 * mib // 2, 0, 12 * mib, 0),
+        LineStat("train.py", 3, "import torch", 1, 0, 0, 0, 0, 0),
+    )
+    modules = (
+        ModuleStat("Net", "Net", 5, 5 * mib // 2, 12 * mib, 0, None),
+        ModuleStat("Net.fc1", "Linear", 5, 2 * mib, 11 * mib, 10 * mib, 14 * mib),
+    )
+    leaks = (
+        LeakSuspect(
+            "train.py:28",
+            "loss = crit(out, y)",
+            3 * mib,
+            24,
+            8,
+            8,
+            "memory allocated by 8 of its 8 executions is still alive at exit",
+        ),
+    )
+    c = (
+        ProfileCuda("NVIDIA H100 80GB HBM3", 14 * mib, 22 * mib, 20 * mib, 540 * mib, 520 * mib, "snap.pickle")
+        if cuda
+        else None
+    )
     return ProfileResult(
-        script="/home/u/train.py", argv=("--epochs", "1"), device="cuda:0 (NVIDIA H100 80GB HBM3)" if cuda else "cpu",
-        wall_s=2.5, ops=12345, outcome=ScriptOutcome("ok", 0), peak=peak, at_exit_bytes=8 * mib, lines=lines,
-        modules=modules, leaks=leaks, cuda=c,
-        timeline=(TimelineSample(0.0, 0), TimelineSample(1.25, 14 * mib), TimelineSample(2.5, 8 * mib)))
+        script="/home/u/train.py",
+        argv=("--epochs", "1"),
+        device="cuda:0 (NVIDIA H100 80GB HBM3)" if cuda else "cpu",
+        wall_s=2.5,
+        ops=12345,
+        outcome=ScriptOutcome("ok", 0),
+        peak=peak,
+        at_exit_bytes=8 * mib,
+        lines=lines,
+        modules=modules,
+        leaks=leaks,
+        cuda=c,
+        timeline=(TimelineSample(0.0, 0), TimelineSample(1.25, 14 * mib), TimelineSample(2.5, 8 * mib)),
+    )
 
 
 def _render(result: ProfileResult, width: int = 120) -> str:
@@ -362,14 +425,17 @@ def test_golden_svg_and_json():
 
 @pytest.mark.gpu
 def test_cuda_profile_snapshot_and_context_gap(script, tmp_path):
-    path = script(textwrap.dedent("""\
+    path = script(
+        textwrap.dedent("""\
         import torch
 
         model = torch.nn.Linear(1024, 1024).cuda()
         x = torch.randn(256, 1024, device="cuda")
         for _ in range(3):
             model(x).sum().backward()
-    """), "cuda_train.py")
+    """),
+        "cuda_train.py",
+    )
     snap = tmp_path / "snap.pickle"
     r = profile_script(path, snapshot_path=snap)
     assert r.outcome.status == "ok" and r.device.startswith("cuda:")
@@ -377,6 +443,7 @@ def test_cuda_profile_snapshot_and_context_gap(script, tmp_path):
     assert r.peak.breakdown[MemCategory.PARAMETER] == (1024 * 1024 + 1024) * 4
     assert all(g.device == "cuda" for g in r.peak.tensors)
     import pickle
+
     with open(snap, "rb") as fh:
         data = pickle.load(fh)
     assert "segments" in data and "device_traces" in data  # what pytorch.org/memory_viz reads

@@ -1,6 +1,8 @@
 """The batch search against fake probes: exact answers, few trials, never absurd sizes."""
+
 from __future__ import annotations
 
+import functools
 import math
 import random
 import statistics
@@ -79,9 +81,9 @@ def _many_workloads(noise):
         if curve == "affine":
             peak = affine(a, s)
         elif curve == "quadratic":  # activations grow slightly faster than linearly
-            peak = (lambda a, s, lim: (lambda b: a + s * b + 0.02 * s * b * b / lim))(a, s, limit)
+            peak = functools.partial(lambda a, s, lim, b: a + s * b + 0.02 * s * b * b / lim, a, s, limit)
         else:  # a caching allocator: 2 MiB segments
-            peak = (lambda a, s: (lambda b: math.ceil((a + s * b) / (2 * MiB)) * 2 * MiB))(a, s)
+            peak = functools.partial(lambda a, s, b: math.ceil((a + s * b) / (2 * MiB)) * 2 * MiB, a, s)
         probe = FakeProbe(peak, cap, noise=noise, seed=i)
         error = rng.uniform(-0.1, 0.1)
         res = search(probe, capacity_bytes=int(cap), guide=guide_for(a, s, cap, error), max_batch=10**5)
@@ -159,8 +161,12 @@ def test_wildly_optimistic_prediction_never_tries_absurd_sizes():
     a, s = 100 * MiB, 10 * MiB
     cap = a + s * 40.5
     probe = FakeProbe(affine(a, s), cap)
-    res = search(probe, capacity_bytes=int(cap), guide=Guide(max_batch=100000, bytes_per_sample=0.004 * MiB,
-                                                             fixed_bytes=a), max_batch=200000)
+    res = search(
+        probe,
+        capacity_bytes=int(cap),
+        guide=Guide(max_batch=100000, bytes_per_sample=0.004 * MiB, fixed_bytes=a),
+        max_batch=200000,
+    )
     assert res.largest_fit == 40 and res.exact
     assert probe.tried[0] == 90000  # the only size above the limit that the prediction vouched for
     assert res.trials <= 10

@@ -1,4 +1,5 @@
 """The traced estimator: exact category totals, agreement with real CPU steps, fit_batch, errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,13 +7,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from memprof.errors import InputShapeError
-from memprof.engine.loading import InputSpec, ModelSpec
-from memprof.results import MemCategory as C
 from memprof.engine.fit import fit_batch
+from memprof.engine.loading import InputSpec, ModelSpec
 from memprof.engine.measure import measure_cpu_step
 from memprof.engine.trace import trace_step
 from memprof.engine.workload import PRECISIONS, Workload
+from memprof.errors import InputShapeError
+from memprof.results import MemCategory as C
 from memprof.zoo import GPT, gpt_param_count
 
 MNIST_PARAMS = 101_770  # seed 002: 100,480 + 1,290
@@ -22,8 +23,14 @@ SCALAR_SLACK = 64
 
 
 def spec(factory, shape, dtype="float", name=None, **kwargs) -> ModelSpec:
-    return ModelSpec(ref=name or factory.__name__, display_name=name or factory.__name__, factory=factory,
-                     kwargs=kwargs, inputs=InputSpec(shapes=[shape], dtype=dtype), source="module")
+    return ModelSpec(
+        ref=name or factory.__name__,
+        display_name=name or factory.__name__,
+        factory=factory,
+        kwargs=kwargs,
+        inputs=InputSpec(shapes=[shape], dtype=dtype),
+        source="module",
+    )
 
 
 def mnist(batch=64, optimizer="adam", **kw) -> Workload:
@@ -37,8 +44,9 @@ class CkptNet(nn.Module):
 
     def __init__(self, dim: int = 256, use_checkpoint: bool = True):
         super().__init__()
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, dim), nn.Tanh())
-                                    for _ in range(4))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, dim), nn.Tanh()) for _ in range(4)
+        )
         self.head = nn.Linear(dim, 10)
         self.use_checkpoint = use_checkpoint
 
@@ -107,8 +115,9 @@ def test_first_step_vs_steady_state():
 
 
 def test_shared_weights_and_checkpointing_match_real_steps():
-    shared = Workload(spec(__import__("memprof.zoo", fromlist=["SharedLinear"]).SharedLinear, (256,)),
-                      batch_size=32, optimizer="adam")
+    shared = Workload(
+        spec(__import__("memprof.zoo", fromlist=["SharedLinear"]).SharedLinear, (256,)), batch_size=32, optimizer="adam"
+    )
     plain = Workload(spec(CkptNet, (256,), use_checkpoint=False), batch_size=64, optimizer="sgd")
     ckpt = Workload(spec(CkptNet, (256,), use_checkpoint=True), batch_size=64, optimizer="sgd")
     for w in (shared, ckpt):
@@ -188,15 +197,30 @@ def test_amp_bf16_traces():
 def test_replayed_steps_equal_fully_traced_steps(target):
     """Steps after the first are copied from it: the result must equal tracing every step (all optimizers)."""
     workloads = [mnist(64, name) for name in ("adam", "adamw", "sgd", "rmsprop")]
-    workloads += [Workload(spec(CkptNet, (256,)), batch_size=32, optimizer="adagrad"),
-                  mnist(32, "sgd-momentum", precision=PRECISIONS["amp-bf16"])]
+    workloads += [
+        Workload(spec(CkptNet, (256,)), batch_size=32, optimizer="adagrad"),
+        mnist(32, "sgd-momentum", precision=PRECISIONS["amp-bf16"]),
+    ]
     for w in workloads:
         a = trace_step(w, target=target, steps=3, replay_steps=False)
         b = trace_step(w, target=target, steps=3)
-        assert (a.first_step_peak_bytes, a.steady_peak_bytes, a.peak_phase, a.peak_module, a.totals,
-                a.breakdown_at_peak, a.predicted_reserved_bytes) == \
-               (b.first_step_peak_bytes, b.steady_peak_bytes, b.peak_phase, b.peak_module, b.totals,
-                b.breakdown_at_peak, b.predicted_reserved_bytes)
+        assert (
+            a.first_step_peak_bytes,
+            a.steady_peak_bytes,
+            a.peak_phase,
+            a.peak_module,
+            a.totals,
+            a.breakdown_at_peak,
+            a.predicted_reserved_bytes,
+        ) == (
+            b.first_step_peak_bytes,
+            b.steady_peak_bytes,
+            b.peak_phase,
+            b.peak_module,
+            b.totals,
+            b.breakdown_at_peak,
+            b.predicted_reserved_bytes,
+        )
         assert _per_op(a) == _per_op(b)
 
 
@@ -238,7 +262,8 @@ def test_bracket_is_exact_on_affine_stepped_and_capped_curves():
 
 
 def test_transformer_encoder_traces_without_fake_tensor_warnings():
-    """nn.TransformerEncoder probes data_ptr() on its fast path: PyTorch warns about fake tensors, the user must not see it."""
+    """nn.TransformerEncoder probes data_ptr() on its fast path: PyTorch warns about fake tensors; not the user's
+    business."""
     import warnings
 
     import torch

@@ -13,12 +13,14 @@ would: 0, its ``sys.exit`` code, 1 when it raised (the partial profile is still 
 ``memprof gpus`` exits 3 when neither NVML nor torch sees a GPU (``--json`` still prints a
 document, with ``available: false``).
 """
+
 from __future__ import annotations
 
 import functools
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import typer
 
@@ -99,8 +101,11 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Show the version and exit.")) -> None:
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
     """GPU memory profiler and batch-size finder for PyTorch training."""
 
 

@@ -1,46 +1,57 @@
 """Options shared by the commands that take a workload, and how they become a Workload."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from ..errors import UsageError
 from ..engine.loading import load_model, parse_kwargs, parse_shape
-from ..units import parse_bytes
 from ..engine.workload import Workload, get_optimizer_name, get_precision
+from ..errors import UsageError
+from ..units import parse_bytes
 
 DEFAULT_BATCH = 32
 DEFAULT_DTYPE = "fp32"
 DEFAULT_OPTIMIZER = "adam"
 
 # typer option declarations, reused by every command's signature
-MODEL_ARG = typer.Argument(None, help="torchvision name (resnet50), path/to/file.py:Class, package.module:attr, "
-                                      "or a config .toml", show_default=False)
+MODEL_ARG = typer.Argument(
+    None,
+    help="torchvision name (resnet50), path/to/file.py:Class, package.module:attr, or a config .toml",
+    show_default=False,
+)
 MODEL_OPT = typer.Option(None, "--model", "-m", help="The model, as the positional argument (either works).")
 BATCH_OPT = typer.Option(None, "--batch-size", "-b", help=f"Batch size \\[default: {DEFAULT_BATCH}, or the config's]")
-DTYPE_OPT = typer.Option(None, "--dtype", help="fp32 | fp16 | bf16 | amp-fp16 | amp-bf16 "
-                                               f"\\[default: {DEFAULT_DTYPE}]")
-OPTIMIZER_OPT = typer.Option(None, "--optimizer", "-o", help="sgd | sgd-momentum | adam | adamw | adagrad | rmsprop "
-                                                              f"\\[default: {DEFAULT_OPTIMIZER}]")
-MODE_OPT = typer.Option(None, "--mode", help="train (forward, backward, optimizer step) or eval (no_grad inference) "
-                                             "\\[default: train]")
-INPUT_SHAPE_OPT = typer.Option(None, "--input-shape", "-i",
-                               help="Per-sample input shape, batch excluded (3,224,224); repeat for several inputs.")
-INPUT_DTYPE_OPT = typer.Option(None, "--input-dtype", help="float (follows --dtype) or int64 for token ids "
-                                                           "\\[default: detected]")
-TOKEN_RANGE_OPT = typer.Option(None, "--token-range", help="Token id range LOW,HIGH (HIGH exclusive) "
-                                                           "\\[default: 0,num_embeddings]")
+DTYPE_OPT = typer.Option(None, "--dtype", help=f"fp32 | fp16 | bf16 | amp-fp16 | amp-bf16 \\[default: {DEFAULT_DTYPE}]")
+OPTIMIZER_OPT = typer.Option(
+    None,
+    "--optimizer",
+    "-o",
+    help=f"sgd | sgd-momentum | adam | adamw | adagrad | rmsprop \\[default: {DEFAULT_OPTIMIZER}]",
+)
+MODE_OPT = typer.Option(
+    None, "--mode", help="train (forward, backward, optimizer step) or eval (no_grad inference) \\[default: train]"
+)
+INPUT_SHAPE_OPT = typer.Option(
+    None, "--input-shape", "-i", help="Per-sample input shape, batch excluded (3,224,224); repeat for several inputs."
+)
+INPUT_DTYPE_OPT = typer.Option(
+    None, "--input-dtype", help="float (follows --dtype) or int64 for token ids \\[default: detected]"
+)
+TOKEN_RANGE_OPT = typer.Option(
+    None, "--token-range", help="Token id range LOW,HIGH (HIGH exclusive) \\[default: 0,num_embeddings]"
+)
 MODEL_KWARGS_OPT = typer.Option(None, "--model-kwargs", help="""Constructor arguments as JSON: '{"num_classes": 10}'""")
 MODEL_ARG_OPT = typer.Option(None, "--model-arg", help="One constructor argument key=value (repeatable).")
-GPU_MEMORY_OPT = typer.Option(None, "--gpu-memory", help="GPU capacity, e.g. 24GiB or 80GB "
-                                                         "\\[default: the local GPU's, via NVML]")
+GPU_MEMORY_OPT = typer.Option(
+    None, "--gpu-memory", help="GPU capacity, e.g. 24GiB or 80GB \\[default: the local GPU's, via NVML]"
+)
 HEADROOM_OPT = typer.Option(0.8, "--headroom", help="Recommended batch = headroom x the largest batch that fits.")
 JSON_OPT = typer.Option(False, "--json", help="Print only JSON on stdout.")
 
 
-def resolve_model_ref(model: Optional[str], model_opt: Optional[str]) -> str:
+def resolve_model_ref(model: str | None, model_opt: str | None) -> str:
     if model and model_opt and model != model_opt:
         raise UsageError(f"two models given: {model!r} and --model {model_opt!r}", "give the model once")
     ref = model or model_opt
@@ -50,18 +61,18 @@ def resolve_model_ref(model: Optional[str], model_opt: Optional[str]) -> str:
 
 
 def build_workload(
-    model: Optional[str],
-    model_opt: Optional[str] = None,
+    model: str | None,
+    model_opt: str | None = None,
     *,
-    batch_size: Optional[int] = None,
-    dtype: Optional[str] = None,
-    optimizer: Optional[str] = None,
-    mode: Optional[str] = None,
-    input_shape: Optional[list[str]] = None,
-    input_dtype: Optional[str] = None,
-    token_range: Optional[str] = None,
-    model_kwargs: Optional[str] = None,
-    model_arg: Optional[list[str]] = None,
+    batch_size: int | None = None,
+    dtype: str | None = None,
+    optimizer: str | None = None,
+    mode: str | None = None,
+    input_shape: list[str] | None = None,
+    input_dtype: str | None = None,
+    token_range: str | None = None,
+    model_kwargs: str | None = None,
+    model_arg: list[str] | None = None,
     checkpointing: str = "none",
     inplace_relu: bool = False,
 ) -> Workload:
@@ -87,7 +98,9 @@ def build_workload(
         try:
             low, high = (int(v) for v in token_range.replace(":", ",").split(","))
         except ValueError:
-            raise UsageError(f"cannot read token range {token_range!r}", "write LOW,HIGH, e.g. --token-range 0,50257") from None
+            raise UsageError(
+                f"cannot read token range {token_range!r}", "write LOW,HIGH, e.g. --token-range 0,50257"
+            ) from None
         if high <= low:
             raise UsageError(f"token range {token_range!r} is empty", "HIGH must be above LOW")
         spec.inputs.low, spec.inputs.high = low, high
@@ -111,11 +124,11 @@ def parse_headroom(headroom: float) -> float:
     return headroom
 
 
-def parse_capacity(gpu_memory: Optional[str]) -> Optional[int]:
+def parse_capacity(gpu_memory: str | None) -> int | None:
     return parse_bytes(gpu_memory) if gpu_memory else None
 
 
-def check_output_path(path: Optional[Path], overwrite_ok: bool = True) -> None:
+def check_output_path(path: Path | None, overwrite_ok: bool = True) -> None:
     """Fail early, before any work, when an output file cannot be written."""
     if path is None:
         return

@@ -1,16 +1,29 @@
 """``memprof compare MODEL``: precisions, optimizers and memory-saving techniques side by side."""
+
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
 from . import EXIT_OK, app, emit_json, handle_errors
-from .common import (GPU_MEMORY_OPT, HEADROOM_OPT, INPUT_DTYPE_OPT, INPUT_SHAPE_OPT, JSON_OPT, MODEL_ARG,
-                     MODEL_ARG_OPT, MODEL_KWARGS_OPT, MODEL_OPT, TOKEN_RANGE_OPT, build_workload, check_output_path,
-                     parse_headroom)
+from .common import (
+    GPU_MEMORY_OPT,
+    HEADROOM_OPT,
+    INPUT_DTYPE_OPT,
+    INPUT_SHAPE_OPT,
+    JSON_OPT,
+    MODEL_ARG,
+    MODEL_ARG_OPT,
+    MODEL_KWARGS_OPT,
+    MODEL_OPT,
+    TOKEN_RANGE_OPT,
+    build_workload,
+    check_output_path,
+    parse_headroom,
+)
 
 
 def compare_document(result) -> dict[str, Any]:
@@ -23,7 +36,7 @@ def compare_document(result) -> dict[str, Any]:
     return doc
 
 
-def resolve_capacity(device: str, gpu_memory: Optional[str], memory_limit: Optional[int]):
+def resolve_capacity(device: str, gpu_memory: str | None, memory_limit: int | None):
     """(Capacity | None, note): --gpu-memory, else the local GPU via NVML; --memory-limit on the CPU."""
     from ..engine import nvml
     from ..results import Capacity
@@ -55,50 +68,76 @@ def _has_cuda() -> bool:
 @app.command("compare")
 @handle_errors
 def compare_cmd(
-    model: Optional[str] = MODEL_ARG,
-    model_opt: Optional[str] = MODEL_OPT,
-    dtype: Optional[list[str]] = typer.Option(None, "--dtype", help="Add a row per dtype: fp32 | fp16 | bf16 | "
-                                                                    "amp-fp16 | amp-bf16 (repeatable)."),
-    optimizer: Optional[list[str]] = typer.Option(None, "--optimizer", "-o",
-                                                  help="Add a row per optimizer: sgd | sgd-momentum | adam | adamw | "
-                                                       "adagrad | rmsprop (repeatable)."),
-    checkpointing: Optional[list[str]] = typer.Option(None, "--checkpointing", "-c",
-                                                      help="Add a row per checkpointing mode: blocks (each repeated "
-                                                           "block) | sqrt (sqrt(n) segments) | every-K | none "
-                                                           "(repeatable)."),
+    model: str | None = MODEL_ARG,
+    model_opt: str | None = MODEL_OPT,
+    dtype: list[str] | None = typer.Option(
+        None, "--dtype", help="Add a row per dtype: fp32 | fp16 | bf16 | amp-fp16 | amp-bf16 (repeatable)."
+    ),
+    optimizer: list[str] | None = typer.Option(
+        None,
+        "--optimizer",
+        "-o",
+        help="Add a row per optimizer: sgd | sgd-momentum | adam | adamw | adagrad | rmsprop (repeatable).",
+    ),
+    checkpointing: list[str] | None = typer.Option(
+        None,
+        "--checkpointing",
+        "-c",
+        help="Add a row per checkpointing mode: blocks (each repeated "
+        "block) | sqrt (sqrt(n) segments) | every-K | none "
+        "(repeatable).",
+    ),
     inplace_relu: bool = typer.Option(False, "--inplace-relu", help="Add a row with every ReLU in place."),
-    mode: Optional[list[str]] = typer.Option(None, "--mode", help="Add a row per mode: eval (no_grad inference) | "
-                                                                  "train (repeatable)."),
-    batch_size: Optional[list[int]] = typer.Option(None, "--batch-size", "-b",
-                                                   help="Batch size of the baseline; more values add rows "
-                                                        "(repeatable) \\[default: 32, or the config's]."),
-    baseline_dtype: Optional[str] = typer.Option(None, "--baseline-dtype", help="dtype of the baseline "
-                                                                                "\\[default: fp32]."),
-    baseline_optimizer: Optional[str] = typer.Option(None, "--baseline-optimizer", help="Optimizer of the baseline "
-                                                                                        "\\[default: adam]."),
-    combine: bool = typer.Option(False, "--combine", help="One row per combination of the axes instead of one "
-                                                          "row per value."),
-    input_shape: Optional[list[str]] = INPUT_SHAPE_OPT,
-    input_dtype: Optional[str] = INPUT_DTYPE_OPT,
-    token_range: Optional[str] = TOKEN_RANGE_OPT,
-    model_kwargs: Optional[str] = MODEL_KWARGS_OPT,
-    model_arg: Optional[list[str]] = MODEL_ARG_OPT,
-    gpu_memory: Optional[str] = GPU_MEMORY_OPT,
+    mode: list[str] | None = typer.Option(
+        None, "--mode", help="Add a row per mode: eval (no_grad inference) | train (repeatable)."
+    ),
+    batch_size: list[int] | None = typer.Option(
+        None,
+        "--batch-size",
+        "-b",
+        help="Batch size of the baseline; more values add rows (repeatable) \\[default: 32, or the config's].",
+    ),
+    baseline_dtype: str | None = typer.Option(
+        None, "--baseline-dtype", help="dtype of the baseline \\[default: fp32]."
+    ),
+    baseline_optimizer: str | None = typer.Option(
+        None, "--baseline-optimizer", help="Optimizer of the baseline \\[default: adam]."
+    ),
+    combine: bool = typer.Option(
+        False, "--combine", help="One row per combination of the axes instead of one row per value."
+    ),
+    input_shape: list[str] | None = INPUT_SHAPE_OPT,
+    input_dtype: str | None = INPUT_DTYPE_OPT,
+    token_range: str | None = TOKEN_RANGE_OPT,
+    model_kwargs: str | None = MODEL_KWARGS_OPT,
+    model_arg: list[str] | None = MODEL_ARG_OPT,
+    gpu_memory: str | None = GPU_MEMORY_OPT,
     headroom: float = HEADROOM_OPT,
-    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="Largest batch the fit columns consider."),
+    max_batch: int | None = typer.Option(None, "--max-batch", help="Largest batch the fit columns consider."),
     no_fit: bool = typer.Option(False, "--no-fit", help="Leave out the largest-batch columns (faster)."),
-    device: Optional[str] = typer.Option(None, "--device", "-d",
-                                         help="cuda (predict a CUDA step) or cpu (predict and --measure a CPU "
-                                              "step) \\[default: cuda; cpu when --memory-limit is given]."),
-    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="CPU: the capacity (8GiB) for the "
-                                                                            "fit columns; --measure flags rows above "
-                                                                            "it; --find-batch runs under it."),
-    measure: bool = typer.Option(False, "--measure", help="Also run each row's real step at its batch size and "
-                                                          "show predicted vs measured."),
-    find: bool = typer.Option(False, "--find-batch", help="With --measure: also find each row's largest batch "
-                                                          "with real steps (slow)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the breakdown bars: file.svg, or file.png "
-                                                             "(needs matplotlib: pip install memprof\\[plot])."),
+    device: str | None = typer.Option(
+        None,
+        "--device",
+        "-d",
+        help="cuda (predict a CUDA step) or cpu (predict and --measure a CPU "
+        "step) \\[default: cuda; cpu when --memory-limit is given].",
+    ),
+    memory_limit: str | None = typer.Option(
+        None,
+        "--memory-limit",
+        help="CPU: the capacity (8GiB) for the fit columns; --measure flags rows above it; --find-batch runs under it.",
+    ),
+    measure: bool = typer.Option(
+        False, "--measure", help="Also run each row's real step at its batch size and show predicted vs measured."
+    ),
+    find: bool = typer.Option(
+        False, "--find-batch", help="With --measure: also find each row's largest batch with real steps (slow)."
+    ),
+    plot: Path | None = typer.Option(
+        None,
+        "--plot",
+        help="Write the breakdown bars: file.svg, or file.png (needs matplotlib: pip install memprof\\[plot]).",
+    ),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Compare precisions, optimizers and memory-saving techniques for one model.
@@ -137,9 +176,11 @@ def compare_cmd(
         check_output_path(plot)
         check_plot_path(plot)
     if measure and device == "cuda" and not _has_cuda():
-        raise NoGPUError("--measure needs a CUDA GPU and none is available",
-                         "measure on the CPU instead: --device cpu --memory-limit 8GiB (predictions then target the "
-                         "CPU), or leave out --measure")
+        raise NoGPUError(
+            "--measure needs a CUDA GPU and none is available",
+            "measure on the CPU instead: --device cpu --memory-limit 8GiB (predictions then target the "
+            "CPU), or leave out --measure",
+        )
     batches = list(batch_size or [])
     if any(b <= 0 for b in batches):
         raise UsageError(f"batch size must be a positive integer, got {min(batches)}", "e.g. --batch-size 32")
@@ -147,8 +188,13 @@ def compare_cmd(
     from ..commands.compare import compare
 
     axes: dict[str, list[Any]] = {}
-    for name, values in (("dtype", dtype), ("optimizer", optimizer), ("checkpointing", checkpointing),
-                         ("mode", mode), ("batch_size", batches[1:])):
+    for name, values in (
+        ("dtype", dtype),
+        ("optimizer", optimizer),
+        ("checkpointing", checkpointing),
+        ("mode", mode),
+        ("batch_size", batches[1:]),
+    ):
         if values:
             axes[name] = list(values)
     if inplace_relu:
@@ -156,9 +202,18 @@ def compare_cmd(
     from ..commands.compare import normalize_axes
 
     axes = normalize_axes(axes)  # bad values fail before the model loads
-    workload = build_workload(model, model_opt, batch_size=batches[0] if batches else None, dtype=baseline_dtype,
-                              optimizer=baseline_optimizer, input_shape=input_shape, input_dtype=input_dtype,
-                              token_range=token_range, model_kwargs=model_kwargs, model_arg=model_arg)
+    workload = build_workload(
+        model,
+        model_opt,
+        batch_size=batches[0] if batches else None,
+        dtype=baseline_dtype,
+        optimizer=baseline_optimizer,
+        input_shape=input_shape,
+        input_dtype=input_dtype,
+        token_range=token_range,
+        model_kwargs=model_kwargs,
+        model_arg=model_arg,
+    )
     capacity, capacity_note = (None, None) if no_fit else resolve_capacity(device, gpu_memory, limit)
     from ..commands.compare import real_batch_finder, real_step_measurer
 
@@ -168,9 +223,20 @@ def compare_cmd(
     def progress(i: int, n: int, label: str) -> None:
         print(f"[{i}/{n}] tracing {label} ...", file=sys.stderr, flush=True)
 
-    result = compare(workload, axes or None, combine=combine, target=device, capacity=capacity,
-                     capacity_note=capacity_note, headroom=head, fit=not no_fit, max_batch=max_batch,
-                     measure_fn=measure_fn, find_fn=find_fn, on_progress=progress)
+    result = compare(
+        workload,
+        axes or None,
+        combine=combine,
+        target=device,
+        capacity=capacity,
+        capacity_note=capacity_note,
+        headroom=head,
+        fit=not no_fit,
+        max_batch=max_batch,
+        measure_fn=measure_fn,
+        find_fn=find_fn,
+        on_progress=progress,
+    )
     if plot is not None:
         from ..render.compare import write_plot
 

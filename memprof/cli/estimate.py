@@ -1,14 +1,31 @@
 """``memprof estimate MODEL``: one training step's memory, by trace and by formula, and the batch that fits."""
+
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
 from . import EXIT_DOES_NOT_FIT, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
-from .common import (BATCH_OPT, DTYPE_OPT, GPU_MEMORY_OPT, HEADROOM_OPT, INPUT_DTYPE_OPT, INPUT_SHAPE_OPT, JSON_OPT,
-                     MODE_OPT, MODEL_ARG, MODEL_ARG_OPT, MODEL_KWARGS_OPT, MODEL_OPT, OPTIMIZER_OPT, TOKEN_RANGE_OPT,
-                     build_workload, parse_capacity, parse_headroom)
+from .common import (
+    BATCH_OPT,
+    DTYPE_OPT,
+    GPU_MEMORY_OPT,
+    HEADROOM_OPT,
+    INPUT_DTYPE_OPT,
+    INPUT_SHAPE_OPT,
+    JSON_OPT,
+    MODE_OPT,
+    MODEL_ARG,
+    MODEL_ARG_OPT,
+    MODEL_KWARGS_OPT,
+    MODEL_OPT,
+    OPTIMIZER_OPT,
+    TOKEN_RANGE_OPT,
+    build_workload,
+    parse_capacity,
+    parse_headroom,
+)
 
 
 def estimate_document(result) -> dict[str, Any]:
@@ -26,18 +43,18 @@ def estimate_document(result) -> dict[str, Any]:
 @app.command("estimate")
 @handle_errors
 def estimate_cmd(
-    model: Optional[str] = MODEL_ARG,
-    model_opt: Optional[str] = MODEL_OPT,
-    batch_size: Optional[int] = BATCH_OPT,
-    dtype: Optional[str] = DTYPE_OPT,
-    optimizer: Optional[str] = OPTIMIZER_OPT,
-    mode: Optional[str] = MODE_OPT,
-    input_shape: Optional[list[str]] = INPUT_SHAPE_OPT,
-    input_dtype: Optional[str] = INPUT_DTYPE_OPT,
-    token_range: Optional[str] = TOKEN_RANGE_OPT,
-    model_kwargs: Optional[str] = MODEL_KWARGS_OPT,
-    model_arg: Optional[list[str]] = MODEL_ARG_OPT,
-    gpu_memory: Optional[str] = GPU_MEMORY_OPT,
+    model: str | None = MODEL_ARG,
+    model_opt: str | None = MODEL_OPT,
+    batch_size: int | None = BATCH_OPT,
+    dtype: str | None = DTYPE_OPT,
+    optimizer: str | None = OPTIMIZER_OPT,
+    mode: str | None = MODE_OPT,
+    input_shape: list[str] | None = INPUT_SHAPE_OPT,
+    input_dtype: str | None = INPUT_DTYPE_OPT,
+    token_range: str | None = TOKEN_RANGE_OPT,
+    model_kwargs: str | None = MODEL_KWARGS_OPT,
+    model_arg: list[str] | None = MODEL_ARG_OPT,
+    gpu_memory: str | None = GPU_MEMORY_OPT,
     headroom: float = HEADROOM_OPT,
     layers: int = typer.Option(10, "--layers", "-l", help="Show the top N layers by activation; 0 shows all."),
     all_layers: bool = typer.Option(False, "--all-layers", help="Show every layer, in execution order."),
@@ -55,9 +72,19 @@ def estimate_cmd(
     if layers < 0:
         raise UsageError(f"--layers must be 0 or more, got {layers}", "--layers 0 (or --all-layers) shows every layer")
     capacity_bytes = parse_capacity(gpu_memory)
-    workload = build_workload(model, model_opt, batch_size=batch_size, dtype=dtype, optimizer=optimizer, mode=mode,
-                              input_shape=input_shape, input_dtype=input_dtype, token_range=token_range,
-                              model_kwargs=model_kwargs, model_arg=model_arg)
+    workload = build_workload(
+        model,
+        model_opt,
+        batch_size=batch_size,
+        dtype=dtype,
+        optimizer=optimizer,
+        mode=mode,
+        input_shape=input_shape,
+        input_dtype=input_dtype,
+        token_range=token_range,
+        model_kwargs=model_kwargs,
+        model_arg=model_arg,
+    )
     from ..commands.estimate import estimate, resolve_capacity
 
     capacity, note = resolve_capacity(capacity_bytes)

@@ -1,15 +1,30 @@
 """``memprof find-batch MODEL``: the largest batch that really fits, in a handful of real trials."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
 from . import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
-from .common import (DTYPE_OPT, HEADROOM_OPT, INPUT_DTYPE_OPT, INPUT_SHAPE_OPT, JSON_OPT, MODE_OPT, MODEL_ARG,
-                     MODEL_ARG_OPT, MODEL_KWARGS_OPT, MODEL_OPT, OPTIMIZER_OPT, TOKEN_RANGE_OPT, build_workload,
-                     check_output_path, parse_headroom)
+from .common import (
+    DTYPE_OPT,
+    HEADROOM_OPT,
+    INPUT_DTYPE_OPT,
+    INPUT_SHAPE_OPT,
+    JSON_OPT,
+    MODE_OPT,
+    MODEL_ARG,
+    MODEL_ARG_OPT,
+    MODEL_KWARGS_OPT,
+    MODEL_OPT,
+    OPTIMIZER_OPT,
+    TOKEN_RANGE_OPT,
+    build_workload,
+    check_output_path,
+    parse_headroom,
+)
 
 
 def find_batch_document(result) -> dict[str, Any]:
@@ -22,35 +37,48 @@ def find_batch_document(result) -> dict[str, Any]:
 @app.command("find-batch")
 @handle_errors
 def find_batch_cmd(
-    model: Optional[str] = MODEL_ARG,
-    model_opt: Optional[str] = MODEL_OPT,
-    dtype: Optional[str] = DTYPE_OPT,
-    optimizer: Optional[str] = OPTIMIZER_OPT,
-    mode: Optional[str] = MODE_OPT,
-    input_shape: Optional[list[str]] = INPUT_SHAPE_OPT,
-    input_dtype: Optional[str] = INPUT_DTYPE_OPT,
-    token_range: Optional[str] = TOKEN_RANGE_OPT,
-    model_kwargs: Optional[str] = MODEL_KWARGS_OPT,
-    model_arg: Optional[list[str]] = MODEL_ARG_OPT,
-    device: Optional[str] = typer.Option(None, "--device", "-d", help="cuda, cuda:N, or cpu (with --memory-limit) "
-                                                                      "\\[default: cuda; cpu when --memory-limit is given]"),
-    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="CPU only: cap live tensor bytes at this "
-                                                                            "size (4GiB); crossing it raises PyTorch's "
-                                                                            "out-of-memory error."),
+    model: str | None = MODEL_ARG,
+    model_opt: str | None = MODEL_OPT,
+    dtype: str | None = DTYPE_OPT,
+    optimizer: str | None = OPTIMIZER_OPT,
+    mode: str | None = MODE_OPT,
+    input_shape: list[str] | None = INPUT_SHAPE_OPT,
+    input_dtype: str | None = INPUT_DTYPE_OPT,
+    token_range: str | None = TOKEN_RANGE_OPT,
+    model_kwargs: str | None = MODEL_KWARGS_OPT,
+    model_arg: list[str] | None = MODEL_ARG_OPT,
+    device: str | None = typer.Option(
+        None,
+        "--device",
+        "-d",
+        help="cuda, cuda:N, or cpu (with --memory-limit) \\[default: cuda; cpu when --memory-limit is given]",
+    ),
+    memory_limit: str | None = typer.Option(
+        None,
+        "--memory-limit",
+        help="CPU only: cap live tensor bytes at this size (4GiB); crossing it raises PyTorch's out-of-memory error.",
+    ),
     steps: int = typer.Option(2, "--steps", help="Training steps per trial (the first creates optimizer state)."),
     min_batch: int = typer.Option(1, "--min-batch", help="Smallest batch to consider."),
     max_batch: int = typer.Option(4096, "--max-batch", help="Never try a batch above this."),
-    start: Optional[int] = typer.Option(None, "--start", help="First batch to try \\[default: the prediction]."),
+    start: int | None = typer.Option(None, "--start", help="First batch to try \\[default: the prediction]."),
     headroom: float = HEADROOM_OPT,
-    multiple_of: Optional[int] = typer.Option(None, "--multiple-of", help="Round the recommended batch down to a "
-                                                                          "multiple of this (8, 64, ...)."),
-    target_global_batch: Optional[int] = typer.Option(None, "--target-global-batch",
-                                                      help="Global batch you want: prints the gradient-accumulation "
-                                                           "steps to reach it with the recommended batch."),
+    multiple_of: int | None = typer.Option(
+        None, "--multiple-of", help="Round the recommended batch down to a multiple of this (8, 64, ...)."
+    ),
+    target_global_batch: int | None = typer.Option(
+        None,
+        "--target-global-batch",
+        help="Global batch you want: prints the gradient-accumulation steps to reach it with the recommended batch.",
+    ),
     isolate: bool = typer.Option(False, "--isolate", help="Run each trial in a fresh child process."),
     no_predict: bool = typer.Option(False, "--no-predict", help="Do not trace a prediction first: grow geometrically."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a plot of peak memory vs batch: file.svg or "
-                                                             "file.png (PNG needs matplotlib: pip install 'memprof\\[plot]')."),
+    plot: Path | None = typer.Option(
+        None,
+        "--plot",
+        help="Write a plot of peak memory vs batch: file.svg or "
+        "file.png (PNG needs matplotlib: pip install 'memprof\\[plot]').",
+    ),
     no_chart: bool = typer.Option(False, "--no-chart", help="Do not draw the chart in the terminal."),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -58,9 +86,10 @@ def find_batch_cmd(
 
     Runs the real training step (forward, backward, optimizer step) --steps times per
     trial, guided by the traced prediction: typically 2-5 trials and 1-2 out-of-memory
-    errors, and the answer is exact (it fits, one more does not). Without a GPU, --device cpu --memory-limit 4GiB runs the same
-    steps on the CPU under an enforced cap. Exit codes: 0 found, 4 not even the smallest
-    batch fits, 3 no GPU, 2 bad input, 130 interrupted (what was found so far is printed).
+    errors, and the answer is exact (it fits, one more does not). Without a GPU,
+    --device cpu --memory-limit 4GiB runs the same steps on the CPU under an enforced cap.
+    Exit codes: 0 found, 4 not even the smallest batch fits, 3 no GPU, 2 bad input,
+    130 interrupted (what was found so far is printed).
     """
     from ..errors import UsageError
     from ..units import parse_bytes
@@ -76,9 +105,18 @@ def find_batch_cmd(
         check_plot_path(plot)
     if not (device.strip().lower() == "cpu") and limit is None:
         _require_cuda(device)
-    workload = build_workload(model, model_opt, dtype=dtype, optimizer=optimizer, mode=mode, input_shape=input_shape,
-                              input_dtype=input_dtype, token_range=token_range, model_kwargs=model_kwargs,
-                              model_arg=model_arg)
+    workload = build_workload(
+        model,
+        model_opt,
+        dtype=dtype,
+        optimizer=optimizer,
+        mode=mode,
+        input_shape=input_shape,
+        input_dtype=input_dtype,
+        token_range=token_range,
+        model_kwargs=model_kwargs,
+        model_arg=model_arg,
+    )
     from ..commands.find_batch import find_batch
     from ..render import stderr_console, stdout_console
     from ..render.find_batch import TrialProgress, render_find_batch
@@ -86,10 +124,21 @@ def find_batch_cmd(
     if steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}", "use 2 or more")
     with TrialProgress(stderr_console()) as progress:
-        result = find_batch(workload, device=device, memory_limit=limit, steps=steps, min_batch=min_batch,
-                            max_batch=max_batch, start=start, headroom=head, multiple_of=multiple_of,
-                            target_global_batch=target_global_batch, isolate=isolate, predict=not no_predict,
-                            on_event=progress.on_event)
+        result = find_batch(
+            workload,
+            device=device,
+            memory_limit=limit,
+            steps=steps,
+            min_batch=min_batch,
+            max_batch=max_batch,
+            start=start,
+            headroom=head,
+            multiple_of=multiple_of,
+            target_global_batch=target_global_batch,
+            isolate=isolate,
+            predict=not no_predict,
+            on_event=progress.on_event,
+        )
     if plot is not None and result.trials:
         from ..render.charts import write_plot
 
@@ -106,10 +155,12 @@ def find_batch_cmd(
     if result.status == "nothing_fits":
         from ..render import format_bytes, print_error
 
-        print_error(f"not even batch {result.min_batch} fits in {format_bytes(result.capacity.total_bytes)} "
-                    f"({result.capacity.source})",
-                    "raise --memory-limit, use a smaller model or --dtype bf16, or see `memprof estimate` for "
-                    "where the memory goes")
+        print_error(
+            f"not even batch {result.min_batch} fits in {format_bytes(result.capacity.total_bytes)} "
+            f"({result.capacity.source})",
+            "raise --memory-limit, use a smaller model or --dtype bf16, or see `memprof estimate` for "
+            "where the memory goes",
+        )
         raise typer.Exit(EXIT_NOTHING_FITS)
     raise typer.Exit(EXIT_OK)
 
@@ -125,6 +176,8 @@ def _require_cuda(device: str) -> None:
     except Exception:  # pragma: no cover - a broken torch install
         ok = False
     if not ok:
-        raise NoGPUError("find-batch needs a CUDA GPU and none is available",
-                         "use `memprof estimate` for a prediction, or run the real steps on the CPU under a cap: "
-                         "--device cpu --memory-limit 4GiB")
+        raise NoGPUError(
+            "find-batch needs a CUDA GPU and none is available",
+            "use `memprof estimate` for a prediction, or run the real steps on the CPU under a cap: "
+            "--device cpu --memory-limit 4GiB",
+        )

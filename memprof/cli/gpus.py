@@ -1,4 +1,5 @@
 """``memprof gpus``: the local GPUs (NVML) and what torch sees."""
+
 from __future__ import annotations
 
 import typer

@@ -1,11 +1,11 @@
 """``memprof profile SCRIPT [-- ARGS]``: run a training script under the profiler, report, exit as it did."""
+
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,18 +16,26 @@ from .common import JSON_OPT, check_output_path
 @app.command("profile", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @handle_errors
 def profile_cmd(
-    script: str = typer.Argument(..., help="The Python script to run, as `python SCRIPT ARGS` would.",
-                                 show_default=False),
-    script_args: Optional[list[str]] = typer.Argument(None, help="Arguments for the script; put them after -- when "
-                                                                 "one looks like a memprof option (--json, --log, ...).",
-                                                      show_default=False),
-    log: Optional[Path] = typer.Option(None, "--log", help="Write a line-by-line text log (live total, + / - tensors)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Timeline plot with the peak marked: .svg, .html or .png "
-                                                             "(png needs matplotlib)."),
-    snapshot: Optional[Path] = typer.Option(None, "--snapshot", help="CUDA only: save PyTorch's allocator history "
-                                                                     "(.pickle) for https://pytorch.org/memory_viz."),
-    device: str = typer.Option("auto", "--device", help="Whose memory counts: auto (cuda when available, else all), "
-                                                          "cuda, cpu or all."),
+    script: str = typer.Argument(
+        ..., help="The Python script to run, as `python SCRIPT ARGS` would.", show_default=False
+    ),
+    script_args: list[str] | None = typer.Argument(
+        None,
+        help="Arguments for the script; put them after -- when one looks like a memprof option (--json, --log, ...).",
+        show_default=False,
+    ),
+    log: Path | None = typer.Option(None, "--log", help="Write a line-by-line text log (live total, + / - tensors)."),
+    plot: Path | None = typer.Option(
+        None, "--plot", help="Timeline plot with the peak marked: .svg, .html or .png (png needs matplotlib)."
+    ),
+    snapshot: Path | None = typer.Option(
+        None,
+        "--snapshot",
+        help="CUDA only: save PyTorch's allocator history (.pickle) for https://pytorch.org/memory_viz.",
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="Whose memory counts: auto (cuda when available, else all), cuda, cpu or all."
+    ),
     top: int = typer.Option(10, "--top", help="How many lines / tensor groups to show."),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -37,10 +45,9 @@ def profile_cmd(
     with the script's status: 0, its sys.exit code, or 1 when it raised (the partial profile is
     still reported).
     """
+    from ..engine.profiler import DEVICES
     from ..errors import UsageError
     from ..render.profile import check_plot_path
-
-    from ..engine.profiler import DEVICES
 
     if device not in DEVICES:
         raise UsageError(f"unknown --device {device!r}", "choose auto, cuda, cpu or all")
@@ -55,8 +62,7 @@ def profile_cmd(
 
     redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
     with redirect:
-        result = profile_script(script, script_args or [], log=log is not None, snapshot_path=snapshot,
-                                device=device)
+        result = profile_script(script, script_args or [], log=log is not None, snapshot_path=snapshot, device=device)
         sys.stdout.flush()
 
     from ..render import print_error, stdout_console
@@ -73,8 +79,11 @@ def profile_cmd(
         from ..results import document
 
         doc = document("profile", result)
-        doc["files"] = {"log": str(log) if log else None, "plot": str(plot) if plot else None,
-                        "snapshot": str(snapshot) if snapshot else None}
+        doc["files"] = {
+            "log": str(log) if log else None,
+            "plot": str(plot) if plot else None,
+            "snapshot": str(snapshot) if snapshot else None,
+        }
         emit_json(doc)
     else:
         console = stdout_console()
@@ -85,8 +94,10 @@ def profile_cmd(
         for w in written:
             console.print(f"Wrote {w}")
     if snapshot is not None and (result.cuda is None or result.cuda.snapshot_path is None):
-        print_error(f"the allocator snapshot could not be written to {snapshot}", "check the folder and free space; "
-                    "the profile above is complete without it")
+        print_error(
+            f"the allocator snapshot could not be written to {snapshot}",
+            "check the folder and free space; the profile above is complete without it",
+        )
     line = outcome_line(result)
     if line:
         print_error(line, None) if result.outcome.status != "exit" else print(line, file=sys.stderr)

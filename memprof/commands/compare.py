@@ -7,21 +7,31 @@ checkpointed rows, priced in recomputed FLOPs. Pure: no printing; the tracer, th
 fitter, the measurer and the FLOP counter are injectable so the logic is testable with
 fakes.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from ..engine import checkpointing as ckpt
 from ..engine import fit as fitting
 from ..engine.flops import recompute_cost
-from ..errors import MemprofError, UsageError
-from ..results import (Capacity, CompareFit, CompareMeasurement, CompareResult, CompareRow, MemCategory,
-                      RecomputeInfo, Target)
 from ..engine.workload import Workload, get_optimizer_name, get_precision
+from ..errors import MemprofError, UsageError
+from ..results import (
+    Capacity,
+    CompareFit,
+    CompareMeasurement,
+    CompareResult,
+    CompareRow,
+    MemCategory,
+    RecomputeInfo,
+    Target,
+)
 
 #: the axes a comparison can vary, in the order rows and labels use them
 AXES = ("dtype", "optimizer", "checkpointing", "inplace_relu", "mode", "batch_size")
@@ -134,12 +144,19 @@ def variant_label(changes: Mapping[str, Any]) -> str:
 
 def _key(w: Workload) -> tuple:
     train = w.mode == "train"
-    return (w.precision.name, w.optimizer if train else None, w.checkpointing if train else "none",
-            w.inplace_relu, w.mode, w.batch_size)
+    return (
+        w.precision.name,
+        w.optimizer if train else None,
+        w.checkpointing if train else "none",
+        w.inplace_relu,
+        w.mode,
+        w.batch_size,
+    )
 
 
-def make_variants(base: Workload, axes: Mapping[str, Iterable[Any]] | None = None, *,
-                  combine: bool = False) -> list[Variant]:
+def make_variants(
+    base: Workload, axes: Mapping[str, Iterable[Any]] | None = None, *, combine: bool = False
+) -> list[Variant]:
     """The baseline, then one row per axis value (or, with ``combine``, per combination).
 
     Without axes: :func:`default_axes`. Rows identical to an earlier one (e.g. eval with a
@@ -151,7 +168,7 @@ def make_variants(base: Workload, axes: Mapping[str, Iterable[Any]] | None = Non
     seen = {_key(base)}
     if combine:
         options = [[axis_value(base, a)] + [v for v in vals if v != axis_value(base, a)] for a, vals in chosen.items()]
-        combos = [dict(zip(chosen, values)) for values in itertools.product(*options)]
+        combos = [dict(zip(chosen, values, strict=False)) for values in itertools.product(*options)]
     else:
         combos = [{axis: v} for axis, vals in chosen.items() for v in vals]
     for combo in combos:
@@ -197,8 +214,17 @@ def _default_trace(workload: Workload, *, target: str):
     return trace_step(workload, target=target, kernel_scratch=False)
 
 
-def traced_fit(workload: Workload, capacity_bytes: int, *, target: Target, headroom: float, max_batch: int | None,
-               traced: Any, trace_fn: TraceFn | None = None, max_traces: int = 40) -> CompareFit:
+def traced_fit(
+    workload: Workload,
+    capacity_bytes: int,
+    *,
+    target: Target,
+    headroom: float,
+    max_batch: int | None,
+    traced: Any,
+    trace_fn: TraceFn | None = None,
+    max_traces: int = 40,
+) -> CompareFit:
     """The largest batch whose traced peak fits ``capacity_bytes``, exact under the tracer
     (:func:`memprof.engine.fit.fit_batch`, starting from the row's own trace)."""
     row_trace = trace_fn or _default_trace
@@ -206,13 +232,26 @@ def traced_fit(workload: Workload, capacity_bytes: int, *, target: Target, headr
     def trace(w: Workload, *, target: Target, kernel_scratch: bool = False) -> Any:
         return row_trace(w, target=target)
 
-    fit = fitting.fit_batch(workload, capacity_bytes, target=target, headroom=headroom, max_batch=max_batch,
-                            known={workload.batch_size: traced}, trace_fn=trace, max_traces=max_traces)
+    fit = fitting.fit_batch(
+        workload,
+        capacity_bytes,
+        target=target,
+        headroom=headroom,
+        max_batch=max_batch,
+        known={workload.batch_size: traced},
+        trace_fn=trace,
+        max_traces=max_traces,
+    )
     at_batch = fitting.value_of(traced, fit.metric)
-    return CompareFit(metric=fit.metric, max_batch=fit.max_batch, recommended_batch=fit.recommended_batch,
-                      fits=at_batch is not None and at_batch <= capacity_bytes,
-                      limited_by_max=fit.max_batch is not None and fit.max_batch == (max_batch or fitting.SEARCH_LIMIT),
-                      traces=fit.traces, exact=fit.exact)
+    return CompareFit(
+        metric=fit.metric,
+        max_batch=fit.max_batch,
+        recommended_batch=fit.recommended_batch,
+        fits=at_batch is not None and at_batch <= capacity_bytes,
+        limited_by_max=fit.max_batch is not None and fit.max_batch == (max_batch or fitting.SEARCH_LIMIT),
+        traces=fit.traces,
+        exact=fit.exact,
+    )
 
 
 def real_step_measurer(device: str, memory_limit: int | None = None, steps: int = 2) -> MeasureFn:
@@ -235,21 +274,24 @@ def real_step_measurer(device: str, memory_limit: int | None = None, steps: int 
     def measure(workload: Workload) -> Measured:
         trial = runner.run(workload, workload.batch_size, steps)
         note = None if trial.fits else f"out of memory at batch {workload.batch_size} ({trial.oom_phase})"
-        return Measured(peak_bytes=trial.peak_allocated_bytes if trial.fits else None, oom=not trial.fits,
-                        metric=metric, seconds=trial.seconds, note=note)
+        return Measured(
+            peak_bytes=trial.peak_allocated_bytes if trial.fits else None,
+            oom=not trial.fits,
+            metric=metric,
+            seconds=trial.seconds,
+            note=note,
+        )
 
     return measure
 
 
-def real_batch_finder(device: str, memory_limit: int | None, headroom: float,
-                      max_batch: int | None = None) -> FindFn:
+def real_batch_finder(device: str, memory_limit: int | None, headroom: float, max_batch: int | None = None) -> FindFn:
     """A ``find_fn``: each row's largest batch with real steps (``memprof find-batch``)."""
     from .find_batch import find_batch
 
     def find(workload: Workload) -> int | None:
         kwargs = {"max_batch": max_batch} if max_batch else {}
-        return find_batch(workload, device=device, memory_limit=memory_limit, headroom=headroom,
-                          **kwargs).largest_batch
+        return find_batch(workload, device=device, memory_limit=memory_limit, headroom=headroom, **kwargs).largest_batch
 
     return find
 
@@ -280,18 +322,23 @@ def _row_notes(w: Workload) -> list[str]:
     if w.mode == "eval":
         notes.append("eval: forward under no_grad, no gradients, no optimizer state, nothing saved for backward")
     elif p.is_amp:
-        notes.append("AMP (amp-fp16, amp-bf16): fp32 master weights, gradients and optimizer state kept; eligible "
-                     "ops run in 16 bits, so saved activations shrink by about half - the activation column also "
-                     "holds the 16-bit weight copies autocast makes for backward (about half the parameter bytes), "
-                     "which dominate at small batches")
+        notes.append(
+            "AMP (amp-fp16, amp-bf16): fp32 master weights, gradients and optimizer state kept; eligible "
+            "ops run in 16 bits, so saved activations shrink by about half - the activation column also "
+            "holds the 16-bit weight copies autocast makes for backward (about half the parameter bytes), "
+            "which dominate at small batches"
+        )
     elif p.name in PURE_HALF:
-        notes.append("pure fp16/bf16: parameters, gradients and optimizer state in 16 bits - no fp32 master "
-                     "weights, so small updates can underflow; usually trained with AMP instead")
+        notes.append(
+            "pure fp16/bf16: parameters, gradients and optimizer state in 16 bits - no fp32 master "
+            "weights, so small updates can underflow; usually trained with AMP instead"
+        )
     return notes
 
 
-def _measure_row(v: Variant, predicted: int | None, measure_fn: MeasureFn | None,
-                 find_fn: FindFn | None) -> CompareMeasurement | None:
+def _measure_row(
+    v: Variant, predicted: int | None, measure_fn: MeasureFn | None, find_fn: FindFn | None
+) -> CompareMeasurement | None:
     if measure_fn is None and find_fn is None:
         return None
     started = time.perf_counter()
@@ -301,27 +348,56 @@ def _measure_row(v: Variant, predicted: int | None, measure_fn: MeasureFn | None
     error = None
     if peak and predicted is not None:
         error = 100.0 * (predicted - peak) / peak
-    return CompareMeasurement(metric=m.metric if m is not None else "allocated", peak_bytes=peak,
-                              predicted_bytes=predicted, error_pct=error, oom=bool(m and m.oom),
-                              max_batch=max_b, seconds=time.perf_counter() - started,
-                              note=m.note if m is not None else None)
+    return CompareMeasurement(
+        metric=m.metric if m is not None else "allocated",
+        peak_bytes=peak,
+        predicted_bytes=predicted,
+        error_pct=error,
+        oom=bool(m and m.oom),
+        max_batch=max_b,
+        seconds=time.perf_counter() - started,
+        note=m.note if m is not None else None,
+    )
 
 
 def _recompute_info(w: Workload, recompute_fn: RecomputeFn | None) -> RecomputeInfo | None:
     if w.checkpointing == "none" or w.mode != "train" or recompute_fn is None:
         return None
     cost = recompute_fn(w)
-    return RecomputeInfo(plan=cost.plan, regions=cost.regions, forward_flops=cost.forward_flops,
-                         recompute_flops=cost.recompute_flops, extra_pct=cost.extra_pct,
-                         batchnorm_recomputed=bool(getattr(cost, "batchnorm_recomputed", False)))
+    return RecomputeInfo(
+        plan=cost.plan,
+        regions=cost.regions,
+        forward_flops=cost.forward_flops,
+        recompute_flops=cost.recompute_flops,
+        extra_pct=cost.extra_pct,
+        batchnorm_recomputed=bool(getattr(cost, "batchnorm_recomputed", False)),
+    )
 
 
 def _error_row(v: Variant, message: str) -> CompareRow:
-    return CompareRow(label=v.label, changes=dict(v.changes), workload=v.workload.describe(), baseline=v.baseline,
-                      peak_bytes=None, parameter_bytes=None, gradient_bytes=None, optimizer_state_bytes=None,
-                      activation_bytes=None, temporary_bytes=None, input_bytes=None, buffer_bytes=None,
-                      breakdown_at_peak={}, delta_bytes=None, delta_pct=None, peak_phase=None, peak_module=None,
-                      fit=None, recompute=None, measured=None, error=message)
+    return CompareRow(
+        label=v.label,
+        changes=dict(v.changes),
+        workload=v.workload.describe(),
+        baseline=v.baseline,
+        peak_bytes=None,
+        parameter_bytes=None,
+        gradient_bytes=None,
+        optimizer_state_bytes=None,
+        activation_bytes=None,
+        temporary_bytes=None,
+        input_bytes=None,
+        buffer_bytes=None,
+        breakdown_at_peak={},
+        delta_bytes=None,
+        delta_pct=None,
+        peak_phase=None,
+        peak_module=None,
+        fit=None,
+        recompute=None,
+        measured=None,
+        error=message,
+    )
 
 
 def _is_pure_half(row: CompareRow) -> bool:
@@ -347,8 +423,10 @@ def order_rows(rows: list[CompareRow], base_batch: int) -> tuple[list[CompareRow
 
     # lowest peak first; on a tie (the peak sits in the optimizer step at small batches) the larger batch
     same = sorted((r for r in ok if comparable(r)), key=lambda r: (r.peak_bytes, -max_batch(r)))
-    other = sorted((r for r in ok if not comparable(r)),
-                   key=lambda r: (r.workload.get("mode") != base_mode, r.workload.get("batch_size"), r.peak_bytes))
+    other = sorted(
+        (r for r in ok if not comparable(r)),
+        key=lambda r: (r.workload.get("mode") != base_mode, r.workload.get("batch_size"), r.peak_bytes),
+    )
     failed = [r for r in rows if not r.baseline and r.error is not None]
     base_peak = baseline[0].peak_bytes if baseline and baseline[0].peak_bytes is not None else None
     base_batch = max_batch(baseline[0]) if baseline else 0
@@ -410,8 +488,15 @@ def compare(
             traced["recompute"] = _recompute_info(v.workload, recompute_fn)
             traced["fit"] = None
             if fit and capacity is not None:
-                traced["fit"] = fit_fn(v.workload, capacity.total_bytes, target=target, headroom=headroom,
-                                       max_batch=max_batch, traced=result, trace_fn=trace_fn)
+                traced["fit"] = fit_fn(
+                    v.workload,
+                    capacity.total_bytes,
+                    target=target,
+                    headroom=headroom,
+                    max_batch=max_batch,
+                    traced=result,
+                    trace_fn=trace_fn,
+                )
             traced["measured"] = _measure_row(v, traced["peak_bytes"], measure_fn, find_fn)
             raw.append((v, traced, None))
         except MemprofError as exc:
@@ -428,26 +513,44 @@ def compare(
             rows.append(_error_row(v, error or "failed"))
             continue
         delta = traced["peak_bytes"] - base_peak
-        rows.append(CompareRow(label=v.label, changes=dict(v.changes), workload=v.workload.describe(),
-                               baseline=v.baseline, delta_bytes=delta,
-                               delta_pct=100.0 * delta / base_peak if base_peak else None,
-                               notes=tuple(_row_notes(v.workload)), **traced))
+        rows.append(
+            CompareRow(
+                label=v.label,
+                changes=dict(v.changes),
+                workload=v.workload.describe(),
+                baseline=v.baseline,
+                delta_bytes=delta,
+                delta_pct=100.0 * delta / base_peak if base_peak else None,
+                notes=tuple(_row_notes(v.workload)),
+                **traced,
+            )
+        )
     for r in rows:
         if r.changes.get("inplace_relu") and r.error is None:
             if len(r.changes) == 1 and r.delta_bytes == 0:
-                notes.append("in-place ReLU: no change - the model's nn.ReLU modules already run in place, or it "
-                             "has none (functional relu is not changed)")
+                notes.append(
+                    "in-place ReLU: no change - the model's nn.ReLU modules already run in place, or it "
+                    "has none (functional relu is not changed)"
+                )
             else:
                 notes.append("in-place ReLU: each nn.ReLU overwrites its input instead of allocating its output")
     ordered, best, safe = order_rows(rows, base.batch_size)
     if capacity is None and fit:
         notes.append(capacity_note or "no capacity given: largest-batch columns left out (use --gpu-memory 24GiB)")
-    return CompareResult(model=base.model.display_name, base_workload=base.describe(), target=target,
-                         peak_metric=_peak_metric(target), capacity=capacity if fit else None,
-                         capacity_note=capacity_note if capacity is None else None, headroom=headroom,
-                         rows=tuple(ordered), best_label=best, safe_best_label=safe,
-                         notes=tuple(dict.fromkeys(notes)),
-                         seconds=time.perf_counter() - started)
+    return CompareResult(
+        model=base.model.display_name,
+        base_workload=base.describe(),
+        target=target,
+        peak_metric=_peak_metric(target),
+        capacity=capacity if fit else None,
+        capacity_note=capacity_note if capacity is None else None,
+        headroom=headroom,
+        rows=tuple(ordered),
+        best_label=best,
+        safe_best_label=safe,
+        notes=tuple(dict.fromkeys(notes)),
+        seconds=time.perf_counter() - started,
+    )
 
 
 def _peak_metric(target: str) -> str:

@@ -5,9 +5,10 @@ number and drives the fit; the analytical one (:mod:`memprof.engine.analytic`, t
 formulas) is always computed beside it and used alone with ``traced=False`` or when
 the tracer fails.
 """
+
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..engine import fit as fitting
 from ..engine.analytic import analyse, largest_batch
@@ -30,33 +31,55 @@ def resolve_capacity(capacity_bytes: int | None = None, *, use_nvml: bool = True
     if info is None:
         _, reason = nvml.available()
         return None, reason or "NVML sees no GPU"
-    return Capacity(total_bytes=info.total_bytes, source=f"NVML: {info.name} (GPU {info.index})",
-                    device_name=info.name), None
+    return Capacity(
+        total_bytes=info.total_bytes, source=f"NVML: {info.name} (GPU {info.index})", device_name=info.name
+    ), None
 
 
-def formula_fit(analytic: AnalyticEstimate, capacity: Capacity, headroom: float = fitting.DEFAULT_HEADROOM) -> FitSummary:
+def formula_fit(
+    analytic: AnalyticEstimate, capacity: Capacity, headroom: float = fitting.DEFAULT_HEADROOM
+) -> FitSummary:
     """Fit by the formula total, which is linear in the batch size."""
     max_batch = largest_batch(analytic, capacity.total_bytes)
-    return FitSummary(capacity=capacity, source="formula", metric="formula total",
-                      estimate_bytes=analytic.total_bytes, fits=analytic.total_bytes <= capacity.total_bytes,
-                      max_batch=max_batch, recommended_batch=fitting.recommend(max_batch, headroom), headroom=headroom,
-                      per_sample_bytes=analytic.per_sample_bytes, fixed_bytes=analytic.fixed_bytes)
+    return FitSummary(
+        capacity=capacity,
+        source="formula",
+        metric="formula total",
+        estimate_bytes=analytic.total_bytes,
+        fits=analytic.total_bytes <= capacity.total_bytes,
+        max_batch=max_batch,
+        recommended_batch=fitting.recommend(max_batch, headroom),
+        headroom=headroom,
+        per_sample_bytes=analytic.per_sample_bytes,
+        fixed_bytes=analytic.fixed_bytes,
+    )
 
 
 def traced_fit(traced: TraceResult, batch_fit: BatchFit, capacity: Capacity) -> FitSummary:
     """A :class:`BatchFit` (from :func:`memprof.engine.fit.fit_batch`) as a :class:`FitSummary`."""
     at_batch = fitting.value_of(traced, batch_fit.metric)
     assert at_batch is not None
-    return FitSummary(capacity=capacity, source="traced", metric=Metric(batch_fit.metric).value,
-                      estimate_bytes=at_batch, fits=at_batch <= capacity.total_bytes, max_batch=batch_fit.max_batch,
-                      recommended_batch=batch_fit.recommended_batch, headroom=batch_fit.headroom,
-                      per_sample_bytes=int(batch_fit.slope_bytes_per_sample),
-                      fixed_bytes=int(batch_fit.intercept_bytes))
+    return FitSummary(
+        capacity=capacity,
+        source="traced",
+        metric=Metric(batch_fit.metric).value,
+        estimate_bytes=at_batch,
+        fits=at_batch <= capacity.total_bytes,
+        max_batch=batch_fit.max_batch,
+        recommended_batch=batch_fit.recommended_batch,
+        headroom=batch_fit.headroom,
+        per_sample_bytes=int(batch_fit.slope_bytes_per_sample),
+        fixed_bytes=int(batch_fit.intercept_bytes),
+    )
 
 
-def estimate(workload: "Workload", capacity: Capacity | int | None = None,
-             headroom: float = fitting.DEFAULT_HEADROOM, traced: bool = True,
-             capacity_note: str | None = None) -> EstimateResult:
+def estimate(
+    workload: Workload,
+    capacity: Capacity | int | None = None,
+    headroom: float = fitting.DEFAULT_HEADROOM,
+    traced: bool = True,
+    capacity_note: str | None = None,
+) -> EstimateResult:
     """Estimate one step of ``workload`` by formula and, if ``traced``, by fake-tensor trace; fit ``capacity``.
 
     ``capacity`` is a :class:`Capacity` or a number of bytes; None skips the fit
@@ -75,8 +98,13 @@ def estimate(workload: "Workload", capacity: Capacity | int | None = None,
         try:
             trace_result = trace_step(workload, target="cuda")
             if capacity is not None:
-                batch_fit = fitting.fit_batch(workload, capacity.total_bytes, target="cuda", headroom=headroom,
-                                              known={workload.batch_size: trace_result})
+                batch_fit = fitting.fit_batch(
+                    workload,
+                    capacity.total_bytes,
+                    target="cuda",
+                    headroom=headroom,
+                    known={workload.batch_size: trace_result},
+                )
                 fit = traced_fit(trace_result, batch_fit, capacity)
         except MemprofError as exc:
             trace_result, fit = None, None
@@ -97,6 +125,14 @@ def estimate(workload: "Workload", capacity: Capacity | int | None = None,
         headline, source = analytic.total_bytes, "formula"
     if capacity is None and capacity_note is None:
         capacity_note = "no --gpu-memory given"
-    return EstimateResult(workload=workload.describe(), analytic=analytic, traced=trace_result,
-                          trace_note=trace_note, capacity=capacity, capacity_note=capacity_note if capacity is None else None,
-                          fit=fit, headline_bytes=headline, headline_source=source)
+    return EstimateResult(
+        workload=workload.describe(),
+        analytic=analytic,
+        traced=trace_result,
+        trace_note=trace_note,
+        capacity=capacity,
+        capacity_note=capacity_note if capacity is None else None,
+        fit=fit,
+        headline_bytes=headline,
+        headline_source=source,
+    )

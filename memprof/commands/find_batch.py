@@ -5,11 +5,13 @@ search its start and slope, :mod:`memprof.engine.measure` runs the real trials, 
 :func:`memprof.engine.search.search` decides which batch to try next. Never prints; progress
 goes to the ``on_event`` callback.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable, Optional
+from typing import Any
 
 from ..engine import fit as fitting
 from ..engine.measure import make_runner
@@ -29,26 +31,27 @@ Predictor = Callable[..., Any]
 
 def _default_predictor(workload: Workload, capacity_bytes: int, *, target: Target, metric: Metric, max_batch: int):
     # the CPU cap counts tensor storages only (as a GPU would), so predict without oneDNN's kernel scratch
-    return fitting.fit_batch(workload, capacity_bytes, target=target, max_batch=max_batch, metric=metric,
-                     kernel_scratch=target != "cpu")
+    return fitting.fit_batch(
+        workload, capacity_bytes, target=target, max_batch=max_batch, metric=metric, kernel_scratch=target != "cpu"
+    )
 
 
 def find_batch(
     workload: Workload,
     *,
     device: str = "cuda",
-    memory_limit: Optional[int] = None,
+    memory_limit: int | None = None,
     steps: int = DEFAULT_STEPS,
     min_batch: int = 1,
     max_batch: int = DEFAULT_MAX_BATCH,
-    start: Optional[int] = None,
+    start: int | None = None,
     headroom: float = fitting.DEFAULT_HEADROOM,
-    multiple_of: Optional[int] = None,
-    target_global_batch: Optional[int] = None,
+    multiple_of: int | None = None,
+    target_global_batch: int | None = None,
     isolate: bool = False,
     predict: bool = True,
-    predictor: Optional[Predictor] = None,
-    on_event: Optional[EventCallback] = None,
+    predictor: Predictor | None = None,
+    on_event: EventCallback | None = None,
 ) -> FindBatchResult:
     """Search the largest batch for which ``steps`` real training steps fit.
 
@@ -61,8 +64,9 @@ def find_batch(
     t0 = time.perf_counter()
     emit = on_event or (lambda kind, data: None)
     if steps < 1:
-        raise UsageError(f"`steps` must be at least 1, got {steps}", "use 2 or more: the first step creates the "
-                                                                      "optimizer state")
+        raise UsageError(
+            f"`steps` must be at least 1, got {steps}", "use 2 or more: the first step creates the optimizer state"
+        )
     if min_batch < 1:
         raise UsageError(f"`min_batch` must be at least 1, got {min_batch}", "e.g. `min_batch` 1")
     if max_batch < min_batch:
@@ -82,12 +86,11 @@ def find_batch(
     if runner.device == "cpu":
         capacity = Capacity(int(memory_limit), "--memory-limit", "cpu")
     else:
-        capacity = Capacity(capacity_bytes or 0, "torch.cuda.mem_get_info: free + reserved at start",
-                            runner.describe())
+        capacity = Capacity(capacity_bytes or 0, "torch.cuda.mem_get_info: free + reserved at start", runner.describe())
 
     # ---- prediction --------------------------------------------------------------------
-    prediction: Optional[BatchPrediction] = None
-    guide: Optional[Guide] = None
+    prediction: BatchPrediction | None = None
+    guide: Guide | None = None
     interrupted = False
     if predict:
         emit("predict", None)
@@ -101,19 +104,28 @@ def find_batch(
                 info = nvml.device_info(getattr(runner, "arg", 0))
                 pred_metric, pred_capacity = Metric.NVML, (info.free_bytes if info else None)
             if pred_capacity:
-                fit = (predictor or _default_predictor)(workload, pred_capacity, target=target, metric=pred_metric,
-                                                        max_batch=max_batch)
+                fit = (predictor or _default_predictor)(
+                    workload, pred_capacity, target=target, metric=pred_metric, max_batch=max_batch
+                )
                 slope, intercept = int(fit.slope_bytes_per_sample), int(fit.intercept_bytes)
                 at_max = getattr(fit, "peak_at_max_bytes", None)
                 if fit.max_batch and at_max is not None:
                     # anchor the line at the traced limit: the trials all happen near it
                     intercept = int(at_max - slope * fit.max_batch)
-                prediction = BatchPrediction(fit.max_batch, slope, intercept, pred_metric, time.perf_counter() - tp,
-                                             int(getattr(fit, "traces", 0)))
+                prediction = BatchPrediction(
+                    fit.max_batch,
+                    slope,
+                    intercept,
+                    pred_metric,
+                    time.perf_counter() - tp,
+                    int(getattr(fit, "traces", 0)),
+                )
                 same_units = pred_metric == metric
-                guide = Guide(max_batch=fit.max_batch if fit.max_batch is not None else 0,
-                              bytes_per_sample=float(slope) or None,
-                              fixed_bytes=float(intercept) if same_units else None)
+                guide = Guide(
+                    max_batch=fit.max_batch if fit.max_batch is not None else 0,
+                    bytes_per_sample=float(slope) or None,
+                    fixed_bytes=float(intercept) if same_units else None,
+                )
         except KeyboardInterrupt:
             interrupted = True
         except MemprofError as exc:
@@ -125,7 +137,7 @@ def find_batch(
     # ---- trials ------------------------------------------------------------------------
     trials: list[BatchTrial] = []
 
-    def predicted_at(batch: int) -> Optional[int]:
+    def predicted_at(batch: int) -> int | None:
         if prediction is None or prediction.metric != metric:
             return None
         return int(prediction.intercept_bytes + prediction.slope_bytes_per_sample * batch)
@@ -149,8 +161,16 @@ def find_batch(
         # on the CPU cap the tracer predicts the very bytes the cap counts: start at its answer;
         # on CUDA start 10 % below it (the allocator, workspaces and fragmentation add error)
         first_fraction = 1.0 if runner.device == "cpu" else 0.9
-        res = search(probe, capacity_bytes=capacity_bytes, guide=guide, min_batch=min_batch, max_batch=max_batch,
-                     start=start, on_step=on_step, first_fraction=first_fraction)
+        res = search(
+            probe,
+            capacity_bytes=capacity_bytes,
+            guide=guide,
+            min_batch=min_batch,
+            max_batch=max_batch,
+            start=start,
+            on_step=on_step,
+            first_fraction=first_fraction,
+        )
         status, largest, smallest_oom = res.status, res.largest_fit, res.smallest_oom
         if res.capacity_bytes and runner.device != "cpu":
             capacity = replace(capacity, total_bytes=int(res.capacity_bytes))
@@ -158,10 +178,12 @@ def find_batch(
             trials.pop()
 
     # ---- the answer --------------------------------------------------------------------
-    points = {t.batch_size: fitting.value_of(t, metric) for t in trials if t.fits and fitting.value_of(t, metric) is not None}
+    points = {
+        t.batch_size: fitting.value_of(t, metric) for t in trials if t.fits and fitting.value_of(t, metric) is not None
+    }
     intercept, slope = fitting.affine_fit(points)
     if slope is None and points and prediction is not None:
-        (b, p), = points.items()
+        ((b, p),) = points.items()
         slope, intercept = float(prediction.slope_bytes_per_sample), p - prediction.slope_bytes_per_sample * b
     rec = fitting.recommend(largest, headroom, multiple_of)
     if largest is not None and rec is None:
@@ -175,8 +197,7 @@ def find_batch(
     headroom_left = capacity.total_bytes - expected if expected is not None and capacity.total_bytes else None
     accum, micro = fitting.accumulation(target_global_batch, rec)
     exact_accum = None
-    if accum is not None and micro is not None and target_global_batch and rec \
-            and accum * micro != target_global_batch:
+    if accum is not None and micro is not None and target_global_batch and rec and accum * micro != target_global_batch:
         exact_accum = fitting.exact_accumulation(target_global_batch, rec)
     return FindBatchResult(
         workload=workload.describe() | {"batch_size": None},

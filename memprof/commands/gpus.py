@@ -1,4 +1,5 @@
 """``memprof gpus``: the local GPUs as NVML sees them, and what torch sees. Never raises."""
+
 from __future__ import annotations
 
 from ..engine import nvml

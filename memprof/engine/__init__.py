@@ -1,1 +1,4 @@
-"""The engine: loading, the training step, tracing, measuring, fitting. Imports only the leaf modules (errors, units, results) and itself."""
+"""The engine: loading, the training step, tracing, measuring, fitting.
+
+Imports only the leaf modules (errors, units, results) and itself.
+"""

@@ -20,11 +20,12 @@ The rules follow ``c10/cuda/CUDACachingAllocator.cpp`` with its default settings
 ``torch.cuda.memory_allocated``, ``reserved`` (the sum of segment sizes) to
 ``torch.cuda.memory_reserved``. Pure Python, no torch.
 """
+
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 KiB = 1024
 MiB = 1024 * 1024
@@ -167,8 +168,14 @@ class CachingAllocatorModel:
         self.peak_reserved_bytes = self.reserved_bytes
 
     def stats(self) -> AllocatorStats:
-        return AllocatorStats(self.allocated_bytes, self.reserved_bytes, self.peak_allocated_bytes,
-                              self.peak_reserved_bytes, self._segments, self._segments)
+        return AllocatorStats(
+            self.allocated_bytes,
+            self.reserved_bytes,
+            self.peak_allocated_bytes,
+            self.peak_reserved_bytes,
+            self._segments,
+            self._segments,
+        )
 
 
 def replay(events: Iterable[tuple[object, int]]) -> AllocatorStats:

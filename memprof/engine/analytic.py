@@ -17,33 +17,45 @@ is touched, no GPU is needed, and it takes a fraction of a second.
 
 Tied weights are counted once (by storage); buffers are kept apart from parameters.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputShapeError, TraceError
 from ..results import AnalyticEstimate, LayerRow, MemCategory, MethodTotal
 from .workload import DTYPE_BYTES, optimizer_state_count
 
 if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
     from .workload import Workload
 
 
 # =========================================================================== pure formulas
-def conv_params(in_channels: int, out_channels: int, kernel_size: int | Sequence[int], groups: int = 1,
-                bias: bool = True, dims: int = 2) -> int:
+def conv_params(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    groups: int = 1,
+    bias: bool = True,
+    dims: int = 2,
+) -> int:
     """Seed 001: ``C_out * C_in/groups * k_h * k_w`` (+ ``C_out`` bias); any number of spatial dims."""
     ks = (kernel_size,) * dims if isinstance(kernel_size, int) else tuple(kernel_size)
     return out_channels * (in_channels // groups) * math.prod(ks) + (out_channels if bias else 0)
 
 
-def conv_transpose_params(in_channels: int, out_channels: int, kernel_size: int | Sequence[int], groups: int = 1,
-                          bias: bool = True, dims: int = 2) -> int:
+def conv_transpose_params(
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int | Sequence[int],
+    groups: int = 1,
+    bias: bool = True,
+    dims: int = 2,
+) -> int:
     """Transposed conv: weight ``C_in x C_out/groups x k...`` (+ ``C_out`` bias)."""
     ks = (kernel_size,) * dims if isinstance(kernel_size, int) else tuple(kernel_size)
     return in_channels * (out_channels // groups) * math.prod(ks) + (out_channels if bias else 0)
@@ -59,8 +71,7 @@ def batchnorm_params(num_features: int, affine: bool = True) -> int:
     return 2 * num_features if affine else 0
 
 
-def layernorm_params(normalized_shape: int | Sequence[int], elementwise_affine: bool = True,
-                     bias: bool = True) -> int:
+def layernorm_params(normalized_shape: int | Sequence[int], elementwise_affine: bool = True, bias: bool = True) -> int:
     """Seed 001: ``2 * normalized features`` (weight and bias)."""
     n = normalized_shape if isinstance(normalized_shape, int) else math.prod(normalized_shape)
     if not elementwise_affine:
@@ -78,8 +89,9 @@ def embedding_params(num_embeddings: int, embedding_dim: int) -> int:
     return num_embeddings * embedding_dim
 
 
-def four_part_bytes(params: int, activations: int, optimizer: str = "adam", bytes_per_element: int = 4,
-                    trainable: int | None = None) -> dict[str, int]:
+def four_part_bytes(
+    params: int, activations: int, optimizer: str = "adam", bytes_per_element: int = 4, trainable: int | None = None
+) -> dict[str, int]:
     """Seed 000: ``bytes * (params + gradients + optimizer state + activations)``.
 
     ``params`` and ``activations`` are element counts; gradients = the trainable
@@ -112,8 +124,9 @@ def cruncher_counts(dim: int, num_layers: int, batch: int, optimizer: str = "ada
     }
 
 
-def cruncher_total_bytes(dim: int, num_layers: int, batch: int, optimizer: str = "adagrad",
-                         bytes_per_element: int = 4) -> int:
+def cruncher_total_bytes(
+    dim: int, num_layers: int, batch: int, optimizer: str = "adagrad", bytes_per_element: int = 4
+) -> int:
     """Seed 000: ``total_memory = 4 * (params + activations + gradients + optimizer_states)``."""
     return bytes_per_element * sum(cruncher_counts(dim, num_layers, batch, optimizer).values())
 
@@ -284,13 +297,12 @@ class _Recorder:
         self.calls.append(call)
 
 
-def _build_meta_model(workload: "Workload"):
+def _build_meta_model(workload: Workload):
     """The workload's model on the meta device, in its parameter dtype, trainable flags untouched."""
     import torch
 
-    from .workload import build_model
-
     from ..errors import ModelLoadError
+    from .workload import build_model
 
     plain = workload.replace(checkpointing="none", mode="train")
     try:
@@ -305,7 +317,7 @@ def _build_meta_model(workload: "Workload"):
     return model
 
 
-def _run(model, workload: "Workload", batch: int, act_bytes: int | None) -> _Run:
+def _run(model, workload: Workload, batch: int, act_bytes: int | None) -> _Run:
     """One forward on the meta device with hooks; an exception becomes InputShapeError naming the layer."""
     import torch
 
@@ -325,30 +337,40 @@ def _run(model, workload: "Workload", batch: int, act_bytes: int | None) -> _Run
     return run
 
 
-def _shape_error(exc: Exception, rec: _Recorder, args, kwargs, workload: "Workload") -> Exception:
+def _shape_error(exc: Exception, rec: _Recorder, args, kwargs, workload: Workload) -> Exception:
     """The innermost module that was running, its input shape and what it expects."""
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     model_in = " + ".join(_shape_text(t.shape) for t in _tensors((args, kwargs))) or "no tensors"
     if not rec.stack:
-        return InputShapeError(f"the model rejected its input ({model_in}): {type(exc).__name__}: {first_line}",
-                               "give the per-sample shape with --input-shape (batch excluded), "
-                               "or define memprof_batch() next to the model")
+        return InputShapeError(
+            f"the model rejected its input ({model_in}): {type(exc).__name__}: {first_line}",
+            "give the per-sample shape with --input-shape (batch excluded), "
+            "or define memprof_batch() next to the model",
+        )
     call = rec.stack[-1]
     module = call.module
     got = " + ".join(_shape_text(s) for s in getattr(call, "in_shapes", ())) or "no tensors"
     want = _expected(module)
-    meta_problem = isinstance(exc, NotImplementedError) or "meta" in first_line.lower() or \
-        "data-dependent" in first_line.lower() or "item()" in first_line
+    meta_problem = (
+        isinstance(exc, NotImplementedError)
+        or "meta" in first_line.lower()
+        or "data-dependent" in first_line.lower()
+        or "item()" in first_line
+    )
     if meta_problem:
-        return TraceError(f"layer {call.name!r} ({type(module).__name__}) cannot run on the meta device: "
-                          f"{type(exc).__name__}: {first_line}",
-                          "the model reads tensor values during forward; memprof needs shape-only execution "
-                          "(avoid .item()/.tolist() on activations)")
+        return TraceError(
+            f"layer {call.name!r} ({type(module).__name__}) cannot run on the meta device: "
+            f"{type(exc).__name__}: {first_line}",
+            "the model reads tensor values during forward; memprof needs shape-only execution "
+            "(avoid .item()/.tolist() on activations)",
+        )
     return InputShapeError(
         f"layer {call.name!r} ({type(module).__name__}) rejected input {got}"
-        + (f", expects {want}" if want else "") + f": {first_line}",
+        + (f", expects {want}" if want else "")
+        + f": {first_line}",
         f"the model input was {model_in} (batch {workload.batch_size}); give the per-sample shape with "
-        "--input-shape (batch excluded), e.g. --input-shape 3,224,224")
+        "--input-shape (batch excluded), e.g. --input-shape 3,224,224",
+    )
 
 
 # =========================================================================== the estimate
@@ -397,7 +419,7 @@ def _activation_bytes(run: _Run, mode: str) -> int:
     return sum(c.out_bytes for c in leaves if not c.no_new_memory)
 
 
-def analyse(workload: "Workload") -> AnalyticEstimate:
+def analyse(workload: Workload) -> AnalyticEstimate:
     """Apply the seeds' formulas to ``workload`` (one meta-device forward at the batch and one at batch+1)."""
     import torch
 
@@ -429,8 +451,10 @@ def analyse(workload: "Workload") -> AnalyticEstimate:
     notes: list[str] = []
     if precision.is_amp and train:  # autocast keeps low-precision copies of the weights it casts
         breakdown[MemCategory.TEMPORARY] = n_grad * precision.compute_bytes
-        notes.append(f"AMP: activations at {precision.compute_bytes} B/element, "
-                     "plus one low-precision copy of the weights (Temporary)")
+        notes.append(
+            f"AMP: activations at {precision.compute_bytes} B/element, "
+            "plus one low-precision copy of the weights (Temporary)"
+        )
     total = sum(breakdown.values())
     per_sample = (activation_next - activation) + (run_next.input_bytes - run.input_bytes)
     fixed = total - per_sample * batch
@@ -441,17 +465,23 @@ def analyse(workload: "Workload") -> AnalyticEstimate:
         own = owned.get(call.module, 0)
         if not call.leaf and not own:
             continue
-        row = rows.setdefault(call.module, {"name": call.name, "shapes": call.out_shapes, "act": 0, "calls": 0,
-                                            "inplace": False})
+        row = rows.setdefault(
+            call.module, {"name": call.name, "shapes": call.out_shapes, "act": 0, "calls": 0, "inplace": False}
+        )
         row["calls"] += 1
         if call.leaf and call.no_new_memory:
             row["inplace"] = True
         elif call.leaf:
             row["act"] += call.out_bytes
-    for module, n in owned.items():
+    for module, _n in owned.items():
         if module not in rows:
-            rows[module] = {"name": next((nm for m, nm in _names(model) if m is module), "?"), "shapes": (),
-                            "act": 0, "calls": 0, "inplace": False}
+            rows[module] = {
+                "name": next((nm for m, nm in _names(model) if m is module), "?"),
+                "shapes": (),
+                "act": 0,
+                "calls": 0,
+                "inplace": False,
+            }
     checked = 0
     mismatches: list[str] = []
     layers = []
@@ -462,9 +492,18 @@ def analyse(workload: "Workload") -> AnalyticEstimate:
             checked += 1
             if formula != numel:
                 mismatches.append(f"{row['name']} ({type(module).__name__}): formula {formula:,} vs numel {numel:,}")
-        layers.append(LayerRow(name=row["name"], type=type(module).__name__, output_shapes=tuple(row["shapes"]),
-                               params=owned.get(module, 0), formula_params=formula, activation_bytes=row["act"],
-                               calls=row["calls"], inplace=row["inplace"]))
+        layers.append(
+            LayerRow(
+                name=row["name"],
+                type=type(module).__name__,
+                output_shapes=tuple(row["shapes"]),
+                params=owned.get(module, 0),
+                formula_params=formula,
+                activation_bytes=row["act"],
+                calls=row["calls"],
+                inplace=row["inplace"],
+            )
+        )
     if mismatches:
         notes.append(f"{len(mismatches)} layer(s) differ from the per-layer formulas (numel() is used)")
     if tied:
@@ -478,30 +517,63 @@ def analyse(workload: "Workload") -> AnalyticEstimate:
     type_size = el
     ms_params = n_params * type_size
     ms_forward = outputs_elems * type_size
-    methods = [MethodTotal("formula (four-part rule)", total, activation,
-                           "params + grads + optimizer state + outputs + input"),
-               MethodTotal("modelsize ×2", ms_params + 2 * ms_forward, 2 * ms_forward,
-                           "params + outputs ×2 (in-place ReLU skipped)")]
+    methods = [
+        MethodTotal(
+            "formula (four-part rule)", total, activation, "params + grads + optimizer state + outputs + input"
+        ),
+        MethodTotal(
+            "modelsize ×2", ms_params + 2 * ms_forward, 2 * ms_forward, "params + outputs ×2 (in-place ReLU skipped)"
+        ),
+    ]
     containers = (torch.nn.Sequential, torch.nn.ModuleList, torch.nn.ModuleDict)
-    ts_out = sum(c.fp32_out_elements for c in run.calls if c.module is not model and not isinstance(c.module, containers))
+    ts_out = sum(
+        c.fp32_out_elements for c in run.calls if c.module is not model and not isinstance(c.module, containers)
+    )
     ts_input = run.input_elements * 4
-    methods.append(MethodTotal("torchsummary-style", ts_input + 2 * ts_out * 4 + n_params * 4, 2 * ts_out * 4,
-                               "input + 2 × all module outputs + params, 4 B"))
+    methods.append(
+        MethodTotal(
+            "torchsummary-style",
+            ts_input + 2 * ts_out * 4 + n_params * 4,
+            2 * ts_out * 4,
+            "input + 2 × all module outputs + params, 4 B",
+        )
+    )
     ti_out = sum(c.out_bytes for c in leaves if any(True for _ in c.module.parameters(recurse=False)))
-    methods.append(MethodTotal("torchinfo-style", run.input_bytes + 2 * ti_out + param_bytes, 2 * ti_out,
-                               "input + 2 × param-layer outputs + params"))
+    methods.append(
+        MethodTotal(
+            "torchinfo-style",
+            run.input_bytes + 2 * ti_out + param_bytes,
+            2 * ti_out,
+            "input + 2 × param-layer outputs + params",
+        )
+    )
     if train:
-        methods.append(MethodTotal("accelerate-style", 4 * param_bytes, None,
-                                   "4 × model size (Adam), no activations"))
+        methods.append(MethodTotal("accelerate-style", 4 * param_bytes, None, "4 × model size (Adam), no activations"))
 
     return AnalyticEstimate(
-        batch_size=batch, param_count=n_params, trainable_param_count=n_trainable, tied_param_count=tied,
-        buffer_count=n_buffers, bytes_per_element=el, activation_bytes_per_element=act_el or el,
-        optimizer_states=k, module_output_elements=outputs_elems, breakdown=breakdown, total_bytes=total,
-        per_sample_bytes=per_sample, fixed_bytes=fixed, modelsize_param_bytes=ms_params,
-        modelsize_forward_bytes=ms_forward, modelsize_backward_bytes=2 * ms_forward, methods=tuple(methods),
-        layers=tuple(layers), formula_checked=checked, formula_mismatches=tuple(mismatches), notes=tuple(notes),
-        seconds=time.perf_counter() - start)
+        batch_size=batch,
+        param_count=n_params,
+        trainable_param_count=n_trainable,
+        tied_param_count=tied,
+        buffer_count=n_buffers,
+        bytes_per_element=el,
+        activation_bytes_per_element=act_el or el,
+        optimizer_states=k,
+        module_output_elements=outputs_elems,
+        breakdown=breakdown,
+        total_bytes=total,
+        per_sample_bytes=per_sample,
+        fixed_bytes=fixed,
+        modelsize_param_bytes=ms_params,
+        modelsize_forward_bytes=ms_forward,
+        modelsize_backward_bytes=2 * ms_forward,
+        methods=tuple(methods),
+        layers=tuple(layers),
+        formula_checked=checked,
+        formula_mismatches=tuple(mismatches),
+        notes=tuple(notes),
+        seconds=time.perf_counter() - start,
+    )
 
 
 def _names(model):
@@ -523,6 +595,20 @@ def largest_batch(estimate: AnalyticEstimate, capacity_bytes: int, limit: int = 
     return min(limit, (capacity_bytes - estimate.fixed_bytes) // estimate.per_sample_bytes)
 
 
-__all__ = ["analyse", "analytic_total_at", "largest_batch", "module_param_formula", "conv_params",
-           "conv_transpose_params", "linear_params", "batchnorm_params", "layernorm_params", "groupnorm_params",
-           "embedding_params", "four_part_bytes", "cruncher_counts", "cruncher_total_bytes", "DTYPE_BYTES"]
+__all__ = [
+    "analyse",
+    "analytic_total_at",
+    "largest_batch",
+    "module_param_formula",
+    "conv_params",
+    "conv_transpose_params",
+    "linear_params",
+    "batchnorm_params",
+    "layernorm_params",
+    "groupnorm_params",
+    "embedding_params",
+    "four_part_bytes",
+    "cruncher_counts",
+    "cruncher_total_bytes",
+    "DTYPE_BYTES",
+]

@@ -35,6 +35,7 @@ than without checkpointing; gradients are unaffected. Random ops (dropout) see t
 same random numbers in the recomputation (``preserve_rng_state=True``). In eval
 mode / under ``torch.no_grad()`` the wrapper calls the module directly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,9 +49,19 @@ from ..errors import UsageError
 
 #: the modes a Workload's ``checkpointing`` field may take ("every-K" for any K >= 1)
 MODES = ("none", "blocks", "sqrt", "every-K")
-_ALIASES = {"": "none", "off": "none", "no": "none", "false": "none",
-            "block": "blocks", "per-block": "blocks", "per_block": "blocks", "on": "blocks", "true": "blocks",
-            "sqrt(n)": "sqrt", "segments": "sqrt"}
+_ALIASES = {
+    "": "none",
+    "off": "none",
+    "no": "none",
+    "false": "none",
+    "block": "blocks",
+    "per-block": "blocks",
+    "per_block": "blocks",
+    "on": "blocks",
+    "true": "blocks",
+    "sqrt(n)": "sqrt",
+    "segments": "sqrt",
+}
 _MARK = "_memprof_checkpointed"
 _PLAN_ATTR = "_memprof_checkpoint_plan"
 _state = threading.local()
@@ -63,12 +74,14 @@ def parse_mode(name: str) -> str:
     if key in ("none", "blocks", "sqrt"):
         return key
     if key.startswith("every-") or key.startswith("every"):
-        digits = key[len("every-"):] if key.startswith("every-") else key[len("every"):]
+        digits = key[len("every-") :] if key.startswith("every-") else key[len("every") :]
         if digits.isdigit() and int(digits) >= 1:
             return f"every-{int(digits)}"
-    raise UsageError(f"unknown checkpointing mode {name!r}",
-                     "choose none, blocks (each repeated block), sqrt (sqrt(n) segments of the largest "
-                     "nn.Sequential) or every-K (segments of K modules, e.g. every-2)")
+    raise UsageError(
+        f"unknown checkpointing mode {name!r}",
+        "choose none, blocks (each repeated block), sqrt (sqrt(n) segments of the largest "
+        "nn.Sequential) or every-K (segments of K modules, e.g. every-2)",
+    )
 
 
 @dataclass(frozen=True)
@@ -326,8 +339,12 @@ def _plan_block_chain(model, mode: str, k: int | None):
         segs = _segments_of(parent, modules[parent], size, last_plain=i == len(parents) - 1)
         action.append((parent, [seg for _, seg in segs]))
         regions.extend(name for name, seg in segs if seg[2])
-    plan = CheckpointPlan(mode, tuple(regions), f"{len(names)} × {found[0].__name__} in {len(parents)} nn.Sequential",
-                          f"segments of {size}")
+    plan = CheckpointPlan(
+        mode,
+        tuple(regions),
+        f"{len(names)} × {found[0].__name__} in {len(parents)} nn.Sequential",
+        f"segments of {size}",
+    )
     return action, plan
 
 
@@ -337,22 +354,27 @@ def _plan_segments(model, mode: str, k: int | None, notes: list[str]):
         return chain
     found = _largest_sequential(model)
     if found is None:
-        raise UsageError(f"--checkpointing {mode}: the model has no nn.Sequential to cut into segments",
-                         "use --checkpointing blocks, or wrap the model's layers in an nn.Sequential")
+        raise UsageError(
+            f"--checkpointing {mode}: the model has no nn.Sequential to cut into segments",
+            "use --checkpointing blocks, or wrap the model's layers in an nn.Sequential",
+        )
     name, seq = found
     n = len(seq)
     size = _segment_size(n, k)
     label = name or type(model).__name__
     segs = _segments_of(label, seq, size, last_plain=True)
     if len(segs) < 2:
-        raise UsageError(f"--checkpointing {mode}: {label} has only {n} modules, one segment",
-                         "use a smaller K (every-1) or --checkpointing blocks")
+        raise UsageError(
+            f"--checkpointing {mode}: {label} has only {n} modules, one segment",
+            "use a smaller K (every-1) or --checkpointing blocks",
+        )
     total_layers, seq_layers = _param_leaves(model), _param_leaves(seq)
     if total_layers and seq_layers < 0.5 * total_layers:
         notes.append(f"only {label} is segmented ({seq_layers} of {total_layers} layers)")
     regions = tuple(r for r, seg in segs if seg[2])
-    return [(name, [seg for _, seg in segs])], CheckpointPlan(mode, regions, f"{label} ({n} modules)",
-                                                             f"segments of {size}", tuple(notes))
+    return [(name, [seg for _, seg in segs])], CheckpointPlan(
+        mode, regions, f"{label} ({n} modules)", f"segments of {size}", tuple(notes)
+    )
 
 
 def plan_checkpointing(model, mode: str) -> tuple[Any, CheckpointPlan]:
@@ -383,17 +405,19 @@ def plan_checkpointing(model, mode: str) -> tuple[Any, CheckpointPlan]:
         prefix = f"{best[0]}." if best[0] else ""
         names = [prefix + n for n in best[1]]
         label = best[0] or type(model).__name__
-        return ("modules", names), CheckpointPlan(mode, tuple(names), f"children of {label}",
-                                                  "non-leaf children")
+        return ("modules", names), CheckpointPlan(mode, tuple(names), f"children of {label}", "non-leaf children")
     # fallback 2: segments of the largest Sequential
     try:
         action, plan = _plan_segments(model, "blocks", None, notes)
     except UsageError:
-        raise UsageError(f"--checkpointing blocks: found no repeated blocks in {type(model).__name__}",
-                         "checkpointing needs blocks (nn.Sequential / nn.ModuleList of modules) to wrap; "
-                         "group the layers into an nn.Sequential or nn.ModuleList") from None
-    plan = CheckpointPlan("blocks", plan.regions, plan.what, plan.rule,
-                          ("no repeated blocks: sqrt(n) segments instead",) + plan.notes)
+        raise UsageError(
+            f"--checkpointing blocks: found no repeated blocks in {type(model).__name__}",
+            "checkpointing needs blocks (nn.Sequential / nn.ModuleList of modules) to wrap; "
+            "group the layers into an nn.Sequential or nn.ModuleList",
+        ) from None
+    plan = CheckpointPlan(
+        "blocks", plan.regions, plan.what, plan.rule, ("no repeated blocks: sqrt(n) segments instead",) + plan.notes
+    )
     return ("segments", action), plan
 
 

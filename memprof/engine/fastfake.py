@@ -28,6 +28,7 @@ unknown object, a call outside this FakeTensorMode) goes to FakeTensorMode uncha
 ``tests/test_fastfake.py`` checks traces with and without it are identical;
 ``MEMPROF_FAST_FAKE=0`` turns it off.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,7 +55,7 @@ def enabled() -> bool:
     return os.environ.get("MEMPROF_FAST_FAKE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def mode(fast: "FastFake | None"):
+def mode(fast: FastFake | None):
     """A dispatch mode that runs every op through ``fast`` (a no-op context when it is None)."""
     import contextlib
 
@@ -113,8 +114,17 @@ class FastFake:
             t = getattr(torch.Tag, tag, None)
             if t is not None and t in tags:
                 return None
-        if func.name().split("::")[-1].split(".")[0] in ("resize_", "resize_as_", "set_", "copy_", "lift_fresh",
-                                                          "_local_scalar_dense", "_to_copy", "to", "lift"):
+        if func.name().split("::")[-1].split(".")[0] in (
+            "resize_",
+            "resize_as_",
+            "set_",
+            "copy_",
+            "lift_fresh",
+            "_local_scalar_dense",
+            "_to_copy",
+            "to",
+            "lift",
+        ):
             return None  # metadata or device changes, or values read
         if func.name() == "aten::_unsafe_view":
             return "view"  # no alias annotation, but it returns a view of its input's storage
@@ -156,8 +166,14 @@ class FastFake:
 
     # -- cache entries ------------------------------------------------------------------
     def _plain(self, t) -> bool:
-        return (type(t) is self._FakeTensor and t.constant is None and t.layout is self._strided
-                and not t.requires_grad and not t.is_conj() and not t.is_neg())
+        return (
+            type(t) is self._FakeTensor
+            and t.constant is None
+            and t.layout is self._strided
+            and not t.requires_grad
+            and not t.is_conj()
+            and not t.is_neg()
+        )
 
     def _spec(self, kind: str, out, args, kwargs, before):
         """How to rebuild ``out`` on a repeat, or None when this call must always go through FakeTensorMode."""
@@ -193,7 +209,7 @@ class FastFake:
             shape, stride = tuple(t.shape), t.stride()
             need = 0
             if all(n > 0 for n in shape):
-                need = (1 + sum((n - 1) * m for n, m in zip(shape, stride))) * t.element_size()
+                need = (1 + sum((n - 1) * m for n, m in zip(shape, stride, strict=False))) * t.element_size()
             if st.nbytes() != need:
                 return None
             return (shape, stride, t.dtype, t.fake_device)
@@ -231,7 +247,7 @@ class FastFake:
             specs = (specs,)
         with self._no_dispatch():
             elems = [None if s is _NONE else empty(s[0], s[1], dtype=s[2], device="meta") for s in specs]
-        outs = [None if e is None else FakeTensor(mode, e, s[3]) for e, s in zip(elems, specs)]
+        outs = [None if e is None else FakeTensor(mode, e, s[3]) for e, s in zip(elems, specs, strict=False)]
         return outs[0] if container is None else container(outs)
 
     # -- the call -----------------------------------------------------------------------
@@ -258,8 +274,12 @@ class FastFake:
         if kind is None:
             return self._pass(func, args, kwargs)
         try:
-            key = (func, self._key(args), self._key(tuple(kwargs.items())) if kwargs else None,
-                   self._default_dtype())  # factories and Python floats follow it
+            key = (
+                func,
+                self._key(args),
+                self._key(tuple(kwargs.items())) if kwargs else None,
+                self._default_dtype(),
+            )  # factories and Python floats follow it
             entry = self._cache.get(key)
         except (_Skip, TypeError):  # TypeError: an unhashable argument
             return self._pass(func, args, kwargs)
@@ -279,8 +299,12 @@ class FastFake:
             try:
                 sketch = rule(args, kwargs)
                 if sketch is not None:
-                    cls = (func, self._class_key(args), self._class_key(tuple(kwargs.items())) if kwargs else None,
-                           key[3])
+                    cls = (
+                        func,
+                        self._class_key(args),
+                        self._class_key(tuple(kwargs.items())) if kwargs else None,
+                        key[3],
+                    )
             except (_Skip, TypeError, IndexError, ValueError, AttributeError):
                 sketch = cls = None
             state = self._classes.get(cls) if cls is not None else None
@@ -338,7 +362,8 @@ class FastFake:
             container, specs = spec[1], (spec[2],) if spec[1] is None else spec[2]
             ok = len(specs) == len(sketch) and all(
                 (s is _NONE) == (sh is None) and (sh is None or (tuple(sh[0]) == s[0] and tuple(sh[1]) == tuple(s[1])))
-                for s, sh in zip(specs, sketch))
+                for s, sh in zip(specs, sketch, strict=False)
+            )
             types = tuple((None, None) if s is _NONE else (s[2], s[3]) for s in specs)
         if ok:
             shape0 = _shape_of(args[0]) if args else None
@@ -408,7 +433,7 @@ def _pointwise_rule(args, kwargs):
     if len(tensors) > 1:
         tensors = [t for t in tensors if t.dim()] or tensors[:1]  # 0-dim tensors broadcast like numbers
     first = tensors[0]
-    shape, stride = tuple(first.shape), first.stride()
+    shape, _stride = tuple(first.shape), first.stride()
     for t in tensors[1:]:
         if tuple(t.shape) != shape:
             return None
@@ -593,8 +618,11 @@ def _layer_norm_rule(args, kwargs):
     if axis < 0 or list(x.shape[axis:]) != normalized:
         return None
     stats = tuple(x.shape[:axis]) + (1,) * len(normalized)
-    return ((tuple(x.shape), _contiguous_strides(x.shape)), (stats, _contiguous_strides(stats)),
-            (stats, _contiguous_strides(stats)))
+    return (
+        (tuple(x.shape), _contiguous_strides(x.shape)),
+        (stats, _contiguous_strides(stats)),
+        (stats, _contiguous_strides(stats)),
+    )
 
 
 def _layer_norm_backward_rule(args, kwargs):
@@ -644,12 +672,14 @@ def _conv_backward_rule(args, kwargs):
     """convolution_backward: gradients of the input's and the weight's shapes, bias gradient of size C_out."""
     if kwargs or len(args) != 11:
         return None
-    grad, x, w, mask = args[0], args[1], args[2], args[10]
+    _grad, x, w, mask = args[0], args[1], args[2], args[10]
     if args[7]:  # transposed
         return None
-    return ((tuple(x.shape), _format_strides(tuple(x.shape), x, w)) if mask[0] else None,
-            (tuple(w.shape), _format_strides(tuple(w.shape), x, w)) if mask[1] else None,
-            ((w.shape[0],), (1,)) if mask[2] else None)
+    return (
+        (tuple(x.shape), _format_strides(tuple(x.shape), x, w)) if mask[0] else None,
+        (tuple(w.shape), _format_strides(tuple(w.shape), x, w)) if mask[1] else None,
+        ((w.shape[0],), (1,)) if mask[2] else None,
+    )
 
 
 def _format_strides(shape, *tensors) -> tuple:
@@ -672,7 +702,7 @@ def _cat_rule(args, kwargs):
     dim = _dim(dim, first.dim())
     shape = list(first.shape)
     for t in tensors[1:]:
-        if any(a != b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != dim):
+        if any(a != b for i, (a, b) in enumerate(zip(t.shape, first.shape, strict=False)) if i != dim):
             return None
         shape[dim] += t.shape[dim]
     return ((tuple(shape), _contiguous_strides(shape)),)
@@ -683,8 +713,10 @@ def _entry(kind: str, sketch, state) -> tuple:
     if kind == "view":
         dtype, device = state[2]
         return ("view", tuple(sketch[0]), tuple(sketch[1]), sketch[2], dtype, device)
-    specs = tuple(_NONE if sh is None else (tuple(sh[0]), tuple(sh[1]), dt, dev)
-                  for sh, (dt, dev) in zip(sketch, state[2]))
+    specs = tuple(
+        _NONE if sh is None else (tuple(sh[0]), tuple(sh[1]), dt, dev)
+        for sh, (dt, dev) in zip(sketch, state[2], strict=False)
+    )
     if state[3] is None:
         return ("fresh", None, specs[0])
     return ("fresh", state[3], specs)
@@ -693,7 +725,7 @@ def _entry(kind: str, sketch, state) -> tuple:
 def _broadcasts_to(shape, target) -> bool:
     if len(shape) > len(target):
         return False
-    return all(a == b or a == 1 for a, b in zip(reversed(shape), reversed(target)))
+    return all(a == b or a == 1 for a, b in zip(reversed(shape), reversed(target), strict=False))
 
 
 def _fits_into(other, target) -> bool:
@@ -705,8 +737,9 @@ def _fits_into(other, target) -> bool:
         return False
     if other.fake_device != target.fake_device and not (other.dim() == 0 and other.fake_device.type == "cpu"):
         return False
-    if other.dtype is not target.dtype and not torch.can_cast(torch.promote_types(other.dtype, target.dtype),
-                                                             target.dtype):
+    if other.dtype is not target.dtype and not torch.can_cast(
+        torch.promote_types(other.dtype, target.dtype), target.dtype
+    ):
         return False
     return True
 
@@ -732,7 +765,7 @@ def _inplace_ok(args, kwargs, fake_type) -> bool:
                 if len(a) != len(first):
                     return False
                 if a and type(a[0]) is fake_type:
-                    if any(type(t) is not fake_type or not _fits_into(t, g) for t, g in zip(a, first)):
+                    if any(type(t) is not fake_type or not _fits_into(t, g) for t, g in zip(a, first, strict=False)):
                         return False
                 elif any(type(v) not in (int, float, bool) for v in a):
                     return False
@@ -746,16 +779,27 @@ def _inplace_ok(args, kwargs, fake_type) -> bool:
 
 
 def _rules(torch) -> dict:
-    return {("native_batch_norm", "fresh"): _batch_norm_rule,
-            ("native_batch_norm_backward", "fresh"): _batch_norm_backward_rule,
-            ("slice", "view"): _slice_rule,
-            ("view", "view"): _view_rule, ("_unsafe_view", "view"): _view_rule,
-            ("detach", "view"): _same_view_rule, ("alias", "view"): _same_view_rule,
-            ("t", "view"): _t_rule, ("transpose", "view"): _transpose_rule, ("permute", "view"): _permute_rule,
-            ("unsqueeze", "view"): _unsqueeze_rule, ("expand", "view"): _expand_rule,
-            ("as_strided", "view"): _as_strided_rule, ("select", "view"): _select_rule,
-            ("native_layer_norm", "fresh"): _layer_norm_rule,
-            ("native_layer_norm_backward", "fresh"): _layer_norm_backward_rule,
-            ("convolution", "fresh"): _conv_rule, ("convolution_backward", "fresh"): _conv_backward_rule,
-            ("cat", "fresh"): _cat_rule,
-            ("mm", "fresh"): _mm_rule, ("addmm", "fresh"): _mm_rule, ("bmm", "fresh"): _mm_rule}
+    return {
+        ("native_batch_norm", "fresh"): _batch_norm_rule,
+        ("native_batch_norm_backward", "fresh"): _batch_norm_backward_rule,
+        ("slice", "view"): _slice_rule,
+        ("view", "view"): _view_rule,
+        ("_unsafe_view", "view"): _view_rule,
+        ("detach", "view"): _same_view_rule,
+        ("alias", "view"): _same_view_rule,
+        ("t", "view"): _t_rule,
+        ("transpose", "view"): _transpose_rule,
+        ("permute", "view"): _permute_rule,
+        ("unsqueeze", "view"): _unsqueeze_rule,
+        ("expand", "view"): _expand_rule,
+        ("as_strided", "view"): _as_strided_rule,
+        ("select", "view"): _select_rule,
+        ("native_layer_norm", "fresh"): _layer_norm_rule,
+        ("native_layer_norm_backward", "fresh"): _layer_norm_backward_rule,
+        ("convolution", "fresh"): _conv_rule,
+        ("convolution_backward", "fresh"): _conv_backward_rule,
+        ("cat", "fresh"): _cat_rule,
+        ("mm", "fresh"): _mm_rule,
+        ("addmm", "fresh"): _mm_rule,
+        ("bmm", "fresh"): _mm_rule,
+    }

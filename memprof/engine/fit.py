@@ -11,11 +11,13 @@ Every command (``estimate``, ``find-batch``, ``compare``) calls these; none keep
 * :func:`first_guess`, :func:`bracket_peaks` and :func:`fit_batch`: the largest batch whose
   traced figure fits, exact under the tracer (it fits and one more does not).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import UsageError
 from ..results import BatchFit, MemCategory, Metric, Target, TraceResult
@@ -33,8 +35,7 @@ def check_headroom(headroom: float) -> float:
     except (TypeError, ValueError):
         value = math.nan
     if isinstance(headroom, bool) or not (0 < value <= 1):
-        raise UsageError(f"`headroom` must be in (0, 1], got {headroom!r}",
-                         "e.g. `headroom` 0.8 (the usual 80 % rule)")
+        raise UsageError(f"`headroom` must be in (0, 1], got {headroom!r}", "e.g. `headroom` 0.8 (the usual 80 % rule)")
     return value
 
 
@@ -86,16 +87,19 @@ def value_of(result: Any, metric: Metric | str) -> int | None:
 def first_guess(traced: TraceResult, batch: int, metric_bytes: int, capacity_bytes: int, limit: int) -> int:
     """The largest batch one trace (at ``batch``) suggests: what grows with the batch at its peak
     (activations, inputs, temporaries) is per-sample, the rest of ``metric_bytes`` is fixed."""
-    per_batch = sum(int(traced.breakdown_at_peak.get(c, 0))
-                    for c in (MemCategory.ACTIVATION, MemCategory.INPUT, MemCategory.TEMPORARY))
+    per_batch = sum(
+        int(traced.breakdown_at_peak.get(c, 0))
+        for c in (MemCategory.ACTIVATION, MemCategory.INPUT, MemCategory.TEMPORARY)
+    )
     if per_batch <= 0:
         return limit
     guess = int((capacity_bytes - (metric_bytes - per_batch)) // (per_batch / batch))
     return max(1, min(guess, limit))
 
 
-def bracket_peaks(peak: Callable[[int], int], cache: dict[int, int], capacity_bytes: int, limit: int, guess: int,
-                  max_traces: int = 40) -> tuple[int, str]:
+def bracket_peaks(
+    peak: Callable[[int], int], cache: dict[int, int], capacity_bytes: int, limit: int, guess: int, max_traces: int = 40
+) -> tuple[int, str]:
     """The largest batch in [1, limit] with ``peak(b) <= capacity_bytes``, given that batch 1 fits.
 
     Unlike a real trial, a trace also gives the bytes of a batch that does not fit, so the
@@ -149,10 +153,19 @@ def bracket_peaks(peak: Callable[[int], int], cache: dict[int, int], capacity_by
 TraceFn = Callable[..., TraceResult]  # (workload, *, target, kernel_scratch) -> TraceResult
 
 
-def fit_batch(workload: Any, capacity_bytes: int, *, target: Target = "cuda", headroom: float = DEFAULT_HEADROOM,
-              max_batch: int | None = None, metric: Metric | str | None = None, kernel_scratch: bool = True,
-              known: dict[int, TraceResult] | None = None, trace_fn: TraceFn | None = None,
-              max_traces: int = 40) -> BatchFit:
+def fit_batch(
+    workload: Any,
+    capacity_bytes: int,
+    *,
+    target: Target = "cuda",
+    headroom: float = DEFAULT_HEADROOM,
+    max_batch: int | None = None,
+    metric: Metric | str | None = None,
+    kernel_scratch: bool = True,
+    known: dict[int, TraceResult] | None = None,
+    trace_fn: TraceFn | None = None,
+    max_traces: int = 40,
+) -> BatchFit:
     """The largest batch whose traced ``metric`` fits ``capacity_bytes``, verified by tracing it and the next one.
 
     Peak memory is close to affine in the batch size. With a trace that already fits (in
@@ -190,14 +203,26 @@ def fit_batch(workload: Any, capacity_bytes: int, *, target: Target = "cuda", he
             cache[b] = figure(trace_fn(workload.with_batch(b), target=target, kernel_scratch=kernel_scratch))
         return cache[b]
 
-    def result(max_b: int | None, slope: float, intercept: float, limited: bool = False,
-               exact: bool = True) -> BatchFit:
+    def result(
+        max_b: int | None, slope: float, intercept: float, limited: bool = False, exact: bool = True
+    ) -> BatchFit:
         at_max = cache.get(max_b) if max_b is not None else cache.get(1)
         nxt = cache.get(max_b + 1) if max_b is not None else None
-        return BatchFit(capacity_bytes=capacity_bytes, metric=metric, max_batch=max_b,
-                        recommended_batch=recommend(max_b, headroom), headroom=headroom, peak_at_max_bytes=at_max,
-                        peak_at_next_bytes=nxt, slope_bytes_per_sample=int(slope), intercept_bytes=int(intercept),
-                        traces=len(cache), limited_by_max=limited, notes=tuple(notes), exact=exact)
+        return BatchFit(
+            capacity_bytes=capacity_bytes,
+            metric=metric,
+            max_batch=max_b,
+            recommended_batch=recommend(max_b, headroom),
+            headroom=headroom,
+            peak_at_max_bytes=at_max,
+            peak_at_next_bytes=nxt,
+            slope_bytes_per_sample=int(slope),
+            intercept_bytes=int(intercept),
+            traces=len(cache),
+            limited_by_max=limited,
+            notes=tuple(notes),
+            exact=exact,
+        )
 
     def finish(largest: int, status: str) -> BatchFit:
         if status != "exact":
@@ -257,9 +282,9 @@ def affine_fit(points: dict[int, int]) -> tuple[float | None, float | None]:
     """Least-squares (intercept, slope) through (batch, bytes) points; (None, None) with fewer than two batches."""
     if len(points) < 2:
         return None, None
-    xs, ys = zip(*sorted(points.items()))
+    xs, ys = zip(*sorted(points.items()), strict=False)
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=False)) / sxx
     return my - slope * mx, slope

@@ -2,6 +2,7 @@
 
 Today: what activation checkpointing recomputes (:func:`recompute_cost`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -59,11 +60,14 @@ def _count_recompute(workload, device: str, mode) -> RecomputeCost:
     with mode:
         prepared = prepare(workload.replace(mode="train"), device)
         plan = get_plan(prepared.model)
-        with counting_regions(probe), FlopCounterMode(display=False) as total, torch.enable_grad(), \
-                autocast(prepared):
+        with counting_regions(probe), FlopCounterMode(display=False) as total, torch.enable_grad(), autocast(prepared):
             prepared.model(*prepared.args, **prepared.kwargs)
     model = prepared.model
     batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return RecomputeCost(regions=plan.count if plan else 0, forward_flops=int(total.get_total_flops()),
-                         recompute_flops=int(sum(probe)), plan=plan.describe() if plan else "",
-                         batchnorm_recomputed=batchnorm and bool(probe))
+    return RecomputeCost(
+        regions=plan.count if plan else 0,
+        forward_flops=int(total.get_total_flops()),
+        recompute_flops=int(sum(probe)),
+        plan=plan.describe() if plan else "",
+        batchnorm_recomputed=batchnorm and bool(probe),
+    )

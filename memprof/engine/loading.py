@@ -20,6 +20,7 @@ A user file (or module) may define two optional hooks next to the model:
 ``memprof_loss(output, target)``
     returns the scalar loss to call ``backward()`` on.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -28,9 +29,10 @@ import importlib.util
 import inspect
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import ModelLoadError, UsageError
 
@@ -81,11 +83,14 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(p) for p in cleaned.split(",") if p != "")
     except ValueError:
-        raise UsageError(f"cannot read input shape {text!r}",
-                         "give the per-sample shape without the batch, e.g. --input-shape 3,224,224") from None
+        raise UsageError(
+            f"cannot read input shape {text!r}",
+            "give the per-sample shape without the batch, e.g. --input-shape 3,224,224",
+        ) from None
     if not shape or any(d <= 0 for d in shape):
-        raise UsageError(f"input shape {text!r} must be positive integers",
-                         "e.g. --input-shape 3,224,224 (batch excluded)")
+        raise UsageError(
+            f"input shape {text!r} must be positive integers", "e.g. --input-shape 3,224,224 (batch excluded)"
+        )
     return shape
 
 
@@ -96,11 +101,12 @@ def parse_kwargs(json_text: str | None = None, pairs: list[str] | None = None) -
         try:
             parsed = json.loads(json_text)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"--model-kwargs is not valid JSON: {exc.msg} at column {exc.colno}",
-                             """quote it for the shell, e.g. --model-kwargs '{"num_classes": 10}'""") from None
+            raise UsageError(
+                f"--model-kwargs is not valid JSON: {exc.msg} at column {exc.colno}",
+                """quote it for the shell, e.g. --model-kwargs '{"num_classes": 10}'""",
+            ) from None
         if not isinstance(parsed, dict):
-            raise UsageError("--model-kwargs must be a JSON object",
-                             """e.g. --model-kwargs '{"num_classes": 10}'""")
+            raise UsageError("--model-kwargs must be a JSON object", """e.g. --model-kwargs '{"num_classes": 10}'""")
         kwargs.update(parsed)
     for pair in pairs or []:
         if "=" not in pair:
@@ -144,8 +150,10 @@ class ModelSpec:
                 "pass constructor arguments with --model-kwargs '{\"name\": value}' or --model-arg name=value",
             ) from None
         if not isinstance(model, torch.nn.Module):
-            raise ModelLoadError(f"{self.ref} returned {type(model).__name__}, not a torch.nn.Module",
-                                 "point at an nn.Module class or a function that returns one")
+            raise ModelLoadError(
+                f"{self.ref} returned {type(model).__name__}, not a torch.nn.Module",
+                "point at an nn.Module class or a function that returns one",
+            )
         self._detect_inputs(model)
         return model
 
@@ -153,8 +161,10 @@ class ModelSpec:
         """Fill in what the user left out: token ids for Embedding-first models, Linear widths."""
         import torch
 
-        first = next((m for m in model.modules() if not list(m.children()) and
-                      any(True for _ in m.parameters(recurse=False))), None)
+        first = next(
+            (m for m in model.modules() if not list(m.children()) and any(True for _ in m.parameters(recurse=False))),
+            None,
+        )
         if self.inputs.dtype is None:
             if isinstance(first, torch.nn.Embedding):
                 self.inputs.dtype = "int64"
@@ -168,9 +178,11 @@ class ModelSpec:
             if isinstance(first, torch.nn.Linear) and self.inputs.dtype == "float":
                 self.inputs.shapes = [(first.in_features,)]
             else:
-                raise UsageError(f"memprof does not know the input shape of {self.display_name}",
-                                 f"give the per-sample shape, e.g. --input-shape 3,224,224 (batch excluded), "
-                                 f"or define {BATCH_HOOK}(batch_size, device, dtype) next to the model")
+                raise UsageError(
+                    f"memprof does not know the input shape of {self.display_name}",
+                    f"give the per-sample shape, e.g. --input-shape 3,224,224 (batch excluded), "
+                    f"or define {BATCH_HOOK}(batch_size, device, dtype) next to the model",
+                )
 
     def input_description(self) -> str:
         if self.batch_hook is not None and not self.inputs.shapes:
@@ -186,11 +198,15 @@ class ModelSpec:
             try:
                 produced = self.batch_hook(batch_size, device, float_dtype)
             except Exception as exc:
-                raise ModelLoadError(f"{BATCH_HOOK}() failed: {type(exc).__name__}: {exc}",
-                                     f"{BATCH_HOOK}(batch_size, device, dtype) must return (inputs, target)") from None
+                raise ModelLoadError(
+                    f"{BATCH_HOOK}() failed: {type(exc).__name__}: {exc}",
+                    f"{BATCH_HOOK}(batch_size, device, dtype) must return (inputs, target)",
+                ) from None
             if not (isinstance(produced, tuple) and len(produced) == 2):
-                raise ModelLoadError(f"{BATCH_HOOK}() must return (inputs, target), got {type(produced).__name__}",
-                                     "inputs: a tensor, a tuple of arguments or a dict of keyword arguments")
+                raise ModelLoadError(
+                    f"{BATCH_HOOK}() must return (inputs, target), got {type(produced).__name__}",
+                    "inputs: a tensor, a tuple of arguments or a dict of keyword arguments",
+                )
             inputs, target = produced
             if isinstance(inputs, dict):
                 return (), dict(inputs), target
@@ -202,8 +218,15 @@ class ModelSpec:
             if self.inputs.dtype in (None, "float"):
                 args.append(torch.randn((batch_size, *shape), dtype=float_dtype, device=device))
             else:
-                args.append(torch.randint(self.inputs.low, self.inputs.high or 2, (batch_size, *shape),
-                                          dtype=getattr(torch, self.inputs.dtype), device=device))
+                args.append(
+                    torch.randint(
+                        self.inputs.low,
+                        self.inputs.high or 2,
+                        (batch_size, *shape),
+                        dtype=getattr(torch, self.inputs.dtype),
+                        device=device,
+                    )
+                )
         return tuple(args), {}, None
 
     def loss_fn(self) -> Callable:
@@ -228,8 +251,10 @@ def default_loss(output, target=None, *, tokens: bool = False):
         output = output.logits
     leaves = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not leaves:
-        raise UsageError("the model's output holds no floating-point tensor to train on",
-                         f"define {LOSS_HOOK}(output, target) next to the model")
+        raise UsageError(
+            "the model's output holds no floating-point tensor to train on",
+            f"define {LOSS_HOOK}(output, target) next to the model",
+        )
     total = None
     for y in leaves:
         if isinstance(target, torch.Tensor) and len(leaves) == 1:
@@ -241,8 +266,9 @@ def default_loss(output, target=None, *, tokens: bool = False):
                 loss = F.cross_entropy(y, target)
         elif y.dim() >= 2:
             if tokens and y.dim() == 3:
-                loss = F.cross_entropy(y.flatten(0, 1), torch.zeros(y.shape[0] * y.shape[1], dtype=torch.long,
-                                                                     device=y.device))
+                loss = F.cross_entropy(
+                    y.flatten(0, 1), torch.zeros(y.shape[0] * y.shape[1], dtype=torch.long, device=y.device)
+                )
             else:
                 loss = F.cross_entropy(y, torch.zeros((y.shape[0], *y.shape[2:]), dtype=torch.long, device=y.device))
         else:
@@ -286,14 +312,20 @@ def load_torchvision(name: str, kwargs: dict[str, Any]) -> ModelSpec:
     family = torchvision_family(name)
     if family is None:
         close = difflib.get_close_matches(name, torchvision_names(), n=3, cutoff=0.5)
-        hint = (f"did you mean {', '.join(close)}?" if close else
-                "run `python -c \"import torchvision; print(torchvision.models.list_models())\"` for the names")
-        raise ModelLoadError(f"unknown model {name!r}: not a torchvision model name nor a path/to/file.py:Class",
-                             hint + " A model of your own: path/to/file.py:ClassName")
+        hint = (
+            f"did you mean {', '.join(close)}?"
+            if close
+            else 'run `python -c "import torchvision; print(torchvision.models.list_models())"` for the names'
+        )
+        raise ModelLoadError(
+            f"unknown model {name!r}: not a torchvision model name nor a path/to/file.py:Class",
+            hint + " A model of your own: path/to/file.py:ClassName",
+        )
     if family in _UNSUPPORTED_FAMILIES:
-        raise ModelLoadError(f"{name} is a torchvision {family.replace('_', '-')} model: "
-                             f"{_UNSUPPORTED_FAMILIES[family]}",
-                             f"wrap it in a file with {BATCH_HOOK}() and {LOSS_HOOK}() and pass file.py:factory")
+        raise ModelLoadError(
+            f"{name} is a torchvision {family.replace('_', '-')} model: {_UNSUPPORTED_FAMILIES[family]}",
+            f"wrap it in a file with {BATCH_HOOK}() and {LOSS_HOOK}() and pass file.py:factory",
+        )
     presets = _presets()
     entry: dict[str, Any] = dict(presets.get("defaults", {}))
     for layer in (presets.get("family", {}).get(family, {}), presets.get("models", {}).get(name, {})):
@@ -306,9 +338,14 @@ def load_torchvision(name: str, kwargs: dict[str, Any]) -> ModelSpec:
     def factory(**kw):
         return builder(weights=None, **kw)
 
-    return ModelSpec(ref=name, display_name=name, factory=factory, kwargs={**preset_kwargs, **kwargs},
-                     inputs=InputSpec(shapes=[tuple(entry.get("input_shape", (3, 224, 224)))], dtype="float"),
-                     source="torchvision")
+    return ModelSpec(
+        ref=name,
+        display_name=name,
+        factory=factory,
+        kwargs={**preset_kwargs, **kwargs},
+        inputs=InputSpec(shapes=[tuple(entry.get("input_shape", (3, 224, 224)))], dtype="float"),
+        source="torchvision",
+    )
 
 
 # --------------------------------------------------------------------------- user code
@@ -331,15 +368,18 @@ def _import_file(path: Path):
         spec.loader.exec_module(module)
     except SystemExit:
         sys.modules.pop(module_name, None)
-        raise ModelLoadError(f"importing {path} called sys.exit()",
-                             "guard the script part of the file with if __name__ == '__main__':") from None
+        raise ModelLoadError(
+            f"importing {path} called sys.exit()", "guard the script part of the file with if __name__ == '__main__':"
+        ) from None
     except Exception as exc:
         sys.modules.pop(module_name, None)
         where = ""
         if isinstance(exc, SyntaxError):
             where = f" (line {exc.lineno})"
-        raise ModelLoadError(f"importing {path} failed{where}: {type(exc).__name__}: {exc}",
-                             "fix the file so that `python " + str(path) + "` runs") from None
+        raise ModelLoadError(
+            f"importing {path} failed{where}: {type(exc).__name__}: {exc}",
+            "fix the file so that `python " + str(path) + "` runs",
+        ) from None
     finally:
         try:
             sys.path.remove(folder)
@@ -352,9 +392,10 @@ def _import_module(name: str):
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
-        raise ModelLoadError(f"cannot import module {name!r}: {exc}",
-                             "install it or run memprof from the folder that contains it; "
-                             "for a file use path/to/file.py:Class") from None
+        raise ModelLoadError(
+            f"cannot import module {name!r}: {exc}",
+            "install it or run memprof from the folder that contains it; for a file use path/to/file.py:Class",
+        ) from None
     except Exception as exc:
         raise ModelLoadError(f"importing {name} failed: {type(exc).__name__}: {exc}", "fix the module") from None
 
@@ -366,8 +407,11 @@ def _candidates(module) -> list[str]:
     for attr, value in vars(module).items():
         if attr.startswith("_") or attr in (BATCH_HOOK, LOSS_HOOK):
             continue
-        if inspect.isclass(value) and issubclass(value, torch.nn.Module) and \
-                getattr(value, "__module__", None) == module.__name__:
+        if (
+            inspect.isclass(value)
+            and issubclass(value, torch.nn.Module)
+            and getattr(value, "__module__", None) == module.__name__
+        ):
             names.append(attr)
         elif inspect.isfunction(value) and getattr(value, "__module__", None) == module.__name__:
             names.append(attr)
@@ -379,26 +423,42 @@ def _spec_from_module(module, attr: str, ref: str, where: str, kwargs: dict, sou
 
     if not attr:
         options = _candidates(module)
-        raise ModelLoadError(f"{ref} names no model attribute",
-                             f"write {where}:ClassName" + (f"; {where} defines {', '.join(options[:6])}" if options else ""))
+        raise ModelLoadError(
+            f"{ref} names no model attribute",
+            f"write {where}:ClassName" + (f"; {where} defines {', '.join(options[:6])}" if options else ""),
+        )
     if not hasattr(module, attr):
         options = _candidates(module)
         close = difflib.get_close_matches(attr, options, n=3, cutoff=0.4)
-        hint = f"did you mean {', '.join(close)}?" if close else (
-            f"{where} defines {', '.join(options[:8])}" if options else f"{where} defines no nn.Module class")
+        hint = (
+            f"did you mean {', '.join(close)}?"
+            if close
+            else (f"{where} defines {', '.join(options[:8])}" if options else f"{where} defines no nn.Module class")
+        )
         raise ModelLoadError(f"{where} has no attribute {attr!r}", hint)
     factory = getattr(module, attr)
     if isinstance(factory, torch.nn.Module):
-        raise ModelLoadError(f"{ref} is a model instance, not a class or factory",
-                             "memprof builds the model itself (on fake tensors, without memory): point at the class "
-                             "or a function that returns the model")
+        raise ModelLoadError(
+            f"{ref} is a model instance, not a class or factory",
+            "memprof builds the model itself (on fake tensors, without memory): point at the class "
+            "or a function that returns the model",
+        )
     if not callable(factory):
-        raise ModelLoadError(f"{ref} is a {type(factory).__name__}, not a model class or factory",
-                             "point at an nn.Module class or a function that returns one")
+        raise ModelLoadError(
+            f"{ref} is a {type(factory).__name__}, not a model class or factory",
+            "point at an nn.Module class or a function that returns one",
+        )
     batch_hook = getattr(factory, BATCH_HOOK, None) or getattr(module, BATCH_HOOK, None)
     loss_hook = getattr(factory, LOSS_HOOK, None) or getattr(module, LOSS_HOOK, None)
-    return ModelSpec(ref=ref, display_name=attr if source == "file" else ref, factory=factory, kwargs=kwargs,
-                     batch_hook=batch_hook, loss_hook=loss_hook, source=source)
+    return ModelSpec(
+        ref=ref,
+        display_name=attr if source == "file" else ref,
+        factory=factory,
+        kwargs=kwargs,
+        batch_hook=batch_hook,
+        loss_hook=loss_hook,
+        source=source,
+    )
 
 
 def _split_ref(ref: str) -> tuple[str, str]:
@@ -420,7 +480,7 @@ def load_config(path: Path, kwargs: dict[str, Any]) -> ModelSpec:
     if head.endswith(".py") and not Path(head).is_absolute():  # relative to the config file
         candidate = path.parent / head
         if candidate.exists():
-            ref = str(candidate) + ref[len(head):]
+            ref = str(candidate) + ref[len(head) :]
     spec = load_model(ref, {**model.get("kwargs", {}), **kwargs})
     inp = data.get("input", {})
     if "shape" in inp or "shapes" in inp:

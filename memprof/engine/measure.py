@@ -19,14 +19,16 @@ memory: ...")``, which Lightning's ``is_oom_error`` and accelerate's
 with torch imported once in the server, or spawn where there is no forkserver): the parent
 never touches CUDA, and whatever a trial leaves behind dies with the child.
 """
+
 from __future__ import annotations
 
 import gc
 import multiprocessing
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Protocol
 
 from ..errors import MeasureError, MemprofError, NoGPUError
 from ..results import BatchTrial, Metric
@@ -47,10 +49,12 @@ class Runner(Protocol):
 
     def describe(self) -> str: ...
 
-    def capacity_bytes(self) -> Optional[int]: ...
+    def capacity_bytes(self) -> int | None: ...
 
-    def run(self, workload: Workload, batch: int, steps: int = 2,
-            on_phase: Optional[PhaseCallback] = None) -> BatchTrial: ...
+    def run(
+        self, workload: Workload, batch: int, steps: int = 2, on_phase: PhaseCallback | None = None
+    ) -> BatchTrial: ...
+
 
 #: messages that mean "out of memory" when the exception type does not say so
 OOM_MESSAGES = (
@@ -67,12 +71,18 @@ OOM_MESSAGES = (
 )
 
 
-def oom_kind(exc: BaseException) -> Optional[str]:
+def oom_kind(exc: BaseException) -> str | None:
     """How ``exc`` is recognised as out-of-memory: "exception type", "message", or None if it is not one."""
     import torch
 
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
-                                  getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)) if t)
+    oom_types = tuple(
+        t
+        for t in (
+            getattr(torch, "OutOfMemoryError", None),
+            getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None),
+        )
+        if t
+    )
     if oom_types and isinstance(exc, oom_types):
         return "exception type"
     if isinstance(exc, MemoryError):
@@ -95,20 +105,27 @@ def _first_line(text: str, limit: int = 300) -> str:
 
 def cpu_oom_message(nbytes: int, live_bytes: int, cap_bytes: int) -> str:
     """The message of the CPU cap's error: PyTorch's CPU allocator wording, then memprof's numbers."""
-    return (f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {nbytes} bytes. "
-            f"(memprof --memory-limit cap of {cap_bytes} bytes: {live_bytes - nbytes} bytes of tensors were live)")
+    return (
+        f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {nbytes} bytes. "
+        f"(memprof --memory-limit cap of {cap_bytes} bytes: {live_bytes - nbytes} bytes of tensors were live)"
+    )
 
 
 def _resident_tensors(prepared) -> list:
     """Everything a trial holds before the first step: parameters, buffers, inputs, target."""
-    return [list(prepared.model.parameters()), list(prepared.model.buffers()), prepared.args, prepared.kwargs,
-            prepared.target]
+    return [
+        list(prepared.model.parameters()),
+        list(prepared.model.buffers()),
+        prepared.args,
+        prepared.kwargs,
+        prepared.target,
+    ]
 
 
 class _Trial:
     """Bookkeeping shared by the runners: phase tracking and the OOM/cleanup protocol."""
 
-    def __init__(self, batch: int, on_phase: Optional[PhaseCallback]):
+    def __init__(self, batch: int, on_phase: PhaseCallback | None):
         self.batch = batch
         self.step = 0
         self.phase = "setup"
@@ -148,7 +165,8 @@ def _classify(exc: BaseException, trial: _Trial) -> tuple[str, str]:
     if kind is None:
         raise MeasureError(
             f"batch {trial.batch}: the training step failed ({trial.where}): {type(exc).__name__}: {_first_line(exc)}",
-            "check the model with `memprof estimate` first; this is not an out-of-memory error") from None
+            "check the model with `memprof estimate` first; this is not an out-of-memory error",
+        ) from None
     return _first_line(str(exc)), kind
 
 
@@ -167,7 +185,7 @@ class CpuMemoryCap:
         from .tracking import StorageTracker
 
         self.cap_bytes = int(cap_bytes)
-        self.attempted_bytes: Optional[int] = None
+        self.attempted_bytes: int | None = None
         self.tracker = StorageTracker(on_alloc=self._check)
 
     def _check(self, _key, nbytes: int, _func) -> None:
@@ -195,7 +213,7 @@ class CpuMemoryCap:
     def close(self) -> None:
         self.tracker.detach()
 
-    def __enter__(self) -> "CpuMemoryCap":
+    def __enter__(self) -> CpuMemoryCap:
         self.tracker.__enter__()
         return self
 
@@ -220,7 +238,7 @@ class CpuCapRunner:
     def capacity_bytes(self) -> int:
         return self.cap_bytes
 
-    def run(self, workload: Workload, batch: int, steps: int = 2, on_phase: Optional[PhaseCallback] = None) -> BatchTrial:
+    def run(self, workload: Workload, batch: int, steps: int = 2, on_phase: PhaseCallback | None = None) -> BatchTrial:
         cap = CpuMemoryCap(self.cap_bytes)
         trial = _Trial(batch, on_phase)
         error = kind = where = None
@@ -248,9 +266,19 @@ class CpuCapRunner:
         gc.collect()
         leaked = cap.live_bytes
         cap.close()
-        return BatchTrial(batch_size=batch, fits=error is None, steps_run=steps_run, seconds=trial.seconds(),
-                          peak_allocated_bytes=peak, capacity_bytes=self.cap_bytes, error=error, oom_detected_by=kind,
-                          oom_phase=where, attempted_bytes=cap.attempted_bytes, leaked_bytes=leaked)
+        return BatchTrial(
+            batch_size=batch,
+            fits=error is None,
+            steps_run=steps_run,
+            seconds=trial.seconds(),
+            peak_allocated_bytes=peak,
+            capacity_bytes=self.cap_bytes,
+            error=error,
+            oom_detected_by=kind,
+            oom_phase=where,
+            attempted_bytes=cap.attempted_bytes,
+            leaked_bytes=leaked,
+        )
 
 
 # =========================================================================== CUDA
@@ -266,8 +294,9 @@ class CudaRunner:
         if not torch.cuda.is_available():
             raise NoGPUError("CUDA is not available", "use `memprof estimate`, or --device cpu --memory-limit 4GiB")
         if index >= torch.cuda.device_count():
-            raise NoGPUError(f"there is no CUDA device {index} (found {torch.cuda.device_count()})",
-                             "choose --device cuda:0")
+            raise NoGPUError(
+                f"there is no CUDA device {index} (found {torch.cuda.device_count()})", "choose --device cuda:0"
+            )
         self.index = index
         self.dev = torch.device("cuda", index)
 
@@ -291,7 +320,7 @@ class CudaRunner:
         free, _total = torch.cuda.mem_get_info(self.dev)
         return int(free + torch.cuda.memory_reserved(self.dev))
 
-    def run(self, workload: Workload, batch: int, steps: int = 2, on_phase: Optional[PhaseCallback] = None) -> BatchTrial:
+    def run(self, workload: Workload, batch: int, steps: int = 2, on_phase: PhaseCallback | None = None) -> BatchTrial:
         import torch
 
         from . import nvml
@@ -326,10 +355,21 @@ class CudaRunner:
         prepared = scaler = None  # noqa: F841
         self._clean()
         leaked = int(torch.cuda.memory_allocated(self.dev) - baseline)
-        return BatchTrial(batch_size=batch, fits=error is None, steps_run=steps_run, seconds=trial.seconds(),
-                          peak_allocated_bytes=peak_alloc, peak_reserved_bytes=peak_res, nvml_used_bytes=nvml_used,
-                          cuda_overhead_bytes=overhead, capacity_bytes=capacity, error=error, oom_detected_by=kind,
-                          oom_phase=where, leaked_bytes=leaked)
+        return BatchTrial(
+            batch_size=batch,
+            fits=error is None,
+            steps_run=steps_run,
+            seconds=trial.seconds(),
+            peak_allocated_bytes=peak_alloc,
+            peak_reserved_bytes=peak_res,
+            nvml_used_bytes=nvml_used,
+            cuda_overhead_bytes=overhead,
+            capacity_bytes=capacity,
+            error=error,
+            oom_detected_by=kind,
+            oom_phase=where,
+            leaked_bytes=leaked,
+        )
 
 
 # =========================================================================== isolated trials
@@ -345,9 +385,14 @@ class _Recipe:
 
 def _recipe(workload: Workload) -> _Recipe:
     spec = workload.model
-    fields = {"precision": workload.precision, "optimizer": workload.optimizer, "mode": workload.mode,
-              "checkpointing": workload.checkpointing, "inplace_relu": workload.inplace_relu,
-              "batch_size": workload.batch_size}
+    fields = {
+        "precision": workload.precision,
+        "optimizer": workload.optimizer,
+        "mode": workload.mode,
+        "checkpointing": workload.checkpointing,
+        "inplace_relu": workload.inplace_relu,
+        "batch_size": workload.batch_size,
+    }
     return _Recipe(spec.ref, dict(spec.kwargs), spec.inputs, fields)
 
 
@@ -372,8 +417,14 @@ def _child(recipe: _Recipe, kind: str, arg: int, batch: int, steps: int, conn) -
     except MemprofError as exc:
         conn.send(("error", type(exc).__name__, exc.message, exc.hint))
     except BaseException as exc:  # noqa: BLE001
-        conn.send(("error", "MeasureError", f"{type(exc).__name__}: {_first_line(str(exc))}",
-                   _first_line(traceback.format_exc().strip().splitlines()[-1])))
+        conn.send(
+            (
+                "error",
+                "MeasureError",
+                f"{type(exc).__name__}: {_first_line(str(exc))}",
+                _first_line(traceback.format_exc().strip().splitlines()[-1]),
+            )
+        )
     finally:
         conn.close()
 
@@ -404,12 +455,12 @@ class IsolatedRunner:
     def describe(self) -> str:
         return self._description + " (each trial in a child process)"
 
-    def capacity_bytes(self) -> Optional[int]:
+    def capacity_bytes(self) -> int | None:
         if self.kind == "cpu":
             return self.arg
         return None  # measured by each child; the search takes it from the trials
 
-    def run(self, workload: Workload, batch: int, steps: int = 2, on_phase: Optional[PhaseCallback] = None) -> BatchTrial:
+    def run(self, workload: Workload, batch: int, steps: int = 2, on_phase: PhaseCallback | None = None) -> BatchTrial:
         from .. import errors as errors_mod
 
         parent, child = self._ctx.Pipe(duplex=False)
@@ -451,8 +502,10 @@ class IsolatedRunner:
         if message is None or message[0] not in ("result", "error"):
             code = proc.exitcode
             how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-            raise MeasureError(f"batch {batch}: the trial's child process {how} without a result",
-                               "a signal 9 usually means the host ran out of RAM; try without --isolate to see the error")
+            raise MeasureError(
+                f"batch {batch}: the trial's child process {how} without a result",
+                "a signal 9 usually means the host ran out of RAM; try without --isolate to see the error",
+            )
         if message[0] == "error":
             cls = getattr(errors_mod, message[1], MeasureError)
             if not (isinstance(cls, type) and issubclass(cls, MemprofError)):
@@ -462,15 +515,17 @@ class IsolatedRunner:
         return replace(trial, seconds=time.perf_counter() - t0)
 
 
-def make_runner(device: str, memory_limit: Optional[int], isolate: bool = False) -> Runner:
+def make_runner(device: str, memory_limit: int | None, isolate: bool = False) -> Runner:
     """``device``: "cpu" (needs ``memory_limit``), "cuda" or "cuda:N". Raises NoGPUError/UsageError."""
     from ..errors import UsageError
 
     device = (device or "cuda").strip().lower()
     if device == "cpu":
         if memory_limit is None:
-            raise UsageError("--device cpu needs --memory-limit",
-                             "e.g. --device cpu --memory-limit 4GiB (live tensor bytes are capped there)")
+            raise UsageError(
+                "--device cpu needs --memory-limit",
+                "e.g. --device cpu --memory-limit 4GiB (live tensor bytes are capped there)",
+            )
         if isolate:
             return IsolatedRunner("cpu", int(memory_limit), CpuCapRunner(memory_limit).describe())
         return CpuCapRunner(memory_limit)
@@ -480,9 +535,11 @@ def make_runner(device: str, memory_limit: Optional[int], isolate: bool = False)
         except ValueError:
             raise UsageError(f"cannot read device {device!r}", "write cuda, cuda:1 or cpu") from None
         if memory_limit is not None:
-            raise UsageError("--memory-limit is for --device cpu",
-                             "on a GPU the device's own memory is the limit; use `memprof estimate --gpu-memory` "
-                             "to ask about another card")
+            raise UsageError(
+                "--memory-limit is for --device cpu",
+                "on a GPU the device's own memory is the limit; use `memprof estimate --gpu-memory` "
+                "to ask about another card",
+            )
         if isolate:
             return _isolated_cuda(index)
         return CudaRunner(index)
@@ -545,8 +602,11 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
         for _ in range(steps):
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 train_step(prepared)
-            events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                      if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+            events = [
+                (e.start_ns(), e.nbytes())
+                for e in prof.profiler.kineto_results.events()
+                if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
+            ]
             events.sort(key=lambda e: e[0])
             peak = cur
             for _, nbytes in events:
@@ -557,5 +617,10 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
     finally:
         gc.enable()
     del prepared
-    return {"peak_bytes": max(step_peaks), "first_step_peak_bytes": step_peaks[0],
-            "steady_peak_bytes": step_peaks[-1], "resident_bytes": resident, "end_bytes": resident + cur}
+    return {
+        "peak_bytes": max(step_peaks),
+        "first_step_peak_bytes": step_peaks[0],
+        "steady_peak_bytes": step_peaks[-1],
+        "resident_bytes": resident,
+        "end_bytes": resident + cur,
+    }

@@ -3,6 +3,7 @@
 NVML starts lazily on first use and every query degrades to "not available" with
 a reason instead of raising: no driver, no GPU, or no package must never crash memprof.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -96,13 +97,24 @@ def _gpu(pynvml, index: int) -> GPUInfo:
         try:
             for p in getattr(pynvml, getter)(handle):
                 used = getattr(p, "usedGpuMemory", None)
-                procs.append(GPUProcess(int(p.pid), int(used) if isinstance(used, int) and used >= 0 else None,
-                                        _process_name(int(p.pid))))
+                procs.append(
+                    GPUProcess(
+                        int(p.pid),
+                        int(used) if isinstance(used, int) and used >= 0 else None,
+                        _process_name(int(p.pid)),
+                    )
+                )
         except Exception:
             pass
-    return GPUInfo(index=index, name=_decode(pynvml.nvmlDeviceGetName(handle)), uuid=uuid,
-                   total_bytes=int(mem.total), used_bytes=int(mem.used), free_bytes=int(mem.free),
-                   processes=tuple(procs))
+    return GPUInfo(
+        index=index,
+        name=_decode(pynvml.nvmlDeviceGetName(handle)),
+        uuid=uuid,
+        total_bytes=int(mem.total),
+        used_bytes=int(mem.used),
+        free_bytes=int(mem.free),
+        processes=tuple(procs),
+    )
 
 
 def query() -> NVMLStatus:

@@ -3,6 +3,7 @@
 The tracer adds these to what it records (``memprof.engine.trace``); they are constants and
 heuristics taken from PyTorch's and oneDNN's behaviour, each documented where it is defined.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,7 +28,7 @@ def cublas_workspace_bytes() -> int:
     if config:
         try:  # ":SIZE_KIB:COUNT[:SIZE_KIB:COUNT...]"
             nums = [int(p) for p in config.split(":") if p]
-            total = sum(size * 1024 * count for size, count in zip(nums[0::2], nums[1::2]))
+            total = sum(size * 1024 * count for size, count in zip(nums[0::2], nums[1::2], strict=False))
             if total:
                 return total
         except ValueError:
@@ -51,7 +52,6 @@ def cuda_context_bytes() -> int:
         except ValueError:
             pass
     return CUDA_CONTEXT_DEFAULT_BYTES
-
 
 
 def onednn_conv_scratch(func, args) -> int:

@@ -16,6 +16,7 @@ How it works (real tensors, CPU or CUDA, no re-execution):
 Every hook, the trace function, ``sys.argv`` and ``sys.path`` are restored in ``finally``:
 a script that raises or calls ``sys.exit`` still yields its partial profile.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -28,16 +29,28 @@ import time
 import weakref
 from array import array
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..errors import NoGPUError, UsageError
-from ..results import (UNUSED_CUDA, LeakSuspect, LineStat, MemCategory, ModuleStat, ProfileCuda, ProfilePeak, ProfileResult,
-                      ScriptOutcome, TensorGroup, TimelineSample)
+from ..results import (
+    UNUSED_CUDA,
+    LeakSuspect,
+    LineStat,
+    MemCategory,
+    ModuleStat,
+    ProfileCuda,
+    ProfilePeak,
+    ProfileResult,
+    ScriptOutcome,
+    TensorGroup,
+    TimelineSample,
+)
 from .tracking import StorageTracker
 
 OUTSIDE = "<outside the script's files>"
@@ -51,8 +64,12 @@ _CALLS, _ADDED, _FPEAK, _BALLOC, _BPEAK = range(5)
 
 _DTYPE_NAMES: dict[Any, str] = {}
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_LIBRARY_MARKERS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep,
-                    os.sep + ".venv" + os.sep, os.sep + "venv" + os.sep)
+_LIBRARY_MARKERS = (
+    os.sep + "site-packages" + os.sep,
+    os.sep + "dist-packages" + os.sep,
+    os.sep + ".venv" + os.sep,
+    os.sep + "venv" + os.sep,
+)
 
 
 class _Recorder(StorageTracker):
@@ -109,9 +126,13 @@ class _Recorder(StorageTracker):
         u = self._user_cache.get(filename)
         if u is None:
             path = os.path.abspath(filename)
-            u = (path.startswith(self.user_dir) and path.endswith(".py") and not path.startswith(_PACKAGE_DIR)
-                 and not any(m in path[len(self.user_dir) - 1:] for m in _LIBRARY_MARKERS)
-                 and os.path.isfile(path))  # not "<string>" / generated code named relative to the cwd
+            u = (
+                path.startswith(self.user_dir)
+                and path.endswith(".py")
+                and not path.startswith(_PACKAGE_DIR)
+                and not any(m in path[len(self.user_dir) - 1 :] for m in _LIBRARY_MARKERS)
+                and os.path.isfile(path)
+            )  # not "<string>" / generated code named relative to the cwd
             self._user_cache[filename] = u
         return u
 
@@ -418,7 +439,7 @@ class _Recorder(StorageTracker):
         if s1 <= s0:
             return
         i = bisect.bisect_left(self._seq_starts, s0)
-        children = list(zip(self._seq_starts[i:], self._seq_ends[i:], self._seq_names[i:]))
+        children = list(zip(self._seq_starts[i:], self._seq_ends[i:], self._seq_names[i:], strict=False))
         del self._seq_starts[i:], self._seq_ends[i:], self._seq_names[i:]
         pos = s0
         for a, b, n in children:
@@ -503,6 +524,7 @@ if hasattr(os, "register_at_fork"):
 
 def _warm_up() -> None:
     """The first dispatch mode a process enters costs ~1 s of lazy imports: pay it before the clock starts."""
+
     class _Noop(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
@@ -514,7 +536,9 @@ def _warm_up() -> None:
 def _check_script(script: str | Path) -> Path:
     path = Path(script).expanduser()
     if not path.exists():
-        raise UsageError(f"script {str(script)!r} not found", "give the path of a Python file, e.g. memprof profile train.py")
+        raise UsageError(
+            f"script {str(script)!r} not found", "give the path of a Python file, e.g. memprof profile train.py"
+        )
     if path.is_dir():
         main = path / "__main__.py"
         if not main.exists():
@@ -526,9 +550,16 @@ DEVICES = ("auto", "cuda", "cpu", "all")
 #: ProfileResult.device when only CUDA memory was counted and the script never used CUDA
 
 
-def profile_script(script: str | Path, args: Sequence[str] = (), *, log: bool = False,
-                   snapshot_path: str | Path | None = None, device: str = "auto", top: int = 50,
-                   timeline_points: int = 200) -> ProfileResult:
+def profile_script(
+    script: str | Path,
+    args: Sequence[str] = (),
+    *,
+    log: bool = False,
+    snapshot_path: str | Path | None = None,
+    device: str = "auto",
+    top: int = 50,
+    timeline_points: int = 200,
+) -> ProfileResult:
     """Run ``script`` as ``python script args...`` would, under the profiler; return what it used.
 
     ``device``: whose storages count: "cuda" (GPU memory; the "auto" choice when CUDA is
@@ -544,8 +575,10 @@ def profile_script(script: str | Path, args: Sequence[str] = (), *, log: bool = 
     path = _check_script(script)
     has_cuda = torch.cuda.is_available()
     if snapshot_path is not None and not has_cuda:
-        raise NoGPUError("--snapshot needs CUDA (it records PyTorch's CUDA allocator history) and torch sees no GPU",
-                         "drop --snapshot on CPU; the line, module and category profile works without it")
+        raise NoGPUError(
+            "--snapshot needs CUDA (it records PyTorch's CUDA allocator history) and torch sees no GPU",
+            "drop --snapshot on CPU; the line, module and category profile works without it",
+        )
     if device == "cuda" and not has_cuda:
         raise NoGPUError("--device cuda: torch sees no GPU", "use --device auto (CPU tensors are profiled then)")
     if device == "auto":
@@ -625,7 +658,7 @@ def _forget_user_modules(before: set[str], rec: _Recorder) -> None:
 def _display(rec: _Recorder, filename: str) -> str:
     path = os.path.abspath(filename)
     if path.startswith(rec.user_dir):
-        return path[len(rec.user_dir):]
+        return path[len(rec.user_dir) :]
     return os.path.basename(path)
 
 
@@ -684,11 +717,18 @@ def _leaks(rec: _Recorder) -> list[LeakSuspect]:
     global containers of tensors that keep their autograd graphs."""
     out: list[LeakSuspect] = []
     seen = set()
-    for records, when in ((list(rec.meta.values()), "still alive at exit"), (rec.peak_live, "alive together at the peak")):
+    for records, when in (
+        (list(rec.meta.values()), "still alive at exit"),
+        (rec.peak_live, "alive together at the peak"),
+    ):
         by_origin: dict[Any, list] = {}
         for r in records:
-            if r[_CAT] in (MemCategory.PARAMETER, MemCategory.BUFFER, MemCategory.OPTIMIZER_STATE,
-                           MemCategory.GRADIENT):
+            if r[_CAT] in (
+                MemCategory.PARAMETER,
+                MemCategory.BUFFER,
+                MemCategory.OPTIMIZER_STATE,
+                MemCategory.GRADIENT,
+            ):
                 continue
             g = by_origin.setdefault(r[_ORIGIN], [0, 0, set()])
             g[0] += r[_NBYTES]
@@ -700,8 +740,17 @@ def _leaks(rec: _Recorder) -> list[LeakSuspect]:
             hits = rec.lines[origin][_HITS]
             if len(hits_alive) >= 3 and len(hits_alive) >= 0.5 * hits:
                 seen.add(origin)
-                out.append(LeakSuspect(_loc(rec, origin), _source(origin), nbytes, count, len(hits_alive), hits,
-                                       f"memory allocated by {len(hits_alive)} of its {hits} executions is {when}"))
+                out.append(
+                    LeakSuspect(
+                        _loc(rec, origin),
+                        _source(origin),
+                        nbytes,
+                        count,
+                        len(hits_alive),
+                        hits,
+                        f"memory allocated by {len(hits_alive)} of its {hits} executions is {when}",
+                    )
+                )
     for name, value in list((rec.script_globals or {}).items()):
         if name.startswith("__") or not isinstance(value, (list, tuple, dict, set)) or isinstance(value, type):
             continue
@@ -718,10 +767,18 @@ def _leaks(rec: _Recorder) -> list[LeakSuspect]:
                 except Exception:
                     pass
         if n >= 2:
-            out.append(LeakSuspect(
-                f"global {name!r}", None, sum(storages.values()), len(storages), n, n,
-                f"a {type(value).__name__} of {n} tensors with autograd graphs: the graphs and the tensors "
-                f"they saved for backward stay alive; keep loss.item() or loss.detach() instead"))
+            out.append(
+                LeakSuspect(
+                    f"global {name!r}",
+                    None,
+                    sum(storages.values()),
+                    len(storages),
+                    n,
+                    n,
+                    f"a {type(value).__name__} of {n} tensors with autograd graphs: the graphs and the tensors "
+                    f"they saved for backward stay alive; keep loss.item() or loss.detach() instead",
+                )
+            )
     out.sort(key=lambda s: -s.live_bytes)
     return out
 
@@ -734,8 +791,18 @@ def _groups(rec: _Recorder, records: list[list], limit: int) -> tuple[TensorGrou
         g[0] += 1
         g[1] += r[_NBYTES]
     items = sorted(groups.items(), key=lambda kv: -kv[1][1])[:limit]
-    return tuple(TensorGroup(shape=k[0], dtype=k[1], device=k[2], origin=_loc(rec, k[3]) or OUTSIDE,
-                             category=k[4], count=v[0], bytes=v[1]) for k, v in items)
+    return tuple(
+        TensorGroup(
+            shape=k[0],
+            dtype=k[1],
+            device=k[2],
+            origin=_loc(rec, k[3]) or OUTSIDE,
+            category=k[4],
+            count=v[0],
+            bytes=v[1],
+        )
+        for k, v in items
+    )
 
 
 def _downsample(ts: array, bs: array, n: int) -> tuple[TimelineSample, ...]:
@@ -762,22 +829,49 @@ def _build(rec: _Recorder, path: Path, args, outcome, wall, cuda, leaks, top, ti
     lines = []
     for key, st in rec.lines.items():
         alloc = rec.line_alloc.get(key, 0)
-        lines.append(LineStat(file=_display(rec, key[0]), line=key[1], source=_source(key) or "",
-                              hits=st[_HITS], delta_bytes=st[_DELTA], max_delta_bytes=st[_MAXDELTA],
-                              alloc_bytes=alloc, peak_bytes=st[_PEAK], live_at_exit_bytes=live_exit.get(key, 0)))
+        lines.append(
+            LineStat(
+                file=_display(rec, key[0]),
+                line=key[1],
+                source=_source(key) or "",
+                hits=st[_HITS],
+                delta_bytes=st[_DELTA],
+                max_delta_bytes=st[_MAXDELTA],
+                alloc_bytes=alloc,
+                peak_bytes=st[_PEAK],
+                live_at_exit_bytes=live_exit.get(key, 0),
+            )
+        )
     lines.sort(key=lambda s: (-s.max_delta_bytes, -s.alloc_bytes, s.file, s.line))
-    modules = [ModuleStat(name=n, type=rec.module_types.get(n, "?"), calls=st[_CALLS], forward_added_bytes=st[_ADDED],
-                          forward_peak_bytes=st[_FPEAK], backward_alloc_bytes=st[_BALLOC], backward_peak_bytes=st[_BPEAK])
-               for n, st in rec.modules.items()]
+    modules = [
+        ModuleStat(
+            name=n,
+            type=rec.module_types.get(n, "?"),
+            calls=st[_CALLS],
+            forward_added_bytes=st[_ADDED],
+            forward_peak_bytes=st[_FPEAK],
+            backward_alloc_bytes=st[_BALLOC],
+            backward_peak_bytes=st[_BPEAK],
+        )
+        for n, st in rec.modules.items()
+    ]
     # peak
     t_peak, op_peak, key_peak, module_peak, phase_peak = rec.peak_info
     breakdown: dict[MemCategory, int] = {}
     for r in rec.peak_live:
         breakdown[r[_CAT]] = breakdown.get(r[_CAT], 0) + r[_NBYTES]
     breakdown = {c: breakdown[c] for c in MemCategory if c in breakdown}
-    peak = ProfilePeak(bytes=rec.peak_bytes, time_s=round(t_peak, 6), op_index=op_peak, location=_loc(rec, key_peak),
-                       source=_source(key_peak), module=module_peak, phase=phase_peak, breakdown=breakdown,
-                       tensors=_groups(rec, rec.peak_live, 30))
+    peak = ProfilePeak(
+        bytes=rec.peak_bytes,
+        time_s=round(t_peak, 6),
+        op_index=op_peak,
+        location=_loc(rec, key_peak),
+        source=_source(key_peak),
+        module=module_peak,
+        phase=phase_peak,
+        breakdown=breakdown,
+        tensors=_groups(rec, rec.peak_live, 30),
+    )
     device = "cpu" if rec.device_type in (None, "cpu") else UNUSED_CUDA
     if cuda is not None:
         device = f"cuda:{torch.cuda.current_device()} ({cuda.device_name})"
@@ -785,10 +879,31 @@ def _build(rec: _Recorder, path: Path, args, outcome, wall, cuda, leaks, top, ti
     raw = {"t": rec.tl_t, "allocated": rec.tl_b, "cuda": rec.tl_cuda, "peak_t": t_peak, "peak_bytes": rec.peak_bytes}
     log = None
     if rec.log is not None:
-        log = [(t, _loc(rec, key), _source(key), func, total,
-                [(sign, r[_SHAPE], r[_DTYPE], r[_DEVICE], r[_NBYTES], _loc(rec, r[_ORIGIN])) for sign, r in ev])
-               for t, key, func, total, ev in rec.log]
+        log = [
+            (
+                t,
+                _loc(rec, key),
+                _source(key),
+                func,
+                total,
+                [(sign, r[_SHAPE], r[_DTYPE], r[_DEVICE], r[_NBYTES], _loc(rec, r[_ORIGIN])) for sign, r in ev],
+            )
+            for t, key, func, total, ev in rec.log
+        ]
     return ProfileResult(
-        script=str(path), argv=tuple(args), device=device, wall_s=round(wall, 4), ops=rec.op_count, outcome=outcome,
-        peak=peak, at_exit_bytes=rec.current_bytes, lines=tuple(lines[:top] if top else lines), modules=tuple(modules),
-        leaks=tuple(leaks), cuda=cuda, timeline=timeline, _timeline=raw, _log=log)
+        script=str(path),
+        argv=tuple(args),
+        device=device,
+        wall_s=round(wall, 4),
+        ops=rec.op_count,
+        outcome=outcome,
+        peak=peak,
+        at_exit_bytes=rec.current_bytes,
+        lines=tuple(lines[:top] if top else lines),
+        modules=tuple(modules),
+        leaks=tuple(leaks),
+        cuda=cuda,
+        timeline=timeline,
+        _timeline=raw,
+        _log=log,
+    )

@@ -20,11 +20,12 @@ It never tries more than ``max_batch``, and never more than 1.5x the predicted
 limit (or 2x the largest batch measured to fit) while no OOM bounds it.
 Fits are assumed monotone: if ``b`` OOMs, every larger batch does too.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 
 @dataclass(frozen=True)
@@ -33,16 +34,16 @@ class Outcome:
 
     fits: bool
     #: peak of the limited metric (bytes) when the trial fit; None when unknown
-    peak_bytes: Optional[int] = None
+    peak_bytes: int | None = None
     #: the capacity as the probe measured it (e.g. free GPU memory seen by a child process)
-    capacity_bytes: Optional[int] = None
+    capacity_bytes: int | None = None
 
 
-def Fit(peak_bytes: Optional[int] = None, capacity_bytes: Optional[int] = None) -> Outcome:  # noqa: N802
+def Fit(peak_bytes: int | None = None, capacity_bytes: int | None = None) -> Outcome:  # noqa: N802
     return Outcome(True, peak_bytes, capacity_bytes)
 
 
-def OOM(capacity_bytes: Optional[int] = None) -> Outcome:  # noqa: N802
+def OOM(capacity_bytes: int | None = None) -> Outcome:  # noqa: N802
     return Outcome(False, None, capacity_bytes)
 
 
@@ -50,11 +51,11 @@ def OOM(capacity_bytes: Optional[int] = None) -> Outcome:  # noqa: N802
 class Guide:
     """A prediction of the metric: ``fixed_bytes + bytes_per_sample * batch``, and the batch it says fits."""
 
-    max_batch: Optional[int] = None
-    bytes_per_sample: Optional[float] = None
-    fixed_bytes: Optional[float] = None
+    max_batch: int | None = None
+    bytes_per_sample: float | None = None
+    fixed_bytes: float | None = None
 
-    def predict(self, batch: int) -> Optional[int]:
+    def predict(self, batch: int) -> int | None:
         if self.bytes_per_sample is None or self.fixed_bytes is None:
             return None
         return int(round(self.fixed_bytes + self.bytes_per_sample * batch))
@@ -66,11 +67,11 @@ class Step:
 
     batch: int
     fits: bool
-    peak_bytes: Optional[int]
+    peak_bytes: int | None
     #: why this batch: prediction, start, extrapolate, confirm, gallop, bisect, back off, halve, smallest, double
     reason: str
     #: the search's own estimate of the peak before the trial (its affine model), if any
-    expected_bytes: Optional[int] = None
+    expected_bytes: int | None = None
 
 
 STATUSES = ("exact", "max_batch", "nothing_fits", "interrupted", "trial_limit")
@@ -78,11 +79,11 @@ STATUSES = ("exact", "max_batch", "nothing_fits", "interrupted", "trial_limit")
 
 @dataclass(frozen=True)
 class SearchResult:
-    largest_fit: Optional[int]
-    smallest_oom: Optional[int]
+    largest_fit: int | None
+    smallest_oom: int | None
     status: str
     steps: tuple[Step, ...] = field(default_factory=tuple)
-    capacity_bytes: Optional[int] = None
+    capacity_bytes: int | None = None
 
     @property
     def exact(self) -> bool:
@@ -101,13 +102,13 @@ Probe = Callable[[int], Outcome]
 
 
 class _State:
-    def __init__(self, capacity: Optional[int], guide: Optional[Guide], min_batch: int, max_batch: int):
+    def __init__(self, capacity: int | None, guide: Guide | None, min_batch: int, max_batch: int):
         self.capacity = capacity
         self.guide = guide
         self.min_batch = min_batch
         self.max_batch = max_batch
         self.lo = min_batch - 1  # largest batch known to fit (min_batch - 1: none yet)
-        self.hi: Optional[int] = None  # smallest batch known to OOM
+        self.hi: int | None = None  # smallest batch known to OOM
         self.points: dict[int, int] = {}  # batch -> measured peak, fits only
         self.steps: list[Step] = []
         self.up = 0  # consecutive fits the model said would OOM
@@ -116,7 +117,7 @@ class _State:
         self.trust_guide = True
 
     # -- the affine model ------------------------------------------------------------
-    def model(self) -> Optional[tuple[float, float]]:
+    def model(self) -> tuple[float, float] | None:
         """(intercept, slope) of the metric near the limit, or None."""
         pts = sorted(self.points.items())
         guide_slope = self.guide.bytes_per_sample if self.guide and self.guide.bytes_per_sample else None
@@ -127,15 +128,20 @@ class _State:
                 return float(self.guide.fixed_bytes), float(guide_slope)
             return None
         b_top, p_top = pts[-1]
-        slope: Optional[float] = None
+        slope: float | None = None
         if len(pts) >= 2:
             b_prev, p_prev = pts[-2]
             if b_top - b_prev < max(2, 0.02 * b_top):  # too close to read a slope through rounding
                 b_prev, p_prev = pts[0]
             if b_top > b_prev and p_top > p_prev:
                 slope = (p_top - p_prev) / (b_top - b_prev)
-        if slope is None and len(pts) == 1 and self.guide and self.guide.fixed_bytes is not None \
-                and p_top > self.guide.fixed_bytes:
+        if (
+            slope is None
+            and len(pts) == 1
+            and self.guide
+            and self.guide.fixed_bytes is not None
+            and p_top > self.guide.fixed_bytes
+        ):
             # one measured point and the prediction's fixed part (parameters, optimizer state: what
             # predictions get right): the per-sample bytes follow; better than the predicted slope,
             # whose error is where a prediction's error usually is
@@ -151,7 +157,7 @@ class _State:
     def slope_from_guide(self) -> bool:
         return bool(self.trust_guide and self.guide and self.guide.bytes_per_sample)
 
-    def estimate(self) -> Optional[int]:
+    def estimate(self) -> int | None:
         """The largest batch the model says fits (may be <= lo or >= hi), or None without a model."""
         if self.capacity is None:
             return None
@@ -164,7 +170,7 @@ class _State:
             return 10 * self.max_batch + 10
         return math.floor(room + 1e-9)
 
-    def expected(self, batch: int) -> Optional[int]:
+    def expected(self, batch: int) -> int | None:
         m = self.model()
         return None if m is None else int(round(m[0] + m[1] * batch))
 
@@ -182,7 +188,7 @@ class _State:
             top = min(top, 16 * self.lo)
         return max(top, self.lo + 1)
 
-    def propose(self, start: Optional[int], first_fraction: float) -> tuple[int, str]:
+    def propose(self, start: int | None, first_fraction: float) -> tuple[int, str]:
         lo, hi = self.lo, self.hi
         floor_ = lo + 1
         ceil_ = self.ceiling()
@@ -227,10 +233,11 @@ class _State:
         if self.up == 0:
             return floor_, "confirm"
         # the model keeps underestimating: gallop upwards (and use the model if it says more)
-        return _clamp(max(g, lo + 2 ** self.up), floor_, ceil_), "gallop"
+        return _clamp(max(g, lo + 2**self.up), floor_, ceil_), "gallop"
 
-    def record(self, batch: int, outcome: Outcome, reason: str, expected_fit: Optional[bool],
-               expected_bytes: Optional[int]) -> None:
+    def record(
+        self, batch: int, outcome: Outcome, reason: str, expected_fit: bool | None, expected_bytes: int | None
+    ) -> None:
         if outcome.capacity_bytes is not None:
             self.capacity = outcome.capacity_bytes
         self.steps.append(Step(batch, outcome.fits, outcome.peak_bytes, reason, expected_bytes))
@@ -247,7 +254,7 @@ class _State:
                 self.trust_guide = False
             self.up = 0
 
-    def status(self) -> Optional[str]:
+    def status(self) -> str | None:
         if self.hi is not None and self.hi <= self.min_batch:
             return "nothing_fits"
         if self.hi is not None and self.hi == self.lo + 1:
@@ -264,14 +271,14 @@ def _clamp(value: int, low: int, high: int) -> int:
 def search(
     probe: Probe,
     *,
-    capacity_bytes: Optional[int] = None,
-    guide: Optional[Guide] = None,
+    capacity_bytes: int | None = None,
+    guide: Guide | None = None,
     min_batch: int = 1,
     max_batch: int = 4096,
-    start: Optional[int] = None,
+    start: int | None = None,
     max_trials: int = 40,
     first_fraction: float = 0.9,
-    on_step: Optional[Callable[[Step], None]] = None,
+    on_step: Callable[[Step], None] | None = None,
 ) -> SearchResult:
     """Find the largest batch in ``[min_batch, max_batch]`` for which ``probe`` fits.
 

@@ -24,6 +24,7 @@ CPU prediction (raw storage bytes), the CUDA ``max_memory_allocated`` prediction
 (512-byte rounded, plus cuBLAS workspaces), the ``max_memory_reserved`` prediction
 (:mod:`memprof.engine.allocator` replay) and the NVML prediction (reserved + CUDA context).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -38,7 +39,6 @@ from .allocator import CachingAllocatorModel, round_size
 from .overheads import cublas_workspace_bytes, cuda_context_bytes, onednn_conv_scratch
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
-
 #: cuBLAS workspace PyTorch allocates (through the caching allocator, so it counts in
 PHASES = ("setup", "forward", "backward", "optimizer", "done")
 _MATMUL_OPS: frozenset | None = None
@@ -52,8 +52,19 @@ def _matmul_ops() -> frozenset:
 
         aten = torch.ops.aten
         ops = []
-        for name in ("mm", "addmm", "bmm", "baddbmm", "addbmm", "addmv", "mv", "_addmm_activation", "dot",
-                     "_scaled_mm", "_int_mm"):
+        for name in (
+            "mm",
+            "addmm",
+            "bmm",
+            "baddbmm",
+            "addbmm",
+            "addmv",
+            "mv",
+            "_addmm_activation",
+            "dot",
+            "_scaled_mm",
+            "_int_mm",
+        ):
             packet = getattr(aten, name, None)
             if packet is not None:
                 ops.extend(getattr(packet, o) for o in packet.overloads())
@@ -172,9 +183,9 @@ class _Recorder:
 
 
 def _make_tracker(recorder: _Recorder):
-    from .tracking import StorageTracker
-
     import torch
+
+    from .tracking import StorageTracker
 
     matmuls = _matmul_ops()
     prim_device = torch.ops.prim.device.default
@@ -242,9 +253,22 @@ def _install_module_hooks(model, recorder: _Recorder) -> list:
 
 
 # =========================================================================== building on fake tensors
-_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-                 "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_",
-                 "sparse_")
+_INITIALISERS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "eye_",
+    "dirac_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+    "sparse_",
+)
 
 
 def _build_fake_model(workload: Workload):
@@ -311,8 +335,17 @@ def _build_with_fake_parameters(workload: Workload):
 
 
 # =========================================================================== errors
-_SHAPE_WORDS = ("shape", "size", "dimension", "dim", "expected input", "channels", "mat1", "must match",
-                "sizes of tensors")
+_SHAPE_WORDS = (
+    "shape",
+    "size",
+    "dimension",
+    "dim",
+    "expected input",
+    "channels",
+    "mat1",
+    "must match",
+    "sizes of tensors",
+)
 
 
 def _forward_error(exc: Exception, recorder: _Recorder, model, workload: Workload) -> MemprofError:
@@ -326,14 +359,24 @@ def _forward_error(exc: Exception, recorder: _Recorder, model, workload: Workloa
             module = dict(model.named_modules()).get(where) if where != type(model).__name__ else model
         expects = ""
         if module is not None:
-            attrs = [f"{a}={getattr(module, a)}" for a in ("in_features", "in_channels", "normalized_shape",
-                                                          "num_features", "num_embeddings", "embed_dim")
-                     if hasattr(module, a)]
+            attrs = [
+                f"{a}={getattr(module, a)}"
+                for a in (
+                    "in_features",
+                    "in_channels",
+                    "normalized_shape",
+                    "num_features",
+                    "num_embeddings",
+                    "embed_dim",
+                )
+                if hasattr(module, a)
+            ]
             expects = f" ({type(module).__name__}{', ' + ', '.join(attrs) if attrs else ''})"
         got = ""
         if recorder.last_module_input and recorder.last_module_input[0] == where:
-            got = " received input shape(s) " + ", ".join("×".join(map(str, s)) or "scalar"
-                                                          for s in recorder.last_module_input[1])
+            got = " received input shape(s) " + ", ".join(
+                "×".join(map(str, s)) or "scalar" for s in recorder.last_module_input[1]
+            )
         inputs = workload.model.input_description()
         return InputShapeError(
             f"the model rejected its input {inputs} (batch {workload.batch_size}): layer "
@@ -350,16 +393,19 @@ def _step_error(exc: Exception, phase: str) -> MemprofError:
     name = type(exc).__name__
     msg = " ".join(str(exc).split())[:400]
     if "DataDependent" in name or "data-dependent" in msg.lower() or "item()" in msg or "Unsupported" in name:
-        hint = ("the step reads tensor values (.item(), data-dependent shapes or an op fake tensors do not "
-                "support); use `memprof measure` on a real device instead")
+        hint = (
+            "the step reads tensor values (.item(), data-dependent shapes or an op fake tensors do not "
+            "support); use `memprof measure` on a real device instead"
+        )
     else:
         hint = "the model may need inputs memprof did not build: define memprof_batch()/memprof_loss() next to it"
     return TraceError(f"tracing the {phase} pass failed: {name}: {msg}", hint)
 
 
 # =========================================================================== tracing
-def trace_step(workload: Workload, *, target: str = "cuda", steps: int = 2, replay_steps: bool = True,
-               kernel_scratch: bool = True) -> TraceResult:
+def trace_step(
+    workload: Workload, *, target: str = "cuda", steps: int = 2, replay_steps: bool = True, kernel_scratch: bool = True
+) -> TraceResult:
     """Trace ``steps`` training steps of ``workload`` on fake tensors and predict their memory.
 
     ``target="cuda"`` predicts a CUDA step (foreach optimizers, 512-byte rounding, cuBLAS
@@ -452,8 +498,12 @@ def trace_step(workload: Workload, *, target: str = "cuda", steps: int = 2, repl
                         step = recorder.step
                         for key in list(tracker.live):
                             rec = recorder.key_to_rec.get(key)
-                            if (rec is not None and recorder.rec_cat[rec] is None
-                                    and recorder.rec_step[rec] == step and recorder.rec_phase[rec] == "forward"):
+                            if (
+                                rec is not None
+                                and recorder.rec_cat[rec] is None
+                                and recorder.rec_step[rec] == step
+                                and recorder.rec_phase[rec] == "forward"
+                            ):
                                 recorder.rec_cat[rec] = MemCategory.ACTIVATION
                     elif phase == "optimizer":
                         recorder.optimizer_start[recorder.step] = len(recorder.events)
@@ -476,9 +526,13 @@ def trace_step(workload: Workload, *, target: str = "cuda", steps: int = 2, repl
                                         continue
                                     if recorder.rec_cat[rec] is None:
                                         recorder.rec_cat[rec] = MemCategory.OPTIMIZER_STATE
-                                    if (target == "cuda" and name == "step" and value.dim() == 0
-                                            and not prepared.optimizer.defaults.get("capturable")
-                                            and not prepared.optimizer.defaults.get("fused")):
+                                    if (
+                                        target == "cuda"
+                                        and name == "step"
+                                        and value.dim() == 0
+                                        and not prepared.optimizer.defaults.get("capturable")
+                                        and not prepared.optimizer.defaults.get("fused")
+                                    ):
                                         recorder.rec_host[rec] = True  # PyTorch keeps it on the CPU
                     recorder.phase = phase
 
@@ -512,14 +566,18 @@ def trace_step(workload: Workload, *, target: str = "cuda", steps: int = 2, repl
         prepared = None
         model = None
     if workload.precision.grad_scaler and workload.mode == "train":
-        notes.append("GradScaler is not traced (it reads values with .item()); it adds a few scalar tensors and "
-                     "unscales gradients in place, so the difference is a few KiB")
+        notes.append(
+            "GradScaler is not traced (it reads values with .item()); it adds a few scalar tensors and "
+            "unscales gradients in place, so the difference is a few KiB"
+        )
     if target == "cuda":
         notes.extend(_cuda_notes(workload))
         if recorder.saw_flash_attention:
-            notes.append("attention traced with the CPU's flash attention, which saves the output and logsumexp as "
-                         "CUDA's flash/memory-efficient kernels do; attention with dropout takes the CPU's math path "
-                         "and saves the attention matrix, which CUDA would not")
+            notes.append(
+                "attention traced with the CPU's flash attention, which saves the output and logsumexp as "
+                "CUDA's flash/memory-efficient kernels do; attention with dropout takes the CPU's math path "
+                "and saves the attention matrix, which CUDA would not"
+            )
     result = _analyse(recorder, workload, target, steps, op_count, notes)
     return _replace_seconds(result, time.perf_counter() - started)
 
@@ -561,11 +619,15 @@ def _replay_step(recorder: _Recorder, tracker, on_phase, step: int) -> None:
 
 
 def _cuda_notes(workload: Workload) -> list[str]:
-    notes = ["traced on fake CPU tensors with the optimizer CUDA would use (foreach); "
-             "kernel workspaces the trace cannot see (cuDNN convolution algorithms, NCCL) are not included"]
+    notes = [
+        "traced on fake CPU tensors with the optimizer CUDA would use (foreach); "
+        "kernel workspaces the trace cannot see (cuDNN convolution algorithms, NCCL) are not included"
+    ]
     if workload.precision.is_amp:
-        notes.append("autocast ran with the CPU op lists; CUDA's lists differ for a few ops (e.g. layer_norm, "
-                     "softmax and losses run in float32 on CUDA), which can change activation dtypes there")
+        notes.append(
+            "autocast ran with the CPU op lists; CUDA's lists differ for a few ops (e.g. layer_norm, "
+            "softmax and losses run in float32 on CUDA), which can change activation dtypes there"
+        )
     return notes
 
 
@@ -576,13 +638,13 @@ def _replace_seconds(result: TraceResult, seconds: float) -> TraceResult:
 
 
 # =========================================================================== analysis
-def _analyse(rec: _Recorder, workload: Workload, target: str, steps: int, op_count: int,
-             notes: list[str]) -> TraceResult:
+def _analyse(
+    rec: _Recorder, workload: Workload, target: str, steps: int, op_count: int, notes: list[str]
+) -> TraceResult:
     cuda = target == "cuda"
     n = len(rec.rec_nbytes)
     if cuda:
-        sizes = [0 if rec.rec_host[i] or rec.rec_nbytes[i] == 0 else round_size(rec.rec_nbytes[i])
-                 for i in range(n)]
+        sizes = [0 if rec.rec_host[i] or rec.rec_nbytes[i] == 0 else round_size(rec.rec_nbytes[i]) for i in range(n)]
     else:
         sizes = rec.rec_nbytes
     cats = [c if c is not None else MemCategory.TEMPORARY for c in rec.rec_cat]

@@ -6,10 +6,12 @@ finalizer on the storage object, which PyTorch keeps alive exactly as long as
 the C++ storage). Used by the tracer (fake tensors, no memory) and by the CPU
 memory cap (real tensors).
 """
+
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -29,8 +31,9 @@ class StorageTracker(TorchDispatchMode):
     registered (by an op, or beforehand with :meth:`register`).
     """
 
-    def __init__(self, on_alloc: Callable[[int, int, Any], None] | None = None,
-                 on_free: Callable[[int, int], None] | None = None):
+    def __init__(
+        self, on_alloc: Callable[[int, int, Any], None] | None = None, on_free: Callable[[int, int], None] | None = None
+    ):
         super().__init__()
         self.live: dict[int, int] = {}
         self.current_bytes = 0

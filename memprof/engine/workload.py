@@ -5,12 +5,14 @@ The tracer (fake tensors), the CPU measurer and the CUDA measurer all run
 hardware adds. Everything torch-related is imported lazily so that ``memprof --help``
 and the analytic formulas stay fast.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
 
@@ -46,19 +48,29 @@ class Precision:
     def compute_bytes(self) -> int:
         return DTYPE_BYTES[self.autocast_dtype or self.param_dtype]
 
-    def torch_param_dtype(self) -> "torch.dtype":
+    def torch_param_dtype(self) -> torch.dtype:
         import torch
 
         return getattr(torch, self.param_dtype)
 
-    def torch_autocast_dtype(self) -> "torch.dtype | None":
+    def torch_autocast_dtype(self) -> torch.dtype | None:
         import torch
 
         return getattr(torch, self.autocast_dtype) if self.autocast_dtype else None
 
 
-DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
-               "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+DTYPE_BYTES = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
 
 PRECISIONS: dict[str, Precision] = {
     "fp32": Precision("fp32", "float32"),
@@ -68,11 +80,19 @@ PRECISIONS: dict[str, Precision] = {
     "amp-bf16": Precision("amp-bf16", "float32", "bfloat16"),
 }
 _PRECISION_ALIASES = {
-    "float32": "fp32", "float": "fp32", "32": "fp32",
-    "float16": "fp16", "half": "fp16", "16": "fp16",
+    "float32": "fp32",
+    "float": "fp32",
+    "32": "fp32",
+    "float16": "fp16",
+    "half": "fp16",
+    "16": "fp16",
     "bfloat16": "bf16",
-    "amp": "amp-fp16", "amp_fp16": "amp-fp16", "amp-float16": "amp-fp16", "mixed": "amp-fp16",
-    "amp_bf16": "amp-bf16", "amp-bfloat16": "amp-bf16",
+    "amp": "amp-fp16",
+    "amp_fp16": "amp-fp16",
+    "amp-float16": "amp-fp16",
+    "mixed": "amp-fp16",
+    "amp_bf16": "amp-bf16",
+    "amp-bfloat16": "amp-bf16",
 }
 
 
@@ -146,7 +166,7 @@ MODES = ("train", "eval")
 class Workload:
     """Everything that decides the memory of one step, except the hardware."""
 
-    model: "ModelSpec"
+    model: ModelSpec
     batch_size: int = 32
     precision: Precision = PRECISIONS["fp32"]
     optimizer: str = "adam"
@@ -158,16 +178,15 @@ class Workload:
 
     def __post_init__(self):
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
-            raise UsageError(f"batch size must be a positive integer, got {self.batch_size!r}",
-                             "e.g. --batch-size 32")
+            raise UsageError(f"batch size must be a positive integer, got {self.batch_size!r}", "e.g. --batch-size 32")
         if self.mode not in MODES:
             raise UsageError(f"unknown mode {self.mode!r}", "choose train or eval")
         object.__setattr__(self, "optimizer", get_optimizer_name(self.optimizer))
 
-    def with_batch(self, batch_size: int) -> "Workload":
+    def with_batch(self, batch_size: int) -> Workload:
         return dataclasses.replace(self, batch_size=batch_size)
 
-    def replace(self, **changes: Any) -> "Workload":
+    def replace(self, **changes: Any) -> Workload:
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> dict[str, Any]:
@@ -233,7 +252,7 @@ def _convert(model, device, dtype) -> None:
                 module._buffers[name] = convert(t, False)
 
 
-def build_model(workload: Workload, device: "torch.device | str" = "cpu"):
+def build_model(workload: Workload, device: torch.device | str = "cpu"):
     """Construct the model on ``device`` in the workload's parameter dtype and mode.
 
     Call it inside FakeTensorMode to get a model that holds no real memory.
@@ -261,8 +280,9 @@ def build_model(workload: Workload, device: "torch.device | str" = "cpu"):
     return model
 
 
-def prepare(workload: Workload, device: "torch.device | str" = "cpu", *, optimizer_device_type: str | None = None,
-            model=None) -> Prepared:
+def prepare(
+    workload: Workload, device: torch.device | str = "cpu", *, optimizer_device_type: str | None = None, model=None
+) -> Prepared:
     """Build model, optimizer and one batch for ``workload`` on ``device``.
 
     ``optimizer_device_type`` chooses which device's default optimizer implementation

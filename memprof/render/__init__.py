@@ -2,6 +2,7 @@
 
 Per-command renderers live in ``memprof/render/<command>.py``.
 """
+
 from __future__ import annotations
 
 import sys

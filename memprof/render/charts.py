@@ -4,12 +4,12 @@ Every rendering shows the same things: measured peaks (fits as dots, OOMs as cro
 above the capacity), the prediction's line, the capacity line, and the recommended
 batch with the headroom it leaves.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
-from typing import Optional
 
 from ..errors import UsageError
 
@@ -20,12 +20,12 @@ GiB = 1024**3
 class PlotData:
     fits: tuple[tuple[int, int], ...]  # (batch, bytes)
     ooms: tuple[int, ...]  # batches
-    predicted: Optional[tuple[float, float]]  # (intercept, slope) of the limited metric
-    measured: Optional[tuple[float, float]]  # affine fit of the measured peaks
+    predicted: tuple[float, float] | None  # (intercept, slope) of the limited metric
+    measured: tuple[float, float] | None  # affine fit of the measured peaks
     capacity: int
-    largest: Optional[int]
-    recommended: Optional[int]
-    recommended_bytes: Optional[int]
+    largest: int | None
+    recommended: int | None
+    recommended_bytes: int | None
     metric: str
     x_max: int
     y_max: int
@@ -60,8 +60,21 @@ def plot_data(result) -> PlotData:
         y_max = int(cap + 0.12 * (cap - y_min))
     label = "live tensor bytes" if metric == "allocated" else "torch reserved"
     title = f"{result.workload.get('model')}: peak {label} vs batch size"
-    return PlotData(tuple(fits), tuple(ooms), predicted, measured, cap, result.largest_batch,
-                    result.recommended_batch, result.recommended_expected_bytes, metric, x_max, y_max, title, y_min)
+    return PlotData(
+        tuple(fits),
+        tuple(ooms),
+        predicted,
+        measured,
+        cap,
+        result.largest_batch,
+        result.recommended_batch,
+        result.recommended_expected_bytes,
+        metric,
+        x_max,
+        y_max,
+        title,
+        y_min,
+    )
 
 
 def check_plot_path(path: Path, suffixes: tuple[str, ...] = (".svg", ".png")) -> None:
@@ -72,15 +85,18 @@ def check_plot_path(path: Path, suffixes: tuple[str, ...] = (".svg", ".png")) ->
     suffix = path.suffix.lower()
     if suffix not in suffixes:
         names = " or ".join(suffixes)
-        raise UsageError(f"cannot write a plot to {path.name!r}: unknown format {suffix or '(none)'}",
-                         f"name the file {names} (.png needs matplotlib)")
+        raise UsageError(
+            f"cannot write a plot to {path.name!r}: unknown format {suffix or '(none)'}",
+            f"name the file {names} (.png needs matplotlib)",
+        )
     if suffix == ".png":
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise UsageError("--plot *.png needs matplotlib, which is not installed",
-                             "pip install matplotlib (or the memprof[plot] extra), or write --plot file.svg "
-                             "instead") from None
+            raise UsageError(
+                "--plot *.png needs matplotlib, which is not installed",
+                "pip install matplotlib (or the memprof[plot] extra), or write --plot file.svg instead",
+            ) from None
 
 
 def write_plot(result, path: Path) -> Path:
@@ -131,11 +147,13 @@ def svg(data: PlotData, width: int = 720, height: int = 440) -> str:
     def y(v: float) -> float:
         return top + ph * (1 - (v - data.y_min) / (data.y_max - data.y_min))
 
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-           f'<defs><clipPath id="plot"><rect x="{left}" y="{top}" width="{pw}" height="{ph}"/></clipPath></defs>',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14">{escape(data.title)}</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        f'<defs><clipPath id="plot"><rect x="{left}" y="{top}" width="{pw}" height="{ph}"/></clipPath></defs>',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14">{escape(data.title)}</text>',
+    ]
     # axes, ticks, grid
     out.append(f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="black"/>')
     out.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="black"/>')
@@ -144,8 +162,9 @@ def svg(data: PlotData, width: int = 720, height: int = 440) -> str:
         out.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{left + pw}" y2="{yy:.1f}" stroke="#eeeeee"/>')
         out.append(f'<line x1="{left - 4}" y1="{yy:.1f}" x2="{left}" y2="{yy:.1f}" stroke="black"/>')
         out.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end">{v:g}</text>')
-    out.append(f'<text x="16" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 16 {top + ph / 2})">'
-               f'{unit}</text>')
+    out.append(
+        f'<text x="16" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 16 {top + ph / 2})">{unit}</text>'
+    )
     for b in _ticks(0, data.x_max):
         if b != int(b):
             continue
@@ -162,32 +181,44 @@ def svg(data: PlotData, width: int = 720, height: int = 440) -> str:
             continue
         a, s = line
         x1 = max(0.0, (data.y_min - a) / s) if s > 0 and a < data.y_min else 0
-        out.append(f'<line x1="{x(x1):.1f}" y1="{y(a + s * x1):.1f}" x2="{x(data.x_max):.1f}" '
-                   f'y2="{y(a + s * data.x_max):.1f}" stroke="{colour}" stroke-width="1.5"'
-                   + (f' stroke-dasharray="{dash}"' if dash else "") + "/>")
+        out.append(
+            f'<line x1="{x(x1):.1f}" y1="{y(a + s * x1):.1f}" x2="{x(data.x_max):.1f}" '
+            f'y2="{y(a + s * data.x_max):.1f}" stroke="{colour}" stroke-width="1.5"'
+            + (f' stroke-dasharray="{dash}"' if dash else "")
+            + "/>"
+        )
     # recommended batch and the headroom it leaves
     if data.recommended is not None:
         rx = x(data.recommended)
-        out.append(f'<line x1="{rx:.1f}" y1="{top}" x2="{rx:.1f}" y2="{top + ph}" stroke="#8e44ad" '
-                   f'stroke-dasharray="3,3"/>')
+        out.append(
+            f'<line x1="{rx:.1f}" y1="{top}" x2="{rx:.1f}" y2="{top + ph}" stroke="#8e44ad" stroke-dasharray="3,3"/>'
+        )
         if data.recommended_bytes is not None:
-            out.append(f'<line x1="{rx:.1f}" y1="{y(data.recommended_bytes):.1f}" x2="{rx:.1f}" y2="{cy:.1f}" '
-                       f'stroke="#8e44ad" stroke-width="5" opacity="0.5"/>')
+            out.append(
+                f'<line x1="{rx:.1f}" y1="{y(data.recommended_bytes):.1f}" x2="{rx:.1f}" y2="{cy:.1f}" '
+                f'stroke="#8e44ad" stroke-width="5" opacity="0.5"/>'
+            )
     # points
     for b, v in data.fits:
-        out.append(f'<circle cx="{x(b):.1f}" cy="{y(v):.1f}" r="4" fill="#27ae60"><title>batch {b}: {_gib(v)}'
-                   f'</title></circle>')
+        out.append(
+            f'<circle cx="{x(b):.1f}" cy="{y(v):.1f}" r="4" fill="#27ae60"><title>batch {b}: {_gib(v)}</title></circle>'
+        )
     oom_y = y(min(data.y_max - 0.03 * (data.y_max - data.y_min), data.capacity + 0.05 * (data.y_max - data.y_min)))
     for b in data.ooms:
         cx = x(b)
-        out.append(f'<path d="M{cx - 4:.1f},{oom_y - 4:.1f} L{cx + 4:.1f},{oom_y + 4:.1f} M{cx - 4:.1f},'
-                   f'{oom_y + 4:.1f} L{cx + 4:.1f},{oom_y - 4:.1f}" stroke="#c0392b" stroke-width="2">'
-                   f'<title>batch {b}: out of memory</title></path>')
+        out.append(
+            f'<path d="M{cx - 4:.1f},{oom_y - 4:.1f} L{cx + 4:.1f},{oom_y + 4:.1f} M{cx - 4:.1f},'
+            f'{oom_y + 4:.1f} L{cx + 4:.1f},{oom_y - 4:.1f}" stroke="#c0392b" stroke-width="2">'
+            f"<title>batch {b}: out of memory</title></path>"
+        )
     out.append("</g>")
     # labels, legend (bottom right: the lines rise to the top right)
     out.append(f'<text x="{left + 6}" y="{cy - 6:.1f}" fill="#c0392b">capacity {_gib(data.capacity)}</text>')
-    legend = [("#27ae60", "measured (fits), and its fit"), ("#c0392b", "out of memory, capacity"),
-              ("#2980b9", "predicted (traced)")]
+    legend = [
+        ("#27ae60", "measured (fits), and its fit"),
+        ("#c0392b", "out of memory, capacity"),
+        ("#2980b9", "predicted (traced)"),
+    ]
     if data.recommended is not None:
         text = f"recommended batch {data.recommended}"
         if data.recommended_bytes is not None:
@@ -195,8 +226,10 @@ def svg(data: PlotData, width: int = 720, height: int = 440) -> str:
         legend.append(("#8e44ad", text))
     box = int(max(len(text) for _, text in legend) * 7.0) + 26  # about 7 px a character at 12 px
     lx, ly = left + pw - box, top + ph - 16 * len(legend) - 4
-    out.append(f'<rect x="{lx - 6}" y="{ly - 14}" width="{box}" height="{16 * len(legend) + 6}" fill="white" '
-               f'stroke="#cccccc"/>')
+    out.append(
+        f'<rect x="{lx - 6}" y="{ly - 14}" width="{box}" height="{16 * len(legend) + 6}" fill="white" '
+        f'stroke="#cccccc"/>'
+    )
     for i, (colour, text) in enumerate(legend):
         out.append(f'<rect x="{lx}" y="{ly + 16 * i - 9}" width="10" height="10" fill="{colour}"/>')
         out.append(f'<text x="{lx + 14}" y="{ly + 16 * i}">{escape(text)}</text>')
@@ -221,17 +254,30 @@ def _write_png(data: PlotData, path: Path) -> None:  # pragma: no cover - needs 
         a, s = data.measured
         ax.plot(xs, [(a + s * v) / U for v in xs], "-", color="#27ae60", lw=1, label="measured fit")
     if data.fits:
-        ax.plot([b for b, _ in data.fits], [v / U for _, v in data.fits], "o", color="#27ae60",
-                label="measured (fits)")
+        ax.plot([b for b, _ in data.fits], [v / U for _, v in data.fits], "o", color="#27ae60", label="measured (fits)")
     if data.ooms:
-        ax.plot(list(data.ooms), [min(data.y_max * 0.97, data.capacity * 1.05) / U] * len(data.ooms), "x",
-                color="#c0392b", ms=9, mew=2, label="out of memory")
+        ax.plot(
+            list(data.ooms),
+            [min(data.y_max * 0.97, data.capacity * 1.05) / U] * len(data.ooms),
+            "x",
+            color="#c0392b",
+            ms=9,
+            mew=2,
+            label="out of memory",
+        )
     ax.axhline(data.capacity / U, color="#c0392b", lw=2, label=f"capacity {_gib(data.capacity)}")
     if data.recommended is not None:
         ax.axvline(data.recommended, color="#8e44ad", ls=":", label=f"recommended {data.recommended}")
         if data.recommended_bytes is not None:
-            ax.vlines(data.recommended, data.recommended_bytes / U, data.capacity / U, color="#8e44ad", lw=4,
-                      alpha=0.5, label=f"headroom {_gib(data.capacity - data.recommended_bytes)}")
+            ax.vlines(
+                data.recommended,
+                data.recommended_bytes / U,
+                data.capacity / U,
+                color="#8e44ad",
+                lw=4,
+                alpha=0.5,
+                label=f"headroom {_gib(data.capacity - data.recommended_bytes)}",
+            )
     ax.set_xlim(0, data.x_max)
     ax.set_ylim(data.y_min / U, data.y_max / U)
     ax.set_xlabel("batch size")

@@ -1,5 +1,6 @@
 """Rendering of ``memprof compare`` (see :class:`memprof.results.CompareResult`): table, stacked bars,
 verdict, notes; and the ``--plot`` file (hand-written SVG, or PNG/PDF through matplotlib)."""
+
 from __future__ import annotations
 
 import html
@@ -83,8 +84,9 @@ def verdict_text(result: CompareResult) -> str:
     safe = _row(result, result.safe_best_label)
     if best.workload.get("dtype") in ("fp16", "bf16"):
         if safe is not None:
-            parts.append(f"Pure {best.workload.get('dtype')} drops the fp32 master weights; "
-                         f"with them: {summary(safe)}.")
+            parts.append(
+                f"Pure {best.workload.get('dtype')} drops the fp32 master weights; with them: {summary(safe)}."
+            )
         else:
             parts.append(f"Pure {best.workload.get('dtype')} drops the fp32 master weights (numerically risky).")
     return " ".join(parts)
@@ -94,12 +96,16 @@ def verdict_text(result: CompareResult) -> str:
 def _header(result: CompareResult, console: Console) -> None:
     w = result.base_workload
     opt = w.get("optimizer") if w.get("mode") == "train" else "no optimizer"
-    console.print(f"[bold]memprof compare[/bold] · {result.model} · batch {w.get('batch_size')} · "
-                  f"input {w.get('input')} · {opt} · {w.get('mode')}")
+    console.print(
+        f"[bold]memprof compare[/bold] · {result.model} · batch {w.get('batch_size')} · "
+        f"input {w.get('input')} · {opt} · {w.get('mode')}"
+    )
     console.print(f"  peak = {result.peak_metric} (traced for {result.target})")
     if result.capacity is not None:
-        console.print(f"  capacity {format_bytes(result.capacity.total_bytes)} ({result.capacity.source}), "
-                      f"recommended batch = {result.headroom:g} × largest")
+        console.print(
+            f"  capacity {format_bytes(result.capacity.total_bytes)} ({result.capacity.source}), "
+            f"recommended batch = {result.headroom:g} × largest"
+        )
     else:
         console.print(f"  {result.capacity_note or 'no capacity: largest-batch columns left out'}")
 
@@ -120,9 +126,15 @@ def compare_table(result: CompareResult) -> Table:
         if r.error is not None:  # the reason is in the notes below the chart
             table.add_row(mark, Text(r.label), *(["-"] * (7 + (2 if fit else 0))))
             continue
-        cells = [format_bytes(r.parameter_bytes), format_bytes(r.gradient_bytes),
-                 format_bytes(r.optimizer_state_bytes), format_bytes(r.activation_bytes),
-                 format_bytes(r.temporary_bytes), format_bytes(r.peak_bytes), _delta(r)]
+        cells = [
+            format_bytes(r.parameter_bytes),
+            format_bytes(r.gradient_bytes),
+            format_bytes(r.optimizer_state_bytes),
+            format_bytes(r.activation_bytes),
+            format_bytes(r.temporary_bytes),
+            format_bytes(r.peak_bytes),
+            _delta(r),
+        ]
         if fit:
             if r.fit is None:
                 cells += ["n/a", "n/a"]
@@ -141,8 +153,9 @@ def measure_table(result: CompareResult) -> Table | None:
     if not rows:
         return None
     find = any(r.measured.max_batch is not None for r in rows)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title="Predicted vs measured",
-                  title_justify="left")
+    table = Table(
+        box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title="Predicted vs measured", title_justify="left"
+    )
     table.add_column("Configuration", no_wrap=True)
     table.add_column("Predicted", justify="right")
     table.add_column("Measured", justify="right")
@@ -258,11 +271,13 @@ def plot_svg(result: CompareResult) -> str:
     width = label_w + bar_w + 110
     height = top + row_h * len(rows) + 40
     esc = html.escape
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-           f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="10" y="20" font-size="14" font-weight="bold">{esc(result.model)}: memory at the peak '
-           f'(batch {result.base_workload.get("batch_size")}, {esc(result.target)})</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="10" y="20" font-size="14" font-weight="bold">{esc(result.model)}: memory at the peak '
+        f"(batch {result.base_workload.get('batch_size')}, {esc(result.target)})</text>",
+    ]
     x = 10
     for c in used:
         out.append(f'<rect x="{x}" y="32" width="12" height="12" fill="{BAR_STYLE[c][2]}"/>')
@@ -278,8 +293,10 @@ def plot_svg(result: CompareResult) -> str:
             if value <= 0:
                 continue
             w = value / scale * bar_w
-            out.append(f'<rect x="{label_w + pos:.1f}" y="{y + 4}" width="{w:.1f}" height="{row_h - 8}" '
-                       f'fill="{BAR_STYLE[cat][2]}"><title>{esc(cat.value)}: {esc(format_bytes(value))}</title></rect>')
+            out.append(
+                f'<rect x="{label_w + pos:.1f}" y="{y + 4}" width="{w:.1f}" height="{row_h - 8}" '
+                f'fill="{BAR_STYLE[cat][2]}"><title>{esc(cat.value)}: {esc(format_bytes(value))}</title></rect>'
+            )
             pos += w
         out.append(f'<text x="{label_w + pos + 6:.1f}" y="{y + 16}">{esc(format_bytes(r.peak_bytes))}</text>')
     out.append(f'<text x="10" y="{height - 14}" fill="#555">peak = {esc(result.peak_metric)}</text>')
@@ -295,8 +312,9 @@ def _plot_matplotlib(result: CompareResult, path: Path) -> None:
 
     rows = [r for r in result.rows if r.error is None and r.peak_bytes]
     top = max(r.peak_bytes for r in rows)
-    unit, scale = next(((u, 1024.0 ** i) for i, u in ((3, "GiB"), (2, "MiB"), (1, "KiB")) if top >= 1024.0 ** i),
-                       ("B", 1.0))
+    unit, scale = next(
+        ((u, 1024.0**i) for i, u in ((3, "GiB"), (2, "MiB"), (1, "KiB")) if top >= 1024.0**i), ("B", 1.0)
+    )
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 2.0))
     labels = [("★ " if r.best else "") + r.label for r in rows][::-1]
     left = [0.0] * len(rows)
@@ -306,20 +324,26 @@ def _plot_matplotlib(result: CompareResult, path: Path) -> None:
         if not any(values):
             continue
         ax.barh(labels, values, left=left, color=colour, label=cat.value)
-        left = [a + b for a, b in zip(left, values)]
+        left = [a + b for a, b in zip(left, values, strict=False)]
         used += 1
     ax.set_xlabel(f"{unit} at the peak")
-    ax.set_title(f"{result.model}: memory at the peak (batch {result.base_workload.get('batch_size')}, "
-                 f"{result.target})")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) < 4 else -0.15),
-              ncol=max(1, used), frameon=False)
+    ax.set_title(
+        f"{result.model}: memory at the peak (batch {result.base_workload.get('batch_size')}, {result.target})"
+    )
+    ax.legend(
+        fontsize=8,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.35 if len(rows) < 4 else -0.15),
+        ncol=max(1, used),
+        frameon=False,
+    )
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 
 def write_plot(result: CompareResult, path: Path) -> None:
-    """``.svg``: hand-written, no dependencies; otherwise matplotlib (check with memprof.render.charts.check_plot_path)."""
+    """``.svg``: hand-written, no dependencies; otherwise matplotlib (check the path with ``check_plot_path``)."""
     if path.suffix.lower() == ".svg":
         path.write_text(plot_svg(result), encoding="utf-8")
     else:

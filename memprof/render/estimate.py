@@ -1,4 +1,5 @@
 """Rendering of ``memprof estimate`` results (see :class:`memprof.results.EstimateResult`)."""
+
 from __future__ import annotations
 
 import textwrap
@@ -13,8 +14,16 @@ from . import format_bytes, format_count, format_pct
 
 DEFAULT_LAYERS = 10
 
-_ORDER = (MemCategory.PARAMETER, MemCategory.BUFFER, MemCategory.GRADIENT, MemCategory.OPTIMIZER_STATE,
-          MemCategory.ACTIVATION, MemCategory.TEMPORARY, MemCategory.INPUT, MemCategory.CUDA_OVERHEAD)
+_ORDER = (
+    MemCategory.PARAMETER,
+    MemCategory.BUFFER,
+    MemCategory.GRADIENT,
+    MemCategory.OPTIMIZER_STATE,
+    MemCategory.ACTIVATION,
+    MemCategory.TEMPORARY,
+    MemCategory.INPUT,
+    MemCategory.CUDA_OVERHEAD,
+)
 
 
 _METRICS = {
@@ -61,11 +70,17 @@ def _categories(breakdown: dict) -> dict[MemCategory, int]:
 def _header(result: EstimateResult, console: Console) -> None:
     w = result.workload
     console.print(f"[bold]memprof estimate[/bold] · {w.get('model')}")
-    rows = [("model", str(w.get("model"))), ("batch size", str(w.get("batch_size"))), ("input", str(w.get("input"))),
-            ("dtype", str(w.get("dtype"))),
-            ("optimizer", str(w.get("optimizer")) if w.get("mode") == "train" else "- (eval)"),
-            ("mode", "train (forward, backward, optimizer step)" if w.get("mode") == "train"
-             else "eval (no_grad inference)")]
+    rows = [
+        ("model", str(w.get("model"))),
+        ("batch size", str(w.get("batch_size"))),
+        ("input", str(w.get("input"))),
+        ("dtype", str(w.get("dtype"))),
+        ("optimizer", str(w.get("optimizer")) if w.get("mode") == "train" else "- (eval)"),
+        (
+            "mode",
+            "train (forward, backward, optimizer step)" if w.get("mode") == "train" else "eval (no_grad inference)",
+        ),
+    ]
     if w.get("checkpointing") not in (None, "none"):
         rows.append(("checkpointing", str(w.get("checkpointing"))))
     if result.capacity is not None:
@@ -84,8 +99,10 @@ def _headline(result: EstimateResult, console: Console) -> None:
         t = result.traced
         console.print(f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] peak per {what} (traced)")
         if getattr(t, "peak_phase", None):
-            console.print(f"  peak in {t.peak_phase}" + (f", in module {t.peak_module}" if getattr(t, "peak_module", None)
-                                                         else ""))
+            console.print(
+                f"  peak in {t.peak_phase}"
+                + (f", in module {t.peak_module}" if getattr(t, "peak_module", None) else "")
+            )
         extra = []
         if getattr(t, "predicted_reserved_bytes", None) is not None:
             extra.append(f"CUDA allocator reserved ≈ {format_bytes(t.predicted_reserved_bytes)}")
@@ -95,8 +112,9 @@ def _headline(result: EstimateResult, console: Console) -> None:
             console.print("  " + "; ".join(extra))
         console.print(f"  formula (four-part rule): {format_bytes(a.total_bytes)}")
     else:
-        console.print(f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] per {what} "
-                      "(formula: four-part rule)")
+        console.print(
+            f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] per {what} (formula: four-part rule)"
+        )
         if result.trace_note:
             console.print(f"  {result.trace_note}")
     params = f"  parameters {format_count(a.param_count)}"
@@ -132,13 +150,20 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
         if not f and not t:
             continue
         if traced is not None:
-            table.add_row(cat.value, format_bytes(t or 0), _pct(t or 0, t_total), format_bytes(f or 0),
-                          _pct(f or 0, f_total))
+            table.add_row(
+                cat.value, format_bytes(t or 0), _pct(t or 0, t_total), format_bytes(f or 0), _pct(f or 0, f_total)
+            )
         else:
             table.add_row(cat.value, format_bytes(f), _pct(f, f_total))
     if traced is not None:
-        table.add_row("Total", format_bytes(t_total), _pct(t_total, t_total), format_bytes(f_total),
-                      _pct(f_total, f_total), style="bold")
+        table.add_row(
+            "Total",
+            format_bytes(t_total),
+            _pct(t_total, t_total),
+            format_bytes(f_total),
+            _pct(f_total, f_total),
+            style="bold",
+        )
     else:
         table.add_row("Total", format_bytes(f_total), _pct(f_total, f_total), style="bold")
     console.print()
@@ -179,14 +204,18 @@ def _layers(result: EstimateResult, console: Console, top: int | None) -> None:
     console.print(table)
     shown_params = sum(r.params for r in a.layers)
     if a.formula_mismatches:
-        console.print(f"  per-layer formulas differ from numel() on {len(a.formula_mismatches)} of "
-                      f"{a.formula_checked} layers (numel() used):")
+        console.print(
+            f"  per-layer formulas differ from numel() on {len(a.formula_mismatches)} of "
+            f"{a.formula_checked} layers (numel() used):"
+        )
         for m in a.formula_mismatches[:5]:
             console.print(f"    {m}")
     else:
         console.print(f"  per-layer formulas agree with numel() on {a.formula_checked} layers")
-    console.print(f"  parameters sum to {format_count(shown_params)}"
-                  + (f" ({a.tied_param_count} tied tensor(s) counted at their first owner)" if a.tied_param_count else ""))
+    console.print(
+        f"  parameters sum to {format_count(shown_params)}"
+        + (f" ({a.tied_param_count} tied tensor(s) counted at their first owner)" if a.tied_param_count else "")
+    )
 
 
 def _methods(result: EstimateResult, console: Console) -> None:
@@ -201,8 +230,11 @@ def _methods(result: EstimateResult, console: Console) -> None:
         table.add_row("memprof trace", format_bytes(result.traced.peak_bytes), format_bytes(act))
         legend.append(("memprof trace", "fake-tensor trace of the whole step, peak of live storages"))
     for m in a.methods:
-        table.add_row(m.method, format_bytes(m.total_bytes),
-                      format_bytes(m.activation_bytes) if m.activation_bytes is not None else "-")
+        table.add_row(
+            m.method,
+            format_bytes(m.total_bytes),
+            format_bytes(m.activation_bytes) if m.activation_bytes is not None else "-",
+        )
         legend.append((m.method, m.description))
     console.print()
     console.print("[bold]Estimators compared[/bold]")
@@ -211,8 +243,10 @@ def _methods(result: EstimateResult, console: Console) -> None:
     for name, how in legend:
         console.print(f"  {name:<{width}}  {how}")
     console.print(f"  modelsize in decimal MB: parameters {a.modelsize_param_bytes / 1e6:.6f} MB,")
-    console.print(f"    intermediates {a.modelsize_forward_bytes / 1e6:.4f} MB forward-only, "
-                  f"{a.modelsize_backward_bytes / 1e6:.4f} MB with backward")
+    console.print(
+        f"    intermediates {a.modelsize_forward_bytes / 1e6:.4f} MB forward-only, "
+        f"{a.modelsize_backward_bytes / 1e6:.4f} MB with backward"
+    )
 
 
 def _fit(result: EstimateResult, console: Console) -> None:
@@ -226,14 +260,18 @@ def _fit(result: EstimateResult, console: Console) -> None:
     console.print(f"  judged by: {_METRICS.get(fit.metric, fit.metric)}")
     batch = result.workload.get("batch_size")
     verdict = "fits" if fit.fits else "DOES NOT FIT"
-    console.print(f"  batch {batch}: {format_bytes(fit.estimate_bytes)} = {_pct(fit.estimate_bytes, cap.total_bytes)} "
-                  f"of capacity · {verdict}")
+    console.print(
+        f"  batch {batch}: {format_bytes(fit.estimate_bytes)} = {_pct(fit.estimate_bytes, cap.total_bytes)} "
+        f"of capacity · {verdict}"
+    )
     if fit.max_batch is None:
         console.print("  largest batch that fits: none (not even batch 1)")
         return
     console.print(f"  largest batch that fits: {fit.max_batch}")
-    console.print(f"  recommended batch:       {fit.recommended_batch}  "
-                  f"(floor({fit.headroom:g} × {fit.max_batch}): headroom for what the estimate cannot see)")
+    console.print(
+        f"  recommended batch:       {fit.recommended_batch}  "
+        f"(floor({fit.headroom:g} × {fit.max_batch}): headroom for what the estimate cannot see)"
+    )
     if fit.per_sample_bytes is not None and fit.fixed_bytes is not None:
         console.print(f"  by batch: {format_bytes(fit.fixed_bytes)} + {format_bytes(fit.per_sample_bytes)} per sample")
 
@@ -251,5 +289,8 @@ def render_estimate(result: EstimateResult, console: Console, layers: int | None
         console.print()
         console.print("[bold]Notes[/bold]")
     for note in notes:
-        console.print(textwrap.fill(note, width=max(40, console.width - 1), initial_indent="  - ",
-                                    subsequent_indent="    "), markup=False, highlight=False)
+        console.print(
+            textwrap.fill(note, width=max(40, console.width - 1), initial_indent="  - ", subsequent_indent="    "),
+            markup=False,
+            highlight=False,
+        )

@@ -1,9 +1,10 @@
 """Rendering for ``memprof find-batch``: live progress on stderr, the trial table, the answer, a terminal chart."""
+
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -19,11 +20,11 @@ def _verdict(trial) -> str:
     return "fits" if trial.fits else "OOM"
 
 
-def _measured(trial, metric: str) -> Optional[int]:
+def _measured(trial, metric: str) -> int | None:
     return trial.peak_reserved_bytes if metric == "reserved" else trial.peak_allocated_bytes
 
 
-def _error_pct(trial, metric: str) -> Optional[float]:
+def _error_pct(trial, metric: str) -> float | None:
     measured = _measured(trial, metric)
     if not trial.fits or measured is None or trial.predicted_bytes is None or measured == 0:
         return None
@@ -40,19 +41,20 @@ class TrialProgress:
 
     def __init__(self, console: Console):
         self.console = console
-        self.live: Optional[Live] = None
+        self.live: Live | None = None
         self.t0 = time.perf_counter()
         self.trial_t0 = self.t0
-        self.batch: Optional[int] = None
+        self.batch: int | None = None
         self.step = 0
         self.phase = ""
         self.done: list[Any] = []
         self.state = "starting"
 
-    def __enter__(self) -> "TrialProgress":
+    def __enter__(self) -> TrialProgress:
         if self.console.is_terminal:
-            self.live = Live(self._render(), console=self.console, refresh_per_second=8, transient=True,
-                             get_renderable=self._render)
+            self.live = Live(
+                self._render(), console=self.console, refresh_per_second=8, transient=True, get_renderable=self._render
+            )
             self.live.__enter__()
         return self
 
@@ -66,14 +68,23 @@ class TrialProgress:
         lines = []
         for t in self.done[-8:]:
             what = format_bytes(t.peak_reserved_bytes or t.peak_allocated_bytes) if t.fits else f"in {t.oom_phase}"
-            lines.append(Text(f"  batch {t.batch_size:>6}  {_verdict(t):<4}  {what}  {t.seconds:.1f} s",
-                              style="green" if t.fits else "red"))
+            lines.append(
+                Text(
+                    f"  batch {t.batch_size:>6}  {_verdict(t):<4}  {what}  {t.seconds:.1f} s",
+                    style="green" if t.fits else "red",
+                )
+            )
         if self.state == "predict":
             lines.append(Text(f"  tracing a prediction ... {now - self.t0:.1f} s", style="cyan"))
         elif self.batch is not None:
             where = f"step {self.step} {self.phase}" if self.step else "building model and batch"
-            lines.append(Text(f"  trial {len(self.done) + 1}: batch {self.batch}  {where}  "
-                              f"{now - self.trial_t0:.1f} s  (total {now - self.t0:.1f} s)", style="cyan"))
+            lines.append(
+                Text(
+                    f"  trial {len(self.done) + 1}: batch {self.batch}  {where}  "
+                    f"{now - self.trial_t0:.1f} s  (total {now - self.t0:.1f} s)",
+                    style="cyan",
+                )
+            )
         return Group(Text("memprof find-batch", style="bold"), *lines)
 
     def on_event(self, kind: str, data: Any) -> None:
@@ -82,9 +93,12 @@ class TrialProgress:
         elif kind == "predicted":
             self.state = "trials"
             if self.live is None and data is not None:
-                self.console.print(f"prediction: largest batch {data.max_batch or 'none (nothing fits)'} "
-                                   f"({format_bytes(data.slope_bytes_per_sample)}/sample, traced in "
-                                   f"{data.seconds:.1f} s)", highlight=False)
+                self.console.print(
+                    f"prediction: largest batch {data.max_batch or 'none (nothing fits)'} "
+                    f"({format_bytes(data.slope_bytes_per_sample)}/sample, traced in "
+                    f"{data.seconds:.1f} s)",
+                    highlight=False,
+                )
         elif kind == "trial":
             self.batch, self.step, self.phase = data, 0, ""
             self.trial_t0 = time.perf_counter()
@@ -95,10 +109,15 @@ class TrialProgress:
             self.batch = None
             if self.live is None:
                 t = data
-                extra = f"peak {format_bytes(_measured(t, 'reserved') or t.peak_allocated_bytes)}" if t.fits \
+                extra = (
+                    f"peak {format_bytes(_measured(t, 'reserved') or t.peak_allocated_bytes)}"
+                    if t.fits
                     else f"out of memory in {t.oom_phase}"
-                self.console.print(f"trial {len(self.done)}: batch {t.batch_size} {_verdict(t)}, {extra} "
-                                   f"({t.seconds:.1f} s)", highlight=False)
+                )
+                self.console.print(
+                    f"trial {len(self.done)}: batch {t.batch_size} {_verdict(t)}, {extra} ({t.seconds:.1f} s)",
+                    highlight=False,
+                )
         if self.live is not None:
             self.live.refresh()
 
@@ -131,7 +150,11 @@ def trial_table(result) -> Table:
         row = [str(i), str(t.batch_size), t.reason or "", verdict, peak]
         if cuda:
             row += [format_bytes(t.peak_reserved_bytes), format_bytes(t.nvml_used_bytes)]
-        row += [format_bytes(t.predicted_bytes), format_pct(_error_pct(t, metric), 1, signed=True), f"{t.seconds:.1f} s"]
+        row += [
+            format_bytes(t.predicted_bytes),
+            format_pct(_error_pct(t, metric), 1, signed=True),
+            f"{t.seconds:.1f} s",
+        ]
         table.add_row(*row)
     return table
 
@@ -146,8 +169,9 @@ def answer_lines(result) -> list[str]:
             lines.append(f"Nothing fits: batch {result.min_batch} does not fit in {format_bytes(cap.total_bytes)}.")
         return lines
     if result.status == "exact":
-        lines.append(f"Largest batch that fits: {result.largest_batch} "
-                     f"(batch {result.smallest_oom_batch} runs out of memory)")
+        lines.append(
+            f"Largest batch that fits: {result.largest_batch} (batch {result.smallest_oom_batch} runs out of memory)"
+        )
     elif result.status == "max_batch":
         lines.append(f"Largest batch that fits: at least {result.largest_batch} (--max-batch; the limit is higher)")
     elif result.status == "interrupted":
@@ -158,13 +182,17 @@ def answer_lines(result) -> list[str]:
     if result.recommended_batch is not None:
         rounding = f", multiple of {result.multiple_of}" if result.multiple_of else ""
         so_far = " so far" if result.status == "interrupted" else ""
-        lines.append(f"Recommended batch{so_far}: {result.recommended_batch} "
-                     f"({result.headroom:g} x {result.largest_batch}{rounding})")
+        lines.append(
+            f"Recommended batch{so_far}: {result.recommended_batch} "
+            f"({result.headroom:g} x {result.largest_batch}{rounding})"
+        )
         if result.recommended_expected_bytes is not None:
             left = result.headroom_left_bytes
             pct = f" ({100 * left / cap.total_bytes:.0f} %)" if left is not None and cap.total_bytes else ""
-            lines.append(f"  expected peak {format_bytes(result.recommended_expected_bytes)} of "
-                         f"{format_bytes(cap.total_bytes)}; headroom left {_gib(left)}{pct}")
+            lines.append(
+                f"  expected peak {format_bytes(result.recommended_expected_bytes)} of "
+                f"{format_bytes(cap.total_bytes)}; headroom left {_gib(left)}{pct}"
+            )
     if result.grad_accum_steps is not None:
         target = result.target_global_batch
         eff = result.grad_accum_steps * result.micro_batch
@@ -178,8 +206,10 @@ def answer_lines(result) -> list[str]:
     oom = result.ooms
     overheads = sorted(t.cuda_overhead_bytes for t in result.trials if t.cuda_overhead_bytes is not None)
     if overheads:
-        lines.append(f"CUDA context and workspaces (NVML process usage - torch reserved): "
-                     f"{format_bytes(overheads[len(overheads) // 2])}, on top of the limit's reserved bytes")
+        lines.append(
+            f"CUDA context and workspaces (NVML process usage - torch reserved): "
+            f"{format_bytes(overheads[len(overheads) // 2])}, on top of the limit's reserved bytes"
+        )
     n = len(result.trials)
     lines.append(f"{n} trial{'s' if n != 1 else ''}, {oom} out of memory, {result.wall_seconds:.1f} s")
     return lines
@@ -192,19 +222,23 @@ def _gib(n: int) -> str:
 def header_lines(result) -> list[str]:
     w = result.workload
     opt = f", optimizer {w['optimizer']}" if w.get("optimizer") else ""
-    lines = [f"Model {w['model']}  input {w['input']}  {w['dtype']}{opt}, mode {w['mode']}",
-             f"Device {result.device}",
-             f"Limit {format_bytes(result.capacity.total_bytes)} of {_METRIC_LABEL.get(result.metric, result.metric)} "
-             f"({result.capacity.source}); {result.steps} steps per trial"]
+    lines = [
+        f"Model {w['model']}  input {w['input']}  {w['dtype']}{opt}, mode {w['mode']}",
+        f"Device {result.device}",
+        f"Limit {format_bytes(result.capacity.total_bytes)} of {_METRIC_LABEL.get(result.metric, result.metric)} "
+        f"({result.capacity.source}); {result.steps} steps per trial",
+    ]
     p = result.prediction
     if p is not None:
         mb = "nothing fits" if p.max_batch in (None, 0) else f"largest batch {p.max_batch}"
-        lines.append(f"Prediction (traced): {mb}; {format_bytes(p.intercept_bytes)} + "
-                     f"{format_bytes(p.slope_bytes_per_sample)}/sample ({p.seconds:.1f} s)")
+        lines.append(
+            f"Prediction (traced): {mb}; {format_bytes(p.intercept_bytes)} + "
+            f"{format_bytes(p.slope_bytes_per_sample)}/sample ({p.seconds:.1f} s)"
+        )
     return lines
 
 
-def render_find_batch(result, console: Console, *, chart: bool = True, plot_path: Optional[Path] = None) -> None:
+def render_find_batch(result, console: Console, *, chart: bool = True, plot_path: Path | None = None) -> None:
     for line in header_lines(result):
         console.print(line, highlight=False)
     if result.trials:

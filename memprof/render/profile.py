@@ -1,4 +1,5 @@
 """``memprof profile`` for people: the report, the ``--log`` text and the timeline plot."""
+
 from __future__ import annotations
 
 import html
@@ -29,19 +30,24 @@ def render_profile(result: ProfileResult, console: Console, top: int = 10) -> No
     """The whole report: header, peak with its breakdown, top lines, modules, tensors at the peak, leaks."""
     p = result.peak
     argv = " ".join([Path(result.script).name, *result.argv])
-    console.print(Text(f"memprof profile: {argv}  ·  {result.device}  ·  {result.wall_s:.2f} s  ·  "
-                       f"{format_count(result.ops)} ops", style="bold"))
+    console.print(
+        Text(
+            f"memprof profile: {argv}  ·  {result.device}  ·  {result.wall_s:.2f} s  ·  {format_count(result.ops)} ops",
+            style="bold",
+        )
+    )
     where = p.location or "outside the script's files"
     if p.source:
         where += f"  {_short(p.source)}"
     mod = f"  ·  module {p.module}" if p.module else ""
-    console.print(f"Peak {format_bytes(p.bytes)} at {p.time_s:.3f} s (op {format_count(p.op_index)}), "
-                  f"{p.phase}{mod}")
+    console.print(f"Peak {format_bytes(p.bytes)} at {p.time_s:.3f} s (op {format_count(p.op_index)}), {p.phase}{mod}")
     console.print(f"  at {where}")
     console.print(f"Live at exit: {format_bytes(result.at_exit_bytes)}")
     if result.device == UNUSED_CUDA:
-        console.print("Only CUDA memory was counted and the script allocated none: "
-                      "run with --device cpu (or all) to profile its CPU tensors.")
+        console.print(
+            "Only CUDA memory was counted and the script allocated none: "
+            "run with --device cpu (or all) to profile its CPU tensors."
+        )
 
     if p.breakdown:
         t = Table(title="Live at the peak, by category", title_justify="left", show_edge=False)
@@ -55,14 +61,27 @@ def render_profile(result: ProfileResult, console: Console, top: int = 10) -> No
 
     lines = [ln for ln in result.lines if ln.max_delta_bytes > 0 or ln.alloc_bytes > 0][:top]
     if lines:
-        t = Table(title="Top lines of the script's files by memory added", title_justify="left",
-                  show_edge=False)
+        t = Table(title="Top lines of the script's files by memory added", title_justify="left", show_edge=False)
         wide = console.width >= 100  # narrow terminals: Allocated and At exit stay in --json
-        cols = [("Line", "left"), ("Hits", "right"), ("Added", "right"), ("Allocated", "right"), ("Peak", "right"),
-                ("At exit", "right")]
-        rows = [[f"{ln.file}:{ln.line}", format_count(ln.hits), format_signed_bytes(ln.max_delta_bytes),
-                 format_bytes(ln.alloc_bytes), format_bytes(ln.peak_bytes), format_bytes(ln.live_at_exit_bytes)]
-                for ln in lines]
+        cols = [
+            ("Line", "left"),
+            ("Hits", "right"),
+            ("Added", "right"),
+            ("Allocated", "right"),
+            ("Peak", "right"),
+            ("At exit", "right"),
+        ]
+        rows = [
+            [
+                f"{ln.file}:{ln.line}",
+                format_count(ln.hits),
+                format_signed_bytes(ln.max_delta_bytes),
+                format_bytes(ln.alloc_bytes),
+                format_bytes(ln.peak_bytes),
+                format_bytes(ln.live_at_exit_bytes),
+            ]
+            for ln in lines
+        ]
         if not wide:
             keep = (0, 1, 2, 4)
             cols = [cols[i] for i in keep]
@@ -72,35 +91,57 @@ def render_profile(result: ProfileResult, console: Console, top: int = 10) -> No
         for col, just in cols:
             t.add_column(col, justify=just, no_wrap=True)
         t.add_column("Source", no_wrap=True)
-        for row, ln in zip(rows, lines):
+        for row, ln in zip(rows, lines, strict=False):
             t.add_row(*row, _short(ln.source, room))
         console.print()
         console.print(t)
-        console.print("  Added: the most one execution added to live memory (calls from it included)\n"
-                      + ("  Allocated: by the line's own ops, all executions · " if wide else "  ")
-                      + "Peak: highest live total while it ran"
-                      + ("\n  At exit: its allocations still alive when the script ended" if wide else ""), style="dim")
+        console.print(
+            "  Added: the most one execution added to live memory (calls from it included)\n"
+            + ("  Allocated: by the line's own ops, all executions · " if wide else "  ")
+            + "Peak: highest live total while it ran"
+            + ("\n  At exit: its allocations still alive when the script ended" if wide else ""),
+            style="dim",
+        )
 
     if result.modules:
-        t = Table(title="Modules (forward: added per call and peak; backward: allocated and peak)", title_justify="left",
-                  show_edge=False)
+        t = Table(
+            title="Modules (forward: added per call and peak; backward: allocated and peak)",
+            title_justify="left",
+            show_edge=False,
+        )
         for col in ("Module", "Type", "Calls", "Fwd added", "Fwd peak", "Bwd allocated", "Bwd peak"):
             t.add_column(col, justify="left" if col in ("Module", "Type") else "right", no_wrap=True)
         for m in sorted(result.modules, key=lambda m: -m.forward_peak_bytes)[: max(top, 10)]:
-            t.add_row(m.name, m.type, format_count(m.calls), format_signed_bytes(m.forward_added_bytes),
-                      format_bytes(m.forward_peak_bytes), format_bytes(m.backward_alloc_bytes),
-                      format_bytes(m.backward_peak_bytes))
+            t.add_row(
+                m.name,
+                m.type,
+                format_count(m.calls),
+                format_signed_bytes(m.forward_added_bytes),
+                format_bytes(m.forward_peak_bytes),
+                format_bytes(m.backward_alloc_bytes),
+                format_bytes(m.backward_peak_bytes),
+            )
         console.print()
         console.print(t)
 
     if p.tensors:
-        t = Table(title="Tensors alive at the peak (grouped by shape, dtype and origin)", title_justify="left",
-                  show_edge=False)
+        t = Table(
+            title="Tensors alive at the peak (grouped by shape, dtype and origin)",
+            title_justify="left",
+            show_edge=False,
+        )
         for col in ("Count", "Shape", "Dtype", "Device", "Bytes", "Category", "Origin"):
             t.add_column(col, justify="right" if col in ("Count", "Bytes") else "left", no_wrap=True)
         for g in p.tensors[:top]:
-            t.add_row(format_count(g.count), _shape(g.shape), g.dtype, g.device, format_bytes(g.bytes),
-                      g.category.value, g.origin)
+            t.add_row(
+                format_count(g.count),
+                _shape(g.shape),
+                g.dtype,
+                g.device,
+                format_bytes(g.bytes),
+                g.category.value,
+                g.origin,
+            )
         console.print()
         console.print(t)
 
@@ -108,12 +149,16 @@ def render_profile(result: ProfileResult, console: Console, top: int = 10) -> No
         c = result.cuda
         console.print()
         console.print(Text("CUDA", style="bold"))
-        console.print(f"  max allocated {format_bytes(c.max_allocated_bytes)} · max reserved "
-                      f"{format_bytes(c.max_reserved_bytes)} · reserved at exit {format_bytes(c.reserved_at_exit_bytes)}")
+        console.print(
+            f"  max allocated {format_bytes(c.max_allocated_bytes)} · max reserved "
+            f"{format_bytes(c.max_reserved_bytes)} · reserved at exit {format_bytes(c.reserved_at_exit_bytes)}"
+        )
         if c.nvml_process_bytes is not None:
-            console.print(f"  NVML charges this process {format_bytes(c.nvml_process_bytes)}: "
-                          f"{format_bytes(c.context_bytes)} more than torch reserves\n"
-                          "  (CUDA context, cuBLAS/cuDNN workspaces: nvidia-smi shows it, torch.cuda.memory_* does not)")
+            console.print(
+                f"  NVML charges this process {format_bytes(c.nvml_process_bytes)}: "
+                f"{format_bytes(c.context_bytes)} more than torch reserves\n"
+                "  (CUDA context, cuBLAS/cuDNN workspaces: nvidia-smi shows it, torch.cuda.memory_* does not)"
+            )
         else:
             console.print("  NVML process usage not available (nvidia-ml-py missing or not permitted)")
         if c.snapshot_path:
@@ -125,17 +170,22 @@ def render_profile(result: ProfileResult, console: Console, top: int = 10) -> No
         for lk in result.leaks:
             src = f"  {_short(lk.source, 80)}" if lk.source else ""
             console.print(f"  {lk.origin}{src}")
-            reason = textwrap.fill(lk.reason, width=max(40, console.width - 2), initial_indent="    ",
-                                   subsequent_indent="    ")
+            reason = textwrap.fill(
+                lk.reason, width=max(40, console.width - 2), initial_indent="    ", subsequent_indent="    "
+            )
             if lk.source is None:  # a global container: its tensors are small, what they keep is not
                 console.print(reason)
-                console.print(f"    (the tensors themselves: {format_bytes(lk.live_bytes)}; their graphs' memory "
-                              "is in the lines above)")
+                console.print(
+                    f"    (the tensors themselves: {format_bytes(lk.live_bytes)}; their graphs' memory "
+                    "is in the lines above)"
+                )
             else:
                 console.print(f"    {format_bytes(lk.live_bytes)} in {format_count(lk.storages)} storages")
                 console.print(reason)
     else:
-        console.print("No leak suspected: no line keeps memory from many of its executions alive (at the peak or at exit).")
+        console.print(
+            "No leak suspected: no line keeps memory from many of its executions alive (at the peak or at exit)."
+        )
 
 
 def outcome_line(result: ProfileResult) -> str | None:
@@ -153,8 +203,11 @@ def outcome_line(result: ProfileResult) -> str | None:
 # ------------------------------------------------------------------------------------------ --log
 def format_log(result: ProfileResult) -> str:
     """The seed tracker's text log: per executed line, the live total and the storages made (+) or freed (-)."""
-    out = [f"# memprof profile --log: {' '.join([Path(result.script).name, *result.argv])} on {result.device}",
-           "# time      line                          total live   (+ allocated / - freed: count x shape dtype device size, origin)"]
+    out = [
+        f"# memprof profile --log: {' '.join([Path(result.script).name, *result.argv])} on {result.device}",
+        "# time      line                          total live   "
+        "(+ allocated / - freed: count x shape dtype device size, origin)",
+    ]
     for t, loc, source, func, total, events in result._log or ():
         out.append(f"[{t:9.4f}s] {loc:<28} {func:<16} total {format_bytes(total):>10}   {_short(source, 70)}")
         grouped: dict[tuple, list[int]] = {}
@@ -185,22 +238,26 @@ def _series(result: ProfileResult, max_points: int = 3000) -> dict[str, Any]:
         bs = [s.allocated_bytes for s in result.timeline]
     if len(ts) > max_points:  # keep each bucket's max so the peak survives
         step = len(ts) / max_points
-        idx = [max(range(int(j * step), min(len(ts), max(int((j + 1) * step), int(j * step) + 1))), key=bs.__getitem__)
-               for j in range(max_points)]
+        idx = [
+            max(range(int(j * step), min(len(ts), max(int((j + 1) * step), int(j * step) + 1))), key=bs.__getitem__)
+            for j in range(max_points)
+        ]
         ts, bs = [ts[i] for i in idx], [bs[i] for i in idx]
     cuda = raw.get("cuda") or ()
     return {
-        "t": ts, "allocated": bs,
+        "t": ts,
+        "allocated": bs,
         "reserved": [(c[0], c[1]) for c in cuda],
         "nvml": [(c[0], c[2]) for c in cuda if c[2] is not None],
-        "peak_t": result.peak.time_s, "peak_bytes": result.peak.bytes,
+        "peak_t": result.peak.time_s,
+        "peak_bytes": result.peak.bytes,
     }
 
 
 def _nice_step(top: float) -> float:
     """A round grid step in the binary unit that ``top`` is shown in: 1, 2 or 5 x 10^k KiB/MiB/GiB."""
     unit = 1.0
-    while top / unit >= 1024 and unit < 1024 ** 4:
+    while top / unit >= 1024 and unit < 1024**4:
         unit *= 1024
     raw = max(top / unit / 5, 1e-9)
     mag = 1.0
@@ -240,10 +297,12 @@ def timeline_svg(result: ProfileResult, width: int = 900, height: int = 360) -> 
         return " ".join(d)
 
     title = html.escape(f"memprof profile: {Path(result.script).name} ({result.device})")
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-             '<rect width="100%" height="100%" fill="white"/>',
-             f'<text x="{left}" y="20" font-size="14" font-weight="bold">{title}</text>']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        '<rect width="100%" height="100%" fill="white"/>',
+        f'<text x="{left}" y="20" font-size="14" font-weight="bold">{title}</text>',
+    ]
     v = 0.0
     while v <= y_top + 1e-9:
         parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>')
@@ -254,9 +313,11 @@ def timeline_svg(result: ProfileResult, width: int = 900, height: int = 360) -> 
         parts.append(f'<text x="{x(t):.1f}" y="{top_m + ph + 18}" text-anchor="middle">{t:.2f} s</text>')
     parts.append(f'<line x1="{left}" x2="{left}" y1="{top_m}" y2="{top_m + ph}" stroke="#444"/>')
     parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top_m + ph}" y2="{top_m + ph}" stroke="#444"/>')
-    series = [("allocated (tracked tensors)", "#1f77b4", list(zip(s["t"], s["allocated"])), True),
-              ("CUDA reserved", "#ff7f0e", s["reserved"], True),
-              ("NVML used (process)", "#2ca02c", s["nvml"], False)]
+    series = [
+        ("allocated (tracked tensors)", "#1f77b4", list(zip(s["t"], s["allocated"], strict=False)), True),
+        ("CUDA reserved", "#ff7f0e", s["reserved"], True),
+        ("NVML used (process)", "#2ca02c", s["nvml"], False),
+    ]
     ly = top_m + 4
     for label, color, points, stepwise in series:
         if not points:
@@ -269,27 +330,38 @@ def timeline_svg(result: ProfileResult, width: int = 900, height: int = 360) -> 
     label = html.escape(f"peak {format_bytes(s['peak_bytes'])} at {result.peak.location or '?'} ({result.peak.phase})")
     anchor = "end" if px > left + pw * 0.6 else "start"
     dx = -8 if anchor == "end" else 8
-    parts.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{top_m}" y2="{top_m + ph}" stroke="#d62728" stroke-dasharray="4,3"/>')
+    parts.append(
+        f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{top_m}" y2="{top_m + ph}" stroke="#d62728" stroke-dasharray="4,3"/>'
+    )
     parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4" fill="#d62728"/>')
-    parts.append(f'<text x="{px + dx:.1f}" y="{max(py - 8, top_m + 12):.1f}" text-anchor="{anchor}" fill="#d62728">{label}</text>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">time since the script started</text>')
+    parts.append(
+        f'<text x="{px + dx:.1f}" y="{max(py - 8, top_m + 12):.1f}" text-anchor="{anchor}" '
+        f'fill="#d62728">{label}</text>'
+    )
+    parts.append(
+        f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">time since the script started</text>'
+    )
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
 
 
 def timeline_html(result: ProfileResult) -> str:
     title = html.escape(f"memprof profile: {Path(result.script).name}")
-    rows = "".join(f"<tr><td>{html.escape(f'{ln.file}:{ln.line}')}</td><td>{ln.hits}</td>"
-                   f"<td>{html.escape(format_signed_bytes(ln.max_delta_bytes))}</td>"
-                   f"<td>{html.escape(format_bytes(ln.peak_bytes))}</td><td><code>{html.escape(ln.source)}</code></td></tr>"
-                   for ln in result.lines[:10])
-    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{title}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 10px;text-align:left}</style></head>"
-            f"<body><h2>{title}</h2>\n{timeline_svg(result)}"
-            f"<p>Peak {html.escape(format_bytes(result.peak.bytes))} at {html.escape(result.peak.location or '?')} "
-            f"({html.escape(result.peak.phase)}).</p>"
-            "<table><tr><th>Line</th><th>Hits</th><th>Added (max)</th><th>Peak on line</th><th>Source</th></tr>"
-            f"{rows}</table></body></html>\n")
+    rows = "".join(
+        f"<tr><td>{html.escape(f'{ln.file}:{ln.line}')}</td><td>{ln.hits}</td>"
+        f"<td>{html.escape(format_signed_bytes(ln.max_delta_bytes))}</td>"
+        f"<td>{html.escape(format_bytes(ln.peak_bytes))}</td><td><code>{html.escape(ln.source)}</code></td></tr>"
+        for ln in result.lines[:10]
+    )
+    return (
+        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{title}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 10px;text-align:left}</style></head>"
+        f"<body><h2>{title}</h2>\n{timeline_svg(result)}"
+        f"<p>Peak {html.escape(format_bytes(result.peak.bytes))} at {html.escape(result.peak.location or '?')} "
+        f"({html.escape(result.peak.phase)}).</p>"
+        "<table><tr><th>Line</th><th>Hits</th><th>Added (max)</th><th>Peak on line</th><th>Source</th></tr>"
+        f"{rows}</table></body></html>\n"
+    )
 
 
 def write_plot(result: ProfileResult, path: Path) -> None:
@@ -317,8 +389,13 @@ def _write_png(result: ProfileResult, path: Path) -> None:
     if s["nvml"]:
         ax.plot([t for t, _ in s["nvml"]], [b / mib for _, b in s["nvml"]], label="NVML used (process)")
     ax.axvline(s["peak_t"], color="#d62728", linestyle="--", linewidth=0.8)
-    ax.plot([s["peak_t"]], [s["peak_bytes"] / mib], "o", color="#d62728",
-            label=f"peak {format_bytes(s['peak_bytes'])} at {result.peak.location or '?'} ({result.peak.phase})")
+    ax.plot(
+        [s["peak_t"]],
+        [s["peak_bytes"] / mib],
+        "o",
+        color="#d62728",
+        label=f"peak {format_bytes(s['peak_bytes'])} at {result.peak.location or '?'} ({result.peak.phase})",
+    )
     ax.set_xlabel("time since the script started (s)")
     ax.set_ylabel("MiB")
     ax.set_title(f"memprof profile: {Path(result.script).name} ({result.device})")

@@ -1,4 +1,5 @@
 """A script that fails half-way: memprof still reports what ran, and exits 1 as python would."""
+
 import torch
 import torch.nn as nn
 

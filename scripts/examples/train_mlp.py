@@ -1,4 +1,5 @@
 """A plain CPU training loop for `memprof profile` (MNIST-sized MLP from the seeds, Adam)."""
+
 import argparse
 
 import torch
@@ -28,7 +29,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = MLP().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for step in range(args.steps):
+    for _step in range(args.steps):
         x = torch.randn(args.batch_size, 1, 28, 28, device=device)
         y = torch.randint(0, 10, (args.batch_size,), device=device)
         loss = F.cross_entropy(model(x), y)
