@@ -1,13 +1,14 @@
 """memprof: where a PyTorch training step's memory goes, and how large a batch fits.
 
-The library returns data (frozen dataclasses, bytes as ints) and raises
-:class:`memprof.errors.MemprofError` with a hint; the ``memprof`` command renders it.
+The Python API (:mod:`memprof.api`): :func:`estimate`, :func:`find_batch`, :func:`compare` and
+:func:`profile` return frozen dataclasses (bytes as ints; :mod:`memprof.results`) and raise
+:class:`MemprofError` (a one-line ``message`` and ``hint``). They never print; the ``memprof``
+command renders the same results.
 """
 
 from ._version import __version__
-from .engine.loading import load_model  # noqa: E402
-from .engine.workload import Workload, get_precision  # noqa: E402
-from .errors import MemprofError  # noqa: E402
-from .results import MemCategory  # noqa: E402
+from .api import compare, estimate, find_batch, profile
+from .errors import MemprofError
+from .results import MemCategory
 
-__all__ = ["__version__", "MemprofError", "MemCategory", "Workload", "get_precision", "load_model"]
+__all__ = ["__version__", "estimate", "find_batch", "compare", "profile", "MemprofError", "MemCategory"]

@@ -174,6 +174,22 @@ class EstimateResult:
 
 
 # =========================================================================== trace
+@dataclasses.dataclass(frozen=True)
+class ModelledBytes:
+    """Bytes in a prediction that no trace saw: modelled from a library's source or measured behaviour.
+
+    The rest of a traced peak is exact for what the tracer runs; these parts are not, and the
+    output says so ("exact trace + 48 MiB modelled"). ``source`` names where the rule comes from
+    (a file of PyTorch, cuDNN's documented size query, a measurement); ``verified`` is True once a
+    real run (CUDA, or the CPU for CPU-only parts) has confirmed it.
+    """
+
+    what: str  # "cuBLAS workspace", "oneDNN convolution scratch", "cuDNN RNN reserve space", ...
+    bytes: int  # at the peak
+    source: str
+    verified: bool = False
+
+
 #: what each traced number corresponds to on a real CUDA device
 TRACE_METRICS: dict[str, str] = {
     "allocated": "torch.cuda.max_memory_allocated() (live tensor storages, 512-byte rounded for cuda; "
@@ -225,6 +241,8 @@ class TraceResult:
     cuda_context_bytes: int | None = None
     #: which real measurement each prediction corresponds to (allocated / reserved / nvml)
     metrics: dict[str, str] = dataclasses.field(default_factory=lambda: dict(TRACE_METRICS))
+    #: parts of peak_bytes that are modelled, not traced (their sum is at most peak_bytes)
+    modelled: tuple[ModelledBytes, ...] = ()
 
     @property
     def predicted_allocated_bytes(self) -> int:

@@ -1,4 +1,4 @@
-"""Shared test helpers: golden files and the GPU marker."""
+"""Shared test helpers: golden files, the GPU marker and the slow marker."""
 
 from __future__ import annotations
 
@@ -32,13 +32,29 @@ def _has_cuda() -> bool:
         return False
 
 
+def _run_slow(config) -> bool:
+    """Slow tests run in CI (CI=true), with --runslow or MEMPROF_SLOW=1, or when selected with -m."""
+    if config.getoption("--runslow") or os.environ.get("MEMPROF_SLOW") == "1":
+        return True
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        return True
+    return "slow" in (config.getoption("-m") or "")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
 def pytest_collection_modifyitems(config, items):
-    if _has_cuda():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
+    gpu = not _has_cuda()
+    slow = not _run_slow(config)
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    skip_slow = pytest.mark.skip(reason="slow: runs in CI, or with --runslow / MEMPROF_SLOW=1")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if gpu and "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+        if slow and "slow" in item.keywords:
+            item.add_marker(skip_slow)
 
 
 @pytest.fixture(autouse=True)

@@ -263,13 +263,13 @@ def test_error_input_shape_rejected():
     "args,needle",
     [
         (["memprof.zoo:Cruncher", "--model-kwargs", "{dim: 4}"], "not valid JSON"),
-        (["memprof.zoo:Cruncher", "--batch-size", "0"], "batch size must be a positive integer"),
+        (["memprof.zoo:Cruncher", "--batch-size", "0"], "--batch-size must be a positive integer"),
         (["memprof.zoo:Cruncher", "--dtype", "fp8"], "unknown dtype"),
         (["memprof.zoo:Cruncher", "--optimizer", "lion"], "unknown optimizer"),
         (["memprof.zoo:Cruncher", "--gpu-memory", "lots"], "cannot read 'lots'"),
         (["memprof.zoo:Cruncher", "--gpu-memory", "24XB"], "unknown size unit"),
         (["memprof.zoo:Cruncher", "--headroom", "1.5"], "--headroom"),
-        (["memprof.zoo:Cruncher", "--mode", "infer"], "unknown mode"),
+        (["memprof.zoo:Cruncher", "--mode", "infer"], "--mode must be train or eval"),
         (["memprof.zoo:Cruncher", "--layers", "-1"], "--layers"),
     ],
 )

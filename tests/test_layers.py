@@ -50,7 +50,7 @@ def layer(name: str) -> str:
     if name in LEAF:
         return "leaf"
     parts = name.split(".")
-    if name == "memprof":
+    if name in ("memprof", "memprof.api"):
         return "api"
     if name == "memprof.__main__":  # python -m memprof: the command line
         return "cli"

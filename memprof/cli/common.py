@@ -6,14 +6,12 @@ from pathlib import Path
 
 import typer
 
-from ..engine.loading import load_model, parse_kwargs, parse_shape
-from ..engine.workload import Workload, get_optimizer_name, get_precision
+from ..commands.workload import DEFAULT_BATCH, DEFAULT_DTYPE, DEFAULT_OPTIMIZER, make_workload
+from ..engine.fit import DEFAULT_HEADROOM
+from ..engine.loading import parse_kwargs, parse_shape
+from ..engine.workload import Workload
 from ..errors import UsageError
 from ..units import parse_bytes
-
-DEFAULT_BATCH = 32
-DEFAULT_DTYPE = "fp32"
-DEFAULT_OPTIMIZER = "adam"
 
 # typer option declarations, reused by every command's signature
 MODEL_ARG = typer.Argument(
@@ -47,7 +45,9 @@ MODEL_ARG_OPT = typer.Option(None, "--model-arg", help="One constructor argument
 GPU_MEMORY_OPT = typer.Option(
     None, "--gpu-memory", help="GPU capacity, e.g. 24GiB or 80GB \\[default: the local GPU's, via NVML]"
 )
-HEADROOM_OPT = typer.Option(0.8, "--headroom", help="Recommended batch = headroom x the largest batch that fits.")
+HEADROOM_OPT = typer.Option(
+    DEFAULT_HEADROOM, "--headroom", help="Recommended batch = headroom x the largest batch that fits."
+)
 JSON_OPT = typer.Option(False, "--json", help="Print only JSON on stdout.")
 
 
@@ -76,24 +76,11 @@ def build_workload(
     checkpointing: str = "none",
     inplace_relu: bool = False,
 ) -> Workload:
-    """Options -> Workload. Command-line values win over a config file's [workload] table."""
+    """Options as typed on the command line -> :func:`memprof.commands.workload.make_workload`."""
     ref = resolve_model_ref(model, model_opt)
     kwargs = parse_kwargs(model_kwargs, model_arg)
-    if batch_size is not None and batch_size <= 0:
-        raise UsageError(f"batch size must be a positive integer, got {batch_size}", "e.g. --batch-size 32")
-    # validate cheap options before importing torch / user code
-    precision = get_precision(dtype) if dtype else None
-    opt_name = get_optimizer_name(optimizer) if optimizer else None
-    if mode is not None and mode not in ("train", "eval"):
-        raise UsageError(f"unknown mode {mode!r}", "choose train or eval")
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
-    spec = load_model(ref, kwargs)
-    if shapes:
-        spec.inputs.shapes = shapes
-    if input_dtype:
-        if input_dtype not in ("float", "int64", "int32", "int16", "int8", "uint8", "bool"):
-            raise UsageError(f"unknown input dtype {input_dtype!r}", "choose float or int64 (token ids)")
-        spec.inputs.dtype = input_dtype
+    low_high = None
     if token_range:
         try:
             low, high = (int(v) for v in token_range.replace(":", ",").split(","))
@@ -101,27 +88,20 @@ def build_workload(
             raise UsageError(
                 f"cannot read token range {token_range!r}", "write LOW,HIGH, e.g. --token-range 0,50257"
             ) from None
-        if high <= low:
-            raise UsageError(f"token range {token_range!r} is empty", "HIGH must be above LOW")
-        spec.inputs.low, spec.inputs.high = low, high
-        if spec.inputs.dtype in (None, "float"):
-            spec.inputs.dtype = "int64"
-    d = spec.defaults
-    return Workload(
-        model=spec,
-        batch_size=batch_size if batch_size is not None else int(d.get("batch_size", DEFAULT_BATCH)),
-        precision=precision or get_precision(d.get("dtype", DEFAULT_DTYPE)),
-        optimizer=opt_name or d.get("optimizer", DEFAULT_OPTIMIZER),
-        mode=mode or d.get("mode", "train"),
+        low_high = (low, high)
+    return make_workload(
+        ref,
+        batch_size=batch_size,
+        dtype=dtype,
+        optimizer=optimizer,
+        mode=mode,
+        input_shape=shapes,
+        input_dtype=input_dtype,
+        token_range=low_high,
+        model_kwargs=kwargs,
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
     )
-
-
-def parse_headroom(headroom: float) -> float:
-    if not (0 < headroom <= 1):
-        raise UsageError(f"--headroom must be in (0, 1], got {headroom}", "e.g. --headroom 0.8 (the seeds' rule)")
-    return headroom
 
 
 def parse_capacity(gpu_memory: str | None) -> int | None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from ..engine.fit import check_headroom
 from . import EXIT_OK, app, emit_json, handle_errors
 from .common import (
     GPU_MEMORY_OPT,
@@ -22,7 +23,6 @@ from .common import (
     TOKEN_RANGE_OPT,
     build_workload,
     check_output_path,
-    parse_headroom,
 )
 
 
@@ -34,26 +34,6 @@ def compare_document(result) -> dict[str, Any]:
     doc = document("compare", result)
     doc["verdict"] = verdict_text(result)
     return doc
-
-
-def resolve_capacity(device: str, gpu_memory: str | None, memory_limit: int | None):
-    """(Capacity | None, note): --gpu-memory, else the local GPU via NVML; --memory-limit on the CPU."""
-    from ..engine import nvml
-    from ..results import Capacity
-    from ..units import parse_bytes
-
-    if device == "cpu":
-        if memory_limit is not None:
-            return Capacity(memory_limit, "--memory-limit", "cpu"), None
-        return None, "no --memory-limit: largest-batch columns left out (e.g. --memory-limit 8GiB)"
-    if gpu_memory:
-        return Capacity(parse_bytes(gpu_memory), "--gpu-memory"), None
-    info = nvml.device_info(0)
-    if info is not None:
-        return Capacity(info.total_bytes, f"NVML: {info.name} (GPU 0)", info.name), None
-    _, reason = nvml.available()
-    why = reason or "NVML sees no GPU"
-    return None, f"no --gpu-memory and no local GPU ({why}): largest-batch columns left out (e.g. --gpu-memory 24GiB)"
 
 
 def _has_cuda() -> bool:
@@ -153,7 +133,7 @@ def compare_cmd(
     from ..errors import NoGPUError, UsageError
     from ..units import parse_bytes
 
-    head = parse_headroom(headroom)
+    head = check_headroom(headroom)
     limit = parse_bytes(memory_limit) if memory_limit else None
     device = (device or ("cpu" if limit is not None else "cuda")).strip().lower()
     if device.startswith("cuda:"):
@@ -185,7 +165,7 @@ def compare_cmd(
     if any(b <= 0 for b in batches):
         raise UsageError(f"batch size must be a positive integer, got {min(batches)}", "e.g. --batch-size 32")
 
-    from ..commands.compare import compare
+    from ..commands.compare import compare, resolve_capacity
 
     axes: dict[str, list[Any]] = {}
     for name, values in (
@@ -214,7 +194,8 @@ def compare_cmd(
         model_kwargs=model_kwargs,
         model_arg=model_arg,
     )
-    capacity, capacity_note = (None, None) if no_fit else resolve_capacity(device, gpu_memory, limit)
+    gpu_bytes = parse_bytes(gpu_memory) if gpu_memory else None
+    capacity, capacity_note = (None, None) if no_fit else resolve_capacity(device, gpu_bytes, limit)
     from ..commands.compare import real_batch_finder, real_step_measurer
 
     measure_fn = real_step_measurer(device, limit) if measure else None

@@ -6,6 +6,7 @@ from typing import Any
 
 import typer
 
+from ..engine.fit import check_headroom
 from . import EXIT_DOES_NOT_FIT, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
 from .common import (
     BATCH_OPT,
@@ -24,7 +25,6 @@ from .common import (
     TOKEN_RANGE_OPT,
     build_workload,
     parse_capacity,
-    parse_headroom,
 )
 
 
@@ -68,7 +68,7 @@ def estimate_cmd(
     """
     from ..errors import UsageError
 
-    head = parse_headroom(headroom)
+    head = check_headroom(headroom)
     if layers < 0:
         raise UsageError(f"--layers must be 0 or more, got {layers}", "--layers 0 (or --all-layers) shows every layer")
     capacity_bytes = parse_capacity(gpu_memory)

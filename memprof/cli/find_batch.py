@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 
+from ..engine.fit import check_headroom
 from . import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
 from .common import (
     DTYPE_OPT,
@@ -23,7 +24,6 @@ from .common import (
     TOKEN_RANGE_OPT,
     build_workload,
     check_output_path,
-    parse_headroom,
 )
 
 
@@ -94,7 +94,7 @@ def find_batch_cmd(
     from ..errors import UsageError
     from ..units import parse_bytes
 
-    head = parse_headroom(headroom)
+    head = check_headroom(headroom)
     limit = parse_bytes(memory_limit) if memory_limit else None
     if device is None:
         device = "cpu" if limit is not None else "cuda"

@@ -45,7 +45,7 @@ def profile_cmd(
     with the script's status: 0, its sys.exit code, or 1 when it raised (the partial profile is
     still reported).
     """
-    from ..engine.profiler import DEVICES
+    from ..commands.profile import DEVICES
     from ..errors import UsageError
     from ..render.profile import check_plot_path
 
@@ -58,11 +58,11 @@ def profile_cmd(
     if plot is not None:
         check_plot_path(plot)
 
-    from ..engine.profiler import profile_script
+    from ..commands.profile import profile
 
     redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
     with redirect:
-        result = profile_script(script, script_args or [], log=log is not None, snapshot_path=snapshot, device=device)
+        result = profile(script, script_args or [], log=log is not None, snapshot=snapshot, device=device)
         sys.stdout.flush()
 
     from ..render import print_error, stdout_console

@@ -131,7 +131,7 @@ class ModelSpec:
     inputs: InputSpec = field(default_factory=InputSpec)
     batch_hook: Callable | None = None
     loss_hook: Callable | None = None
-    source: str = "torchvision"  # torchvision | file | module | config
+    source: str = "torchvision"  # torchvision | file | module | config | instance
     #: workload defaults from a config file (batch_size, dtype, optimizer, mode)
     defaults: dict[str, Any] = field(default_factory=dict)
 
@@ -458,6 +458,42 @@ def _spec_from_module(module, attr: str, ref: str, where: str, kwargs: dict, sou
         batch_hook=batch_hook,
         loss_hook=loss_hook,
         source=source,
+    )
+
+
+def spec_from_module(module: Any) -> ModelSpec:
+    """A live ``nn.Module`` as a model to estimate: every build is a deep copy of it.
+
+    Under the tracer's FakeTensorMode the copy's parameters and buffers are fake (shapes and
+    dtypes, no memory); a real run gets real copies. The module itself is never changed.
+    """
+    import copy
+
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise ModelLoadError(
+            f"the model is a {type(module).__name__}, not a reference or a torch.nn.Module",
+            'pass "resnet50", "path/to/file.py:Net", a config .toml, or an nn.Module instance',
+        )
+
+    def factory() -> Any:
+        try:
+            return copy.deepcopy(module)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{type(module).__name__} cannot be copied: {type(exc).__name__}: {exc}",
+                "pass the class or a factory function instead (path/to/file.py:Net)",
+            ) from None
+
+    name = type(module).__name__
+    return ModelSpec(
+        ref=f"<{name} instance>",
+        display_name=name,
+        factory=factory,
+        batch_hook=getattr(module, BATCH_HOOK, None),
+        loss_hook=getattr(module, LOSS_HOOK, None),
+        source="instance",
     )
 
 

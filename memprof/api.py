@@ -1,0 +1,235 @@
+"""The Python API: the four commands for notebooks and scripts, returning the result dataclasses the CLI renders.
+
+Each takes a model reference (``"resnet50"``, ``"path/to/file.py:Net"``, ``"package.module:attr"``, a
+config ``.toml``) or a live ``torch.nn.Module`` (memprof works on copies of it; the module is never
+changed), and the same options as the command line, with Python values: sizes in bytes or as text
+(``24 * 2**30`` or ``"24GiB"``), shapes as tuples. Errors are :class:`memprof.MemprofError` with a
+``message`` and a ``hint``; nothing is printed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .commands.workload import Shape, make_workload
+from .engine.fit import DEFAULT_HEADROOM
+from .results import CompareResult, EstimateResult, FindBatchResult, ProfileResult
+from .units import parse_bytes
+
+__all__ = ["estimate", "find_batch", "compare", "profile"]
+
+
+def _bytes(value: int | str | None) -> int | None:
+    return None if value is None else parse_bytes(value)
+
+
+def estimate(
+    model: Any,
+    *,
+    batch_size: int | None = None,
+    input_shape: Shape | Sequence[Shape] | None = None,
+    dtype: str | None = None,
+    optimizer: str | None = None,
+    mode: str | None = None,
+    gpu_memory: int | str | None = None,
+    headroom: float = DEFAULT_HEADROOM,
+    traced: bool = True,
+    input_dtype: str | None = None,
+    token_range: tuple[int, int] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    checkpointing: str = "none",
+    inplace_relu: bool = False,
+    use_nvml: bool = True,
+) -> EstimateResult:
+    """Where the memory of one training step goes, traced on fake tensors (no GPU), and the batch that fits.
+
+    ``gpu_memory`` is the capacity to fit (bytes or ``"24GiB"``); without it the local GPU's, via
+    NVML, unless ``use_nvml=False``; with neither, ``result.fit`` is None.
+
+    Example::
+
+        >>> import memprof, torchvision
+        >>> r = memprof.estimate(torchvision.models.resnet18(), batch_size=64, input_shape=(3, 224, 224),
+        ...                      gpu_memory="24GiB", use_nvml=False)
+        >>> r.headline_bytes, r.fit.max_batch, r.fit.recommended_batch  # doctest: +SKIP
+    """
+    from .commands.estimate import estimate as run
+    from .commands.estimate import resolve_capacity
+
+    workload = make_workload(
+        model,
+        batch_size=batch_size,
+        dtype=dtype,
+        optimizer=optimizer,
+        mode=mode,
+        input_shape=input_shape,
+        input_dtype=input_dtype,
+        token_range=token_range,
+        model_kwargs=model_kwargs,
+        checkpointing=checkpointing,
+        inplace_relu=inplace_relu,
+    )
+    capacity, note = resolve_capacity(_bytes(gpu_memory), use_nvml=use_nvml)
+    return run(workload, capacity=capacity, headroom=headroom, traced=traced, capacity_note=note)
+
+
+def find_batch(
+    model: Any,
+    *,
+    device: str = "cuda",
+    memory_limit: int | str | None = None,
+    input_shape: Shape | Sequence[Shape] | None = None,
+    dtype: str | None = None,
+    optimizer: str | None = None,
+    mode: str | None = None,
+    steps: int = 2,
+    min_batch: int = 1,
+    max_batch: int = 4096,
+    start: int | None = None,
+    headroom: float = DEFAULT_HEADROOM,
+    multiple_of: int | None = None,
+    target_global_batch: int | None = None,
+    predict: bool = True,
+    input_dtype: str | None = None,
+    token_range: tuple[int, int] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    on_event: Callable[[str, Any], None] | None = None,
+) -> FindBatchResult:
+    """The largest batch whose real training steps fit, found in a few real trials, and the batch to use.
+
+    ``device="cuda"`` (or ``"cuda:1"``) runs on the GPU; ``device="cpu"`` with ``memory_limit``
+    runs the same steps on the CPU with live tensor bytes capped there.
+
+    Example::
+
+        >>> import memprof
+        >>> r = memprof.find_batch("memprof.zoo:mnist_mlp", device="cpu", memory_limit="64MiB",
+        ...                        input_shape=(1, 28, 28))
+        >>> r.largest_batch, r.recommended_batch, len(r.trials)  # doctest: +SKIP
+    """
+    from .commands.find_batch import find_batch as run
+
+    workload = make_workload(
+        model,
+        dtype=dtype,
+        optimizer=optimizer,
+        mode=mode,
+        input_shape=input_shape,
+        input_dtype=input_dtype,
+        token_range=token_range,
+        model_kwargs=model_kwargs,
+    )
+    return run(
+        workload,
+        device=device,
+        memory_limit=_bytes(memory_limit),
+        steps=steps,
+        min_batch=min_batch,
+        max_batch=max_batch,
+        start=start,
+        headroom=headroom,
+        multiple_of=multiple_of,
+        target_global_batch=target_global_batch,
+        predict=predict,
+        on_event=on_event,
+    )
+
+
+def compare(
+    model: Any,
+    *,
+    dtypes: Iterable[str] | None = None,
+    optimizers: Iterable[str] | None = None,
+    checkpointing: Iterable[str] | None = None,
+    inplace_relu: bool = False,
+    modes: Iterable[str] | None = None,
+    batch_sizes: Iterable[int] | None = None,
+    combine: bool = False,
+    batch_size: int | None = None,
+    dtype: str | None = None,
+    optimizer: str | None = None,
+    input_shape: Shape | Sequence[Shape] | None = None,
+    device: str = "cuda",
+    gpu_memory: int | str | None = None,
+    memory_limit: int | str | None = None,
+    headroom: float = DEFAULT_HEADROOM,
+    max_batch: int | None = None,
+    fit: bool = True,
+    input_dtype: str | None = None,
+    token_range: tuple[int, int] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> CompareResult:
+    """Configurations side by side: each ``dtypes`` / ``optimizers`` / ``checkpointing`` / ``modes`` /
+    ``batch_sizes`` value adds a row to the baseline (``batch_size``, ``dtype``, ``optimizer``);
+    ``combine=True`` makes one row per combination. Without any, the default set (AMP, fp16, checkpointing).
+
+    Example::
+
+        >>> import memprof
+        >>> r = memprof.compare("resnet50", dtypes=["amp-bf16"], checkpointing=["blocks"], gpu_memory="24GiB")
+        >>> [(row.label, row.peak_bytes, row.fit.max_batch) for row in r.rows]  # doctest: +SKIP
+    """
+    from .commands.compare import compare as run
+    from .commands.compare import normalize_axes, resolve_capacity
+
+    axes: dict[str, list[Any]] = {}
+    for name, values in (
+        ("dtype", dtypes),
+        ("optimizer", optimizers),
+        ("checkpointing", checkpointing),
+        ("mode", modes),
+        ("batch_size", batch_sizes),
+    ):
+        if values:
+            axes[name] = list(values)
+    if inplace_relu:
+        axes["inplace_relu"] = [True]
+    chosen = normalize_axes(axes)
+    workload = make_workload(
+        model,
+        batch_size=batch_size,
+        dtype=dtype,
+        optimizer=optimizer,
+        input_shape=input_shape,
+        input_dtype=input_dtype,
+        token_range=token_range,
+        model_kwargs=model_kwargs,
+    )
+    capacity, note = (None, None)
+    if fit:
+        capacity, note = resolve_capacity(device, _bytes(gpu_memory), _bytes(memory_limit))
+    return run(
+        workload,
+        chosen or None,
+        combine=combine,
+        target="cpu" if device == "cpu" else "cuda",
+        capacity=capacity,
+        capacity_note=note,
+        headroom=headroom,
+        fit=fit,
+        max_batch=max_batch,
+    )
+
+
+def profile(
+    script: str | Path,
+    args: Sequence[str] = (),
+    *,
+    log: bool = False,
+    snapshot: str | Path | None = None,
+    device: str = "auto",
+) -> ProfileResult:
+    """Run a training script as ``python script args...`` would; its memory by line, module and category,
+    the peak and suspected leaks. The script's own failure is in ``result.outcome``.
+
+    Example::
+
+        >>> import memprof
+        >>> r = memprof.profile("scripts/examples/train_mlp.py", ["--steps", "3"])
+        >>> r.peak.bytes, r.peak.location, r.outcome.status  # doctest: +SKIP
+    """
+    from .commands.profile import profile as run
+
+    return run(script, args, log=log, snapshot=snapshot, device=device)

@@ -1,0 +1,109 @@
+"""From what a caller gives (a model reference or a live ``nn.Module``, and typed options) to a
+:class:`~memprof.engine.workload.Workload`. The command line and the Python API both come here,
+so every option is validated once, in one place, before any model is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..engine.checkpointing import parse_mode
+from ..engine.loading import ModelSpec, load_model, spec_from_module
+from ..engine.workload import MODES, Workload, get_optimizer_name, get_precision
+from ..errors import UsageError
+
+DEFAULT_BATCH = 32
+DEFAULT_DTYPE = "fp32"
+DEFAULT_OPTIMIZER = "adam"
+INPUT_DTYPES = ("float", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+Shape = Sequence[int]
+
+
+def check_batch_size(batch_size: Any) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise UsageError(f"`batch_size` must be a positive integer, got {batch_size!r}", "e.g. `batch_size` 32")
+    return batch_size
+
+
+def check_shapes(input_shape: Shape | Sequence[Shape]) -> list[tuple[int, ...]]:
+    """One per-sample shape ``(3, 224, 224)`` or several ``[(3, 224, 224), (10,)]``, batch excluded."""
+    items = list(input_shape)
+    shapes = [items] if items and not isinstance(items[0], (list, tuple)) else items
+    out: list[tuple[int, ...]] = []
+    for shape in shapes:
+        dims = tuple(shape)
+        if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in dims):
+            raise UsageError(
+                f"`input_shape` must be positive integers, got {tuple(shape)!r}", "e.g. `input_shape` 3,224,224"
+            )
+        out.append(dims)
+    return out
+
+
+def make_workload(
+    model: str | ModelSpec | Any,
+    *,
+    batch_size: int | None = None,
+    dtype: str | None = None,
+    optimizer: str | None = None,
+    mode: str | None = None,
+    input_shape: Shape | Sequence[Shape] | None = None,
+    input_dtype: str | None = None,
+    token_range: tuple[int, int] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    checkpointing: str = "none",
+    inplace_relu: bool = False,
+) -> Workload:
+    """The workload for ``model``; values given here win over a config file's ``[workload]`` table.
+
+    ``model`` is a reference (``"resnet50"``, ``"path/to/file.py:Net"``, ``"package.module:attr"``,
+    ``"config.toml"``), an already loaded :class:`ModelSpec`, or a live ``torch.nn.Module`` (memprof
+    builds copies of it on fake tensors; the module itself is never changed).
+    Cheap options are checked before the model is loaded.
+    """
+    if batch_size is not None:
+        check_batch_size(batch_size)
+    precision = get_precision(dtype) if dtype else None
+    opt_name = get_optimizer_name(optimizer) if optimizer else None
+    if mode is not None and mode not in MODES:
+        raise UsageError(
+            f"`mode` must be train or eval, got {mode!r}",
+            "train: forward, backward, optimizer step; eval: no_grad inference",
+        )
+    shapes = check_shapes(input_shape) if input_shape is not None else None
+    if input_dtype is not None and input_dtype not in INPUT_DTYPES:
+        raise UsageError(
+            f"`input_dtype` must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}",
+            "float follows the model's dtype; int64 for token ids",
+        )
+    if token_range is not None:
+        low, high = token_range
+        if high <= low:
+            raise UsageError(f"`token_range` {low},{high} is empty", "HIGH must be above LOW, e.g. 0,50257")
+    checkpointing = parse_mode(checkpointing)
+    if isinstance(model, ModelSpec):
+        spec = model
+    elif isinstance(model, str):
+        spec = load_model(model, dict(model_kwargs or {}))
+    else:
+        spec = spec_from_module(model)
+    if shapes:
+        spec.inputs.shapes = shapes
+    if input_dtype:
+        spec.inputs.dtype = input_dtype
+    if token_range is not None:
+        spec.inputs.low, spec.inputs.high = token_range
+        if spec.inputs.dtype in (None, "float"):
+            spec.inputs.dtype = "int64"
+    d = spec.defaults
+    return Workload(
+        model=spec,
+        batch_size=batch_size if batch_size is not None else check_batch_size(int(d.get("batch_size", DEFAULT_BATCH))),
+        precision=precision or get_precision(d.get("dtype", DEFAULT_DTYPE)),
+        optimizer=opt_name or d.get("optimizer", DEFAULT_OPTIMIZER),
+        mode=mode or d.get("mode", "train"),
+        checkpointing=checkpointing,
+        inplace_relu=inplace_relu,
+    )
