@@ -491,10 +491,10 @@ def test_cli_measure_without_gpu_says_what_to_do():
 
 
 def test_capacity_from_flag_nvml_or_nothing(monkeypatch):
-    from memprof.cli.compare import resolve_capacity
+    from memprof.commands.compare import resolve_capacity
     from memprof.engine import nvml
 
-    cap, note = resolve_capacity("cuda", "24GiB", None)
+    cap, note = resolve_capacity("cuda", 24 * 2**30, None)
     assert cap.total_bytes == 24 * 2**30 and cap.source == "--gpu-memory" and note is None
     gpu = nvml.GPUInfo(0, "NVIDIA H100 80GB HBM3", None, 80 * 10**9, 10**9, 79 * 10**9)
     monkeypatch.setattr(nvml, "device_info", lambda index=0: gpu)
