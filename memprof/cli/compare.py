@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -24,6 +24,9 @@ from .common import (
     build_workload,
     check_output_path,
 )
+
+if TYPE_CHECKING:
+    from ..results import Target
 
 
 def compare_document(result) -> dict[str, Any]:
@@ -204,11 +207,12 @@ def compare_cmd(
     def progress(i: int, n: int, label: str) -> None:
         print(f"[{i}/{n}] tracing {label} ...", file=sys.stderr, flush=True)
 
+    target: Target = "cpu" if device == "cpu" else "cuda"
     result = compare(
         workload,
         axes or None,
         combine=combine,
-        target=device,
+        target=target,
         capacity=capacity,
         capacity_note=capacity_note,
         headroom=head,

@@ -163,7 +163,7 @@ def make_variants(
     different optimizer) are dropped.
     """
     optional = not axes
-    chosen = default_axes(base) if optional else normalize_axes(axes)
+    chosen = normalize_axes(axes) if axes else default_axes(base)
     rows = [Variant(f"{base.precision.name} (baseline)", base, {}, baseline=True)]
     seen = {_key(base)}
     if combine:
@@ -262,8 +262,9 @@ def real_step_measurer(device: str, memory_limit: int | None = None, steps: int 
     as (without oneDNN's in-kernel scratch); crossing ``memory_limit`` is an out-of-memory
     (no limit: nothing is capped, the peak is still measured).
     """
-    from ..engine.measure import CpuCapRunner, make_runner
+    from ..engine.measure import CpuCapRunner, Runner, make_runner
 
+    runner: Runner
     if device == "cpu":
         runner = CpuCapRunner(memory_limit if memory_limit is not None else 1 << 62)
         metric = "live tensor bytes"
@@ -287,11 +288,13 @@ def real_step_measurer(device: str, memory_limit: int | None = None, steps: int 
 
 def real_batch_finder(device: str, memory_limit: int | None, headroom: float, max_batch: int | None = None) -> FindFn:
     """A ``find_fn``: each row's largest batch with real steps (``memprof find-batch``)."""
-    from .find_batch import find_batch
+    from .find_batch import DEFAULT_MAX_BATCH, find_batch
 
     def find(workload: Workload) -> int | None:
-        kwargs = {"max_batch": max_batch} if max_batch else {}
-        return find_batch(workload, device=device, memory_limit=memory_limit, headroom=headroom, **kwargs).largest_batch
+        limit = max_batch or DEFAULT_MAX_BATCH
+        return find_batch(
+            workload, device=device, memory_limit=memory_limit, headroom=headroom, max_batch=limit
+        ).largest_batch
 
     return find
 
@@ -434,6 +437,7 @@ def order_rows(rows: list[CompareRow], base_batch: int) -> tuple[list[CompareRow
     def better(r: CompareRow) -> bool:
         if base_peak is None:
             return True
+        assert r.peak_bytes is not None  # only rows without an error compete
         return r.peak_bytes < base_peak or (r.peak_bytes == base_peak and max_batch(r) > base_batch)
 
     best = next((r for r in same if better(r)), None)
@@ -448,7 +452,7 @@ def compare(
     *,
     variants: list[Variant] | None = None,
     combine: bool = False,
-    target: str = "cuda",
+    target: Target = "cuda",
     capacity: Capacity | None = None,
     capacity_note: str | None = None,
     headroom: float = fitting.DEFAULT_HEADROOM,
@@ -506,13 +510,15 @@ def compare(
                 notes.append(f"{v.label} left out: {exc.message}")
                 continue
             raw.append((v, None, exc.message + (f" ({exc.hint})" if exc.hint else "")))
-    base_peak = raw[0][1]["peak_bytes"]
+    base_traced = raw[0][1]
+    assert base_traced is not None  # the baseline comes first, and a failing baseline raised above
+    base_peak = base_traced["peak_bytes"]
     rows: list[CompareRow] = []
-    for v, traced, error in raw:
-        if traced is None:
+    for v, data, error in raw:
+        if data is None:
             rows.append(_error_row(v, error or "failed"))
             continue
-        delta = traced["peak_bytes"] - base_peak
+        delta = data["peak_bytes"] - base_peak
         rows.append(
             CompareRow(
                 label=v.label,
@@ -522,7 +528,7 @@ def compare(
                 delta_bytes=delta,
                 delta_pct=100.0 * delta / base_peak if base_peak else None,
                 notes=tuple(_row_notes(v.workload)),
-                **traced,
+                **data,
             )
         )
     for r in rows:

@@ -88,6 +88,7 @@ def estimate(
     headroom = fitting.check_headroom(headroom)
     if isinstance(capacity, int) and not isinstance(capacity, bool):
         capacity = Capacity(total_bytes=capacity, source="capacity_bytes")
+    assert not isinstance(capacity, bool), "capacity is a Capacity or a number of bytes, not a bool"
     analytic = analyse(workload)
     trace_result = None
     trace_note: str | None = None

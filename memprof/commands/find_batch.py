@@ -84,6 +84,7 @@ def find_batch(
     notes: list[str] = []
     capacity_bytes = runner.capacity_bytes()
     if runner.device == "cpu":
+        assert memory_limit is not None  # make_runner refuses the CPU without it
         capacity = Capacity(int(memory_limit), "--memory-limit", "cpu")
     else:
         capacity = Capacity(capacity_bytes or 0, "torch.cuda.mem_get_info: free + reserved at start", runner.describe())
@@ -96,7 +97,7 @@ def find_batch(
         emit("predict", None)
         tp = time.perf_counter()
         try:
-            target = "cpu" if runner.device == "cpu" else "cuda"
+            target: Target = "cpu" if runner.device == "cpu" else "cuda"
             pred_metric, pred_capacity = metric, capacity_bytes
             if pred_capacity is None:  # isolated CUDA: the parent does not touch CUDA; NVML's free memory
                 from ..engine import nvml
@@ -107,15 +108,15 @@ def find_batch(
                 fit = (predictor or _default_predictor)(
                     workload, pred_capacity, target=target, metric=pred_metric, max_batch=max_batch
                 )
-                slope, intercept = int(fit.slope_bytes_per_sample), int(fit.intercept_bytes)
+                per_sample, fixed = int(fit.slope_bytes_per_sample), int(fit.intercept_bytes)
                 at_max = getattr(fit, "peak_at_max_bytes", None)
                 if fit.max_batch and at_max is not None:
                     # anchor the line at the traced limit: the trials all happen near it
-                    intercept = int(at_max - slope * fit.max_batch)
+                    fixed = int(at_max - per_sample * fit.max_batch)
                 prediction = BatchPrediction(
                     fit.max_batch,
-                    slope,
-                    intercept,
+                    per_sample,
+                    fixed,
                     pred_metric,
                     time.perf_counter() - tp,
                     int(getattr(fit, "traces", 0)),
@@ -123,8 +124,8 @@ def find_batch(
                 same_units = pred_metric == metric
                 guide = Guide(
                     max_batch=fit.max_batch if fit.max_batch is not None else 0,
-                    bytes_per_sample=float(slope) or None,
-                    fixed_bytes=float(intercept) if same_units else None,
+                    bytes_per_sample=float(per_sample) or None,
+                    fixed_bytes=float(fixed) if same_units else None,
                 )
         except KeyboardInterrupt:
             interrupted = True
@@ -178,9 +179,7 @@ def find_batch(
             trials.pop()
 
     # ---- the answer --------------------------------------------------------------------
-    points = {
-        t.batch_size: fitting.value_of(t, metric) for t in trials if t.fits and fitting.value_of(t, metric) is not None
-    }
+    points = {t.batch_size: v for t in trials if t.fits and (v := fitting.value_of(t, metric)) is not None}
     intercept, slope = fitting.affine_fit(points)
     if slope is None and points and prediction is not None:
         ((b, p),) = points.items()
@@ -192,7 +191,7 @@ def find_batch(
     if rec is not None:
         if rec in points:
             expected = points[rec]
-        elif slope is not None:
+        elif slope is not None and intercept is not None:  # affine_fit gives both or neither
             expected = int(round(intercept + slope * rec))
     headroom_left = capacity.total_bytes - expected if expected is not None and capacity.total_bytes else None
     accum, micro = fitting.accumulation(target_global_batch, rec)

@@ -247,7 +247,7 @@ def _wrap_sequential(seq, segments: list[tuple[int, int, bool]]) -> None:
 # --------------------------------------------------------------------------- planning
 def _members(container) -> list[tuple[str, Any]]:
     """Children of a container, looking through plain (not subclassed) nested containers."""
-    out = []
+    out: list[tuple[str, Any]] = []
     for name, child in container.named_children():
         if _is_plain_container(child):
             out.extend((f"{name}.{n}", m) for n, m in _members(child))
@@ -334,7 +334,8 @@ def _plan_block_chain(model, mode: str, k: int | None):
     size = _segment_size(len(names), k)
     if size >= len(names):
         return None
-    action, regions = [], []
+    action: list[tuple[str, list[tuple[int, int, bool]]]] = []
+    regions: list[str] = []
     for i, parent in enumerate(parents):
         segs = _segments_of(parent, modules[parent], size, last_plain=i == len(parents) - 1)
         action.append((parent, [seg for _, seg in segs]))

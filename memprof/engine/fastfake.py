@@ -37,7 +37,7 @@ from typing import Any
 _NUMBER_TYPES = (int, float, bool, str, type(None))
 
 
-_FUNCS: dict[Any, bool] = {}
+_FUNCS: dict[Any, str | None] = {}  # func -> its kind (see FastFake._kind); None: never cached
 _CACHE: dict[tuple, Any] = {}
 
 
@@ -63,9 +63,11 @@ def mode(fast: FastFake | None):
         return contextlib.nullcontext()
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    run = fast.run
+
     class _FastMode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            return fast.run(func, args, kwargs)
+            return run(func, args, kwargs)
 
     return _FastMode()
 
@@ -264,8 +266,9 @@ class FastFake:
             # outside FakeTensorMode (a constructor that reads values is being built on real tensors):
             # the same call makes real tensors there
             return self._pass(func, args, kwargs)
-        kind = self._funcs.get(func, False)
-        if kind is False:
+        try:
+            kind = self._funcs[func]
+        except KeyError:
             try:
                 kind = self._kind(func)
             except Exception:
@@ -353,7 +356,8 @@ class FastFake:
     def _learn(self, cls, kind, sketch, spec, args) -> None:
         """Check a rule's sketch against what FakeTensorMode made; trust the class after ``_VERIFY`` checks."""
         state = self._classes.get(cls)
-        types = container = None
+        types: tuple | None = None
+        container = None
         ok = spec is not None and spec[0] == kind
         if ok and kind == "view":
             ok = (tuple(sketch[0]), tuple(sketch[1]), sketch[2]) == (spec[1], tuple(spec[2]), spec[3])
@@ -640,6 +644,7 @@ def _layer_norm_backward_rule(args, kwargs):
 def _mm_rule(args, kwargs):
     """mm / addmm / bmm: a contiguous product."""
     a, b = (args[1], args[2]) if len(args) >= 3 else (args[0], args[1])
+    shape: tuple
     if a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0]:
         shape = (a.shape[0], b.shape[1])
     elif a.dim() == 3 and b.dim() == 3 and a.shape[0] == b.shape[0] and a.shape[2] == b.shape[1]:

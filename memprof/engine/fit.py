@@ -111,11 +111,11 @@ def bracket_peaks(
     status "exact" or "max_trials".
     """
     lo, hi = 1, None  # peak(lo) fits; peak(hi) does not
-    for b in sorted(k for k in cache if k <= limit):
-        if peak(b) <= capacity_bytes:
-            lo = max(lo, b)
-        elif hi is None or b < hi:
-            hi = b
+    for traced in sorted(k for k in cache if k <= limit):
+        if peak(traced) <= capacity_bytes:
+            lo = max(lo, traced)
+        elif hi is None or traced < hi:
+            hi = traced
     b: int | None = max(lo + 1, min(guess, limit)) if hi is None else None
     streak, last_side = 0, None  # how many guesses in a row moved the same end of the bracket
     for _ in range(max_traces):

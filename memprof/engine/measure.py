@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from ..errors import MeasureError, MemprofError, NoGPUError
 from ..results import BatchTrial, Metric
-from .workload import Workload, prepare, train_step
+from .workload import Prepared, Workload, prepare, train_step
 
 PhaseCallback = Callable[[int, str], None]  # (step number from 1, phase)
 
@@ -164,7 +164,8 @@ def _classify(exc: BaseException, trial: _Trial) -> tuple[str, str]:
     kind = oom_kind(exc)
     if kind is None:
         raise MeasureError(
-            f"batch {trial.batch}: the training step failed ({trial.where}): {type(exc).__name__}: {_first_line(exc)}",
+            f"batch {trial.batch}: the training step failed ({trial.where}): "
+            f"{type(exc).__name__}: {_first_line(str(exc))}",
             "check the model with `memprof estimate` first; this is not an out-of-memory error",
         ) from None
     return _first_line(str(exc)), kind
@@ -243,6 +244,7 @@ class CpuCapRunner:
         trial = _Trial(batch, on_phase)
         error = kind = where = None
         peak = None
+        prepared: Prepared | None
         try:
             prepared = prepare(workload.with_batch(batch), "cpu")
             cap.register(_resident_tensors(prepared))

@@ -63,12 +63,13 @@ def _init() -> tuple[bool, str | None]:
         except ImportError:
             _state.update(ok=False, reason="the nvidia-ml-py package is not installed (pip install nvidia-ml-py)")
             return False, _state["reason"]
+        ok, reason = True, None
         try:
             pynvml.nvmlInit()
-            _state.update(ok=True, reason=None)
         except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-            _state.update(ok=False, reason=f"NVML could not start: {_nvml_message(exc)}")
-        return _state["ok"], _state["reason"]
+            ok, reason = False, f"NVML could not start: {_nvml_message(exc)}"
+        _state.update(ok=ok, reason=reason)
+        return ok, reason
 
 
 def available() -> tuple[bool, str | None]:

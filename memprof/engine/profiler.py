@@ -114,7 +114,7 @@ class _Recorder(StorageTracker):
         self.tl_cuda: list[tuple[float, int, int | None, int | None]] = []  # t, reserved, nvml, allocated
         self._next_cuda_sample = 0.0
         # --log records: (t, key, func, total, [(sign, record)])
-        self.log = [] if log else None
+        self.log: list[tuple] | None = [] if log else None
         self._log_pending: list = []
         self._hooks: list = []
         self._param_hooks: list = []
@@ -346,6 +346,7 @@ class _Recorder(StorageTracker):
         """One --log record for the line that just finished: live total and the storages it made or freed."""
         if key is None:
             return
+        assert self.log is not None  # called only while --log records
         self.log.append((time.perf_counter() - self.t0, key, func, self.current_bytes, self._log_pending))
         self._log_pending = []
 
@@ -662,8 +663,12 @@ def _display(rec: _Recorder, filename: str) -> str:
     return os.path.basename(path)
 
 
+def _location(rec: _Recorder, key: tuple[str, int]) -> str:
+    return f"{_display(rec, key[0])}:{key[1]}"
+
+
 def _loc(rec: _Recorder, key: tuple[str, int] | None) -> str | None:
-    return None if key is None else f"{_display(rec, key[0])}:{key[1]}"
+    return None if key is None else _location(rec, key)
 
 
 def _source(key: tuple[str, int] | None) -> str | None:
@@ -742,7 +747,7 @@ def _leaks(rec: _Recorder) -> list[LeakSuspect]:
                 seen.add(origin)
                 out.append(
                     LeakSuspect(
-                        _loc(rec, origin),
+                        _location(rec, origin),
                         _source(origin),
                         nbytes,
                         count,

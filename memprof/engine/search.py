@@ -120,12 +120,13 @@ class _State:
     def model(self) -> tuple[float, float] | None:
         """(intercept, slope) of the metric near the limit, or None."""
         pts = sorted(self.points.items())
-        guide_slope = self.guide.bytes_per_sample if self.guide and self.guide.bytes_per_sample else None
+        guide = self.guide
+        guide_slope = guide.bytes_per_sample if guide and guide.bytes_per_sample else None
         if not self.trust_guide:
             guide_slope = None
         if not pts:
-            if guide_slope and self.guide.fixed_bytes is not None:
-                return float(self.guide.fixed_bytes), float(guide_slope)
+            if guide and guide_slope and guide.fixed_bytes is not None:
+                return float(guide.fixed_bytes), float(guide_slope)
             return None
         b_top, p_top = pts[-1]
         slope: float | None = None
@@ -225,7 +226,7 @@ class _State:
         if g is None:
             return _clamp(2 * lo if has_fit else floor_, floor_, ceil_), "double"
         if g > lo and self.up == 0:
-            if len(self.points) == 1 and self.slope_from_guide() and self.guide.fixed_bytes is None:
+            if len(self.points) == 1 and self.slope_from_guide() and self.guide and self.guide.fixed_bytes is None:
                 # the slope is the prediction's own and its fixed part unknown (other units): aim 10 % short,
                 # so the next trial most likely fits and measures the slope
                 g = max(lo + 1, lo + math.floor((g - lo) * 0.9 + 1e-9))

@@ -30,7 +30,8 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputShapeError, MemprofError, TraceError, UsageError
 from ..results import MemCategory, TimelinePoint, TraceResult
@@ -38,6 +39,9 @@ from . import fastfake
 from .allocator import CachingAllocatorModel, round_size
 from .overheads import cublas_workspace_bytes, cuda_context_bytes, onednn_conv_scratch
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
+
+if TYPE_CHECKING:
+    from .tracking import StorageTracker  # imports torch
 
 #: cuBLAS workspace PyTorch allocates (through the caching allocator, so it counts in
 PHASES = ("setup", "forward", "backward", "optimizer", "done")
@@ -51,7 +55,7 @@ def _matmul_ops() -> frozenset:
         import torch
 
         aten = torch.ops.aten
-        ops = []
+        ops: list[Any] = []
         for name in (
             "mm",
             "addmm",
@@ -96,7 +100,7 @@ class _Recorder:
         self.seq_marks: list[int] = []
         self.seq_mods: list[str | None] = []
         self.last_module_input: tuple[str, list] | None = None
-        self.tracker = None
+        self.tracker: StorageTracker | None = None
         self._current_node = torch._C._current_autograd_node
         self._seq_nr = torch._C._autograd._get_sequence_nr
         self.need_workspace = target == "cuda"
@@ -159,10 +163,12 @@ class _Recorder:
         self.rec_step.append(self.step)
         self.rec_cat.append(category)
         self.rec_host.append(False)
+        assert self.tracker is not None  # called from the tracker's dispatch
         self.events.append((rec, 1, self.tracker.op_count, self.phase, module, self.step))
         return rec
 
     def free_synthetic(self, rec: int) -> None:
+        assert self.tracker is not None  # called from the tracker's dispatch
         self.events.append((rec, -1, self.tracker.op_count, self.phase, self.module_now(), self.step))
 
     def clone(self, rec: int, step: int) -> int:
@@ -326,12 +332,19 @@ def _build_with_fake_parameters(workload: Workload):
     def register_buffer(self, name, tensor, persistent=True):
         return real_buffer(self, name, fake_like(tensor), persistent)
 
-    Module.register_parameter, Module.register_buffer = register_parameter, register_buffer
+    # swapped on the class while the model is built, as the initialisers are above
+    patched: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
+        "register_parameter": (register_parameter, real_param),
+        "register_buffer": (register_buffer, real_buffer),
+    }
+    for name, (fn, _) in patched.items():
+        setattr(Module, name, fn)
     try:
         with unset_fake_temporarily():
             return build_model(workload, "cpu")
     finally:
-        Module.register_parameter, Module.register_buffer = real_param, real_buffer
+        for name, (_, fn) in patched.items():
+            setattr(Module, name, fn)
 
 
 # =========================================================================== errors
@@ -489,6 +502,7 @@ def trace_step(
                 gc.disable()
 
                 def on_phase(phase: str) -> None:
+                    assert prepared is not None  # set above, before any step runs
                     recorder.module_stack.clear()
                     if phase == "forward":
                         recorder.forward_start[recorder.step] = len(recorder.events)
@@ -710,7 +724,7 @@ def _analyse(
     workspaces = sum(sizes[r] for r in range(n) if cats[r] is MemCategory.CUDA_OVERHEAD)
 
     reserved = nvml = overhead = context = None
-    if cuda:
+    if alloc is not None:  # cuda
         reserved = alloc.peak_reserved_bytes
         context = cuda_context_bytes()
         nvml = reserved + context
@@ -748,6 +762,7 @@ def _timeline(events, curve, peak_i: int) -> tuple[TimelinePoint, ...]:
     m = len(events)
     if m == 0:
         return ()
+    idx: range | list[int]
     if m <= _TIMELINE_MAX:
         idx = range(m)
     else:

@@ -343,10 +343,12 @@ def train_step(prepared: Prepared, on_phase: Callable[[str], None] = _noop, scal
         loss.backward()
     del loss
     on_phase("optimizer")
+    optimizer = prepared.optimizer
+    assert optimizer is not None  # prepare() makes one in train mode
     if scaler is not None:
-        scaler.step(prepared.optimizer)
+        scaler.step(optimizer)
         scaler.update()
     else:
-        prepared.optimizer.step()
-    prepared.optimizer.zero_grad(set_to_none=True)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     on_phase("done")

@@ -66,6 +66,7 @@ def verdict_text(result: CompareResult) -> str:
     best = _row(result, result.best_label)
     if best is None:
         return "No configuration lowers the peak below the baseline at the same batch size."
+    assert best.peak_bytes is not None and base.peak_bytes is not None  # both were traced
     lead = "Lowest peak" if best.peak_bytes < base.peak_bytes else "Same peak, larger batch"
 
     def batch(fit) -> str:
@@ -149,10 +150,10 @@ def compare_table(result: CompareResult) -> Table:
 
 
 def measure_table(result: CompareResult) -> Table | None:
-    rows = [r for r in result.rows if r.measured is not None]
+    rows = [(r, r.measured) for r in result.rows if r.measured is not None]
     if not rows:
         return None
-    find = any(r.measured.max_batch is not None for r in rows)
+    find = any(m.max_batch is not None for _, m in rows)
     table = Table(
         box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title="Predicted vs measured", title_justify="left"
     )
@@ -163,8 +164,7 @@ def measure_table(result: CompareResult) -> Table | None:
     if find:
         table.add_column("Max batch (traced)", justify="right")
         table.add_column("Max batch (measured)", justify="right")
-    for r in rows:
-        m = r.measured
+    for r, m in rows:
         measured = "OOM" if m.oom else format_bytes(m.peak_bytes)
         cells = [format_bytes(m.predicted_bytes), measured, format_pct(m.error_pct, 1, signed=True)]
         if find:
@@ -193,7 +193,7 @@ def bar_segments(row: CompareRow, scale: int, width: int = BAR_WIDTH) -> list[tu
 
 def bars(result: CompareResult) -> Text:
     rows = [r for r in result.rows if r.error is None and r.peak_bytes]
-    scale = max((r.peak_bytes for r in rows), default=0)
+    scale = max((r.peak_bytes for r in rows if r.peak_bytes), default=0)
     used = [c for c in BAR_STYLE if any(r.breakdown_at_peak.get(c) for r in rows)]
     text = Text("Breakdown at the peak:\n  ")
     for c in used:
@@ -265,7 +265,7 @@ def render_compare(result: CompareResult, console: Console) -> None:
 def plot_svg(result: CompareResult) -> str:
     """A stacked horizontal bar per configuration, as a standalone SVG (no dependencies)."""
     rows = [r for r in result.rows if r.error is None and r.peak_bytes]
-    scale = max((r.peak_bytes for r in rows), default=1) or 1
+    scale = max((r.peak_bytes for r in rows if r.peak_bytes), default=1) or 1
     used = [c for c in BAR_STYLE if any(r.breakdown_at_peak.get(c) for r in rows)]
     label_w, bar_w, row_h, top = 220, 520, 28, 64
     width = label_w + bar_w + 110
@@ -311,7 +311,7 @@ def _plot_matplotlib(result: CompareResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result.rows if r.error is None and r.peak_bytes]
-    top = max(r.peak_bytes for r in rows)
+    top = max(r.peak_bytes for r in rows if r.peak_bytes)
     unit, scale = next(
         ((u, 1024.0**i) for i, u in ((3, "GiB"), (2, "MiB"), (1, "KiB")) if top >= 1024.0**i), ("B", 1.0)
     )

@@ -154,6 +154,7 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
                 cat.value, format_bytes(t or 0), _pct(t or 0, t_total), format_bytes(f or 0), _pct(f or 0, f_total)
             )
         else:
+            assert f is not None  # without a trace t is None, so the row was skipped unless f is set
             table.add_row(cat.value, format_bytes(f), _pct(f, f_total))
     if traced is not None:
         table.add_row(

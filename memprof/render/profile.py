@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
@@ -63,7 +63,7 @@ def render_profile(result: ProfileResult, console: Console, top: int = 10) -> No
     if lines:
         t = Table(title="Top lines of the script's files by memory added", title_justify="left", show_edge=False)
         wide = console.width >= 100  # narrow terminals: Allocated and At exit stay in --json
-        cols = [
+        cols: list[tuple[str, JustifyMethod]] = [
             ("Line", "left"),
             ("Hits", "right"),
             ("Added", "right"),
@@ -288,7 +288,8 @@ def timeline_svg(result: ProfileResult, width: int = 900, height: int = 360) -> 
         return top_m + ph * (1 - b / y_top)
 
     def path(points, stepwise: bool) -> str:
-        d, prev = [], None
+        d: list[str] = []
+        prev = None
         for t, b in points:
             if prev is not None and stepwise:
                 d.append(f"L{x(t):.1f},{y(prev):.1f}")
