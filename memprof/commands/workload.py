@@ -29,15 +29,13 @@ def check_batch_size(batch_size: Any) -> int:
 
 def check_shapes(input_shape: Shape | Sequence[Shape]) -> list[tuple[int, ...]]:
     """One per-sample shape ``(3, 224, 224)`` or several ``[(3, 224, 224), (10,)]``, batch excluded."""
-    items = list(input_shape)
-    shapes = [items] if items and not isinstance(items[0], (list, tuple)) else items
+    items: list[Any] = list(input_shape)
+    shapes: list[Any] = [items] if items and not isinstance(items[0], (list, tuple)) else items
     out: list[tuple[int, ...]] = []
     for shape in shapes:
-        dims = tuple(shape)
+        dims: tuple[Any, ...] = tuple(shape)
         if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in dims):
-            raise UsageError(
-                f"`input_shape` must be positive integers, got {tuple(shape)!r}", "e.g. `input_shape` 3,224,224"
-            )
+            raise UsageError(f"`input_shape` must be positive integers, got {dims!r}", "e.g. `input_shape` 3,224,224")
         out.append(dims)
     return out
 
