@@ -1,4 +1,4 @@
-"""Small reference models: the seeds' models, a GPT-style token model, a UNet, shared weights.
+"""Small reference models: the seeds' models, a GPT-style token model, a UNet, shared weights, recurrent LMs.
 
 Used by the tests, the validation scripts and the configs in ``configs/``; also a
 handy ``memprof estimate memprof.zoo:GPT --model-kwargs ...``.
@@ -175,6 +175,60 @@ class SharedLinear(nn.Module):
         return self.out(x)
 
 
+# --------------------------------------------------------------------------- recurrent
+class RecurrentLM(nn.Module):
+    """Embedding -> nn.LSTM / nn.GRU / nn.RNN -> Linear over the vocabulary, on token ids (B x T).
+
+    ``kind``: "LSTM", "GRU", "RNN" (tanh) or "RNN_RELU"; every option of the recurrent layers is
+    exposed. ``packed=True`` runs the layer on a packed sequence whose lengths are
+    T, T-1, T-2, T-3, T, ... (so the batch holds padding), then pads the output back.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 1000,
+        embed: int = 128,
+        hidden: int = 256,
+        num_layers: int = 2,
+        kind: str = "LSTM",
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        dropout: float = 0.0,
+        batch_first: bool = True,
+        bias: bool = True,
+        packed: bool = False,
+    ):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed)
+        options: dict = dict(num_layers=num_layers, bidirectional=bidirectional, dropout=dropout, bias=bias)
+        options["batch_first"] = batch_first
+        if proj_size:
+            options["proj_size"] = proj_size
+        if kind == "RNN_RELU":
+            options["nonlinearity"] = "relu"
+        layer = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN, "RNN_RELU": nn.RNN}[kind]
+        self.rnn = layer(embed, hidden, **options)
+        self.head = nn.Linear((proj_size or hidden) * (2 if bidirectional else 1), vocab_size)
+        self.batch_first = batch_first
+        self.packed = packed
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        if self.packed:
+            batch, steps = tokens.shape
+            lengths = torch.tensor([max(1, steps - i % 4) for i in range(batch)])
+            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=self.batch_first, enforce_sorted=False)
+            y, _ = self.rnn(packed)
+            y, _ = nn.utils.rnn.pad_packed_sequence(y, batch_first=self.batch_first, total_length=steps)
+        else:
+            y, _ = self.rnn(x)
+        if not self.batch_first:
+            y = y.transpose(0, 1)
+        return self.head(y)
+
+
 def gpt_param_count(vocab_size: int, block_size: int, n_layer: int, n_embd: int, tied: bool = True) -> int:
     """Parameters of :class:`GPT`, by formula (for sizing configs)."""
     per_block = 12 * n_embd * n_embd + 13 * n_embd
@@ -190,6 +244,7 @@ __all__ = [
     "GPT",
     "UNet",
     "SharedLinear",
+    "RecurrentLM",
     "gpt_param_count",
     "math",
 ]

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputShapeError, MemprofError, TraceError, UsageError
-from ..results import MemCategory, TimelinePoint, TraceResult
+from ..results import MemCategory, ModelledBytes, TimelinePoint, TraceResult
 from . import fastfake
 from .allocator import CachingAllocatorModel, round_size
 from .overheads import cublas_workspace_bytes, cuda_context_bytes, onednn_conv_scratch
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 #: cuBLAS workspace PyTorch allocates (through the caching allocator, so it counts in
 PHASES = ("setup", "forward", "backward", "optimizer", "done")
+#: a modelled part of a prediction: (what, source, verified), see results.ModelledBytes
+ModelKey = tuple[str, str, bool]
 _MATMUL_OPS: frozenset | None = None
 _TIMELINE_MAX = 2000
 
@@ -90,6 +92,7 @@ class _Recorder:
         self.rec_step: list[int] = []
         self.rec_cat: list[MemCategory | None] = []
         self.rec_host: list[bool] = []  # lives on the host for a CUDA step (Adam's scalar "step")
+        self.rec_modelled: dict[int, ModelKey] = {}  # records whose size is modelled, not traced
         self.key_to_rec: dict[int, int] = {}
         # events: (rec, +1 alloc / -1 free, op_index, phase, module, step)
         self.events: list[tuple[int, int, int, str, str | None, int]] = []
@@ -153,9 +156,14 @@ class _Recorder:
         op = self.tracker.op_count if self.tracker is not None else 0
         self.events.append((rec, -1, op, self.phase, self.module_now(), self.step))
 
-    def synthetic(self, nbytes: int, category: MemCategory) -> int:
-        """An allocation the trace cannot see (cuBLAS workspace, kernel scratch); returns its record."""
+    def synthetic(self, nbytes: int, category: MemCategory, modelled: ModelKey | None = None) -> int:
+        """An allocation the trace cannot see (cuBLAS workspace, kernel scratch); returns its record.
+
+        ``modelled`` = (what, source, verified) lists it among the modelled parts of the peak.
+        """
         rec = len(self.rec_nbytes)
+        if modelled is not None:
+            self.rec_modelled[rec] = modelled
         module = self.module_now()
         self.rec_nbytes.append(nbytes)
         self.rec_phase.append(self.phase)
@@ -167,12 +175,20 @@ class _Recorder:
         self.events.append((rec, 1, self.tracker.op_count, self.phase, module, self.step))
         return rec
 
+    def mark_modelled(self, tensor, modelled: ModelKey) -> None:
+        """The storage of ``tensor`` (just registered) has a modelled size, not a traced one."""
+        rec = self.key_to_rec.get(tensor.untyped_storage()._cdata)
+        if rec is not None:
+            self.rec_modelled[rec] = modelled
+
     def free_synthetic(self, rec: int) -> None:
         assert self.tracker is not None  # called from the tracker's dispatch
         self.events.append((rec, -1, self.tracker.op_count, self.phase, self.module_now(), self.step))
 
     def clone(self, rec: int, step: int) -> int:
         new = len(self.rec_nbytes)
+        if rec in self.rec_modelled:
+            self.rec_modelled[new] = self.rec_modelled[rec]
         self.rec_nbytes.append(self.rec_nbytes[rec])
         self.rec_phase.append(self.rec_phase[rec])
         self.rec_module.append(self.rec_module[rec])
@@ -197,6 +213,10 @@ def _make_tracker(recorder: _Recorder):
     prim_device = torch.ops.prim.device.default
     convs = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
     sdpa_flash = getattr(getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), "default", None)
+    onednn_rnn = tuple(
+        getattr(getattr(torch.ops.aten, name, None), "default", None)
+        for name in ("mkldnn_rnn_layer", "mkldnn_rnn_layer_backward")
+    )
 
     class _TraceTracker(StorageTracker):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -220,11 +240,130 @@ def _make_tracker(recorder: _Recorder):
                         return super().__torch_dispatch__(func, types, args, kwargs)
                     finally:
                         recorder.free_synthetic(rec)
+            if recorder.target == "cpu" and func in onednn_rnn:
+                return _onednn_lstm(self, recorder, func, args, kwargs, func is onednn_rnn[0])
             return super().__torch_dispatch__(func, types, args, kwargs)
 
     tracker = _TraceTracker(on_alloc=recorder.on_alloc, on_free=recorder.on_free)
     recorder.tracker = tracker
     return tracker
+
+
+def _onednn_lstm(tracker, recorder: _Recorder, func, args, kwargs, forward: bool):
+    """oneDNN's LSTM layer on the CPU: its workspace at its real size, its in-kernel scratch as a temporary.
+
+    FakeTensorMode returns ``mkldnn_rnn_layer``'s workspace empty and the backward's two bias
+    gradients as one tensor; the real kernel returns a workspace sized by oneDNN (saved for
+    backward) and a clone. See :mod:`memprof.engine.rnn`.
+    """
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    from . import rnn
+
+    # measured here in float32 training; bfloat16 follows oneDNN's source, inference is approximate
+    verified = args[0].dtype == torch.float32 and (not forward or torch.is_grad_enabled())
+    what = rnn.ONEDNN_WHAT
+    scratch = 0
+    if recorder.cpu_scratch:
+        if forward:
+            scratch = rnn.onednn_lstm_forward_scratch(rnn.lstm_shape(args))
+        else:
+            scratch = rnn.onednn_lstm_backward_scratch(args)
+    rec = recorder.synthetic(scratch, MemCategory.TEMPORARY, (what, rnn.ONEDNN_SOURCE, verified)) if scratch else None
+    try:
+        out = tracker.run_op(func, args, kwargs) if tracker.run_op is not None else func(*args, **(kwargs or {}))
+        workspace = None
+        if forward and torch.is_grad_enabled():
+            nbytes = rnn.onednn_lstm_workspace(rnn.lstm_shape(args))
+            workspace = torch.empty(nbytes, dtype=torch.uint8, device=out[3].device)
+            out = (*out[:3], workspace)
+        elif not forward and out[3] is not None and out[3] is out[4]:
+            out = (*out[:4], torch.empty_like(out[3]), *out[5:])  # bias_hh's gradient is a clone
+        tracker.op_count += 1
+        tracker.register(tree_leaves(out), func)
+        if workspace is not None:
+            recorder.mark_modelled(workspace, (rnn.ONEDNN_WORKSPACE_WHAT, rnn.ONEDNN_SOURCE, verified))
+        return out
+    finally:
+        if rec is not None:
+            recorder.free_synthetic(rec)
+
+
+class _CudnnHooks:
+    """What the cuDNN RNN emulation (:func:`memprof.engine.rnn.cudnn_rnn_function`) reports to the recorder."""
+
+    def __init__(self, recorder: _Recorder):
+        self.recorder = recorder
+        self.dropout_state = False
+
+    def mark(self, tensor, what: str) -> None:
+        from . import rnn
+
+        self.recorder.mark_modelled(tensor, (what, rnn.CUDNN_SOURCE, False))
+
+    def need_dropout_state(self) -> None:
+        """cuDNN's dropout RNG state: made at the first training call with dropout, kept by PyTorch for good."""
+        from . import rnn
+
+        if not self.dropout_state:
+            self.dropout_state = True
+            self.recorder.synthetic(
+                rnn.CUDNN_DROPOUT_STATE_BYTES,
+                MemCategory.CUDA_OVERHEAD,
+                (rnn.CUDNN_DROPOUT_WHAT, rnn.CUDNN_SOURCE, False),
+            )
+
+
+def _install_cudnn_rnns(recorder: _Recorder) -> Callable[[], None]:
+    """Route nn.LSTM/GRU/RNN through an emulation of cuDNN's ``_cudnn_rnn`` while tracing for CUDA.
+
+    On CUDA, ``torch._VF.lstm/gru/rnn_tanh/rnn_relu`` run one ``_cudnn_rnn`` for all layers, which
+    keeps a reserve space for backward instead of the per-step tensors the CPU decomposition saves.
+    Packed sequences keep the CPU path. Returns the function that restores ``torch._VF``.
+    """
+    import torch
+
+    from . import rnn
+
+    vf = torch._VF
+    function = rnn.cudnn_rnn_function()
+    hooks = _CudnnHooks(recorder)
+
+    def make(mode: str):
+        real = getattr(torch._C._VariableFunctions, mode)
+
+        def call(*args, **kwargs):
+            lstm = mode == "lstm"
+            unpacked = len(args) == 9 and not kwargs and isinstance(args[2], (list, tuple))
+            if lstm:
+                unpacked = len(args) == 9 and not kwargs and isinstance(args[1], (list, tuple))
+            if not unpacked or not torch.backends.cudnn.enabled:
+                return real(*args, **kwargs)
+            x, hidden, params, _bias, num_layers, dropout, train, bidirectional, batch_first = args
+            hx, cx = (hidden[0], hidden[1]) if lstm else (hidden, None)
+            params = list(params)
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+            if dtype is not None and x.is_floating_point():  # CUDA autocast runs cuDNN RNNs in half precision
+                x, hx = x.to(dtype), hx.to(dtype)
+                cx = cx.to(dtype) if cx is not None else None
+                params = [p.to(dtype) for p in params]
+            if train and dropout > 0 and num_layers > 1:
+                hooks.need_dropout_state()
+            spec = rnn.cudnn_call(mode, x, hx, cx, params, num_layers, bidirectional, batch_first)
+            output, hy, cy = function.apply(spec, hooks, batch_first, train, x, hx, cx, *params)
+            return (output, hy, cy) if lstm else (output, hy)
+
+        return call
+
+    for mode in rnn.GATES:
+        setattr(vf, mode, make(mode))
+
+    def restore() -> None:
+        for mode in rnn.GATES:
+            vf.__dict__.pop(mode, None)
+
+    return restore
 
 
 def _install_module_hooks(model, recorder: _Recorder) -> list:
@@ -451,6 +590,7 @@ def trace_step(
     model = None
     gc_was_enabled = gc.isenabled()
     real_get_rng_state = None
+    restore_rnns: Callable[[], None] | None = None
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     fake_log_level = fake_log.level
@@ -488,6 +628,8 @@ def trace_step(
                 prepared = Prepared(workload, model, optimizer, args, kwargs, tgt, workload.model.loss_fn(), "cpu")
                 del args, kwargs, tgt
                 handles = _install_module_hooks(model, recorder)
+                if target == "cuda":
+                    restore_rnns = _install_cudnn_rnns(recorder)
                 if target == "cpu":
                     # torch.utils.checkpoint keeps the CPU RNG state (a real 5056-byte tensor made
                     # outside any op) per checkpointed call; on CUDA it is host memory
@@ -575,6 +717,8 @@ def trace_step(
             h.remove()
         if real_get_rng_state is not None:
             torch.get_rng_state = real_get_rng_state
+        if restore_rnns is not None:
+            restore_rnns()
         if gc_was_enabled:
             gc.enable()
         prepared = None
@@ -699,9 +843,16 @@ def _analyse(
             live.add(r)
         else:
             live.discard(r)
+    at_peak: dict[ModelKey, int] = {}
     for r in live:
         if sizes[r]:
             breakdown[cats[r]] = breakdown.get(cats[r], 0) + sizes[r]
+            key = rec.rec_modelled.get(r)
+            if key is not None:
+                at_peak[key] = at_peak.get(key, 0) + sizes[r]
+    modelled = tuple(
+        ModelledBytes(what, nbytes, source, verified) for (what, source, verified), nbytes in at_peak.items()
+    )
     peak_phase = events[peak_i][3] if peak_i >= 0 else "setup"
     peak_module = events[peak_i][4] if peak_i >= 0 else None
     peak_step = events[peak_i][5] if peak_i >= 0 else 0
@@ -755,6 +906,7 @@ def _analyse(
         peak_step=peak_step,
         cublas_workspace_bytes=workspaces if cuda else None,
         cuda_context_bytes=context,
+        modelled=modelled,
     )
 
 
