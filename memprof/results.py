@@ -19,6 +19,9 @@ Target = Literal["cuda", "cpu"]
 Phase = Literal["setup", "forward", "backward", "optimizer", "done"]
 #: which estimate a number comes from
 Source = Literal["traced", "formula"]
+#: how a traced result was recorded
+METHOD_TRACE = "trace"
+METHOD_REAL = "real CPU run"
 #: how a batch search ended
 SearchStatus = Literal["exact", "max_batch", "nothing_fits", "interrupted", "trial_limit"]
 
@@ -243,6 +246,11 @@ class TraceResult:
     metrics: dict[str, str] = dataclasses.field(default_factory=lambda: dict(TRACE_METRICS))
     #: parts of peak_bytes that are modelled, not traced (their sum is at most peak_bytes)
     modelled: tuple[ModelledBytes, ...] = ()
+    #: how the step was recorded: "trace" (fake tensors) or "real CPU run" (the step reads tensor
+    #: values, so it ran for real on the CPU at the requested batch, recorded the same way)
+    method: str = "trace"
+    #: why a real run replaced the trace: the op that read values and the source line that ran it
+    method_reason: str | None = None
 
     @property
     def predicted_allocated_bytes(self) -> int:
@@ -586,6 +594,10 @@ class CompareRow:
     error: str | None = None  # this row could not be traced (the others still are)
     notes: tuple[str, ...] = ()
     trace_seconds: float = 0.0
+    #: the parts of peak_bytes that are modelled, not traced (TraceResult.modelled)
+    modelled: tuple[ModelledBytes, ...] = ()
+    #: how the row was recorded (TraceResult.method): "trace" or "real CPU run"
+    method: str = "trace"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import typer
@@ -34,6 +35,8 @@ def estimate_document(result) -> dict[str, Any]:
 
     doc = document("estimate", result)
     traced = doc.get("traced")
+    if isinstance(traced, dict):  # "exact trace + N modelled": the modelled parts' sum at the peak
+        traced["modelled_bytes"] = sum(int(m.get("bytes") or 0) for m in traced.get("modelled") or [])
     if isinstance(traced, dict) and isinstance(traced.get("timeline"), list):
         traced["timeline_points"] = len(traced["timeline"])
         del traced["timeline"]  # large; `memprof profile` is the command for timelines
@@ -88,7 +91,13 @@ def estimate_cmd(
     from ..commands.estimate import estimate, resolve_capacity
 
     capacity, note = resolve_capacity(capacity_bytes)
-    result = estimate(workload, capacity=capacity, headroom=head, traced=not no_trace, capacity_note=note)
+
+    def progress(message: str) -> None:  # the real-run fallback says what it will cost before it starts
+        print(f"memprof: {message}", file=sys.stderr, flush=True)
+
+    result = estimate(
+        workload, capacity=capacity, headroom=head, traced=not no_trace, capacity_note=note, progress=progress
+    )
     if json_out:
         emit_json(estimate_document(result))
     else:

@@ -316,6 +316,8 @@ def _row_from_trace(v: Variant, r: Any) -> dict[str, Any]:
         peak_phase=r.peak_phase,
         peak_module=r.peak_module,
         trace_seconds=float(getattr(r, "trace_seconds", 0.0)),
+        modelled=tuple(getattr(r, "modelled", ())),
+        method=str(getattr(r, "method", "trace")),
     )
 
 

@@ -8,6 +8,7 @@ the tracer fails.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..engine import fit as fitting
@@ -79,11 +80,13 @@ def estimate(
     headroom: float = fitting.DEFAULT_HEADROOM,
     traced: bool = True,
     capacity_note: str | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> EstimateResult:
     """Estimate one step of ``workload`` by formula and, if ``traced``, by fake-tensor trace; fit ``capacity``.
 
     ``capacity`` is a :class:`Capacity` or a number of bytes; None skips the fit
-    (:func:`resolve_capacity` finds the local GPU's).
+    (:func:`resolve_capacity` finds the local GPU's). A step that reads tensor values runs for
+    real on the CPU instead of being traced; ``progress`` hears what that run will cost first.
     """
     headroom = fitting.check_headroom(headroom)
     if isinstance(capacity, int) and not isinstance(capacity, bool):
@@ -97,7 +100,7 @@ def estimate(
         from ..engine.trace import trace_step
 
         try:
-            trace_result = trace_step(workload, target="cuda")
+            trace_result = trace_step(workload, target="cuda", progress=progress)
             if capacity is not None:
                 batch_fit = fitting.fit_batch(
                     workload,

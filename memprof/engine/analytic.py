@@ -194,6 +194,8 @@ class _Run:
     calls: list[_Call] = field(default_factory=list)
     input_bytes: int = 0
     input_elements: int = 0
+    #: why the forward stopped early (it reads tensor values the meta device does not have)
+    stopped: str | None = None
 
 
 def _tensors(obj) -> list:
@@ -332,7 +334,11 @@ def _run(model, workload: Workload, batch: int, act_bytes: int | None) -> _Run:
     except MemoryError:
         raise
     except Exception as exc:
-        raise _shape_error(exc, rec, args, kwargs, workload) from None
+        error = _shape_error(exc, rec, args, kwargs, workload)
+        if not isinstance(error, TraceError):
+            raise error from None
+        # a data-dependent forward: the formulas count the layers that ran (the trace runs it for real)
+        run.stopped = error.message
     run.calls = rec.calls
     return run
 
@@ -449,6 +455,8 @@ def analyse(workload: Workload) -> AnalyticEstimate:
         MemCategory.INPUT: run.input_bytes,
     }
     notes: list[str] = []
+    if run.stopped:
+        notes.append(f"activations counted only up to where the forward stopped: {run.stopped}")
     if precision.is_amp and train:  # autocast keeps low-precision copies of the weights it casts
         breakdown[MemCategory.TEMPORARY] = n_grad * precision.compute_bytes
         notes.append(

@@ -584,7 +584,10 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
     seen: set[int] = set()
     resident = 0
     tensors = list(prepared.model.parameters()) + list(prepared.model.buffers())
-    tensors += [t for t in (*prepared.args, *prepared.kwargs.values(), prepared.target) if isinstance(t, torch.Tensor)]
+    from torch.utils._pytree import tree_leaves
+
+    inputs = tree_leaves((prepared.args, prepared.kwargs, prepared.target))  # lists of images, dicts of targets
+    tensors += [t for t in inputs if isinstance(t, torch.Tensor)]
     if prepared.optimizer is not None:
         for state in prepared.optimizer.state.values():
             tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]

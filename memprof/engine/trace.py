@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InputShapeError, MemprofError, TraceError, UsageError
+from ..errors import DataDependentError, InputShapeError, MemprofError, TraceError, UsageError
 from ..results import MemCategory, ModelledBytes, TimelinePoint, TraceResult
 from . import fastfake
 from .allocator import CachingAllocatorModel, round_size
@@ -539,6 +539,147 @@ def _forward_error(exc: Exception, recorder: _Recorder, model, workload: Workloa
     return _step_error(exc, "forward")
 
 
+#: exception types (by name) that mean "fake tensors have no values for this"
+_DATA_DEPENDENT = (
+    "DataDependentOutputException",
+    "DynamicOutputShapeException",
+    "GuardOnDataDependentSymNode",
+    "UnsupportedOperatorException",
+)
+
+
+def _data_dependent(exc: BaseException, phase: str) -> DataDependentError | None:
+    """A :class:`DataDependentError` naming the op and the user's line, if ``exc`` is a fake tensor's "no values"."""
+    name = type(exc).__name__
+    msg = " ".join(str(exc).split())
+    if name not in _DATA_DEPENDENT and "item() cannot be called on meta" not in msg and "data-dependent" not in msg:
+        return None
+    func = getattr(exc, "func", None)
+    op = str(func) if func is not None else (msg.split(":")[0][:80] or name)
+    if op.startswith("aten._local_scalar_dense"):
+        op = "Tensor.item() (aten._local_scalar_dense)"
+    where = _user_line(exc)
+    at = f" at {where}" if where else ""
+    return DataDependentError(
+        f"the {phase} pass reads tensor values ({op}{at}); fake tensors have none",
+        "memprof runs such steps for real on the CPU instead (the default); "
+        "give a smaller `batch_size` if that needs more RAM than this machine has",
+        op=op,
+        where=where,
+    )
+
+
+def _user_line(exc: BaseException) -> str | None:
+    """``file:line: code`` of the innermost frame of ``exc`` outside torch, memprof's engine and the stdlib."""
+    import linecache
+    import os
+    import sysconfig
+    import traceback
+
+    import torch
+
+    paths = sysconfig.get_paths()
+    libraries = (paths["purelib"] + os.sep, paths["platlib"] + os.sep)  # torchvision, transformers: model code
+    skip = [os.path.dirname(torch.__file__), os.path.dirname(__file__)]
+    found = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = os.path.abspath(frame.filename)
+        stdlib = path.startswith(paths["stdlib"] + os.sep) and not path.startswith(libraries)
+        if frame.filename.startswith("<") or stdlib or any(path.startswith(p + os.sep) for p in skip):
+            continue
+        found = frame
+    if found is None:
+        return None
+    code = (found.line or linecache.getline(found.filename, found.lineno or 0)).strip()
+    return f"{found.filename}:{found.lineno}: {code}" if code else f"{found.filename}:{found.lineno}"
+
+
+#: the last real runs, keyed by workload and target: find-batch's predictor asks for batch 1 again
+_REAL_RUNS: dict[tuple, TraceResult] = {}
+_REAL_RUNS_MAX = 16
+
+
+def _real_run(
+    workload: Workload,
+    target: str,
+    steps: int,
+    kernel_scratch: bool,
+    reason: DataDependentError,
+    progress: Callable[[str], None] | None,
+) -> TraceResult:
+    """The data-dependent step, run for real on the CPU and recorded as the tracer records it.
+
+    With a batch above 1, batch 1 runs first: its time and memory, scaled to the requested batch,
+    are reported through ``progress`` before the long run, and a run that would not fit in the
+    machine's available RAM is refused with the op and line that forced it.
+    """
+    import dataclasses
+
+    import torch
+
+    from ..results import METHOD_REAL
+
+    def run(w: Workload) -> TraceResult:
+        key = (id(w.model), repr(w.describe()), target, steps, kernel_scratch)
+        if key not in _REAL_RUNS:
+            with torch.random.fork_rng(devices=[]):
+                result = _record_step(w, target, steps, False, kernel_scratch, real=True)
+            if len(_REAL_RUNS) >= _REAL_RUNS_MAX:
+                _REAL_RUNS.pop(next(iter(_REAL_RUNS)))
+            _REAL_RUNS[key] = result
+        return _REAL_RUNS[key]
+
+    say = progress or (lambda _msg: None)
+    why = f"{reason.op} at {reason.where}" if reason.where else str(reason.op)
+    batch = workload.batch_size
+    say(f"the step reads tensor values ({why}): running it for real on the CPU instead of tracing")
+    if batch > 1:
+        one = run(workload.with_batch(1))
+        # what the CPU really held (the CUDA view adds workspaces no real run allocates), and what
+        # of it does not grow with the batch (model state)
+        ram_one = one.peak_bytes - one.breakdown_at_peak.get(MemCategory.CUDA_OVERHEAD, 0)
+        fixed = sum(
+            one.totals.get(c, 0)
+            for c in (MemCategory.PARAMETER, MemCategory.BUFFER, MemCategory.GRADIENT, MemCategory.OPTIMIZER_STATE)
+        )
+        need = min(fixed, ram_one) + batch * max(0, ram_one - fixed)
+        seconds = one.trace_seconds * batch
+        available = _available_ram()
+        say(
+            f"batch 1 took {one.trace_seconds:.1f} s and {ram_one / 2**20:.0f} MiB; batch {batch} should take "
+            f"up to about {seconds:.0f} s and {need / 2**20:.0f} MiB of RAM"
+            + (f" ({available / 2**20:.0f} MiB available)" if available else "")
+        )
+        if available is not None and need > 0.9 * available:
+            raise DataDependentError(
+                f"the step reads tensor values ({why}) and running it for real at batch {batch} needs about "
+                f"{need / 2**30:.1f} GiB of RAM; {available / 2**30:.1f} GiB are available",
+                "estimate a smaller `batch_size` (memory grows about linearly with it), or measure on the GPU "
+                "with `memprof find-batch`",
+                op=reason.op,
+                where=reason.where,
+            )
+    result = run(workload)
+    notes = (
+        *result.notes,
+        f"recorded from a real CPU run: the step reads tensor values ({why}); data-dependent sizes (proposals, "
+        "masks, routing) are those of memprof's synthetic batch and the model's initial weights",
+    )
+    return dataclasses.replace(result, method=METHOD_REAL, method_reason=why, notes=notes)
+
+
+def _available_ram() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes; None elsewhere."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _step_error(exc: Exception, phase: str) -> MemprofError:
     if isinstance(exc, MemprofError):
         return exc
@@ -556,7 +697,14 @@ def _step_error(exc: Exception, phase: str) -> MemprofError:
 
 # =========================================================================== tracing
 def trace_step(
-    workload: Workload, *, target: str = "cuda", steps: int = 2, replay_steps: bool = True, kernel_scratch: bool = True
+    workload: Workload,
+    *,
+    target: str = "cuda",
+    steps: int = 2,
+    replay_steps: bool = True,
+    kernel_scratch: bool = True,
+    fallback: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> TraceResult:
     """Trace ``steps`` training steps of ``workload`` on fake tensors and predict their memory.
 
@@ -570,7 +718,32 @@ def trace_step(
     optimizer state now lives through them and is not created again), so with
     ``replay_steps`` (the default) their events are copied from the first step instead of
     traced: the result is the same as tracing every step (tested), in about half the time.
+
+    A step that reads tensor values (``.item()``, ``nonzero``, boolean masks, NMS, ...) cannot run
+    on fake tensors. With ``fallback`` (the default) it is then run for real on the CPU, with
+    real tensors at the requested batch, recorded exactly as the tracer records (the same
+    storages, phases, categories, and the same CUDA view: foreach optimizer, 512-byte rounding,
+    workspaces, allocator replay); ``result.method`` says so. ``progress`` receives one-line
+    messages about that run (its expected time and memory) before it starts. Without
+    ``fallback`` a :class:`memprof.errors.DataDependentError` names the op and the source line.
     """
+    if target not in ("cuda", "cpu"):
+        raise UsageError(f"unknown trace target {target!r}", "choose cuda or cpu")
+    if steps < 1:
+        raise UsageError(f"`steps` must be at least 1, got {steps}", "trace 2 steps to see the steady state")
+    try:
+        return _record_step(workload, target, steps, replay_steps, kernel_scratch, real=False)
+    except DataDependentError as exc:
+        if not fallback:
+            raise
+        return _real_run(workload, target, steps, kernel_scratch, exc, progress)
+
+
+def _record_step(
+    workload: Workload, target: str, steps: int, replay_steps: bool, kernel_scratch: bool, real: bool
+) -> TraceResult:
+    """Run ``steps`` steps under the recorder: on fake tensors, or (``real``) on real CPU tensors."""
+    import contextlib
     import gc
     import logging
     import warnings
@@ -578,10 +751,6 @@ def trace_step(
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    if target not in ("cuda", "cpu"):
-        raise UsageError(f"unknown trace target {target!r}", "choose cuda or cpu")
-    if steps < 1:
-        raise UsageError(f"`steps` must be at least 1, got {steps}", "trace 2 steps to see the steady state")
     started = time.perf_counter()
     recorder = _Recorder(target, kernel_scratch)
     notes: list[str] = []
@@ -591,18 +760,22 @@ def trace_step(
     gc_was_enabled = gc.isenabled()
     real_get_rng_state = None
     restore_rnns: Callable[[], None] | None = None
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if not real else None
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     fake_log_level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)  # it logs every meta-kernel failure; ours become MemprofErrors
     try:
-        with fake_mode, warnings.catch_warnings():
+        with fake_mode or contextlib.nullcontext(), warnings.catch_warnings():
             # modules that test data_ptr() (nn.TransformerEncoder's fast path) make PyTorch warn about
             # fake tensors; the answer they get does not change what is allocated, so keep it off the screen
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
-            fast = fastfake.FastFake(fake_mode) if fastfake.enabled() else None
-            with fastfake.mode(fast):  # parameters and buffers are made through the same fast cache
-                model = _build_fake_model(workload)
+            fast = fastfake.FastFake(fake_mode) if fake_mode is not None and fastfake.enabled() else None
+            if real:
+                torch.manual_seed(0)  # the same weights and batch as measure_cpu_step: the same data-dependent sizes
+                model = build_model(workload, "cpu")
+            else:
+                with fastfake.mode(fast):  # parameters and buffers are made through the same fast cache
+                    model = _build_fake_model(workload)
             tracker = _make_tracker(recorder)
             if fast is not None:
                 tracker.run_op = fast.run
@@ -623,7 +796,8 @@ def trace_step(
                 except MemprofError:
                     raise
                 except Exception as exc:
-                    raise _step_error(exc, "input-building") from None
+                    dependent = _data_dependent(exc, "input-building") if not real else None
+                    raise (dependent or _step_error(exc, "input-building")) from None
                 recorder.category = None
                 prepared = Prepared(workload, model, optimizer, args, kwargs, tgt, workload.model.loss_fn(), "cpu")
                 del args, kwargs, tgt
@@ -692,7 +866,7 @@ def trace_step(
                                         recorder.rec_host[rec] = True  # PyTorch keeps it on the CPU
                     recorder.phase = phase
 
-                replay = replay_steps and workload.mode == "train"
+                replay = replay_steps and workload.mode == "train" and not real
                 for step in range(steps):
                     recorder.step = step
                     try:
@@ -703,6 +877,10 @@ def trace_step(
                     except MemprofError:
                         raise
                     except Exception as exc:
+                        if not real:
+                            dependent = _data_dependent(exc, recorder.phase)
+                            if dependent is not None:
+                                raise dependent from None
                         if recorder.phase == "forward":
                             raise _forward_error(exc, recorder, model, workload) from None
                         raise _step_error(exc, recorder.phase) from None

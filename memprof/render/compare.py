@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..results import CompareResult, CompareRow, MemCategory
-from . import format_bytes, format_count, format_pct, format_signed_bytes
+from . import certainty, format_bytes, format_count, format_pct, format_signed_bytes
 
 BAR_WIDTH = 40
 #: stacking order, bar character (readable without colour), terminal colour, plot colour
@@ -232,6 +232,8 @@ def detail_lines(result: CompareResult) -> list[str]:
             if rc.batchnorm_recomputed:
                 line += "; BatchNorm running statistics update twice per step (in forward and in the recomputation)"
             lines.append(line)
+        if r.error is None and (r.method != "trace" or any(m.bytes for m in r.modelled)):
+            lines.append(f"{r.label}: {certainty(r.method, r.modelled)}")
         for note in r.notes:
             if note not in lines:
                 lines.append(note)

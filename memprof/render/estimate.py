@@ -9,8 +9,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ..results import EstimateResult, LayerRow, MemCategory
-from . import format_bytes, format_count, format_pct
+from ..results import METHOD_REAL, EstimateResult, LayerRow, MemCategory
+from . import certainty, format_bytes, format_count, format_pct
 
 DEFAULT_LAYERS = 10
 
@@ -97,12 +97,22 @@ def _headline(result: EstimateResult, console: Console) -> None:
     console.print()
     if result.traced is not None:
         t = result.traced
-        console.print(f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] peak per {what} (traced)")
+        real = getattr(t, "method", "trace") == METHOD_REAL
+        how = "recorded from a real CPU run" if real else "traced"
+        console.print(f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] peak per {what} ({how})")
         if getattr(t, "peak_phase", None):
             console.print(
                 f"  peak in {t.peak_phase}"
-                + (f", in module {t.peak_module}" if getattr(t, "peak_module", None) else "")
+                + (f", in module {t.peak_module}" if getattr(t, "peak_module", None) else ""),
+                markup=False,
             )
+        width = max(40, console.width - 1)
+        lines = [certainty(getattr(t, "method", "trace"), getattr(t, "modelled", ()))]
+        reason = getattr(t, "method_reason", None)
+        if reason:
+            lines.append(f"the step reads tensor values ({reason}), so it ran for real on the CPU at this batch")
+        for line in lines:
+            console.print(textwrap.fill(line, width, initial_indent="  ", subsequent_indent="    "), markup=False)
         extra = []
         if getattr(t, "predicted_reserved_bytes", None) is not None:
             extra.append(f"CUDA allocator reserved ≈ {format_bytes(t.predicted_reserved_bytes)}")
@@ -116,7 +126,7 @@ def _headline(result: EstimateResult, console: Console) -> None:
             f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] per {what} (formula: four-part rule)"
         )
         if result.trace_note:
-            console.print(f"  {result.trace_note}")
+            console.print(f"  {result.trace_note}", markup=False)
     params = f"  parameters {format_count(a.param_count)}"
     if a.trainable_param_count != a.param_count:
         params += f" ({format_count(a.trainable_param_count)} trainable)"
@@ -228,8 +238,12 @@ def _methods(result: EstimateResult, console: Console) -> None:
     legend = []
     if result.traced is not None:
         act = _categories(getattr(result.traced, "breakdown_at_peak", {})).get(MemCategory.ACTIVATION)
-        table.add_row("memprof trace", format_bytes(result.traced.peak_bytes), format_bytes(act))
-        legend.append(("memprof trace", "fake-tensor trace of the whole step, peak of live storages"))
+        if getattr(result.traced, "method", "trace") == METHOD_REAL:
+            table.add_row("memprof real run", format_bytes(result.traced.peak_bytes), format_bytes(act))
+            legend.append(("memprof real run", "the whole step run on the CPU, recorded like a trace"))
+        else:
+            table.add_row("memprof trace", format_bytes(result.traced.peak_bytes), format_bytes(act))
+            legend.append(("memprof trace", "fake-tensor trace of the whole step, peak of live storages"))
     for m in a.methods:
         table.add_row(
             m.method,
