@@ -118,3 +118,14 @@ def test_cuda_trace_restores_torch_vf():
     assert "gru" not in vars(torch._VF) and "lstm" not in vars(torch._VF)
     out, _ = torch.nn.GRU(3, 5)(torch.randn(2, 1, 3))
     assert out.shape == (2, 1, 5)
+
+
+@pytest.mark.slow
+def test_find_batch_on_an_lstm_needs_few_trials():
+    from memprof.commands.find_batch import find_batch
+
+    workload = lm(batch=1, steps=32, kind="LSTM", hidden=128, embed=64, vocab_size=500)
+    result = find_batch(workload, device="cpu", memory_limit=24 * 2**20, max_batch=512)
+    assert result.status == "exact"
+    assert result.prediction is not None and result.prediction.max_batch == result.largest_batch
+    assert len(result.trials) <= 4

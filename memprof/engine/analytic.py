@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputShapeError, TraceError
 from ..results import AnalyticEstimate, LayerRow, MemCategory, MethodTotal
+from .rnn import shape_only_rnns
 from .workload import DTYPE_BYTES, optimizer_state_count
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -329,7 +330,7 @@ def _run(model, workload: Workload, batch: int, act_bytes: int | None) -> _Run:
     run.input_bytes = rec._size(_tensors((args, kwargs, target)))[1]
     run.input_elements = rec._size(_tensors((args, kwargs)))[0]
     try:
-        with rec, torch.set_grad_enabled(workload.mode == "train"):
+        with rec, torch.set_grad_enabled(workload.mode == "train"), shape_only_rnns():
             model(*args, **kwargs)
     except MemoryError:
         raise

@@ -299,3 +299,47 @@ def cudnn_call(mode: str, x, hx, cx, weights, num_layers: int, bidirectional: bo
         2 if bidirectional else 1,
         x.element_size(),
     )
+
+
+def shape_only_rnns():
+    """A context manager under which nn.LSTM/GRU/RNN return empty outputs of the right shapes at once.
+
+    For the meta-device forward of the formulas (:mod:`memprof.engine.analytic`), which only reads
+    module outputs: the real decomposition runs a few ops per time step, which takes seconds
+    for long sequences even on the meta device. Packed sequences keep the real path.
+    """
+    import contextlib
+
+    import torch
+
+    @contextlib.contextmanager
+    def patched():
+        vf = torch._VF
+
+        def make(mode: str):
+            real = getattr(torch._C._VariableFunctions, mode)
+
+            def call(*args, **kwargs):
+                lstm = mode == "lstm"
+                unpacked = len(args) == 9 and not kwargs and isinstance(args[1 if lstm else 2], (list, tuple))
+                if not unpacked:
+                    return real(*args, **kwargs)
+                x, hidden, _params, _bias, num_layers, _dropout, _train, bidirectional, batch_first = args
+                hx, cx = (hidden[0], hidden[1]) if lstm else (hidden, None)
+                spec = cudnn_call(mode, x, hx, cx, (), num_layers, bidirectional, batch_first)
+                t, b = (spec.batch, spec.seq) if batch_first else (spec.seq, spec.batch)
+                output = x.new_empty((t, b, spec.directions * spec.out))
+                hy = hx.new_empty(hx.shape)
+                return (output, hy, cx.new_empty(cx.shape)) if cx is not None else (output, hy)
+
+            return call
+
+        for mode in GATES:
+            setattr(vf, mode, make(mode))
+        try:
+            yield
+        finally:
+            for mode in GATES:
+                vf.__dict__.pop(mode, None)
+
+    return patched()
