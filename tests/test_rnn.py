@@ -76,6 +76,14 @@ def test_recurrent_cpu_trace_matches_a_real_step(options):
     assert abs(traced.peak_bytes - measured["peak_bytes"]) <= SCALAR_SLACK
 
 
+def test_lstm_inference_scratch_matches_a_real_forward():
+    # eval: oneDNN's inference scratchpad (no workspace), and the head's Linear on the LSTM's
+    # transposed output (ATen adds the bias in place on real tensors)
+    workload = lm(batch=6, steps=20, kind="LSTM").replace(mode="eval")
+    traced = trace_step(workload, target="cpu")
+    assert abs(traced.peak_bytes - measure_cpu_step(workload)["peak_bytes"]) <= SCALAR_SLACK + 160
+
+
 def test_lstm_workspace_is_listed_as_modelled():
     traced = trace_step(lm(kind="LSTM"), target="cpu")
     what = {m.what: m for m in traced.modelled}

@@ -33,9 +33,10 @@ missing ``grad_hy``/``grad_cy``, contiguous copies of strided gradients, fp32 co
 gradients, the weight gradients in oneDNN's padded layout where ``ld(I, 4) != I`` / ``ld(H, 4) != H``
 (``G·H·ld(·, 4)·4``) and a ``G·H·4`` buffer, and returns a separate clone of the bias gradient for
 ``bias_hh`` (made after the scratch is freed; it is counted instead of the buffer, which has its
-size). Inference (no grad) keeps no workspace; its weights and scratch are laid out differently
-(brgemm) and are modelled with the training formula: an unverified approximation (−0.5 % on a
-2-layer LSTM language model in eval mode).
+size). Inference (no grad) keeps no workspace; it holds the weights with ``G·H`` padded to 64
+(128 for one sample) and a scratchpad of ``page(2·(T+1)·B·ld(L, e)·e) + page(2·(T+1)·B·H·e) +
+page(S·B·ld(G·H, 4)·4) + page(B·ld(H, e)·e) + 4952`` with ``S`` = 1 step (every step for B = 1),
+measured on 15 shapes.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 PAGE = 4096
 #: scratchpad bytes beyond the pages of its parts (pointer arrays and alignment, measured)
 _SCRATCH_EXTRA = PAGE + 568
+_INFERENCE_EXTRA = PAGE + 856
 ONEDNN_WHAT = "oneDNN LSTM scratch"
 ONEDNN_WORKSPACE_WHAT = "oneDNN LSTM workspace"
 ONEDNN_SOURCE = "oneDNN rnn_utils (workspace) + per-op torch.profiler measurements (scratch), oneDNN 3.12"
@@ -114,10 +116,24 @@ def _weights_reordered(s: LstmShape) -> int:
     return (s.input_size + s.hidden) * good_ld(s.gates * s.hidden, s.esize) * s.esize
 
 
-def onednn_lstm_forward_scratch(s: LstmShape) -> int:
+def onednn_lstm_forward_scratch(s: LstmShape, training: bool = True) -> int:
     """Bytes ``mkldnn_rnn_layer`` holds inside the op besides its outputs: bias sum, reordered weights, scratchpad."""
     bias = s.gates * s.hidden * s.esize
-    return bias + _weights_reordered(s) + _scratchpad(s, 4)
+    if training:
+        return bias + _weights_reordered(s) + _scratchpad(s, 4)
+    # inference: brgemm weights (gates padded to 64, to 128 for a single sample) and a scratchpad
+    # that holds the states of every step (no workspace) and one step's gates (every step's for B = 1)
+    t, b, h, e = s.seq, s.batch, s.hidden, s.esize
+    padded = -(-s.gates * h // (128 if b == 1 else 64)) * (128 if b == 1 else 64)
+    steps = t if b == 1 else 1
+    scratch = (
+        _page(2 * (t + 1) * b * good_ld(max(s.input_size, h), e) * e)
+        + _page(2 * (t + 1) * b * h * s.c_esize)
+        + _page(steps * b * good_ld(s.gates * h, 4) * 4)
+        + _page(b * good_ld(h, e) * e)
+        + _INFERENCE_EXTRA
+    )
+    return bias + (s.input_size + h) * padded * e + scratch
 
 
 def onednn_lstm_backward_scratch(args) -> int:

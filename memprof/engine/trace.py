@@ -261,13 +261,13 @@ def _onednn_lstm(tracker, recorder: _Recorder, func, args, kwargs, forward: bool
 
     from . import rnn
 
-    # measured here in float32 training; bfloat16 follows oneDNN's source, inference is approximate
-    verified = args[0].dtype == torch.float32 and (not forward or torch.is_grad_enabled())
+    # measured here in float32; bfloat16 follows oneDNN's source with its element sizes
+    verified = args[0].dtype == torch.float32
     what = rnn.ONEDNN_WHAT
     scratch = 0
     if recorder.cpu_scratch:
         if forward:
-            scratch = rnn.onednn_lstm_forward_scratch(rnn.lstm_shape(args))
+            scratch = rnn.onednn_lstm_forward_scratch(rnn.lstm_shape(args), training=torch.is_grad_enabled())
         else:
             scratch = rnn.onednn_lstm_backward_scratch(args)
     rec = recorder.synthetic(scratch, MemCategory.TEMPORARY, (what, rnn.ONEDNN_SOURCE, verified)) if scratch else None
@@ -366,6 +366,32 @@ def _install_cudnn_rnns(recorder: _Recorder) -> Callable[[], None]:
     return restore
 
 
+def _install_linear() -> Callable[[], None]:
+    """``F.linear`` as ATen runs it on real tensors, for the fake ones.
+
+    ATen's ``linear`` on an input it cannot flatten (3-D or more, not contiguous: after a
+    transpose) computes ``matmul`` and adds the bias in place - unless the bias is a tensor
+    subclass, as fake tensors are, when it allocates the sum instead (an extra output-sized
+    tensor at that moment). This does what a real step does. Returns the restoring function.
+    """
+    import torch.nn.functional as F
+
+    real = F.linear
+
+    def linear(input, weight, bias=None):
+        if bias is None or input.dim() <= 2 or input.is_contiguous() or bias.dim() != 1:
+            return real(input, weight, bias)
+        output = input.matmul(weight.t())
+        return output.add_(bias)
+
+    F.linear = linear
+
+    def restore() -> None:
+        F.linear = real
+
+    return restore
+
+
 def _install_module_hooks(model, recorder: _Recorder) -> list:
     import torch
 
@@ -380,7 +406,8 @@ def _install_module_hooks(model, recorder: _Recorder) -> list:
 
         def pre(mod, args, _label=label):
             recorder.module_stack.append(_label)
-            recorder.last_module_input = (_label, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
+            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor) and not a.is_nested]
+            recorder.last_module_input = (_label, shapes)
             recorder.mark()
 
         def post(mod, args, output, _label=label):
@@ -552,10 +579,18 @@ def _data_dependent(exc: BaseException, phase: str) -> DataDependentError | None
     """A :class:`DataDependentError` naming the op and the user's line, if ``exc`` is a fake tensor's "no values"."""
     name = type(exc).__name__
     msg = " ".join(str(exc).split())
-    if name not in _DATA_DEPENDENT and "item() cannot be called on meta" not in msg and "data-dependent" not in msg:
+    nested = "NestedTensorImpl" in msg  # fake tensors cannot hold nested tensors (the fast path packs padding)
+    if (
+        name not in _DATA_DEPENDENT
+        and not nested
+        and "item() cannot be called on meta" not in msg
+        and "data-dependent" not in msg
+    ):
         return None
     func = getattr(exc, "func", None)
     op = str(func) if func is not None else (msg.split(":")[0][:80] or name)
+    if nested:
+        op = "a nested tensor (packed from a padding mask)"
     if op.startswith("aten._local_scalar_dense"):
         op = "Tensor.item() (aten._local_scalar_dense)"
     where = _user_line(exc)
@@ -633,8 +668,13 @@ def _real_run(
     why = f"{reason.op} at {reason.where}" if reason.where else str(reason.op)
     batch = workload.batch_size
     say(f"the step reads tensor values ({why}): running it for real on the CPU instead of tracing")
+    one = None
     if batch > 1:
-        one = run(workload.with_batch(1))
+        try:
+            one = run(workload.with_batch(1))
+        except MemprofError as exc:  # e.g. BatchNorm over a single value: no estimate, run the batch asked for
+            say(f"batch 1 cannot run to estimate the cost ({exc.message}); running batch {batch} directly")
+    if one is not None:
         # what the CPU really held (the CUDA view adds workspaces no real run allocates), and what
         # of it does not grow with the batch (model state)
         ram_one = one.peak_bytes - one.breakdown_at_peak.get(MemCategory.CUDA_OVERHEAD, 0)
@@ -760,6 +800,7 @@ def _record_step(
     gc_was_enabled = gc.isenabled()
     real_get_rng_state = None
     restore_rnns: Callable[[], None] | None = None
+    restore_linear: Callable[[], None] | None = None
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if not real else None
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     fake_log_level = fake_log.level
@@ -804,6 +845,8 @@ def _record_step(
                 handles = _install_module_hooks(model, recorder)
                 if target == "cuda":
                     restore_rnns = _install_cudnn_rnns(recorder)
+                if not real:
+                    restore_linear = _install_linear()
                 if target == "cpu":
                     # torch.utils.checkpoint keeps the CPU RNG state (a real 5056-byte tensor made
                     # outside any op) per checkpointed call; on CUDA it is host memory
@@ -897,6 +940,8 @@ def _record_step(
             torch.get_rng_state = real_get_rng_state
         if restore_rnns is not None:
             restore_rnns()
+        if restore_linear is not None:
+            restore_linear()
         if gc_was_enabled:
             gc.enable()
         prepared = None
