@@ -22,6 +22,7 @@ never touches CUDA, and whatever a trial leaves behind dies with the child.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import time
@@ -562,14 +563,17 @@ def _isolated_cuda(index: int) -> IsolatedRunner:
     return IsolatedRunner("cuda", index, f"cuda:{index}")
 
 
-def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
+def measure_cpu_step(workload: Workload, *, steps: int = 2, storages: bool = False) -> dict[str, int]:
     """Run ``steps`` REAL training steps on the CPU and measure peak live bytes without the tracer.
 
     The truth comes from ``torch.profiler`` memory events (every CPU allocator allocation
     and free, oneDNN scratch included), summed in time order, plus the storages resident
     before the first step (parameters, buffers, inputs, optimizer state). Used by the
-    tests and ``scripts/validate_cpu.py``; it allocates the model's real memory.
-    Returns ``{"peak_bytes", "first_step_peak_bytes", "steady_peak_bytes", "resident_bytes"}``.
+    tests and ``scripts/validate_zoo.py``; it allocates the model's real memory.
+    Returns ``{"peak_bytes", "first_step_peak_bytes", "steady_peak_bytes", "resident_bytes"}``;
+    with ``storages`` also ``"storage_peak_bytes"``: the same steps' peak of live tensor storages
+    (a :class:`memprof.engine.tracking.StorageTracker`, as the CPU cap counts them: what a GPU would
+    hold, without the CPU kernels' internal scratch).
     """
     import gc
     import logging
@@ -603,10 +607,17 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
     logging.getLogger("torch.profiler").setLevel(logging.ERROR)
     cur = 0
     step_peaks: list[int] = []
+    tracker = None
+    if storages:
+        from .tracking import StorageTracker
+
+        tracker = StorageTracker()
+        tracker.register(tensors)
     try:
         for _ in range(steps):
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                train_step(prepared)
+                with tracker if tracker is not None else contextlib.nullcontext():
+                    train_step(prepared)
             events = [
                 (e.start_ns(), e.nbytes())
                 for e in prof.profiler.kineto_results.events()
@@ -621,11 +632,16 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
             step_peaks.append(resident + peak)
     finally:
         gc.enable()
+        if tracker is not None:
+            tracker.detach()
     del prepared
-    return {
+    result = {
         "peak_bytes": max(step_peaks),
         "first_step_peak_bytes": step_peaks[0],
         "steady_peak_bytes": step_peaks[-1],
         "resident_bytes": resident,
         "end_bytes": resident + cur,
     }
+    if tracker is not None:
+        result["storage_peak_bytes"] = tracker.peak_bytes
+    return result
