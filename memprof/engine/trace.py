@@ -37,6 +37,7 @@ from ..errors import InputShapeError, MemprofError, TraceError, UsageError
 from ..results import MemCategory, TimelinePoint, TraceResult
 from . import fastfake
 from .allocator import CachingAllocatorModel, round_size
+from .flops import FlopTally
 from .overheads import cublas_workspace_bytes, cuda_context_bytes, onednn_conv_scratch
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
@@ -114,6 +115,13 @@ class _Recorder:
         self.done_op: dict[int, int] = {}
         self.workspace_threads: set[str] = set()
         self.workspace_bytes = cublas_workspace_bytes() if target == "cuda" else 0
+        self.tally: FlopTally | None = None  # counts FLOPs while set (the first step)
+        self.module_types: dict[str, str] = {}
+        self.root_label: str | None = None
+
+    def locate(self) -> tuple[str | None, bool]:
+        """For the FLOP tally: the module running now, and whether this is a recomputation in backward."""
+        return self.module_now(), self.phase == "backward" and bool(self.module_stack)
 
     # -- module attribution -------------------------------------------------------------
     def module_now(self) -> str | None:
@@ -212,15 +220,19 @@ def _make_tracker(recorder: _Recorder):
                     recorder.need_workspace = len(recorder.workspace_threads) < 2
             if func is sdpa_flash:
                 recorder.saw_flash_attention = True
-            if recorder.cpu_scratch and func in convs:
-                scratch = onednn_conv_scratch(func, args)
-                if scratch:
-                    rec = recorder.synthetic(scratch, MemCategory.TEMPORARY)
-                    try:
-                        return super().__torch_dispatch__(func, types, args, kwargs)
-                    finally:
-                        recorder.free_synthetic(rec)
-            return super().__torch_dispatch__(func, types, args, kwargs)
+            scratch = onednn_conv_scratch(func, args) if recorder.cpu_scratch and func in convs else 0
+            if scratch:
+                rec = recorder.synthetic(scratch, MemCategory.TEMPORARY)
+                try:
+                    out = super().__torch_dispatch__(func, types, args, kwargs)
+                finally:
+                    recorder.free_synthetic(rec)
+            else:
+                out = super().__torch_dispatch__(func, types, args, kwargs)
+            tally = recorder.tally
+            if tally is not None:
+                tally.op(func, args, kwargs, out, recorder.phase)
+            return out
 
     tracker = _TraceTracker(on_alloc=recorder.on_alloc, on_free=recorder.on_free)
     recorder.tracker = tracker
@@ -232,12 +244,14 @@ def _install_module_hooks(model, recorder: _Recorder) -> list:
 
     handles = []
     root_name = type(model).__name__
+    recorder.root_label = root_name
     seen: set[int] = set()
     for name, module in model.named_modules():
         if id(module) in seen:
             continue
         seen.add(id(module))
         label = name or root_name
+        recorder.module_types.setdefault(label, type(module).__name__)
 
         def pre(mod, args, _label=label):
             recorder.module_stack.append(_label)
@@ -417,7 +431,14 @@ def _step_error(exc: Exception, phase: str) -> MemprofError:
 
 # =========================================================================== tracing
 def trace_step(
-    workload: Workload, *, target: str = "cuda", steps: int = 2, replay_steps: bool = True, kernel_scratch: bool = True
+    workload: Workload,
+    *,
+    target: str = "cuda",
+    steps: int = 2,
+    replay_steps: bool = True,
+    kernel_scratch: bool = True,
+    count_flops: bool = True,
+    count_bytes: bool = False,
 ) -> TraceResult:
     """Trace ``steps`` training steps of ``workload`` on fake tensors and predict their memory.
 
@@ -431,7 +452,12 @@ def trace_step(
     optimizer state now lives through them and is not created again), so with
     ``replay_steps`` (the default) their events are copied from the first step instead of
     traced: the result is the same as tracing every step (tested), in about half the time.
+
+    With ``count_flops`` the first step's ops are also counted in FLOPs (PyTorch's formulas, per
+    module and phase (:mod:`memprof.engine.flops`): ``result.flops``; with ``count_bytes`` also the bytes
+    each op reads and writes, which the step-time model needs (:func:`memprof.engine.roofline.step_time`).
     """
+    import dataclasses
     import gc
     import logging
     import warnings
@@ -451,6 +477,7 @@ def trace_step(
     model = None
     gc_was_enabled = gc.isenabled()
     real_get_rng_state = None
+    tally: FlopTally | None = None
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     fake_log_level = fake_log.level
@@ -551,8 +578,10 @@ def trace_step(
                     recorder.phase = phase
 
                 replay = replay_steps and workload.mode == "train"
+                tally = FlopTally(recorder.locate, count_bytes) if count_flops or count_bytes else None
                 for step in range(steps):
                     recorder.step = step
+                    recorder.tally = tally if step == 0 else None
                     try:
                         if step == 0 or not replay:
                             train_step(prepared, on_phase)
@@ -566,6 +595,7 @@ def trace_step(
                         raise _step_error(exc, recorder.phase) from None
                     finally:
                         recorder.module_stack.clear()
+                        recorder.tally = None
                 recorder.phase = "done"
                 op_count = tracker.op_count
             tracker.detach()
@@ -593,7 +623,10 @@ def trace_step(
                 "and saves the attention matrix, which CUDA would not"
             )
     result = _analyse(recorder, workload, target, steps, op_count, notes)
-    return _replace_seconds(result, time.perf_counter() - started)
+    flops = costs = None
+    if tally is not None:
+        flops, costs = tally.result(workload.batch_size, recorder.module_types, recorder.root_label)
+    return dataclasses.replace(result, trace_seconds=time.perf_counter() - started, flops=flops, _op_costs=costs)
 
 
 def _replay_step(recorder: _Recorder, tracker, on_phase, step: int) -> None:
@@ -643,12 +676,6 @@ def _cuda_notes(workload: Workload) -> list[str]:
             "softmax and losses run in float32 on CUDA), which can change activation dtypes there"
         )
     return notes
-
-
-def _replace_seconds(result: TraceResult, seconds: float) -> TraceResult:
-    import dataclasses
-
-    return dataclasses.replace(result, trace_seconds=seconds)
 
 
 # =========================================================================== analysis
