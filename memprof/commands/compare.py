@@ -579,7 +579,7 @@ def compare(
         notes=tuple(dict.fromkeys(notes)),
         seconds=time.perf_counter() - started,
         gpu=gpu.name if gpu is not None else None,
-        step_time_note=None if gpu is not None else "step-time column: needs a GPU (--gpu NAME)",
+        step_time_note=None if gpu is not None else "step time: needs a GPU (--gpu NAME)",
     )
 
 

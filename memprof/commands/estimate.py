@@ -131,9 +131,9 @@ def estimate(
         capacity_note = "no --gpu-memory given"
     step, step_note = None, None
     if trace_result is None:
-        step_note = "the step-time model needs a trace"
+        step_note = "needs a trace (the step-time model runs on the traced ops)"
     elif gpu is None:
-        step_note = "the step-time model needs a GPU: --gpu NAME"
+        step_note = "needs a GPU (--gpu NAME)"
     else:
         step = step_time(trace_result, gpu, tokens=tokens_per_sample(workload))
     return EstimateResult(

@@ -14,13 +14,17 @@ applies):
 The convention is PyTorch's: 2 FLOPs per multiply-add of matrix multiplications, convolutions and
 attention; everything else counts 0 (and is listed). Beyond PyTorch's registry, memprof adds the
 matmul-family ops it lacks (``mv``, ``addmv``, ``dot``, ``addbmm``, ``addr``, ``_addmm_activation``,
-``_int_mm``) and counts the CPU flash-attention kernel a CPU trace runs (where CUDA runs the flash or
-memory-efficient kernel) with the same formulas as CUDA's attention kernels.
+``_int_mm``), the fused inference kernels of ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer``
+(``_native_multi_head_attention``, ``_transformer_encoder_layer_fwd``: the matmuls of their training
+path), counts the CPU flash-attention kernel a CPU trace runs (where CUDA runs the flash or
+memory-efficient kernel) with the same formulas as CUDA's attention kernels, and divides the weight
+gradient of grouped convolutions by ``groups`` where the installed PyTorch does not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,8 +115,10 @@ def _name(func) -> str:
     return func.name().split("::")[-1].split(".")[0] if hasattr(func, "name") else str(func)
 
 
-def _matmul_family(a) -> dict:
-    """memprof's formulas for matmul-family ops PyTorch's registry lacks (shapes -> FLOPs, 2 per multiply-add)."""
+def _extra_formulas(a) -> dict:
+    """memprof's formulas for matmul-family ops PyTorch's registry lacks (shapes -> FLOPs, 2 per multiply-add),
+    and for the fused inference kernels of nn.MultiheadAttention / nn.TransformerEncoderLayer (the matmuls
+    their decomposed training path runs)."""
 
     def shape(t):
         return tuple(t.shape)
@@ -141,8 +147,28 @@ def _matmul_family(a) -> dict:
     def addmm(_self, x, y, *args, out_val=None, **kwargs):
         return mm(x, y)
 
+    def attention_block(q, k, e: int, out_proj: bool = True) -> int:
+        """Projections of q, k, v (E x E each), the two attention matmuls, the output projection."""
+        *batch, lq, _ = shape(q)
+        lk = shape(k)[-2]
+        b = math.prod(batch)
+        flops = 2 * b * lq * e * e + 2 * 2 * b * lk * e * e  # q; k and v
+        flops += 2 * 2 * b * lq * lk * e  # Q K^T and softmax(.) V over all heads (h * d = E)
+        return flops + (2 * b * lq * e * e if out_proj else 0)
+
+    def native_mha(q, k, v, embed_dim, *args, out_val=None, **kwargs):
+        return attention_block(q, k, int(embed_dim))
+
+    def encoder_layer(src, embed_dim, num_heads, qkv_w, qkv_b, proj_w, proj_b, use_gelu, norm_first, eps,
+                      nw1, nb1, nw2, nb2, ffn_w1, *args, out_val=None, **kwargs):  # fmt: skip
+        *batch, length, e = shape(src)
+        ffn = shape(ffn_w1)[0]
+        return attention_block(src, src, int(embed_dim)) + 2 * 2 * math.prod(batch) * length * e * ffn
+
     table = {"mv": mv, "addmv": addmv, "dot": dot, "vdot": dot, "addbmm": addbmm, "addr": addr}
     table.update({"_int_mm": mm, "_addmm_activation": addmm})
+    # nn.MultiheadAttention's and nn.TransformerEncoderLayer's fused inference kernels (eval, no_grad)
+    table.update({"_native_multi_head_attention": native_mha, "_transformer_encoder_layer_fwd": encoder_layer})
     return {getattr(a, n): f for n, f in table.items() if hasattr(a, n)}
 
 
@@ -178,7 +204,7 @@ def formulas() -> dict:
     from torch.utils.flop_counter import flop_registry, shape_wrapper
 
     a = torch.ops.aten
-    table = dict(_matmul_family(a))
+    table = dict(_extra_formulas(a))
     # the CPU's flash attention: same arguments in front as CUDA's kernels, counted with their formulas
     cpu_fwd = getattr(a, "_scaled_dot_product_flash_attention_for_cpu", None)
     cpu_bwd = getattr(a, "_scaled_dot_product_flash_attention_for_cpu_backward", None)

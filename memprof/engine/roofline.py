@@ -92,7 +92,9 @@ def _peaks(gpu: GpuPeaks, kinds: set[str]) -> tuple[dict[str, float], list[str]]
 
 
 def tokens_per_sample(workload: Workload) -> int | None:
-    """Tokens per sample when the model reads token ids (integer inputs): the first input's size."""
+    """Tokens per sample when the model reads token ids (integer inputs): the first input's size.
+
+    Input dtypes left to detection are known once the model has been built (a trace builds it)."""
     inputs = workload.model.inputs
     if not inputs.dtype or not inputs.dtype.startswith(("int", "long", "uint")) or not inputs.shapes:
         return None

@@ -220,7 +220,10 @@ def _layers(result: EstimateResult, console: Console, top: int | None) -> None:
         listed = {r.name for r in a.layers}
         elsewhere = [m for m in flops.modules if m.forward_flops and m.name not in listed]
         shown = sum(forward.get(r.name, 0) for r in a.layers)
-        line = f"  forward FLOPs of the layers sum to {format_flops(shown)} of {format_flops(flops.forward_flops)}"
+        if shown == flops.forward_flops:
+            line = f"  per-layer forward FLOPs sum to the forward total, {format_flops(shown)}"
+        else:
+            line = f"  per-layer forward FLOPs sum to {format_flops(shown)} of {format_flops(flops.forward_flops)}"
         if elsewhere:
             names = ", ".join(f"{m.name} {format_flops(m.forward_flops)}" for m in elsewhere[:3])
             more = f" (+{len(elsewhere) - 3} more)" if len(elsewhere) > 3 else ""
@@ -253,7 +256,8 @@ def _uncounted(flops: FlopCount) -> str:
     for kind in ("pointwise", "memory"):
         ops = [u for u in flops.uncounted_ops if u.kind == kind]
         if ops:
-            parts.append(f"{len(ops)} {kind} op types ({sum(u.calls for u in ops):,} calls)")
+            calls = sum(u.calls for u in ops)
+            parts.append(f"{len(ops)} {kind} op type{'s' * (len(ops) > 1)} ({calls:,} call{'s' * (calls > 1)})")
     return "; ".join(parts)
 
 
@@ -269,7 +273,8 @@ def _compute(result: EstimateResult, console: Console) -> None:
         backward = ""
         if flops.recompute_flops:
             backward = f"incl. {format_flops(flops.recompute_flops)} recomputed (checkpointing)"
-        rows += [("backward", flops.backward_flops, backward), ("optimizer", flops.optimizer_flops, "")]
+        optimizer = "elementwise updates: no formula" if not flops.optimizer_flops else ""
+        rows += [("backward", flops.backward_flops, backward), ("optimizer", flops.optimizer_flops, optimizer)]
         rows.append(("step", flops.step_flops, f"{format_flops(flops.per_sample_flops)} per sample"))
     for name, value, extra in rows:
         macs = f"({format_flops(value // 2, 'MAC')})" if name == "forward" else ""
@@ -282,7 +287,9 @@ def _compute(result: EstimateResult, console: Console) -> None:
     )
     st = result.step_time
     if st is None:
-        console.print(f"  step time: {result.step_time_note or 'needs --gpu NAME'}", markup=False, highlight=False)
+        console.print(
+            f"  step time: {result.step_time_note or 'needs a GPU (--gpu NAME)'}", markup=False, highlight=False
+        )
         return
     console.print(
         f"[bold]Step time on {st.gpu}[/bold] ({st.label}): ≥ {format_seconds(st.seconds)} per step "
