@@ -149,7 +149,7 @@ def main(argv: list[str]) -> int:
         f"torch {torch.__version__}, thop {version}; {time.strftime('%Y-%m-%d')}, load {load:.1f}).",
         "",
         "memprof: forward FLOPs traced on fake tensors with PyTorch's FLOP formulas, shown as MACs (FLOPs / 2). "
-        "thop: `thop.profile` on a real forward (its \"MACs\"), split by the kind of module it counted. "
+        'thop: `thop.profile` on a real forward (its "MACs"), split by the kind of module it counted. '
         "torchvision published: the default weights' `meta[\"_ops\"]` (G multiply-adds; torchvision's docs call "
         "them GFLOPS). All figures in G (10⁹).",
         "",
@@ -170,13 +170,13 @@ def main(argv: list[str]) -> int:
         "How to read it:",
         "",
         "- **thop conv+linear = memprof's MACs** wherever every matmul runs inside an `nn.Conv*` or `nn.Linear` "
-        "module (the CNNs: \"not seen by thop\" is 0): both count output elements × C_in/groups × K² multiply-adds "
+        'module (the CNNs: "not seen by thop" is 0): both count output elements × C_in/groups × K² multiply-adds '
         "and leave the bias out.",
         "- **thop's total is higher for CNNs** by its norm and pool columns: thop counts 2 ops per element for "
         "BatchNorm (4 with affine weights) and one per output element (plus the window) for average pooling, "
         "added to the MACs; PyTorch's convention counts them 0 (memprof lists them as ops without a formula).",
         "- **thop's total is lower for transformers**: the matmuls outside a module thop knows are missing "
-        "(\"not seen by thop\"): `nn.MultiheadAttention` runs its projections through `F.linear` on its own "
+        '("not seen by thop"): `nn.MultiheadAttention` runs its projections through `F.linear` on its own '
         "weights and its attention through `scaled_dot_product_attention` (ViT), Swin's window attention calls "
         "`F.linear` and `matmul` directly. memprof counts every op the step dispatches, wherever it runs.",
         "- **torchvision's published figures equal memprof's MACs** for every model here (to the 3 decimals "
