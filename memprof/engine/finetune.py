@@ -232,7 +232,7 @@ def _fake_safe_adapter_moves() -> Iterator[None]:
                     table[name] = new
         return self
 
-    torch.nn.Module.to = to  # type: ignore[method-assign, assignment]
+    torch.nn.Module.to = to  # type: ignore[method-assign]
     try:
         yield
     finally:
