@@ -634,6 +634,11 @@ class CompareRow:
     error: str | None = None  # this row could not be traced (the others still are)
     notes: tuple[str, ...] = ()
     trace_seconds: float = 0.0
+    #: peft's count of trainable parameters (None when nothing is frozen, adapted or quantized)
+    trainable_params: int | None = None
+    #: CPU memory the row keeps for a CUDA step (offloaded optimizer), paged optimizer state
+    host_peak_bytes: int | None = None
+    paged_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -653,3 +658,8 @@ class CompareResult:
     safe_best_label: str | None
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    #: rows whose batch fits the capacity (largest batch >= 1), the largest batch first (ties: lower peak)
+    ranked_by_batch: tuple[str, ...] = ()
+    #: the single lever (a row changing one thing) that allows the largest batch, and its batch gain
+    best_lever_label: str | None = None
+    best_lever_gain: int | None = None

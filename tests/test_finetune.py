@@ -193,3 +193,81 @@ def test_lora_tiny_llama_trace_matches_a_real_peft_step():
     assert weights is not None
     # peft's default for llama: q_proj and v_proj; q: 8 x (128 + 128), v: 8 x (128 + 64) per layer
     assert weights.trainable_params == 2 * (8 * 256 + 8 * 192)
+
+
+# --------------------------------------------------------------------------- command line and compare
+def test_cli_estimate_with_levers_reports_the_weights():
+    import json
+
+    from typer.testing import CliRunner
+
+    from memprof.cli import app
+
+    args = ["estimate", "memprof.zoo:mnist_mlp", "-i", "1,28,28", "--lora-rank", "4", "--lora-targets", "all-linear"]
+    result = CliRunner().invoke(app, [*args, "--optimizer", "lion", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["workload"]["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["all-linear"], "dropout": 0.0}
+    weights = doc["traced"]["weights"]
+    # mnist_mlp: Linear(784,128) + Linear(128,10); LoRA r=4: 4 x (784 + 128) + 4 x (128 + 10)
+    assert weights["trainable_params"] == 4 * 912 + 4 * 138
+    assert doc["analytic"]["weights"]["trainable_params"] == weights["trainable_params"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lora-alpha", "16"], "--lora-alpha needs --lora-rank"),
+        (["--lora-rank", "-2"], "--lora-rank must be a positive integer"),
+        (["--quantize", "int4"], "unknown --quantize"),
+        (["--offload", "gpu"], "unknown offload"),
+        (["--double-quant", "--quantize", "int8"], "--double-quant applies to 4-bit"),
+        (["--offload", "optimizer", "--optimizer", "adamw8bit"], "does not combine with adamw8bit"),
+    ],
+)
+def test_cli_lever_errors(args, message):
+    from typer.testing import CliRunner
+
+    from memprof.cli import app
+
+    result = CliRunner().invoke(app, ["estimate", "memprof.zoo:mnist_mlp", "-i", "1,28,28", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+
+
+def test_compare_ranks_levers_by_largest_batch():
+    from memprof.commands.compare import compare
+    from memprof.results import Capacity
+
+    base = make_workload(mlp(), batch_size=64)
+    result = compare(
+        base,
+        {"lora": [LoraSpec(4, targets=("all-linear",))], "optimizer": ["adamw8bit"], "offload": ["optimizer"]},
+        target="cpu",
+        capacity=Capacity(16 * 2**20, "--memory-limit", "cpu"),
+        recompute_fn=None,
+    )
+    rows = {r.label: r for r in result.rows}
+    assert set(rows) == {"fp32 (baseline)", "LoRA r=4", "adamw8bit", "optimizer on the CPU"}
+    batches = [rows[label].fit.max_batch for label in result.ranked_by_batch]
+    assert batches == sorted(batches, reverse=True) and len(batches) == 4
+    assert result.best_lever_label == result.ranked_by_batch[0] != "fp32 (baseline)"
+    assert result.best_lever_gain == batches[0] - rows["fp32 (baseline)"].fit.max_batch > 0
+    # fp32 masters + CPU gradients + Adam's two states (+ the CPU step's temporaries) of 399,370 parameters
+    host = rows["optimizer on the CPU"].host_peak_bytes
+    assert host is not None and host >= 16 * 399_370
+
+
+@pytest.mark.slow
+def test_compare_example_from_the_issue_on_a_tiny_llama():
+    """`memprof compare <llama> --gpu-memory ... --lora-rank 16 --quantize nf4 --optimizer adamw8bit --combine`."""
+    from typer.testing import CliRunner
+
+    from memprof.cli import app
+
+    model = "scripts/examples/tiny_llama.py:build"
+    args = ["compare", model, "--gpu-memory", "2GiB", "--lora-rank", "16", "--quantize", "nf4"]
+    result = CliRunner().invoke(app, [*args, "--optimizer", "adamw8bit", "--combine", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert "Ranked by the largest batch that fits" in result.stdout
+    assert "buys the most" in result.stdout

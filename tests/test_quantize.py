@@ -10,7 +10,6 @@ from memprof.engine import quantize as q
 from memprof.engine.finetune import LoraSpec
 from memprof.engine.optimizers import adam8bit_state_bytes
 from memprof.engine.trace import trace_step
-from memprof.results import MemCategory
 
 
 # --------------------------------------------------------------------------- storage rules

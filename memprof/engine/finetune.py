@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -188,7 +189,8 @@ def apply_lora(model, spec: LoraSpec):
     if custom:
         config._register_custom_module(custom)
     try:
-        with _fake_safe_adapter_moves():
+        with _fake_safe_adapter_moves(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' deprecations, seen by peft
             return peft.get_peft_model(model, config)
     except ValueError as exc:
         first = (str(exc).strip().splitlines() or [""])[0]

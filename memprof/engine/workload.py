@@ -261,6 +261,11 @@ class Workload:
                 raise UsageError(
                     "`double_quant` applies to 4-bit weights only", "combine it with `quantize` nf4 or fp4"
                 )
+        if self.offload == "optimizer" and self.optimizer in ("adamw8bit", "paged-adamw8bit"):
+            raise UsageError(
+                f"`offload` optimizer does not combine with {self.optimizer} (bitsandbytes steps on the GPU)",
+                "offload adam, adamw, lion, adafactor, ... or keep the 8-bit optimizer on the GPU",
+            )
         if self.lora is not None and (self.freeze or self.train_only):
             raise UsageError(
                 "`freeze` / `train_only` do not combine with `lora_rank`: LoRA already freezes every base weight",
