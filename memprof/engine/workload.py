@@ -176,11 +176,6 @@ def make_optimizer(name: str, params, device_type: str, offload: str = "none"):
     if get_offload(offload) == "optimizer":
         from .optimizers import OffloadedOptimizer
 
-        if name in ("adamw8bit", "paged-adamw8bit"):
-            raise UsageError(
-                f"`offload` optimizer does not combine with {name} (bitsandbytes' optimizers step on the GPU)",
-                "offload adam, adamw, lion, adafactor, ... or keep the 8-bit optimizer on the GPU",
-            )
         return OffloadedOptimizer(params, lambda masters: _make_optimizer(name, masters, "cpu"))
     return _make_optimizer(name, params, device_type)
 
