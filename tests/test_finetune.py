@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from memprof.engine.trace import trace_step
 from memprof.errors import UsageError
 from memprof.results import MemCategory
 
-peft = pytest.importorskip("peft")
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft (memprof[peft])")
 
 
 def mlp() -> torch.nn.Module:
@@ -81,6 +83,7 @@ def test_freeze_on_a_torchvision_backbone_matches_a_real_cpu_step():
 
 
 # --------------------------------------------------------------------------- LoRA
+@needs_peft
 def test_lora_targets_parse():
     assert parse_targets("q_proj, v_proj") == ("q_proj", "v_proj")
     assert parse_targets(["ALL-LINEAR"]) == ("all-linear",)
@@ -90,6 +93,7 @@ def test_lora_targets_parse():
         LoraSpec(0)
 
 
+@needs_peft
 def test_lora_without_dropout_overestimates_by_an_accumulated_gradient():
     """Known gap: eager autograd sums a gradient into the first one in place when nothing else holds
     it (InputBuffer::accumulate); with fake tensors (and under any dispatch mode) it adds out of
@@ -101,6 +105,7 @@ def test_lora_without_dropout_overestimates_by_an_accumulated_gradient():
     assert 0 < traced - measured <= 64 * 512 * 4
 
 
+@needs_peft
 @pytest.mark.parametrize("dropout", [0.05, 0.1])
 def test_lora_mlp_trace_matches_a_real_peft_step(dropout):
     w = make_workload(mlp(), batch_size=64, lora=LoraSpec(8, 16, ("all-linear",), dropout))
@@ -117,21 +122,26 @@ def test_lora_mlp_trace_matches_a_real_peft_step(dropout):
     assert traced.totals[MemCategory.GRADIENT] == weights.adapter_bytes
 
 
+@needs_peft
 def test_lora_counts_are_peft_counts():
     spec = LoraSpec(4, 8, ("0", "4"), 0.0)
     ours = weight_breakdown(apply_lora(mlp(), spec))
+    import peft
+
     theirs = peft.get_peft_model(
         mlp(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "4"])
     ).get_nb_trainable_parameters()
     assert (ours.trainable_params, ours.all_params) == theirs
 
 
+@needs_peft
 def test_lora_unknown_target_names_the_linear_layers():
     with pytest.raises(UsageError, match="q_proj") as info:
         apply_lora(mlp(), LoraSpec(4, targets=("q_proj",)))
     assert info.value.hint is not None and "lora_targets" in info.value.hint and "0,2,4" in info.value.hint
 
 
+@needs_peft
 def test_published_peft_count_mt0_large():
     """peft's README: LoraConfig(task_type=SEQ_2_SEQ_LM, r=8, lora_alpha=32, lora_dropout=0.1) on
     bigscience/mt0-large prints "trainable params: 2359296 || all params: 1231940608"."""
@@ -183,6 +193,7 @@ def tiny_llama():
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
+@needs_peft
 @pytest.mark.slow
 def test_lora_tiny_llama_trace_matches_a_real_peft_step():
     w = make_workload(tiny_llama_spec(), batch_size=2, lora=LoraSpec(8, 16, (), 0.05))
@@ -196,6 +207,7 @@ def test_lora_tiny_llama_trace_matches_a_real_peft_step():
 
 
 # --------------------------------------------------------------------------- command line and compare
+@needs_peft
 def test_cli_estimate_with_levers_reports_the_weights():
     import json
 
@@ -235,6 +247,7 @@ def test_cli_lever_errors(args, message):
     assert message in result.stderr and "Traceback" not in result.output
 
 
+@needs_peft
 def test_compare_ranks_levers_by_largest_batch():
     from memprof.commands.compare import compare
     from memprof.results import Capacity
@@ -258,6 +271,7 @@ def test_compare_ranks_levers_by_largest_batch():
     assert host is not None and host >= 16 * 399_370
 
 
+@needs_peft
 @pytest.mark.slow
 def test_compare_example_from_the_issue_on_a_tiny_llama():
     """`memprof compare <llama> --gpu-memory ... --lora-rank 16 --quantize nf4 --optimizer adamw8bit --combine`."""

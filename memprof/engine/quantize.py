@@ -43,9 +43,6 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
-from .finetune import QUANT_METHODS, parse_method
-
-METHODS = QUANT_METHODS
 
 #: bitsandbytes' default 4-bit block size (functional.quantize_4bit: ``blocksize = 64`` when None)
 BLOCKSIZE_4BIT = 64
@@ -362,8 +359,7 @@ def apply_quantization(model, method: str, *, double_quant: bool, compute_dtype,
     ``compute_dtype`` is bitsandbytes' ``bnb_4bit_compute_dtype`` (memprof uses the step's compute
     dtype, as QLoRA recipes set it); ``weight_dtype`` the dtype the weights are loaded in.
     """
-    method = parse_method(method)
-    if method == "none":
+    if method not in ("int8", "nf4", "fp4"):  # validated by finetune.parse_method already
         return 0
     skip = _skip_names(model)
     replaced = 0
