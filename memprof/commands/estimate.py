@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..engine import fit as fitting
 from ..engine.analytic import analyse, largest_batch
+from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
 from ..errors import MemprofError
 from ..results import AnalyticEstimate, BatchFit, Capacity, EstimateResult, FitSummary, Metric, TraceResult
 
@@ -81,12 +82,15 @@ def estimate(
     traced: bool = True,
     capacity_note: str | None = None,
     progress: Callable[[str], None] | None = None,
+    gpu: GpuPeaks | None = None,
 ) -> EstimateResult:
     """Estimate one step of ``workload`` by formula and, if ``traced``, by fake-tensor trace; fit ``capacity``.
 
     ``capacity`` is a :class:`Capacity` or a number of bytes; None skips the fit
-    (:func:`resolve_capacity` finds the local GPU's). A step that reads tensor values runs for
-    real on the CPU instead of being traced; ``progress`` hears what that run will cost first.
+    (:func:`resolve_capacity` finds the local GPU's). ``gpu`` (peak FLOP/s and bandwidth: a catalog
+    entry or a :class:`memprof.engine.roofline.PeakSpec`) adds the step-time model.
+    A step that reads tensor values runs for real on the CPU instead of being traced;
+    ``progress`` hears what that run will cost first.
     """
     headroom = fitting.check_headroom(headroom)
     if isinstance(capacity, int) and not isinstance(capacity, bool):
@@ -100,7 +104,7 @@ def estimate(
         from ..engine.trace import trace_step
 
         try:
-            trace_result = trace_step(workload, target="cuda", progress=progress)
+            trace_result = trace_step(workload, target="cuda", count_bytes=gpu is not None, progress=progress)
             if capacity is not None:
                 batch_fit = fitting.fit_batch(
                     workload,
@@ -129,6 +133,13 @@ def estimate(
         headline, source = analytic.total_bytes, "formula"
     if capacity is None and capacity_note is None:
         capacity_note = "no --gpu-memory given"
+    step, step_note = None, None
+    if trace_result is None:
+        step_note = "needs a trace (the step-time model runs on the traced ops)"
+    elif gpu is None:
+        step_note = "needs a GPU (--gpu NAME)"
+    else:
+        step = step_time(trace_result, gpu, tokens=tokens_per_sample(workload))
     return EstimateResult(
         workload=workload.describe(),
         analytic=analytic,
@@ -139,4 +150,6 @@ def estimate(
         fit=fit,
         headline_bytes=headline,
         headline_source=source,
+        step_time=step,
+        step_time_note=step_note,
     )
