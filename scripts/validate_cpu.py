@@ -2,7 +2,8 @@
 
 Kept so that ``scripts/validate_gpu.py`` (which runs the same workloads on a GPU) and old commands
 keep working: ``ZOO`` lists the original 20 workloads as (name, model ref, command-line options),
-and running this script runs them through ``validate_zoo.py``:
+plus four recurrent ones whose CUDA estimate rests on the cuDNN RNN model (a GPU run checks it);
+running this script runs the original 20 through ``validate_zoo.py``:
 
     PYTHONPATH=. python scripts/validate_cpu.py            # = validate_zoo.py with the original 20
 """
@@ -52,7 +53,17 @@ def _cli(options: dict) -> dict:
     return out
 
 
-ZOO: list[tuple[str, str, dict]] = [(c.name, c.ref, _cli(c.options)) for c in CASES if c.name in ORIGINAL]
+#: and, for validate_gpu.py, the recurrent rows whose CUDA prediction rests on the cuDNN RNN model
+GPU_EXTRA = (
+    "LSTM LM 2L:8x64 adam",
+    "LSTM LM 3L bi seq-first:4x32 sgd",
+    "GRU LM 2L bi:8x64 adam",
+    "RNN tanh LM 2L:8x64 adam",
+)
+
+ZOO: list[tuple[str, str, dict]] = [
+    (c.name, c.ref, _cli(c.options)) for c in CASES if c.name in ORIGINAL or c.name in GPU_EXTRA
+]
 
 if __name__ == "__main__":
     sys.exit(zoo_main([*ORIGINAL, *sys.argv[1:]]))

@@ -77,6 +77,7 @@ def test_fit_extrapolates_batches_a_real_run_cannot_hold(monkeypatch):
     assert not fit.exact and any("extrapolated" in n for n in fit.notes)
 
 
+@pytest.mark.slow
 def test_moe_routing_runs_for_real():
     w = make_workload(
         "memprof.zoo:TopOneMoE",
@@ -138,3 +139,23 @@ def test_detection_by_name_estimates_within_target():
     measured = measure_cpu_step(w)["peak_bytes"]
     assert abs(result.peak_bytes - measured) <= 0.005 * measured
     assert result.totals[MemCategory.INPUT] >= 3 * 160 * 160 * 4
+
+
+@pytest.mark.slow
+def test_cli_says_which_method_and_what_it_costs_first(monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from memprof.cli import app
+    from memprof.engine import nvml
+
+    monkeypatch.setattr(nvml, "device_info", lambda index=0: None)
+    model = ["estimate", "memprof.zoo:MaskedSelectMLP", "--input-shape", "32", "-b", "4"]
+    args = [*model, "--model-kwargs", '{"dim": 32, "hidden": 64}', "--gpu-memory", "1GiB", "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.stderr
+    traced = json.loads(res.stdout)["traced"]
+    assert traced["method"] == METHOD_REAL and "nonzero" in traced["method_reason"]
+    assert traced["modelled_bytes"] == sum(m["bytes"] for m in traced["modelled"])
+    assert "memprof: the step reads tensor values" in res.stderr and "batch 4 should take" in res.stderr
