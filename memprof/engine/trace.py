@@ -28,22 +28,23 @@ CPU prediction (raw storage bytes), the CUDA ``max_memory_allocated`` prediction
 from __future__ import annotations
 
 import bisect
+import contextlib
+import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputShapeError, MemprofError, TraceError, UsageError
-from ..results import MemCategory, TimelinePoint, TraceResult
-from . import fastfake
+from ..results import CudaTarget, MemCategory, ModelledBytes, TimelinePoint, TraceResult
+from . import fastfake, overheads
 from .allocator import CachingAllocatorModel, round_size
-from .overheads import cublas_workspace_bytes, cuda_context_bytes, onednn_conv_scratch
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
 if TYPE_CHECKING:
     from .tracking import StorageTracker  # imports torch
 
-#: cuBLAS workspace PyTorch allocates (through the caching allocator, so it counts in
 PHASES = ("setup", "forward", "backward", "optimizer", "done")
 _MATMUL_OPS: frozenset | None = None
 _TIMELINE_MAX = 2000
@@ -80,16 +81,18 @@ def _matmul_ops() -> frozenset:
 class _Recorder:
     """Collects allocation records and events while the step runs; analysis happens afterwards."""
 
-    def __init__(self, target: str, kernel_scratch: bool = True):
+    def __init__(self, target: str, kernel_scratch: bool = True, cuda_target: CudaTarget | None = None):
         import torch
 
         self.target = target
+        self.cuda_target = cuda_target
         self.rec_nbytes: list[int] = []
         self.rec_phase: list[str] = []
         self.rec_module: list[str | None] = []
         self.rec_step: list[int] = []
         self.rec_cat: list[MemCategory | None] = []
         self.rec_host: list[bool] = []  # lives on the host for a CUDA step (Adam's scalar "step")
+        self.rec_kind: list[overheads.Kind | None] = []  # what a synthetic (modelled) allocation is
         self.key_to_rec: dict[int, int] = {}
         # events: (rec, +1 alloc / -1 free, op_index, phase, module, step)
         self.events: list[tuple[int, int, int, str, str | None, int]] = []
@@ -105,7 +108,14 @@ class _Recorder:
         self._seq_nr = torch._C._autograd._get_sequence_nr
         self.need_workspace = target == "cuda"
         self.cpu_scratch = target == "cpu" and kernel_scratch
-        self.saw_flash_attention = False
+        self.workspace_source = ""
+        self.lt_bytes, self.lt_source = 0, ""
+        self.lt_threads: set[str] = set()
+        if cuda_target is not None:
+            self.workspace_bytes, self.workspace_source = overheads.cublas_workspace(cuda_target)
+            self.lt_bytes, self.lt_source = overheads.cublaslt_workspace(cuda_target)
+        else:
+            self.workspace_bytes = 0
         self.forward_start: dict[int, int] = {}  # step -> index of its first event
         self.optimizer_start: dict[int, int] = {}
         self.forward_op: dict[int, int] = {}
@@ -113,7 +123,6 @@ class _Recorder:
         self.done_start: dict[int, int] = {}
         self.done_op: dict[int, int] = {}
         self.workspace_threads: set[str] = set()
-        self.workspace_bytes = cublas_workspace_bytes() if target == "cuda" else 0
 
     # -- module attribution -------------------------------------------------------------
     def module_now(self) -> str | None:
@@ -143,6 +152,7 @@ class _Recorder:
         self.rec_step.append(self.step)
         self.rec_cat.append(self.category)
         self.rec_host.append(False)
+        self.rec_kind.append(None)
         op = self.tracker.op_count if self.tracker is not None else 0
         self.events.append((rec, 1, op, self.phase, module, self.step))
 
@@ -153,8 +163,8 @@ class _Recorder:
         op = self.tracker.op_count if self.tracker is not None else 0
         self.events.append((rec, -1, op, self.phase, self.module_now(), self.step))
 
-    def synthetic(self, nbytes: int, category: MemCategory) -> int:
-        """An allocation the trace cannot see (cuBLAS workspace, kernel scratch); returns its record."""
+    def synthetic(self, nbytes: int, category: MemCategory, kind: overheads.Kind) -> int:
+        """An allocation the trace cannot see (cuBLAS workspace, kernel scratch), modelled as ``kind``; its record."""
         rec = len(self.rec_nbytes)
         module = self.module_now()
         self.rec_nbytes.append(nbytes)
@@ -163,6 +173,7 @@ class _Recorder:
         self.rec_step.append(self.step)
         self.rec_cat.append(category)
         self.rec_host.append(False)
+        self.rec_kind.append(kind)
         assert self.tracker is not None  # called from the tracker's dispatch
         self.events.append((rec, 1, self.tracker.op_count, self.phase, module, self.step))
         return rec
@@ -179,6 +190,7 @@ class _Recorder:
         self.rec_step.append(step)
         self.rec_cat.append(self.rec_cat[rec])
         self.rec_host.append(self.rec_host[rec])
+        self.rec_kind.append(self.rec_kind[rec])
         return new
 
     def categorize_live(self, keys, category: MemCategory, only_unset: bool = True) -> None:
@@ -188,34 +200,88 @@ class _Recorder:
                 self.rec_cat[rec] = category
 
 
+def _scratch_rules(recorder: _Recorder) -> dict:
+    """op -> (kind, bytes(args)) for the kernel scratch a target allocates inside an op."""
+    import torch
+
+    aten = torch.ops.aten
+    rules: dict = {}
+
+    def add(name: str, overload: str, kind: overheads.Kind, fn: Callable[[Any], int]) -> None:
+        packet = getattr(aten, name, None)
+        op = getattr(packet, overload, None) if packet is not None else None
+        if op is not None:
+            rules[op] = (kind, fn)
+
+    if recorder.target == "cuda":
+        add(
+            "_scaled_dot_product_flash_attention_backward",
+            "default",
+            overheads.FLASH_BWD,
+            overheads.flash_backward_scratch,
+        )
+        add(
+            "_scaled_dot_product_efficient_attention_backward",
+            "default",
+            overheads.EFFICIENT_BWD,
+            overheads.efficient_backward_scratch,
+        )
+        add("embedding_dense_backward", "default", overheads.EMBEDDING_BWD, overheads.embedding_backward_scratch)
+    elif recorder.cpu_scratch:
+        for op in (aten.convolution.default, aten.convolution_backward.default):
+            rules[op] = (overheads.ONEDNN, functools.partial(overheads.onednn_conv_scratch, op))
+    return rules
+
+
+def _lt_ops() -> frozenset:
+    """Ops that run through cuBLASLt (and its workspace): addmm with a 1-D bias, _addmm_activation, _scaled_mm."""
+    import torch
+
+    aten = torch.ops.aten
+    return frozenset(
+        op
+        for op in (getattr(getattr(aten, n, None), "default", None) for n in ("_addmm_activation", "_scaled_mm"))
+        if op is not None
+    )
+
+
 def _make_tracker(recorder: _Recorder):
     import torch
 
     from .tracking import StorageTracker
 
     matmuls = _matmul_ops()
+    lt_ops = _lt_ops()
+    addmm = torch.ops.aten.addmm.default
     prim_device = torch.ops.prim.device.default
-    convs = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
-    sdpa_flash = getattr(getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), "default", None)
+    cuda = recorder.target == "cuda"
+    scratch_rules = _scratch_rules(recorder)
 
     class _TraceTracker(StorageTracker):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is prim_device:  # FakeTensorMode asks for devices through the mode stack: no storage, no op
                 return self.run_op(func, args, kwargs) if self.run_op is not None else func(*args, **(kwargs or {}))
-            if recorder.need_workspace and func in matmuls:
+            if cuda and func in matmuls:
                 # one cuBLAS handle (and workspace) per thread: forward and optimizer run on the
                 # main thread, backward on autograd's device thread
                 thread = "backward" if recorder.phase == "backward" else "main"
-                if thread not in recorder.workspace_threads:
+                if recorder.need_workspace and thread not in recorder.workspace_threads:
                     recorder.workspace_threads.add(thread)
-                    recorder.synthetic(recorder.workspace_bytes, MemCategory.CUDA_OVERHEAD)
+                    recorder.synthetic(recorder.workspace_bytes, MemCategory.CUDA_OVERHEAD, overheads.CUBLAS)
                     recorder.need_workspace = len(recorder.workspace_threads) < 2
-            if func is sdpa_flash:
-                recorder.saw_flash_attention = True
-            if recorder.cpu_scratch and func in convs:
-                scratch = onednn_conv_scratch(func, args)
+                if (
+                    recorder.lt_bytes
+                    and thread not in recorder.lt_threads
+                    and (func in lt_ops or (func is addmm and args and getattr(args[0], "dim", lambda: 0)() == 1))
+                ):
+                    recorder.lt_threads.add(thread)
+                    recorder.synthetic(recorder.lt_bytes, MemCategory.CUDA_OVERHEAD, overheads.CUBLASLT)
+            rule = scratch_rules.get(func)
+            if rule is not None:
+                kind, size = rule
+                scratch = size(args)
                 if scratch:
-                    rec = recorder.synthetic(scratch, MemCategory.TEMPORARY)
+                    rec = recorder.synthetic(scratch, MemCategory.TEMPORARY, kind)
                     try:
                         return super().__torch_dispatch__(func, types, args, kwargs)
                     finally:
@@ -417,12 +483,21 @@ def _step_error(exc: Exception, phase: str) -> MemprofError:
 
 # =========================================================================== tracing
 def trace_step(
-    workload: Workload, *, target: str = "cuda", steps: int = 2, replay_steps: bool = True, kernel_scratch: bool = True
+    workload: Workload,
+    *,
+    target: str = "cuda",
+    steps: int = 2,
+    replay_steps: bool = True,
+    kernel_scratch: bool = True,
+    cuda_target: CudaTarget | None = None,
 ) -> TraceResult:
     """Trace ``steps`` training steps of ``workload`` on fake tensors and predict their memory.
 
-    ``target="cuda"`` predicts a CUDA step (foreach optimizers, 512-byte rounding, cuBLAS
-    workspaces, caching-allocator reserved bytes, NVML); ``target="cpu"`` predicts the
+    ``target="cuda"`` predicts a CUDA step on ``cuda_target`` (default: the local GPU, else
+    :data:`memprof.engine.catalog.ASSUMED_ARCH`, said so in the notes): CUDA's kernel choices
+    (:mod:`memprof.engine.cudarules`: fused dropout, CUDA autocast, the attention backend),
+    foreach optimizers, 512-byte rounding, cuBLAS workspaces and kernel scratch
+    (:mod:`memprof.engine.overheads`), caching-allocator reserved bytes and NVML; ``target="cpu"`` predicts the
     same step run on the CPU (peak live tensor bytes, plus the scratch oneDNN convolutions
     hold inside the op; ``kernel_scratch=False`` leaves that scratch out, which is what
     find-batch's CPU cap counts: tensor storages only, as on a GPU).
@@ -444,7 +519,14 @@ def trace_step(
     if steps < 1:
         raise UsageError(f"`steps` must be at least 1, got {steps}", "trace 2 steps to see the steady state")
     started = time.perf_counter()
-    recorder = _Recorder(target, kernel_scratch)
+    if target == "cuda" and cuda_target is None:
+        from .catalog import resolve_target
+
+        cuda_target = resolve_target()
+    if target != "cuda":
+        cuda_target = None
+    recorder = _Recorder(target, kernel_scratch, cuda_target)
+    rules = None
     notes: list[str] = []
     handles: list = []
     prepared = None
@@ -551,21 +633,26 @@ def trace_step(
                     recorder.phase = phase
 
                 replay = replay_steps and workload.mode == "train"
-                for step in range(steps):
-                    recorder.step = step
-                    try:
-                        if step == 0 or not replay:
-                            train_step(prepared, on_phase)
-                        else:
-                            _replay_step(recorder, tracker, on_phase, step)
-                    except MemprofError:
-                        raise
-                    except Exception as exc:
-                        if recorder.phase == "forward":
-                            raise _forward_error(exc, recorder, model, workload) from None
-                        raise _step_error(exc, recorder.phase) from None
-                    finally:
-                        recorder.module_stack.clear()
+                if cuda_target is not None:
+                    from .cudarules import CudaRules
+
+                    rules = CudaRules(cuda_target, workload.precision.torch_autocast_dtype())
+                with rules if rules is not None else contextlib.nullcontext():
+                    for step in range(steps):
+                        recorder.step = step
+                        try:
+                            if step == 0 or not replay:
+                                train_step(prepared, on_phase)
+                            else:
+                                _replay_step(recorder, tracker, on_phase, step)
+                        except MemprofError:
+                            raise
+                        except Exception as exc:
+                            if recorder.phase == "forward":
+                                raise _forward_error(exc, recorder, model, workload) from None
+                            raise _step_error(exc, recorder.phase) from None
+                        finally:
+                            recorder.module_stack.clear()
                 recorder.phase = "done"
                 op_count = tracker.op_count
             tracker.detach()
@@ -584,16 +671,15 @@ def trace_step(
             "GradScaler is not traced (it reads values with .item()); it adds a few scalar tensors and "
             "unscales gradients in place, so the difference is a few KiB"
         )
-    if target == "cuda":
-        notes.extend(_cuda_notes(workload))
-        if recorder.saw_flash_attention:
-            notes.append(
-                "attention traced with the CPU's flash attention, which saves the output and logsumexp as "
-                "CUDA's flash/memory-efficient kernels do; attention with dropout takes the CPU's math path "
-                "and saves the attention matrix, which CUDA would not"
-            )
+    attention: dict[str, int] = {}
+    if cuda_target is not None:
+        notes.extend(_cuda_notes(workload, cuda_target, recorder, rules))
+        if rules is not None:
+            attention = dict(rules.attention)
     result = _analyse(recorder, workload, target, steps, op_count, notes)
-    return _replace_seconds(result, time.perf_counter() - started)
+    return dataclasses.replace(
+        result, trace_seconds=time.perf_counter() - started, cuda_target=cuda_target, attention_backends=attention
+    )
 
 
 def _replay_step(recorder: _Recorder, tracker, on_phase, step: int) -> None:
@@ -632,23 +718,29 @@ def _replay_step(recorder: _Recorder, tracker, on_phase, step: int) -> None:
     on_phase("done")
 
 
-def _cuda_notes(workload: Workload) -> list[str]:
+def _cuda_notes(workload: Workload, cuda_target: CudaTarget, recorder: _Recorder, rules: Any) -> list[str]:
     notes = [
-        "traced on fake CPU tensors with the optimizer CUDA would use (foreach); "
-        "kernel workspaces the trace cannot see (cuDNN convolution algorithms, NCCL) are not included"
+        f"predicted for {cuda_target.arch} ({cuda_target.source}); traced on fake CPU tensors with CUDA's kernel "
+        "choices (memprof.engine.cudarules) and the optimizer CUDA would use (foreach)"
     ]
-    if workload.precision.is_amp:
+    if recorder.workspace_threads:
         notes.append(
-            "autocast ran with the CPU op lists; CUDA's lists differ for a few ops (e.g. layer_norm, "
-            "softmax and losses run in float32 on CUDA), which can change activation dtypes there"
+            f"cuBLAS workspace {recorder.workspace_bytes / 2**20:.3g} MiB per thread: {recorder.workspace_source}"
         )
+    if recorder.lt_threads:
+        notes.append(f"cuBLASLt workspace {recorder.lt_bytes / 2**20:.3g} MiB per thread: {recorder.lt_source}")
+    if rules is not None:
+        notes.extend(rules.notes())
+    if cuda_target.is_rocm:
+        notes.append(
+            f"{cuda_target.arch} is an AMD GPU: the kernel choices and workspaces modelled are CUDA's (hipBLAS "
+            "workspace aside); unverified for ROCm"
+        )
+    notes.append(
+        "not modelled: cuDNN convolution workspaces (cuDNN picks the algorithm at run time), the memory-efficient "
+        "and cuDNN attention kernels' backward workspaces, NCCL buffers (outside the allocator)"
+    )
     return notes
-
-
-def _replace_seconds(result: TraceResult, seconds: float) -> TraceResult:
-    import dataclasses
-
-    return dataclasses.replace(result, trace_seconds=seconds)
 
 
 # =========================================================================== analysis
@@ -699,9 +791,16 @@ def _analyse(
             live.add(r)
         else:
             live.discard(r)
+    modelled_at_peak: dict[overheads.Kind, int] = {}
     for r in live:
         if sizes[r]:
             breakdown[cats[r]] = breakdown.get(cats[r], 0) + sizes[r]
+            kind = rec.rec_kind[r]
+            if kind is not None:
+                modelled_at_peak[kind] = modelled_at_peak.get(kind, 0) + sizes[r]
+    modelled = tuple(
+        ModelledBytes(kind.what, nbytes, kind.source, kind.verified) for kind, nbytes in modelled_at_peak.items()
+    )
     peak_phase = events[peak_i][3] if peak_i >= 0 else "setup"
     peak_module = events[peak_i][4] if peak_i >= 0 else None
     peak_step = events[peak_i][5] if peak_i >= 0 else 0
@@ -726,7 +825,8 @@ def _analyse(
     reserved = nvml = overhead = context = None
     if alloc is not None:  # cuda
         reserved = alloc.peak_reserved_bytes
-        context = cuda_context_bytes()
+        context, context_source = overheads.cuda_context(rec.cuda_target)
+        notes = [*notes, f"CUDA context {context / 2**20:.0f} MiB (in the NVML figure only): {context_source}"]
         nvml = reserved + context
         overhead = context + workspaces
         totals[MemCategory.CUDA_OVERHEAD] = overhead
@@ -755,6 +855,7 @@ def _analyse(
         peak_step=peak_step,
         cublas_workspace_bytes=workspaces if cuda else None,
         cuda_context_bytes=context,
+        modelled=modelled,
     )
 
 
