@@ -372,6 +372,10 @@ class GpusResult:
     reason: str | None  # why not, when not available
     nvml: Any
     torch: TorchCudaView
+    #: device name -> the catalog entry (--gpu NAME) it matches, for the local GPUs that match one
+    catalog_matches: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: every catalog entry, when asked for (``memprof gpus --catalog``)
+    catalog: tuple[GpuSpec, ...] = ()
 
 
 # =========================================================================== profile

@@ -18,7 +18,7 @@ from ..engine.measure import make_runner
 from ..engine.search import Guide, Outcome, search
 from ..engine.workload import Workload
 from ..errors import MemprofError, UsageError
-from ..results import BatchPrediction, BatchTrial, Capacity, FindBatchResult, Metric, Target
+from ..results import BatchPrediction, BatchTrial, Capacity, CudaTarget, FindBatchResult, Metric, Target
 
 DEFAULT_MAX_BATCH = 4096
 DEFAULT_STEPS = 2
@@ -29,10 +29,28 @@ EventCallback = Callable[[str, Any], None]
 Predictor = Callable[..., Any]
 
 
-def _default_predictor(workload: Workload, capacity_bytes: int, *, target: Target, metric: Metric, max_batch: int):
+def _default_predictor(
+    workload: Workload,
+    capacity_bytes: int,
+    *,
+    target: Target,
+    metric: Metric,
+    max_batch: int,
+    cuda_target: CudaTarget | None = None,
+):
     # the CPU cap counts tensor storages only (as a GPU would), so predict without oneDNN's kernel scratch
+    import functools
+
+    from ..engine.trace import trace_step
+
     return fitting.fit_batch(
-        workload, capacity_bytes, target=target, max_batch=max_batch, metric=metric, kernel_scratch=target != "cpu"
+        workload,
+        capacity_bytes,
+        target=target,
+        max_batch=max_batch,
+        metric=metric,
+        kernel_scratch=target != "cpu",
+        trace_fn=functools.partial(trace_step, cuda_target=cuda_target if target == "cuda" else None),
     )
 
 
@@ -52,6 +70,7 @@ def find_batch(
     predict: bool = True,
     predictor: Predictor | None = None,
     on_event: EventCallback | None = None,
+    cuda_target: CudaTarget | None = None,
 ) -> FindBatchResult:
     """Search the largest batch for which ``steps`` real training steps fit.
 
@@ -60,6 +79,8 @@ def find_batch(
     the traced prediction (signature of :func:`memprof.engine.fit.fit_batch`, returning an
     object with ``max_batch``, ``slope_bytes_per_sample`` and ``intercept_bytes``);
     ``predict=False`` searches without one (geometric growth capped by ``max_batch``).
+    ``cuda_target`` is the architecture the prediction is for (default: the local GPU's); the
+    trials always run on the local device.
     """
     t0 = time.perf_counter()
     emit = on_event or (lambda kind, data: None)
@@ -86,8 +107,19 @@ def find_batch(
     if runner.device == "cpu":
         assert memory_limit is not None  # make_runner refuses the CPU without it
         capacity = Capacity(int(memory_limit), "--memory-limit", "cpu")
+        if cuda_target is not None and not cuda_target.assumed and not cuda_target.source.startswith("local"):
+            raise UsageError("`gpu` and `gpu_arch` are for CUDA trials", "leave them out with `device` cpu")
     else:
         capacity = Capacity(capacity_bytes or 0, "torch.cuda.mem_get_info: free + reserved at start", runner.describe())
+        if cuda_target is not None and cuda_target.gpu is not None and cuda_target.source.startswith("--gpu"):
+            from ..engine.catalog import match_device
+
+            local = match_device(runner.describe())
+            if local is None or local.key != cuda_target.gpu.key:
+                notes.append(
+                    f"the prediction is for {cuda_target.gpu.key} ({cuda_target.arch}), the trials ran on "
+                    f"{runner.describe()}: the capacity is the local GPU's"
+                )
 
     # ---- prediction --------------------------------------------------------------------
     prediction: BatchPrediction | None = None
@@ -105,8 +137,9 @@ def find_batch(
                 info = nvml.device_info(getattr(runner, "arg", 0))
                 pred_metric, pred_capacity = Metric.NVML, (info.free_bytes if info else None)
             if pred_capacity:
+                extra = {"cuda_target": cuda_target} if predictor is None and target == "cuda" else {}
                 fit = (predictor or _default_predictor)(
-                    workload, pred_capacity, target=target, metric=pred_metric, max_batch=max_batch
+                    workload, pred_capacity, target=target, metric=pred_metric, max_batch=max_batch, **extra
                 )
                 per_sample, fixed = int(fit.slope_bytes_per_sample), int(fit.intercept_bytes)
                 at_max = getattr(fit, "peak_at_max_bytes", None)
