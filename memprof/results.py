@@ -141,6 +141,11 @@ class CudaTarget:
     gpu: GpuSpec | None = None
     assumed: bool = False
     cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark in the training script
+    #: the caching allocator's settings ("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"); None: defaults
+    alloc_conf: str | None = None
+    #: the device memory the process may use, when known (the fit's capacity): past it the allocator
+    #: releases its cached segments and retries before running out of memory, and the replay does too
+    capacity_bytes: int | None = None
 
     @property
     def capability(self) -> tuple[int, int] | None:

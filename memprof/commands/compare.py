@@ -482,10 +482,12 @@ def compare(
     headroom = fitting.check_headroom(headroom)
     started = time.perf_counter()
     if trace_fn is None:
-        if target == "cuda" and cuda_target is None:
-            from ..engine.catalog import resolve_target
+        if target == "cuda":
+            from ..engine.catalog import resolve_target, with_capacity
 
-            cuda_target = resolve_target()
+            cuda_target = cuda_target or resolve_target()
+            if capacity is not None and fit:
+                cuda_target = with_capacity(cuda_target, capacity.total_bytes)
         trace_fn = functools.partial(_default_trace, cuda_target=cuda_target)
     fit_fn = fit_fn or traced_fit
     variants = variants if variants is not None else make_variants(base, axes, combine=combine)

@@ -119,11 +119,13 @@ def estimate(
     if traced:
         import functools
 
-        from ..engine.catalog import resolve_target
+        from ..engine.catalog import resolve_target, with_capacity
         from ..engine.trace import trace_step
 
         try:
             target = cuda_target or resolve_target()
+            if capacity is not None:  # near it, the allocator releases its cache and retries: so does the replay
+                target = with_capacity(target, capacity.total_bytes)
             trace_result = trace_step(workload, target="cuda", cuda_target=target)
             if capacity is not None:
                 batch_fit = fitting.fit_batch(

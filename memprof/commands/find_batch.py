@@ -137,7 +137,11 @@ def find_batch(
                 info = nvml.device_info(getattr(runner, "arg", 0))
                 pred_metric, pred_capacity = Metric.NVML, (info.free_bytes if info else None)
             if pred_capacity:
-                extra = {"cuda_target": cuda_target} if predictor is None and target == "cuda" else {}
+                extra = {}
+                if predictor is None and target == "cuda":
+                    from ..engine.catalog import resolve_target, with_capacity
+
+                    extra = {"cuda_target": with_capacity(cuda_target or resolve_target(), pred_capacity)}
                 fit = (predictor or _default_predictor)(
                     workload, pred_capacity, target=target, metric=pred_metric, max_batch=max_batch, **extra
                 )

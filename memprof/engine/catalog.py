@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+from typing import Any
 
 from ..errors import UsageError
 from ..results import PEAK_DTYPES, CudaTarget, GpuSpec, arch_capability
@@ -128,10 +129,24 @@ def _local_device() -> tuple[str, str] | None:
 
 
 def resolve_target(
-    gpu: str | GpuSpec | None = None, gpu_arch: str | None = None, *, cudnn_benchmark: bool = False
+    gpu: str | GpuSpec | None = None,
+    gpu_arch: str | None = None,
+    *,
+    cudnn_benchmark: bool = False,
+    alloc_conf: str | None = None,
 ) -> CudaTarget:
     """The CUDA target of a prediction: ``gpu`` (a catalog name), else ``gpu_arch``, else the local
-    GPU, else :data:`ASSUMED_ARCH` (marked ``assumed``). ``gpu_arch`` with ``gpu`` must agree."""
+    GPU, else :data:`ASSUMED_ARCH` (marked ``assumed``). ``gpu_arch`` with ``gpu`` must agree.
+
+    ``alloc_conf`` (``"expandable_segments:True"``) are the caching allocator's settings; by default
+    those of this process's environment (``PYTORCH_ALLOC_CONF`` / ``PYTORCH_CUDA_ALLOC_CONF``), which
+    the training script would inherit. Settings PyTorch would refuse raise here.
+    """
+    from .allocator import conf_from_env, parse_alloc_conf
+    from .overheads import torch_version
+
+    conf = parse_alloc_conf(alloc_conf, "alloc_conf") if alloc_conf else conf_from_env(torch_version=torch_version())
+    common: dict[str, Any] = {"cudnn_benchmark": cudnn_benchmark, "alloc_conf": conf.source}
     spec = gpu if isinstance(gpu, GpuSpec) else (get_gpu(gpu) if gpu else None)
     arch = parse_arch(gpu_arch) if gpu_arch else None
     if spec is not None:
@@ -140,17 +155,24 @@ def resolve_target(
                 f"`gpu` {spec.key} is {spec.arch}, but `gpu_arch` says {arch}",
                 "give one of them, or the architecture of that GPU",
             )
-        return CudaTarget(spec.arch, f"--gpu {spec.key}", spec, cudnn_benchmark=cudnn_benchmark)
+        return CudaTarget(spec.arch, f"--gpu {spec.key}", spec, **common)
     if arch is not None:
-        return CudaTarget(arch, f"--gpu-arch {arch}", None, cudnn_benchmark=cudnn_benchmark)
+        return CudaTarget(arch, f"--gpu-arch {arch}", None, **common)
     local = _local_device()
     if local is not None:
         local_arch, name = local
-        return CudaTarget(local_arch, f"local GPU 0 ({name})", match_device(name), cudnn_benchmark=cudnn_benchmark)
+        return CudaTarget(local_arch, f"local GPU 0 ({name})", match_device(name), **common)
     return CudaTarget(
         ASSUMED_ARCH,
         f"assumed {ASSUMED_ARCH} (Hopper, e.g. H100): no GPU visible and no --gpu / --gpu-arch given",
         None,
         assumed=True,
-        cudnn_benchmark=cudnn_benchmark,
+        **common,
     )
+
+
+def with_capacity(target: CudaTarget, capacity_bytes: int | None) -> CudaTarget:
+    """``target`` predicting against ``capacity_bytes`` (the allocator replay releases and retries before it)."""
+    import dataclasses
+
+    return dataclasses.replace(target, capacity_bytes=capacity_bytes)

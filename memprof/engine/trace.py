@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InputShapeError, MemprofError, TraceError, UsageError
 from ..results import CudaTarget, MemCategory, ModelledBytes, TimelinePoint, TraceResult
 from . import fastfake, overheads
-from .allocator import CachingAllocatorModel, round_size
+from .allocator import AllocatorConf, CachingAllocatorModel, conf_from_source
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
 if TYPE_CHECKING:
@@ -750,16 +750,23 @@ def _analyse(
     cuda = target == "cuda"
     n = len(rec.rec_nbytes)
     if cuda:
-        sizes = [0 if rec.rec_host[i] or rec.rec_nbytes[i] == 0 else round_size(rec.rec_nbytes[i]) for i in range(n)]
+        sizes = [0 if rec.rec_host[i] else rec.rec_nbytes[i] for i in range(n)]
     else:
         sizes = rec.rec_nbytes
     cats = [c if c is not None else MemCategory.TEMPORARY for c in rec.rec_cat]
 
     # pass 1: live bytes after each event, peaks per step. For cuda the caching-allocator
-    # model decides each block's size (a block too small to split is allocated whole, as
-    # torch.cuda.memory_allocated counts it) and the reserved bytes.
+    # model decides each block's size (rounding; a block too small to split is allocated whole,
+    # as torch.cuda.memory_allocated counts it) and the reserved bytes, releasing its cached
+    # segments before it would exceed the device (the capacity less the CUDA context).
     events = rec.events
-    alloc = CachingAllocatorModel() if cuda else None
+    alloc = None
+    context = context_source = None
+    conf = conf_from_source(rec.cuda_target.alloc_conf if rec.cuda_target is not None else None)
+    if cuda:
+        context, context_source = overheads.cuda_context(rec.cuda_target)
+        capacity = rec.cuda_target.capacity_bytes if rec.cuda_target is not None else None
+        alloc = CachingAllocatorModel(conf, capacity - context if capacity is not None else None)
     cur = 0
     curve = [0] * len(events)
     peak = -1
@@ -822,12 +829,13 @@ def _analyse(
             totals[c] = totals.get(c, 0) + sizes[r]
     workspaces = sum(sizes[r] for r in range(n) if cats[r] is MemCategory.CUDA_OVERHEAD)
 
-    reserved = nvml = overhead = context = None
-    if alloc is not None:  # cuda
-        reserved = alloc.peak_reserved_bytes
-        context, context_source = overheads.cuda_context(rec.cuda_target)
-        notes = [*notes, f"CUDA context {context / 2**20:.0f} MiB (in the NVML figure only): {context_source}"]
-        nvml = reserved + context
+    reserved = nvml = overhead = None
+    if alloc is not None and context is not None:  # cuda
+        notes = [*notes, *_allocator_notes(alloc, conf)]
+        notes.append(f"CUDA context {context / 2**20:.0f} MiB (in the NVML figure only): {context_source}")
+        if conf.replayable:
+            reserved = alloc.peak_reserved_bytes
+            nvml = reserved + context
         overhead = context + workspaces
         totals[MemCategory.CUDA_OVERHEAD] = overhead
 
@@ -857,6 +865,22 @@ def _analyse(
         cuda_context_bytes=context,
         modelled=modelled,
     )
+
+
+def _allocator_notes(alloc: CachingAllocatorModel, conf: AllocatorConf) -> list[str]:
+    notes = [f"{conf.source}: {line}" for line in conf.describe()]
+    if alloc.ooms and alloc.first_oom_bytes is not None and alloc.limit_bytes is not None:
+        notes.append(
+            f"out of memory in a real run: the allocator would need {alloc.first_oom_bytes / 2**20:.1f} MiB of the "
+            f"{alloc.limit_bytes / 2**20:.1f} MiB it can get (capacity less the CUDA context), even after releasing "
+            "its cached segments"
+        )
+    elif alloc.retries:
+        notes.append(
+            f"reserved memory reached the capacity: the allocator released its cached segments and retried "
+            f"{alloc.retries} time(s), as CUDACachingAllocator.cpp does before an out-of-memory"
+        )
+    return notes
 
 
 def _timeline(events, curve, peak_i: int) -> tuple[TimelinePoint, ...]:
