@@ -19,6 +19,7 @@ from memprof.engine.loading import InputSpec, ModelSpec
 from memprof.engine.trace import trace_step
 from memprof.engine.workload import PRECISIONS, Workload
 from memprof.results import MemCategory as C
+from memprof.zoo import PaddedMaskAttention, dropout_mlp
 
 SM80, SM90, SM75 = (resolve_target(gpu_arch=a) for a in ("sm80", "sm90", "sm75"))
 
@@ -35,15 +36,6 @@ def spec(factory, shape, dtype="float", **kwargs) -> ModelSpec:
 
 
 # --------------------------------------------------------------------------- dropout
-def dropout_net(p: float = 0.0, layers: int = 4, dim: int = 1024) -> nn.Module:
-    body: list[nn.Module] = []
-    for _ in range(layers):
-        body += [nn.Linear(dim, dim), nn.ReLU()]
-        if p:
-            body.append(nn.Dropout(p))
-    return nn.Sequential(*body, nn.Linear(dim, 8))
-
-
 def test_dropout_keeps_a_byte_mask_on_cuda_and_float_noise_on_cpu():
     """Issue #17: 4 layers of 8192 x 1024 add 268 MB on the CPU (output + fp32 noise), 168 MB on CUDA
     (output + 1-byte mask)."""
@@ -51,7 +43,7 @@ def test_dropout_keeps_a_byte_mask_on_cuda_and_float_noise_on_cpu():
     added = {}
     for target in ("cpu", "cuda"):
         plain, dropped = (
-            trace_step(Workload(spec(dropout_net, (1024,), p=p), batch_size=8192, optimizer="sgd"), target=target)
+            trace_step(Workload(spec(dropout_mlp, (1024,), p=p), batch_size=8192, optimizer="sgd"), target=target)
             for p in (0.0, 0.1)
         )
         added[target] = dropped.totals[C.ACTIVATION] - plain.totals[C.ACTIVATION]
@@ -319,18 +311,10 @@ def test_flash_backward_scratch_is_modelled():
 
 
 def test_padded_mask_attention_uses_memory_efficient_and_keeps_the_mask():
-    class MaskedAttn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv = nn.Linear(64, 192)
-
-        def forward(self, x):
-            b, s, _ = x.shape
-            q, k, v = (t.view(b, s, 4, 16).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
-            keep = torch.ones(b, 1, s, s, dtype=torch.bool)  # a padded batch's mask, as HF builds it
-            return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).flatten(2)
-
-    w = Workload(spec(MaskedAttn, (128, 64)), batch_size=2, optimizer="sgd", precision=PRECISIONS["amp-fp16"])
+    w = Workload(spec(PaddedMaskAttention, (128, 64), dim=64), batch_size=2, optimizer="sgd")
+    w = w.replace(precision=PRECISIONS["amp-fp16"])
     r = trace_step(w, target="cuda", cuda_target=SM80)
-    assert r.attention_backends == {"efficient": 1}
+    assert r.attention_backends == {"efficient": 2}
     assert any("memory-efficient" in n for n in r.notes)
+    unmasked = trace_step(_gpt_workload(128, 0.0, "amp-fp16"), target="cuda", cuda_target=SM80)
+    assert unmasked.attention_backends == {"flash": 2}

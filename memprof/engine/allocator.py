@@ -420,6 +420,17 @@ class CachingAllocatorModel:
         bisect.insort(pool.free, (block.size, block.addr, block))
         return size
 
+    def largest_free_block(self) -> int:
+        """The largest cached free block (CUDACachingAllocator ``cacheInfo``)."""
+        return max((entry[0] for pool in self._pools.values() for entry in pool.free), default=0)
+
+    def available_bytes(self) -> int | None:
+        """What a caller asking ``cacheInfo`` for the largest usable block would be told: the device's free
+        memory or the largest cached block, whichever is larger; None without a limit."""
+        if self.limit_bytes is None:
+            return None
+        return max(self.limit_bytes - self.reserved_bytes, self.largest_free_block())
+
     def reset_peak(self) -> None:
         self.peak_allocated_bytes = self.allocated_bytes
         self.peak_reserved_bytes = self.reserved_bytes

@@ -69,6 +69,14 @@ CUDNN_CONV = Kind(
     "(get_available_workspace)",
 )
 
+CUDNN_BENCHMARK = Kind(
+    "cuDNN benchmark workspace (first step)",
+    "aten/src/ATen/native/cudnn/Conv_v8.cpp: with torch.backends.cudnn.benchmark the first call of each convolution "
+    "shape times cuDNN's algorithms with a workspace as large as the largest candidate needs, up to the largest "
+    "free cached block or the free device memory (get_available_workspace, CUDACachingAllocator cacheInfo); the "
+    "candidate size is estimated as an FFT convolution's complex fp32 transforms of input, filters and output",
+)
+
 #: the CUDA context + kernel images NVML sees for a PyTorch process (anchors: 200-700 MB, pytorch
 #: #28113/#86509; 426 MiB on torch 2.10 + CUDA 13, RTX 6000 Ada). Lazy module loading (CUDA >= 11.7)
 #: keeps it near the low end for plain training; MEMPROF_CUDA_CONTEXT_MIB overrides it.
@@ -344,3 +352,28 @@ def _pad16(channels: int) -> int:
 def _conv_out(size: int, k: int, args, dim: int = 0) -> int:
     stride, padding, dilation = args[3], args[4], args[5]
     return (size + 2 * padding[dim] - dilation[dim] * (k - 1) - 1) // stride[dim] + 1
+
+
+def cudnn_benchmark_workspace(func, args) -> tuple[tuple, int]:
+    """(shape key, bytes) of the workspace cuDNN's benchmark would be offered for this convolution
+    (:data:`CUDNN_BENCHMARK`): the estimate for the largest candidate algorithm, an FFT convolution
+    holding complex fp32 transforms of input (N x C), filters (K x C / groups) and output (N x K) over
+    the padded image (H_p x (W_p / 2 + 1) bins). Backward times the data and the filter algorithms one
+    after the other: the larger of the two. 0 for anything but a 2-D convolution."""
+    import torch
+
+    if func is torch.ops.aten.convolution.default:
+        x, w = args[0], args[1]
+        stride, padding, dilation, transposed, groups = args[3], args[4], args[5], args[6], args[8]
+        kind = "forward"
+    else:  # convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed, ...)
+        x, w = args[1], args[2]
+        stride, padding, dilation, transposed, groups = args[4], args[5], args[6], args[7], args[9]
+        kind = "backward"
+    if x.dim() != 4 or w.dim() != 4:
+        return (), 0
+    key = (kind, tuple(x.shape), tuple(w.shape), tuple(stride), tuple(padding), tuple(dilation), transposed, groups)
+    n, c, h, width = x.shape
+    k = w.shape[1] * groups if transposed else w.shape[0]
+    bins = (h + 2 * padding[0]) * ((width + 2 * padding[1]) // 2 + 1)
+    return key, 8 * bins * (n * c + k * c // max(1, groups) + n * k)

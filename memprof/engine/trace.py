@@ -123,6 +123,8 @@ class _Recorder:
         self.done_start: dict[int, int] = {}
         self.done_op: dict[int, int] = {}
         self.workspace_threads: set[str] = set()
+        self.benchmarked: set[tuple] = set()  # convolution shapes cuDNN's benchmark has timed
+        self.saw_convolution = False
 
     # -- module attribution -------------------------------------------------------------
     def module_now(self) -> str | None:
@@ -227,6 +229,18 @@ def _scratch_rules(recorder: _Recorder) -> dict:
             overheads.efficient_backward_scratch,
         )
         add("embedding_dense_backward", "default", overheads.EMBEDDING_BWD, overheads.embedding_backward_scratch)
+        if recorder.cuda_target is not None and recorder.cuda_target.cudnn_benchmark:
+            seen = recorder.benchmarked
+            for op in (aten.convolution.default, aten.convolution_backward.default):
+
+                def first_call(args, _op=op) -> int:
+                    key, nbytes = overheads.cudnn_benchmark_workspace(_op, args)
+                    if not nbytes or key in seen:
+                        return 0
+                    seen.add(key)
+                    return nbytes
+
+                rules[op] = (overheads.CUDNN_BENCHMARK, first_call)
     elif recorder.cpu_scratch:
         for op in (aten.convolution.default, aten.convolution_backward.default):
             rules[op] = (overheads.ONEDNN, functools.partial(overheads.onednn_conv_scratch, op))
@@ -256,6 +270,7 @@ def _make_tracker(recorder: _Recorder):
     prim_device = torch.ops.prim.device.default
     cuda = recorder.target == "cuda"
     scratch_rules = _scratch_rules(recorder)
+    convs = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
 
     class _TraceTracker(StorageTracker):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -276,6 +291,8 @@ def _make_tracker(recorder: _Recorder):
                 ):
                     recorder.lt_threads.add(thread)
                     recorder.synthetic(recorder.lt_bytes, MemCategory.CUDA_OVERHEAD, overheads.CUBLASLT)
+            if func in convs:
+                recorder.saw_convolution = True
             rule = scratch_rules.get(func)
             if rule is not None:
                 kind, size = rule
@@ -699,8 +716,8 @@ def _replay_step(recorder: _Recorder, tracker, on_phase, step: int) -> None:
             rec, sign, op, phase, module, _ = events[i]
             if sign > 0:
                 category = recorder.rec_cat[rec]
-                if category is MemCategory.CUDA_OVERHEAD:
-                    continue  # cuBLAS workspaces are made once per thread and kept
+                if category is MemCategory.CUDA_OVERHEAD or recorder.rec_kind[rec] is overheads.CUDNN_BENCHMARK:
+                    continue  # cuBLAS workspaces are made once per thread and kept; benchmarks run once per shape
                 if skip_state and category is MemCategory.OPTIMIZER_STATE:
                     continue
                 new = recorder.clone(rec, step)
@@ -736,9 +753,22 @@ def _cuda_notes(workload: Workload, cuda_target: CudaTarget, recorder: _Recorder
             f"{cuda_target.arch} is an AMD GPU: the kernel choices and workspaces modelled are CUDA's (hipBLAS "
             "workspace aside); unverified for ROCm"
         )
+    if cuda_target.cudnn_benchmark:
+        if recorder.benchmarked:
+            notes.append(
+                f"cudnn.benchmark: {len(recorder.benchmarked)} convolution shape(s) timed in the first step with "
+                "workspaces up to the free memory (estimated, capped at what is free when the capacity is known); "
+                "steps after the first use the cached choice"
+            )
+    elif recorder.saw_convolution:
+        notes.append(
+            "cuDNN convolution workspaces not modelled: cuDNN's heuristics pick the algorithm at run time "
+            "(Conv_v8.cpp try_plans), usually with a small workspace; --cudnn-benchmark models the first step's "
+            "benchmarking"
+        )
     notes.append(
-        "not modelled: cuDNN convolution workspaces (cuDNN picks the algorithm at run time), the memory-efficient "
-        "and cuDNN attention kernels' backward workspaces, NCCL buffers (outside the allocator)"
+        "not modelled: the memory-efficient and cuDNN attention kernels' backward workspaces, CUDA's reduction "
+        "buffers, NCCL buffers (outside the allocator; none in a single-process step)"
     )
     return notes
 
@@ -776,7 +806,10 @@ def _analyse(
         if alloc is not None:
             if sizes[r]:
                 if sign > 0:
-                    sizes[r] = alloc.malloc(r, sizes[r])
+                    if rec.rec_kind[r] is overheads.CUDNN_BENCHMARK:  # offered at most what is free
+                        available = alloc.available_bytes()
+                        sizes[r] = sizes[r] if available is None else max(0, min(sizes[r], available))
+                    sizes[r] = alloc.malloc(r, sizes[r]) if sizes[r] else 0
                 else:
                     alloc.free(r)
             cur = alloc.allocated_bytes
