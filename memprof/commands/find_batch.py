@@ -8,6 +8,7 @@ goes to the ``on_event`` callback.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -52,6 +53,26 @@ def _default_predictor(
         kernel_scratch=target != "cpu",
         trace_fn=functools.partial(trace_step, cuda_target=cuda_target if target == "cuda" else None),
     )
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(runner: Any, cuda_target: CudaTarget | None, notes: list[str]):
+    """Trials with ``torch.backends.cudnn.benchmark`` on when the script sets it (``cudnn_benchmark``)."""
+    if cuda_target is None or not cuda_target.cudnn_benchmark or runner.device != "cuda":
+        yield
+        return
+    if not hasattr(runner, "dev"):  # isolated trials: each child process starts with PyTorch's default
+        notes.append("--cudnn-benchmark: isolated trials ran with cudnn.benchmark off (PyTorch's default)")
+        yield
+        return
+    import torch
+
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def find_batch(
@@ -199,16 +220,17 @@ def find_batch(
         # on the CPU cap the tracer predicts the very bytes the cap counts: start at its answer;
         # on CUDA start 10 % below it (the allocator, workspaces and fragmentation add error)
         first_fraction = 1.0 if runner.device == "cpu" else 0.9
-        res = search(
-            probe,
-            capacity_bytes=capacity_bytes,
-            guide=guide,
-            min_batch=min_batch,
-            max_batch=max_batch,
-            start=start,
-            on_step=on_step,
-            first_fraction=first_fraction,
-        )
+        with _cudnn_benchmark(runner, cuda_target, notes):
+            res = search(
+                probe,
+                capacity_bytes=capacity_bytes,
+                guide=guide,
+                min_batch=min_batch,
+                max_batch=max_batch,
+                start=start,
+                on_step=on_step,
+                first_fraction=first_fraction,
+            )
         status, largest, smallest_oom = res.status, res.largest_fit, res.smallest_oom
         if res.capacity_bytes and runner.device != "cpu":
             capacity = replace(capacity, total_bytes=int(res.capacity_bytes))
