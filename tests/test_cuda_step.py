@@ -154,6 +154,7 @@ def test_context_default_catalog_env_and_local_measurement(monkeypatch):
     assert r.cuda_context_bytes == 350 * MIB and r.predicted_nvml_bytes == r.predicted_reserved_bytes + 350 * MIB
 
 
+@pytest.mark.slow  # a child process imports torch
 def test_context_measurement_degrades_without_a_gpu():
     overheads._MEASURED.clear()
     try:
