@@ -66,6 +66,7 @@ def test_cublas_workspace_config_is_parsed_as_pytorch_parses_it():
 
 
 def test_trace_uses_the_target_workspace_and_says_so(monkeypatch):
+    monkeypatch.setattr(overheads, "torch_version", lambda: (2, 14))  # cuBLASLt shares the workspace
     a100 = trace_step(mnist(), target="cuda", cuda_target=target("sm80"))
     h100 = trace_step(mnist(), target="cuda", cuda_target=target("sm90"))
     assert a100.cublas_workspace_bytes == 2 * DEFAULT_WS and h100.cublas_workspace_bytes == 2 * 32 * MIB
@@ -78,6 +79,7 @@ def test_trace_uses_the_target_workspace_and_says_so(monkeypatch):
 
 
 def test_separate_cublaslt_workspace_before_unified_workspaces(monkeypatch):
+    monkeypatch.setattr(overheads, "torch_version", lambda: (2, 14))
     unified = trace_step(mnist(), target="cuda", cuda_target=target("sm80"))
     assert not any(m.what == "cuBLASLt workspace" for m in unified.modelled)
     monkeypatch.setenv("TORCH_CUBLASLT_UNIFIED_WORKSPACE", "0")
@@ -85,6 +87,10 @@ def test_separate_cublaslt_workspace_before_unified_workspaces(monkeypatch):
     # nn.Linear with a bias: addmm through cuBLASLt, on the main thread (its backward uses mm)
     assert separate.cublas_workspace_bytes - unified.cublas_workspace_bytes == 1024 * 1024
     assert any("cuBLASLt workspace 1 MiB per thread" in n for n in separate.notes)
+    monkeypatch.delenv("TORCH_CUBLASLT_UNIFIED_WORKSPACE")
+    monkeypatch.setattr(overheads, "torch_version", lambda: (2, 6))  # before unified workspaces
+    older = trace_step(mnist(), target="cuda", cuda_target=target("sm80"))
+    assert older.cublas_workspace_bytes == separate.cublas_workspace_bytes
 
 
 # --------------------------------------------------------------------------- allocator settings

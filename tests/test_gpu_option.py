@@ -27,6 +27,9 @@ def no_local_gpu(monkeypatch):
     monkeypatch.setattr(nvml, "available", lambda: (False, "NVML sees no GPU"))
     monkeypatch.setattr(catalog, "_local_device", lambda: None)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    from memprof.engine import overheads
+
+    monkeypatch.setattr(overheads, "torch_version", lambda: (2, 14))  # the workspace rules of one release
 
 
 def _estimate(*args):

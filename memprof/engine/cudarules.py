@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -133,11 +134,13 @@ class CudaRules:
 
         self._lib = torch.library.Library("aten", "IMPL")
         try:
-            self._lib.impl("dropout", self._dropout, "AutogradCPU")
-            self._lib.impl("softmax.int", self._softmax, "AutogradCPU")
-            self._lib.impl("log_softmax.int", self._log_softmax, "AutogradCPU")
-            self._lib.impl("scaled_dot_product_attention", self._sdpa, "AutogradCPU")
-            self._install_autocast(torch)
+            with warnings.catch_warnings():  # some releases warn that a kernel is overridden: that is the point
+                warnings.simplefilter("ignore")
+                self._lib.impl("dropout", self._dropout, "AutogradCPU")
+                self._lib.impl("softmax.int", self._softmax, "AutogradCPU")
+                self._lib.impl("log_softmax.int", self._log_softmax, "AutogradCPU")
+                self._lib.impl("scaled_dot_product_attention", self._sdpa, "AutogradCPU")
+                self._install_autocast(torch)
         except BaseException:
             self._lib._destroy()
             self._lib = None
@@ -594,6 +597,9 @@ def _sdp_problem(
                     return "unaligned storage offset"
         return None
     # cudnn
+    cudnn_op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+    if cudnn_op is None or "attn_bias" not in [a.name for a in cudnn_op.default._schema.arguments]:
+        return "this PyTorch's cuDNN attention op takes no mask (before torch 2.5)"
     if dropout_p * 16.0 != math.floor(dropout_p * 16.0):
         return "dropout not a multiple of 1/16"
     if q.size(0) > 65535 or q.size(1) > 65535:
