@@ -79,7 +79,15 @@ def estimate(
         inplace_relu=inplace_relu,
     )
     capacity, note = resolve_capacity(_bytes(gpu_memory), use_nvml=use_nvml, gpu=target.gpu if gpu else None)
-    return run(workload, capacity=capacity, headroom=headroom, traced=traced, capacity_note=note, cuda_target=target)
+    return run(
+        workload,
+        capacity=capacity,
+        headroom=headroom,
+        traced=traced,
+        capacity_note=note,
+        cuda_target=target,
+        gpu=target.gpu if gpu else None,
+    )
 
 
 def find_batch(
@@ -219,8 +227,9 @@ def compare(
         model_kwargs=model_kwargs,
     )
     capacity, note = (None, None)
+    catalog_gpu_entry = cuda_target.gpu if cuda_target is not None and gpu else None
     if fit:
-        catalog_gpu = cuda_target.gpu if cuda_target is not None and gpu else None
+        catalog_gpu = catalog_gpu_entry
         capacity, note = resolve_capacity(device, _bytes(gpu_memory), _bytes(memory_limit), catalog_gpu)
     return run(
         workload,
@@ -233,6 +242,7 @@ def compare(
         fit=fit,
         max_batch=max_batch,
         cuda_target=cuda_target,
+        gpu=catalog_gpu_entry,
     )
 
 

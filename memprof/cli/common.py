@@ -48,8 +48,8 @@ GPU_MEMORY_OPT = typer.Option(
 GPU_OPT = typer.Option(
     None,
     "--gpu",
-    help="A GPU from the catalog (a100-80gb, h100-sxm, rtx-4090, ...): its capacity and architecture "
-    "\\[`memprof gpus --catalog` lists them].",
+    help="A GPU from the catalog (a100-80gb, h100-sxm, rtx-4090, ...): its capacity, architecture and "
+    "peaks for the step-time model \\[`memprof gpus --catalog` lists them].",
 )
 GPU_ARCH_OPT = typer.Option(
     None,

@@ -234,6 +234,7 @@ def compare_cmd(
         find_fn=find_fn,
         on_progress=progress,
         cuda_target=cuda_target,
+        gpu=catalog_gpu,
     )
     if plot is not None:
         from ..render.compare import write_plot

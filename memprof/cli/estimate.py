@@ -98,7 +98,13 @@ def estimate_cmd(
 
     capacity, note = resolve_capacity(capacity_bytes, gpu=target.gpu if gpu else None)
     result = estimate(
-        workload, capacity=capacity, headroom=head, traced=not no_trace, capacity_note=note, cuda_target=target
+        workload,
+        capacity=capacity,
+        headroom=head,
+        traced=not no_trace,
+        capacity_note=note,
+        cuda_target=target,
+        gpu=target.gpu if gpu else None,
     )
     if json_out:
         emit_json(estimate_document(result))

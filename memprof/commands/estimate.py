@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..engine import fit as fitting
 from ..engine.analytic import analyse, largest_batch
+from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
 from ..errors import MemprofError
 from ..results import (
     AnalyticEstimate,
@@ -101,12 +102,15 @@ def estimate(
     traced: bool = True,
     capacity_note: str | None = None,
     cuda_target: CudaTarget | None = None,
+    gpu: GpuPeaks | None = None,
 ) -> EstimateResult:
     """Estimate one step of ``workload`` by formula and, if ``traced``, by fake-tensor trace; fit ``capacity``.
 
     ``capacity`` is a :class:`Capacity` or a number of bytes; None skips the fit
     (:func:`resolve_capacity` finds the local GPU's). ``cuda_target`` is the GPU architecture the
     trace predicts for (:func:`memprof.engine.catalog.resolve_target`; default: the local GPU, else assumed).
+    ``gpu`` (peak FLOP/s and bandwidth: a catalog entry or a :class:`memprof.engine.roofline.PeakSpec`)
+    adds the step-time model.
     """
     headroom = fitting.check_headroom(headroom)
     if isinstance(capacity, int) and not isinstance(capacity, bool):
@@ -126,7 +130,7 @@ def estimate(
             target = cuda_target or resolve_target()
             if capacity is not None:  # near it, the allocator releases its cache and retries: so does the replay
                 target = with_capacity(target, capacity.total_bytes)
-            trace_result = trace_step(workload, target="cuda", cuda_target=target)
+            trace_result = trace_step(workload, target="cuda", cuda_target=target, count_bytes=gpu is not None)
             if capacity is not None:
                 batch_fit = fitting.fit_batch(
                     workload,
@@ -156,6 +160,13 @@ def estimate(
         headline, source = analytic.total_bytes, "formula"
     if capacity is None and capacity_note is None:
         capacity_note = "no --gpu-memory given"
+    step, step_note = None, None
+    if trace_result is None:
+        step_note = "needs a trace (the step-time model runs on the traced ops)"
+    elif gpu is None:
+        step_note = "needs a GPU (--gpu NAME)"
+    else:
+        step = step_time(trace_result, gpu, tokens=tokens_per_sample(workload))
     return EstimateResult(
         workload=workload.describe(),
         analytic=analytic,
@@ -166,4 +177,6 @@ def estimate(
         fit=fit,
         headline_bytes=headline,
         headline_source=source,
+        step_time=step,
+        step_time_note=step_note,
     )

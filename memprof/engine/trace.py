@@ -40,6 +40,7 @@ from ..errors import InputShapeError, MemprofError, TraceError, UsageError
 from ..results import CudaTarget, MemCategory, ModelledBytes, TimelinePoint, TraceResult
 from . import fastfake, overheads
 from .allocator import AllocatorConf, CachingAllocatorModel, conf_from_source
+from .flops import FlopTally
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
 if TYPE_CHECKING:
@@ -125,6 +126,13 @@ class _Recorder:
         self.workspace_threads: set[str] = set()
         self.benchmarked: set[tuple] = set()  # convolution shapes cuDNN's benchmark has timed
         self.saw_convolution = False
+        self.tally: FlopTally | None = None  # counts FLOPs while set (the first step)
+        self.module_types: dict[str, str] = {}
+        self.root_label: str | None = None
+
+    def locate(self) -> tuple[str | None, bool]:
+        """For the FLOP tally: the module running now, and whether this is a recomputation in backward."""
+        return self.module_now(), self.phase == "backward" and bool(self.module_stack)
 
     # -- module attribution -------------------------------------------------------------
     def module_now(self) -> str | None:
@@ -294,16 +302,22 @@ def _make_tracker(recorder: _Recorder):
             if func in convs:
                 recorder.saw_convolution = True
             rule = scratch_rules.get(func)
+            scratch = 0
             if rule is not None:
                 kind, size = rule
                 scratch = size(args)
-                if scratch:
-                    rec = recorder.synthetic(scratch, MemCategory.TEMPORARY, kind)
-                    try:
-                        return super().__torch_dispatch__(func, types, args, kwargs)
-                    finally:
-                        recorder.free_synthetic(rec)
-            return super().__torch_dispatch__(func, types, args, kwargs)
+            if scratch:
+                rec = recorder.synthetic(scratch, MemCategory.TEMPORARY, kind)
+                try:
+                    out = super().__torch_dispatch__(func, types, args, kwargs)
+                finally:
+                    recorder.free_synthetic(rec)
+            else:
+                out = super().__torch_dispatch__(func, types, args, kwargs)
+            tally = recorder.tally
+            if tally is not None:
+                tally.op(func, args, kwargs, out, recorder.phase)
+            return out
 
     tracker = _TraceTracker(on_alloc=recorder.on_alloc, on_free=recorder.on_free)
     recorder.tracker = tracker
@@ -315,12 +329,14 @@ def _install_module_hooks(model, recorder: _Recorder) -> list:
 
     handles = []
     root_name = type(model).__name__
+    recorder.root_label = root_name
     seen: set[int] = set()
     for name, module in model.named_modules():
         if id(module) in seen:
             continue
         seen.add(id(module))
         label = name or root_name
+        recorder.module_types.setdefault(label, type(module).__name__)
 
         def pre(mod, args, _label=label):
             recorder.module_stack.append(_label)
@@ -507,6 +523,8 @@ def trace_step(
     replay_steps: bool = True,
     kernel_scratch: bool = True,
     cuda_target: CudaTarget | None = None,
+    count_flops: bool = True,
+    count_bytes: bool = False,
 ) -> TraceResult:
     """Trace ``steps`` training steps of ``workload`` on fake tensors and predict their memory.
 
@@ -523,6 +541,10 @@ def trace_step(
     optimizer state now lives through them and is not created again), so with
     ``replay_steps`` (the default) their events are copied from the first step instead of
     traced: the result is the same as tracing every step (tested), in about half the time.
+
+    With ``count_flops`` the first step's ops are also counted in FLOPs (PyTorch's formulas, per
+    module and phase (:mod:`memprof.engine.flops`): ``result.flops``; with ``count_bytes`` also the bytes
+    each op reads and writes, which the step-time model needs (:func:`memprof.engine.roofline.step_time`).
     """
     import gc
     import logging
@@ -550,6 +572,7 @@ def trace_step(
     model = None
     gc_was_enabled = gc.isenabled()
     real_get_rng_state = None
+    tally: FlopTally | None = None
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     fake_log_level = fake_log.level
@@ -654,9 +677,11 @@ def trace_step(
                     from .cudarules import CudaRules
 
                     rules = CudaRules(cuda_target, workload.precision.torch_autocast_dtype())
+                tally = FlopTally(recorder.locate, count_bytes) if count_flops or count_bytes else None
                 with rules if rules is not None else contextlib.nullcontext():
                     for step in range(steps):
                         recorder.step = step
+                        recorder.tally = tally if step == 0 else None
                         try:
                             if step == 0 or not replay:
                                 train_step(prepared, on_phase)
@@ -670,6 +695,7 @@ def trace_step(
                             raise _step_error(exc, recorder.phase) from None
                         finally:
                             recorder.module_stack.clear()
+                            recorder.tally = None
                 recorder.phase = "done"
                 op_count = tracker.op_count
             tracker.detach()
@@ -694,8 +720,16 @@ def trace_step(
         if rules is not None:
             attention = dict(rules.attention)
     result = _analyse(recorder, workload, target, steps, op_count, notes)
+    flops = costs = None
+    if tally is not None:
+        flops, costs = tally.result(workload.batch_size, recorder.module_types, recorder.root_label)
     return dataclasses.replace(
-        result, trace_seconds=time.perf_counter() - started, cuda_target=cuda_target, attention_backends=attention
+        result,
+        trace_seconds=time.perf_counter() - started,
+        cuda_target=cuda_target,
+        attention_backends=attention,
+        flops=flops,
+        _op_costs=costs,
     )
 
 
