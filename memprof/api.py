@@ -45,13 +45,25 @@ def estimate(
     checkpointing: str = "none",
     inplace_relu: bool = False,
     use_nvml: bool = True,
+    freeze: Sequence[str] | str | None = None,
+    train_only: Sequence[str] | str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
+    offload: str | None = None,
 ) -> EstimateResult:
     """Where the memory of one training step goes, traced on fake tensors (no GPU), and the batch that fits.
 
     ``gpu_memory`` is the capacity to fit (bytes or ``"24GiB"``); without it the catalog GPU's
     (``gpu="a100-80gb"``), else the local GPU's via NVML, unless ``use_nvml=False``; with none,
     ``result.fit`` is None. The trace predicts for ``gpu``'s architecture, else ``gpu_arch``
-    (``"sm80"``), else the local GPU's, else an assumed one (said in ``result.traced.cuda_target``).
+    (``"sm80"``), else the local GPU's, else an assumed one (said in ``result.traced.cuda_target``);
+    ``gpu`` also adds the step-time model (``result.step_time``). Fine-tuning levers:
+    ``freeze`` / ``train_only`` (module-name globs), ``lora_rank`` (+ ``lora_alpha``, ``lora_targets``,
+    ``lora_dropout``; needs peft), ``quantize`` ("int8", "nf4", "fp4"; ``double_quant``), ``offload="optimizer"``.
 
     Example::
 
@@ -77,6 +89,15 @@ def estimate(
         model_kwargs=model_kwargs,
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
+        freeze=freeze,
+        train_only=train_only,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        quantize=quantize,
+        double_quant=double_quant,
+        offload=offload,
     )
     capacity, note = resolve_capacity(_bytes(gpu_memory), use_nvml=use_nvml, gpu=target.gpu if gpu else None)
     return run(
@@ -113,6 +134,16 @@ def find_batch(
     on_event: Callable[[str, Any], None] | None = None,
     gpu: str | None = None,
     gpu_arch: str | None = None,
+    cudnn_benchmark: bool = False,
+    freeze: Sequence[str] | str | None = None,
+    train_only: Sequence[str] | str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
+    offload: str | None = None,
 ) -> FindBatchResult:
     """The largest batch whose real training steps fit, found in a few real trials, and the batch to use.
 
@@ -132,7 +163,7 @@ def find_batch(
 
     if device == "cpu" and (gpu or gpu_arch):
         raise UsageError("`gpu` and `gpu_arch` are for CUDA trials", "leave them out with `device` cpu")
-    cuda_target = resolve_target(gpu, gpu_arch) if device != "cpu" else None
+    cuda_target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark) if device != "cpu" else None
     workload = make_workload(
         model,
         dtype=dtype,
@@ -142,6 +173,15 @@ def find_batch(
         input_dtype=input_dtype,
         token_range=token_range,
         model_kwargs=model_kwargs,
+        freeze=freeze,
+        train_only=train_only,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        quantize=quantize,
+        double_quant=double_quant,
+        offload=offload,
     )
     return run(
         workload,
@@ -169,6 +209,13 @@ def compare(
     inplace_relu: bool = False,
     modes: Iterable[str] | None = None,
     batch_sizes: Iterable[int] | None = None,
+    freezes: Iterable[str] | None = None,
+    lora_ranks: Iterable[int] | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    quantizations: Iterable[str] | None = None,
+    offloads: Iterable[str] | None = None,
     combine: bool = False,
     batch_size: int | None = None,
     dtype: str | None = None,
@@ -188,7 +235,8 @@ def compare(
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> CompareResult:
     """Configurations side by side: each ``dtypes`` / ``optimizers`` / ``checkpointing`` / ``modes`` /
-    ``batch_sizes`` value adds a row to the baseline (``batch_size``, ``dtype``, ``optimizer``);
+    ``batch_sizes`` / ``freezes`` / ``lora_ranks`` / ``quantizations`` ("nf4", "nf4+dq", "int8") /
+    ``offloads`` value adds a row to the baseline (``batch_size``, ``dtype``, ``optimizer``);
     ``combine=True`` makes one row per combination. Without any, the default set (AMP, fp16, checkpointing).
 
     Example::
@@ -215,6 +263,13 @@ def compare(
             axes[name] = list(values)
     if inplace_relu:
         axes["inplace_relu"] = [True]
+    if lora_ranks:
+        from .commands.workload import lora_spec
+
+        axes["lora"] = [lora_spec(r, lora_alpha, lora_targets, lora_dropout) for r in lora_ranks]
+    for name, values in (("freeze", freezes), ("quantize", quantizations), ("offload", offloads)):
+        if values:
+            axes[name] = list(values)
     chosen = normalize_axes(axes)
     workload = make_workload(
         model,

@@ -233,6 +233,40 @@ class StepTime:
     assumptions: tuple[str, ...] = ()
 
 
+# =========================================================================== fine-tuning
+@dataclasses.dataclass(frozen=True)
+class WeightBreakdown:
+    """The parameters as fine-tuning sees them: trainable, frozen base, LoRA adapters, quantization state.
+
+    ``trainable_params`` / ``all_params`` are what ``peft``'s ``print_trainable_parameters`` prints
+    (a 4-bit packed weight counts 2 values per stored byte). Bytes are storage bytes (no CUDA
+    rounding): ``trainable_bytes`` are trainable parameters that are not adapters (all of them
+    without LoRA), ``frozen_bytes`` frozen parameters (base weights, 4-bit/8-bit packed weights),
+    ``adapter_bytes`` LoRA's ``lora_A``/``lora_B``; ``quant_state_bytes`` the quantized layers'
+    absmax, codes and row scales (kept as buffers).
+    """
+
+    trainable_params: int
+    all_params: int
+    trainable_bytes: int
+    frozen_bytes: int
+    adapter_bytes: int
+    adapter_params: int
+    quant_state_bytes: int = 0
+    quantized_layers: int = 0
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable_params / self.all_params if self.all_params else 0.0
+
+    def peft_line(self) -> str:
+        """peft's own wording: ``trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915``."""
+        return (
+            f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} "
+            f"|| trainable%: {self.trainable_pct:.4f}"
+        )
+
+
 # =========================================================================== analytic / estimate
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
@@ -291,6 +325,10 @@ class AnalyticEstimate:
     formula_mismatches: tuple[str, ...]
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    #: parameters split into trainable / frozen / adapters (None when nothing is frozen, adapted or quantized)
+    weights: WeightBreakdown | None = None
+    #: optimizer state and master weights kept in CPU memory (--offload optimizer), not on the GPU
+    host_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,6 +443,16 @@ class TraceResult:
     flops: FlopCount | None = None
     #: per-op FLOPs and bytes for the step-time model (memprof.engine.roofline); not in JSON
     _op_costs: Any = None
+    #: parameters split into trainable / frozen / adapters (None when nothing is frozen, adapted or quantized)
+    weights: WeightBreakdown | None = None
+    #: peak of what the step keeps in CPU memory for a CUDA step (--offload optimizer: fp32 master weights,
+    #: CPU gradients, optimizer state, the CPU step's temporaries); None when it keeps nothing there.
+    #: For target "cpu" these bytes are also in peak_bytes (everything is CPU memory there).
+    host_peak_bytes: int | None = None
+    #: paged optimizer state (bitsandbytes paged optimizers: CUDA unified memory, cudaMallocManaged). torch's
+    #: allocator never sees it, so it is in no allocated/reserved figure; the driver moves its pages to CPU
+    #: memory when the GPU needs the room. None without a paged optimizer.
+    paged_bytes: int | None = None
 
     @property
     def predicted_allocated_bytes(self) -> int:
@@ -757,6 +805,11 @@ class CompareRow:
     compute_delta_pct: float | None = None  # FLOPs per sample vs the baseline's, in %
     #: the roofline step-time model on the chosen GPU (a model, not measured); None without a GPU
     step_time: StepTime | None = None
+    #: peft's count of trainable parameters (None when nothing is frozen, adapted or quantized)
+    trainable_params: int | None = None
+    #: CPU memory the row keeps for a CUDA step (offloaded optimizer), paged optimizer state
+    host_peak_bytes: int | None = None
+    paged_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -778,3 +831,8 @@ class CompareResult:
     seconds: float = 0.0
     gpu: str | None = None  # the GPU of the step-time column
     step_time_note: str | None = None  # why there is no step-time column
+    #: rows whose batch fits the capacity (largest batch >= 1), the largest batch first (ties: lower peak)
+    ranked_by_batch: tuple[str, ...] = ()
+    #: the single lever (a row changing one thing) that allows the largest batch, and its batch gain
+    best_lever_label: str | None = None
+    best_lever_gain: int | None = None

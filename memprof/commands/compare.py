@@ -20,9 +20,10 @@ from typing import Any
 
 from ..engine import checkpointing as ckpt
 from ..engine import fit as fitting
+from ..engine.finetune import LoraSpec, parse_method, parse_patterns
 from ..engine.flops import recompute_cost
 from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
-from ..engine.workload import Workload, get_optimizer_name, get_precision
+from ..engine.workload import Workload, get_offload, get_optimizer_name, get_precision
 from ..errors import MemprofError, UsageError
 from ..results import (
     Capacity,
@@ -38,7 +39,20 @@ from ..results import (
 )
 
 #: the axes a comparison can vary, in the order rows and labels use them
-AXES = ("dtype", "optimizer", "checkpointing", "inplace_relu", "mode", "batch_size")
+AXES = (
+    "dtype",
+    "optimizer",
+    "checkpointing",
+    "inplace_relu",
+    "mode",
+    "batch_size",
+    "freeze",
+    "lora",
+    "quantize",
+    "offload",
+)
+#: the fine-tuning levers among them (memprof compare ranks their rows by the largest batch)
+LEVER_AXES = ("optimizer", "checkpointing", "freeze", "lora", "quantize", "offload", "dtype")
 #: dtypes the default comparison shows (besides the baseline's)
 DEFAULT_DTYPES = ("fp32", "amp-fp16", "amp-bf16", "fp16")
 #: pure half precision: no fp32 master weights (shown, but not recommended by the verdict)
@@ -63,6 +77,8 @@ def axis_value(workload: Workload, axis: str) -> Any:
         return workload.precision.name
     if axis == "inplace_relu":
         return workload.inplace_relu
+    if axis == "quantize":
+        return workload.quantize + ("+dq" if workload.double_quant else "")
     return getattr(workload, axis)
 
 
@@ -82,6 +98,25 @@ def _normalize(axis: str, value: Any) -> Any:
         if mode not in ("train", "eval"):
             raise UsageError(f"unknown mode {value!r}", "choose train or eval (no_grad inference)")
         return mode
+    if axis == "freeze":
+        return parse_patterns(value, "freeze") if value else ()
+    if axis == "lora":
+        if value is None or isinstance(value, LoraSpec):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("none", "0", "off"):
+            return None
+        try:
+            rank = int(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"`lora_rank` must be an integer, got {value!r}", "e.g. `lora_rank` 16") from None
+        return LoraSpec(rank) if rank else None
+    if axis == "quantize":
+        text = str(value).strip().lower()
+        double = text.endswith(("+dq", "+double-quant"))
+        method = parse_method(text.split("+")[0])
+        return method + ("+dq" if double and method in ("nf4", "fp4") else "")
+    if axis == "offload":
+        return get_offload(value)
     if axis == "batch_size":
         try:
             batch = int(value)
@@ -125,6 +160,9 @@ def apply_change(workload: Workload, axis: str, value: Any) -> Workload:
     value = _normalize(axis, value)
     if axis == "dtype":
         return workload.replace(precision=get_precision(value))
+    if axis == "quantize":
+        method, _, dq = value.partition("+")
+        return workload.replace(quantize=method, double_quant=bool(dq))
     return workload.replace(**{axis: value})
 
 
@@ -139,6 +177,14 @@ def _part(axis: str, value: Any) -> str:
         return "in-place ReLU" if value else "no in-place ReLU"
     if axis == "mode":
         return "eval (no_grad)" if value == "eval" else "train"
+    if axis == "freeze":
+        return "freeze " + ",".join(value) if value else "nothing frozen"
+    if axis == "lora":
+        return f"LoRA r={value.rank}" if value is not None else "no LoRA"
+    if axis == "quantize":
+        return "unquantized" if value == "none" else value.replace("+dq", " (double quant)")
+    if axis == "offload":
+        return "optimizer on the CPU" if value == "optimizer" else "optimizer on the GPU"
     return f"batch {value}"
 
 
@@ -155,6 +201,12 @@ def _key(w: Workload) -> tuple:
         w.inplace_relu,
         w.mode,
         w.batch_size,
+        w.freeze,
+        w.train_only,
+        w.lora,
+        w.quantize,
+        w.double_quant,
+        w.offload if train else "none",
     )
 
 
@@ -177,8 +229,11 @@ def make_variants(
         combos = [{axis: v} for axis, vals in chosen.items() for v in vals]
     for combo in combos:
         w = base
-        for axis, v in combo.items():
-            w = apply_change(w, axis, v)
+        try:
+            for axis, v in combo.items():
+                w = apply_change(w, axis, v)
+        except UsageError:  # a combination that cannot exist (offloaded 8-bit optimizer, LoRA + freeze)
+            continue
         key = _key(w)
         if key in seen:
             continue
@@ -326,6 +381,9 @@ def _row_from_trace(v: Variant, r: Any) -> dict[str, Any]:
         peak_phase=r.peak_phase,
         peak_module=r.peak_module,
         trace_seconds=float(getattr(r, "trace_seconds", 0.0)),
+        trainable_params=r.weights.trainable_params if getattr(r, "weights", None) is not None else None,
+        host_peak_bytes=getattr(r, "host_peak_bytes", None),
+        paged_bytes=getattr(r, "paged_bytes", None),
     )
 
 
@@ -464,6 +522,36 @@ def order_rows(rows: list[CompareRow], base_batch: int) -> tuple[list[CompareRow
     return ordered, best.label if best else None, safe.label if safe else None
 
 
+def rank_by_batch(rows: Iterable[CompareRow]) -> list[str]:
+    """Labels of the rows that fit (largest batch >= 1), the largest batch first; ties by lower peak."""
+    fitting = [r for r in rows if r.error is None and r.fit is not None and r.fit.max_batch]
+    fitting.sort(key=lambda r: (-(r.fit.max_batch or 0) if r.fit else 0, r.peak_bytes or 0))
+    return [r.label for r in fitting]
+
+
+def best_lever(rows: Iterable[CompareRow]) -> tuple[str | None, int | None]:
+    """The row changing one lever only (at the baseline's batch size) whose largest batch gains the most."""
+    rows = list(rows)
+    base = next((r for r in rows if r.baseline), None)
+    if base is None or base.fit is None:
+        return None, None
+    base_batch = base.fit.max_batch or 0
+    best: tuple[int, int, str] | None = None
+    for r in rows:
+        if r.baseline or r.error is not None or r.fit is None or len(r.changes) != 1:
+            continue
+        (axis,) = r.changes
+        if axis not in LEVER_AXES:
+            continue
+        gain = (r.fit.max_batch or 0) - base_batch
+        key = (gain, -(r.peak_bytes or 0), r.label)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    if best is None or best[0] <= 0:
+        return None, None
+    return best[2], best[0]
+
+
 def compare(
     base: Workload,
     axes: Mapping[str, Iterable[Any]] | None = None,
@@ -576,6 +664,7 @@ def compare(
             else:
                 notes.append("in-place ReLU: each nn.ReLU overwrites its input instead of allocating its output")
     ordered, best, safe = order_rows(rows, base.batch_size)
+    lever, lever_gain = best_lever(ordered) if capacity is not None and fit else (None, None)
     if capacity is None and fit:
         notes.append(capacity_note or "no capacity given: largest-batch columns left out (use --gpu-memory 24GiB)")
     return CompareResult(
@@ -593,6 +682,9 @@ def compare(
         seconds=time.perf_counter() - started,
         gpu=gpu.name if gpu is not None else None,
         step_time_note=None if gpu is not None else "step time: needs a GPU (--gpu NAME)",
+        ranked_by_batch=tuple(rank_by_batch(ordered)) if capacity is not None and fit else (),
+        best_lever_label=lever,
+        best_lever_gain=lever_gain,
     )
 
 

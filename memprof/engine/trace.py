@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputShapeError, MemprofError, TraceError, UsageError
 from ..results import CudaTarget, MemCategory, ModelledBytes, TimelinePoint, TraceResult
-from . import fastfake, overheads
+from . import fastfake, overheads, placement
 from .allocator import AllocatorConf, CachingAllocatorModel, conf_from_source
 from .flops import FlopTally
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
@@ -129,6 +129,9 @@ class _Recorder:
         self.tally: FlopTally | None = None  # counts FLOPs while set (the first step)
         self.module_types: dict[str, str] = {}
         self.root_label: str | None = None
+        # records made inside placement.on("host" / "paged"): CPU memory / unified memory on a CUDA run
+        self.placed_host: set[int] = set()
+        self.placed_paged: set[int] = set()
 
     def locate(self) -> tuple[str | None, bool]:
         """For the FLOP tally: the module running now, and whether this is a recomputation in backward."""
@@ -161,8 +164,13 @@ class _Recorder:
         self.rec_module.append(module)
         self.rec_step.append(self.step)
         self.rec_cat.append(self.category)
-        self.rec_host.append(False)
         self.rec_kind.append(None)
+        place = placement.current()
+        self.rec_host.append(place != "device")
+        if place == "host":
+            self.placed_host.add(rec)
+        elif place == "paged":
+            self.placed_paged.add(rec)
         op = self.tracker.op_count if self.tracker is not None else 0
         self.events.append((rec, 1, op, self.phase, module, self.step))
 
@@ -194,6 +202,10 @@ class _Recorder:
 
     def clone(self, rec: int, step: int) -> int:
         new = len(self.rec_nbytes)
+        if rec in self.placed_host:
+            self.placed_host.add(new)
+        if rec in self.placed_paged:
+            self.placed_paged.add(new)
         self.rec_nbytes.append(self.rec_nbytes[rec])
         self.rec_phase.append(self.rec_phase[rec])
         self.rec_module.append(self.rec_module[rec])
@@ -598,7 +610,7 @@ def trace_step(
                 optimizer = None
                 if workload.mode == "train":
                     trainable = [p for p in params if p.requires_grad]
-                    optimizer = make_optimizer(workload.optimizer, trainable, target)
+                    optimizer = make_optimizer(workload.optimizer, trainable, target, workload.offload)
                 recorder.category = MemCategory.INPUT
                 try:
                     args, kwargs, tgt = workload.model.make_batch(workload.batch_size, "cpu", workload.precision)
@@ -698,6 +710,7 @@ def trace_step(
                             recorder.tally = None
                 recorder.phase = "done"
                 op_count = tracker.op_count
+                weights = _weights(model, workload)
             tracker.detach()
     finally:
         fake_log.setLevel(fake_log_level)
@@ -719,10 +732,14 @@ def trace_step(
         notes.extend(_cuda_notes(workload, cuda_target, recorder, rules))
         if rules is not None:
             attention = dict(rules.attention)
+    notes.extend(_finetune_notes(workload, target))
     result = _analyse(recorder, workload, target, steps, op_count, notes)
     flops = costs = None
     if tally is not None:
         flops, costs = tally.result(workload.batch_size, recorder.module_types, recorder.root_label)
+    host_peak, paged = _placed_peaks(recorder)
+    if workload.offload == "none":
+        host_peak = None  # only bitsandbytes' 2 KiB of quantization maps, made on the CPU and moved
     return dataclasses.replace(
         result,
         trace_seconds=time.perf_counter() - started,
@@ -730,7 +747,60 @@ def trace_step(
         attention_backends=attention,
         flops=flops,
         _op_costs=costs,
+        weights=weights,
+        host_peak_bytes=host_peak,
+        paged_bytes=paged,
     )
+
+
+def _weights(model, workload: Workload):
+    """The parameters split for fine-tuning, when a lever froze, adapted or quantized some."""
+    if not (workload.freeze or workload.train_only or workload.lora is not None or workload.quantize != "none"):
+        return None
+    from .finetune import weight_breakdown
+
+    return weight_breakdown(model)
+
+
+def _placed_peaks(rec: _Recorder) -> tuple[int | None, int | None]:
+    """Peak of what lives in CPU memory (placement "host") and the paged bytes held at the end."""
+    if not rec.placed_host and not rec.placed_paged:
+        return None, None
+    host = rec.placed_host
+    cur = peak = 0
+    paged = 0
+    for r, sign, *_ in rec.events:
+        if r in host:
+            cur += sign * rec.rec_nbytes[r]
+            peak = max(peak, cur)
+        elif r in rec.placed_paged:
+            paged += sign * rec.rec_nbytes[r]
+    return (peak if host else None), (paged if rec.placed_paged else None)
+
+
+def _finetune_notes(workload: Workload, target: str) -> list[str]:
+    notes = []
+    if workload.quantize == "int8" and workload.mode == "train":
+        notes.append(
+            "int8 (LLM.int8()): activation columns above the outlier threshold (6.0) are computed in 16 bits "
+            "from extra copies whose size depends on the data; memprof assumes none"
+        )
+    elif workload.quantize in ("nf4", "fp4"):
+        notes.append(
+            f"{workload.quantize}: bitsandbytes stand-ins (bitsandbytes 0.50.1); between 5 and 1536 rows per "
+            "call its fused 4-bit kernel may skip the dequantized weight, which memprof keeps (an upper bound)"
+        )
+    if workload.optimizer == "paged-adamw8bit" and target == "cuda":
+        notes.append(
+            "paged optimizer state lives in CUDA unified memory: outside torch's allocator (not in the peak), "
+            "moved to CPU memory by the driver when the GPU needs the room"
+        )
+    if workload.offload == "optimizer" and target == "cuda":
+        notes.append(
+            "optimizer offloaded: fp32 master weights, gradients copied to the CPU, the optimizer state and the "
+            "CPU step's temporaries are CPU memory (host peak), not in the GPU peak"
+        )
+    return notes
 
 
 def _replay_step(recorder: _Recorder, tracker, on_phase, step: int) -> None:
