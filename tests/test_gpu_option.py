@@ -48,11 +48,15 @@ def test_estimate_gpu_sets_capacity_and_architecture():
     # Hopper: 32 MiB cuBLAS workspace per thread, forward and backward
     assert doc["traced"]["cublas_workspace_bytes"] == 2 * 32 * MIB
     assert doc["fit"]["source"] == "traced" and doc["fit"]["max_batch"] > 16
+    # the catalog entry's peaks feed the step-time model (memprof.engine.roofline)
+    assert doc["step_time"]["gpu"] == "NVIDIA H100 SXM5 80GB" and doc["step_time"]["seconds"] > 0
+    assert doc["step_time"]["bandwidth_bytes_per_s"] == pytest.approx(3.35e12)
 
 
 def test_gpu_arch_sm80_gives_ampere_workspaces_and_no_capacity():
     doc = _estimate("--gpu-arch", "sm80")
     assert doc["capacity"] is None
+    assert doc["step_time"] is None and "--gpu NAME" in doc["step_time_note"]  # an arch has no peaks
     assert doc["traced"]["cuda_target"]["arch"] == "sm80"
     per_handle = 8 * MIB + 128 * 1024  # :4096:2:16:8
     assert doc["traced"]["cublas_workspace_bytes"] == 2 * per_handle
@@ -101,6 +105,7 @@ def test_compare_gpu_sets_capacity_and_arch():
     doc = json.loads(res.stdout)
     assert doc["capacity"]["total_bytes"] == round(21.99 * GIB) and doc["capacity"]["source"].startswith("--gpu a10g")
     assert all(r["fit"]["max_batch"] is not None for r in doc["rows"])
+    assert all(r["step_time"]["gpu"] == "NVIDIA A10G 24GB (AWS)" for r in doc["rows"])
     res = runner.invoke(app, ["compare", *MNIST, "--device", "cpu", "--gpu", "a10g"])
     assert res.exit_code == 2 and "--gpu and --gpu-arch are for --device cuda" in res.stderr
 
@@ -186,5 +191,6 @@ def test_python_api_takes_gpu_and_gpu_arch():
     r = memprof.estimate("memprof.zoo:mnist_mlp", input_shape=(1, 28, 28), batch_size=8, gpu="rtx-4090")
     assert r.capacity is not None and r.capacity.total_bytes == round(23.64 * GIB)
     assert r.traced.cuda_target.arch == "sm89" and r.fit is not None
+    assert r.step_time is not None and r.step_time.gpu == "NVIDIA GeForce RTX 4090 24GB"
     r = memprof.estimate("memprof.zoo:mnist_mlp", input_shape=(1, 28, 28), batch_size=8, gpu_arch="sm75")
     assert r.traced.cuda_target.arch == "sm75" and r.capacity is None
