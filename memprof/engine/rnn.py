@@ -43,6 +43,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .overheads import Kind
+
 PAGE = 4096
 #: scratchpad bytes beyond the pages of its parts (pointer arrays and alignment, measured)
 _SCRATCH_EXTRA = PAGE + 568
@@ -50,6 +52,11 @@ _INFERENCE_EXTRA = PAGE + 856
 ONEDNN_WHAT = "oneDNN LSTM scratch"
 ONEDNN_WORKSPACE_WHAT = "oneDNN LSTM workspace"
 ONEDNN_SOURCE = "oneDNN rnn_utils (workspace) + per-op torch.profiler measurements (scratch), oneDNN 3.12"
+
+
+def onednn_kind(what: str, verified: bool) -> Kind:
+    """The modelled kind of a oneDNN LSTM allocation (verified: measured in this dtype)."""
+    return Kind(what, ONEDNN_SOURCE, verified)
 
 
 def _page(n: int) -> int:
@@ -178,6 +185,9 @@ CUDNN_SOURCE = (
     "PyTorch aten/src/ATen/native/cudnn/RNN.cpp (what is allocated, when, and what backward keeps); "
     "sizes of cudnnGetRNNTempSpaceSizes / cudnnDropoutGetStatesSize modelled by memprof (cuDNN, unverified)"
 )
+CUDNN_WORKSPACE = Kind(CUDNN_WORKSPACE_WHAT, CUDNN_SOURCE)
+CUDNN_RESERVE = Kind(CUDNN_RESERVE_WHAT, CUDNN_SOURCE)
+CUDNN_DROPOUT = Kind(CUDNN_DROPOUT_WHAT, CUDNN_SOURCE)
 #: gates per cell (cuDNN's and PyTorch's order differ, their number does not)
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 #: cuDNN keeps a dropout RNG state per device once an RNN with dropout trains ("slightly over 2MB",
@@ -246,9 +256,9 @@ def cudnn_rnn_function():
                 else torch.empty((0,), dtype=hx.dtype, device=x.device)
             )
             workspace = torch.empty((call.workspace_bytes(),), dtype=torch.uint8, device=x.device)
-            hooks.mark(workspace, CUDNN_WORKSPACE_WHAT)
+            hooks.mark(workspace, CUDNN_WORKSPACE)
             reserve = torch.empty((call.reserve_bytes() if train else 0,), dtype=torch.uint8, device=x.device)
-            hooks.mark(reserve, CUDNN_RESERVE_WHAT)
+            hooks.mark(reserve, CUDNN_RESERVE)
             del workspace, x_c, seq_major
             if batch_first:
                 output = output.transpose(0, 1)
@@ -276,7 +286,7 @@ def cudnn_rnn_function():
             dhx = torch.empty(hx.shape, dtype=hx.dtype, device=x.device)
             dcx = torch.empty(cx.shape, dtype=cx.dtype, device=x.device) if ctx.has_cx else None
             workspace = torch.empty((call.workspace_bytes(),), dtype=torch.uint8, device=x.device)
-            hooks.mark(workspace, CUDNN_WORKSPACE_WHAT)
+            hooks.mark(workspace, CUDNN_WORKSPACE)
             del workspace, x_c, dy, dhy, dcy, grad_output, grad_hy, grad_cy
             if batch_first:
                 dx = dx.transpose(0, 1)
@@ -286,7 +296,7 @@ def cudnn_rnn_function():
                 x_c = (x.transpose(0, 1) if batch_first else x).contiguous()
                 dw = torch.zeros((sum(w.numel() for w in weights),), dtype=weights[0].dtype, device=x.device)
                 workspace = torch.empty((call.workspace_bytes(),), dtype=torch.uint8, device=x.device)
-                hooks.mark(workspace, CUDNN_WORKSPACE_WHAT)
+                hooks.mark(workspace, CUDNN_WORKSPACE)
                 del workspace, x_c
                 offset = 0
                 for i, w in enumerate(weights):
