@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from memprof.engine import rnn
 from memprof.engine.loading import InputSpec, ModelSpec
 from memprof.engine.measure import measure_cpu_step
 from memprof.engine.trace import trace_step
-from memprof.engine.workload import Workload
+from memprof.engine.workload import Workload, get_precision
 from memprof.results import MemCategory
 from memprof.zoo import RecurrentLM
 
@@ -137,3 +139,18 @@ def test_find_batch_on_an_lstm_needs_few_trials():
     assert result.status == "exact"
     assert result.prediction is not None and result.prediction.max_batch == result.largest_batch
     assert len(result.trials) <= 4
+
+
+def test_cuda_autocast_runs_the_cudnn_rnn_in_half_precision():
+    # CUDA autocast's _cudnn_rnn wrapper (cudnn/AutocastRNN.cpp) casts input, states and weights to
+    # fp16: the reserve space is half of fp32's; cudarules leaves _cudnn_rnn to the emulation
+    steps, batch = 64, 8
+    reserves = {}
+    for precision in ("fp32", "amp-fp16"):
+        workload = lm(batch=batch, steps=steps, kind="LSTM", num_layers=1, hidden=64, embed=64, vocab_size=50)
+        workload = dataclasses.replace(workload, precision=get_precision(precision))
+        modelled = {m.what: m.bytes for m in trace_step(workload, target="cuda").modelled}
+        reserves[precision] = modelled[rnn.CUDNN_RESERVE_WHAT]
+    call = rnn.CudnnRnn("lstm", steps, batch, 64, 64, 0, 1, 1, 2)
+    assert reserves["amp-fp16"] == -(-call.reserve_bytes() // 512) * 512
+    assert reserves["fp32"] == 2 * reserves["amp-fp16"]
