@@ -141,6 +141,7 @@ def test_find_batch_on_an_lstm_needs_few_trials():
     assert len(result.trials) <= 4
 
 
+@pytest.mark.slow
 def test_cuda_autocast_runs_the_cudnn_rnn_in_half_precision():
     # CUDA autocast's _cudnn_rnn wrapper (cudnn/AutocastRNN.cpp) casts input, states and weights to
     # fp16: the reserve space is half of fp32's; cudarules leaves _cudnn_rnn to the emulation
