@@ -209,7 +209,9 @@ def find_batch(
         if trial.leaked_bytes:
             notes.append(f"batch {batch}: {trial.leaked_bytes} bytes were still allocated after the cleanup")
         emit("trial-done", trial)
-        return Outcome(trial.fits, fitting.value_of(trial, metric), trial.capacity_bytes)
+        # near the capacity the reserved peak saturates: the search reads the slope from the allocated one
+        allocated = trial.peak_allocated_bytes if metric != Metric.ALLOCATED else None
+        return Outcome(trial.fits, fitting.value_of(trial, metric), trial.capacity_bytes, allocated)
 
     def on_step(step) -> None:
         trials[-1] = replace(trials[-1], reason=step.reason)
