@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from memprof.commands.find_batch import scaler_notes
 from memprof.engine.loading import InputSpec, ModelSpec, load_model
 from memprof.engine.measure import CpuCapRunner, IsolatedRunner, cpu_oom_message, is_oom_error, oom_kind
-from memprof.commands.find_batch import scaler_notes
 from memprof.engine.workload import MAX_SKIPPED_STEPS, Workload, get_precision
 from memprof.errors import MeasureError
 

@@ -334,6 +334,7 @@ class CudaRunner:
         trial = _Trial(batch, on_phase)
         error = kind = where = None
         peak_alloc = peak_res = nvml_used = overhead = None
+        prepared: Prepared | None = None
         scaler = make_grad_scaler(workload, "cuda")
         try:
             with torch.cuda.device(self.dev):
