@@ -42,6 +42,11 @@ class MemCategory(str, enum.Enum):
     TEMPORARY = "Temporary"
     INPUT = "Input"
     CUDA_OVERHEAD = "CUDA overhead"  # context, cuBLAS/cuDNN workspaces: NVML sees it, torch does not
+    #: data parallelism (FSDP / ZeRO-2/3): whole parameters gathered from the shards for a unit's forward or backward
+    GATHERED_PARAMETER = "Gathered parameter"
+    #: data parallelism: buffers collectives read or write (DDP gradient buckets, all-gather outputs,
+    #: reduce-scatter inputs) that are not a parameter, gradient or gathered parameter
+    COMMUNICATION = "Communication buffer"
 
     @property
     def key(self) -> str:
@@ -243,6 +248,10 @@ class TraceResult:
     metrics: dict[str, str] = dataclasses.field(default_factory=lambda: dict(TRACE_METRICS))
     #: parts of peak_bytes that are modelled, not traced (their sum is at most peak_bytes)
     modelled: tuple[ModelledBytes, ...] = ()
+    #: data parallelism (workload["strategy"]): the rank traced (every figure above is that rank's)
+    rank: int | None = None
+    #: data parallelism with `offload`: what the rank keeps on the host instead (not in the figures above)
+    host_bytes: int | None = None
 
     @property
     def predicted_allocated_bytes(self) -> int:

@@ -386,15 +386,10 @@ class _Recipe:
 
 
 def _recipe(workload: Workload) -> _Recipe:
+    import dataclasses
+
     spec = workload.model
-    fields = {
-        "precision": workload.precision,
-        "optimizer": workload.optimizer,
-        "mode": workload.mode,
-        "checkpointing": workload.checkpointing,
-        "inplace_relu": workload.inplace_relu,
-        "batch_size": workload.batch_size,
-    }
+    fields = {f.name: getattr(workload, f.name) for f in dataclasses.fields(workload) if f.name != "model"}
     return _Recipe(spec.ref, dict(spec.kwargs), spec.inputs, fields)
 
 
@@ -619,10 +614,100 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
     finally:
         gc.enable()
     del prepared
+    return _step_peaks(step_peaks, resident) | {"end_bytes": resident + cur}
+
+
+def _step_peaks(step_peaks: list[int], resident: int) -> dict[str, int]:
     return {
         "peak_bytes": max(step_peaks),
         "first_step_peak_bytes": step_peaks[0],
         "steady_peak_bytes": step_peaks[-1],
         "resident_bytes": resident,
-        "end_bytes": resident + cur,
     }
+
+
+# =========================================================================== one rank of a real job
+def exact_cpu_accounting() -> None:
+    """Make c10's CPU allocator keep an exact running total across threads (``FLAGS_caffe2_report_cpu_memory_usage``).
+
+    Without it the allocator forgets frees made on threads the profiler does not watch (gloo's
+    workers free collective buffers), so profiler memory events drift. With it every memory
+    event carries the exact process total (``total_allocated``). Call it first thing in the
+    process: allocations made before it are not counted (nor are their frees).
+    """
+    import ctypes
+    import os
+
+    import torch
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+
+
+def _allocation_totals(prof) -> list[tuple[int, int]]:
+    """(time, process total after it) of every CPU allocator event the profiler saw."""
+    out: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        fields = e.extra_fields
+        if type(fields).__name__.endswith("Allocation") and str(fields.device) == "cpu":
+            out.append((e.start_time_ns, int(fields.total_allocated)))
+    out.sort()
+    return out
+
+
+def cpu_allocated_now() -> int:
+    """The CPU allocator's running total (needs :func:`exact_cpu_accounting`): allocate 1 byte and read its event."""
+    import logging
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    logging.getLogger("torch.profiler").setLevel(logging.ERROR)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        probe = torch.empty(1, dtype=torch.uint8)
+    del probe
+    totals = _allocation_totals(prof)
+    return totals[0][1] - 1 if totals else 0
+
+
+def measure_rank_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
+    """One rank of a real data-parallel job on the CPU: build, wrap, run ``steps`` REAL steps, measure.
+
+    Independent of the tracer: the CPU allocator's own exact total (:func:`exact_cpu_accounting`,
+    which must have been called at process start) read from the profiler's memory events. The
+    peak counts everything this rank allocated from just before the model was built (parameters,
+    buffers, DDP buckets, FSDP shards, optimizer state, inputs, and the collectives' buffers,
+    gloo's included). The process group must be initialised (``torchrun``).
+    Returns ``{"peak_bytes", "first_step_peak_bytes", "steady_peak_bytes", "resident_bytes"}``.
+    """
+    import gc
+    import logging
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from .workload import prepare
+
+    logging.getLogger("torch.profiler").setLevel(logging.ERROR)
+    torch.manual_seed(0)
+    gc.collect()
+    baseline = cpu_allocated_now()
+    prepared = prepare(workload, "cpu")
+    resident = cpu_allocated_now() - baseline
+    step_peaks: list[int] = []
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(steps):
+            start = cpu_allocated_now()
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                train_step(prepared)
+            totals = _allocation_totals(prof)
+            step_peaks.append(max([start] + [total for _, total in totals]) - baseline)
+    finally:
+        gc.enable()
+    del prepared
+    return _step_peaks(step_peaks, resident)

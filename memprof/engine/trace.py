@@ -28,6 +28,7 @@ CPU prediction (raw storage bytes), the CUDA ``max_memory_allocated`` prediction
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from .overheads import cublas_workspace_bytes, cuda_context_bytes, onednn_conv_s
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
 if TYPE_CHECKING:
-    from .tracking import StorageTracker  # imports torch
+    from .tracking import StorageTracker
 
 #: cuBLAS workspace PyTorch allocates (through the caching allocator, so it counts in
 PHASES = ("setup", "forward", "backward", "optimizer", "done")
@@ -114,6 +115,10 @@ class _Recorder:
         self.done_op: dict[int, int] = {}
         self.workspace_threads: set[str] = set()
         self.workspace_bytes = cublas_workspace_bytes() if target == "cuda" else 0
+        self.sharded = False  # FSDP / ZeRO-2/3: storages grown by resizing are gathered parameters
+        from .tracking import RESIZE
+
+        self.resize_func = RESIZE
 
     # -- module attribution -------------------------------------------------------------
     def module_now(self) -> str | None:
@@ -141,7 +146,10 @@ class _Recorder:
         self.rec_phase.append(self.phase)
         self.rec_module.append(module)
         self.rec_step.append(self.step)
-        self.rec_cat.append(self.category)
+        if func is self.resize_func and self.category is None and self.sharded:
+            self.rec_cat.append(MemCategory.GATHERED_PARAMETER)  # FSDP2 re-allocating an unsharded parameter
+        else:
+            self.rec_cat.append(self.category)
         self.rec_host.append(False)
         op = self.tracker.op_count if self.tracker is not None else 0
         self.events.append((rec, 1, op, self.phase, module, self.step))
@@ -181,6 +189,25 @@ class _Recorder:
         self.rec_host.append(self.rec_host[rec])
         return new
 
+    @contextlib.contextmanager
+    def forced(self, category: MemCategory):
+        """Allocations made inside are ``category`` (DDP's rebuilt buckets)."""
+        saved, self.category = self.category, category
+        try:
+            yield
+        finally:
+            self.category = saved
+
+    def categorize_tensors(self, tensors, category: MemCategory) -> None:
+        """Uncategorised records of these tensors' storages (a collective's buffers, gathered parameters)."""
+        import torch
+
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                rec = self.key_to_rec.get(_local(t).untyped_storage()._cdata)
+                if rec is not None and self.rec_cat[rec] is None:
+                    self.rec_cat[rec] = category
+
     def categorize_live(self, keys, category: MemCategory, only_unset: bool = True) -> None:
         for key in keys:
             rec = self.key_to_rec.get(key)
@@ -188,8 +215,12 @@ class _Recorder:
                 self.rec_cat[rec] = category
 
 
+_COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
+
+
 def _make_tracker(recorder: _Recorder):
     import torch
+    from torch.utils._pytree import tree_leaves
 
     from .tracking import StorageTracker
 
@@ -210,6 +241,11 @@ def _make_tracker(recorder: _Recorder):
                     recorder.workspace_threads.add(thread)
                     recorder.synthetic(recorder.workspace_bytes, MemCategory.CUDA_OVERHEAD)
                     recorder.need_workspace = len(recorder.workspace_threads) < 2
+            if func.namespace in _COLLECTIVE_NAMESPACES:
+                # the buffers a collective reads and writes (all-gather output, reduce-scatter input, buckets)
+                out = super().__torch_dispatch__(func, types, args, kwargs)
+                recorder.categorize_tensors(tree_leaves((args, kwargs)), MemCategory.COMMUNICATION)
+                return out
             if func is sdpa_flash:
                 recorder.saw_flash_attention = True
             if recorder.cpu_scratch and func in convs:
@@ -240,6 +276,8 @@ def _install_module_hooks(model, recorder: _Recorder) -> list:
         label = name or root_name
 
         def pre(mod, args, _label=label):
+            if recorder.sharded:  # FSDP2 swapped in the unsharded parameters just before (its hook runs first)
+                recorder.categorize_tensors(mod.parameters(recurse=False), MemCategory.GATHERED_PARAMETER)
             recorder.module_stack.append(_label)
             recorder.last_module_input = (_label, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
             recorder.mark()
@@ -415,9 +453,40 @@ def _step_error(exc: Exception, phase: str) -> MemprofError:
     return TraceError(f"tracing the {phase} pass failed: {name}: {msg}", hint)
 
 
+# =========================================================================== data parallelism
+class _TraceRank(Exception):  # noqa: N818 - control flow, never leaves trace_step
+    """ZeRO-1: another rank holds more optimizer state than the one traced; trace that one."""
+
+    def __init__(self, rank: int):
+        super().__init__(rank)
+        self.rank = rank
+
+
+def _local(t):
+    """What a rank holds of ``t``: a DTensor's local shard, or ``t``."""
+    local = getattr(t, "_local_tensor", None)
+    return local if local is not None else t
+
+
+def _keys(tensors) -> list[int]:
+    return [_local(t).untyped_storage()._cdata for t in tensors]
+
+
+def _optimizer_state(optimizer) -> dict:
+    """The optimizer's state; ZeroRedundancyOptimizer keeps its rank's in the local optimizer it wraps."""
+    inner = getattr(optimizer, "optim", None)
+    return (inner if inner is not None and hasattr(inner, "state") else optimizer).state
+
+
 # =========================================================================== tracing
 def trace_step(
-    workload: Workload, *, target: str = "cuda", steps: int = 2, replay_steps: bool = True, kernel_scratch: bool = True
+    workload: Workload,
+    *,
+    target: str = "cuda",
+    steps: int = 2,
+    replay_steps: bool = True,
+    kernel_scratch: bool = True,
+    rank: int | None = None,
 ) -> TraceResult:
     """Trace ``steps`` training steps of ``workload`` on fake tensors and predict their memory.
 
@@ -431,7 +500,22 @@ def trace_step(
     optimizer state now lives through them and is not created again), so with
     ``replay_steps`` (the default) their events are copied from the first step instead of
     traced: the result is the same as tracing every step (tested), in about half the time.
+
+    With a data-parallel strategy (``workload.strategy``) the prediction is one rank's: PyTorch's
+    DDP / FSDP2 / ZeroRedundancyOptimizer run over a fake process group of ``workload.world_size``
+    ranks (:mod:`memprof.engine.distributed`), seen from ``rank`` (default: the rank that holds the
+    most, rank 0 but for ZeRO-1's uneven optimizer partitions). Replaying steps stays exact there
+    (DDP's bucket rebuild frees and re-allocates the same bytes; tested per strategy).
     """
+    try:
+        return _trace(workload, target, steps, replay_steps, kernel_scratch, rank)
+    except _TraceRank as heavier:
+        return _trace(workload, target, steps, replay_steps, kernel_scratch, heavier.rank)
+
+
+def _trace(
+    workload: Workload, target: str, steps: int, replay_steps: bool, kernel_scratch: bool, rank: int | None
+) -> TraceResult:
     import gc
     import logging
     import warnings
@@ -451,15 +535,24 @@ def trace_step(
     model = None
     gc_was_enabled = gc.isenabled()
     real_get_rng_state = None
+    traced_rank: int | None = None
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    world_cm: Any = contextlib.nullcontext()
+    if workload.distributed:
+        from . import distributed
+
+        world_cm = distributed.fake_world(workload.world_size, rank or 0)
+        recorder.sharded = distributed.is_sharded(workload.strategy)
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     fake_log_level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)  # it logs every meta-kernel failure; ours become MemprofErrors
     try:
-        with fake_mode, warnings.catch_warnings():
+        with world_cm as world, fake_mode, warnings.catch_warnings():
             # modules that test data_ptr() (nn.TransformerEncoder's fast path) make PyTorch warn about
             # fake tensors; the answer they get does not change what is allocated, so keep it off the screen
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+            # FSDP2 warns about modules that return views (about in-place ops the step does not do)
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
             fast = fastfake.FastFake(fake_mode) if fastfake.enabled() else None
             with fastfake.mode(fast):  # parameters and buffers are made through the same fast cache
                 model = _build_fake_model(workload)
@@ -467,16 +560,30 @@ def trace_step(
             if fast is not None:
                 tracker.run_op = fast.run
             with tracker:
+                made_by_wrap: list[int] = []
+                if world is not None:  # DDP's buckets, FSDP2's shards: allocated by PyTorch's code, traced
+                    traced_rank = world.rank
+                    world.bucket_context = lambda: recorder.forced(MemCategory.COMMUNICATION)
+                    model = distributed.wrap(model, distributed.plan_of(workload), world, "cpu")
+                    made_by_wrap = list(tracker.live)
                 recorder.category = MemCategory.PARAMETER
                 params = list(model.parameters())
-                tracker.register(params)
+                recorder.categorize_live(tracker.register(params), MemCategory.PARAMETER)
+                recorder.categorize_live(_keys(params), MemCategory.PARAMETER, only_unset=False)
                 recorder.category = MemCategory.BUFFER
                 tracker.register(list(model.buffers()))
+                recorder.categorize_live(_keys(model.buffers()), MemCategory.BUFFER)
+                recorder.categorize_live(made_by_wrap, MemCategory.COMMUNICATION)
                 recorder.category = None
                 optimizer = None
                 if workload.mode == "train":
                     trainable = [p for p in params if p.requires_grad]
-                    optimizer = make_optimizer(workload.optimizer, trainable, target)
+                    zero1 = world if workload.strategy == "zero1" else None
+                    optimizer = make_optimizer(workload.optimizer, trainable, target, zero1)
+                    if zero1 is not None and rank is None:
+                        heaviest = distributed.heaviest_partition(optimizer)
+                        if heaviest != world.rank:
+                            raise _TraceRank(heaviest)
                 recorder.category = MemCategory.INPUT
                 try:
                     args, kwargs, tgt = workload.model.make_batch(workload.batch_size, "cpu", workload.precision)
@@ -487,7 +594,7 @@ def trace_step(
                 recorder.category = None
                 prepared = Prepared(workload, model, optimizer, args, kwargs, tgt, workload.model.loss_fn(), "cpu")
                 del args, kwargs, tgt
-                handles = _install_module_hooks(model, recorder)
+                handles = _install_module_hooks(getattr(model, "module", model) if world else model, recorder)
                 if target == "cpu":
                     # torch.utils.checkpoint keeps the CPU RNG state (a real 5056-byte tensor made
                     # outside any op) per checkpointed call; on CUDA it is host memory
@@ -524,17 +631,17 @@ def trace_step(
                         recorder.optimizer_op[recorder.step] = tracker.op_count
                         for p in prepared.model.parameters():
                             if p.grad is not None:
-                                rec = recorder.key_to_rec.get(p.grad.untyped_storage()._cdata)
+                                rec = recorder.key_to_rec.get(_local(p.grad).untyped_storage()._cdata)
                                 if rec is not None:
                                     recorder.rec_cat[rec] = MemCategory.GRADIENT
                     elif phase == "done":
                         recorder.done_start.setdefault(recorder.step, len(recorder.events))
                         recorder.done_op.setdefault(recorder.step, tracker.op_count)
                     if phase == "done" and prepared.optimizer is not None:
-                        for state in prepared.optimizer.state.values():
+                        for state in _optimizer_state(prepared.optimizer).values():
                             for name, value in state.items():
                                 if isinstance(value, torch.Tensor):
-                                    key = value.untyped_storage()._cdata
+                                    key = _local(value).untyped_storage()._cdata
                                     rec = recorder.key_to_rec.get(key)
                                     if rec is None:
                                         continue
@@ -592,8 +699,56 @@ def trace_step(
                 "CUDA's flash/memory-efficient kernels do; attention with dropout takes the CPU's math path "
                 "and saves the attention matrix, which CUDA would not"
             )
+    host_bytes = None
+    if workload.distributed:
+        notes.extend(_distributed_notes(workload, target))
+        host_bytes = _offload(recorder, workload, target, steps)
     result = _analyse(recorder, workload, target, steps, op_count, notes)
+    if workload.distributed:
+        import dataclasses
+
+        result = dataclasses.replace(result, rank=traced_rank, host_bytes=host_bytes)
     return _replace_seconds(result, time.perf_counter() - started)
+
+
+def _distributed_notes(workload: Workload, target: str) -> list[str]:
+    notes = [
+        f"one rank of {workload.world_size} ({workload.strategy}): PyTorch's distributed code traced over a "
+        "fake process group (collectives move no data, their buffers are allocated as on a real rank)"
+    ]
+    if target == "cuda":
+        notes.append("NCCL's own communication buffers live outside PyTorch's allocator and are not included")
+    if workload.offload != "none" and target == "cpu":
+        notes.append(f"`offload` {workload.offload} changes nothing on the CPU: the host is the device")
+    elif workload.offload == "params":
+        notes.append(
+            "offload params: sharded parameters, gradients and optimizer state are counted on the host "
+            "(host_bytes); the host-to-device copies of each unit's shards before its all-gather are not included"
+        )
+    elif workload.offload == "optimizer":
+        notes.append(
+            "offload optimizer: optimizer state is counted on the host (host_bytes); the device-to-host copies "
+            "of gradients and the updated parameters copied back are not included"
+        )
+    return notes
+
+
+def _offload(recorder: _Recorder, workload: Workload, target: str, steps: int) -> int | None:
+    """Move the offloaded categories to the host (a CUDA step only); returns the most they hold at once, or None."""
+    if workload.offload == "none" or target != "cuda":
+        return None
+    hosted = {MemCategory.OPTIMIZER_STATE}
+    if workload.offload == "params":
+        hosted |= {MemCategory.PARAMETER, MemCategory.GRADIENT}
+    for r, category in enumerate(recorder.rec_cat):
+        if category in hosted:
+            recorder.rec_host[r] = True
+    live = peak = 0
+    for r, sign, *_ in recorder.events:
+        if recorder.rec_host[r] and recorder.rec_cat[r] in hosted:
+            live += sign * recorder.rec_nbytes[r]
+            peak = max(peak, live)
+    return peak
 
 
 def _replay_step(recorder: _Recorder, tracker, on_phase, step: int) -> None:

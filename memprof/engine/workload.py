@@ -130,8 +130,8 @@ def optimizer_state_count(name: str) -> int:
     return OPTIMIZERS[get_optimizer_name(name)][0]
 
 
-def make_optimizer(name: str, params, device_type: str):
-    """Build the optimizer the way PyTorch would by default on ``device_type``.
+def optimizer_class(name: str, device_type: str) -> tuple[type, dict[str, Any]]:
+    """The torch optimizer class and keyword arguments for ``name``, as PyTorch would run it on ``device_type``.
 
     ``foreach`` is passed explicitly: PyTorch picks the multi-tensor (foreach)
     implementations by default on CUDA and the per-tensor loop on CPU, and the two
@@ -142,20 +142,34 @@ def make_optimizer(name: str, params, device_type: str):
 
     foreach = device_type == "cuda"
     name = get_optimizer_name(name)
+    if name == "sgd":
+        return torch.optim.SGD, {"lr": 1e-3, "foreach": foreach}
+    if name == "sgd-momentum":
+        return torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9, "foreach": foreach}
+    if name == "adam":
+        return torch.optim.Adam, {"lr": 1e-4, "foreach": foreach}
+    if name == "adamw":
+        return torch.optim.AdamW, {"lr": 1e-4, "foreach": foreach}
+    if name == "adagrad":
+        return torch.optim.Adagrad, {"lr": 1e-3, "foreach": foreach}
+    return torch.optim.RMSprop, {"lr": 1e-4, "foreach": foreach}
+
+
+def make_optimizer(name: str, params, device_type: str, world=None):
+    """Build the optimizer the way PyTorch would by default on ``device_type`` (see :func:`optimizer_class`).
+
+    With ``world`` (a :class:`memprof.engine.distributed.World`, ZeRO-1), PyTorch's
+    ``ZeroRedundancyOptimizer`` around it: each rank keeps the state of its partition only.
+    """
     params = list(params)
     if not params:
         raise UsageError("the model has no trainable parameters", "use --mode eval for inference-only models")
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-3, foreach=foreach)
-    if name == "sgd-momentum":
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=1e-4, foreach=foreach)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
-    if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=1e-3, foreach=foreach)
-    return torch.optim.RMSprop(params, lr=1e-4, foreach=foreach)
+    cls, kwargs = optimizer_class(name, device_type)
+    if world is not None:
+        from .distributed import make_sharded_optimizer
+
+        return make_sharded_optimizer(params, cls, kwargs, world)
+    return cls(params, **kwargs)
 
 
 # --------------------------------------------------------------------------- workload
@@ -175,6 +189,15 @@ class Workload:
     checkpointing: str = "none"
     #: turn every nn.ReLU into ReLU(inplace=True) before the step
     inplace_relu: bool = False
+    #: data parallelism (:mod:`memprof.engine.distributed`): none, ddp, zero1, zero2, zero3 / fsdp;
+    #: ``batch_size`` is then per rank, and everything the workload predicts is one rank's
+    strategy: str = "none"
+    world_size: int = 1
+    #: none, optimizer (optimizer state on the host) or params (FSDP2's CPUOffloadPolicy)
+    offload: str = "none"
+    #: DDP's bucket size and ``gradient_as_bucket_view`` (ddp, zero1)
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = False
 
     def __post_init__(self):
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
@@ -182,6 +205,15 @@ class Workload:
         if self.mode not in MODES:
             raise UsageError(f"unknown mode {self.mode!r}", "choose train or eval")
         object.__setattr__(self, "optimizer", get_optimizer_name(self.optimizer))
+        from .distributed import check_plan
+
+        strategy, offload = check_plan(self.strategy, self.world_size, self.offload, self.bucket_cap_mb)
+        object.__setattr__(self, "strategy", strategy)
+        object.__setattr__(self, "offload", offload)
+
+    @property
+    def distributed(self) -> bool:
+        return self.strategy != "none"
 
     def with_batch(self, batch_size: int) -> Workload:
         return dataclasses.replace(self, batch_size=batch_size)
@@ -200,7 +232,16 @@ class Workload:
             "mode": self.mode,
             "checkpointing": self.checkpointing,
             "inplace_relu": self.inplace_relu,
-        }
+        } | self.describe_parallel()
+
+    def describe_parallel(self) -> dict[str, Any]:
+        """The data-parallel fields, only when there is a strategy (a single process describes as before)."""
+        if not self.distributed:
+            return {}
+        out: dict[str, Any] = {"strategy": self.strategy, "world_size": self.world_size, "offload": self.offload}
+        if self.strategy in ("ddp", "zero1"):
+            out |= {"bucket_cap_mb": self.bucket_cap_mb, "gradient_as_bucket_view": self.gradient_as_bucket_view}
+        return out
 
 
 # --------------------------------------------------------------------------- building
@@ -285,6 +326,8 @@ def prepare(
 ) -> Prepared:
     """Build model, optimizer and one batch for ``workload`` on ``device``.
 
+    With a data-parallel strategy the model is wrapped (DDP, FSDP2) over the process group
+    ``torchrun`` initialised, and ``workload.batch_size`` is this rank's batch.
     ``optimizer_device_type`` chooses which device's default optimizer implementation
     to use (see :func:`make_optimizer`); it defaults to ``device``'s type.
     """
@@ -293,10 +336,17 @@ def prepare(
     device = torch.device(device)
     if model is None:
         model = build_model(workload, device)
+    world = None
+    if workload.distributed:
+        from . import distributed
+
+        world = distributed.current_world(device.type)
+        model = distributed.wrap(model, distributed.plan_of(workload), world, device.type)
     opt = None
     if workload.mode == "train":
         trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(workload.optimizer, trainable, optimizer_device_type or device.type)
+        sharded_opt = world if workload.strategy == "zero1" else None
+        opt = make_optimizer(workload.optimizer, trainable, optimizer_device_type or device.type, sharded_opt)
     args, kwargs, target = workload.model.make_batch(workload.batch_size, device, workload.precision)
     return Prepared(workload, model, opt, args, kwargs, target, workload.model.loss_fn(), device.type)
 
