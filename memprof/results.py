@@ -277,6 +277,48 @@ class BatchFit:
     exact: bool = True  # False: the search stopped early; max_batch is a lower bound
 
 
+# =========================================================================== scaling (estimate --world-size 1,2,8,...)
+@dataclasses.dataclass(frozen=True)
+class ScalingRow:
+    """One world size of a data-parallel sweep: what one rank holds, traced (None where the trace failed)."""
+
+    world_size: int
+    strategy: str  # "none" for the one-process row
+    peak_bytes: int | None  # one rank's traced peak (allocated)
+    metric_bytes: int | None  # the figure compared with the capacity (nvml on CUDA)
+    model_state_bytes: int | None  # parameters + gradients + optimizer state on the device, as held by one rank
+    activation_bytes: int | None  # saved for backward: the same at every world size
+    gathered_bytes: int | None  # gathered parameters alive at the peak (FSDP / ZeRO-2/3)
+    communication_bytes: int | None  # communication buffers alive at the peak (buckets, all-gather, reduce-scatter)
+    host_bytes: int | None  # offloaded to the host (--offload)
+    max_batch: int | None  # the largest batch per rank that fits the capacity (None: not even 1, or no capacity)
+    recommended_batch: int | None
+    fits: bool | None  # the workload's batch fits (None: no capacity)
+    peak_phase: str | None = None
+    error: str | None = None
+
+    @property
+    def global_batch(self) -> int | None:
+        """The largest batch of the whole job: per rank × ranks."""
+        return None if self.max_batch is None else self.max_batch * self.world_size
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingResult:
+    """``memprof estimate --strategy S --world-size 1,2,8,...``: per-rank memory and batch at each world size."""
+
+    workload: dict[str, Any]  # the workload at the first world size
+    strategy: str
+    target: str  # "cuda" | "cpu"
+    metric: str  # what metric_bytes and the fit compare with the capacity
+    capacity: Capacity | None
+    capacity_note: str | None
+    headroom: float
+    rows: tuple[ScalingRow, ...]
+    notes: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
 # =========================================================================== gpus
 @dataclasses.dataclass(frozen=True)
 class TorchDevice:
@@ -473,6 +515,9 @@ class BatchTrial:
     leaked_bytes: int | None = None  # still allocated after the cleanup, beyond the pre-trial baseline
     predicted_bytes: int | None = None  # the prediction of the limited metric at this batch
     reason: str | None = None  # why the search tried this batch (prediction, extrapolate, confirm, ...)
+    #: several ranks (find-batch under torchrun): each rank's peak allocated bytes, rank 0 first; the
+    #: figures above are then the largest rank's (capacity: the smallest), an OOM on any rank is an OOM
+    rank_peaks_bytes: tuple[int | None, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

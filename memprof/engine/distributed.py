@@ -211,12 +211,37 @@ def _mesh(device_type: str, world_size: int):
     return init_device_mesh(device_type, (world_size,))
 
 
+_trial_group: Any = None
+
+
+@contextlib.contextmanager
+def trial_group(group) -> Iterator[None]:
+    """Real runs inside use ``group`` (a process group made for one trial) instead of the default one."""
+    global _trial_group
+    saved, _trial_group = _trial_group, group
+    try:
+        yield
+    finally:
+        _trial_group = saved
+
+
 def current_world(device_type: str) -> World:
-    """The world ``torchrun`` set up (the default process group must be initialised)."""
+    """The world ``torchrun`` set up (the default process group, or the trial's: :func:`trial_group`)."""
     import torch.distributed as dist
 
-    size = dist.get_world_size()
-    return World(size, dist.get_rank(), dist.group.WORLD, _mesh(device_type, size))
+    group = _trial_group if _trial_group is not None else dist.group.WORLD
+    size = dist.get_world_size(group)
+    return World(size, dist.get_rank(group), group, _mesh_of(group, device_type, size))
+
+
+def _mesh_of(group, device_type: str, size: int):
+    import torch.distributed as dist
+
+    if group is dist.group.WORLD:
+        return _mesh(device_type, size)
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh.from_group(group, device_type)
 
 
 # =========================================================================== FSDP units

@@ -22,11 +22,13 @@ never touches CUDA, and whatever a trial leaves behind dies with the child.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
+import re
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -385,7 +387,7 @@ class _Recipe:
     workload_fields: dict
 
 
-def _recipe(workload: Workload) -> _Recipe:
+def workload_recipe(workload: Workload) -> _Recipe:
     import dataclasses
 
     spec = workload.model
@@ -393,7 +395,7 @@ def _recipe(workload: Workload) -> _Recipe:
     return _Recipe(spec.ref, dict(spec.kwargs), spec.inputs, fields)
 
 
-def _rebuild(recipe: _Recipe) -> Workload:
+def rebuild_workload(recipe: _Recipe) -> Workload:
     from .loading import load_model
 
     spec = load_model(recipe.ref, recipe.kwargs)
@@ -407,7 +409,7 @@ def _child(recipe: _Recipe, kind: str, arg: int, batch: int, steps: int, conn) -
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends the child
     try:
-        workload = _rebuild(recipe)
+        workload = rebuild_workload(recipe)
         runner = CpuCapRunner(arg) if kind == "cpu" else CudaRunner(arg)
         trial = runner.run(workload, batch, steps, lambda step, phase: conn.send(("phase", step, phase)))
         conn.send(("result", trial))
@@ -461,7 +463,7 @@ class IsolatedRunner:
         from .. import errors as errors_mod
 
         parent, child = self._ctx.Pipe(duplex=False)
-        args = (_recipe(workload), self.kind, self.arg, batch, steps, child)
+        args = (workload_recipe(workload), self.kind, self.arg, batch, steps, child)
         proc = self._ctx.Process(target=_child, args=args, daemon=True)
         t0 = time.perf_counter()
         try:
@@ -627,87 +629,121 @@ def _step_peaks(step_peaks: list[int], resident: int) -> dict[str, int]:
 
 
 # =========================================================================== one rank of a real job
-def exact_cpu_accounting() -> None:
-    """Make c10's CPU allocator keep an exact running total across threads (``FLAGS_caffe2_report_cpu_memory_usage``).
-
-    Without it the allocator forgets frees made on threads the profiler does not watch (gloo's
-    workers free collective buffers), so profiler memory events drift. With it every memory
-    event carries the exact process total (``total_allocated``). Call it first thing in the
-    process: allocations made before it are not counted (nor are their frees).
-    """
+def _c10():
     import ctypes
     import os
 
     import torch
 
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
-    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+    return ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
 
 
-def _allocation_totals(prof) -> list[tuple[int, int]]:
-    """(time, process total after it) of every CPU allocator event the profiler saw."""
-    out: list[tuple[int, int]] = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        stack.extend(e.children)
-        fields = e.extra_fields
-        if type(fields).__name__.endswith("Allocation") and str(fields.device) == "cpu":
-            out.append((e.start_time_ns, int(fields.total_allocated)))
-    out.sort()
-    return out
+def exact_cpu_accounting() -> None:
+    """Make c10's CPU allocator keep an exact running total across threads (``FLAGS_caffe2_report_cpu_memory_usage``).
+
+    Without it the allocator forgets frees made on threads the profiler does not watch (gloo's
+    workers free collective buffers). Call it first thing in the process: allocations made before
+    it are not counted (nor are their frees).
+    """
+    import ctypes
+
+    ctypes.c_bool.in_dll(_c10(), "FLAGS_caffe2_report_cpu_memory_usage").value = True
 
 
-def cpu_allocated_now() -> int:
-    """The CPU allocator's running total (needs :func:`exact_cpu_accounting`): allocate 1 byte and read its event."""
-    import logging
+#: c10's CPU allocator, with the flag above and INFO logging: one line per allocation and free, from any thread
+_C10_LINE = re.compile(rb"C10 (alloc|deleted) (\d+) bytes, total alloc (\d+) bytes")
+#: sizes of the marker allocations that cut the log into phases (odd sizes nothing else allocates)
+_MARKS = tuple(7_777_777 + 2 * i for i in range(64))
 
+
+@contextlib.contextmanager
+def c10_allocation_log() -> Iterator[list[tuple[int, int]]]:
+    """While open, c10's CPU allocator logs every allocation and free with its exact running total, on any
+    thread (gloo's workers included); at exit the list holds ``(signed bytes, total after)`` in order.
+
+    Needs :func:`exact_cpu_accounting` at process start. The log goes to stderr (file descriptor 2),
+    which is redirected to a temporary file meanwhile.
+    """
+    import ctypes
+    import os
+    import sys
+    import tempfile
+
+    level = ctypes.c_int.in_dll(_c10(), "FLAGS_caffe2_log_level")
+    events: list[tuple[int, int]] = []
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        saved_level, level.value = level.value, 0  # INFO
+        try:
+            yield events
+        finally:
+            level.value = saved_level
+            sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            log.seek(0)
+            for m in _C10_LINE.finditer(log.read()):
+                sign = 1 if m.group(1) == b"alloc" else -1
+                events.append((sign * int(m.group(2)), int(m.group(3))))
+
+
+def _mark(i: int) -> None:
+    """A marker in the allocation log: allocate and free ``_MARKS[i]`` bytes."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
-    logging.getLogger("torch.profiler").setLevel(logging.ERROR)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        probe = torch.empty(1, dtype=torch.uint8)
-    del probe
-    totals = _allocation_totals(prof)
-    return totals[0][1] - 1 if totals else 0
+    torch.empty(_MARKS[i], dtype=torch.uint8)
+
+
+def _phases(events: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """From the log: the total at each marker, and the highest total between each marker and the next."""
+    at_marks: list[int] = []
+    peaks: list[int] = []
+    current: int | None = None
+    for nbytes, total in events:
+        if nbytes in _MARKS:  # a marker: close the phase before it, open the next
+            if current is not None:
+                peaks.append(current)
+            current = total - nbytes
+            at_marks.append(current)
+        elif current is not None and -nbytes not in _MARKS:
+            current = max(current, total)
+    return at_marks, peaks
 
 
 def measure_rank_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
     """One rank of a real data-parallel job on the CPU: build, wrap, run ``steps`` REAL steps, measure.
 
-    Independent of the tracer: the CPU allocator's own exact total (:func:`exact_cpu_accounting`,
-    which must have been called at process start) read from the profiler's memory events. The
-    peak counts everything this rank allocated from just before the model was built (parameters,
-    buffers, DDP buckets, FSDP shards, optimizer state, inputs, and the collectives' buffers,
-    gloo's included). The process group must be initialised (``torchrun``).
+    Independent of the tracer: c10's CPU allocator logs every allocation and free with its exact
+    running total, from every thread (:func:`c10_allocation_log`; :func:`exact_cpu_accounting` must
+    have run at process start), so buffers gloo allocates on its own threads count too. The peak
+    counts everything this rank allocated from just before the model was built (parameters,
+    buffers, DDP buckets, FSDP shards, optimizer state, inputs, collective buffers). The process
+    group must be initialised (``torchrun``).
     Returns ``{"peak_bytes", "first_step_peak_bytes", "steady_peak_bytes", "resident_bytes"}``.
     """
     import gc
-    import logging
 
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from .workload import prepare
 
-    logging.getLogger("torch.profiler").setLevel(logging.ERROR)
     torch.manual_seed(0)
-    gc.collect()
-    baseline = cpu_allocated_now()
-    prepared = prepare(workload, "cpu")
-    resident = cpu_allocated_now() - baseline
-    step_peaks: list[int] = []
     gc.collect()
     gc.disable()
     try:
-        for _ in range(steps):
-            start = cpu_allocated_now()
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with c10_allocation_log() as events:
+            _mark(0)
+            prepared = prepare(workload, "cpu")
+            _mark(1)
+            for i in range(steps):
                 train_step(prepared)
-            totals = _allocation_totals(prof)
-            step_peaks.append(max([start] + [total for _, total in totals]) - baseline)
+                _mark(2 + i)
+            del prepared
+            _mark(2 + steps)
     finally:
         gc.enable()
-    del prepared
-    return _step_peaks(step_peaks, resident)
+    at_marks, peaks = _phases(events)
+    base = at_marks[0]
+    return _step_peaks([p - base for p in peaks[1 : 1 + steps]], at_marks[1] - base)

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputShapeError, MemprofError, TraceError, UsageError
-from ..results import MemCategory, TimelinePoint, TraceResult
+from ..results import MemCategory, ModelledBytes, TimelinePoint, TraceResult
 from . import fastfake
 from .allocator import CachingAllocatorModel, round_size
 from .overheads import cublas_workspace_bytes, cuda_context_bytes, onednn_conv_scratch
@@ -116,6 +116,8 @@ class _Recorder:
         self.workspace_threads: set[str] = set()
         self.workspace_bytes = cublas_workspace_bytes() if target == "cuda" else 0
         self.sharded = False  # FSDP / ZeRO-2/3: storages grown by resizing are gathered parameters
+        self.gloo = False  # a CPU rank: gloo's own collective buffers are modelled
+        self.gloo_recs: set[int] = set()
         from .tracking import RESIZE
 
         self.resize_func = RESIZE
@@ -216,6 +218,25 @@ class _Recorder:
 
 
 _COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
+#: collectives ProcessGroupGloo runs through a buffer of its own (measured: scripts/validate_multigpu.py):
+#: op name -> (which argument sizes it, its size multiplied by the group size)
+_GLOO_SCRATCH = {
+    "c10d::_allgather_base_": (0, False),  # the output's size
+    "c10d::_reduce_scatter_base_": (1, False),  # the input's size
+    "_c10d_functional::all_gather_into_tensor": (0, True),  # input x group size (the output's)
+    "_c10d_functional::reduce_scatter_tensor": (0, False),
+}
+
+
+def _gloo_scratch(func, args) -> int:
+    """Bytes gloo allocates on its own thread while running collective ``func`` (freed when it ends)."""
+    how = _GLOO_SCRATCH.get(func._schema.name)
+    if how is None:
+        return 0
+    index, times_group = how
+    t = args[index]
+    nbytes = t.numel() * t.element_size()
+    return nbytes * int(args[1]) if times_group else nbytes
 
 
 def _make_tracker(recorder: _Recorder):
@@ -243,7 +264,15 @@ def _make_tracker(recorder: _Recorder):
                     recorder.need_workspace = len(recorder.workspace_threads) < 2
             if func.namespace in _COLLECTIVE_NAMESPACES:
                 # the buffers a collective reads and writes (all-gather output, reduce-scatter input, buckets)
-                out = super().__torch_dispatch__(func, types, args, kwargs)
+                scratch = _gloo_scratch(func, args) if recorder.gloo else 0
+                rec = recorder.synthetic(scratch, MemCategory.COMMUNICATION) if scratch else None
+                if rec is not None:
+                    recorder.gloo_recs.add(rec)
+                try:
+                    out = super().__torch_dispatch__(func, types, args, kwargs)
+                finally:
+                    if rec is not None:
+                        recorder.free_synthetic(rec)
                 recorder.categorize_tensors(tree_leaves((args, kwargs)), MemCategory.COMMUNICATION)
                 return out
             if func is sdpa_flash:
@@ -543,6 +572,7 @@ def _trace(
 
         world_cm = distributed.fake_world(workload.world_size, rank or 0)
         recorder.sharded = distributed.is_sharded(workload.strategy)
+        recorder.gloo = target == "cpu"
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     fake_log_level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)  # it logs every meta-kernel failure; ours become MemprofErrors
@@ -857,6 +887,18 @@ def _analyse(
     for r in live:
         if sizes[r]:
             breakdown[cats[r]] = breakdown.get(cats[r], 0) + sizes[r]
+    modelled: list[ModelledBytes] = []
+    gloo_at_peak = sum(sizes[r] for r in live if r in rec.gloo_recs)
+    if gloo_at_peak:
+        modelled.append(
+            ModelledBytes(
+                "gloo collective buffer",
+                gloo_at_peak,
+                "ProcessGroupGloo allocates the output of all_gather_into_tensor and the input of "
+                "reduce_scatter_tensor on its own thread while they run (measured)",
+                verified=True,
+            )
+        )
     peak_phase = events[peak_i][3] if peak_i >= 0 else "setup"
     peak_module = events[peak_i][4] if peak_i >= 0 else None
     peak_step = events[peak_i][5] if peak_i >= 0 else 0
@@ -910,6 +952,7 @@ def _analyse(
         peak_step=peak_step,
         cublas_workspace_bytes=workspaces if cuda else None,
         cuda_context_bytes=context,
+        modelled=tuple(modelled),
     )
 
 
