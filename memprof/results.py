@@ -488,6 +488,29 @@ class ProfileResult:
     _log: Any = None
 
 
+@dataclasses.dataclass(frozen=True)
+class RanksProfileResult:
+    """``memprof profile --nproc-per-node N``: the script run as a torchrun job, every rank profiled.
+
+    ``ranks`` holds this node's ranks, rank order; ``missing`` the local ranks that sent no profile
+    (the job died before they could).
+    """
+
+    script: str
+    argv: tuple[str, ...]
+    nproc_per_node: int
+    world_size: int
+    ranks: tuple[tuple[int, ProfileResult], ...]
+    missing: tuple[int, ...]
+    wall_s: float
+    exit_code: int  # torchrun's: non-zero when any rank failed
+
+    @property
+    def highest(self) -> tuple[int, ProfileResult] | None:
+        """The rank with the highest peak, and its profile."""
+        return max(self.ranks, key=lambda rp: rp[1].peak.bytes, default=None)
+
+
 # =========================================================================== find-batch
 @dataclasses.dataclass(frozen=True)
 class BatchTrial:

@@ -40,8 +40,8 @@ GPT_SMALL = '{"vocab_size": 2048, "block_size": 64, "n_layer": 4, "n_head": 4, "
 
 GPT = ("GPT 4L-128d:8x64 adamw", "memprof.zoo:GPT")
 GPT_OPTIONS = dict(batch_size=8, input_shape=["64"], optimizer="adamw", model_kwargs=GPT_SMALL)
-RESNET = ("resnet18:4:64 sgd-momentum", "resnet18")
-RESNET_OPTIONS = dict(batch_size=4, input_shape=["3,64,64"], optimizer="sgd-momentum")
+RESNET = ("resnet18:4:112 sgd-momentum", "resnet18")
+RESNET_OPTIONS = dict(batch_size=4, input_shape=["3,112,112"], optimizer="sgd-momentum")
 
 # name, model ref, options for build_workload, strategy, processes
 CASES: list[tuple[str, str, dict, str, int]] = [

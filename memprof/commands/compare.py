@@ -19,6 +19,7 @@ from typing import Any
 
 from ..engine import checkpointing as ckpt
 from ..engine import fit as fitting
+from ..engine.distributed import get_strategy, is_sharded
 from ..engine.flops import recompute_cost
 from ..engine.workload import Workload, get_optimizer_name, get_precision
 from ..errors import MemprofError, UsageError
@@ -33,8 +34,9 @@ from ..results import (
     Target,
 )
 
-#: the axes a comparison can vary, in the order rows and labels use them
-AXES = ("dtype", "optimizer", "checkpointing", "inplace_relu", "mode", "batch_size")
+#: the axes a comparison can vary, in the order rows and labels use them; a ``strategy`` value is
+#: ``"none"`` (one process) or ``"STRATEGY:WORLD_SIZE"`` (``"fsdp:8"``: one rank of 8 under FSDP2)
+AXES = ("dtype", "optimizer", "checkpointing", "inplace_relu", "mode", "batch_size", "strategy")
 #: dtypes the default comparison shows (besides the baseline's)
 DEFAULT_DTYPES = ("fp32", "amp-fp16", "amp-bf16", "fp16")
 #: pure half precision: no fp32 master weights (shown, but not recommended by the verdict)
@@ -59,7 +61,19 @@ def axis_value(workload: Workload, axis: str) -> Any:
         return workload.precision.name
     if axis == "inplace_relu":
         return workload.inplace_relu
+    if axis == "strategy":
+        return f"{workload.strategy}:{workload.world_size}" if workload.distributed else "none"
     return getattr(workload, axis)
+
+
+def strategy_value(strategy: str, world_size: int | None) -> str:
+    """The ``strategy`` axis value for ``strategy`` on ``world_size`` ranks (``"none"``: one process)."""
+    name = get_strategy(strategy)
+    if name == "none":
+        return "none"
+    if world_size is None or isinstance(world_size, bool) or int(world_size) < 1:
+        raise UsageError(f"`strategy` {name} needs a world size, got {world_size!r}", "e.g. fsdp:8 (8 ranks)")
+    return f"{name}:{int(world_size)}"
 
 
 def _normalize(axis: str, value: Any) -> Any:
@@ -78,6 +92,13 @@ def _normalize(axis: str, value: Any) -> Any:
         if mode not in ("train", "eval"):
             raise UsageError(f"unknown mode {value!r}", "choose train or eval (no_grad inference)")
         return mode
+    if axis == "strategy":
+        name, _, size = str(value).partition(":")
+        try:
+            world = int(size) if size else None
+        except ValueError:
+            raise UsageError(f"cannot read the strategy {value!r}", "write STRATEGY:RANKS, e.g. fsdp:8") from None
+        return strategy_value(name, world)
     if axis == "batch_size":
         try:
             batch = int(value)
@@ -121,6 +142,12 @@ def apply_change(workload: Workload, axis: str, value: Any) -> Workload:
     value = _normalize(axis, value)
     if axis == "dtype":
         return workload.replace(precision=get_precision(value))
+    if axis == "strategy":
+        if value == "none":
+            return workload.replace(strategy="none", world_size=1, offload="none")
+        name, size = value.split(":")
+        offload = workload.offload if (workload.offload != "params" or is_sharded(name)) else "none"
+        return workload.replace(strategy=name, world_size=int(size), offload=offload)
     return workload.replace(**{axis: value})
 
 
@@ -135,6 +162,11 @@ def _part(axis: str, value: Any) -> str:
         return "in-place ReLU" if value else "no in-place ReLU"
     if axis == "mode":
         return "eval (no_grad)" if value == "eval" else "train"
+    if axis == "strategy":
+        if value == "none":
+            return "one process"
+        name, size = value.split(":")
+        return f"{name} × {size}"
     return f"batch {value}"
 
 
@@ -151,6 +183,8 @@ def _key(w: Workload) -> tuple:
         w.inplace_relu,
         w.mode,
         w.batch_size,
+        axis_value(w, "strategy"),
+        w.offload,
     )
 
 
@@ -164,7 +198,10 @@ def make_variants(
     """
     optional = not axes
     chosen = normalize_axes(axes) if axes else default_axes(base)
-    rows = [Variant(f"{base.precision.name} (baseline)", base, {}, baseline=True)]
+    base_label = base.precision.name + (
+        f" {_part('strategy', axis_value(base, 'strategy'))}" if base.distributed else ""
+    )
+    rows = [Variant(f"{base_label} (baseline)", base, {}, baseline=True)]
     seen = {_key(base)}
     if combine:
         options = [[axis_value(base, a)] + [v for v in vals if v != axis_value(base, a)] for a, vals in chosen.items()]
@@ -273,6 +310,13 @@ def real_step_measurer(device: str, memory_limit: int | None = None, steps: int 
         metric = "allocated"
 
     def measure(workload: Workload) -> Measured:
+        if workload.distributed:
+            return Measured(
+                None,
+                metric=metric,
+                note="one rank of a data-parallel job is measured by a real torchrun job: "
+                "scripts/validate_multigpu.py, or find-batch --nproc-per-node",
+            )
         trial = runner.run(workload, workload.batch_size, steps)
         note = None if trial.fits else f"out of memory at batch {workload.batch_size} ({trial.oom_phase})"
         return Measured(
@@ -291,6 +335,8 @@ def real_batch_finder(device: str, memory_limit: int | None, headroom: float, ma
     from .find_batch import DEFAULT_MAX_BATCH, find_batch
 
     def find(workload: Workload) -> int | None:
+        if workload.distributed:
+            return None  # one rank alone cannot run a data-parallel step: find-batch --nproc-per-node
         limit = max_batch or DEFAULT_MAX_BATCH
         return find_batch(
             workload, device=device, memory_limit=memory_limit, headroom=headroom, max_batch=limit

@@ -238,6 +238,8 @@ def init_ranks(device: str):
     if device.startswith("cuda"):
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
+        # an NCCL collective that times out (a peer ran out of memory) raises instead of ending the process
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
         dist.init_process_group("cpu:gloo,cuda:nccl")
         return f"cuda:{local}"
     dist.init_process_group("gloo")

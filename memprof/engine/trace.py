@@ -118,6 +118,7 @@ class _Recorder:
         self.sharded = False  # FSDP / ZeRO-2/3: storages grown by resizing are gathered parameters
         self.gloo = False  # a CPU rank: gloo's own collective buffers are modelled
         self.gloo_recs: set[int] = set()
+        self.gloo_pending: dict[int, int] = {}  # all-gather output storage -> gloo's buffer, until it is read
         from .tracking import RESIZE
 
         self.resize_func = RESIZE
@@ -200,6 +201,16 @@ class _Recorder:
         finally:
             self.category = saved
 
+    def release_gloo(self, tensors) -> None:
+        """Free gloo's buffer of each all-gather whose output one of ``tensors`` views."""
+        import torch
+
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                rec = self.gloo_pending.pop(_local(t).untyped_storage()._cdata, None)
+                if rec is not None:
+                    self.free_synthetic(rec)
+
     def categorize_tensors(self, tensors, category: MemCategory) -> None:
         """Uncategorised records of these tensors' storages (a collective's buffers, gathered parameters)."""
         import torch
@@ -218,25 +229,28 @@ class _Recorder:
 
 
 _COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
-#: collectives ProcessGroupGloo runs through a buffer of its own (measured: scripts/validate_multigpu.py):
-#: op name -> (which argument sizes it, its size multiplied by the group size)
+#: collectives ProcessGroupGloo runs through a buffer of its own, allocated on its worker thread (measured:
+#: scripts/validate_multigpu.py): op name -> (the argument that sizes it, x group size, freed when the op
+#: returns). An all-gather's buffer lives until the collective completes, which on a real rank can be as
+#: late as when the output is first read (FSDP2 issues the next unit's all-gather ahead): the trace keeps it
+#: until then. A reduce-scatter is waited for at once.
 _GLOO_SCRATCH = {
-    "c10d::_allgather_base_": (0, False),  # the output's size
-    "c10d::_reduce_scatter_base_": (1, False),  # the input's size
-    "_c10d_functional::all_gather_into_tensor": (0, True),  # input x group size (the output's)
-    "_c10d_functional::reduce_scatter_tensor": (0, False),
+    "c10d::_allgather_base_": (0, False, False),  # the output's size
+    "c10d::_reduce_scatter_base_": (1, False, True),  # the input's size
+    "_c10d_functional::all_gather_into_tensor": (0, True, False),  # input x group size: the output's
+    "_c10d_functional::reduce_scatter_tensor": (0, False, True),
 }
 
 
-def _gloo_scratch(func, args) -> int:
-    """Bytes gloo allocates on its own thread while running collective ``func`` (freed when it ends)."""
+def _gloo_scratch(func, args) -> tuple[int, bool]:
+    """(bytes gloo allocates on its own thread for collective ``func``, whether they are freed when it returns)."""
     how = _GLOO_SCRATCH.get(func._schema.name)
     if how is None:
-        return 0
-    index, times_group = how
+        return 0, True
+    index, times_group, at_return = how
     t = args[index]
     nbytes = t.numel() * t.element_size()
-    return nbytes * int(args[1]) if times_group else nbytes
+    return (nbytes * int(args[1]) if times_group else nbytes), at_return
 
 
 def _make_tracker(recorder: _Recorder):
@@ -262,17 +276,22 @@ def _make_tracker(recorder: _Recorder):
                     recorder.workspace_threads.add(thread)
                     recorder.synthetic(recorder.workspace_bytes, MemCategory.CUDA_OVERHEAD)
                     recorder.need_workspace = len(recorder.workspace_threads) < 2
+            if recorder.gloo_pending:  # an op reading an all-gather's output: gloo is done with its buffer
+                recorder.release_gloo(tree_leaves((args, kwargs)))
             if func.namespace in _COLLECTIVE_NAMESPACES:
                 # the buffers a collective reads and writes (all-gather output, reduce-scatter input, buckets)
-                scratch = _gloo_scratch(func, args) if recorder.gloo else 0
+                scratch, at_return = _gloo_scratch(func, args) if recorder.gloo else (0, True)
                 rec = recorder.synthetic(scratch, MemCategory.COMMUNICATION) if scratch else None
                 if rec is not None:
                     recorder.gloo_recs.add(rec)
                 try:
                     out = super().__torch_dispatch__(func, types, args, kwargs)
                 finally:
-                    if rec is not None:
+                    if rec is not None and at_return:
                         recorder.free_synthetic(rec)
+                if rec is not None and not at_return:
+                    output = out if func._schema.name.startswith("_c10d_functional") else args[0]
+                    recorder.gloo_pending[_local(output).untyped_storage()._cdata] = rec
                 recorder.categorize_tensors(tree_leaves((args, kwargs)), MemCategory.COMMUNICATION)
                 return out
             if func is sdpa_flash:
