@@ -21,6 +21,7 @@ from ..engine import checkpointing as ckpt
 from ..engine import fit as fitting
 from ..engine.distributed import get_strategy, is_sharded
 from ..engine.flops import recompute_cost
+from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
 from ..engine.workload import Workload, get_optimizer_name, get_precision
 from ..errors import MemprofError, UsageError
 from ..results import (
@@ -243,12 +244,13 @@ FindFn = Callable[[Workload], "int | None"]
 RecomputeFn = Callable[[Workload], Any]  # -> flops.RecomputeCost
 
 
-def _default_trace(workload: Workload, *, target: str):
+def _default_trace(workload: Workload, *, target: str, count_bytes: bool = False):
     """The row's trace. On the CPU, tensor storages only (``kernel_scratch=False``): what the CPU cap
-    (``--memory-limit``) counts, as a GPU would, and what ``--measure`` on the CPU measures."""
+    (``--memory-limit``) counts, as a GPU would, and what ``--measure`` on the CPU measures.
+    ``count_bytes``: also the bytes each op moves, for the step-time model."""
     from ..engine.trace import trace_step
 
-    return trace_step(workload, target=target, kernel_scratch=False)
+    return trace_step(workload, target=target, kernel_scratch=False, count_bytes=count_bytes)
 
 
 def traced_fit(
@@ -349,7 +351,10 @@ def real_batch_finder(device: str, memory_limit: int | None, headroom: float, ma
 def _row_from_trace(v: Variant, r: Any) -> dict[str, Any]:
     totals = r.totals
     at_peak = dict(r.breakdown_at_peak)
+    flops = getattr(r, "flops", None)
     return dict(
+        step_flops=flops.step_flops if flops is not None else None,
+        flops_per_sample=flops.per_sample_flops if flops is not None else None,
         peak_bytes=int(r.peak_bytes),
         parameter_bytes=int(totals.get(MemCategory.PARAMETER, 0)),
         gradient_bytes=int(totals.get(MemCategory.GRADIENT, 0)),
@@ -409,16 +414,24 @@ def _measure_row(
     )
 
 
-def _recompute_info(w: Workload, recompute_fn: RecomputeFn | None) -> RecomputeInfo | None:
+def _recompute_info(w: Workload, recompute_fn: RecomputeFn | None, traced: Any = None) -> RecomputeInfo | None:
+    """The checkpointing plan (``recompute_fn``); the FLOPs from the row's trace when it counted them
+    (the recomputation it ran in backward, exactly), else from ``recompute_fn``'s estimate."""
     if w.checkpointing == "none" or w.mode != "train" or recompute_fn is None:
         return None
     cost = recompute_fn(w)
+    forward, recompute, extra = cost.forward_flops, cost.recompute_flops, cost.extra_pct
+    flops = getattr(traced, "flops", None)
+    if flops is not None:
+        forward, recompute = flops.forward_flops, flops.recompute_flops
+        without = flops.step_flops - recompute
+        extra = 100.0 * recompute / without if without else None
     return RecomputeInfo(
         plan=cost.plan,
         regions=cost.regions,
-        forward_flops=cost.forward_flops,
-        recompute_flops=cost.recompute_flops,
-        extra_pct=cost.extra_pct,
+        forward_flops=forward,
+        recompute_flops=recompute,
+        extra_pct=extra,
         batchnorm_recomputed=bool(getattr(cost, "batchnorm_recomputed", False)),
     )
 
@@ -510,14 +523,16 @@ def compare(
     find_fn: FindFn | None = None,
     recompute_fn: RecomputeFn | None = recompute_cost,
     on_progress: Callable[[int, int, str], None] | None = None,
+    gpu: GpuPeaks | None = None,
 ) -> CompareResult:
     """Trace every variant of ``base`` and put them side by side.
 
     ``axes`` maps axis names (:data:`AXES`) to values; none given: :func:`default_axes`.
     ``capacity`` (bytes the step must fit) adds the largest and recommended batch per
     row (``fit_fn``, by default :func:`traced_fit`). ``measure_fn`` /
-    ``find_fn`` run real steps (``--measure`` / ``--find-batch``). A row that cannot be
-    traced becomes an error row; a failing baseline raises.
+    ``find_fn`` run real steps (``--measure`` / ``--find-batch``). ``gpu`` (a catalog entry or a
+    :class:`memprof.engine.roofline.PeakSpec`) adds each row's step-time model. A row that cannot
+    be traced becomes an error row; a failing baseline raises.
     """
     if target not in ("cuda", "cpu"):
         raise UsageError(f"unknown target {target!r}", "choose cuda or cpu")
@@ -533,9 +548,12 @@ def compare(
         if on_progress is not None:
             on_progress(i + 1, total, v.label)
         try:
-            result = trace_fn(v.workload, target=target)
+            result = trace_fn(v.workload, target=target, **({"count_bytes": True} if gpu is not None else {}))
             traced = _row_from_trace(v, result)
-            traced["recompute"] = _recompute_info(v.workload, recompute_fn)
+            traced["recompute"] = _recompute_info(v.workload, recompute_fn, result)
+            traced["step_time"] = None
+            if gpu is not None and getattr(result, "_op_costs", None) is not None:
+                traced["step_time"] = step_time(result, gpu, tokens=tokens_per_sample(v.workload))
             traced["fit"] = None
             if fit and capacity is not None:
                 traced["fit"] = fit_fn(
@@ -559,12 +577,15 @@ def compare(
     base_traced = raw[0][1]
     assert base_traced is not None  # the baseline comes first, and a failing baseline raised above
     base_peak = base_traced["peak_bytes"]
+    base_flops = base_traced["flops_per_sample"]
     rows: list[CompareRow] = []
     for v, data, error in raw:
         if data is None:
             rows.append(_error_row(v, error or "failed"))
             continue
         delta = data["peak_bytes"] - base_peak
+        per_sample = data["flops_per_sample"]
+        compute = 100.0 * (per_sample - base_flops) / base_flops if per_sample is not None and base_flops else None
         rows.append(
             CompareRow(
                 label=v.label,
@@ -573,6 +594,7 @@ def compare(
                 baseline=v.baseline,
                 delta_bytes=delta,
                 delta_pct=100.0 * delta / base_peak if base_peak else None,
+                compute_delta_pct=compute,
                 notes=tuple(_row_notes(v.workload)),
                 **data,
             )
@@ -602,6 +624,8 @@ def compare(
         safe_best_label=safe,
         notes=tuple(dict.fromkeys(notes)),
         seconds=time.perf_counter() - started,
+        gpu=gpu.name if gpu is not None else None,
+        step_time_note=None if gpu is not None else "step time: needs a GPU (--gpu NAME)",
     )
 
 

@@ -38,6 +38,7 @@ from ..errors import InputShapeError, MemprofError, TraceError, UsageError
 from ..results import MemCategory, ModelledBytes, TimelinePoint, TraceResult
 from . import fastfake
 from .allocator import CachingAllocatorModel, round_size
+from .flops import FlopTally
 from .overheads import cublas_workspace_bytes, cuda_context_bytes, onednn_conv_scratch
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
@@ -115,6 +116,9 @@ class _Recorder:
         self.done_op: dict[int, int] = {}
         self.workspace_threads: set[str] = set()
         self.workspace_bytes = cublas_workspace_bytes() if target == "cuda" else 0
+        self.tally: FlopTally | None = None  # counts FLOPs while set (the first step)
+        self.module_types: dict[str, str] = {}
+        self.root_label: str | None = None
         self.sharded = False  # FSDP / ZeRO-2/3: storages grown by resizing are gathered parameters
         self.gloo = False  # a CPU rank: gloo's own collective buffers are modelled
         self.gloo_recs: set[int] = set()
@@ -122,6 +126,10 @@ class _Recorder:
         from .tracking import RESIZE
 
         self.resize_func = RESIZE
+
+    def locate(self) -> tuple[str | None, bool]:
+        """For the FLOP tally: the module running now, and whether this is a recomputation in backward."""
+        return self.module_now(), self.phase == "backward" and bool(self.module_stack)
 
     # -- module attribution -------------------------------------------------------------
     def module_now(self) -> str | None:
@@ -293,18 +301,22 @@ def _make_tracker(recorder: _Recorder):
                     output = out if func._schema.name.startswith("_c10d_functional") else args[0]
                     recorder.gloo_pending[_local(output).untyped_storage()._cdata] = rec
                 recorder.categorize_tensors(tree_leaves((args, kwargs)), MemCategory.COMMUNICATION)
-                return out
+                return out  # a collective computes nothing: no FLOPs to tally
             if func is sdpa_flash:
                 recorder.saw_flash_attention = True
-            if recorder.cpu_scratch and func in convs:
-                scratch = onednn_conv_scratch(func, args)
-                if scratch:
-                    rec = recorder.synthetic(scratch, MemCategory.TEMPORARY)
-                    try:
-                        return super().__torch_dispatch__(func, types, args, kwargs)
-                    finally:
-                        recorder.free_synthetic(rec)
-            return super().__torch_dispatch__(func, types, args, kwargs)
+            scratch = onednn_conv_scratch(func, args) if recorder.cpu_scratch and func in convs else 0
+            if scratch:
+                rec = recorder.synthetic(scratch, MemCategory.TEMPORARY)
+                try:
+                    out = super().__torch_dispatch__(func, types, args, kwargs)
+                finally:
+                    recorder.free_synthetic(rec)
+            else:
+                out = super().__torch_dispatch__(func, types, args, kwargs)
+            tally = recorder.tally
+            if tally is not None:
+                tally.op(func, args, kwargs, out, recorder.phase)
+            return out
 
     tracker = _TraceTracker(on_alloc=recorder.on_alloc, on_free=recorder.on_free)
     recorder.tracker = tracker
@@ -316,12 +328,14 @@ def _install_module_hooks(model, recorder: _Recorder) -> list:
 
     handles = []
     root_name = type(model).__name__
+    recorder.root_label = root_name
     seen: set[int] = set()
     for name, module in model.named_modules():
         if id(module) in seen:
             continue
         seen.add(id(module))
         label = name or root_name
+        recorder.module_types.setdefault(label, type(module).__name__)
 
         def pre(mod, args, _label=label):
             if recorder.sharded:  # FSDP2 swapped in the unsharded parameters just before (its hook runs first)
@@ -534,6 +548,8 @@ def trace_step(
     steps: int = 2,
     replay_steps: bool = True,
     kernel_scratch: bool = True,
+    count_flops: bool = True,
+    count_bytes: bool = False,
     rank: int | None = None,
 ) -> TraceResult:
     """Trace ``steps`` training steps of ``workload`` on fake tensors and predict their memory.
@@ -549,21 +565,34 @@ def trace_step(
     ``replay_steps`` (the default) their events are copied from the first step instead of
     traced: the result is the same as tracing every step (tested), in about half the time.
 
+    With ``count_flops`` the first step's ops are also counted in FLOPs (PyTorch's formulas, per
+    module and phase (:mod:`memprof.engine.flops`): ``result.flops``; with ``count_bytes`` also the bytes
+    each op reads and writes, which the step-time model needs (:func:`memprof.engine.roofline.step_time`).
+
     With a data-parallel strategy (``workload.strategy``) the prediction is one rank's: PyTorch's
     DDP / FSDP2 / ZeroRedundancyOptimizer run over a fake process group of ``workload.world_size``
     ranks (:mod:`memprof.engine.distributed`), seen from ``rank`` (default: the rank that holds the
     most, rank 0 but for ZeRO-1's uneven optimizer partitions). Replaying steps stays exact there
     (DDP's bucket rebuild frees and re-allocates the same bytes; tested per strategy).
     """
+    options = (target, steps, replay_steps, kernel_scratch, count_flops, count_bytes)
     try:
-        return _trace(workload, target, steps, replay_steps, kernel_scratch, rank)
+        return _trace(workload, *options, rank)
     except _TraceRank as heavier:
-        return _trace(workload, target, steps, replay_steps, kernel_scratch, heavier.rank)
+        return _trace(workload, *options, heavier.rank)
 
 
 def _trace(
-    workload: Workload, target: str, steps: int, replay_steps: bool, kernel_scratch: bool, rank: int | None
+    workload: Workload,
+    target: str,
+    steps: int,
+    replay_steps: bool,
+    kernel_scratch: bool,
+    count_flops: bool,
+    count_bytes: bool,
+    rank: int | None,
 ) -> TraceResult:
+    import dataclasses
     import gc
     import logging
     import warnings
@@ -583,6 +612,7 @@ def _trace(
     model = None
     gc_was_enabled = gc.isenabled()
     real_get_rng_state = None
+    tally: FlopTally | None = None
     traced_rank: int | None = None
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     world_cm: Any = contextlib.nullcontext()
@@ -707,8 +737,10 @@ def _trace(
                     recorder.phase = phase
 
                 replay = replay_steps and workload.mode == "train"
+                tally = FlopTally(recorder.locate, count_bytes) if count_flops or count_bytes else None
                 for step in range(steps):
                     recorder.step = step
+                    recorder.tally = tally if step == 0 else None
                     try:
                         if step == 0 or not replay:
                             train_step(prepared, on_phase)
@@ -722,6 +754,7 @@ def _trace(
                         raise _step_error(exc, recorder.phase) from None
                     finally:
                         recorder.module_stack.clear()
+                        recorder.tally = None
                 recorder.phase = "done"
                 op_count = tracker.op_count
             tracker.detach()
@@ -753,11 +786,17 @@ def _trace(
         notes.extend(_distributed_notes(workload, target))
         host_bytes = _offload(recorder, workload, target, steps)
     result = _analyse(recorder, workload, target, steps, op_count, notes)
-    if workload.distributed:
-        import dataclasses
-
-        result = dataclasses.replace(result, rank=traced_rank, host_bytes=host_bytes)
-    return _replace_seconds(result, time.perf_counter() - started)
+    flops = costs = None
+    if tally is not None:
+        flops, costs = tally.result(workload.batch_size, recorder.module_types, recorder.root_label)
+    return dataclasses.replace(
+        result,
+        trace_seconds=time.perf_counter() - started,
+        flops=flops,
+        _op_costs=costs,
+        rank=traced_rank,
+        host_bytes=host_bytes,
+    )
 
 
 def _distributed_notes(workload: Workload, target: str) -> list[str]:
@@ -847,12 +886,6 @@ def _cuda_notes(workload: Workload) -> list[str]:
             "softmax and losses run in float32 on CUDA), which can change activation dtypes there"
         )
     return notes
-
-
-def _replace_seconds(result: TraceResult, seconds: float) -> TraceResult:
-    import dataclasses
-
-    return dataclasses.replace(result, trace_seconds=seconds)
 
 
 # =========================================================================== analysis

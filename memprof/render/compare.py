@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..results import CompareResult, CompareRow, MemCategory
-from . import format_bytes, format_count, format_pct, format_signed_bytes
+from . import format_bytes, format_count, format_flops, format_pct, format_seconds, format_signed_bytes
 
 BAR_WIDTH = 40
 #: stacking order, bar character (readable without colour), terminal colour, plot colour
@@ -29,15 +29,6 @@ BAR_STYLE: dict[MemCategory, tuple[str, str, str]] = {
     MemCategory.GATHERED_PARAMETER: ("▙", "bright_blue", "#86bcb6"),
     MemCategory.COMMUNICATION: ("▚", "bright_magenta", "#f28e2b"),
 }
-
-
-def format_flops(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} FLOP"
 
 
 def _delta(row: CompareRow) -> str:
@@ -151,6 +142,41 @@ def compare_table(result: CompareResult) -> Table:
     return table
 
 
+def compute_table(result: CompareResult) -> Table | None:
+    """Memory and compute side by side: each row's peak change next to its FLOPs and (with a GPU) the
+    step-time model, so checkpointing's memory saved and compute added read in one row."""
+    rows = [r for r in result.rows if r.error is None and r.flops_per_sample is not None]
+    if not rows:
+        return None
+    timed = any(r.step_time is not None for r in rows)
+    title = "Memory and compute" + (f" (step time: roofline model on {result.gpu}, not measured)" if timed else "")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title=title, title_justify="left")
+    table.add_column("Configuration", max_width=26)
+    table.add_column("Peak", justify="right", no_wrap=True)
+    table.add_column("vs baseline", justify="right", no_wrap=True)
+    table.add_column("FLOP/step", justify="right", no_wrap=True)
+    table.add_column("FLOP/sample", justify="right", no_wrap=True)
+    table.add_column("vs baseline", justify="right", no_wrap=True)
+    if timed:
+        table.add_column("Step time ≥", justify="right", no_wrap=True)
+        table.add_column("Samples/s ≤", justify="right", no_wrap=True)
+    for r in rows:
+        peak_delta = "-" if r.baseline else format_pct(r.delta_pct, 1, signed=True)
+        compute = "-" if r.baseline else format_pct(r.compute_delta_pct, 0, signed=True)
+        cells = [
+            format_bytes(r.peak_bytes),
+            peak_delta,
+            format_flops(r.step_flops, ""),
+            format_flops(r.flops_per_sample, ""),
+            compute,
+        ]
+        if timed:
+            st = r.step_time
+            cells += [format_seconds(st.seconds), f"{st.samples_per_second:,.0f}"] if st is not None else ["n/a"] * 2
+        table.add_row(Text(("★ " if r.best else "") + r.label), *cells)
+    return table
+
+
 def measure_table(result: CompareResult) -> Table | None:
     rows = [(r, r.measured) for r in result.rows if r.measured is not None]
     if not rows:
@@ -230,7 +256,7 @@ def detail_lines(result: CompareResult) -> list[str]:
             if rc.recompute_flops is not None:
                 line += f": +{format_flops(rc.recompute_flops)} per step"
                 if rc.extra_pct is not None:
-                    line += f" (+{rc.extra_pct:.0f} % of the step's compute)"
+                    line += f" (+{rc.extra_pct:.0f} % over the step without it)"
             if rc.batchnorm_recomputed:
                 line += "; BatchNorm running statistics update twice per step (in forward and in the recomputation)"
             lines.append(line)
@@ -244,10 +270,36 @@ def detail_lines(result: CompareResult) -> list[str]:
     return lines
 
 
+def compute_lines(result: CompareResult) -> list[str]:
+    """What the compute table's columns mean."""
+    if not any(r.flops_per_sample is not None for r in result.rows):
+        return []
+    lines = [
+        "FLOPs: traced, one step (forward, backward with any recomputation, optimizer), PyTorch's formulas "
+        "for matmuls, convolutions and attention"
+    ]
+    if any(r.step_time is not None for r in result.rows):
+        lines.append(
+            "step time: each op at the GPU's peak FLOP/s or memory bandwidth, whichever is slower, summed - a "
+            "lower bound, so samples/s is an upper bound; real steps are slower"
+        )
+    elif result.step_time_note:
+        lines.append(result.step_time_note)
+    return lines
+
+
 def render_compare(result: CompareResult, console: Console) -> None:
     _header(result, console)
     console.print()
     console.print(compare_table(result))
+    ct = compute_table(result)
+    if ct is not None:
+        console.print()
+        console.print(ct)
+        for line in compute_lines(result):
+            console.print(
+                Text(textwrap.fill(line, max(40, console.width - 1), initial_indent="  ", subsequent_indent="    "))
+            )
     mt = measure_table(result)
     if mt is not None:
         console.print()

@@ -1,7 +1,7 @@
 """A data-parallel CPU training loop for `memprof profile --nproc-per-node 2` (DDP over gloo, MLP, Adam).
 
-    torchrun --standalone --nproc-per-node 2 scripts/examples/train_ddp.py
-    memprof profile --nproc-per-node 2 scripts/examples/train_ddp.py -- --steps 5
+torchrun --standalone --nproc-per-node 2 scripts/examples/train_ddp.py
+memprof profile --nproc-per-node 2 scripts/examples/train_ddp.py -- --steps 5
 """
 
 import argparse
