@@ -122,7 +122,7 @@ class _Recorder:
         self.sharded = False  # FSDP / ZeRO-2/3: storages grown by resizing are gathered parameters
         self.gloo = False  # a CPU rank: gloo's own collective buffers are modelled
         self.gloo_recs: set[int] = set()
-        self.gloo_pending: dict[int, int] = {}  # all-gather output storage -> gloo's buffer, until it is read
+        self.gloo_held: int | None = None  # the record of gloo's last buffer, until its worker thread frees it
         from .tracking import RESIZE
 
         self.resize_func = RESIZE
@@ -209,15 +209,18 @@ class _Recorder:
         finally:
             self.category = saved
 
-    def release_gloo(self, tensors) -> None:
-        """Free gloo's buffer of each all-gather whose output one of ``tensors`` views."""
-        import torch
+    def gloo_buffer(self, nbytes: int) -> None:
+        """A collective's buffer on gloo's worker thread. The thread frees it after the collective is
+        done, when it next runs: on a busy machine that is when it starts the next collective, so
+        each buffer is held until then (or until the optimizer step, which runs none)."""
+        self.release_gloo()
+        self.gloo_held = self.synthetic(nbytes, MemCategory.COMMUNICATION)
+        self.gloo_recs.add(self.gloo_held)
 
-        for t in tensors:
-            if isinstance(t, torch.Tensor):
-                rec = self.gloo_pending.pop(_local(t).untyped_storage()._cdata, None)
-                if rec is not None:
-                    self.free_synthetic(rec)
+    def release_gloo(self) -> None:
+        if self.gloo_held is not None:
+            self.free_synthetic(self.gloo_held)
+            self.gloo_held = None
 
     def categorize_tensors(self, tensors, category: MemCategory) -> None:
         """Uncategorised records of these tensors' storages (a collective's buffers, gathered parameters)."""
@@ -238,27 +241,24 @@ class _Recorder:
 
 _COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
 #: collectives ProcessGroupGloo runs through a buffer of its own, allocated on its worker thread (measured:
-#: scripts/validate_multigpu.py): op name -> (the argument that sizes it, x group size, freed when the op
-#: returns). An all-gather's buffer lives until the collective completes, which on a real rank can be as
-#: late as when the output is first read (FSDP2 issues the next unit's all-gather ahead): the trace keeps it
-#: until then. A reduce-scatter is waited for at once.
+#: scripts/validate_multigpu.py): op name -> (the argument that sizes it, x group size)
 _GLOO_SCRATCH = {
-    "c10d::_allgather_base_": (0, False, False),  # the output's size
-    "c10d::_reduce_scatter_base_": (1, False, True),  # the input's size
-    "_c10d_functional::all_gather_into_tensor": (0, True, False),  # input x group size: the output's
-    "_c10d_functional::reduce_scatter_tensor": (0, False, True),
+    "c10d::_allgather_base_": (0, False),  # the output's size
+    "c10d::_reduce_scatter_base_": (1, False),  # the input's size
+    "_c10d_functional::all_gather_into_tensor": (0, True),  # input x group size: the output's
+    "_c10d_functional::reduce_scatter_tensor": (0, False),
 }
 
 
-def _gloo_scratch(func, args) -> tuple[int, bool]:
-    """(bytes gloo allocates on its own thread for collective ``func``, whether they are freed when it returns)."""
+def _gloo_scratch(func, args) -> int:
+    """Bytes gloo allocates on its own thread for collective ``func``."""
     how = _GLOO_SCRATCH.get(func._schema.name)
     if how is None:
-        return 0, True
-    index, times_group, at_return = how
+        return 0
+    index, times_group = how
     t = args[index]
     nbytes = t.numel() * t.element_size()
-    return (nbytes * int(args[1]) if times_group else nbytes), at_return
+    return nbytes * int(args[1]) if times_group else nbytes
 
 
 def _make_tracker(recorder: _Recorder):
@@ -284,22 +284,12 @@ def _make_tracker(recorder: _Recorder):
                     recorder.workspace_threads.add(thread)
                     recorder.synthetic(recorder.workspace_bytes, MemCategory.CUDA_OVERHEAD)
                     recorder.need_workspace = len(recorder.workspace_threads) < 2
-            if recorder.gloo_pending:  # an op reading an all-gather's output: gloo is done with its buffer
-                recorder.release_gloo(tree_leaves((args, kwargs)))
             if func.namespace in _COLLECTIVE_NAMESPACES:
                 # the buffers a collective reads and writes (all-gather output, reduce-scatter input, buckets)
-                scratch, at_return = _gloo_scratch(func, args) if recorder.gloo else (0, True)
-                rec = recorder.synthetic(scratch, MemCategory.COMMUNICATION) if scratch else None
-                if rec is not None:
-                    recorder.gloo_recs.add(rec)
-                try:
-                    out = super().__torch_dispatch__(func, types, args, kwargs)
-                finally:
-                    if rec is not None and at_return:
-                        recorder.free_synthetic(rec)
-                if rec is not None and not at_return:
-                    output = out if func._schema.name.startswith("_c10d_functional") else args[0]
-                    recorder.gloo_pending[_local(output).untyped_storage()._cdata] = rec
+                scratch = _gloo_scratch(func, args) if recorder.gloo else 0
+                if scratch:
+                    recorder.gloo_buffer(scratch)
+                out = super().__torch_dispatch__(func, types, args, kwargs)
                 recorder.categorize_tensors(tree_leaves((args, kwargs)), MemCategory.COMMUNICATION)
                 return out  # a collective computes nothing: no FLOPs to tally
             if func is sdpa_flash:
@@ -706,6 +696,7 @@ def _trace(
                             ):
                                 recorder.rec_cat[rec] = MemCategory.ACTIVATION
                     elif phase == "optimizer":
+                        recorder.release_gloo()  # before the optimizer's events: a replayed step frees it too
                         recorder.optimizer_start[recorder.step] = len(recorder.events)
                         recorder.optimizer_op[recorder.step] = tracker.op_count
                         for p in prepared.model.parameters():
