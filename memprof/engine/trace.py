@@ -192,6 +192,8 @@ class _Recorder:
 
     def clone(self, rec: int, step: int) -> int:
         new = len(self.rec_nbytes)
+        if rec in self.gloo_recs:
+            self.gloo_recs.add(new)
         self.rec_nbytes.append(self.rec_nbytes[rec])
         self.rec_phase.append(self.rec_phase[rec])
         self.rec_module.append(self.rec_module[rec])
