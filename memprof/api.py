@@ -50,6 +50,9 @@ def estimate(
     optimizer: str | None = None,
     mode: str | None = None,
     gpu_memory: int | str | None = None,
+    gpu: str | None = None,
+    gpu_arch: str | None = None,
+    cudnn_benchmark: bool = False,
     headroom: float = DEFAULT_HEADROOM,
     traced: bool = True,
     input_dtype: str | None = None,
@@ -60,14 +63,27 @@ def estimate(
     use_nvml: bool = True,
     strategy: str | None = None,
     world_size: int | None = None,
-    offload: str | None = None,
     bucket_cap_mb: float | None = None,
     gradient_as_bucket_view: bool = False,
+    freeze: Sequence[str] | str | None = None,
+    train_only: Sequence[str] | str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
+    offload: str | None = None,
 ) -> EstimateResult:
     """Where the memory of one training step goes, traced on fake tensors (no GPU), and the batch that fits.
 
-    ``gpu_memory`` is the capacity to fit (bytes or ``"24GiB"``); without it the local GPU's, via
-    NVML, unless ``use_nvml=False``; with neither, ``result.fit`` is None.
+    ``gpu_memory`` is the capacity to fit (bytes or ``"24GiB"``); without it the catalog GPU's
+    (``gpu="a100-80gb"``), else the local GPU's via NVML, unless ``use_nvml=False``; with none,
+    ``result.fit`` is None. The trace predicts for ``gpu``'s architecture, else ``gpu_arch``
+    (``"sm80"``), else the local GPU's, else an assumed one (said in ``result.traced.cuda_target``);
+    ``gpu`` also adds the step-time model (``result.step_time``). Fine-tuning levers:
+    ``freeze`` / ``train_only`` (module-name globs), ``lora_rank`` (+ ``lora_alpha``, ``lora_targets``,
+    ``lora_dropout``; needs peft), ``quantize`` ("int8", "nf4", "fp4"; ``double_quant``), ``offload="optimizer"``.
 
     Data parallelism: ``strategy`` ("ddp", "fsdp", "zero1", "zero2", "zero3") on ``world_size`` ranks
     (``offload`` "optimizer" or "params"; DDP's ``bucket_cap_mb``, ``gradient_as_bucket_view``): every
@@ -82,7 +98,9 @@ def estimate(
     """
     from .commands.estimate import estimate as run
     from .commands.estimate import resolve_capacity
+    from .engine.catalog import resolve_target
 
+    target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)
     workload = make_workload(
         model,
         batch_size=batch_size,
@@ -97,12 +115,28 @@ def estimate(
         inplace_relu=inplace_relu,
         strategy=strategy,
         world_size=world_size if world_size is not None else (8 if strategy else None),
-        offload=offload,
         bucket_cap_mb=bucket_cap_mb,
         gradient_as_bucket_view=gradient_as_bucket_view,
+        freeze=freeze,
+        train_only=train_only,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        quantize=quantize,
+        double_quant=double_quant,
+        offload=offload,
     )
-    capacity, note = resolve_capacity(_bytes(gpu_memory), use_nvml=use_nvml)
-    return run(workload, capacity=capacity, headroom=headroom, traced=traced, capacity_note=note)
+    capacity, note = resolve_capacity(_bytes(gpu_memory), use_nvml=use_nvml, gpu=target.gpu if gpu else None)
+    return run(
+        workload,
+        capacity=capacity,
+        headroom=headroom,
+        traced=traced,
+        capacity_note=note,
+        cuda_target=target,
+        gpu=target.gpu if gpu else None,
+    )
 
 
 def scale(
@@ -173,6 +207,18 @@ def find_batch(
     on_event: Callable[[str, Any], None] | None = None,
     nproc_per_node: int | None = None,
     strategy: str | None = None,
+    gpu: str | None = None,
+    gpu_arch: str | None = None,
+    cudnn_benchmark: bool = False,
+    freeze: Sequence[str] | str | None = None,
+    train_only: Sequence[str] | str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
+    offload: str | None = None,
 ) -> FindBatchResult | None:
     """The largest batch whose real training steps fit, found in a few real trials, and the batch to use.
 
@@ -191,7 +237,12 @@ def find_batch(
         >>> r.largest_batch, r.recommended_batch, len(r.trials)  # doctest: +SKIP
     """
     from .commands.find_batch import find_batch as run
+    from .engine.catalog import resolve_target
+    from .errors import UsageError
 
+    if device == "cpu" and (gpu or gpu_arch):
+        raise UsageError("`gpu` and `gpu_arch` are for CUDA trials", "leave them out with `device` cpu")
+    cuda_target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark) if device != "cpu" else None
     workload = make_workload(
         model,
         dtype=dtype,
@@ -203,6 +254,15 @@ def find_batch(
         model_kwargs=model_kwargs,
         strategy=strategy,
         world_size=nproc_per_node if strategy and nproc_per_node else None,
+        freeze=freeze,
+        train_only=train_only,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        quantize=quantize,
+        double_quant=double_quant,
+        offload=offload,
     )
     if nproc_per_node is not None:
         from .commands.find_batch import find_batch_torchrun
@@ -240,6 +300,7 @@ def find_batch(
         target_global_batch=target_global_batch,
         predict=predict,
         on_event=on_event,
+        cuda_target=cuda_target,
     )
 
 
@@ -252,6 +313,13 @@ def compare(
     inplace_relu: bool = False,
     modes: Iterable[str] | None = None,
     batch_sizes: Iterable[int] | None = None,
+    freezes: Iterable[str] | None = None,
+    lora_ranks: Iterable[int] | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    quantizations: Iterable[str] | None = None,
+    offloads: Iterable[str] | None = None,
     combine: bool = False,
     batch_size: int | None = None,
     dtype: str | None = None,
@@ -259,6 +327,9 @@ def compare(
     input_shape: Shape | Sequence[Shape] | None = None,
     device: str = "cuda",
     gpu_memory: int | str | None = None,
+    gpu: str | None = None,
+    gpu_arch: str | None = None,
+    cudnn_benchmark: bool = False,
     memory_limit: int | str | None = None,
     headroom: float = DEFAULT_HEADROOM,
     max_batch: int | None = None,
@@ -270,7 +341,8 @@ def compare(
     world_size: int = 8,
 ) -> CompareResult:
     """Configurations side by side: each ``dtypes`` / ``optimizers`` / ``checkpointing`` / ``modes`` /
-    ``batch_sizes`` value adds a row to the baseline (``batch_size``, ``dtype``, ``optimizer``);
+    ``batch_sizes`` / ``freezes`` / ``lora_ranks`` / ``quantizations`` ("nf4", "nf4+dq", "int8") /
+    ``offloads`` value adds a row to the baseline (``batch_size``, ``dtype``, ``optimizer``);
     ``combine=True`` makes one row per combination. Without any, the default set (AMP, fp16, checkpointing).
     ``strategies`` ("ddp", "fsdp", ...) add rows of one rank of ``world_size``.
 
@@ -282,6 +354,9 @@ def compare(
     """
     from .commands.compare import compare as run
     from .commands.compare import normalize_axes, resolve_capacity, strategy_value
+    from .engine.catalog import resolve_target
+
+    cuda_target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark) if device != "cpu" else None
 
     axes: dict[str, list[Any]] = {}
     for name, values in (
@@ -297,6 +372,13 @@ def compare(
         axes["inplace_relu"] = [True]
     if strategies:
         axes["strategy"] = [strategy_value(s, world_size) for s in strategies]
+    if lora_ranks:
+        from .commands.workload import lora_spec
+
+        axes["lora"] = [lora_spec(r, lora_alpha, lora_targets, lora_dropout) for r in lora_ranks]
+    for name, values in (("freeze", freezes), ("quantize", quantizations), ("offload", offloads)):
+        if values:
+            axes[name] = list(values)
     chosen = normalize_axes(axes)
     workload = make_workload(
         model,
@@ -309,8 +391,10 @@ def compare(
         model_kwargs=model_kwargs,
     )
     capacity, note = (None, None)
+    catalog_gpu_entry = cuda_target.gpu if cuda_target is not None and gpu else None
     if fit:
-        capacity, note = resolve_capacity(device, _bytes(gpu_memory), _bytes(memory_limit))
+        catalog_gpu = catalog_gpu_entry
+        capacity, note = resolve_capacity(device, _bytes(gpu_memory), _bytes(memory_limit), catalog_gpu)
     return run(
         workload,
         chosen or None,
@@ -321,6 +405,8 @@ def compare(
         headroom=headroom,
         fit=fit,
         max_batch=max_batch,
+        cuda_target=cuda_target,
+        gpu=catalog_gpu_entry,
     )
 
 

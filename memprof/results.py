@@ -87,6 +87,80 @@ class Capacity:
     device_name: str | None = None
 
 
+# =========================================================================== GPU catalog / CUDA target
+#: dtype names of GpuSpec.peak_tflops (int8 in TOPS)
+PEAK_DTYPES = ("fp64", "fp32", "tf32", "bf16", "fp16", "fp8", "int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    """One entry of the GPU catalog (``configs/gpus.toml``): capacity, architecture, peak dense
+    throughput per dtype and memory bandwidth, each with its source.
+
+    ``memory_bytes`` is the total PyTorch reports for the card when ``memory_reported`` is True,
+    else the vendor's size read as GiB (an upper bound). ``peak_tflops`` holds dense peaks in
+    TFLOP/s (TOPS for int8) for the dtypes the card has; :meth:`peak_flops` returns FLOP/s.
+    """
+
+    key: str  # "h100-sxm": what --gpu takes
+    name: str
+    arch: str  # "sm90" (NVIDIA compute capability) or "gfx942" (AMD)
+    memory_bytes: int
+    memory_reported: bool
+    memory_source: str
+    bandwidth_bytes_per_s: int
+    bandwidth_source: str
+    peak_tflops: dict[str, float]
+    tflops_source: str
+    match: tuple[str, ...] = ()  # substrings of the device name torch / NVML report
+    context_bytes: int | None = None  # measured CUDA context for this card, when a source gives one
+    context_source: str | None = None
+
+    @property
+    def capability(self) -> tuple[int, int] | None:
+        """(major, minor) for an NVIDIA ``smXY`` arch, None for others."""
+        return arch_capability(self.arch)
+
+    def peak_flops(self, dtype: str) -> float | None:
+        """Peak dense FLOP/s (OP/s for int8) in ``dtype`` ("bf16", "fp32", ...), None when the card has none."""
+        tflops = self.peak_tflops.get(dtype)
+        return None if tflops is None else tflops * 1e12
+
+
+def arch_capability(arch: str) -> tuple[int, int] | None:
+    """``"sm90"`` -> (9, 0), ``"sm100"`` -> (10, 0), ``"sm121"`` -> (12, 1); None for non-NVIDIA archs."""
+    if not arch.startswith("sm") or not arch[2:].isdigit() or len(arch) < 4:
+        return None
+    digits = arch[2:]
+    return int(digits[:-1]), int(digits[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaTarget:
+    """The CUDA device a traced prediction is for. Its architecture picks the CUDA rules memprof applies
+    (cuBLAS workspace size, which attention kernel runs, CUDA context); ``source`` says where it came
+    from, ``assumed`` is True when nothing said (no GPU visible, no ``gpu`` / ``gpu_arch`` given)."""
+
+    arch: str  # "sm90"
+    source: str  # "--gpu h100-sxm", "--gpu-arch sm80", "local GPU 0 (NVIDIA A10G)", "assumed: ..."
+    gpu: GpuSpec | None = None
+    assumed: bool = False
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark in the training script
+    #: the caching allocator's settings ("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"); None: defaults
+    alloc_conf: str | None = None
+    #: the device memory the process may use, when known (the fit's capacity): past it the allocator
+    #: releases its cached segments and retries before running out of memory, and the replay does too
+    capacity_bytes: int | None = None
+
+    @property
+    def capability(self) -> tuple[int, int] | None:
+        return arch_capability(self.arch)
+
+    @property
+    def is_rocm(self) -> bool:
+        return self.arch.startswith("gfx")
+
+
 # =========================================================================== compute (FLOPs, step time)
 @dataclasses.dataclass(frozen=True)
 class ModuleFlops:
@@ -164,6 +238,40 @@ class StepTime:
     assumptions: tuple[str, ...] = ()
 
 
+# =========================================================================== fine-tuning
+@dataclasses.dataclass(frozen=True)
+class WeightBreakdown:
+    """The parameters as fine-tuning sees them: trainable, frozen base, LoRA adapters, quantization state.
+
+    ``trainable_params`` / ``all_params`` are what ``peft``'s ``print_trainable_parameters`` prints
+    (a 4-bit packed weight counts 2 values per stored byte). Bytes are storage bytes (no CUDA
+    rounding): ``trainable_bytes`` are trainable parameters that are not adapters (all of them
+    without LoRA), ``frozen_bytes`` frozen parameters (base weights, 4-bit/8-bit packed weights),
+    ``adapter_bytes`` LoRA's ``lora_A``/``lora_B``; ``quant_state_bytes`` the quantized layers'
+    absmax, codes and row scales (kept as buffers).
+    """
+
+    trainable_params: int
+    all_params: int
+    trainable_bytes: int
+    frozen_bytes: int
+    adapter_bytes: int
+    adapter_params: int
+    quant_state_bytes: int = 0
+    quantized_layers: int = 0
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable_params / self.all_params if self.all_params else 0.0
+
+    def peft_line(self) -> str:
+        """peft's own wording: ``trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915``."""
+        return (
+            f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} "
+            f"|| trainable%: {self.trainable_pct:.4f}"
+        )
+
+
 # =========================================================================== analytic / estimate
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
@@ -222,6 +330,10 @@ class AnalyticEstimate:
     formula_mismatches: tuple[str, ...]
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    #: parameters split into trainable / frozen / adapters (None when nothing is frozen, adapted or quantized)
+    weights: WeightBreakdown | None = None
+    #: optimizer state and master weights kept in CPU memory (--offload optimizer), not on the GPU
+    host_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,6 +440,10 @@ class TraceResult:
     metrics: dict[str, str] = dataclasses.field(default_factory=lambda: dict(TRACE_METRICS))
     #: parts of peak_bytes that are modelled, not traced (their sum is at most peak_bytes)
     modelled: tuple[ModelledBytes, ...] = ()
+    #: the CUDA device predicted for (target "cuda"): its architecture and where it came from
+    cuda_target: CudaTarget | None = None
+    #: scaled_dot_product_attention calls per backend CUDA would pick ("flash", "efficient", "cudnn", "math")
+    attention_backends: dict[str, int] = dataclasses.field(default_factory=dict)
     #: FLOPs of the first traced step (None: not counted)
     flops: FlopCount | None = None
     #: per-op FLOPs and bytes for the step-time model (memprof.engine.roofline); not in JSON
@@ -336,6 +452,16 @@ class TraceResult:
     rank: int | None = None
     #: data parallelism with `offload`: what the rank keeps on the host instead (not in the figures above)
     host_bytes: int | None = None
+    #: parameters split into trainable / frozen / adapters (None when nothing is frozen, adapted or quantized)
+    weights: WeightBreakdown | None = None
+    #: peak of what the step keeps in CPU memory for a CUDA step (--offload optimizer: fp32 master weights,
+    #: CPU gradients, optimizer state, the CPU step's temporaries); None when it keeps nothing there.
+    #: For target "cpu" these bytes are also in peak_bytes (everything is CPU memory there).
+    host_peak_bytes: int | None = None
+    #: paged optimizer state (bitsandbytes paged optimizers: CUDA unified memory, cudaMallocManaged). torch's
+    #: allocator never sees it, so it is in no allocated/reserved figure; the driver moves its pages to CPU
+    #: memory when the GPU needs the room. None without a paged optimizer.
+    paged_bytes: int | None = None
 
     @property
     def predicted_allocated_bytes(self) -> int:
@@ -434,6 +560,10 @@ class GpusResult:
     reason: str | None  # why not, when not available
     nvml: Any
     torch: TorchCudaView
+    #: device name -> the catalog entry (--gpu NAME) it matches, for the local GPUs that match one
+    catalog_matches: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: every catalog entry, when asked for (``memprof gpus --catalog``)
+    catalog: tuple[GpuSpec, ...] = ()
 
 
 # =========================================================================== profile
@@ -752,6 +882,11 @@ class CompareRow:
     compute_delta_pct: float | None = None  # FLOPs per sample vs the baseline's, in %
     #: the roofline step-time model on the chosen GPU (a model, not measured); None without a GPU
     step_time: StepTime | None = None
+    #: peft's count of trainable parameters (None when nothing is frozen, adapted or quantized)
+    trainable_params: int | None = None
+    #: CPU memory the row keeps for a CUDA step (offloaded optimizer), paged optimizer state
+    host_peak_bytes: int | None = None
+    paged_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -773,3 +908,8 @@ class CompareResult:
     seconds: float = 0.0
     gpu: str | None = None  # the GPU of the step-time column
     step_time_note: str | None = None  # why there is no step-time column
+    #: rows whose batch fits the capacity (largest batch >= 1), the largest batch first (ties: lower peak)
+    ranked_by_batch: tuple[str, ...] = ()
+    #: the single lever (a row changing one thing) that allows the largest batch, and its batch gain
+    best_lever_label: str | None = None
+    best_lever_gain: int | None = None

@@ -342,7 +342,7 @@ def test_error_input_shape_rejected():
         (["memprof.zoo:Cruncher", "--model-kwargs", "{dim: 4}"], "not valid JSON"),
         (["memprof.zoo:Cruncher", "--batch-size", "0"], "--batch-size must be a positive integer"),
         (["memprof.zoo:Cruncher", "--dtype", "fp8"], "unknown dtype"),
-        (["memprof.zoo:Cruncher", "--optimizer", "lion"], "unknown optimizer"),
+        (["memprof.zoo:Cruncher", "--optimizer", "lamb"], "unknown optimizer"),
         (["memprof.zoo:Cruncher", "--gpu-memory", "lots"], "cannot read 'lots'"),
         (["memprof.zoo:Cruncher", "--gpu-memory", "24XB"], "unknown size unit"),
         (["memprof.zoo:Cruncher", "--headroom", "1.5"], "--headroom"),

@@ -13,12 +13,21 @@ from .common import (
     BATCH_OPT,
     BUCKET_CAP_OPT,
     BUCKET_VIEW_OPT,
+    CUDNN_BENCHMARK_OPT,
+    DOUBLE_QUANT_OPT,
     DTYPE_OPT,
+    FREEZE_OPT,
+    GPU_ARCH_OPT,
     GPU_MEMORY_OPT,
+    GPU_OPT,
     HEADROOM_OPT,
     INPUT_DTYPE_OPT,
     INPUT_SHAPE_OPT,
     JSON_OPT,
+    LORA_ALPHA_OPT,
+    LORA_DROPOUT_OPT,
+    LORA_RANK_OPT,
+    LORA_TARGETS_OPT,
     MODE_OPT,
     MODEL_ARG,
     MODEL_ARG_OPT,
@@ -26,8 +35,10 @@ from .common import (
     MODEL_OPT,
     OFFLOAD_OPT,
     OPTIMIZER_OPT,
+    QUANTIZE_OPT,
     STRATEGY_OPT,
     TOKEN_RANGE_OPT,
+    TRAIN_ONLY_OPT,
     WORLD_SIZE_OPT,
     build_workload,
     check_output_path,
@@ -60,16 +71,27 @@ def estimate_cmd(
     input_shape: list[str] | None = INPUT_SHAPE_OPT,
     input_dtype: str | None = INPUT_DTYPE_OPT,
     token_range: str | None = TOKEN_RANGE_OPT,
+    freeze: list[str] | None = FREEZE_OPT,
+    train_only: list[str] | None = TRAIN_ONLY_OPT,
+    lora_rank: int | None = LORA_RANK_OPT,
+    lora_alpha: float | None = LORA_ALPHA_OPT,
+    lora_targets: str | None = LORA_TARGETS_OPT,
+    lora_dropout: float | None = LORA_DROPOUT_OPT,
+    quantize: str | None = QUANTIZE_OPT,
+    double_quant: bool = DOUBLE_QUANT_OPT,
+    offload: str | None = OFFLOAD_OPT,
     model_kwargs: str | None = MODEL_KWARGS_OPT,
     model_arg: list[str] | None = MODEL_ARG_OPT,
     gpu_memory: str | None = GPU_MEMORY_OPT,
+    gpu: str | None = GPU_OPT,
+    gpu_arch: str | None = GPU_ARCH_OPT,
+    cudnn_benchmark: bool = CUDNN_BENCHMARK_OPT,
     headroom: float = HEADROOM_OPT,
     layers: int = typer.Option(10, "--layers", "-l", help="Show the top N layers by activation; 0 shows all."),
     all_layers: bool = typer.Option(False, "--all-layers", help="Show every layer, in execution order."),
     no_trace: bool = typer.Option(False, "--no-trace", help="Formula only: skip the fake-tensor trace (fastest)."),
     strategy: str | None = STRATEGY_OPT,
     world_size: str | None = WORLD_SIZE_OPT,
-    offload: str | None = OFFLOAD_OPT,
     bucket_cap_mb: float | None = BUCKET_CAP_OPT,
     gradient_as_bucket_view: bool = BUCKET_VIEW_OPT,
     plot: Path | None = typer.Option(
@@ -100,6 +122,9 @@ def estimate_cmd(
         check_plot_path(plot, (".svg",))
         if sizes is None or len(sizes) < 2:
             raise UsageError("--plot draws a world-size sweep", "give several sizes: --world-size 1,2,8,64,1024")
+    from ..engine.catalog import resolve_target
+
+    target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)  # bad names fail before the model loads
     workload = build_workload(
         model,
         model_opt,
@@ -117,13 +142,29 @@ def estimate_cmd(
         offload=offload,
         bucket_cap_mb=bucket_cap_mb,
         gradient_as_bucket_view=gradient_as_bucket_view,
+        freeze=freeze,
+        train_only=train_only,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        quantize=quantize,
+        double_quant=double_quant,
     )
     from ..commands.estimate import estimate, resolve_capacity
 
-    capacity, note = resolve_capacity(capacity_bytes)
+    capacity, note = resolve_capacity(capacity_bytes, gpu=target.gpu if gpu else None)
     if sizes is not None and len(sizes) > 1:
         _sweep(workload, sizes, capacity, note, head, no_trace, plot, json_out)
-    result = estimate(workload, capacity=capacity, headroom=head, traced=not no_trace, capacity_note=note)
+    result = estimate(
+        workload,
+        capacity=capacity,
+        headroom=head,
+        traced=not no_trace,
+        capacity_note=note,
+        cuda_target=target,
+        gpu=target.gpu if gpu else None,
+    )
     if json_out:
         emit_json(estimate_document(result))
     else:

@@ -10,19 +10,31 @@ import typer
 from ..engine.fit import check_headroom
 from . import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
 from .common import (
+    CUDNN_BENCHMARK_OPT,
+    DOUBLE_QUANT_OPT,
     DTYPE_OPT,
+    FREEZE_OPT,
+    GPU_ARCH_OPT,
+    GPU_OPT,
     HEADROOM_OPT,
     INPUT_DTYPE_OPT,
     INPUT_SHAPE_OPT,
     JSON_OPT,
+    LORA_ALPHA_OPT,
+    LORA_DROPOUT_OPT,
+    LORA_RANK_OPT,
+    LORA_TARGETS_OPT,
     MODE_OPT,
     MODEL_ARG,
     MODEL_ARG_OPT,
     MODEL_KWARGS_OPT,
     MODEL_OPT,
+    OFFLOAD_OPT,
     OPTIMIZER_OPT,
+    QUANTIZE_OPT,
     STRATEGY_OPT,
     TOKEN_RANGE_OPT,
+    TRAIN_ONLY_OPT,
     build_workload,
     check_output_path,
     parse_bytes_list,
@@ -47,6 +59,15 @@ def find_batch_cmd(
     input_shape: list[str] | None = INPUT_SHAPE_OPT,
     input_dtype: str | None = INPUT_DTYPE_OPT,
     token_range: str | None = TOKEN_RANGE_OPT,
+    freeze: list[str] | None = FREEZE_OPT,
+    train_only: list[str] | None = TRAIN_ONLY_OPT,
+    lora_rank: int | None = LORA_RANK_OPT,
+    lora_alpha: float | None = LORA_ALPHA_OPT,
+    lora_targets: str | None = LORA_TARGETS_OPT,
+    lora_dropout: float | None = LORA_DROPOUT_OPT,
+    quantize: str | None = QUANTIZE_OPT,
+    double_quant: bool = DOUBLE_QUANT_OPT,
+    offload: str | None = OFFLOAD_OPT,
     model_kwargs: str | None = MODEL_KWARGS_OPT,
     model_arg: list[str] | None = MODEL_ARG_OPT,
     device: str | None = typer.Option(
@@ -73,6 +94,9 @@ def find_batch_cmd(
         "--target-global-batch",
         help="Global batch you want: prints the gradient-accumulation steps to reach it with the recommended batch.",
     ),
+    gpu: str | None = GPU_OPT,
+    gpu_arch: str | None = GPU_ARCH_OPT,
+    cudnn_benchmark: bool = CUDNN_BENCHMARK_OPT,
     isolate: bool = typer.Option(False, "--isolate", help="Run each trial in a fresh child process."),
     no_predict: bool = typer.Option(False, "--no-predict", help="Do not trace a prediction first: grow geometrically."),
     plot: Path | None = typer.Option(
@@ -134,7 +158,13 @@ def find_batch_cmd(
 
         check_output_path(plot)
         check_plot_path(plot)
-    if not (device.strip().lower() == "cpu") and limits is None:
+    on_cpu = device.strip().lower() == "cpu"
+    if on_cpu and (gpu or gpu_arch):
+        raise UsageError("--gpu and --gpu-arch are for CUDA trials", "leave them out with --device cpu")
+    from ..engine.catalog import resolve_target
+
+    cuda_target = None if on_cpu else resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)
+    if not on_cpu and limits is None:
         _require_cuda(device)
     workload = build_workload(
         model,
@@ -149,6 +179,15 @@ def find_batch_cmd(
         model_arg=model_arg,
         strategy=strategy,
         world_size=nproc_per_node * nnodes if strategy and nproc_per_node else None,
+        freeze=freeze,
+        train_only=train_only,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        quantize=quantize,
+        double_quant=double_quant,
+        offload=offload,
     )
     from ..commands.find_batch import find_batch, find_batch_torchrun
     from ..render import stderr_console
@@ -197,6 +236,7 @@ def find_batch_cmd(
             isolate=isolate,
             predict=not no_predict,
             on_event=progress.on_event,
+            cuda_target=cuda_target,
         )
     _report(result, plot, json_out, no_chart)
 

@@ -11,6 +11,7 @@ fakes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -20,9 +21,10 @@ from typing import Any
 from ..engine import checkpointing as ckpt
 from ..engine import fit as fitting
 from ..engine.distributed import get_strategy, is_sharded
+from ..engine.finetune import LoraSpec, parse_method, parse_patterns
 from ..engine.flops import recompute_cost
 from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
-from ..engine.workload import Workload, get_optimizer_name, get_precision
+from ..engine.workload import Workload, get_offload, get_optimizer_name, get_precision
 from ..errors import MemprofError, UsageError
 from ..results import (
     Capacity,
@@ -30,6 +32,8 @@ from ..results import (
     CompareMeasurement,
     CompareResult,
     CompareRow,
+    CudaTarget,
+    GpuSpec,
     MemCategory,
     RecomputeInfo,
     Target,
@@ -37,7 +41,21 @@ from ..results import (
 
 #: the axes a comparison can vary, in the order rows and labels use them; a ``strategy`` value is
 #: ``"none"`` (one process) or ``"STRATEGY:WORLD_SIZE"`` (``"fsdp:8"``: one rank of 8 under FSDP2)
-AXES = ("dtype", "optimizer", "checkpointing", "inplace_relu", "mode", "batch_size", "strategy")
+AXES = (
+    "dtype",
+    "optimizer",
+    "checkpointing",
+    "inplace_relu",
+    "mode",
+    "batch_size",
+    "freeze",
+    "lora",
+    "quantize",
+    "offload",
+    "strategy",
+)
+#: the fine-tuning levers among them (memprof compare ranks their rows by the largest batch)
+LEVER_AXES = ("optimizer", "checkpointing", "freeze", "lora", "quantize", "offload", "dtype")
 #: dtypes the default comparison shows (besides the baseline's)
 DEFAULT_DTYPES = ("fp32", "amp-fp16", "amp-bf16", "fp16")
 #: pure half precision: no fp32 master weights (shown, but not recommended by the verdict)
@@ -64,6 +82,8 @@ def axis_value(workload: Workload, axis: str) -> Any:
         return workload.inplace_relu
     if axis == "strategy":
         return f"{workload.strategy}:{workload.world_size}" if workload.distributed else "none"
+    if axis == "quantize":
+        return workload.quantize + ("+dq" if workload.double_quant else "")
     return getattr(workload, axis)
 
 
@@ -100,6 +120,25 @@ def _normalize(axis: str, value: Any) -> Any:
         except ValueError:
             raise UsageError(f"cannot read the strategy {value!r}", "write STRATEGY:RANKS, e.g. fsdp:8") from None
         return strategy_value(name, world)
+    if axis == "freeze":
+        return parse_patterns(value, "freeze") if value else ()
+    if axis == "lora":
+        if value is None or isinstance(value, LoraSpec):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("none", "0", "off"):
+            return None
+        try:
+            rank = int(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"`lora_rank` must be an integer, got {value!r}", "e.g. `lora_rank` 16") from None
+        return LoraSpec(rank) if rank else None
+    if axis == "quantize":
+        text = str(value).strip().lower()
+        double = text.endswith(("+dq", "+double-quant"))
+        method = parse_method(text.split("+")[0])
+        return method + ("+dq" if double and method in ("nf4", "fp4") else "")
+    if axis == "offload":
+        return get_offload(value)
     if axis == "batch_size":
         try:
             batch = int(value)
@@ -149,6 +188,9 @@ def apply_change(workload: Workload, axis: str, value: Any) -> Workload:
         name, size = value.split(":")
         offload = workload.offload if (workload.offload != "params" or is_sharded(name)) else "none"
         return workload.replace(strategy=name, world_size=int(size), offload=offload)
+    if axis == "quantize":
+        method, _, dq = value.partition("+")
+        return workload.replace(quantize=method, double_quant=bool(dq))
     return workload.replace(**{axis: value})
 
 
@@ -168,6 +210,14 @@ def _part(axis: str, value: Any) -> str:
             return "one process"
         name, size = value.split(":")
         return f"{name} × {size}"
+    if axis == "freeze":
+        return "freeze " + ",".join(value) if value else "nothing frozen"
+    if axis == "lora":
+        return f"LoRA r={value.rank}" if value is not None else "no LoRA"
+    if axis == "quantize":
+        return "unquantized" if value == "none" else value.replace("+dq", " (double quant)")
+    if axis == "offload":
+        return "optimizer on the CPU" if value == "optimizer" else "optimizer on the GPU"
     return f"batch {value}"
 
 
@@ -185,7 +235,12 @@ def _key(w: Workload) -> tuple:
         w.mode,
         w.batch_size,
         axis_value(w, "strategy"),
-        w.offload,
+        w.freeze,
+        w.train_only,
+        w.lora,
+        w.quantize,
+        w.double_quant,
+        w.offload if train else "none",
     )
 
 
@@ -211,8 +266,11 @@ def make_variants(
         combos = [{axis: v} for axis, vals in chosen.items() for v in vals]
     for combo in combos:
         w = base
-        for axis, v in combo.items():
-            w = apply_change(w, axis, v)
+        try:
+            for axis, v in combo.items():
+                w = apply_change(w, axis, v)
+        except UsageError:  # a combination that cannot exist (offloaded 8-bit optimizer, LoRA + freeze)
+            continue
         key = _key(w)
         if key in seen:
             continue
@@ -244,13 +302,15 @@ FindFn = Callable[[Workload], "int | None"]
 RecomputeFn = Callable[[Workload], Any]  # -> flops.RecomputeCost
 
 
-def _default_trace(workload: Workload, *, target: str, count_bytes: bool = False):
+def _default_trace(
+    workload: Workload, *, target: str, cuda_target: CudaTarget | None = None, count_bytes: bool = False
+):
     """The row's trace. On the CPU, tensor storages only (``kernel_scratch=False``): what the CPU cap
     (``--memory-limit``) counts, as a GPU would, and what ``--measure`` on the CPU measures.
     ``count_bytes``: also the bytes each op moves, for the step-time model."""
     from ..engine.trace import trace_step
 
-    return trace_step(workload, target=target, kernel_scratch=False, count_bytes=count_bytes)
+    return trace_step(workload, target=target, kernel_scratch=False, cuda_target=cuda_target, count_bytes=count_bytes)
 
 
 def traced_fit(
@@ -367,6 +427,9 @@ def _row_from_trace(v: Variant, r: Any) -> dict[str, Any]:
         peak_phase=r.peak_phase,
         peak_module=r.peak_module,
         trace_seconds=float(getattr(r, "trace_seconds", 0.0)),
+        trainable_params=r.weights.trainable_params if getattr(r, "weights", None) is not None else None,
+        host_peak_bytes=getattr(r, "host_peak_bytes", None),
+        paged_bytes=getattr(r, "paged_bytes", None),
     )
 
 
@@ -505,6 +568,36 @@ def order_rows(rows: list[CompareRow], base_batch: int) -> tuple[list[CompareRow
     return ordered, best.label if best else None, safe.label if safe else None
 
 
+def rank_by_batch(rows: Iterable[CompareRow]) -> list[str]:
+    """Labels of the rows that fit (largest batch >= 1), the largest batch first; ties by lower peak."""
+    fitting = [r for r in rows if r.error is None and r.fit is not None and r.fit.max_batch]
+    fitting.sort(key=lambda r: (-(r.fit.max_batch or 0) if r.fit else 0, r.peak_bytes or 0))
+    return [r.label for r in fitting]
+
+
+def best_lever(rows: Iterable[CompareRow]) -> tuple[str | None, int | None]:
+    """The row changing one lever only (at the baseline's batch size) whose largest batch gains the most."""
+    rows = list(rows)
+    base = next((r for r in rows if r.baseline), None)
+    if base is None or base.fit is None:
+        return None, None
+    base_batch = base.fit.max_batch or 0
+    best: tuple[int, int, str] | None = None
+    for r in rows:
+        if r.baseline or r.error is not None or r.fit is None or len(r.changes) != 1:
+            continue
+        (axis,) = r.changes
+        if axis not in LEVER_AXES:
+            continue
+        gain = (r.fit.max_batch or 0) - base_batch
+        key = (gain, -(r.peak_bytes or 0), r.label)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    if best is None or best[0] <= 0:
+        return None, None
+    return best[2], best[0]
+
+
 def compare(
     base: Workload,
     axes: Mapping[str, Iterable[Any]] | None = None,
@@ -523,6 +616,7 @@ def compare(
     find_fn: FindFn | None = None,
     recompute_fn: RecomputeFn | None = recompute_cost,
     on_progress: Callable[[int, int, str], None] | None = None,
+    cuda_target: CudaTarget | None = None,
     gpu: GpuPeaks | None = None,
 ) -> CompareResult:
     """Trace every variant of ``base`` and put them side by side.
@@ -538,7 +632,14 @@ def compare(
         raise UsageError(f"unknown target {target!r}", "choose cuda or cpu")
     headroom = fitting.check_headroom(headroom)
     started = time.perf_counter()
-    trace_fn = trace_fn or _default_trace
+    if trace_fn is None:
+        if target == "cuda":
+            from ..engine.catalog import resolve_target, with_capacity
+
+            cuda_target = cuda_target or resolve_target()
+            if capacity is not None and fit:
+                cuda_target = with_capacity(cuda_target, capacity.total_bytes)
+        trace_fn = functools.partial(_default_trace, cuda_target=cuda_target)
     fit_fn = fit_fn or traced_fit
     variants = variants if variants is not None else make_variants(base, axes, combine=combine)
     notes: list[str] = []
@@ -609,6 +710,7 @@ def compare(
             else:
                 notes.append("in-place ReLU: each nn.ReLU overwrites its input instead of allocating its output")
     ordered, best, safe = order_rows(rows, base.batch_size)
+    lever, lever_gain = best_lever(ordered) if capacity is not None and fit else (None, None)
     if capacity is None and fit:
         notes.append(capacity_note or "no capacity given: largest-batch columns left out (use --gpu-memory 24GiB)")
     return CompareResult(
@@ -626,15 +728,19 @@ def compare(
         seconds=time.perf_counter() - started,
         gpu=gpu.name if gpu is not None else None,
         step_time_note=None if gpu is not None else "step time: needs a GPU (--gpu NAME)",
+        ranked_by_batch=tuple(rank_by_batch(ordered)) if capacity is not None and fit else (),
+        best_lever_label=lever,
+        best_lever_gain=lever_gain,
     )
 
 
 def resolve_capacity(
-    device: str, gpu_memory: int | None, memory_limit: int | None
+    device: str, gpu_memory: int | None, memory_limit: int | None, gpu: GpuSpec | None = None
 ) -> tuple[Capacity | None, str | None]:
-    """(capacity or None, why none): ``memory_limit`` on the CPU; on CUDA ``gpu_memory``, else the local
-    GPU via NVML."""
+    """(capacity or None, why none): ``memory_limit`` on the CPU; on CUDA ``gpu_memory``, else the
+    catalog GPU's (``gpu``), else the local GPU via NVML."""
     from ..engine import nvml
+    from .estimate import gpu_capacity
 
     if device == "cpu":
         if memory_limit is not None:
@@ -642,6 +748,8 @@ def resolve_capacity(
         return None, "no --memory-limit: largest-batch columns left out (e.g. --memory-limit 8GiB)"
     if gpu_memory:
         return Capacity(int(gpu_memory), "--gpu-memory"), None
+    if gpu is not None:
+        return gpu_capacity(gpu), None
     info = nvml.device_info(0)
     if info is not None:
         return Capacity(info.total_bytes, f"NVML: {info.name} (GPU 0)", info.name), None

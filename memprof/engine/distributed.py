@@ -44,7 +44,10 @@ STRATEGIES: dict[str, str] = {
 }
 _ALIASES = {"single": "none", "": "none", "fsdp2": "fsdp", "fully_shard": "fsdp", "zero-1": "zero1", "zero-2": "zero2"}
 _ALIASES |= {"zero-3": "zero3", "shard_grad_op": "zero2", "full_shard": "fsdp"}
+#: where model states may live: on the device; optimizer state and its step on the CPU; FSDP2's
+#: CPUOffloadPolicy (sharded parameters, gradients and optimizer state on the host)
 OFFLOADS = ("none", "optimizer", "params")
+_OFFLOAD_ALIASES = {"": "none", "off": "none", "no": "none", "false": "none", "optimizer-state": "optimizer"}
 #: strategies built on fully_shard
 FSDP_STRATEGIES = ("fsdp", "zero2", "zero3")
 #: DDP's default bucket size (torch.nn.parallel.DistributedDataParallel)
@@ -62,9 +65,12 @@ def get_strategy(name: str) -> str:
 
 
 def get_offload(name: str | None) -> str:
-    key = str(name or "none").strip().lower()
+    key = "none" if name is None else str(name).strip().lower()
+    key = _OFFLOAD_ALIASES.get(key, key)
     if key not in OFFLOADS:
-        raise UsageError(f"unknown `offload` {name!r}", "choose optimizer (optimizer state on the host) or params")
+        raise UsageError(
+            f"unknown `offload` {name!r}", "`offload` optimizer keeps the optimizer state on the CPU (params: FSDP2's)"
+        )
     return key
 
 
@@ -78,8 +84,8 @@ def check_plan(strategy: str, world_size: int, offload: str, bucket_cap_mb: floa
         raise UsageError(
             f"`world_size` {world_size} needs a `strategy`", "add `strategy` ddp, fsdp, zero1, zero2 or zero3"
         )
-    if strategy == "none" and offload != "none":
-        raise UsageError(f"`offload` {offload} needs a `strategy`", "add `strategy` fsdp (or zero1, zero2, zero3)")
+    if strategy == "none" and offload == "params":
+        raise UsageError("`offload` params needs a `strategy`", "add `strategy` fsdp (FSDP2's CPUOffloadPolicy)")
     if not bucket_cap_mb > 0:
         raise UsageError(f"`bucket_cap_mb` must be positive, got {bucket_cap_mb!r}", "DDP's default is 25")
     check_available(strategy, offload)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
+from .distributed import get_offload
+from .finetune import LoraSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -105,7 +107,8 @@ def get_precision(name: str) -> Precision:
 
 
 # --------------------------------------------------------------------------- optimizers
-#: name -> (number of param-sized state tensors, description)
+#: name -> (number of param-sized state tensors, description); the state of the ones marked in
+#: :data:`STATE_RULES` is not param-sized (analytic.optimizer_state_bytes has the exact rule)
 OPTIMIZERS: dict[str, tuple[int, str]] = {
     "sgd": (0, "SGD, no momentum"),
     "sgd-momentum": (1, "SGD with momentum 0.9 (one momentum buffer)"),
@@ -113,8 +116,26 @@ OPTIMIZERS: dict[str, tuple[int, str]] = {
     "adamw": (2, "AdamW (exp_avg, exp_avg_sq)"),
     "adagrad": (1, "Adagrad (sum of squares)"),
     "rmsprop": (1, "RMSprop (square_avg)"),
+    "adamw8bit": (2, "bitsandbytes AdamW8bit (two uint8 states + fp32 absmax per 256 values; fp32 below 4096 values)"),
+    "paged-adamw8bit": (2, "bitsandbytes PagedAdamW8bit (AdamW8bit with the large states in CUDA unified memory)"),
+    "adafactor": (1, "torch.optim.Adafactor (factored second moments: a row and a column per matrix)"),
+    "adafactor-hf": (1, "transformers Adafactor as HF Trainer sets it (factored second moments)"),
+    "lion": (1, "Lion (one exp_avg), stepping as lion-pytorch does"),
 }
-_OPTIMIZER_ALIASES = {"momentum": "sgd-momentum", "sgd_momentum": "sgd-momentum", "sgdm": "sgd-momentum"}
+#: optimizers whose state is not a whole number of parameter-sized tensors
+STATE_RULES = frozenset({"adamw8bit", "paged-adamw8bit", "adafactor", "adafactor-hf"})
+_OPTIMIZER_ALIASES = {
+    "momentum": "sgd-momentum",
+    "sgd_momentum": "sgd-momentum",
+    "sgdm": "sgd-momentum",
+    "adamw_8bit": "adamw8bit",
+    "adamw-8bit": "adamw8bit",
+    "adam8bit": "adamw8bit",
+    "paged_adamw8bit": "paged-adamw8bit",
+    "paged_adamw_8bit": "paged-adamw8bit",
+    "paged-adamw-8bit": "paged-adamw8bit",
+    "adafactor_hf": "adafactor-hf",
+}
 
 
 def get_optimizer_name(name: str) -> str:
@@ -130,8 +151,9 @@ def optimizer_state_count(name: str) -> int:
     return OPTIMIZERS[get_optimizer_name(name)][0]
 
 
-def optimizer_class(name: str, device_type: str) -> tuple[type, dict[str, Any]]:
-    """The torch optimizer class and keyword arguments for ``name``, as PyTorch would run it on ``device_type``.
+def optimizer_class(name: str, device_type: str) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """The optimizer's class (or factory) and keyword arguments for ``name``, as PyTorch would run it on
+    ``device_type``.
 
     ``foreach`` is passed explicitly: PyTorch picks the multi-tensor (foreach)
     implementations by default on CUDA and the per-tensor loop on CPU, and the two
@@ -140,8 +162,8 @@ def optimizer_class(name: str, device_type: str) -> tuple[type, dict[str, Any]]:
     """
     import torch
 
-    foreach = device_type == "cuda"
     name = get_optimizer_name(name)
+    foreach = device_type == "cuda"
     if name == "sgd":
         return torch.optim.SGD, {"lr": 1e-3, "foreach": foreach}
     if name == "sgd-momentum":
@@ -152,18 +174,33 @@ def optimizer_class(name: str, device_type: str) -> tuple[type, dict[str, Any]]:
         return torch.optim.AdamW, {"lr": 1e-4, "foreach": foreach}
     if name == "adagrad":
         return torch.optim.Adagrad, {"lr": 1e-3, "foreach": foreach}
-    return torch.optim.RMSprop, {"lr": 1e-4, "foreach": foreach}
+    if name == "rmsprop":
+        return torch.optim.RMSprop, {"lr": 1e-4, "foreach": foreach}
+    from . import optimizers
+
+    if name in ("adamw8bit", "paged-adamw8bit"):
+        return optimizers.AdamW8bit, {"paged": name == "paged-adamw8bit"}
+    if name == "lion":
+        return optimizers.Lion, {}
+    if name == "adafactor":
+        return optimizers.make_adafactor, {"foreach": foreach}
+    return optimizers.make_hf_adafactor, {}
 
 
-def make_optimizer(name: str, params, device_type: str, world=None):
+def make_optimizer(name: str, params, device_type: str, offload: str = "none", world=None):
     """Build the optimizer the way PyTorch would by default on ``device_type`` (see :func:`optimizer_class`).
 
-    With ``world`` (a :class:`memprof.engine.distributed.World`, ZeRO-1), PyTorch's
-    ``ZeroRedundancyOptimizer`` around it: each rank keeps the state of its partition only.
+    ``offload="optimizer"`` steps on the CPU (:class:`memprof.engine.optimizers.OffloadedOptimizer`), with
+    the CPU's implementation. With ``world`` (a :class:`memprof.engine.distributed.World`, ZeRO-1),
+    PyTorch's ``ZeroRedundancyOptimizer`` around it: each rank keeps the state of its partition only.
     """
     params = list(params)
     if not params:
         raise UsageError("the model has no trainable parameters", "use --mode eval for inference-only models")
+    if get_offload(offload) == "optimizer" and world is None:
+        from .optimizers import OffloadedOptimizer
+
+        return OffloadedOptimizer(params, lambda masters: make_optimizer(name, masters, "cpu"))
     cls, kwargs = optimizer_class(name, device_type)
     if world is not None:
         from .distributed import make_sharded_optimizer
@@ -193,11 +230,22 @@ class Workload:
     #: ``batch_size`` is then per rank, and everything the workload predicts is one rank's
     strategy: str = "none"
     world_size: int = 1
-    #: none, optimizer (optimizer state on the host) or params (FSDP2's CPUOffloadPolicy)
+    #: none, optimizer (optimizer state and its step on the CPU; with a strategy: the state counted on the
+    #: host) or params (FSDP2's CPUOffloadPolicy)
     offload: str = "none"
     #: DDP's bucket size and ``gradient_as_bucket_view`` (ddp, zero1)
     bucket_cap_mb: float = 25.0
     gradient_as_bucket_view: bool = False
+    #: module-name globs whose parameters are frozen (requires_grad=False)
+    freeze: tuple[str, ...] = ()
+    #: module-name globs whose parameters stay trainable; every other parameter is frozen
+    train_only: tuple[str, ...] = ()
+    #: LoRA adapters added with peft (None: no LoRA)
+    lora: LoraSpec | None = None
+    #: bitsandbytes quantization of the frozen linear weights: "none" | "int8" | "nf4" | "fp4"
+    quantize: str = "none"
+    #: 4-bit double quantization (bnb_4bit_use_double_quant)
+    double_quant: bool = False
 
     def __post_init__(self):
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
@@ -210,6 +258,28 @@ class Workload:
         strategy, offload = check_plan(self.strategy, self.world_size, self.offload, self.bucket_cap_mb)
         object.__setattr__(self, "strategy", strategy)
         object.__setattr__(self, "offload", offload)
+        from .finetune import parse_patterns
+
+        object.__setattr__(self, "freeze", parse_patterns(self.freeze, "freeze"))
+        object.__setattr__(self, "train_only", parse_patterns(self.train_only, "train_only"))
+        if self.quantize != "none" or self.double_quant:
+            from .finetune import parse_method
+
+            object.__setattr__(self, "quantize", parse_method(self.quantize))
+            if self.double_quant and self.quantize not in ("nf4", "fp4"):
+                raise UsageError(
+                    "`double_quant` applies to 4-bit weights only", "combine it with `quantize` nf4 or fp4"
+                )
+        if self.offload == "optimizer" and self.optimizer in ("adamw8bit", "paged-adamw8bit"):
+            raise UsageError(
+                f"`offload` optimizer does not combine with {self.optimizer} (bitsandbytes steps on the GPU)",
+                "offload adam, adamw, lion, adafactor, ... or keep the 8-bit optimizer on the GPU",
+            )
+        if self.lora is not None and (self.freeze or self.train_only):
+            raise UsageError(
+                "`freeze` / `train_only` do not combine with `lora_rank`: LoRA already freezes every base weight",
+                "choose the adapted layers with `lora_targets`, or drop the LoRA options",
+            )
 
     @property
     def distributed(self) -> bool:
@@ -232,6 +302,7 @@ class Workload:
             "mode": self.mode,
             "checkpointing": self.checkpointing,
             "inplace_relu": self.inplace_relu,
+            **self.finetune_description(),
         } | self.describe_parallel()
 
     def describe_parallel(self) -> dict[str, Any]:
@@ -241,6 +312,26 @@ class Workload:
         out: dict[str, Any] = {"strategy": self.strategy, "world_size": self.world_size, "offload": self.offload}
         if self.strategy in ("ddp", "zero1"):
             out |= {"bucket_cap_mb": self.bucket_cap_mb, "gradient_as_bucket_view": self.gradient_as_bucket_view}
+        return out
+
+    def finetune_description(self) -> dict[str, Any]:
+        """The fine-tuning levers that are set (nothing when none is)."""
+        out: dict[str, Any] = {}
+        if self.freeze:
+            out["freeze"] = list(self.freeze)
+        if self.train_only:
+            out["train_only"] = list(self.train_only)
+        if self.lora is not None:
+            out["lora"] = {
+                "rank": self.lora.rank,
+                "alpha": self.lora.alpha,
+                "targets": list(self.lora.targets) or None,
+                "dropout": self.lora.dropout,
+            }
+        if self.quantize != "none":
+            out["quantize"] = self.quantize + ("+double-quant" if self.double_quant else "")
+        if self.offload != "none":
+            out["offload"] = self.offload
         return out
 
 
@@ -310,6 +401,7 @@ def build_model(workload: Workload, device: torch.device | str = "cpu"):
         for module in model.modules():
             if isinstance(module, torch.nn.ReLU):
                 module.inplace = True
+    model = apply_finetuning(model, workload)
     if workload.checkpointing != "none":
         from .checkpointing import apply_checkpointing
 
@@ -318,6 +410,28 @@ def build_model(workload: Workload, device: torch.device | str = "cpu"):
     if workload.mode == "eval":
         for p in model.parameters():
             p.requires_grad_(False)
+    return model
+
+
+def apply_finetuning(model, workload: Workload):
+    """Quantize, freeze and add LoRA adapters as the workload asks (in the order transformers and peft
+    do: weights loaded in the model dtype, then quantized, then adapted); returns the model to train."""
+    from . import finetune
+
+    if workload.quantize != "none":
+        from .quantize import apply_quantization
+
+        precision = workload.precision
+        apply_quantization(
+            model,
+            workload.quantize,
+            double_quant=workload.double_quant,
+            compute_dtype=precision.torch_autocast_dtype() or precision.torch_param_dtype(),
+            weight_dtype=precision.torch_param_dtype(),
+        )
+    finetune.apply_freezing(model, workload.freeze, workload.train_only)
+    if workload.lora is not None:
+        model = finetune.apply_lora(model, workload.lora)
     return model
 
 
@@ -346,7 +460,8 @@ def prepare(
     if workload.mode == "train":
         trainable = [p for p in model.parameters() if p.requires_grad]
         sharded_opt = world if workload.strategy == "zero1" else None
-        opt = make_optimizer(workload.optimizer, trainable, optimizer_device_type or device.type, sharded_opt)
+        offload = "none" if workload.distributed else workload.offload
+        opt = make_optimizer(workload.optimizer, trainable, optimizer_device_type or device.type, offload, sharded_opt)
     args, kwargs, target = workload.model.make_batch(workload.batch_size, device, workload.precision)
     return Prepared(workload, model, opt, args, kwargs, target, workload.model.loss_fn(), device.type)
 

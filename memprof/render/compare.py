@@ -58,7 +58,10 @@ def verdict_text(result: CompareResult) -> str:
         return "Only the baseline was traced: add --dtype, --optimizer, --checkpointing, ... to compare."
     best = _row(result, result.best_label)
     if best is None:
-        return "No configuration lowers the peak below the baseline at the same batch size."
+        return " ".join(
+            ["No configuration lowers the peak below the baseline at the same batch size."]
+            + _lever_sentences(result, base)
+        )
     assert best.peak_bytes is not None and base.peak_bytes is not None  # both were traced
     lead = "Lowest peak" if best.peak_bytes < base.peak_bytes else "Same peak, larger batch"
 
@@ -75,6 +78,7 @@ def verdict_text(result: CompareResult) -> str:
         return text
 
     parts = [f"{lead}: {summary(best)}."]
+    parts.extend(_lever_sentences(result, base))
     safe = _row(result, result.safe_best_label)
     if best.workload.get("dtype") in ("fp16", "bf16"):
         if safe is not None:
@@ -84,6 +88,45 @@ def verdict_text(result: CompareResult) -> str:
         else:
             parts.append(f"Pure {best.workload.get('dtype')} drops the fp32 master weights (numerically risky).")
     return " ".join(parts)
+
+
+def _lever_sentences(result: CompareResult, base: CompareRow) -> list[str]:
+    """Which row allows the largest batch, and which single lever buys the most batch."""
+    out = []
+    top = _row(result, result.ranked_by_batch[0]) if result.ranked_by_batch else None
+    if top is not None and top.fit is not None and not top.baseline:
+        out.append(f"Largest batch: {top.label} ({format_count(top.fit.max_batch)}).")
+    lever = _row(result, result.best_lever_label)
+    if lever is not None and lever.fit is not None and base.fit is not None:
+        out.append(
+            f"Of the single levers, {lever.label} buys the most: largest batch {format_count(lever.fit.max_batch)} "
+            f"vs {format_count(base.fit.max_batch or 0)}."
+        )
+    return out
+
+
+def ranking_lines(result: CompareResult, limit: int = 10) -> list[str]:
+    """The rows that fit, ranked by the largest batch each allows."""
+    lines = []
+    for i, label in enumerate(result.ranked_by_batch[:limit], 1):
+        r = _row(result, label)
+        if r is None or r.fit is None:
+            continue
+        extra = []
+        if r.trainable_params is not None:
+            extra.append(f"{format_count(r.trainable_params)} trainable params")
+        if r.host_peak_bytes:
+            extra.append(f"{format_bytes(r.host_peak_bytes)} CPU memory")
+        if r.paged_bytes:
+            extra.append(f"{format_bytes(r.paged_bytes)} paged")
+        tail = f" ({', '.join(extra)})" if extra else ""
+        lines.append(
+            f"{i:>2}. batch {format_count(r.fit.max_batch)}: {r.label}, peak {format_bytes(r.peak_bytes)}{tail}"
+        )
+    hidden = len(result.ranked_by_batch) - limit
+    if hidden > 0:
+        lines.append(f"    ... {hidden} more (--json lists them all)")
+    return lines
 
 
 # --------------------------------------------------------------------------- terminal
@@ -306,6 +349,12 @@ def render_compare(result: CompareResult, console: Console) -> None:
         console.print(mt)
     console.print()
     console.print(bars(result))
+    ranking = ranking_lines(result) if len(result.ranked_by_batch) > 1 else []
+    if ranking:
+        console.print(Text("Ranked by the largest batch that fits", style="bold"))
+        for line in ranking:
+            console.print(Text("  " + line))
+        console.print()
     console.print(Text(verdict_text(result), style="bold"))
     lines = detail_lines(result)
     if lines:

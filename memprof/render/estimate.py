@@ -215,6 +215,34 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
     console.print(table)
 
 
+def _weights(result: EstimateResult, console: Console) -> None:
+    """The parameters split for fine-tuning (base / adapters / quantization state), and off-GPU memory."""
+    traced = result.traced
+    w = getattr(traced, "weights", None) or result.analytic.weights
+    host = getattr(traced, "host_peak_bytes", None) if traced is not None else result.analytic.host_bytes
+    paged = getattr(traced, "paged_bytes", None)
+    if w is None and not host and not paged:
+        return
+    console.print()
+    console.print("[bold]Fine-tuning[/bold]")
+    if w is not None:
+        console.print(f"  {w.peft_line()}  (as peft prints it)")
+        parts = [f"frozen base weights {format_bytes(w.frozen_bytes)}"]
+        if w.adapter_bytes:
+            parts.append(f"LoRA adapters {format_bytes(w.adapter_bytes)} ({format_count(w.adapter_params)} params)")
+        if w.trainable_bytes:
+            parts.append(f"other trainable {format_bytes(w.trainable_bytes)}")
+        if w.quantized_layers:
+            parts.append(
+                f"quantization state {format_bytes(w.quant_state_bytes)} ({w.quantized_layers} quantized layers)"
+            )
+        console.print("  " + " · ".join(parts))
+    if host:
+        console.print(f"  CPU memory (offloaded optimizer: fp32 masters, gradients, state): {format_bytes(host)}")
+    if paged:
+        console.print(f"  paged optimizer state (CUDA unified memory, not in the peak): {format_bytes(paged)}")
+
+
 def select_layers(layers: tuple[LayerRow, ...], top: int | None) -> list[LayerRow]:
     """``top`` N layers by activation bytes (ties in execution order); None or 0: all, in execution order."""
     if not top:
@@ -417,6 +445,7 @@ def render_estimate(result: EstimateResult, console: Console, layers: int | None
     _header(result, console)
     _headline(result, console)
     _breakdown(result, console)
+    _weights(result, console)
     _layers(result, console, layers)
     _compute(result, console)
     _methods(result, console)
