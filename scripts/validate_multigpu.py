@@ -4,9 +4,9 @@ For each case: trace one rank of the data-parallel step on fake tensors over a f
 (``trace_step(workload, target="cpu")`` with ``workload.strategy`` / ``world_size``), then launch a real
 ``torchrun --standalone --nproc-per-node N`` job in which every rank builds the model, wraps it (DDP,
 FSDP2, ZeroRedundancyOptimizer), runs two real training steps, and measures its own peak independently
-of the tracer: the CPU allocator's exact running total (c10's ``FLAGS_caffe2_report_cpu_memory_usage``,
-which also counts frees made on gloo's threads) read from torch.profiler's memory events, from just
-before the model was built (``memprof.engine.measure.measure_rank_step``).
+of the tracer: c10's CPU allocator, with ``FLAGS_caffe2_report_cpu_memory_usage`` and INFO logging, logs
+every allocation and free with the exact running total, from every thread (gloo's too); each rank reads
+its own log, counted from just before the model was built (``memprof.engine.measure.measure_rank_step``).
 
 The scaling section runs FSDP (= ZeRO-3) at 1, 2 and 4 ranks: model states shrink as 1/N, activations
 stay, and the largest batch per rank under a fixed per-rank cap rises; the predicted largest batch is

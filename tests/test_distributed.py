@@ -194,7 +194,7 @@ def test_offload_moves_model_states_to_the_host_on_cuda():
         ({"world_size": 8}, "needs a `strategy`"),
         ({"strategy": "ddp", "world_size": 0}, "`world_size` must be a positive integer"),
         ({"strategy": "ddp", "world_size": 2, "offload": "params"}, "`offload` params needs a sharded strategy"),
-        ({"strategy": "ddp", "world_size": 2, "offload": "disk"}, "unknown `offload`"),
+        ({"strategy": "ddp", "world_size": 2, "offload": "disk"}, "unknown offload"),
         ({"strategy": "ddp", "world_size": 2, "bucket_cap_mb": 0}, "`bucket_cap_mb` must be positive"),
     ],
 )

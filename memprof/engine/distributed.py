@@ -69,7 +69,7 @@ def get_offload(name: str | None) -> str:
     key = _OFFLOAD_ALIASES.get(key, key)
     if key not in OFFLOADS:
         raise UsageError(
-            f"unknown `offload` {name!r}", "`offload` optimizer keeps the optimizer state on the CPU (params: FSDP2's)"
+            f"unknown offload {name!r}", "`offload` optimizer keeps the optimizer state on the CPU (params: FSDP2's)"
         )
     return key
 
