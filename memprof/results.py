@@ -755,6 +755,10 @@ class BatchTrial:
     #: several ranks (find-batch under torchrun): each rank's peak allocated bytes, rank 0 first; the
     #: figures above are then the largest rank's (capacity: the smallest), an OOM on any rank is an OOM
     rank_peaks_bytes: tuple[int | None, ...] | None = None
+    #: steps (counted in steps_run) whose optimizer.step() GradScaler skipped (inf/nan gradients at its loss
+    #: scale) and that were run again; more than engine.workload.MAX_SKIPPED_STEPS: the optimizer stepped fewer
+    #: times than asked, so the peak may miss its state (find-batch says so in its notes)
+    skipped_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

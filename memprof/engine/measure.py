@@ -2,11 +2,12 @@
 
 A trial builds the model, optimizer and one batch, runs :func:`memprof.engine.workload.train_step`
 ``steps`` times (the first creates the optimizer state, the later ones are the steady
-state), and reports peak memory. Running out of memory is an answer, not an error:
-it is recognised (the exception type first, known messages second), everything the
-trial held is dropped (model, optimizer, batch and the exception's traceback frames),
-the caches are emptied, and the memory still allocated afterwards is compared with
-the baseline from before the trial.
+state; with AMP fp16's GradScaler, steps whose optimizer step it skipped are run again, up to
+:data:`memprof.engine.workload.MAX_SKIPPED_STEPS`, so the state is measured), and reports peak
+memory. Running out of memory is an answer, not an error: it is recognised (the exception type
+first, known messages second), everything the trial held is dropped (model, optimizer, batch and
+the exception's traceback frames), the caches are emptied, and the memory still allocated
+afterwards is compared with the baseline from before the trial.
 
 On the CPU the cap is enforced by counting live tensor storages
 (:class:`memprof.engine.tracking.StorageTracker`, parameters, buffers and inputs included):
@@ -34,7 +35,7 @@ from typing import Any, Protocol
 
 from ..errors import MeasureError, MemprofError, NoGPUError
 from ..results import BatchTrial, Metric
-from .workload import Prepared, Workload, prepare, train_step
+from .workload import Prepared, Workload, make_grad_scaler, prepare, train_step, train_steps
 
 PhaseCallback = Callable[[int, str], None]  # (step number from 1, phase)
 
@@ -133,6 +134,7 @@ class _Trial:
         self.phase = "setup"
         self._on_phase = on_phase
         self.t0 = time.perf_counter()
+        self.skipped = 0
 
     def phase_cb(self, phase: str) -> None:
         self.phase = phase
@@ -150,13 +152,12 @@ class _Trial:
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
 
+    def run_steps(self, prepared: Prepared, steps: int, scaler=None) -> None:
+        """``steps`` steps in which the optimizer really stepped (GradScaler's skipped ones run again)."""
+        self.skipped = train_steps(prepared, steps, scaler, on_step=self._set_step, on_phase=self.phase_cb)
 
-def _run_steps(workload: Workload, trial: _Trial, device, steps: int, scaler=None):
-    prepared = prepare(workload, device)
-    for i in range(1, steps + 1):
-        trial.step = i
-        train_step(prepared, trial.phase_cb, scaler)
-    return prepared
+    def _set_step(self, i: int) -> None:
+        self.step = i
 
 
 def _classify(exc: BaseException, trial: _Trial) -> tuple[str, str]:
@@ -251,11 +252,9 @@ class CpuCapRunner:
             prepared = prepare(workload.with_batch(batch), "cpu")
             cap.register(_resident_tensors(prepared))
             with cap:
-                for i in range(1, steps + 1):
-                    trial.step = i
-                    train_step(prepared, trial.phase_cb)
+                trial.run_steps(prepared, steps, make_grad_scaler(workload, "cpu"))
             peak = cap.peak_bytes
-            steps_run = steps
+            steps_run = trial.step
         except BaseException as exc:  # noqa: BLE001 - classified below; anything else re-raised
             try:
                 error, kind = _classify(exc, trial)
@@ -282,6 +281,7 @@ class CpuCapRunner:
             oom_phase=where,
             attempted_bytes=cap.attempted_bytes,
             leaked_bytes=leaked,
+            skipped_steps=trial.skipped,
         )
 
 
@@ -314,6 +314,13 @@ class CudaRunner:
 
         gc.collect()
         torch.cuda.synchronize(self.dev)
+        # cuBLAS keeps a workspace per (handle, stream) for the life of the process (65 MiB on an H200 with
+        # torch 2.11): without this, the first trial's peak counts them and the later ones do not, and they
+        # read as a leak. Each trial then allocates them afresh, as the traced prediction does.
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:
+            with torch.cuda.device(self.dev):
+                clear()
         torch.cuda.empty_cache()
 
     def capacity_bytes(self) -> int:
@@ -336,14 +343,14 @@ class CudaRunner:
         trial = _Trial(batch, on_phase)
         error = kind = where = None
         peak_alloc = peak_res = nvml_used = overhead = None
-        scaler = None
-        if workload.precision.grad_scaler and workload.mode == "train":
-            scaler = torch.amp.GradScaler("cuda")
+        prepared: Prepared | None = None
+        scaler = make_grad_scaler(workload, "cuda")
         try:
             with torch.cuda.device(self.dev):
-                prepared = _run_steps(workload.with_batch(batch), trial, self.dev, steps, scaler=scaler)
+                prepared = prepare(workload.with_batch(batch), self.dev)
+                trial.run_steps(prepared, steps, scaler)
             torch.cuda.synchronize(self.dev)
-            steps_run = steps
+            steps_run = trial.step
             peak_alloc = int(torch.cuda.max_memory_allocated(self.dev) - baseline)
             peak_res = int(torch.cuda.max_memory_reserved(self.dev))
             nvml_used = nvml.process_used_bytes(self.index)
@@ -373,6 +380,7 @@ class CudaRunner:
             oom_detected_by=kind,
             oom_phase=where,
             leaked_bytes=leaked,
+            skipped_steps=trial.skipped,
         )
 
 
