@@ -44,7 +44,7 @@ from .flops import FlopTally
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
 if TYPE_CHECKING:
-    from .tracking import StorageTracker  # imports torch
+    from .tracking import StorageTracker
 
 PHASES = ("setup", "forward", "backward", "optimizer", "done")
 _MATMUL_OPS: frozenset | None = None
@@ -129,6 +129,12 @@ class _Recorder:
         self.tally: FlopTally | None = None  # counts FLOPs while set (the first step)
         self.module_types: dict[str, str] = {}
         self.root_label: str | None = None
+        self.sharded = False  # FSDP / ZeRO-2/3: storages grown by resizing are gathered parameters
+        self.gloo = False  # a CPU rank: gloo's own collective buffers are modelled
+        self.gloo_held: int | None = None  # the record of gloo's last buffer, until its worker thread frees it
+        from .tracking import RESIZE
+
+        self.resize_func = RESIZE
         # records made inside placement.on("host" / "paged"): CPU memory / unified memory on a CUDA run
         self.placed_host: set[int] = set()
         self.placed_paged: set[int] = set()
@@ -163,7 +169,10 @@ class _Recorder:
         self.rec_phase.append(self.phase)
         self.rec_module.append(module)
         self.rec_step.append(self.step)
-        self.rec_cat.append(self.category)
+        if func is self.resize_func and self.category is None and self.sharded:
+            self.rec_cat.append(MemCategory.GATHERED_PARAMETER)  # FSDP2 re-allocating an unsharded parameter
+        else:
+            self.rec_cat.append(self.category)
         self.rec_kind.append(None)
         place = placement.current()
         self.rec_host.append(place != "device")
@@ -221,11 +230,72 @@ class _Recorder:
         self.rec_kind.append(self.rec_kind[rec])
         return new
 
+    @contextlib.contextmanager
+    def forced(self, category: MemCategory):
+        """Allocations made inside are ``category`` (DDP's rebuilt buckets)."""
+        saved, self.category = self.category, category
+        try:
+            yield
+        finally:
+            self.category = saved
+
+    def gloo_buffer(self, nbytes: int) -> None:
+        """A collective's buffer on gloo's worker thread. The thread frees it after the collective is
+        done, when it next runs: on a busy machine that is when it starts the next collective, so
+        each buffer is held until then (or until the optimizer step, which runs none)."""
+        self.release_gloo()
+        self.gloo_held = self.synthetic(nbytes, MemCategory.COMMUNICATION, GLOO)
+
+    def release_gloo(self) -> None:
+        if self.gloo_held is not None:
+            self.free_synthetic(self.gloo_held)
+            self.gloo_held = None
+
+    def categorize_tensors(self, tensors, category: MemCategory) -> None:
+        """Uncategorised records of these tensors' storages (a collective's buffers, gathered parameters)."""
+        import torch
+
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                rec = self.key_to_rec.get(_local(t).untyped_storage()._cdata)
+                if rec is not None and self.rec_cat[rec] is None:
+                    self.rec_cat[rec] = category
+
     def categorize_live(self, keys, category: MemCategory, only_unset: bool = True) -> None:
         for key in keys:
             rec = self.key_to_rec.get(key)
             if rec is not None and (not only_unset or self.rec_cat[rec] is None):
                 self.rec_cat[rec] = category
+
+
+_COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
+#: collectives ProcessGroupGloo runs through a buffer of its own, allocated on its worker thread (measured:
+#: scripts/validate_multigpu.py): op name -> (the argument that sizes it, x group size)
+_GLOO_SCRATCH = {
+    "c10d::_allgather_base_": (0, False),  # the output's size
+    "c10d::_reduce_scatter_base_": (1, False),  # the input's size
+    "_c10d_functional::all_gather_into_tensor": (0, True),  # input x group size: the output's
+    "_c10d_functional::reduce_scatter_tensor": (0, False),
+}
+
+
+GLOO = overheads.Kind(
+    "gloo collective buffer",
+    "ProcessGroupGloo allocates the output of all_gather_into_tensor and the input of reduce_scatter_tensor on "
+    "its own thread while they run (measured: scripts/validate_multigpu.py)",
+    verified=True,
+)
+
+
+def _gloo_scratch(func, args) -> int:
+    """Bytes gloo allocates on its own thread for collective ``func``."""
+    how = _GLOO_SCRATCH.get(func._schema.name)
+    if how is None:
+        return 0
+    index, times_group = how
+    t = args[index]
+    nbytes = t.numel() * t.element_size()
+    return nbytes * int(args[1]) if times_group else nbytes
 
 
 def _scratch_rules(recorder: _Recorder) -> dict:
@@ -287,6 +357,7 @@ def _lt_ops() -> frozenset:
 
 def _make_tracker(recorder: _Recorder):
     import torch
+    from torch.utils._pytree import tree_leaves
 
     from .tracking import StorageTracker
 
@@ -321,6 +392,14 @@ def _make_tracker(recorder: _Recorder):
                 ):
                     recorder.lt_threads.add(thread)
                     recorder.synthetic(recorder.lt_bytes, MemCategory.CUDA_OVERHEAD, overheads.CUBLASLT)
+            if func.namespace in _COLLECTIVE_NAMESPACES:
+                # the buffers a collective reads and writes (all-gather output, reduce-scatter input, buckets)
+                scratch = _gloo_scratch(func, args) if recorder.gloo else 0
+                if scratch:
+                    recorder.gloo_buffer(scratch)
+                out = super().__torch_dispatch__(func, types, args, kwargs)
+                recorder.categorize_tensors(tree_leaves((args, kwargs)), MemCategory.COMMUNICATION)
+                return out  # a collective computes nothing: no FLOPs to tally
             if func in convs:
                 recorder.saw_convolution = True
             rule = scratch_rules.get(func)
@@ -500,6 +579,8 @@ def _install_module_hooks(model, recorder: _Recorder) -> list:
         recorder.module_types.setdefault(label, type(module).__name__)
 
         def pre(mod, args, _label=label):
+            if recorder.sharded:  # FSDP2 swapped in the unsharded parameters just before (its hook runs first)
+                recorder.categorize_tensors(mod.parameters(recurse=False), MemCategory.GATHERED_PARAMETER)
             recorder.module_stack.append(_label)
             shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor) and not a.is_nested]
             recorder.last_module_input = (_label, shapes)
@@ -837,6 +918,31 @@ def _step_error(exc: Exception, phase: str) -> MemprofError:
     return TraceError(f"tracing the {phase} pass failed: {name}: {msg}", hint)
 
 
+# =========================================================================== data parallelism
+class _TraceRank(Exception):  # noqa: N818 - control flow, never leaves trace_step
+    """ZeRO-1: another rank holds more optimizer state than the one traced; trace that one."""
+
+    def __init__(self, rank: int):
+        super().__init__(rank)
+        self.rank = rank
+
+
+def _local(t):
+    """What a rank holds of ``t``: a DTensor's local shard, or ``t``."""
+    local = getattr(t, "_local_tensor", None)
+    return local if local is not None else t
+
+
+def _keys(tensors) -> list[int]:
+    return [_local(t).untyped_storage()._cdata for t in tensors]
+
+
+def _optimizer_state(optimizer) -> dict:
+    """The optimizer's state; ZeroRedundancyOptimizer keeps its rank's in the local optimizer it wraps."""
+    inner = getattr(optimizer, "optim", None)
+    return (inner if inner is not None and hasattr(inner, "state") else optimizer).state
+
+
 # =========================================================================== tracing
 def trace_step(
     workload: Workload,
@@ -850,6 +956,7 @@ def trace_step(
     count_bytes: bool = False,
     fallback: bool = True,
     progress: Callable[[str], None] | None = None,
+    rank: int | None = None,
 ) -> TraceResult:
     """Trace ``steps`` training steps of ``workload`` on fake tensors and predict their memory.
 
@@ -878,6 +985,13 @@ def trace_step(
     workspaces, allocator replay); ``result.method`` says so. ``progress`` receives one-line
     messages about that run (its expected time and memory) before it starts. Without
     ``fallback`` a :class:`memprof.errors.DataDependentError` names the op and the source line.
+
+    With a data-parallel strategy (``workload.strategy``) the prediction is one rank's: PyTorch's
+    DDP / FSDP2 / ZeroRedundancyOptimizer run over a fake process group of ``workload.world_size``
+    ranks (:mod:`memprof.engine.distributed`), seen from ``rank`` (default: the rank that holds the
+    most, rank 0 but for ZeRO-1's uneven optimizer partitions). Replaying steps stays exact there
+    (DDP's bucket rebuild frees and re-allocates the same bytes; tested per strategy). A data-parallel
+    step that reads tensor values has no real-run fallback (it would need a real process group).
     """
     if target not in ("cuda", "cpu"):
         raise UsageError(f"unknown trace target {target!r}", "choose cuda or cpu")
@@ -891,9 +1005,14 @@ def trace_step(
         count_flops=count_flops, count_bytes=count_bytes, cuda_target=cuda_target if target == "cuda" else None
     )
     try:
-        return _record_step(workload, target, steps, replay_steps, kernel_scratch, real=False, **options)
+        try:
+            return _record_step(workload, target, steps, replay_steps, kernel_scratch, real=False, rank=rank, **options)
+        except _TraceRank as heavier:
+            return _record_step(
+                workload, target, steps, replay_steps, kernel_scratch, real=False, rank=heavier.rank, **options
+            )
     except DataDependentError as exc:
-        if not fallback:
+        if not fallback or workload.distributed:
             raise
         return _real_run(workload, target, steps, kernel_scratch, exc, progress, options)
 
@@ -908,6 +1027,7 @@ def _record_step(
     count_flops: bool = True,
     count_bytes: bool = False,
     cuda_target: CudaTarget | None = None,
+    rank: int | None = None,
 ) -> TraceResult:
     """Run ``steps`` steps under the recorder: on fake tensors, or (``real``) on real CPU tensors."""
     import gc
@@ -930,14 +1050,24 @@ def _record_step(
     restore_rnns: Callable[[], None] | None = None
     restore_linear: Callable[[], None] | None = None
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if not real else None
+    traced_rank: int | None = None
+    world_cm: Any = contextlib.nullcontext()
+    if workload.distributed:
+        from . import distributed
+
+        world_cm = distributed.fake_world(workload.world_size, rank or 0)
+        recorder.sharded = distributed.is_sharded(workload.strategy)
+        recorder.gloo = target == "cpu"
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     fake_log_level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)  # it logs every meta-kernel failure; ours become MemprofErrors
     try:
-        with fake_mode or contextlib.nullcontext(), warnings.catch_warnings():
+        with world_cm as world, fake_mode or contextlib.nullcontext(), warnings.catch_warnings():
             # modules that test data_ptr() (nn.TransformerEncoder's fast path) make PyTorch warn about
             # fake tensors; the answer they get does not change what is allocated, so keep it off the screen
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+            # FSDP2 warns about modules that return views (about in-place ops the step does not do)
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
             fast = fastfake.FastFake(fake_mode) if fake_mode is not None and fastfake.enabled() else None
             if real:
                 torch.manual_seed(0)  # the same weights and batch as measure_cpu_step: the same data-dependent sizes
@@ -949,16 +1079,32 @@ def _record_step(
             if fast is not None:
                 tracker.run_op = fast.run
             with tracker:
+                made_by_wrap: list[int] = []
+                if world is not None:  # DDP's buckets, FSDP2's shards: allocated by PyTorch's code, traced
+                    traced_rank = world.rank
+                    world.bucket_context = lambda: recorder.forced(MemCategory.COMMUNICATION)
+                    model = distributed.wrap(model, distributed.plan_of(workload), world, "cpu")
+                    made_by_wrap = list(tracker.live)
                 recorder.category = MemCategory.PARAMETER
                 params = list(model.parameters())
-                tracker.register(params)
+                recorder.categorize_live(tracker.register(params), MemCategory.PARAMETER)
+                recorder.categorize_live(_keys(params), MemCategory.PARAMETER, only_unset=False)
                 recorder.category = MemCategory.BUFFER
                 tracker.register(list(model.buffers()))
+                recorder.categorize_live(_keys(model.buffers()), MemCategory.BUFFER)
+                recorder.categorize_live(made_by_wrap, MemCategory.COMMUNICATION)
                 recorder.category = None
                 optimizer = None
                 if workload.mode == "train":
                     trainable = [p for p in params if p.requires_grad]
-                    optimizer = make_optimizer(workload.optimizer, trainable, target, workload.offload)
+                    # with a strategy, `offload` optimizer is counted on the host after the trace (_offload)
+                    offload = "none" if workload.distributed else workload.offload
+                    zero1 = world if workload.strategy == "zero1" else None
+                    optimizer = make_optimizer(workload.optimizer, trainable, target, offload, zero1)
+                    if zero1 is not None and rank is None:
+                        heaviest = distributed.heaviest_partition(optimizer)
+                        if heaviest != world.rank:
+                            raise _TraceRank(heaviest)
                 recorder.category = MemCategory.INPUT
                 try:
                     args, kwargs, tgt = workload.model.make_batch(workload.batch_size, "cpu", workload.precision)
@@ -970,7 +1116,7 @@ def _record_step(
                 recorder.category = None
                 prepared = Prepared(workload, model, optimizer, args, kwargs, tgt, workload.model.loss_fn(), "cpu")
                 del args, kwargs, tgt
-                handles = _install_module_hooks(model, recorder)
+                handles = _install_module_hooks(getattr(model, "module", model) if world else model, recorder)
                 if target == "cuda":
                     restore_rnns = _install_cudnn_rnns(recorder)
                 if not real:
@@ -1007,21 +1153,22 @@ def _record_step(
                             ):
                                 recorder.rec_cat[rec] = MemCategory.ACTIVATION
                     elif phase == "optimizer":
+                        recorder.release_gloo()  # before the optimizer's events: a replayed step frees it too
                         recorder.optimizer_start[recorder.step] = len(recorder.events)
                         recorder.optimizer_op[recorder.step] = tracker.op_count
                         for p in prepared.model.parameters():
                             if p.grad is not None:
-                                rec = recorder.key_to_rec.get(p.grad.untyped_storage()._cdata)
+                                rec = recorder.key_to_rec.get(_local(p.grad).untyped_storage()._cdata)
                                 if rec is not None:
                                     recorder.rec_cat[rec] = MemCategory.GRADIENT
                     elif phase == "done":
                         recorder.done_start.setdefault(recorder.step, len(recorder.events))
                         recorder.done_op.setdefault(recorder.step, tracker.op_count)
                     if phase == "done" and prepared.optimizer is not None:
-                        for state in prepared.optimizer.state.values():
+                        for state in _optimizer_state(prepared.optimizer).values():
                             for name, value in state.items():
                                 if isinstance(value, torch.Tensor):
-                                    key = value.untyped_storage()._cdata
+                                    key = _local(value).untyped_storage()._cdata
                                     rec = recorder.key_to_rec.get(key)
                                     if rec is None:
                                         continue
@@ -1094,6 +1241,10 @@ def _record_step(
         if rules is not None:
             attention = dict(rules.attention)
     notes.extend(_finetune_notes(workload, target))
+    host_bytes = None
+    if workload.distributed:
+        notes.extend(_distributed_notes(workload, target))
+        host_bytes = _offload(recorder, workload, target, steps)
     result = _analyse(recorder, workload, target, steps, op_count, notes)
     flops = costs = None
     if tally is not None:
@@ -1111,7 +1262,49 @@ def _record_step(
         weights=weights,
         host_peak_bytes=host_peak,
         paged_bytes=paged,
+        rank=traced_rank,
+        host_bytes=host_bytes,
     )
+
+
+def _distributed_notes(workload: Workload, target: str) -> list[str]:
+    notes = [
+        f"one rank of {workload.world_size} ({workload.strategy}): PyTorch's distributed code traced over a "
+        "fake process group (collectives move no data, their buffers are allocated as on a real rank)"
+    ]
+    if target == "cuda":
+        notes.append("NCCL's own communication buffers live outside PyTorch's allocator and are not included")
+    if workload.offload != "none" and target == "cpu":
+        notes.append(f"`offload` {workload.offload} changes nothing on the CPU: the host is the device")
+    elif workload.offload == "params":
+        notes.append(
+            "offload params: sharded parameters, gradients and optimizer state are counted on the host "
+            "(host_bytes); the host-to-device copies of each unit's shards before its all-gather are not included"
+        )
+    elif workload.offload == "optimizer":
+        notes.append(
+            "offload optimizer: optimizer state is counted on the host (host_bytes); the device-to-host copies "
+            "of gradients and the updated parameters copied back are not included"
+        )
+    return notes
+
+
+def _offload(recorder: _Recorder, workload: Workload, target: str, steps: int) -> int | None:
+    """Move the offloaded categories to the host (a CUDA step only); returns the most they hold at once, or None."""
+    if workload.offload == "none" or target != "cuda":
+        return None
+    hosted = {MemCategory.OPTIMIZER_STATE}
+    if workload.offload == "params":
+        hosted |= {MemCategory.PARAMETER, MemCategory.GRADIENT}
+    for r, category in enumerate(recorder.rec_cat):
+        if category in hosted:
+            recorder.rec_host[r] = True
+    live = peak = 0
+    for r, sign, *_ in recorder.events:
+        if recorder.rec_host[r] and recorder.rec_cat[r] in hosted:
+            live += sign * recorder.rec_nbytes[r]
+            peak = max(peak, live)
+    return peak
 
 
 def _weights(model, workload: Workload):
@@ -1156,7 +1349,7 @@ def _finetune_notes(workload: Workload, target: str) -> list[str]:
             "paged optimizer state lives in CUDA unified memory: outside torch's allocator (not in the peak), "
             "moved to CPU memory by the driver when the GPU needs the room"
         )
-    if workload.offload == "optimizer" and target == "cuda":
+    if workload.offload == "optimizer" and target == "cuda" and not workload.distributed:
         notes.append(
             "optimizer offloaded: fp32 master weights, gradients copied to the CPU, the optimizer state and the "
             "CPU step's temporaries are CPU memory (host peak), not in the GPU peak"

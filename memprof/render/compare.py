@@ -34,6 +34,8 @@ BAR_STYLE: dict[MemCategory, tuple[str, str, str]] = {
     MemCategory.TEMPORARY: ("▞", "red", "#e15759"),
     MemCategory.INPUT: ("▪", "white", "#9c755f"),
     MemCategory.CUDA_OVERHEAD: ("·", "bright_black", "#bab0ac"),
+    MemCategory.GATHERED_PARAMETER: ("▙", "bright_blue", "#86bcb6"),
+    MemCategory.COMMUNICATION: ("▚", "bright_magenta", "#f28e2b"),
 }
 
 

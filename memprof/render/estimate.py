@@ -19,11 +19,46 @@ _ORDER = (
     MemCategory.BUFFER,
     MemCategory.GRADIENT,
     MemCategory.OPTIMIZER_STATE,
+    MemCategory.GATHERED_PARAMETER,
+    MemCategory.COMMUNICATION,
     MemCategory.ACTIVATION,
     MemCategory.TEMPORARY,
     MemCategory.INPUT,
     MemCategory.CUDA_OVERHEAD,
 )
+#: what each strategy shards (labelled "(sharded)" in the breakdown)
+_SHARDED = {
+    "zero1": (MemCategory.OPTIMIZER_STATE,),
+    "zero2": (MemCategory.PARAMETER, MemCategory.GRADIENT, MemCategory.OPTIMIZER_STATE),
+    "zero3": (MemCategory.PARAMETER, MemCategory.GRADIENT, MemCategory.OPTIMIZER_STATE),
+    "fsdp": (MemCategory.PARAMETER, MemCategory.GRADIENT, MemCategory.OPTIMIZER_STATE),
+}
+_STRATEGY_NAMES = {
+    "ddp": "DDP",
+    "zero1": "ZeRO-1 (DDP + ZeroRedundancyOptimizer)",
+    "zero2": "ZeRO-2 (FSDP2, reshard_after_forward=False)",
+    "zero3": "ZeRO-3 (FSDP2 fully_shard)",
+    "fsdp": "FSDP2 fully_shard (ZeRO-3)",
+}
+
+
+def _label(cat: MemCategory, strategy: str | None) -> str:
+    return cat.value + (" (sharded)" if cat in _SHARDED.get(strategy or "", ()) else "")
+
+
+def parallel_line(workload: dict) -> str | None:
+    """ "FSDP2 fully_shard (ZeRO-3) × 8 ranks, one rank shown" for a distributed workload, else None."""
+    strategy = workload.get("strategy")
+    if not strategy or strategy == "none":
+        return None
+    text = f"{_STRATEGY_NAMES.get(strategy, strategy)} × {workload.get('world_size')} ranks; figures are one rank's"
+    if workload.get("offload") not in (None, "none"):
+        text += f"; offload {workload.get('offload')}"
+    if strategy in ("ddp", "zero1"):
+        text += f"; buckets {workload.get('bucket_cap_mb'):g} MiB"
+        if workload.get("gradient_as_bucket_view"):
+            text += ", gradient_as_bucket_view"
+    return text
 
 
 _METRICS = {
@@ -83,6 +118,10 @@ def _header(result: EstimateResult, console: Console) -> None:
     ]
     if w.get("checkpointing") not in (None, "none"):
         rows.append(("checkpointing", str(w.get("checkpointing"))))
+    parallel = parallel_line(w)
+    if parallel is not None:
+        rows[1] = ("batch size", f"{w.get('batch_size')} per rank")
+        rows.append(("parallel", parallel))
     if result.capacity is not None:
         rows.append(("device", f"{format_bytes(result.capacity.total_bytes)} ({result.capacity.source})"))
     else:
@@ -120,7 +159,10 @@ def _headline(result: EstimateResult, console: Console) -> None:
             extra.append(f"nvidia-smi ≈ {format_bytes(t.predicted_nvml_bytes)}")
         if extra:
             console.print("  " + "; ".join(extra))
-        console.print(f"  formula (four-part rule): {format_bytes(a.total_bytes)}")
+        if getattr(t, "host_bytes", None):
+            console.print(f"  offloaded to the host: {format_bytes(t.host_bytes)} per rank (not in the figures above)")
+        one = " for one process" if parallel_line(result.workload) else ""
+        console.print(f"  formula (four-part rule){one}: {format_bytes(a.total_bytes)}")
     else:
         console.print(
             f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] per {what} (formula: four-part rule)"
@@ -147,7 +189,7 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
     if traced is not None:
         table.add_column("Traced", justify="right")
         table.add_column("% of total", justify="right")
-        table.add_column("Formula", justify="right")
+        table.add_column("Formula" + (" (1 process)" if parallel_line(result.workload) else ""), justify="right")
         table.add_column("% of total", justify="right")
     else:
         table.add_column("Bytes", justify="right")
@@ -160,8 +202,9 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
         if not f and not t:
             continue
         if traced is not None:
+            label = _label(cat, result.workload.get("strategy"))
             table.add_row(
-                cat.value, format_bytes(t or 0), _pct(t or 0, t_total), format_bytes(f or 0), _pct(f or 0, f_total)
+                label, format_bytes(t or 0), _pct(t or 0, t_total), format_bytes(f or 0), _pct(f or 0, f_total)
             )
         else:
             assert f is not None  # without a trace t is None, so the row was skipped unless f is set
