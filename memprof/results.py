@@ -156,6 +156,7 @@ class FitSummary:
     headroom: float
     per_sample_bytes: int | None = None
     fixed_bytes: int | None = None
+    note: str | None = None  # why a traced step's fit is by formula (other batch sizes failed to trace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,10 @@ class EstimateResult:
     capacity: Capacity | None
     capacity_note: str | None  # why there is no capacity
     fit: FitSummary | None
+    #: the trace was asked for and failed: the answer is the formula's only (a partial answer)
+    trace_error: str | None = None
+    trace_hint: str | None = None  # what to do about trace_error
+    interrupted: bool = False  # Ctrl-C during the trace: the formula's answer, the trace left out
 
 
 # =========================================================================== trace
@@ -399,6 +404,8 @@ class ScriptOutcome:
     error: str | None = None  # "ZeroDivisionError: division by zero"
     location: str | None = None  # innermost line of the user's files in the traceback
     source: str | None = None
+    #: when the script raised: its traceback as Python prints it, the script's own frames only
+    traceback: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -605,3 +612,4 @@ class CompareResult:
     safe_best_label: str | None
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    interrupted: bool = False  # Ctrl-C after the baseline: the rows traced until then

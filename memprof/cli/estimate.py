@@ -7,7 +7,16 @@ from typing import Any
 import typer
 
 from ..engine.fit import check_headroom
-from . import EXIT_DOES_NOT_FIT, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
+from . import (
+    EXIT_DOES_NOT_FIT,
+    EXIT_INTERRUPTED,
+    EXIT_NOTHING_FITS,
+    EXIT_PARTIAL,
+    command,
+    emit_json,
+    exit_code,
+    handle_errors,
+)
 from .common import (
     BATCH_OPT,
     DTYPE_OPT,
@@ -40,7 +49,7 @@ def estimate_document(result) -> dict[str, Any]:
     return doc
 
 
-@app.command("estimate")
+@command("estimate")
 @handle_errors
 def estimate_cmd(
     model: str | None = MODEL_ARG,
@@ -56,17 +65,20 @@ def estimate_cmd(
     model_arg: list[str] | None = MODEL_ARG_OPT,
     gpu_memory: str | None = GPU_MEMORY_OPT,
     headroom: float = HEADROOM_OPT,
-    layers: int = typer.Option(10, "--layers", "-l", help="Show the top N layers by activation; 0 shows all."),
+    layers: int = typer.Option(
+        10, "--layers", "-l", metavar="N", help="Show the top N layers by activation; 0 shows all."
+    ),
     all_layers: bool = typer.Option(False, "--all-layers", help="Show every layer, in execution order."),
     no_trace: bool = typer.Option(False, "--no-trace", help="Formula only: skip the fake-tensor trace (fastest)."),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Estimate one training step's memory (traced and by formula) and the largest batch that fits.
 
-    Exit code 0 when it fits (or no capacity is known), 1 when the batch does not fit
-    but a smaller one does, 4 when not even batch 1 fits, 2 for bad input.
+    Exit codes: 0 it fits (or no capacity is known), 1 the batch does not fit but a smaller one
+    does, 4 not even batch 1 fits, 5 the trace failed and the answer is the formula's only (the
+    ERROR line says why), 2 bad input; see memprof --help for all.
     """
-    from ..errors import UsageError
+    from ..errors import Interrupted, UsageError
 
     head = check_headroom(headroom)
     if layers < 0:
@@ -88,7 +100,12 @@ def estimate_cmd(
     from ..commands.estimate import estimate, resolve_capacity
 
     capacity, note = resolve_capacity(capacity_bytes)
-    result = estimate(workload, capacity=capacity, headroom=head, traced=not no_trace, capacity_note=note)
+    codes = []
+    try:
+        result = estimate(workload, capacity=capacity, headroom=head, traced=not no_trace, capacity_note=note)
+    except Interrupted as exc:  # Ctrl-C while tracing: the formula's answer is ready
+        result = exc.partial
+        codes.append(EXIT_INTERRUPTED)
     if json_out:
         emit_json(estimate_document(result))
     else:
@@ -96,7 +113,17 @@ def estimate_cmd(
         from ..render.estimate import render_estimate
 
         render_estimate(result, stdout_console(), layers=None if all_layers else layers)
+    from ..render import print_error
+
+    if result.trace_error is not None:
+        print_error(
+            f"the training step could not be traced, so the estimate above is the formula's only: {result.trace_error}",
+            result.trace_hint or "see the message above",
+        )
+        codes.append(EXIT_PARTIAL)
+    if result.interrupted:
+        print_error("interrupted", "the estimate above is the formula's only: the trace was stopped by Ctrl-C")
     fit = result.fit
-    if fit is None or fit.fits:
-        raise typer.Exit(EXIT_OK)
-    raise typer.Exit(EXIT_NOTHING_FITS if fit.max_batch is None else EXIT_DOES_NOT_FIT)
+    if fit is not None and not fit.fits:
+        codes.append(EXIT_NOTHING_FITS if fit.max_batch is None else EXIT_DOES_NOT_FIT)
+    raise typer.Exit(exit_code(*codes))

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from ..engine.fit import check_headroom
-from . import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
+from . import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OUTPUT, command, emit_json, exit_code, handle_errors
 from .common import (
     DTYPE_OPT,
+    FORCE_OPT,
     HEADROOM_OPT,
     INPUT_DTYPE_OPT,
     INPUT_SHAPE_OPT,
@@ -23,8 +25,8 @@ from .common import (
     OPTIMIZER_OPT,
     TOKEN_RANGE_OPT,
     build_workload,
-    check_output_path,
 )
+from .output import OutputFiles
 
 
 def find_batch_document(result) -> dict[str, Any]:
@@ -34,7 +36,7 @@ def find_batch_document(result) -> dict[str, Any]:
     return document("find-batch", result)
 
 
-@app.command("find-batch")
+@command("find-batch")
 @handle_errors
 def find_batch_cmd(
     model: str | None = MODEL_ARG,
@@ -51,24 +53,31 @@ def find_batch_cmd(
         None,
         "--device",
         "-d",
-        help="cuda, cuda:N, or cpu (with --memory-limit) \\[default: cuda; cpu when --memory-limit is given]",
+        metavar="DEVICE",
+        help="cuda, cuda:N, or cpu (with --memory-limit) [default: cuda; cpu when --memory-limit is given]",
     ),
     memory_limit: str | None = typer.Option(
         None,
         "--memory-limit",
+        metavar="SIZE",
         help="CPU only: cap live tensor bytes at this size (4GiB); crossing it raises PyTorch's out-of-memory error.",
     ),
-    steps: int = typer.Option(2, "--steps", help="Training steps per trial (the first creates optimizer state)."),
-    min_batch: int = typer.Option(1, "--min-batch", help="Smallest batch to consider."),
-    max_batch: int = typer.Option(4096, "--max-batch", help="Never try a batch above this."),
-    start: int | None = typer.Option(None, "--start", help="First batch to try \\[default: the prediction]."),
+    steps: int = typer.Option(
+        2, "--steps", metavar="N", help="Training steps per trial (the first creates optimizer state)."
+    ),
+    min_batch: int = typer.Option(1, "--min-batch", metavar="N", help="Smallest batch to consider."),
+    max_batch: int = typer.Option(4096, "--max-batch", metavar="N", help="Never try a batch above this."),
+    start: int | None = typer.Option(
+        None, "--start", metavar="N", help="First batch to try [default: the prediction]."
+    ),
     headroom: float = HEADROOM_OPT,
     multiple_of: int | None = typer.Option(
-        None, "--multiple-of", help="Round the recommended batch down to a multiple of this (8, 64, ...)."
+        None, "--multiple-of", metavar="N", help="Round the recommended batch down to a multiple of this (8, 64, ...)."
     ),
     target_global_batch: int | None = typer.Option(
         None,
         "--target-global-batch",
+        metavar="N",
         help="Global batch you want: prints the gradient-accumulation steps to reach it with the recommended batch.",
     ),
     isolate: bool = typer.Option(False, "--isolate", help="Run each trial in a fresh child process."),
@@ -76,10 +85,12 @@ def find_batch_cmd(
     plot: Path | None = typer.Option(
         None,
         "--plot",
+        metavar="FILE",
         help="Write a plot of peak memory vs batch: file.svg or "
-        "file.png (PNG needs matplotlib: pip install 'memprof\\[plot]').",
+        "file.png (PNG needs matplotlib: pip install 'memprof[plot]').",
     ),
     no_chart: bool = typer.Option(False, "--no-chart", help="Do not draw the chart in the terminal."),
+    force: bool = FORCE_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Find the largest batch whose real training steps fit, and the batch to use.
@@ -88,72 +99,78 @@ def find_batch_cmd(
     trial, guided by the traced prediction: typically 2-5 trials and 1-2 out-of-memory
     errors, and the answer is exact (it fits, one more does not). Without a GPU,
     --device cpu --memory-limit 4GiB runs the same steps on the CPU under an enforced cap.
+
     Exit codes: 0 found, 4 not even the smallest batch fits, 3 no GPU, 2 bad input,
-    130 interrupted (what was found so far is printed).
+    6 the --plot file could not be written (the report is printed), 130 interrupted
+    (what was found so far is printed); see memprof --help for all.
     """
     from ..errors import UsageError
     from ..units import parse_bytes
 
     head = check_headroom(headroom)
     limit = parse_bytes(memory_limit) if memory_limit else None
-    if device is None:
-        device = "cpu" if limit is not None else "cuda"
-    if plot is not None:
-        from ..render.charts import check_plot_path
-
-        check_output_path(plot)
-        check_plot_path(plot)
-    if not (device.strip().lower() == "cpu") and limit is None:
-        _require_cuda(device)
-    workload = build_workload(
-        model,
-        model_opt,
-        dtype=dtype,
-        optimizer=optimizer,
-        mode=mode,
-        input_shape=input_shape,
-        input_dtype=input_dtype,
-        token_range=token_range,
-        model_kwargs=model_kwargs,
-        model_arg=model_arg,
-    )
-    from ..commands.find_batch import find_batch
-    from ..render import stderr_console, stdout_console
-    from ..render.find_batch import TrialProgress, render_find_batch
-
     if steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}", "use 2 or more")
-    with TrialProgress(stderr_console()) as progress:
-        result = find_batch(
-            workload,
-            device=device,
-            memory_limit=limit,
-            steps=steps,
-            min_batch=min_batch,
-            max_batch=max_batch,
-            start=start,
-            headroom=head,
-            multiple_of=multiple_of,
-            target_global_batch=target_global_batch,
-            isolate=isolate,
-            predict=not no_predict,
-            on_event=progress.on_event,
+    if device is None:
+        device = "cpu" if limit is not None else "cuda"
+    with OutputFiles(force) as files:
+        if plot is not None:
+            from ..render.charts import check_plot_path
+
+            check_plot_path(plot)
+            files.claim(plot, "--plot")
+        if not (device.strip().lower() == "cpu") and limit is None:
+            _require_cuda(device)
+        workload = build_workload(
+            model,
+            model_opt,
+            dtype=dtype,
+            optimizer=optimizer,
+            mode=mode,
+            input_shape=input_shape,
+            input_dtype=input_dtype,
+            token_range=token_range,
+            model_kwargs=model_kwargs,
+            model_arg=model_arg,
         )
-    if plot is not None and result.trials:
-        from ..render.charts import write_plot
+        from ..commands.find_batch import find_batch
+        from ..render import print_error, stderr_console, stdout_console
+        from ..render.find_batch import TrialProgress, render_find_batch
 
-        write_plot(result, plot)
-    if json_out:
-        emit_json(find_batch_document(result))
-    else:
-        render_find_batch(result, stdout_console(), chart=not no_chart, plot_path=plot if result.trials else None)
+        with TrialProgress(stderr_console()) as progress:
+            result = find_batch(
+                workload,
+                device=device,
+                memory_limit=limit,
+                steps=steps,
+                min_batch=min_batch,
+                max_batch=max_batch,
+                start=start,
+                headroom=head,
+                multiple_of=multiple_of,
+                target_global_batch=target_global_batch,
+                isolate=isolate,
+                predict=not no_predict,
+                on_event=progress.on_event,
+            )
+        # the report first: whatever happens to the files, it is on the screen
+        if json_out:
+            emit_json(find_batch_document(result))
+        else:
+            render_find_batch(result, stdout_console(), chart=not no_chart)
+        codes = []
+        if plot is not None:
+            from ..render.charts import write_plot
+
+            if not result.trials:
+                print("no plot written: no trial ran", file=sys.stderr)
+            elif not files.write(plot, lambda path: write_plot(result, path), "plot"):
+                codes.append(EXIT_OUTPUT)
     if result.status == "interrupted":
-        from ..render import print_error
-
         print_error("interrupted", "the results above are what the trials found before Ctrl-C")
-        raise typer.Exit(EXIT_INTERRUPTED)
+        codes.append(EXIT_INTERRUPTED)
     if result.status == "nothing_fits":
-        from ..render import format_bytes, print_error
+        from ..render import format_bytes
 
         print_error(
             f"not even batch {result.min_batch} fits in {format_bytes(result.capacity.total_bytes)} "
@@ -161,8 +178,8 @@ def find_batch_cmd(
             "raise --memory-limit, use a smaller model or --dtype bf16, or see `memprof estimate` for "
             "where the memory goes",
         )
-        raise typer.Exit(EXIT_NOTHING_FITS)
-    raise typer.Exit(EXIT_OK)
+        codes.append(EXIT_NOTHING_FITS)
+    raise typer.Exit(exit_code(*codes))
 
 
 def _require_cuda(device: str) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from . import EXIT_NO_GPU, app, emit_json, handle_errors
+from . import EXIT_NO_GPU, command, emit_json, handle_errors
 from .common import JSON_OPT
 
 
-@app.command("gpus")
+@command("gpus")
 @handle_errors
 def gpus_cmd(json_out: bool = JSON_OPT) -> None:
     """List the local GPUs: memory total/used/free, processes, driver and CUDA versions, torch's view.

@@ -21,7 +21,7 @@ from ..engine import checkpointing as ckpt
 from ..engine import fit as fitting
 from ..engine.flops import recompute_cost
 from ..engine.workload import Workload, get_optimizer_name, get_precision
-from ..errors import MemprofError, UsageError
+from ..errors import Interrupted, MemprofError, UsageError
 from ..results import (
     Capacity,
     CompareFit,
@@ -471,7 +471,8 @@ def compare(
     ``capacity`` (bytes the step must fit) adds the largest and recommended batch per
     row (``fit_fn``, by default :func:`traced_fit`). ``measure_fn`` /
     ``find_fn`` run real steps (``--measure`` / ``--find-batch``). A row that cannot be
-    traced becomes an error row; a failing baseline raises.
+    traced becomes an error row; a failing baseline raises. Ctrl-C after the baseline raises
+    :class:`~memprof.errors.Interrupted` (a ``KeyboardInterrupt``) holding the rows traced so far.
     """
     if target not in ("cuda", "cpu"):
         raise UsageError(f"unknown target {target!r}", "choose cuda or cpu")
@@ -483,6 +484,7 @@ def compare(
     notes: list[str] = []
     raw: list[tuple[Variant, dict[str, Any] | None, str | None]] = []
     total = len(variants)
+    interrupted = False
     for i, v in enumerate(variants):
         if on_progress is not None:
             on_progress(i + 1, total, v.label)
@@ -503,6 +505,14 @@ def compare(
                 )
             traced["measured"] = _measure_row(v, traced["peak_bytes"], measure_fn, find_fn)
             raw.append((v, traced, None))
+        except KeyboardInterrupt:
+            if v.baseline:
+                raise
+            interrupted = True  # the rows traced so far are the answer (raised below as Interrupted)
+            notes.append(
+                f"interrupted (Ctrl-C) while tracing {v.label}: {total - i} of {total} configurations left out"
+            )
+            break
         except MemprofError as exc:
             if v.baseline:
                 raise
@@ -510,6 +520,13 @@ def compare(
                 notes.append(f"{v.label} left out: {exc.message}")
                 continue
             raw.append((v, None, exc.message + (f" ({exc.hint})" if exc.hint else "")))
+        except MemoryError:
+            raise
+        except Exception as exc:  # a tracer bug on one row must not cost the others
+            if v.baseline:
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raw.append((v, None, f"memprof failed: {type(exc).__name__}: {first}"))
     base_traced = raw[0][1]
     assert base_traced is not None  # the baseline comes first, and a failing baseline raised above
     base_peak = base_traced["peak_bytes"]
@@ -543,7 +560,7 @@ def compare(
     ordered, best, safe = order_rows(rows, base.batch_size)
     if capacity is None and fit:
         notes.append(capacity_note or "no capacity given: largest-batch columns left out (use --gpu-memory 24GiB)")
-    return CompareResult(
+    result = CompareResult(
         model=base.model.display_name,
         base_workload=base.describe(),
         target=target,
@@ -556,7 +573,11 @@ def compare(
         safe_best_label=safe,
         notes=tuple(dict.fromkeys(notes)),
         seconds=time.perf_counter() - started,
+        interrupted=interrupted,
     )
+    if interrupted:
+        raise Interrupted(result)
+    return result
 
 
 def resolve_capacity(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..engine import fit as fitting
 from ..engine.analytic import analyse, largest_batch
-from ..errors import MemprofError
+from ..errors import Interrupted, MemprofError
 from ..results import AnalyticEstimate, BatchFit, Capacity, EstimateResult, FitSummary, Metric, TraceResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,7 +37,10 @@ def resolve_capacity(capacity_bytes: int | None = None, *, use_nvml: bool = True
 
 
 def formula_fit(
-    analytic: AnalyticEstimate, capacity: Capacity, headroom: float = fitting.DEFAULT_HEADROOM
+    analytic: AnalyticEstimate,
+    capacity: Capacity,
+    headroom: float = fitting.DEFAULT_HEADROOM,
+    note: str | None = None,
 ) -> FitSummary:
     """Fit by the formula total, which is linear in the batch size."""
     max_batch = largest_batch(analytic, capacity.total_bytes)
@@ -52,6 +55,7 @@ def formula_fit(
         headroom=headroom,
         per_sample_bytes=analytic.per_sample_bytes,
         fixed_bytes=analytic.fixed_bytes,
+        note=note,
     )
 
 
@@ -84,6 +88,11 @@ def estimate(
 
     ``capacity`` is a :class:`Capacity` or a number of bytes; None skips the fit
     (:func:`resolve_capacity` finds the local GPU's).
+
+    When the trace fails the answer is the formula's alone and says so: ``trace_error`` and
+    ``trace_hint`` tell why and what to do (the command line exits 5, a partial answer).
+    Ctrl-C during the trace raises :class:`~memprof.errors.Interrupted` (a ``KeyboardInterrupt``)
+    holding that formula-only result.
     """
     headroom = fitting.check_headroom(headroom)
     if isinstance(capacity, int) and not isinstance(capacity, bool):
@@ -92,6 +101,10 @@ def estimate(
     analytic = analyse(workload)
     trace_result = None
     trace_note: str | None = None
+    trace_error: str | None = None
+    trace_hint: str | None = None
+    interrupted = False
+    fit_note: str | None = None
     fit: FitSummary | None = None
     if traced:
         from ..engine.trace import trace_step
@@ -99,34 +112,47 @@ def estimate(
         try:
             trace_result = trace_step(workload, target="cuda")
             if capacity is not None:
-                batch_fit = fitting.fit_batch(
-                    workload,
-                    capacity.total_bytes,
-                    target="cuda",
-                    headroom=headroom,
-                    known={workload.batch_size: trace_result},
-                )
-                fit = traced_fit(trace_result, batch_fit, capacity)
+                try:
+                    batch_fit = fitting.fit_batch(
+                        workload,
+                        capacity.total_bytes,
+                        target="cuda",
+                        headroom=headroom,
+                        known={workload.batch_size: trace_result},
+                    )
+                    fit = traced_fit(trace_result, batch_fit, capacity)
+                except MemprofError as exc:  # other batch sizes could not be traced: fit by formula
+                    fit_note = f"the fit traces other batch sizes and one failed ({exc.message}): fit by formula"
         except MemprofError as exc:
             trace_result, fit = None, None
-            trace_note = f"tracing failed: {exc.message} (formula only)"
+            trace_error, trace_hint = exc.message, exc.hint
+        except KeyboardInterrupt:  # the formula's answer is ready: raised below as Interrupted
+            interrupted, fit = True, None
+            trace_note = (
+                "tracing interrupted (Ctrl-C): formula only"
+                if trace_result is None
+                else "the fit's extra traces were interrupted (Ctrl-C): fit by formula"
+            )
         except MemoryError:
             raise
         except Exception as exc:  # a tracer bug must not cost the user the formula estimate
             trace_result, fit = None, None
             first = (str(exc).strip().splitlines() or [""])[0]
-            trace_note = f"tracing failed: {type(exc).__name__}: {first} (formula only)"
+            trace_error = f"{type(exc).__name__}: {first}"
+            trace_hint = "this is a memprof bug: please report it; the formula estimate above does not depend on it"
+        if trace_error is not None:
+            trace_note = f"tracing failed: {trace_error} (formula only)"
     else:
         trace_note = "tracing skipped (--no-trace)"
     if fit is None and capacity is not None:
-        fit = formula_fit(analytic, capacity, headroom)
+        fit = formula_fit(analytic, capacity, headroom, note=fit_note)
     if trace_result is not None:
         headline, source = int(trace_result.peak_bytes), "traced"
     else:
         headline, source = analytic.total_bytes, "formula"
     if capacity is None and capacity_note is None:
         capacity_note = "no --gpu-memory given"
-    return EstimateResult(
+    result = EstimateResult(
         workload=workload.describe(),
         analytic=analytic,
         traced=trace_result,
@@ -136,4 +162,10 @@ def estimate(
         fit=fit,
         headline_bytes=headline,
         headline_source=source,
+        trace_error=trace_error,
+        trace_hint=trace_hint,
+        interrupted=interrupted,
     )
+    if interrupted:
+        raise Interrupted(result)
+    return result

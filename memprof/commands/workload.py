@@ -78,6 +78,8 @@ def make_workload(
         )
     if token_range is not None:
         low, high = token_range
+        if low < 0:
+            raise UsageError(f"`token_range` {low},{high} starts below 0", "token ids start at 0, e.g. 0,50257")
         if high <= low:
             raise UsageError(f"`token_range` {low},{high} is empty", "HIGH must be above LOW, e.g. 0,50257")
     checkpointing = parse_mode(checkpointing)

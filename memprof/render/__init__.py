@@ -5,6 +5,7 @@ Per-command renderers live in ``memprof/render/<command>.py``.
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from rich.console import Console
@@ -44,16 +45,29 @@ def format_count(n: int | None) -> str:
     return "n/a" if n is None else f"{n:,}"
 
 
+class _Console(Console):
+    """A Rich console that lets a broken pipe reach the caller (Rich's own default exits 1, which
+    memprof's exit codes reserve for "does not fit"); the command line then ends quietly with 141."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+
 def stdout_console() -> Console:
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+    return _Console(file=sys.stdout, highlight=False, soft_wrap=False)
 
 
 def stderr_console() -> Console:
-    return Console(file=sys.stderr, highlight=False, soft_wrap=False)
+    return _Console(file=sys.stderr, highlight=False, soft_wrap=False)
 
 
 def print_error(message: str, hint: str | None = None) -> None:
     """``ERROR: ...`` and ``HINT: ...`` on stderr, one line each, no markup surprises."""
-    print(f"ERROR: {message}", file=sys.stderr)
-    if hint:
-        print(f"HINT: {hint}", file=sys.stderr)
+    try:
+        print(f"ERROR: {message}", file=sys.stderr)
+        if hint:
+            print(f"HINT: {hint}", file=sys.stderr)
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr closed or full: nothing left to tell the user with
+        pass

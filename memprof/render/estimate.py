@@ -259,6 +259,8 @@ def _fit(result: EstimateResult, console: Console) -> None:
     cap = fit.capacity
     console.print(f"[bold]Fit[/bold] on {format_bytes(cap.total_bytes)} ({cap.source})")
     console.print(f"  judged by: {_METRICS.get(fit.metric, fit.metric)}")
+    if fit.note:
+        console.print(f"  ({fit.note})", markup=False, highlight=False)
     batch = result.workload.get("batch_size")
     verdict = "fits" if fit.fits else "DOES NOT FIT"
     console.print(
