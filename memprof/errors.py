@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 _PARAM = re.compile(r"`([a-z_][a-z0-9_]*)`")
 
@@ -89,6 +90,6 @@ class Interrupted(KeyboardInterrupt):
     line catches it to print what was computed before exiting 130.
     """
 
-    def __init__(self, partial: object):
+    def __init__(self, partial: Any):
         super().__init__()
-        self.partial = partial
+        self.partial: Any = partial

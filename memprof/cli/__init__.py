@@ -40,8 +40,9 @@ import functools
 import importlib
 import json
 import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import typer
@@ -117,21 +118,46 @@ class MemprofGroup(typer.core.TyperGroup):
 
     def main(
         self,
-        args: Any = None,
+        args: Sequence[str] | None = None,
         prog_name: str | None = None,
         complete_var: str | None = None,
         standalone_mode: bool = True,
+        windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
-        code = self._run(args, prog_name, complete_var, **extra)
+        code = self._run(args, prog_name, complete_var, windows_expand_args=windows_expand_args, **extra)
         if standalone_mode:
             sys.exit(code)
         return code
 
     def _run(self, args: Any, prog_name: str | None, complete_var: str | None, **extra: Any) -> int:
         exceptions = _click("exceptions")
+        saved = sys.stdout
+        watched = saved if isinstance(saved, WatchedStream) else WatchedStream(saved)
+        sys.stdout = watched  # remembers a failed write (the help, a report)
+        try:
+            return self._invoke(watched, exceptions, args, prog_name, complete_var, **extra)
+        finally:
+            if sys.stdout is watched:
+                sys.stdout = saved
+
+    def _invoke(
+        self,
+        watched: WatchedStream,
+        exceptions: Any,
+        args: Any,
+        prog_name: str | None,
+        complete_var: str | None,
+        **extra: Any,
+    ) -> int:
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except SystemExit as exc:  # Click turns a broken pipe into exit 1, which means "does not fit" here
+            if watched.error is not None:
+                return _stdout_failure(watched.error)
+            if exc.code is None:
+                return EXIT_OK
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
         except exceptions.ClickException as exc:
             if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None) is not None:
                 return _print_help(exc.ctx)  # plain `memprof`: the help, as older Click printed it
@@ -220,8 +246,22 @@ def _stdout_failure(exc: OSError) -> int:
     return EXIT_OUTPUT
 
 
+#: set when Ctrl-C arrived (the console script's SIGINT handler): an import or a library that the
+#: KeyboardInterrupt left half done may then fail with another exception, which is the interruption
+_SIGINT_SEEN = [False]
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    _SIGINT_SEEN[0] = True
+    signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as Python's own handler
+
+
 def _internal_error(exc: BaseException) -> int:
-    """An exception memprof did not expect: one line naming it and where it was raised, exit 70."""
+    """An exception memprof did not expect: one line naming it and where it was raised, exit 70
+    (or, after Ctrl-C, the interruption it is a consequence of: 130)."""
+    if _SIGINT_SEEN[0]:
+        print_error("interrupted", None)
+        return EXIT_INTERRUPTED
     if os.environ.get("MEMPROF_DEBUG"):
         import traceback
 
@@ -254,7 +294,7 @@ def handle_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any):
         saved = sys.stdout
         watched = saved if isinstance(saved, WatchedStream) else WatchedStream(saved)
-        sys.stdout = watched  # type: ignore[assignment]  # a stand-in that remembers its write errors
+        sys.stdout = watched  # a stand-in that remembers its write errors
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
@@ -323,13 +363,20 @@ def main() -> None:
     the process ends right after the exit handlers ran and the output was flushed - unless
     another non-daemon thread is still running (a profiled script's), which Python would wait for.
     """
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when SIGINT is ignored (nohup, &)
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
-        code: Any = app()
-    except SystemExit as exc:
-        code = exc.code
+        try:
+            code: Any = app()
+        except SystemExit as exc:
+            code = exc.code
     except KeyboardInterrupt:  # Ctrl-C between the command's end and here
+        print_error("interrupted", None)
         code = EXIT_INTERRUPTED
-    _exit_now(code)
+    try:
+        _exit_now(code)
+    except KeyboardInterrupt:  # Ctrl-C while the output is flushed: the run is over either way
+        os._exit(EXIT_INTERRUPTED)
 
 
 def _exit_now(code: Any) -> None:

@@ -122,7 +122,12 @@ def estimate_cmd(
         )
         codes.append(EXIT_PARTIAL)
     if result.interrupted:
-        print_error("interrupted", "the estimate above is the formula's only: the trace was stopped by Ctrl-C")
+        print_error(
+            "interrupted",
+            "the estimate above is the formula's only: the trace was stopped by Ctrl-C"
+            if result.traced is None
+            else "the traced estimate above is complete; its fit is the formula's (its other traces were stopped)",
+        )
     fit = result.fit
     if fit is not None and not fit.fits:
         codes.append(EXIT_NOTHING_FITS if fit.max_batch is None else EXIT_DOES_NOT_FIT)

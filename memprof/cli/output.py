@@ -217,7 +217,9 @@ class OutputFiles:
             ) from None
         failure: OSError | None = None
         try:
-            os.write(fd, b"\0" * _PROBE_BYTES)
+            left = memoryview(b"\0" * _PROBE_BYTES)
+            while left:  # a nearly full disk takes part of a write, then fails the next one
+                left = left[os.write(fd, left) :]
             os.fsync(fd)
             os.ftruncate(fd, 0)
         except OSError as exc:

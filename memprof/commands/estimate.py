@@ -128,11 +128,10 @@ def estimate(
             trace_error, trace_hint = exc.message, exc.hint
         except KeyboardInterrupt:  # the formula's answer is ready: raised below as Interrupted
             interrupted, fit = True, None
-            trace_note = (
-                "tracing interrupted (Ctrl-C): formula only"
-                if trace_result is None
-                else "the fit's extra traces were interrupted (Ctrl-C): fit by formula"
-            )
+            if trace_result is None:
+                trace_note = "tracing interrupted (Ctrl-C): formula only"
+            else:
+                fit_note = "the fit's traces at other batch sizes were stopped by Ctrl-C: fit by formula"
         except MemoryError:
             raise
         except Exception as exc:  # a tracer bug must not cost the user the formula estimate

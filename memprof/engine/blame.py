@@ -45,9 +45,9 @@ DEBUG_HINT = "MEMPROF_DEBUG=1 shows the full traceback"
 def _machinery_dirs() -> tuple[str, ...]:
     """Folders whose frames are never the model's own: torch and memprof's machinery."""
     dirs = []
-    torch = sys.modules.get("torch")
-    if torch is not None and getattr(torch, "__file__", None):
-        dirs.append(os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+    torch_file = getattr(sys.modules.get("torch"), "__file__", None)
+    if torch_file:
+        dirs.append(os.path.dirname(os.path.abspath(torch_file)) + os.sep)
     here = os.path.dirname(os.path.abspath(__file__))  # memprof/engine
     package = os.path.dirname(here)
     dirs += [os.path.join(package, sub) + os.sep for sub in ("engine", "commands", "cli", "render")]

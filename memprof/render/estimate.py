@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..results import EstimateResult, LayerRow, MemCategory
-from . import format_bytes, format_count, format_pct
+from . import format_bytes, format_count, format_pct, plural, say, squeeze
 
 DEFAULT_LAYERS = 10
 
@@ -88,7 +88,7 @@ def _header(result: EstimateResult, console: Console) -> None:
     else:
         rows.append(("device", f"capacity unknown ({result.capacity_note or 'no --gpu-memory given'})"))
     for key, value in rows:
-        console.print(f"  {key:<11} {value}")
+        say(console, f"  {key:<11} {value}", hang=14)
 
 
 def _headline(result: EstimateResult, console: Console) -> None:
@@ -99,9 +99,10 @@ def _headline(result: EstimateResult, console: Console) -> None:
         t = result.traced
         console.print(f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] peak per {what} (traced)")
         if getattr(t, "peak_phase", None):
-            console.print(
+            say(
+                console,
                 f"  peak in {t.peak_phase}"
-                + (f", in module {t.peak_module}" if getattr(t, "peak_module", None) else "")
+                + (f", in module {t.peak_module}" if getattr(t, "peak_module", None) else ""),
             )
         extra = []
         if getattr(t, "predicted_reserved_bytes", None) is not None:
@@ -109,14 +110,15 @@ def _headline(result: EstimateResult, console: Console) -> None:
         if getattr(t, "predicted_nvml_bytes", None) is not None:
             extra.append(f"nvidia-smi ≈ {format_bytes(t.predicted_nvml_bytes)}")
         if extra:
-            console.print("  " + "; ".join(extra))
-        console.print(f"  formula (four-part rule): {format_bytes(a.total_bytes)}")
+            say(console, "  " + "; ".join(extra))
+        say(console, f"  formula (four-part rule): {format_bytes(a.total_bytes)}")
     else:
         console.print(
             f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] per {what} (formula: four-part rule)"
         )
         if result.trace_note:
-            console.print(f"  {result.trace_note}")
+            partial = "PARTIAL - " if result.trace_error is not None else ""
+            say(console, f"  {partial}{result.trace_note}")
     params = f"  parameters {format_count(a.param_count)}"
     if a.trainable_param_count != a.param_count:
         params += f" ({format_count(a.trainable_param_count)} trainable)"
@@ -124,7 +126,7 @@ def _headline(result: EstimateResult, console: Console) -> None:
     if a.tied_param_count:
         params += f" · {a.tied_param_count} tied tensor(s) counted once"
     params += f" · formula: {a.seconds:.2f} s"
-    console.print(params)
+    say(console, params)
 
 
 def _breakdown(result: EstimateResult, console: Console) -> None:
@@ -169,6 +171,12 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
         table.add_row("Total", format_bytes(f_total), _pct(f_total, f_total), style="bold")
     console.print()
     console.print(f"[bold]{title}[/bold]")
+    if traced is not None:
+        say(
+            console,
+            "  Traced: bytes alive at the moment of the peak (a gradient not made yet is not counted); "
+            "Formula: each category at its full size.",
+        )
     console.print(table)
 
 
@@ -190,32 +198,37 @@ def _layers(result: EstimateResult, console: Console, top: int | None) -> None:
     else:
         rows = list(a.layers)
         title = f"Layers ({len(a.layers)}, in execution order)"
-    table = _table()
-    table.add_column("Layer", overflow="fold", max_width=40)
-    table.add_column("Type")
-    table.add_column("Output shape")
-    table.add_column("Parameters", justify="right")
-    table.add_column("Activation", justify="right")
+    headers = ["Layer", "Type", "Output shape", "Parameters", "Activation"]
+    cells = []
     for row in rows:
         name = row.name + (f" (×{row.calls})" if row.calls > 1 else "")
         act = "in-place" if row.inplace and row.activation_bytes == 0 else format_bytes(row.activation_bytes)
-        table.add_row(name, row.type, _shapes(row.output_shapes), format_count(row.params), act)
+        cells.append([name, row.type, _shapes(row.output_shapes), format_count(row.params), act])
+    # long names lose their middle, never wrap: each row stays one line at any width
+    cells = squeeze(headers, cells, console.width, {0: 16, 2: 12, 1: 10}, gap=3)
+    table = _table()
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="right" if i >= 3 else "left", no_wrap=True)
+    for cell in cells:
+        table.add_row(*cell)
     console.print()
     console.print(f"[bold]{title}[/bold]")
     console.print(table)
     shown_params = sum(r.params for r in a.layers)
     if a.formula_mismatches:
-        console.print(
+        say(
+            console,
             f"  per-layer formulas differ from numel() on {len(a.formula_mismatches)} of "
-            f"{a.formula_checked} layers (numel() used):"
+            f"{plural(a.formula_checked, 'layer')} (numel() used):",
         )
         for m in a.formula_mismatches[:5]:
-            console.print(f"    {m}")
+            say(console, f"    {m}")
     else:
-        console.print(f"  per-layer formulas agree with numel() on {a.formula_checked} layers")
-    console.print(
+        say(console, f"  per-layer formulas agree with numel() on {plural(a.formula_checked, 'layer')}")
+    say(
+        console,
         f"  parameters sum to {format_count(shown_params)}"
-        + (f" ({a.tied_param_count} tied tensor(s) counted at their first owner)" if a.tied_param_count else "")
+        + (f" ({a.tied_param_count} tied tensor(s) counted at their first owner)" if a.tied_param_count else ""),
     )
 
 
@@ -242,11 +255,12 @@ def _methods(result: EstimateResult, console: Console) -> None:
     console.print(table)
     width = max(len(name) for name, _ in legend)
     for name, how in legend:
-        console.print(f"  {name:<{width}}  {how}")
-    console.print(f"  modelsize in decimal MB: parameters {a.modelsize_param_bytes / 1e6:.6f} MB,")
-    console.print(
+        say(console, f"  {name:<{width}}  {how}", hang=width + 4)
+    say(console, f"  modelsize in decimal MB: parameters {a.modelsize_param_bytes / 1e6:.6f} MB,")
+    say(
+        console,
         f"    intermediates {a.modelsize_forward_bytes / 1e6:.4f} MB forward-only, "
-        f"{a.modelsize_backward_bytes / 1e6:.4f} MB with backward"
+        f"{a.modelsize_backward_bytes / 1e6:.4f} MB with backward",
     )
 
 
@@ -258,25 +272,28 @@ def _fit(result: EstimateResult, console: Console) -> None:
         return
     cap = fit.capacity
     console.print(f"[bold]Fit[/bold] on {format_bytes(cap.total_bytes)} ({cap.source})")
-    console.print(f"  judged by: {_METRICS.get(fit.metric, fit.metric)}")
+    say(console, f"  judged by: {_METRICS.get(fit.metric, fit.metric)}")
     if fit.note:
-        console.print(f"  ({fit.note})", markup=False, highlight=False)
+        say(console, f"  ({fit.note})")
     batch = result.workload.get("batch_size")
     verdict = "fits" if fit.fits else "DOES NOT FIT"
-    console.print(
+    say(
+        console,
         f"  batch {batch}: {format_bytes(fit.estimate_bytes)} = {_pct(fit.estimate_bytes, cap.total_bytes)} "
-        f"of capacity · {verdict}"
+        f"of capacity · {verdict}",
     )
     if fit.max_batch is None:
-        console.print("  largest batch that fits: none (not even batch 1)")
+        say(console, "  largest batch that fits: none (not even batch 1)")
         return
-    console.print(f"  largest batch that fits: {fit.max_batch}")
-    console.print(
+    say(console, f"  largest batch that fits: {fit.max_batch}")
+    say(
+        console,
         f"  recommended batch:       {fit.recommended_batch}  "
-        f"(floor({fit.headroom:g} × {fit.max_batch}): headroom for what the estimate cannot see)"
+        f"(floor({fit.headroom:g} × {fit.max_batch}): headroom for what the estimate cannot see)",
+        hang=27,
     )
     if fit.per_sample_bytes is not None and fit.fixed_bytes is not None:
-        console.print(f"  by batch: {format_bytes(fit.fixed_bytes)} + {format_bytes(fit.per_sample_bytes)} per sample")
+        say(console, f"  by batch: {format_bytes(fit.fixed_bytes)} + {format_bytes(fit.per_sample_bytes)} per sample")
 
 
 def render_estimate(result: EstimateResult, console: Console, layers: int | None = DEFAULT_LAYERS) -> None:
