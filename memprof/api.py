@@ -173,6 +173,12 @@ def compare(
     """
     from .commands.compare import compare as run
     from .commands.compare import normalize_axes, resolve_capacity
+    from .errors import UsageError
+
+    kind = str(device).strip().lower()
+    if not (kind in ("cpu", "cuda") or kind.startswith("cuda:")):
+        raise UsageError(f"unknown `device` {device!r}", "write cuda (predict a CUDA step) or cpu")
+    device = "cpu" if kind == "cpu" else "cuda"
 
     axes: dict[str, list[Any]] = {}
     for name, values in (

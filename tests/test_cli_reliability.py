@@ -416,6 +416,21 @@ def test_bad_values_are_rejected_where_they_go_wrong(args, needle):
     assert needle in _check(res, 2)
 
 
+def test_the_python_api_reads_values_as_strictly():
+    import memprof
+    from memprof.errors import Interrupted, UsageError
+
+    with pytest.raises(UsageError, match="character 3, found 'x'"):
+        memprof.estimate("memprof.zoo:mnist_mlp", input_shape="3,x,224", traced=False)
+    r = memprof.estimate("memprof.zoo:mnist_mlp", input_shape="1,28,28", batch_size=2, traced=False)
+    assert r.workload["input"] == "1×28×28"
+    with pytest.raises(UsageError, match="unknown `device` 'tpu'"):
+        memprof.compare("memprof.zoo:mnist_mlp", device="tpu")
+    with pytest.raises(UsageError, match="starts below 0"):
+        memprof.estimate("memprof.zoo:mnist_mlp", token_range=(-1, 4), traced=False)
+    assert issubclass(Interrupted, KeyboardInterrupt)  # Ctrl-C still stops a program that calls the API
+
+
 def test_good_shapes_still_read():
     from memprof.engine.loading import parse_shape, parse_token_range
 

@@ -17,7 +17,7 @@ def gpus_cmd(json_out: bool = JSON_OPT) -> None:
     """
     from ..commands.gpus import gpus
     from ..render import stdout_console
-    from ..render.gpus import no_gpu_line, render_gpus
+    from ..render.gpus import NO_GPU_HINT, no_gpu_line, render_gpus
 
     result = gpus()
     if json_out:
@@ -26,9 +26,8 @@ def gpus_cmd(json_out: bool = JSON_OPT) -> None:
         emit_json(document("gpus", result))
     elif result.available:
         render_gpus(result, stdout_console())
-    else:
-        import sys
-
-        print(no_gpu_line(result), file=sys.stderr)
     if not result.available:
+        from ..render import print_error
+
+        print_error(no_gpu_line(result), NO_GPU_HINT)
         raise typer.Exit(EXIT_NO_GPU)

@@ -14,7 +14,13 @@ def no_gpu_line(result: GpusResult) -> str:
     build = f"torch {t.torch_version}" + (
         f" built for CUDA {t.cuda_version}" if t.cuda_version else " (CPU-only build)"
     )
-    return f"No GPU: {result.nvml.reason or 'NVML sees no GPU'}; {build} sees no CUDA device ({t.reason or 'none'})."
+    return f"no GPU: {result.nvml.reason or 'NVML sees no GPU'}; {build} sees no CUDA device ({t.reason or 'none'})"
+
+
+NO_GPU_HINT = (
+    "memprof estimate and memprof compare need no GPU (--gpu-memory 24GiB gives the capacity); "
+    "find-batch runs real steps on the CPU with --device cpu --memory-limit 8GiB"
+)
 
 
 def render_gpus(result: GpusResult, console: Console) -> None:
