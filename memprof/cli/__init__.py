@@ -201,36 +201,32 @@ def command(name: str, **kwargs: Any) -> Callable[[Callable], Callable]:
     return app.command(name, cls=MemprofCommand, **kwargs)
 
 
-def flag_names() -> dict[str, str]:
-    """The running command's parameters -> their long flags (``batch_size`` -> ``--batch-size``).
+def flag_names(command: Callable) -> dict[str, str]:
+    """A command function's parameters -> their long flags (``batch_size`` -> ``--batch-size``).
 
     The library names parameters in its messages (:meth:`MemprofError.render`); this is how the
-    command line shows them. Parameters of the Python API that are not options keep their name.
+    command line shows them: the first ``--long`` name declared in the parameter's ``typer.Option``,
+    else typer's own rule (underscores become dashes).
     """
-    ctx = _click("globals").get_current_context(silent=True)
+    import inspect
+
     names: dict[str, str] = {}
-    if ctx is None:
-        return names
-    for param in ctx.command.params:
-        longs = [o for o in param.opts if o.startswith("--")]
-        if param.name and longs:
-            names[param.name] = longs[0]
+    for name, param in inspect.signature(command).parameters.items():
+        decls = getattr(param.default, "param_decls", None) or ()
+        longs = [d for d in decls if isinstance(d, str) and d.startswith("--")]
+        names[name] = longs[0] if longs else "--" + name.replace("_", "-")
     return names
 
 
-def _flag(names: dict[str, str], param: str) -> str:
-    return names.get(param) or "--" + param.replace("_", "-")
-
-
-def report_error(exc: MemprofError) -> None:
-    """``ERROR:`` / ``HINT:`` for a library error, its parameters shown as this command's flags."""
+def report_error(exc: MemprofError, command: Callable) -> None:
+    """``ERROR:`` / ``HINT:`` for a library error, its parameters shown as ``command``'s flags."""
     if os.environ.get("MEMPROF_DEBUG"):  # the exception memprof translated, with its whole traceback
         import traceback
 
         original = exc.__cause__ or exc.__context__ or exc
         traceback.print_exception(type(original), original, original.__traceback__)
-    names = flag_names()
-    message, hint = exc.render(lambda param: _flag(names, param))
+    names = flag_names(command)
+    message, hint = exc.render(lambda param: names.get(param) or "--" + param.replace("_", "-"))
     print_error(message, hint)
 
 
@@ -300,7 +296,7 @@ def handle_errors(fn: Callable) -> Callable:
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except MemprofError as exc:
-            report_error(exc)
+            report_error(exc, fn)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             print_error("interrupted", None)

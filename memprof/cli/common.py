@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 
 from ..commands.workload import DEFAULT_BATCH, DEFAULT_DTYPE, DEFAULT_OPTIMIZER, make_workload
@@ -72,6 +74,40 @@ JSON_OPT = typer.Option(False, "--json", help="Print only JSON on stdout.")
 FORCE_OPT = typer.Option(
     False, "--force", help="Replace output files that already exist (without it, memprof never overwrites a file)."
 )
+# fine-tuning levers (docs/finetuning.md)
+FREEZE_OPT = typer.Option(
+    None,
+    "--freeze",
+    metavar="GLOB",
+    help="Freeze the parameters of modules matching this name glob (backbone.*, layer1); repeatable.",
+)
+TRAIN_ONLY_OPT = typer.Option(
+    None,
+    "--train-only",
+    metavar="GLOB",
+    help="Train only modules matching this name glob (fc, classifier.*); repeatable.",
+)
+LORA_RANK_OPT = typer.Option(
+    None, "--lora-rank", metavar="R", help="Add LoRA adapters of this rank with peft (pip install memprof[peft])."
+)
+LORA_ALPHA_OPT = typer.Option(None, "--lora-alpha", metavar="ALPHA", help="LoRA alpha [default: 8, peft's].")
+LORA_TARGETS_OPT = typer.Option(
+    None,
+    "--lora-targets",
+    metavar="NAMES",
+    help="Modules to adapt: q_proj,v_proj or all-linear [default: peft's for the architecture].",
+)
+LORA_DROPOUT_OPT = typer.Option(None, "--lora-dropout", metavar="P", help="LoRA dropout [default: 0.0, peft's].")
+QUANTIZE_OPT = typer.Option(
+    None,
+    "--quantize",
+    metavar="KIND",
+    help="Frozen linear weights as bitsandbytes stores them: int8 | nf4 | fp4 (QLoRA: nf4).",
+)
+DOUBLE_QUANT_OPT = typer.Option(False, "--double-quant", help="4-bit double quantization (bnb_4bit_use_double_quant).")
+OFFLOAD_OPT = typer.Option(
+    None, "--offload", metavar="WHAT", help="optimizer: keep the optimizer state and its step on the CPU."
+)
 
 
 def resolve_model_ref(model: str | None, model_opt: str | None) -> str:
@@ -98,6 +134,7 @@ def build_workload(
     model_arg: list[str] | None = None,
     checkpointing: str = "none",
     inplace_relu: bool = False,
+    **levers: Any,
 ) -> Workload:
     """Options as typed on the command line -> :func:`memprof.commands.workload.make_workload`."""
     ref = resolve_model_ref(model, model_opt)
@@ -116,6 +153,7 @@ def build_workload(
         model_kwargs=kwargs,
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
+        **levers,
     )
 
 

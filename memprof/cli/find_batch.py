@@ -11,19 +11,28 @@ import typer
 from ..engine.fit import check_headroom
 from . import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OUTPUT, command, emit_json, exit_code, handle_errors
 from .common import (
+    DOUBLE_QUANT_OPT,
     DTYPE_OPT,
     FORCE_OPT,
+    FREEZE_OPT,
     HEADROOM_OPT,
     INPUT_DTYPE_OPT,
     INPUT_SHAPE_OPT,
     JSON_OPT,
+    LORA_ALPHA_OPT,
+    LORA_DROPOUT_OPT,
+    LORA_RANK_OPT,
+    LORA_TARGETS_OPT,
     MODE_OPT,
     MODEL_ARG,
     MODEL_ARG_OPT,
     MODEL_KWARGS_OPT,
     MODEL_OPT,
+    OFFLOAD_OPT,
     OPTIMIZER_OPT,
+    QUANTIZE_OPT,
     TOKEN_RANGE_OPT,
+    TRAIN_ONLY_OPT,
     build_workload,
 )
 from .output import OutputFiles
@@ -47,6 +56,15 @@ def find_batch_cmd(
     input_shape: list[str] | None = INPUT_SHAPE_OPT,
     input_dtype: str | None = INPUT_DTYPE_OPT,
     token_range: str | None = TOKEN_RANGE_OPT,
+    freeze: list[str] | None = FREEZE_OPT,
+    train_only: list[str] | None = TRAIN_ONLY_OPT,
+    lora_rank: int | None = LORA_RANK_OPT,
+    lora_alpha: float | None = LORA_ALPHA_OPT,
+    lora_targets: str | None = LORA_TARGETS_OPT,
+    lora_dropout: float | None = LORA_DROPOUT_OPT,
+    quantize: str | None = QUANTIZE_OPT,
+    double_quant: bool = DOUBLE_QUANT_OPT,
+    offload: str | None = OFFLOAD_OPT,
     model_kwargs: str | None = MODEL_KWARGS_OPT,
     model_arg: list[str] | None = MODEL_ARG_OPT,
     device: str | None = typer.Option(
@@ -132,6 +150,15 @@ def find_batch_cmd(
             token_range=token_range,
             model_kwargs=model_kwargs,
             model_arg=model_arg,
+            freeze=freeze,
+            train_only=train_only,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
+            lora_dropout=lora_dropout,
+            quantize=quantize,
+            double_quant=double_quant,
+            offload=offload,
         )
         from ..commands.find_batch import find_batch
         from ..render import print_error, stderr_console, stdout_console

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..engine import fit as fitting
 from ..engine.analytic import analyse, largest_batch
+from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
 from ..errors import Interrupted, MemprofError
 from ..results import AnalyticEstimate, BatchFit, Capacity, EstimateResult, FitSummary, Metric, TraceResult
 
@@ -83,11 +84,13 @@ def estimate(
     headroom: float = fitting.DEFAULT_HEADROOM,
     traced: bool = True,
     capacity_note: str | None = None,
+    gpu: GpuPeaks | None = None,
 ) -> EstimateResult:
     """Estimate one step of ``workload`` by formula and, if ``traced``, by fake-tensor trace; fit ``capacity``.
 
     ``capacity`` is a :class:`Capacity` or a number of bytes; None skips the fit
-    (:func:`resolve_capacity` finds the local GPU's).
+    (:func:`resolve_capacity` finds the local GPU's). ``gpu`` (peak FLOP/s and bandwidth: a catalog
+    entry or a :class:`memprof.engine.roofline.PeakSpec`) adds the step-time model.
 
     When the trace fails the answer is the formula's alone and says so: ``trace_error`` and
     ``trace_hint`` tell why and what to do (the command line exits 5, a partial answer).
@@ -110,7 +113,7 @@ def estimate(
         from ..engine.trace import trace_step
 
         try:
-            trace_result = trace_step(workload, target="cuda")
+            trace_result = trace_step(workload, target="cuda", count_bytes=gpu is not None)
             if capacity is not None:
                 try:
                     batch_fit = fitting.fit_batch(
@@ -151,6 +154,13 @@ def estimate(
         headline, source = analytic.total_bytes, "formula"
     if capacity is None and capacity_note is None:
         capacity_note = "no --gpu-memory given"
+    step, step_note = None, None
+    if trace_result is None:
+        step_note = "needs a trace (the step-time model runs on the traced ops)"
+    elif gpu is None:
+        step_note = "needs a GPU (--gpu NAME)"
+    else:
+        step = step_time(trace_result, gpu, tokens=tokens_per_sample(workload))
     result = EstimateResult(
         workload=workload.describe(),
         analytic=analytic,
@@ -161,6 +171,8 @@ def estimate(
         fit=fit,
         headline_bytes=headline,
         headline_source=source,
+        step_time=step,
+        step_time_note=step_note,
         trace_error=trace_error,
         trace_hint=trace_hint,
         interrupted=interrupted,
