@@ -11,8 +11,11 @@ import typer
 from ..engine.fit import check_headroom
 from . import EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_PARTIAL, command, emit_json, exit_code, handle_errors
 from .common import (
+    CUDNN_BENCHMARK_OPT,
     FORCE_OPT,
+    GPU_ARCH_OPT,
     GPU_MEMORY_OPT,
+    GPU_OPT,
     HEADROOM_OPT,
     INPUT_DTYPE_OPT,
     INPUT_SHAPE_OPT,
@@ -130,6 +133,9 @@ def compare_cmd(
     model_kwargs: str | None = MODEL_KWARGS_OPT,
     model_arg: list[str] | None = MODEL_ARG_OPT,
     gpu_memory: str | None = GPU_MEMORY_OPT,
+    gpu: str | None = GPU_OPT,
+    gpu_arch: str | None = GPU_ARCH_OPT,
+    cudnn_benchmark: bool = CUDNN_BENCHMARK_OPT,
     headroom: float = HEADROOM_OPT,
     max_batch: int | None = typer.Option(
         None, "--max-batch", metavar="N", help="Largest batch the fit columns consider."
@@ -188,6 +194,11 @@ def compare_cmd(
         raise UsageError("--memory-limit is for --device cpu", "on a GPU use --gpu-memory 24GiB for the capacity")
     if device == "cpu" and gpu_memory:
         raise UsageError("--gpu-memory is for --device cuda", "on the CPU the capacity is --memory-limit 8GiB")
+    if device == "cpu" and (gpu or gpu_arch):
+        raise UsageError("--gpu and --gpu-arch are for --device cuda", "leave them out to predict a CPU step")
+    from ..engine.catalog import resolve_target
+
+    cuda_target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark) if device == "cuda" else None
     if find and not measure:
         raise UsageError("--find-batch runs real steps: it needs --measure", "add --measure")
     if find and device == "cpu" and limit is None:
@@ -252,7 +263,8 @@ def compare_cmd(
             model_arg=model_arg,
         )
         gpu_bytes = parse_bytes(gpu_memory) if gpu_memory else None
-        capacity, capacity_note = (None, None) if no_fit else resolve_capacity(device, gpu_bytes, limit)
+        catalog_gpu = cuda_target.gpu if cuda_target is not None and gpu else None
+        capacity, capacity_note = (None, None) if no_fit else resolve_capacity(device, gpu_bytes, limit, catalog_gpu)
         measure_fn = real_step_measurer(device, limit) if measure else None
         find_fn = real_batch_finder(device, limit, head, max_batch) if find else None
 
@@ -275,6 +287,8 @@ def compare_cmd(
                 measure_fn=measure_fn,
                 find_fn=find_fn,
                 on_progress=progress,
+                cuda_target=cuda_target,
+                gpu=catalog_gpu,
             )
         except Interrupted as exc:  # Ctrl-C after the baseline: the rows traced so far
             result = exc.partial

@@ -19,10 +19,13 @@ from . import (
 )
 from .common import (
     BATCH_OPT,
+    CUDNN_BENCHMARK_OPT,
     DOUBLE_QUANT_OPT,
     DTYPE_OPT,
     FREEZE_OPT,
+    GPU_ARCH_OPT,
     GPU_MEMORY_OPT,
+    GPU_OPT,
     HEADROOM_OPT,
     INPUT_DTYPE_OPT,
     INPUT_SHAPE_OPT,
@@ -82,6 +85,9 @@ def estimate_cmd(
     model_kwargs: str | None = MODEL_KWARGS_OPT,
     model_arg: list[str] | None = MODEL_ARG_OPT,
     gpu_memory: str | None = GPU_MEMORY_OPT,
+    gpu: str | None = GPU_OPT,
+    gpu_arch: str | None = GPU_ARCH_OPT,
+    cudnn_benchmark: bool = CUDNN_BENCHMARK_OPT,
     headroom: float = HEADROOM_OPT,
     layers: int = typer.Option(
         10, "--layers", "-l", metavar="N", help="Show the top N layers by activation; 0 shows all."
@@ -102,6 +108,9 @@ def estimate_cmd(
     if layers < 0:
         raise UsageError(f"--layers must be 0 or more, got {layers}", "--layers 0 (or --all-layers) shows every layer")
     capacity_bytes = parse_capacity(gpu_memory)
+    from ..engine.catalog import resolve_target
+
+    target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)  # bad names fail before the model loads
     workload = build_workload(
         model,
         model_opt,
@@ -126,10 +135,18 @@ def estimate_cmd(
     )
     from ..commands.estimate import estimate, resolve_capacity
 
-    capacity, note = resolve_capacity(capacity_bytes)
+    capacity, note = resolve_capacity(capacity_bytes, gpu=target.gpu if gpu else None)
     codes = []
     try:
-        result = estimate(workload, capacity=capacity, headroom=head, traced=not no_trace, capacity_note=note)
+        result = estimate(
+            workload,
+            capacity=capacity,
+            headroom=head,
+            traced=not no_trace,
+            capacity_note=note,
+            cuda_target=target,
+            gpu=target.gpu if gpu else None,
+        )
     except Interrupted as exc:  # Ctrl-C while tracing: the formula's answer is ready
         result = exc.partial
         codes.append(EXIT_INTERRUPTED)

@@ -11,10 +11,13 @@ import typer
 from ..engine.fit import check_headroom
 from . import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OUTPUT, command, emit_json, exit_code, handle_errors
 from .common import (
+    CUDNN_BENCHMARK_OPT,
     DOUBLE_QUANT_OPT,
     DTYPE_OPT,
     FORCE_OPT,
     FREEZE_OPT,
+    GPU_ARCH_OPT,
+    GPU_OPT,
     HEADROOM_OPT,
     INPUT_DTYPE_OPT,
     INPUT_SHAPE_OPT,
@@ -98,6 +101,9 @@ def find_batch_cmd(
         metavar="N",
         help="Global batch you want: prints the gradient-accumulation steps to reach it with the recommended batch.",
     ),
+    gpu: str | None = GPU_OPT,
+    gpu_arch: str | None = GPU_ARCH_OPT,
+    cudnn_benchmark: bool = CUDNN_BENCHMARK_OPT,
     isolate: bool = typer.Option(False, "--isolate", help="Run each trial in a fresh child process."),
     no_predict: bool = typer.Option(False, "--no-predict", help="Do not trace a prediction first: grow geometrically."),
     plot: Path | None = typer.Option(
@@ -131,13 +137,19 @@ def find_batch_cmd(
         raise UsageError(f"--steps must be at least 1, got {steps}", "use 2 or more")
     if device is None:
         device = "cpu" if limit is not None else "cuda"
+    on_cpu = device.strip().lower() == "cpu"
+    if on_cpu and (gpu or gpu_arch):
+        raise UsageError("--gpu and --gpu-arch are for CUDA trials", "leave them out with --device cpu")
+    from ..engine.catalog import resolve_target
+
+    cuda_target = None if on_cpu else resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)
     with OutputFiles(force) as files:
         if plot is not None:
             from ..render.charts import check_plot_path
 
             check_plot_path(plot)
             files.claim(plot, "--plot")
-        if not (device.strip().lower() == "cpu") and limit is None:
+        if not on_cpu and limit is None:
             _require_cuda(device)
         workload = build_workload(
             model,
@@ -179,6 +191,7 @@ def find_batch_cmd(
                 isolate=isolate,
                 predict=not no_predict,
                 on_event=progress.on_event,
+                cuda_target=cuda_target,
             )
         # the report first: whatever happens to the files, it is on the screen
         if json_out:

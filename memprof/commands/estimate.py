@@ -14,16 +14,31 @@ from ..engine import fit as fitting
 from ..engine.analytic import analyse, largest_batch
 from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
 from ..errors import Interrupted, MemprofError
-from ..results import AnalyticEstimate, BatchFit, Capacity, EstimateResult, FitSummary, Metric, TraceResult
+from ..results import (
+    AnalyticEstimate,
+    BatchFit,
+    Capacity,
+    CudaTarget,
+    EstimateResult,
+    FitSummary,
+    GpuSpec,
+    Metric,
+    TraceResult,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.workload import Workload
 
 
-def resolve_capacity(capacity_bytes: int | None = None, *, use_nvml: bool = True) -> tuple[Capacity | None, str | None]:
-    """``gpu_memory`` if given, else GPU 0's total memory via NVML, else ``(None, why not)``."""
+def resolve_capacity(
+    capacity_bytes: int | None = None, *, use_nvml: bool = True, gpu: GpuSpec | None = None
+) -> tuple[Capacity | None, str | None]:
+    """``gpu_memory`` if given, else the catalog GPU's capacity (``gpu``), else GPU 0's total memory
+    via NVML, else ``(None, why not)``."""
     if capacity_bytes is not None:
         return Capacity(total_bytes=int(capacity_bytes), source="--gpu-memory"), None
+    if gpu is not None:
+        return gpu_capacity(gpu), None
     if not use_nvml:
         return None, "no --gpu-memory given"
     from ..engine import nvml
@@ -35,6 +50,12 @@ def resolve_capacity(capacity_bytes: int | None = None, *, use_nvml: bool = True
     return Capacity(
         total_bytes=info.total_bytes, source=f"NVML: {info.name} (GPU {info.index})", device_name=info.name
     ), None
+
+
+def gpu_capacity(gpu: GpuSpec) -> Capacity:
+    """A catalog GPU's capacity: what the card reports, or the vendor's size as an upper bound (said so)."""
+    how = "as the card reports it" if gpu.memory_reported else "vendor size, an upper bound: the card reports less"
+    return Capacity(total_bytes=gpu.memory_bytes, source=f"--gpu {gpu.key}: {how}", device_name=gpu.name)
 
 
 def formula_fit(
@@ -84,13 +105,16 @@ def estimate(
     headroom: float = fitting.DEFAULT_HEADROOM,
     traced: bool = True,
     capacity_note: str | None = None,
+    cuda_target: CudaTarget | None = None,
     gpu: GpuPeaks | None = None,
 ) -> EstimateResult:
     """Estimate one step of ``workload`` by formula and, if ``traced``, by fake-tensor trace; fit ``capacity``.
 
     ``capacity`` is a :class:`Capacity` or a number of bytes; None skips the fit
-    (:func:`resolve_capacity` finds the local GPU's). ``gpu`` (peak FLOP/s and bandwidth: a catalog
-    entry or a :class:`memprof.engine.roofline.PeakSpec`) adds the step-time model.
+    (:func:`resolve_capacity` finds the local GPU's). ``cuda_target`` is the GPU architecture the
+    trace predicts for (:func:`memprof.engine.catalog.resolve_target`; default: the local GPU, else assumed).
+    ``gpu`` (peak FLOP/s and bandwidth: a catalog entry or a :class:`memprof.engine.roofline.PeakSpec`)
+    adds the step-time model.
 
     When the trace fails the answer is the formula's alone and says so: ``trace_error`` and
     ``trace_hint`` tell why and what to do (the command line exits 5, a partial answer).
@@ -110,10 +134,16 @@ def estimate(
     fit_note: str | None = None
     fit: FitSummary | None = None
     if traced:
+        import functools
+
+        from ..engine.catalog import resolve_target, with_capacity
         from ..engine.trace import trace_step
 
         try:
-            trace_result = trace_step(workload, target="cuda", count_bytes=gpu is not None)
+            target = cuda_target or resolve_target()
+            if capacity is not None:  # near it, the allocator releases its cache and retries: so does the replay
+                target = with_capacity(target, capacity.total_bytes)
+            trace_result = trace_step(workload, target="cuda", cuda_target=target, count_bytes=gpu is not None)
             if capacity is not None:
                 try:
                     batch_fit = fitting.fit_batch(
@@ -122,6 +152,7 @@ def estimate(
                         target="cuda",
                         headroom=headroom,
                         known={workload.batch_size: trace_result},
+                        trace_fn=functools.partial(trace_step, cuda_target=target),
                     )
                     fit = traced_fit(trace_result, batch_fit, capacity)
                 except MemprofError as exc:  # other batch sizes could not be traced: fit by formula
