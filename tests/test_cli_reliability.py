@@ -558,6 +558,22 @@ def test_tables_read_at_80_columns():
     assert rows == [f"model.…{i}.self_attn.out_proj" for i in range(6)]
 
 
+def test_the_gpu_catalog_reads_at_80_columns(monkeypatch):
+    """``memprof gpus --catalog`` at 80 columns: every number whole (no "…"), no line longer."""
+    from memprof.commands import gpus as gpus_mod
+    from memprof.engine import nvml
+    from memprof.results import TorchCudaView
+
+    monkeypatch.setattr(gpus_mod.nvml, "query", lambda: nvml.NVMLStatus(False, "NVML Shared Library Not Found"))
+    monkeypatch.setattr(gpus_mod, "torch_view", lambda: TorchCudaView("2.5.1", False, None, 0, (), "no CUDA"))
+    res = runner.invoke(app, ["gpus", "--catalog"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in res.stdout, res.stdout
+    h100 = next(line.split() for line in lines if line.startswith("h100-sxm "))
+    assert h100 == ["h100-sxm", "sm90", "79.11", "GiB", "67", "494.7", "989.4", "989.4", "1979", "3.35"]
+
+
 def test_long_layer_names_lose_their_middle():
     from memprof.render import ellipsize, squeeze
 

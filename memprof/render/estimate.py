@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..results import EstimateResult, FlopCount, LayerRow, MemCategory
-from . import format_bytes, format_count, format_flops, format_pct, format_seconds, plural, say, squeeze
+from . import ellipsize, format_bytes, format_count, format_flops, format_pct, format_seconds, plural, say, squeeze
 
 DEFAULT_LAYERS = 10
 
@@ -329,11 +329,9 @@ def _compute(result: EstimateResult, console: Console) -> None:
     if st is None:
         say(console, f"  step time: {result.step_time_note or 'needs a GPU (--gpu NAME)'}")
         return
-    console.print(
-        f"[bold]Step time on {st.gpu}[/bold] ({st.label}): ≥ {format_seconds(st.seconds)} per step "
-        f"(roofline lower bound)",
-        highlight=False,
-    )
+    # the heading alone on its line, the figure below it: at 80 columns nothing breaks mid-sentence
+    console.print(f"[bold]Step time on {ellipsize(st.gpu, 40)}[/bold] ({st.label})", highlight=False)
+    say(console, f"  ≥ {format_seconds(st.seconds)} per step (roofline lower bound)")
     phases = f"forward {format_seconds(st.forward_seconds)}"
     if result.workload.get("mode") == "train":
         phases += f", backward {format_seconds(st.backward_seconds)}, optimizer {format_seconds(st.optimizer_seconds)}"
