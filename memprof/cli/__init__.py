@@ -367,8 +367,14 @@ def main() -> None:
         except SystemExit as exc:
             code = exc.code
     except KeyboardInterrupt:  # Ctrl-C between the command's end and here
-        print_error("interrupted", None)
         code = EXIT_INTERRUPTED
+    try:
+        from ..render import ERRORS_SAID
+
+        if code == EXIT_INTERRUPTED and "interrupted" not in ERRORS_SAID:  # some Ctrl-C windows end silently
+            print_error("interrupted", None)
+    except KeyboardInterrupt:
+        pass
     try:
         _exit_now(code)
     except KeyboardInterrupt:  # Ctrl-C while the output is flushed: the run is over either way

@@ -158,8 +158,13 @@ def stderr_console() -> Console:
     return _Console(file=sys.stderr, highlight=False, soft_wrap=False)
 
 
+#: the ERROR lines printed in this process (the command line checks that an exit 130 said "interrupted")
+ERRORS_SAID: list[str] = []
+
+
 def print_error(message: str, hint: str | None = None) -> None:
     """``ERROR: ...`` and ``HINT: ...`` on stderr, one line each, no markup surprises."""
+    ERRORS_SAID.append(message)
     try:
         print(f"ERROR: {message}", file=sys.stderr)
         if hint:
