@@ -558,6 +558,26 @@ def test_tables_read_at_80_columns():
     assert rows == [f"model.…{i}.self_attn.out_proj" for i in range(6)]
 
 
+def test_the_compute_table_reads_at_80_columns():
+    """compare's FLOPs and step-time table at 80 columns: the compute columns whole, every label kept."""
+    import io
+
+    from rich.console import Console
+    from test_compare import compute_result
+
+    from memprof.render.compare import render_compare
+
+    buf = io.StringIO()
+    render_compare(compute_result(), Console(file=buf, width=80, color_system=None, highlight=False))
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80, text
+    table = text.split("Compute per configuration", 1)[1].split("\n\n", 1)[0]
+    assert "…" not in table, table
+    row = next(line for line in table.splitlines() if line.startswith("checkpointing blocks"))
+    assert row.split()[2:] == ["1.03", "T", "32.2", "G", "+33", "%", "10.5", "ms", "3,048"]
+    assert "roofline model on NVIDIA H100 SXM5 80GB, not measured" in table
+
+
 def test_the_gpu_catalog_reads_at_80_columns(monkeypatch):
     """``memprof gpus --catalog`` at 80 columns: every number whole (no "…"), no line longer."""
     from memprof.commands import gpus as gpus_mod

@@ -222,28 +222,20 @@ def compare_tables(result: CompareResult, width: int = 120) -> list[Table]:
     return tables
 
 
-def compute_table(result: CompareResult) -> Table | None:
+def compute_table(result: CompareResult, width: int = 120) -> Table | None:
     """Memory and compute side by side: each row's peak change next to its FLOPs and (with a GPU) the
-    step-time model, so checkpointing's memory saved and compute added read in one row."""
+    step-time model, so checkpointing's memory saved and compute added read in one row. Narrower than
+    the whole (an 80-column terminal): the compute columns alone, with short headers (the peaks are in
+    the table above), the GPU named in the title's place by :func:`render_compare`."""
     rows = [r for r in result.rows if r.error is None and r.flops_per_sample is not None]
     if not rows:
         return None
     timed = any(r.step_time is not None for r in rows)
-    title = "Memory and compute" + (f" (step time: roofline model on {result.gpu}, not measured)" if timed else "")
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title=title, title_justify="left")
-    table.add_column("Configuration", max_width=26)
-    table.add_column("Peak", justify="right", no_wrap=True)
-    table.add_column("vs baseline", justify="right", no_wrap=True)
-    table.add_column("FLOP/step", justify="right", no_wrap=True)
-    table.add_column("FLOP/sample", justify="right", no_wrap=True)
-    table.add_column("vs baseline", justify="right", no_wrap=True)
-    if timed:
-        table.add_column("Step time ≥", justify="right", no_wrap=True)
-        table.add_column("Samples/s ≤", justify="right", no_wrap=True)
+    cells: list[tuple[CompareRow, list[str]]] = []
     for r in rows:
         peak_delta = "-" if r.baseline else format_pct(r.delta_pct, 1, signed=True)
         compute = "-" if r.baseline else format_pct(r.compute_delta_pct, 0, signed=True)
-        cells = [
+        row = [
             format_bytes(r.peak_bytes),
             peak_delta,
             format_flops(r.step_flops, ""),
@@ -252,8 +244,30 @@ def compute_table(result: CompareResult) -> Table | None:
         ]
         if timed:
             st = r.step_time
-            cells += [format_seconds(st.seconds), f"{st.samples_per_second:,.0f}"] if st is not None else ["n/a"] * 2
-        table.add_row(Text(("★ " if r.best else "") + r.label), *cells)
+            row += [format_seconds(st.seconds), f"{st.samples_per_second:,.0f}"] if st is not None else ["n/a"] * 2
+        cells.append((r, row))
+    names = ["Peak", "vs baseline", "FLOP/step", "FLOP/sample", "vs baseline"]
+    names += ["Step time ≥", "Samples/s ≤"] if timed else []
+    labels = [len(("★ " if r.best else "") + r.label) for r in rows]
+    label_w = min(26, max([len("Configuration"), *labels]))
+
+    def needed(heads: list[str], first: int) -> int:
+        cols = [max([len(h)] + [len(c[first + i]) for _, c in cells]) for i, h in enumerate(heads)]
+        return label_w + sum(w + 2 for w in cols)
+
+    narrow = needed(names, 0) > width
+    if narrow:  # the peaks are in the table above: the compute columns alone, short headers
+        names = ["FLOP/step", "/sample", "vs base"] + (["Step ≥", "Samples/s ≤"] if timed else [])
+        cells = [(r, c[2:]) for r, c in cells]
+        title = "Compute per configuration"
+    else:
+        title = "Memory and compute" + (f" (step time: roofline model on {result.gpu}, not measured)" if timed else "")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title=title, title_justify="left")
+    table.add_column("Configuration", max_width=26)
+    for name in names:
+        table.add_column(name, justify="right", no_wrap=True)
+    for r, row in cells:
+        table.add_row(Text(("★ " if r.best else "") + r.label), *row)
     return table
 
 
@@ -384,10 +398,12 @@ def render_compare(result: CompareResult, console: Console) -> None:
         console.print()
         console.print(table)
     say(console, COLUMNS_NOTE, hang=2)
-    ct = compute_table(result)
+    ct = compute_table(result, console.width)
     if ct is not None:
         console.print()
         console.print(ct)
+        if ct.title == "Compute per configuration" and any(r.step_time is not None for r in result.rows):
+            say(console, f"  step time ≥: roofline model on {result.gpu}, not measured", hang=4)
         for line in compute_lines(result):
             say(console, "  " + line)
     mt = measure_table(result)
