@@ -371,7 +371,8 @@ def main() -> None:
     try:
         from ..render import ERRORS_SAID
 
-        if code == EXIT_INTERRUPTED and "interrupted" not in ERRORS_SAID:  # some Ctrl-C windows end silently
+        # some Ctrl-C windows ended silently: an exit 130 always says so
+        if code == EXIT_INTERRUPTED and not any("interrupted" in m for m in ERRORS_SAID):
             print_error("interrupted", None)
     except KeyboardInterrupt:
         pass
