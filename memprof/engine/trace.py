@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DataDependentError, InputShapeError, MemprofError, TraceError, UsageError
+from ..errors import DataDependentError, MemprofError, ModelCodeError, TraceError, UsageError
 from ..results import CudaTarget, MemCategory, ModelledBytes, TimelinePoint, TraceResult
 from . import fastfake, overheads, placement
 from .allocator import AllocatorConf, CachingAllocatorModel, conf_from_source
@@ -104,6 +104,7 @@ class _Recorder:
         self.seq_marks: list[int] = []
         self.seq_mods: list[str | None] = []
         self.last_module_input: tuple[str, list] | None = None
+        self.param_layers_done = 0  # forward calls of modules with their own parameters that returned
         self.tracker: StorageTracker | None = None
         self._current_node = torch._C._current_autograd_node
         self._seq_nr = torch._C._autograd._get_sequence_nr
@@ -586,11 +587,13 @@ def _install_module_hooks(model, recorder: _Recorder) -> list:
             recorder.last_module_input = (_label, shapes)
             recorder.mark()
 
-        def post(mod, args, output, _label=label):
+        def post(mod, args, output, _label=label, _params=bool(module._parameters)):
             stack = recorder.module_stack
             if stack and stack[-1] == _label:
                 stack.pop()
             recorder.mark()
+            if _params and output is not None:  # None: its forward raised (always_call hooks still run)
+                recorder.param_layers_done += 1
 
         handles.append(module.register_forward_pre_hook(pre))
         try:  # always_call: pop even when forward raises (checkpoint's early stop of a recomputation)
@@ -690,56 +693,28 @@ def _build_with_fake_parameters(workload: Workload):
 
 
 # =========================================================================== errors
-_SHAPE_WORDS = (
-    "shape",
-    "size",
-    "dimension",
-    "dim",
-    "expected input",
-    "channels",
-    "mat1",
-    "must match",
-    "sizes of tensors",
-)
-
-
 def _forward_error(exc: Exception, recorder: _Recorder, model, workload: Workload) -> MemprofError:
-    msg = " ".join(str(exc).split())
+    """The exception as raised, the model's line, and a hint from the evidence (:mod:`.blame`)."""
+    from .blame import expects, forward_error
+
     where = recorder.module_stack[-1] if recorder.module_stack else None
     if where is None and recorder.last_module_input is not None:
         where = recorder.last_module_input[0]  # the innermost module entered last (hooks popped it)
-    if isinstance(exc, (RuntimeError, ValueError, IndexError)) and any(w in msg.lower() for w in _SHAPE_WORDS):
-        module = None
-        if where is not None:
-            module = dict(model.named_modules()).get(where) if where != type(model).__name__ else model
-        expects = ""
-        if module is not None:
-            attrs = [
-                f"{a}={getattr(module, a)}"
-                for a in (
-                    "in_features",
-                    "in_channels",
-                    "normalized_shape",
-                    "num_features",
-                    "num_embeddings",
-                    "embed_dim",
-                )
-                if hasattr(module, a)
-            ]
-            expects = f" ({type(module).__name__}{', ' + ', '.join(attrs) if attrs else ''})"
-        got = ""
-        if recorder.last_module_input and recorder.last_module_input[0] == where:
-            got = " received input shape(s) " + ", ".join(
-                "×".join(map(str, s)) or "scalar" for s in recorder.last_module_input[1]
-            )
-        inputs = workload.model.input_description()
-        return InputShapeError(
-            f"the model rejected its input {inputs} (batch {workload.batch_size}): layer "
-            f"{where or '?'}{expects}{got}: {msg}",
-            "give the per-sample input shape the model expects with --input-shape (batch excluded), "
-            "e.g. --input-shape 3,224,224",
-        )
-    return _step_error(exc, "forward")
+    root = where is None or where == type(model).__name__
+    module = None if root else dict(model.named_modules()).get(where)
+    got = None
+    if recorder.last_module_input and recorder.last_module_input[0] == where:
+        got = ", ".join("×".join(map(str, s)) or "scalar" for s in recorder.last_module_input[1])
+    return forward_error(
+        exc,
+        layer=None if root else where,
+        layer_type=type(module).__name__ if module is not None else None,
+        got=got,
+        expects=expects(module) if module is not None else None,
+        model_input=workload.model.input_description(),
+        batch=workload.batch_size,
+        first_layer=recorder.param_layers_done == 0,
+    )
 
 
 #: exception types (by name) that mean "fake tensors have no values for this"
@@ -906,16 +881,24 @@ def _available_ram() -> int | None:
 def _step_error(exc: Exception, phase: str) -> MemprofError:
     if isinstance(exc, MemprofError):
         return exc
+    from .blame import fix_hint, location, raised
+
     name = type(exc).__name__
     msg = " ".join(str(exc).split())[:400]
     if "DataDependent" in name or "data-dependent" in msg.lower() or "item()" in msg or "Unsupported" in name:
-        hint = (
+        return TraceError(
+            f"tracing the {phase} pass failed: {raised(exc)}",
             "the step reads tensor values (.item(), data-dependent shapes or an op fake tensors do not "
-            "support); use `memprof measure` on a real device instead"
+            "support), which a trace cannot do; run the real step instead: memprof find-batch "
+            "(--device cpu --memory-limit 8GiB without a GPU) or memprof profile your_script.py",
         )
-    else:
-        hint = "the model may need inputs memprof did not build: define memprof_batch()/memprof_loss() next to it"
-    return TraceError(f"tracing the {phase} pass failed: {name}: {msg}", hint)
+    loc = location(exc)
+    if loc is not None:  # the model's own code (its loss, memprof_batch, a backward hook) raised
+        return ModelCodeError(f"the model's {phase} step raised {raised(exc)} (at {loc})", fix_hint(exc))
+    return TraceError(
+        f"tracing the {phase} pass failed: {raised(exc)}",
+        "the model may need inputs or a loss memprof did not build: define memprof_batch()/memprof_loss() next to it",
+    )
 
 
 # =========================================================================== data parallelism

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console, Group
@@ -257,7 +256,7 @@ def header_lines(result) -> list[str]:
     return lines
 
 
-def render_find_batch(result, console: Console, *, chart: bool = True, plot_path: Path | None = None) -> None:
+def render_find_batch(result, console: Console, *, chart: bool = True) -> None:
     for line in header_lines(result):
         console.print(line, highlight=False)
     if result.trials:
@@ -273,5 +272,3 @@ def render_find_batch(result, console: Console, *, chart: bool = True, plot_path
 
         console.print()
         console.print(terminal_chart(result), highlight=False, markup=False)
-    if plot_path is not None:
-        console.print(f"plot written to {plot_path}", highlight=False)
