@@ -95,6 +95,14 @@ ZOO: list[tuple[str, str, dict]] = [
         "configs/unet.toml",
         dict(batch_size=4, input_shape=["3,64,64"], optimizer="adam", dtype="bf16"),
     ),
+    # small feature maps: oneDNN computes the weight gradient of layer4's 3x3 convs (2x2 maps) with
+    # its gemm kernel and per-thread reduction buffers (9 x the weight bytes at 2 threads)
+    ("resnet18:2:64 adam", "resnet18", dict(batch_size=2, input_shape=["3,64,64"], optimizer="adam")),
+    (
+        "resnet18:8:64 adam, frozen conv1,bn1,layer1,layer2",
+        "resnet18",
+        dict(batch_size=8, input_shape=["3,64,64"], optimizer="adam", freeze=("conv1", "bn1", "layer1", "layer2")),
+    ),
 ]
 
 
