@@ -105,32 +105,31 @@ def child(spec_json: str) -> int:
     import torch
 
     from memprof.engine import nvml
-    from memprof.engine.workload import prepare, train_step
+    from memprof.engine.workload import MAX_SKIPPED_STEPS, make_grad_scaler, prepare, train_step
 
     spec = json.loads(spec_json)
     workload = _workload(spec["ref"], spec["options"])
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = False
     prepared = prepare(workload, "cuda")
-    scaler = None
-    if workload.precision.grad_scaler and workload.mode == "train":
-        try:
-            scaler = torch.amp.GradScaler("cuda")
-        except (AttributeError, TypeError):  # torch < 2.3
-            scaler = torch.cuda.amp.GradScaler()
+    scaler = make_grad_scaler(workload, "cuda")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # construction temporaries: the trace starts from params/buffers/inputs
     torch.cuda.reset_peak_memory_stats()
-    peaks = []
+    peaks = []  # after each step in which the optimizer stepped
     backends: set[str] = set()
-    for step in range(2):
-        if step == 0:  # which attention kernel CUDA really ran (the prediction names the one it expects)
+    skipped = 0  # steps whose optimizer.step() GradScaler skipped (inf grads at its scale): run again
+    while len(peaks) < 2 and skipped <= MAX_SKIPPED_STEPS:
+        if not peaks and not skipped:  # which attention kernel CUDA really ran (the prediction names the one)
             with _AttentionOps(backends):
-                train_step(prepared, scaler=scaler)
+                stepped = train_step(prepared, scaler=scaler)
         else:
-            train_step(prepared, scaler=scaler)
+            stepped = train_step(prepared, scaler=scaler)
         torch.cuda.synchronize()
-        peaks.append(torch.cuda.max_memory_allocated())
+        if stepped:
+            peaks.append(torch.cuda.max_memory_allocated())
+        else:
+            skipped += 1
     used = nvml.process_used_bytes(torch.cuda.current_device())
     if used is None and spec.get("nvml_baseline_bytes") is not None:
         info = nvml.device_info(torch.cuda.current_device())
@@ -142,7 +141,9 @@ def child(spec_json: str) -> int:
                 "allocated_bytes": torch.cuda.max_memory_allocated(),
                 "reserved_bytes": torch.cuda.max_memory_reserved(),
                 "nvml_bytes": used,
-                "first_step_allocated_bytes": peaks[0],
+                "first_step_allocated_bytes": peaks[0] if peaks else None,
+                "optimizer_steps": len(peaks),
+                "skipped_steps": skipped,
                 "device": torch.cuda.get_device_name(),
                 "capability": list(torch.cuda.get_device_capability()),
                 "sdp_backend": ",".join(sorted(backends)) or None,
@@ -285,6 +286,11 @@ def main(argv: list[str]) -> int:
             print(f"{name:36s} FAILED: {type(exc).__name__}: {exc}", flush=True)
             failures.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
             continue
+        if real.get("optimizer_steps", 2) < 2:  # GradScaler skipped every step: the peak misses the optimizer
+            error = f"the optimizer stepped {real['optimizer_steps']} times in {real['skipped_steps']} steps"
+            print(f"{name:36s} FAILED: {error}", flush=True)
+            failures.append({"name": name, "error": error})
+            continue
         device = real["device"]
         row = {
             "name": name,
@@ -301,6 +307,7 @@ def main(argv: list[str]) -> int:
             "attention_backends": traced.attention_backends,
             "modelled": [{"what": m.what, "bytes": m.bytes} for m in traced.modelled],
             "sdp_backend_measured": real.get("sdp_backend"),
+            "skipped_steps": real.get("skipped_steps", 0),
         }
         row["allocated_error_pct"] = pct(traced.peak_bytes, real["allocated_bytes"])
         row["reserved_error_pct"] = pct(traced.predicted_reserved_bytes, real["reserved_bytes"])
@@ -414,29 +421,29 @@ def child_time(spec_json: str) -> int:
     """Time real CUDA training steps of one workload; print one JSON line (seconds per step)."""
     import torch
 
-    from memprof.engine.workload import prepare, train_step
+    from memprof.engine.workload import MAX_SKIPPED_STEPS, make_grad_scaler, prepare, train_step, train_steps
 
     spec = json.loads(spec_json)
     workload = _workload(spec["ref"], spec["options"])
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = False
     prepared = prepare(workload, "cuda")
-    scaler = None
-    if workload.precision.grad_scaler and workload.mode == "train":
-        try:
-            scaler = torch.amp.GradScaler("cuda")
-        except (AttributeError, TypeError):  # torch < 2.3
-            scaler = torch.cuda.amp.GradScaler()
+    scaler = make_grad_scaler(workload, "cuda")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    for _ in range(WARMUP_STEPS):  # cuDNN/cuBLAS heuristics, the caching allocator's segments, optimizer state
-        train_step(prepared, scaler=scaler)
+    # cuDNN/cuBLAS heuristics, the caching allocator's segments, optimizer state: warm-up steps in which the
+    # optimizer really stepped (GradScaler skips its first steps while it lowers its loss scale)
+    skipped = train_steps(prepared, WARMUP_STEPS, scaler)
+    if skipped > MAX_SKIPPED_STEPS:
+        print(f"child_time: GradScaler skipped {skipped} warm-up steps (inf/nan gradients)", file=sys.stderr)
+        return 1
     torch.cuda.synchronize()
     times = []
+    timed_skipped = 0
     for _ in range(TIMED_STEPS):
         started = time.perf_counter()
-        train_step(prepared, scaler=scaler)
+        timed_skipped += not train_step(prepared, scaler=scaler)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     print(
@@ -448,6 +455,8 @@ def child_time(spec_json: str) -> int:
                 "allocated_bytes": torch.cuda.max_memory_allocated(),
                 "reserved_bytes": torch.cuda.max_memory_reserved(),
                 "device": torch.cuda.get_device_name(),
+                "warmup_skipped_steps": skipped,
+                "timed_skipped_steps": timed_skipped,
             }
         )
     )

@@ -8,6 +8,7 @@ the tracer fails.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..engine import fit as fitting
@@ -101,6 +102,7 @@ def estimate(
     headroom: float = fitting.DEFAULT_HEADROOM,
     traced: bool = True,
     capacity_note: str | None = None,
+    progress: Callable[[str], None] | None = None,
     cuda_target: CudaTarget | None = None,
     gpu: GpuPeaks | None = None,
 ) -> EstimateResult:
@@ -110,7 +112,8 @@ def estimate(
     (:func:`resolve_capacity` finds the local GPU's). ``cuda_target`` is the GPU architecture the
     trace predicts for (:func:`memprof.engine.catalog.resolve_target`; default: the local GPU, else assumed).
     ``gpu`` (peak FLOP/s and bandwidth: a catalog entry or a :class:`memprof.engine.roofline.PeakSpec`)
-    adds the step-time model.
+    adds the step-time model. A step that reads tensor values runs for real on the CPU instead of being
+    traced; ``progress`` hears what that run will cost first.
     """
     headroom = fitting.check_headroom(headroom)
     if isinstance(capacity, int) and not isinstance(capacity, bool):
@@ -130,7 +133,9 @@ def estimate(
             target = cuda_target or resolve_target()
             if capacity is not None:  # near it, the allocator releases its cache and retries: so does the replay
                 target = with_capacity(target, capacity.total_bytes)
-            trace_result = trace_step(workload, target="cuda", cuda_target=target, count_bytes=gpu is not None)
+            trace_result = trace_step(
+                workload, target="cuda", cuda_target=target, count_bytes=gpu is not None, progress=progress
+            )
             if capacity is not None:
                 batch_fit = fitting.fit_batch(
                     workload,

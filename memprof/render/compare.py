@@ -13,7 +13,15 @@ from rich.table import Table
 from rich.text import Text
 
 from ..results import CompareResult, CompareRow, MemCategory
-from . import format_bytes, format_count, format_flops, format_pct, format_seconds, format_signed_bytes
+from . import (
+    certainty,
+    format_bytes,
+    format_count,
+    format_flops,
+    format_pct,
+    format_seconds,
+    format_signed_bytes,
+)
 
 BAR_WIDTH = 40
 #: stacking order, bar character (readable without colour), terminal colour, plot colour
@@ -26,6 +34,8 @@ BAR_STYLE: dict[MemCategory, tuple[str, str, str]] = {
     MemCategory.TEMPORARY: ("▞", "red", "#e15759"),
     MemCategory.INPUT: ("▪", "white", "#9c755f"),
     MemCategory.CUDA_OVERHEAD: ("·", "bright_black", "#bab0ac"),
+    MemCategory.GATHERED_PARAMETER: ("▙", "bright_blue", "#86bcb6"),
+    MemCategory.COMMUNICATION: ("▚", "bright_magenta", "#f28e2b"),
 }
 
 
@@ -301,6 +311,8 @@ def detail_lines(result: CompareResult) -> list[str]:
             if rc.batchnorm_recomputed:
                 line += "; BatchNorm running statistics update twice per step (in forward and in the recomputation)"
             lines.append(line)
+        if r.error is None and (r.method != "trace" or any(m.bytes for m in r.modelled)):
+            lines.append(f"{r.label}: {certainty(r.method, r.modelled)}")
         for note in r.notes:
             if note not in lines:
                 lines.append(note)
