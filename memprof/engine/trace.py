@@ -41,6 +41,7 @@ from ..results import CudaTarget, MemCategory, ModelledBytes, TimelinePoint, Tra
 from . import fastfake, overheads, placement
 from .allocator import AllocatorConf, CachingAllocatorModel, conf_from_source
 from .flops import FlopTally
+from .gradaccum import InputBufferMirror
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ class _Recorder:
         self._current_node = torch._C._current_autograd_node
         self._seq_nr = torch._C._autograd._get_sequence_nr
         self.need_workspace = target == "cuda"
+        self.accum = InputBufferMirror()  # which gradient sums autograd does in place on real tensors
         self.cpu_scratch = target == "cpu" and kernel_scratch
         self.workspace_source = ""
         self.lt_bytes, self.lt_source = 0, ""
@@ -369,6 +371,8 @@ def _make_tracker(recorder: _Recorder):
     cuda = recorder.target == "cuda"
     scratch_rules = _scratch_rules(recorder)
     convs = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+    add, add_ = torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor
+    accum = recorder.accum
     onednn_rnn = tuple(
         getattr(getattr(torch.ops.aten, name, None), "default", None)
         for name in ("mkldnn_rnn_layer", "mkldnn_rnn_layer_backward")
@@ -378,6 +382,16 @@ def _make_tracker(recorder: _Recorder):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is prim_device:  # FakeTensorMode asks for devices through the mode stack: no storage, no op
                 return self.run_op(func, args, kwargs) if self.run_op is not None else func(*args, **(kwargs or {}))
+            if recorder.phase == "backward":
+                if not accum.started:
+                    accum.start()
+                if func is add and not kwargs:
+                    item = accum.match(args)
+                    if item is not None:  # autograd summing two gradients for one input (InputBuffer::add)
+                        inplace = accum.inplace(item, *args)
+                        out = super().__torch_dispatch__(add_ if inplace else add, types, args, kwargs)
+                        accum.delivered(item, out)
+                        return out
             if cuda and func in matmuls:
                 # one cuBLAS handle (and workspace) per thread: forward and optimizer run on the
                 # main thread, backward on autograd's device thread
@@ -1120,6 +1134,7 @@ def _record_step(
                 def on_phase(phase: str) -> None:
                     assert prepared is not None  # set above, before any step runs
                     recorder.module_stack.clear()
+                    recorder.accum.reset()
                     if phase == "forward":
                         recorder.forward_start[recorder.step] = len(recorder.events)
                         recorder.forward_op[recorder.step] = tracker.op_count
