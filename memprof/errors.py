@@ -53,6 +53,10 @@ class ModelLoadError(MemprofError):
     """The model reference could not be turned into a model (name, file, attribute, constructor)."""
 
 
+class MissingDependencyError(MemprofError):
+    """An optional package memprof needs for this model is not installed (transformers, timm)."""
+
+
 class InputShapeError(MemprofError):
     """The model rejected the inputs memprof built for it."""
 

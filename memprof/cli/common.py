@@ -16,11 +16,17 @@ from ..units import parse_bytes
 # typer option declarations, reused by every command's signature
 MODEL_ARG = typer.Argument(
     None,
-    help="torchvision name (resnet50), path/to/file.py:Class, package.module:attr, or a config .toml",
+    help="torchvision name (resnet50), path/to/file.py:Class, package.module:attr, a config .toml, "
+    "hf:org/name (Hugging Face config only), path/to/config.json, or timm:name",
     show_default=False,
 )
 MODEL_OPT = typer.Option(None, "--model", "-m", help="The model, as the positional argument (either works).")
-BATCH_OPT = typer.Option(None, "--batch-size", "-b", help=f"Batch size \\[default: {DEFAULT_BATCH}, or the config's]")
+BATCH_OPT = typer.Option(
+    None,
+    "--batch-size",
+    "-b",
+    help=f"Batch size \\[default: {DEFAULT_BATCH}; 1 for Hugging Face models; or the config's]",
+)
 DTYPE_OPT = typer.Option(None, "--dtype", help=f"fp32 | fp16 | bf16 | amp-fp16 | amp-bf16 \\[default: {DEFAULT_DTYPE}]")
 OPTIMIZER_OPT = typer.Option(
     None,
@@ -29,7 +35,44 @@ OPTIMIZER_OPT = typer.Option(
     help=f"sgd | sgd-momentum | adam | adamw | adagrad | rmsprop \\[default: {DEFAULT_OPTIMIZER}]",
 )
 MODE_OPT = typer.Option(
-    None, "--mode", help="train (forward, backward, optimizer step) or eval (no_grad inference) \\[default: train]"
+    None,
+    "--mode",
+    help="train (forward, backward, optimizer step), eval (no_grad inference) or generate (prefill and decode "
+    "with a KV cache; Hugging Face models) \\[default: train]",
+)
+SEQ_LEN_OPT = typer.Option(
+    None,
+    "--seq-len",
+    help="Tokens per sample (the prompt length with --mode generate) \\[default: 2048, or the model's positions]",
+)
+LOOP_OPT = typer.Option(
+    None,
+    "--loop",
+    help="Training loop shape: plain (out = model(...) stays alive through backward: the safe default) or "
+    "trainer (the output is dropped before backward, as HF Trainer and Lightning do).",
+)
+ATTN_OPT = typer.Option(None, "--attn", help="Hugging Face attention: sdpa or eager \\[default: the model's]")
+PADDING_OPT = typer.Option(
+    False, "--padding", help="The batch holds padding: Hugging Face then builds an explicit attention mask."
+)
+NEW_TOKENS_OPT = typer.Option(
+    None, "--new-tokens", help="--mode generate: tokens generated after the prompt \\[default: 128]."
+)
+KV_CACHE_OPT = typer.Option(
+    None, "--kv-cache", help="--mode generate: dynamic or static KV cache \\[default: the model's generation config]"
+)
+ROUTING_OPT = typer.Option(
+    None,
+    "--routing",
+    help="Mixture of experts: balanced (tokens x top-k / experts per expert) or worst (all to the same experts) "
+    "\\[default: balanced].",
+)
+CHECKPOINTING_OPT = typer.Option(
+    "none",
+    "--checkpointing",
+    "-c",
+    help="Activation checkpointing: blocks (each repeated block; Hugging Face models use their own "
+    "gradient_checkpointing_enable()) | sqrt | every-K | none.",
 )
 INPUT_SHAPE_OPT = typer.Option(
     None, "--input-shape", "-i", help="Per-sample input shape, batch excluded (3,224,224); repeat for several inputs."
@@ -75,6 +118,13 @@ def build_workload(
     model_arg: list[str] | None = None,
     checkpointing: str = "none",
     inplace_relu: bool = False,
+    seq_len: int | None = None,
+    loop: str | None = None,
+    attn: str | None = None,
+    padding: bool = False,
+    new_tokens: int | None = None,
+    kv_cache: str | None = None,
+    routing: str | None = None,
 ) -> Workload:
     """Options as typed on the command line -> :func:`memprof.commands.workload.make_workload`."""
     ref = resolve_model_ref(model, model_opt)
@@ -101,7 +151,25 @@ def build_workload(
         model_kwargs=kwargs,
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
+        seq_len=seq_len,
+        loop=loop,
+        attn=attn,
+        padding=padding,
+        new_tokens=new_tokens,
+        kv_cache=kv_cache,
+        routing=routing,
     )
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]`` (positive integers)."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UsageError(f"cannot read {flag} {text!r}", f"write positive integers, e.g. {flag} 1,2,4") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} must be positive integers, got {text!r}", f"e.g. {flag} 1,2,4")
+    return values
 
 
 def parse_capacity(gpu_memory: str | None) -> int | None:

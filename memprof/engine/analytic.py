@@ -321,13 +321,14 @@ def _run(model, workload: Workload, batch: int, act_bytes: int | None) -> _Run:
     """One forward on the meta device with hooks; an exception becomes InputShapeError naming the layer."""
     import torch
 
-    args, kwargs, target = workload.model.make_batch(batch, torch.device("meta"), workload.precision)
+    args, kwargs, target = workload.make_batch(torch.device("meta"), batch)
     run = _Run()
     rec = _Recorder(model, act_bytes)
     run.input_bytes = rec._size(_tensors((args, kwargs, target)))[1]
     run.input_elements = rec._size(_tensors((args, kwargs)))[0]
     try:
-        with rec, torch.set_grad_enabled(workload.mode == "train"):
+        context = workload.model.step_context(model, workload, fake=False, meta=True)
+        with context, rec, torch.set_grad_enabled(workload.mode == "train"):
             model(*args, **kwargs)
     except MemoryError:
         raise
@@ -455,8 +456,21 @@ def analyse(workload: Workload) -> AnalyticEstimate:
             f"AMP: activations at {precision.compute_bytes} B/element, "
             "plus one low-precision copy of the weights (Temporary)"
         )
+    kv_per_sample = 0
+    if workload.mode == "generate" and workload.model.hf is not None:
+        from .hf import kv_cache_formula
+
+        # the cache after the last decode step: prompt + new tokens - 1 (the last token is never fed back)
+        tokens = (workload.seq_len or workload.model.hf.default_seq_len) + (workload.new_tokens or 1) - 1
+        kv = kv_cache_formula(workload.model.hf.config, batch, tokens, el, static=workload.kv_cache == "static")
+        breakdown[MemCategory.KV_CACHE] = kv
+        kv_per_sample = kv // batch
+        notes.append(
+            "KV cache by formula: 2 x layers x batch x KV heads x head dim x cached tokens x bytes "
+            "(grouped-query heads; sliding-window layers capped at their window)"
+        )
     total = sum(breakdown.values())
-    per_sample = (activation_next - activation) + (run_next.input_bytes - run.input_bytes)
+    per_sample = (activation_next - activation) + (run_next.input_bytes - run.input_bytes) + kv_per_sample
     fixed = total - per_sample * batch
 
     # ---- per-layer rows: innermost calls aggregated per module, plus parameter owners never called
