@@ -42,11 +42,27 @@ def estimate(
     checkpointing: str = "none",
     inplace_relu: bool = False,
     use_nvml: bool = True,
+    seq_len: int | None = None,
+    loop: str | None = None,
+    attn: str | None = None,
+    padding: bool = False,
+    new_tokens: int | None = None,
+    kv_cache: str | None = None,
+    routing: str | None = None,
+    fit_seq_len: bool | None = None,
+    multiple_of: int = 1,
+    grid: bool | tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> EstimateResult:
     """Where the memory of one training step goes, traced on fake tensors (no GPU), and the batch that fits.
 
     ``gpu_memory`` is the capacity to fit (bytes or ``"24GiB"``); without it the local GPU's, via
     NVML, unless ``use_nvml=False``; with neither, ``result.fit`` is None.
+
+    Language models (``"hf:meta-llama/Llama-3.1-8B"``, a ``config.json``): ``seq_len`` tokens per sample,
+    ``loop`` "plain" (default, the output kept through backward) or "trainer", ``attn``, ``padding``,
+    ``mode="generate"`` with ``new_tokens`` and ``kv_cache``, MoE ``routing``; with a capacity,
+    ``fit_seq_len`` adds the longest sequence (``result.seq_fit``, a multiple of ``multiple_of``) and
+    ``grid=True`` (or ``(batches, seq_lens)``) the batch x sequence-length grid (``result.grid``).
 
     Example::
 
@@ -70,9 +86,26 @@ def estimate(
         model_kwargs=model_kwargs,
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
+        seq_len=seq_len,
+        loop=loop,
+        attn=attn,
+        padding=padding,
+        new_tokens=new_tokens,
+        kv_cache=kv_cache,
+        routing=routing,
     )
     capacity, note = resolve_capacity(_bytes(gpu_memory), use_nvml=use_nvml)
-    return run(workload, capacity=capacity, headroom=headroom, traced=traced, capacity_note=note)
+    axes = (list(grid[0]), list(grid[1])) if isinstance(grid, tuple) else grid
+    return run(
+        workload,
+        capacity=capacity,
+        headroom=headroom,
+        traced=traced,
+        capacity_note=note,
+        fit_seq_len=fit_seq_len,
+        multiple_of=multiple_of,
+        grid=axes,
+    )
 
 
 def find_batch(
@@ -96,11 +129,20 @@ def find_batch(
     token_range: tuple[int, int] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     on_event: Callable[[str, Any], None] | None = None,
+    seq_len: int | None = None,
+    loop: str | None = None,
+    attn: str | None = None,
+    padding: bool = False,
+    routing: str | None = None,
+    search: str = "batch",
+    batch_size: int | None = None,
 ) -> FindBatchResult:
     """The largest batch whose real training steps fit, found in a few real trials, and the batch to use.
 
     ``device="cuda"`` (or ``"cuda:1"``) runs on the GPU; ``device="cpu"`` with ``memory_limit``
-    runs the same steps on the CPU with live tensor bytes capped there.
+    runs the same steps on the CPU with live tensor bytes capped there. ``search="seq-len"`` finds the
+    longest sequence at ``batch_size`` instead (a multiple of ``multiple_of`` tokens; the result's batch
+    fields then hold tokens).
 
     Example::
 
@@ -110,9 +152,19 @@ def find_batch(
         >>> r.largest_batch, r.recommended_batch, len(r.trials)  # doctest: +SKIP
     """
     from .commands.find_batch import find_batch as run
+    from .errors import UsageError
 
+    if search not in ("batch", "seq-len", "seq_len"):
+        raise UsageError(f"`search` must be batch or seq-len, got {search!r}", "seq-len: the longest sequence")
+    by_seq = search != "batch"
     workload = make_workload(
         model,
+        batch_size=batch_size if by_seq else None,
+        seq_len=seq_len,
+        loop=loop,
+        attn=attn,
+        padding=padding,
+        routing=routing,
         dtype=dtype,
         optimizer=optimizer,
         mode=mode,
@@ -134,6 +186,8 @@ def find_batch(
         target_global_batch=target_global_batch,
         predict=predict,
         on_event=on_event,
+        search_axis="seq_len" if by_seq else "batch_size",
+        seq_multiple_of=(multiple_of or 1) if by_seq else 1,
     )
 
 
@@ -146,6 +200,8 @@ def compare(
     inplace_relu: bool = False,
     modes: Iterable[str] | None = None,
     batch_sizes: Iterable[int] | None = None,
+    seq_lens: Iterable[int] | None = None,
+    loops: Iterable[str] | None = None,
     combine: bool = False,
     batch_size: int | None = None,
     dtype: str | None = None,
@@ -160,6 +216,10 @@ def compare(
     input_dtype: str | None = None,
     token_range: tuple[int, int] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    seq_len: int | None = None,
+    attn: str | None = None,
+    padding: bool = False,
+    routing: str | None = None,
 ) -> CompareResult:
     """Configurations side by side: each ``dtypes`` / ``optimizers`` / ``checkpointing`` / ``modes`` /
     ``batch_sizes`` value adds a row to the baseline (``batch_size``, ``dtype``, ``optimizer``);
@@ -180,7 +240,9 @@ def compare(
         ("optimizer", optimizers),
         ("checkpointing", checkpointing),
         ("mode", modes),
+        ("loop", loops),
         ("batch_size", batch_sizes),
+        ("seq_len", seq_lens),
     ):
         if values:
             axes[name] = list(values)
@@ -196,6 +258,10 @@ def compare(
         input_dtype=input_dtype,
         token_range=token_range,
         model_kwargs=model_kwargs,
+        seq_len=seq_len,
+        attn=attn,
+        padding=padding,
+        routing=routing,
     )
     capacity, note = (None, None)
     if fit:

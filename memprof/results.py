@@ -311,6 +311,9 @@ class SeqFit:
     traces: int
     new_tokens: int | None = None  # generation: tokens generated after the prompt
     exact: bool = True
+    #: the traced peak as a line in the sequence length (through the shortest and longest traced)
+    slope_bytes_per_token: float = 0.0
+    intercept_bytes: float = 0.0
 
     @property
     def context(self) -> int | None:
@@ -584,6 +587,10 @@ class FindBatchResult:
     exact_accumulation: tuple[int, int] | None = None
     wall_seconds: float = 0.0
     notes: tuple[str, ...] = ()
+    #: what was searched: "batch_size", or "seq_len" (then every batch field above holds a sequence
+    #: length in tokens, at the fixed batch `seq_batch_size`)
+    axis: str = "batch_size"
+    seq_batch_size: int | None = None
 
 
 # =========================================================================== compare

@@ -182,7 +182,7 @@ def estimate_cmd(
         from ..render.estimate import render_estimate
 
         render_estimate(result, stdout_console(), layers=None if all_layers else layers)
-    fit = result.fit
-    if fit is None or fit.fits:
+    verdict = result.fit
+    if verdict is None or verdict.fits:
         raise typer.Exit(EXIT_OK)
-    raise typer.Exit(EXIT_NOTHING_FITS if fit.max_batch is None else EXIT_DOES_NOT_FIT)
+    raise typer.Exit(EXIT_NOTHING_FITS if verdict.max_batch is None else EXIT_DOES_NOT_FIT)

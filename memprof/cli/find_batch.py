@@ -10,6 +10,8 @@ import typer
 from ..engine.fit import check_headroom
 from . import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
 from .common import (
+    ATTN_OPT,
+    CHECKPOINTING_OPT,
     DTYPE_OPT,
     HEADROOM_OPT,
     INPUT_DTYPE_OPT,
@@ -20,7 +22,11 @@ from .common import (
     MODEL_ARG_OPT,
     MODEL_KWARGS_OPT,
     MODEL_OPT,
+    NEW_TOKENS_OPT,
     OPTIMIZER_OPT,
+    PADDING_OPT,
+    ROUTING_OPT,
+    SEQ_LEN_OPT,
     TOKEN_RANGE_OPT,
     build_workload,
     check_output_path,
@@ -47,6 +53,24 @@ def find_batch_cmd(
     token_range: str | None = TOKEN_RANGE_OPT,
     model_kwargs: str | None = MODEL_KWARGS_OPT,
     model_arg: list[str] | None = MODEL_ARG_OPT,
+    seq_len: int | None = SEQ_LEN_OPT,
+    loop: str | None = typer.Option(
+        None, "--loop", help="Training loop shape: plain (output kept through backward, default) or trainer."
+    ),
+    attn: str | None = ATTN_OPT,
+    padding: bool = PADDING_OPT,
+    new_tokens: int | None = NEW_TOKENS_OPT,
+    routing: str | None = ROUTING_OPT,
+    checkpointing: str = CHECKPOINTING_OPT,
+    search: str = typer.Option(
+        "batch",
+        "--search",
+        help="What to search: batch (the largest batch) or seq-len (the longest sequence at --batch-size, "
+        "a multiple of --multiple-of tokens).",
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", "-b", help="--search seq-len: the batch size to search the sequence length at [1]."
+    ),
     device: str | None = typer.Option(
         None,
         "--device",
@@ -103,6 +127,13 @@ def find_batch_cmd(
 
         check_output_path(plot)
         check_plot_path(plot)
+    if search not in ("batch", "seq-len", "seq_len"):
+        raise UsageError(f"--search must be batch or seq-len, got {search!r}", "--search seq-len: the longest sequence")
+    by_seq = search != "batch"
+    if batch_size is not None and not by_seq:
+        raise UsageError(
+            "--batch-size is what find-batch searches", "add --search seq-len to search the sequence length"
+        )
     if not (device.strip().lower() == "cpu") and limit is None:
         _require_cuda(device)
     workload = build_workload(
@@ -116,6 +147,14 @@ def find_batch_cmd(
         token_range=token_range,
         model_kwargs=model_kwargs,
         model_arg=model_arg,
+        batch_size=batch_size if by_seq else None,
+        seq_len=seq_len,
+        loop=loop,
+        attn=attn,
+        padding=padding,
+        new_tokens=new_tokens,
+        routing=routing,
+        checkpointing=checkpointing,
     )
     from ..commands.find_batch import find_batch
     from ..render import stderr_console, stdout_console
@@ -123,7 +162,7 @@ def find_batch_cmd(
 
     if steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}", "use 2 or more")
-    with TrialProgress(stderr_console()) as progress:
+    with TrialProgress(stderr_console(), unit="tokens" if by_seq else "batch") as progress:
         result = find_batch(
             workload,
             device=device,
@@ -138,6 +177,8 @@ def find_batch_cmd(
             isolate=isolate,
             predict=not no_predict,
             on_event=progress.on_event,
+            search_axis="seq_len" if by_seq else "batch_size",
+            seq_multiple_of=(multiple_of or 1) if by_seq else 1,
         )
     if plot is not None and result.trials:
         from ..render.charts import write_plot
@@ -155,9 +196,9 @@ def find_batch_cmd(
     if result.status == "nothing_fits":
         from ..render import format_bytes, print_error
 
+        what = f"{result.min_batch} tokens" if result.axis == "seq_len" else f"batch {result.min_batch}"
         print_error(
-            f"not even batch {result.min_batch} fits in {format_bytes(result.capacity.total_bytes)} "
-            f"({result.capacity.source})",
+            f"not even {what} fits in {format_bytes(result.capacity.total_bytes)} ({result.capacity.source})",
             "raise --memory-limit, use a smaller model or --dtype bf16, or see `memprof estimate` for "
             "where the memory goes",
         )

@@ -148,7 +148,7 @@ def estimate(
                 known={workload.seq_len: trace_result},
             )
         if grid:
-            batches, seqs = fitting.default_grid(workload) if grid is True else grid
+            batches, seqs = fitting.default_grid(workload) if isinstance(grid, bool) else grid
             grid_fit = fitting.fit_grid(
                 workload,
                 capacity.total_bytes,

@@ -415,7 +415,7 @@ def _buffers(model) -> tuple[int, int]:
 
 def _activation_bytes(run: _Run, mode: str) -> int:
     leaves = [c for c in run.calls if c.leaf]
-    if mode == "eval":  # nothing is kept: the largest layer's input and output are live at once
+    if mode != "train":  # nothing is kept: the largest layer's input and output are live at once
         return max((c.in_bytes + (0 if c.no_new_memory else c.out_bytes) for c in leaves), default=0)
     return sum(c.out_bytes for c in leaves if not c.no_new_memory)
 

@@ -311,7 +311,15 @@ def fit_seq_len(
         return cache[k]
 
     def result(k: int | None, exact: bool = True) -> SeqFit:
+        slope = intercept = 0.0
+        pts = sorted(cache.items())
+        if len(pts) >= 2:
+            (ka, pa), (kb, pb) = pts[0], pts[-1]
+            slope = (pb - pa) / ((kb - ka) * multiple_of)
+            intercept = pa - slope * ka * multiple_of
         return SeqFit(
+            slope_bytes_per_token=slope,
+            intercept_bytes=intercept,
             capacity_bytes=capacity_bytes,
             metric=metric.value,
             batch_size=workload.batch_size,

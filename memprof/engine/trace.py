@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputShapeError, MemprofError, TraceError, UsageError
-from ..results import MemCategory, TimelinePoint, TraceResult
+from ..results import MemCategory, SavedBlock, TimelinePoint, TraceResult
 from . import fastfake
 from .allocator import CachingAllocatorModel, round_size
 from .overheads import cublas_workspace_bytes, cuda_context_bytes, onednn_conv_scratch
@@ -122,6 +122,7 @@ class _Recorder:
         self.root_label: str | None = None
         self.kv_cache_bytes: int | None = None  # generation: the KV cache after the last forward
         self.kv_recs: list[int] = []
+        self.blocks: dict[str, str] = {}  # repeated blocks of the model (ModuleList children): name -> type
         self.workspace_threads: set[str] = set()
         self.workspace_bytes = cublas_workspace_bytes() if target == "cuda" else 0
 
@@ -284,12 +285,64 @@ def _with_meta_fallbacks(run: Callable[[Any, tuple, dict | None], Any]) -> Calla
     return wrapped
 
 
+def _blocks(model) -> dict[str, str]:
+    """The model's repeated blocks (the children of its ModuleLists, e.g. "model.layers.0"): name -> type."""
+    import torch
+
+    blocks: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
+            for child_name, child in module.named_children():
+                full = f"{name}.{child_name}" if name else child_name
+                if not any(full.startswith(b + ".") for b in blocks):
+                    blocks[full] = type(child).__name__
+    return blocks
+
+
+def _saved_by_block(rec: _Recorder, sizes: list[int], last: int) -> tuple[SavedBlock, ...]:
+    """What each block keeps for backward (activation records of the last step), alike blocks grouped."""
+    if not rec.blocks:
+        return ()
+    prefixes = sorted(rec.blocks, key=len, reverse=True)
+    per_block: dict[str, dict[str, int]] = {}
+    outside: dict[str, int] = {}
+    for r, cat in enumerate(rec.rec_cat):
+        if cat is not MemCategory.ACTIVATION or rec.rec_step[r] != last or not sizes[r]:
+            continue
+        module = rec.rec_module[r] or ""
+        block = next((b for b in prefixes if module == b or module.startswith(b + ".")), None)
+        if block is None:
+            key = module if module and module != rec.root_label else "(outside the blocks: loss, output)"
+            outside[key] = outside.get(key, 0) + sizes[r]
+            continue
+        part = module[len(block) + 1 :].split(".")[0] if module != block else "(its own ops)"
+        parts = per_block.setdefault(block, {})
+        parts[part] = parts.get(part, 0) + sizes[r]
+    rows: list[SavedBlock] = []
+    order = list(rec.blocks)
+    i = 0
+    while i < len(order):
+        name = order[i]
+        parts = per_block.get(name, {})
+        j = i + 1
+        while j < len(order) and rec.blocks[order[j]] == rec.blocks[name] and per_block.get(order[j], {}) == parts:
+            j += 1
+        label = name if j - i == 1 else f"{name}-{order[j - 1].rsplit('.', 1)[-1]}"
+        ranked = tuple(sorted(parts.items(), key=lambda kv: -kv[1]))
+        rows.append(SavedBlock(label, rec.blocks[name], j - i, sum(parts.values()), ranked))
+        i = j
+    for key, nbytes in sorted(outside.items(), key=lambda kv: -kv[1]):
+        rows.append(SavedBlock(key, "", 1, nbytes))
+    return tuple(rows)
+
+
 def _install_module_hooks(model, recorder: _Recorder) -> list:
     import torch
 
     handles = []
     root_name = type(model).__name__
     recorder.root_label = root_name
+    recorder.blocks = _blocks(model)
     seen: set[int] = set()
     for name, module in model.named_modules():
         if id(module) in seen:
@@ -955,6 +1008,7 @@ def _analyse(
         cuda_context_bytes=context,
         phase_peaks=phase_peaks,
         kv_cache_bytes=kv_bytes,
+        saved_by_block=_saved_by_block(rec, sizes, last) if workload.mode == "train" else (),
     )
 
 

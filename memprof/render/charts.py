@@ -381,8 +381,8 @@ def grid_svg(grid, title: str, width: int = 640, cell_h: int = 34) -> str:
         parts.append(f'<polyline points="{path}" fill="none" stroke="#c62828" stroke-width="3"/>')
     base = top + cell_h * len(seqs)
     for col, batch in enumerate(batches):
-        x = left + col * cell_w + cell_w / 2
-        parts.append(f'<text x="{x:.0f}" y="{base + 18}" text-anchor="middle">{batch}</text>')
+        mid = left + col * cell_w + cell_w / 2
+        parts.append(f'<text x="{mid:.0f}" y="{base + 18}" text-anchor="middle">{batch}</text>')
     parts.append(
         f'<text x="{left + cell_w * len(batches) / 2:.0f}" y="{base + 40}" text-anchor="middle">batch size</text>'
     )

@@ -229,6 +229,27 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
     console.print(table)
 
 
+def _saved_blocks(result: EstimateResult, console: Console) -> None:
+    """What each block of the model keeps for backward (traced), alike blocks on one row."""
+    rows = getattr(result.traced, "saved_by_block", None) or ()
+    if not rows:
+        return
+    table = _table()
+    table.add_column("Block", overflow="fold", max_width=34)
+    table.add_column("Type")
+    table.add_column("Saved for backward", justify="right")
+    table.add_column("Of which", overflow="fold")
+    for row in rows:
+        each = format_bytes(row.bytes_each)
+        saved = f"{each} each" if row.count > 1 else each
+        parts = ", ".join(f"{name} {format_bytes(n)}" for name, n in row.parts[:4])
+        name = f"{row.name} (×{row.count})" if row.count > 1 else row.name
+        table.add_row(name, row.type or "-", saved, parts or "-")
+    console.print()
+    console.print("[bold]Saved for backward, by block[/bold] (traced, at the end of forward)")
+    console.print(table)
+
+
 def select_layers(layers: tuple[LayerRow, ...], top: int | None) -> list[LayerRow]:
     """``top`` N layers by activation bytes (ties in execution order); None or 0: all, in execution order."""
     if not top:
@@ -377,6 +398,7 @@ def render_estimate(result: EstimateResult, console: Console, layers: int | None
     _header(result, console)
     _headline(result, console)
     _breakdown(result, console)
+    _saved_blocks(result, console)
     _layers(result, console, layers)
     _methods(result, console)
     _fit(result, console)
