@@ -197,6 +197,10 @@ def resolve_hub(name: str) -> tuple[Path, str]:
     return Path(path), f"downloaded from the Hugging Face hub ({path})"
 
 
+#: `--model-arg` keys that are not config fields: what to train the model as, and how to build it
+_BUILD_OPTIONS = ("task", "experts_implementation")
+
+
 def read_config(path: Path, ref: str, overrides: dict[str, Any] | None = None) -> Any:
     """``AutoConfig`` for a ``config.json``; ``overrides`` set config fields (``--model-arg num_hidden_layers=2``)."""
     transformers = require("transformers", ref)
@@ -226,7 +230,7 @@ def read_config(path: Path, ref: str, overrides: dict[str, Any] | None = None) -
             "upgrade transformers (pip install -U transformers), or pick a model whose architecture it knows",
         ) from None
     for key, value in (overrides or {}).items():
-        if key == "task":
+        if key in _BUILD_OPTIONS:
             continue
         if not hasattr(config, key):
             raise UsageError(
@@ -316,6 +320,8 @@ class HFModel:
     published_params: int | None = None
     kind: str = "hf"
     notes: list[str] = field(default_factory=list)
+    #: from_config keyword arguments (experts_implementation="eager" for the per-expert loop)
+    build_options: dict[str, Any] = field(default_factory=dict)
     #: the attention implementation the last built model uses ("sdpa", "eager", ...)
     attn_used: str | None = None
 
@@ -376,7 +382,7 @@ class HFModel:
         """The model, built from the config on the current default device (fake/meta when tracing)."""
         transformers = require("transformers", self.ref)
         auto = getattr(transformers, _AUTO_CLASSES[self.task])
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(self.build_options)
         if attn:
             kwargs["attn_implementation"] = attn
         transformers.logging.set_verbosity_error()
@@ -642,6 +648,7 @@ def load_hf(ref: str, overrides: dict[str, Any] | None = None) -> HFModel:
     """``hf:<org>/<name>``, a ``config.json`` path or a folder holding one -> :class:`HFModel`."""
     overrides = dict(overrides or {})
     task = overrides.pop("task", None)
+    build_options = {k: overrides.pop(k) for k in _BUILD_OPTIONS if k in overrides and k != "task"}
     published = None
     if ref.startswith("hf:"):
         name = ref[3:]
@@ -667,6 +674,7 @@ def load_hf(ref: str, overrides: dict[str, Any] | None = None) -> HFModel:
         config=config,
         task=task or default_task(config),
         published_params=published,
+        build_options=build_options,
     )
     if model.task == "seq-cls" and getattr(config, "pad_token_id", None) is None:
         config.pad_token_id = 0
@@ -731,9 +739,8 @@ def kv_cache_formula(config: Any, batch: int, tokens: int, bytes_per_element: in
     hidden = int(getattr(c, "hidden_size", 0) or getattr(c, "n_embd", 0) or 0)
     head_dim = int(getattr(c, "head_dim", None) or (hidden // heads if heads else 0))
     window = getattr(c, "sliding_window", None)
-    types = getattr(c, "layer_types", None) or ["full_attention"] * layers
-    if not getattr(c, "use_sliding_window", True):
-        window = None
+    # as Hugging Face's caches read a config: its layer_types, else every layer slides when a window is set
+    types = getattr(c, "layer_types", None) or [("sliding_attention" if window else "full_attention")] * layers
     total = 0
     for kind in types[:layers]:
         held = tokens
@@ -741,3 +748,62 @@ def kv_cache_formula(config: Any, batch: int, tokens: int, bytes_per_element: in
             held = min(tokens, int(window) if static else int(window) - 1)
         total += 2 * batch * kv_heads * head_dim * held * bytes_per_element
     return total
+
+
+# =========================================================================== tiny configs (validation)
+_TINY = {
+    "layers": (("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers"), 2),
+    "hidden": (("hidden_size", "n_embd", "d_model"), 128),
+    "heads": (("num_attention_heads", "n_head", "num_heads", "n_heads"), 4),
+    "inner": (("intermediate_size", "ffn_dim", "d_ff", "n_inner"), 256),
+}
+
+
+def tiny_config(config: Any, *, layers: int = 2, hidden: int = 128, heads: int = 4, vocab: int = 1000) -> Any:
+    """The same architecture at a size a CPU trains in a second: ``layers`` layers of width ``hidden``,
+    ``heads`` attention heads (grouped-query heads kept grouped), a ``vocab``-token vocabulary, 4 experts
+    (top-2) for mixture-of-experts models, sliding windows of 64. For validation against real CPU steps."""
+    transformers = require("transformers", "tiny_config")
+    data = config.to_dict()
+    for key in ("_name_or_path", "architectures", "transformers_version", "auto_map"):
+        data.pop(key, None)
+    sizes = {"layers": layers, "hidden": hidden, "heads": heads, "inner": 2 * hidden}
+    for what, (names, _) in _TINY.items():
+        for name in names:
+            if isinstance(data.get(name), int):
+                data[name] = sizes[what]
+    old_heads = next((config.to_dict().get(n) for n in _TINY["heads"][0] if config.to_dict().get(n)), heads)
+    for name in ("num_key_value_heads", "num_kv_heads"):
+        kv = data.get(name)
+        if isinstance(kv, int) and kv:
+            data[name] = heads if kv >= old_heads else (1 if kv == 1 else max(1, heads // 2))
+    if isinstance(data.get("head_dim"), int):
+        data["head_dim"] = hidden // heads
+    if isinstance(data.get("d_kv"), int):
+        data["d_kv"] = hidden // heads
+    if "rotary_dim" in data and isinstance(data.get("rotary_dim"), int):
+        data["rotary_dim"] = (hidden // heads) // 2
+    data["vocab_size"] = vocab
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id"):
+        value = data.get(name)
+        if isinstance(value, int) and value >= vocab:
+            data[name] = vocab - 1 - ("bos" in name)
+        elif isinstance(value, list):
+            data[name] = [v if v < vocab else vocab - 1 for v in value]
+    for name in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if isinstance(data.get(name), int) and data[name] > 1:
+            data[name] = 4
+    if isinstance(data.get("num_experts_per_tok"), int):
+        data["num_experts_per_tok"] = 2
+    for name, value in (("moe_intermediate_size", hidden // 2), ("shared_expert_intermediate_size", hidden)):
+        if isinstance(data.get(name), int):
+            data[name] = value
+    if isinstance(data.get("sliding_window"), int):
+        data["sliding_window"] = 64
+    if isinstance(data.get("max_window_layers"), int):
+        data["max_window_layers"] = layers
+    if isinstance(data.get("layer_types"), list):
+        data["layer_types"] = list(data["layer_types"])[:layers]
+    if data.get("rope_scaling") and isinstance(data["rope_scaling"], dict):
+        data["rope_scaling"] = dict(data["rope_scaling"])
+    return transformers.AutoConfig.for_model(**data)

@@ -190,7 +190,9 @@ class Shadows:
         except Exception as exc:  # FakeTensorMode cannot size or read it: the real values can
             if not _value_question(exc):
                 raise
-            failure, out = exc, None
+            # without its traceback: frames -> this frame -> the exception is a cycle, and the tracer runs
+            # with the garbage collector off, so the tensors those frames hold would never be freed
+            failure, out = exc.with_traceback(None), None
         leaves = [x for x in self._tree_leaves(out)] if failure is None else []
         wants = failure is not None or any(
             isinstance(x, self._Tensor) and x.dtype in self._exact and x.numel() <= LIMIT for x in leaves
