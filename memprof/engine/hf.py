@@ -382,7 +382,11 @@ class HFModel:
         """The model, built from the config on the current default device (fake/meta when tracing)."""
         transformers = require("transformers", self.ref)
         auto = getattr(transformers, _AUTO_CLASSES[self.task])
-        kwargs: dict[str, Any] = dict(self.build_options)
+        import torch
+
+        # in float32, whatever dtype the config names (transformers builds in it): memprof then converts the
+        # model to the workload's dtype, as it does every model
+        kwargs: dict[str, Any] = {"dtype": torch.float32, **self.build_options}
         if attn:
             kwargs["attn_implementation"] = attn
         transformers.logging.set_verbosity_error()
