@@ -34,6 +34,9 @@ def estimate(
     optimizer: str | None = None,
     mode: str | None = None,
     gpu_memory: int | str | None = None,
+    gpu: str | None = None,
+    gpu_arch: str | None = None,
+    cudnn_benchmark: bool = False,
     headroom: float = DEFAULT_HEADROOM,
     traced: bool = True,
     input_dtype: str | None = None,
@@ -52,11 +55,25 @@ def estimate(
     fit_seq_len: bool | None = None,
     multiple_of: int = 1,
     grid: bool | tuple[Sequence[int], Sequence[int]] | None = None,
+    freeze: Sequence[str] | str | None = None,
+    train_only: Sequence[str] | str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
+    offload: str | None = None,
 ) -> EstimateResult:
     """Where the memory of one training step goes, traced on fake tensors (no GPU), and the batch that fits.
 
-    ``gpu_memory`` is the capacity to fit (bytes or ``"24GiB"``); without it the local GPU's, via
-    NVML, unless ``use_nvml=False``; with neither, ``result.fit`` is None.
+    ``gpu_memory`` is the capacity to fit (bytes or ``"24GiB"``); without it the catalog GPU's
+    (``gpu="a100-80gb"``), else the local GPU's via NVML, unless ``use_nvml=False``; with none,
+    ``result.fit`` is None. The trace predicts for ``gpu``'s architecture, else ``gpu_arch``
+    (``"sm80"``), else the local GPU's, else an assumed one (said in ``result.traced.cuda_target``);
+    ``gpu`` also adds the step-time model (``result.step_time``). Fine-tuning levers:
+    ``freeze`` / ``train_only`` (module-name globs), ``lora_rank`` (+ ``lora_alpha``, ``lora_targets``,
+    ``lora_dropout``; needs peft), ``quantize`` ("int8", "nf4", "fp4"; ``double_quant``), ``offload="optimizer"``.
 
     Language models (``"hf:meta-llama/Llama-3.1-8B"``, a ``config.json``): ``seq_len`` tokens per sample,
     ``loop`` "plain" (default, the output kept through backward) or "trainer", ``attn``, ``padding``,
@@ -73,7 +90,9 @@ def estimate(
     """
     from .commands.estimate import estimate as run
     from .commands.estimate import resolve_capacity
+    from .engine.catalog import resolve_target
 
+    target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)
     workload = make_workload(
         model,
         batch_size=batch_size,
@@ -93,8 +112,17 @@ def estimate(
         new_tokens=new_tokens,
         kv_cache=kv_cache,
         routing=routing,
+        freeze=freeze,
+        train_only=train_only,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        quantize=quantize,
+        double_quant=double_quant,
+        offload=offload,
     )
-    capacity, note = resolve_capacity(_bytes(gpu_memory), use_nvml=use_nvml)
+    capacity, note = resolve_capacity(_bytes(gpu_memory), use_nvml=use_nvml, gpu=target.gpu if gpu else None)
     axes = (list(grid[0]), list(grid[1])) if isinstance(grid, tuple) else grid
     return run(
         workload,
@@ -105,6 +133,8 @@ def estimate(
         fit_seq_len=fit_seq_len,
         multiple_of=multiple_of,
         grid=axes,
+        cuda_target=target,
+        gpu=target.gpu if gpu else None,
     )
 
 
@@ -136,6 +166,18 @@ def find_batch(
     routing: str | None = None,
     search: str = "batch",
     batch_size: int | None = None,
+    gpu: str | None = None,
+    gpu_arch: str | None = None,
+    cudnn_benchmark: bool = False,
+    freeze: Sequence[str] | str | None = None,
+    train_only: Sequence[str] | str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
+    offload: str | None = None,
 ) -> FindBatchResult:
     """The largest batch whose real training steps fit, found in a few real trials, and the batch to use.
 
@@ -152,11 +194,15 @@ def find_batch(
         >>> r.largest_batch, r.recommended_batch, len(r.trials)  # doctest: +SKIP
     """
     from .commands.find_batch import find_batch as run
+    from .engine.catalog import resolve_target
     from .errors import UsageError
 
     if search not in ("batch", "seq-len", "seq_len"):
         raise UsageError(f"`search` must be batch or seq-len, got {search!r}", "seq-len: the longest sequence")
     by_seq = search != "batch"
+    if device == "cpu" and (gpu or gpu_arch):
+        raise UsageError("`gpu` and `gpu_arch` are for CUDA trials", "leave them out with `device` cpu")
+    cuda_target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark) if device != "cpu" else None
     workload = make_workload(
         model,
         batch_size=batch_size if by_seq else None,
@@ -172,6 +218,15 @@ def find_batch(
         input_dtype=input_dtype,
         token_range=token_range,
         model_kwargs=model_kwargs,
+        freeze=freeze,
+        train_only=train_only,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        quantize=quantize,
+        double_quant=double_quant,
+        offload=offload,
     )
     return run(
         workload,
@@ -188,6 +243,7 @@ def find_batch(
         on_event=on_event,
         search_axis="seq_len" if by_seq else "batch_size",
         seq_multiple_of=(multiple_of or 1) if by_seq else 1,
+        cuda_target=cuda_target,
     )
 
 
@@ -202,6 +258,13 @@ def compare(
     batch_sizes: Iterable[int] | None = None,
     seq_lens: Iterable[int] | None = None,
     loops: Iterable[str] | None = None,
+    freezes: Iterable[str] | None = None,
+    lora_ranks: Iterable[int] | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    quantizations: Iterable[str] | None = None,
+    offloads: Iterable[str] | None = None,
     combine: bool = False,
     batch_size: int | None = None,
     dtype: str | None = None,
@@ -209,6 +272,9 @@ def compare(
     input_shape: Shape | Sequence[Shape] | None = None,
     device: str = "cuda",
     gpu_memory: int | str | None = None,
+    gpu: str | None = None,
+    gpu_arch: str | None = None,
+    cudnn_benchmark: bool = False,
     memory_limit: int | str | None = None,
     headroom: float = DEFAULT_HEADROOM,
     max_batch: int | None = None,
@@ -222,7 +288,8 @@ def compare(
     routing: str | None = None,
 ) -> CompareResult:
     """Configurations side by side: each ``dtypes`` / ``optimizers`` / ``checkpointing`` / ``modes`` /
-    ``batch_sizes`` value adds a row to the baseline (``batch_size``, ``dtype``, ``optimizer``);
+    ``batch_sizes`` / ``freezes`` / ``lora_ranks`` / ``quantizations`` ("nf4", "nf4+dq", "int8") /
+    ``offloads`` value adds a row to the baseline (``batch_size``, ``dtype``, ``optimizer``);
     ``combine=True`` makes one row per combination. Without any, the default set (AMP, fp16, checkpointing).
 
     Example::
@@ -233,6 +300,9 @@ def compare(
     """
     from .commands.compare import compare as run
     from .commands.compare import normalize_axes, resolve_capacity
+    from .engine.catalog import resolve_target
+
+    cuda_target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark) if device != "cpu" else None
 
     axes: dict[str, list[Any]] = {}
     for name, values in (
@@ -248,6 +318,13 @@ def compare(
             axes[name] = list(values)
     if inplace_relu:
         axes["inplace_relu"] = [True]
+    if lora_ranks:
+        from .commands.workload import lora_spec
+
+        axes["lora"] = [lora_spec(r, lora_alpha, lora_targets, lora_dropout) for r in lora_ranks]
+    for name, values in (("freeze", freezes), ("quantize", quantizations), ("offload", offloads)):
+        if values:
+            axes[name] = list(values)
     chosen = normalize_axes(axes)
     workload = make_workload(
         model,
@@ -264,8 +341,10 @@ def compare(
         routing=routing,
     )
     capacity, note = (None, None)
+    catalog_gpu_entry = cuda_target.gpu if cuda_target is not None and gpu else None
     if fit:
-        capacity, note = resolve_capacity(device, _bytes(gpu_memory), _bytes(memory_limit))
+        catalog_gpu = catalog_gpu_entry
+        capacity, note = resolve_capacity(device, _bytes(gpu_memory), _bytes(memory_limit), catalog_gpu)
     return run(
         workload,
         chosen or None,
@@ -276,6 +355,8 @@ def compare(
         headroom=headroom,
         fit=fit,
         max_batch=max_batch,
+        cuda_target=cuda_target,
+        gpu=catalog_gpu_entry,
     )
 
 

@@ -83,6 +83,191 @@ class Capacity:
     device_name: str | None = None
 
 
+# =========================================================================== GPU catalog / CUDA target
+#: dtype names of GpuSpec.peak_tflops (int8 in TOPS)
+PEAK_DTYPES = ("fp64", "fp32", "tf32", "bf16", "fp16", "fp8", "int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    """One entry of the GPU catalog (``configs/gpus.toml``): capacity, architecture, peak dense
+    throughput per dtype and memory bandwidth, each with its source.
+
+    ``memory_bytes`` is the total PyTorch reports for the card when ``memory_reported`` is True,
+    else the vendor's size read as GiB (an upper bound). ``peak_tflops`` holds dense peaks in
+    TFLOP/s (TOPS for int8) for the dtypes the card has; :meth:`peak_flops` returns FLOP/s.
+    """
+
+    key: str  # "h100-sxm": what --gpu takes
+    name: str
+    arch: str  # "sm90" (NVIDIA compute capability) or "gfx942" (AMD)
+    memory_bytes: int
+    memory_reported: bool
+    memory_source: str
+    bandwidth_bytes_per_s: int
+    bandwidth_source: str
+    peak_tflops: dict[str, float]
+    tflops_source: str
+    match: tuple[str, ...] = ()  # substrings of the device name torch / NVML report
+    context_bytes: int | None = None  # measured CUDA context for this card, when a source gives one
+    context_source: str | None = None
+
+    @property
+    def capability(self) -> tuple[int, int] | None:
+        """(major, minor) for an NVIDIA ``smXY`` arch, None for others."""
+        return arch_capability(self.arch)
+
+    def peak_flops(self, dtype: str) -> float | None:
+        """Peak dense FLOP/s (OP/s for int8) in ``dtype`` ("bf16", "fp32", ...), None when the card has none."""
+        tflops = self.peak_tflops.get(dtype)
+        return None if tflops is None else tflops * 1e12
+
+
+def arch_capability(arch: str) -> tuple[int, int] | None:
+    """``"sm90"`` -> (9, 0), ``"sm100"`` -> (10, 0), ``"sm121"`` -> (12, 1); None for non-NVIDIA archs."""
+    if not arch.startswith("sm") or not arch[2:].isdigit() or len(arch) < 4:
+        return None
+    digits = arch[2:]
+    return int(digits[:-1]), int(digits[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaTarget:
+    """The CUDA device a traced prediction is for. Its architecture picks the CUDA rules memprof applies
+    (cuBLAS workspace size, which attention kernel runs, CUDA context); ``source`` says where it came
+    from, ``assumed`` is True when nothing said (no GPU visible, no ``gpu`` / ``gpu_arch`` given)."""
+
+    arch: str  # "sm90"
+    source: str  # "--gpu h100-sxm", "--gpu-arch sm80", "local GPU 0 (NVIDIA A10G)", "assumed: ..."
+    gpu: GpuSpec | None = None
+    assumed: bool = False
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark in the training script
+    #: the caching allocator's settings ("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"); None: defaults
+    alloc_conf: str | None = None
+    #: the device memory the process may use, when known (the fit's capacity): past it the allocator
+    #: releases its cached segments and retries before running out of memory, and the replay does too
+    capacity_bytes: int | None = None
+
+    @property
+    def capability(self) -> tuple[int, int] | None:
+        return arch_capability(self.arch)
+
+    @property
+    def is_rocm(self) -> bool:
+        return self.arch.startswith("gfx")
+
+
+# =========================================================================== compute (FLOPs, step time)
+@dataclasses.dataclass(frozen=True)
+class ModuleFlops:
+    """FLOPs of the ops one module runs itself (its children's ops count for them), over one traced step."""
+
+    name: str  # dotted module name, "(model)" for the root, "(outside modules)" for the loss and functional code
+    type: str
+    forward_flops: int
+    backward_flops: int  # autograd's nodes for this module's forward ops, recomputation included
+
+
+@dataclasses.dataclass(frozen=True)
+class UncountedOp:
+    """An op the FLOP counter has no formula for: it ran, and counts 0 FLOPs (listed, never silently)."""
+
+    name: str  # "aten.native_batch_norm"
+    calls: int  # over one step
+    kind: str  # "pointwise" | "memory" (copies, fills, indexing, concatenation) | "other" (may hide FLOPs)
+
+
+#: how FLOPs are counted (PyTorch's FlopCounterMode convention)
+FLOP_CONVENTION = (
+    "torch.utils.flop_counter formulas: 2 FLOPs per multiply-add of matrix multiplications, convolutions and "
+    "attention (bias additions, normalisation, activations, pooling and optimizer arithmetic count 0)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopCount:
+    """FLOPs of one traced step, counted per op by PyTorch's FLOP formulas and attributed to modules and phases.
+
+    ``backward_flops`` includes ``recompute_flops`` (forward ops activation checkpointing runs again
+    in backward). MACs are FLOPs / 2 under this convention.
+    """
+
+    batch_size: int
+    forward_flops: int  # model forward and loss
+    backward_flops: int
+    optimizer_flops: int  # optimizer.step() and zero_grad()
+    recompute_flops: int
+    step_flops: int  # forward + backward + optimizer
+    per_sample_flops: float  # step_flops / batch_size
+    by_op: dict[str, int]  # FLOPs per op over the step ("aten.convolution": ...)
+    modules: tuple[ModuleFlops, ...]  # in first-run order
+    uncounted_ops: tuple[UncountedOp, ...]  # most calls first
+    convention: str = FLOP_CONVENTION
+
+    @property
+    def forward_macs(self) -> int:
+        return self.forward_flops // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTime:
+    """A roofline lower bound on one step's time on a GPU: a model, not a measurement.
+
+    Every traced op takes at least max(FLOPs / peak FLOP/s for its dtype, bytes it reads and writes /
+    memory bandwidth); the sum over the step is a lower bound (no launch latency, no overlap loss,
+    no kernel below its peak), so the throughput is an upper bound.
+    """
+
+    gpu: str
+    seconds: float  # lower bound per step
+    forward_seconds: float
+    backward_seconds: float
+    optimizer_seconds: float
+    compute_bound_seconds: float  # part of ``seconds`` spent in ops limited by FLOP/s
+    memory_bound_seconds: float  # part limited by memory bandwidth
+    step_bytes: int  # bytes read and written by all ops of the step
+    samples_per_second: float  # upper bound: batch / seconds
+    tokens_per_second: float | None  # samples/s x tokens per sample, for token inputs
+    peak_flops_per_s: dict[str, float]  # the peaks the model used, per dtype of the step's ops
+    bandwidth_bytes_per_s: float
+    label: str = "model, not measured"
+    assumptions: tuple[str, ...] = ()
+
+
+# =========================================================================== fine-tuning
+@dataclasses.dataclass(frozen=True)
+class WeightBreakdown:
+    """The parameters as fine-tuning sees them: trainable, frozen base, LoRA adapters, quantization state.
+
+    ``trainable_params`` / ``all_params`` are what ``peft``'s ``print_trainable_parameters`` prints
+    (a 4-bit packed weight counts 2 values per stored byte). Bytes are storage bytes (no CUDA
+    rounding): ``trainable_bytes`` are trainable parameters that are not adapters (all of them
+    without LoRA), ``frozen_bytes`` frozen parameters (base weights, 4-bit/8-bit packed weights),
+    ``adapter_bytes`` LoRA's ``lora_A``/``lora_B``; ``quant_state_bytes`` the quantized layers'
+    absmax, codes and row scales (kept as buffers).
+    """
+
+    trainable_params: int
+    all_params: int
+    trainable_bytes: int
+    frozen_bytes: int
+    adapter_bytes: int
+    adapter_params: int
+    quant_state_bytes: int = 0
+    quantized_layers: int = 0
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable_params / self.all_params if self.all_params else 0.0
+
+    def peft_line(self) -> str:
+        """peft's own wording: ``trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915``."""
+        return (
+            f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} "
+            f"|| trainable%: {self.trainable_pct:.4f}"
+        )
+
+
 # =========================================================================== analytic / estimate
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
@@ -141,6 +326,10 @@ class AnalyticEstimate:
     formula_mismatches: tuple[str, ...]
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    #: parameters split into trainable / frozen / adapters (None when nothing is frozen, adapted or quantized)
+    weights: WeightBreakdown | None = None
+    #: optimizer state and master weights kept in CPU memory (--offload optimizer), not on the GPU
+    host_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +363,9 @@ class EstimateResult:
     fit: FitSummary | None
     seq_fit: Any = None  # SeqFit: the longest sequence at this batch (sequence models, when asked or generating)
     grid: Any = None  # GridFit: batch x sequence length (when asked)
+    #: the roofline step-time model on the chosen GPU (a model, not measured); None without a GPU or a trace
+    step_time: StepTime | None = None
+    step_time_note: str | None = None  # why there is no step time
 
 
 # =========================================================================== trace
@@ -267,6 +459,24 @@ class TraceResult:
     kv_cache_bytes: int | None = None
     #: what each block of the model keeps for backward (train mode), grouped when blocks are alike
     saved_by_block: tuple[SavedBlock, ...] = ()
+    #: the CUDA device predicted for (target "cuda"): its architecture and where it came from
+    cuda_target: CudaTarget | None = None
+    #: scaled_dot_product_attention calls per backend CUDA would pick ("flash", "efficient", "cudnn", "math")
+    attention_backends: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: FLOPs of the first traced step (None: not counted)
+    flops: FlopCount | None = None
+    #: per-op FLOPs and bytes for the step-time model (memprof.engine.roofline); not in JSON
+    _op_costs: Any = None
+    #: parameters split into trainable / frozen / adapters (None when nothing is frozen, adapted or quantized)
+    weights: WeightBreakdown | None = None
+    #: peak of what the step keeps in CPU memory for a CUDA step (--offload optimizer: fp32 master weights,
+    #: CPU gradients, optimizer state, the CPU step's temporaries); None when it keeps nothing there.
+    #: For target "cpu" these bytes are also in peak_bytes (everything is CPU memory there).
+    host_peak_bytes: int | None = None
+    #: paged optimizer state (bitsandbytes paged optimizers: CUDA unified memory, cudaMallocManaged). torch's
+    #: allocator never sees it, so it is in no allocated/reserved figure; the driver moves its pages to CPU
+    #: memory when the GPU needs the room. None without a paged optimizer.
+    paged_bytes: int | None = None
 
     @property
     def predicted_allocated_bytes(self) -> int:
@@ -371,6 +581,10 @@ class GpusResult:
     reason: str | None  # why not, when not available
     nvml: Any
     torch: TorchCudaView
+    #: device name -> the catalog entry (--gpu NAME) it matches, for the local GPUs that match one
+    catalog_matches: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: every catalog entry, when asked for (``memprof gpus --catalog``)
+    catalog: tuple[GpuSpec, ...] = ()
 
 
 # =========================================================================== profile
@@ -602,7 +816,7 @@ class RecomputeInfo:
     regions: int
     forward_flops: int | None  # one forward (FlopCounterMode: matmuls, convolutions, attention)
     recompute_flops: int | None  # run again during backward
-    extra_pct: float | None  # recompute / (forward + backward ~ 3 x forward), in %
+    extra_pct: float | None  # recompute / the step's FLOPs without it, in %
     batchnorm_recomputed: bool = False  # BatchNorm running statistics then update twice per step
 
 
@@ -662,6 +876,16 @@ class CompareRow:
     error: str | None = None  # this row could not be traced (the others still are)
     notes: tuple[str, ...] = ()
     trace_seconds: float = 0.0
+    step_flops: int | None = None  # traced FLOPs of one step (forward, backward, optimizer)
+    flops_per_sample: float | None = None  # step_flops / batch size
+    compute_delta_pct: float | None = None  # FLOPs per sample vs the baseline's, in %
+    #: the roofline step-time model on the chosen GPU (a model, not measured); None without a GPU
+    step_time: StepTime | None = None
+    #: peft's count of trainable parameters (None when nothing is frozen, adapted or quantized)
+    trainable_params: int | None = None
+    #: CPU memory the row keeps for a CUDA step (offloaded optimizer), paged optimizer state
+    host_peak_bytes: int | None = None
+    paged_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -681,3 +905,10 @@ class CompareResult:
     safe_best_label: str | None
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    gpu: str | None = None  # the GPU of the step-time column
+    step_time_note: str | None = None  # why there is no step-time column
+    #: rows whose batch fits the capacity (largest batch >= 1), the largest batch first (ties: lower peak)
+    ranked_by_batch: tuple[str, ...] = ()
+    #: the single lever (a row changing one thing) that allows the largest batch, and its batch gain
+    best_lever_label: str | None = None
+    best_lever_gain: int | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -86,12 +87,48 @@ TOKEN_RANGE_OPT = typer.Option(
 MODEL_KWARGS_OPT = typer.Option(None, "--model-kwargs", help="""Constructor arguments as JSON: '{"num_classes": 10}'""")
 MODEL_ARG_OPT = typer.Option(None, "--model-arg", help="One constructor argument key=value (repeatable).")
 GPU_MEMORY_OPT = typer.Option(
-    None, "--gpu-memory", help="GPU capacity, e.g. 24GiB or 80GB \\[default: the local GPU's, via NVML]"
+    None, "--gpu-memory", help="GPU capacity, e.g. 24GiB or 80GB \\[default: --gpu's, else the local GPU's, via NVML]"
+)
+GPU_OPT = typer.Option(
+    None,
+    "--gpu",
+    help="A GPU from the catalog (a100-80gb, h100-sxm, rtx-4090, ...): its capacity, architecture and "
+    "peaks for the step-time model \\[`memprof gpus --catalog` lists them].",
+)
+GPU_ARCH_OPT = typer.Option(
+    None,
+    "--gpu-arch",
+    help="Predict for this architecture (sm80, sm86, sm89, sm90, sm100) \\[default: --gpu's, else the local GPU's].",
+)
+CUDNN_BENCHMARK_OPT = typer.Option(
+    False, "--cudnn-benchmark", help="The script sets torch.backends.cudnn.benchmark = True (first-step workspaces)."
 )
 HEADROOM_OPT = typer.Option(
     DEFAULT_HEADROOM, "--headroom", help="Recommended batch = headroom x the largest batch that fits."
 )
 JSON_OPT = typer.Option(False, "--json", help="Print only JSON on stdout.")
+# fine-tuning levers (docs/finetuning.md)
+FREEZE_OPT = typer.Option(
+    None, "--freeze", help="Freeze the parameters of modules matching this name glob (backbone.*, layer1); repeatable."
+)
+TRAIN_ONLY_OPT = typer.Option(
+    None, "--train-only", help="Train only modules matching this name glob (fc, classifier.*); repeatable."
+)
+LORA_RANK_OPT = typer.Option(
+    None, "--lora-rank", help="Add LoRA adapters of this rank with peft (pip install memprof\\[peft])."
+)
+LORA_ALPHA_OPT = typer.Option(None, "--lora-alpha", help="LoRA alpha \\[default: 8, peft's].")
+LORA_TARGETS_OPT = typer.Option(
+    None,
+    "--lora-targets",
+    help="Modules to adapt: q_proj,v_proj or all-linear \\[default: peft's for the architecture].",
+)
+LORA_DROPOUT_OPT = typer.Option(None, "--lora-dropout", help="LoRA dropout \\[default: 0.0, peft's].")
+QUANTIZE_OPT = typer.Option(
+    None, "--quantize", help="Frozen linear weights as bitsandbytes stores them: int8 | nf4 | fp4 (QLoRA: nf4)."
+)
+DOUBLE_QUANT_OPT = typer.Option(False, "--double-quant", help="4-bit double quantization (bnb_4bit_use_double_quant).")
+OFFLOAD_OPT = typer.Option(None, "--offload", help="optimizer: keep the optimizer state and its step on the CPU.")
 
 
 def resolve_model_ref(model: str | None, model_opt: str | None) -> str:
@@ -125,6 +162,7 @@ def build_workload(
     new_tokens: int | None = None,
     kv_cache: str | None = None,
     routing: str | None = None,
+    **levers: Any,
 ) -> Workload:
     """Options as typed on the command line -> :func:`memprof.commands.workload.make_workload`."""
     ref = resolve_model_ref(model, model_opt)
@@ -158,6 +196,7 @@ def build_workload(
         new_tokens=new_tokens,
         kv_cache=kv_cache,
         routing=routing,
+        **levers,
     )
 
 

@@ -12,7 +12,10 @@ from ..engine.fit import check_headroom
 from . import EXIT_OK, app, emit_json, handle_errors
 from .common import (
     ATTN_OPT,
+    CUDNN_BENCHMARK_OPT,
+    GPU_ARCH_OPT,
     GPU_MEMORY_OPT,
+    GPU_OPT,
     HEADROOM_OPT,
     INPUT_DTYPE_OPT,
     INPUT_SHAPE_OPT,
@@ -102,6 +105,26 @@ def compare_cmd(
     baseline_optimizer: str | None = typer.Option(
         None, "--baseline-optimizer", help="Optimizer of the baseline \\[default: adam]."
     ),
+    freeze: list[str] | None = typer.Option(
+        None,
+        "--freeze",
+        help="Add a row with these module-name globs frozen (backbone.*; comma-separated; repeatable).",
+    ),
+    lora_rank: list[int] | None = typer.Option(
+        None, "--lora-rank", help="Add a row with LoRA adapters of this rank (peft; repeatable)."
+    ),
+    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha of the LoRA rows \\[default: 8]."),
+    lora_targets: str | None = typer.Option(
+        None, "--lora-targets", help="Modules the LoRA rows adapt: q_proj,v_proj or all-linear."
+    ),
+    lora_dropout: float | None = typer.Option(None, "--lora-dropout", help="LoRA dropout of the LoRA rows."),
+    quantize: list[str] | None = typer.Option(
+        None, "--quantize", help="Add a row with the linear weights quantized: int8 | nf4 | fp4 (repeatable)."
+    ),
+    double_quant: bool = typer.Option(False, "--double-quant", help="4-bit rows use double quantization."),
+    offload: list[str] | None = typer.Option(
+        None, "--offload", help="Add a row with the optimizer state on the CPU: optimizer."
+    ),
     combine: bool = typer.Option(
         False, "--combine", help="One row per combination of the axes instead of one row per value."
     ),
@@ -111,6 +134,9 @@ def compare_cmd(
     model_kwargs: str | None = MODEL_KWARGS_OPT,
     model_arg: list[str] | None = MODEL_ARG_OPT,
     gpu_memory: str | None = GPU_MEMORY_OPT,
+    gpu: str | None = GPU_OPT,
+    gpu_arch: str | None = GPU_ARCH_OPT,
+    cudnn_benchmark: bool = CUDNN_BENCHMARK_OPT,
     headroom: float = HEADROOM_OPT,
     max_batch: int | None = typer.Option(None, "--max-batch", help="Largest batch the fit columns consider."),
     no_fit: bool = typer.Option(False, "--no-fit", help="Leave out the largest-batch columns (faster)."),
@@ -163,6 +189,11 @@ def compare_cmd(
         raise UsageError("--memory-limit is for --device cpu", "on a GPU use --gpu-memory 24GiB for the capacity")
     if device == "cpu" and gpu_memory:
         raise UsageError("--gpu-memory is for --device cuda", "on the CPU the capacity is --memory-limit 8GiB")
+    if device == "cpu" and (gpu or gpu_arch):
+        raise UsageError("--gpu and --gpu-arch are for --device cuda", "leave them out to predict a CPU step")
+    from ..engine.catalog import resolve_target
+
+    cuda_target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark) if device == "cuda" else None
     if find and not measure:
         raise UsageError("--find-batch runs real steps: it needs --measure", "add --measure")
     if find and device == "cpu" and limit is None:
@@ -203,6 +234,20 @@ def compare_cmd(
             axes[name] = list(values)
     if inplace_relu:
         axes["inplace_relu"] = [True]
+    if freeze:
+        axes["freeze"] = list(freeze)
+    if lora_rank:
+        from ..commands.workload import lora_spec
+
+        axes["lora"] = [lora_spec(r, lora_alpha, lora_targets, lora_dropout) for r in lora_rank]
+    elif lora_alpha is not None or lora_targets or lora_dropout is not None:
+        raise UsageError("--lora-alpha/--lora-targets/--lora-dropout set the LoRA rows", "add --lora-rank 16")
+    if quantize:
+        axes["quantize"] = [q + ("+dq" if double_quant else "") for q in quantize]
+    elif double_quant:
+        raise UsageError("--double-quant sets the 4-bit rows", "add --quantize nf4")
+    if offload:
+        axes["offload"] = list(offload)
     from ..commands.compare import normalize_axes
 
     axes = normalize_axes(axes)  # bad values fail before the model loads
@@ -223,7 +268,8 @@ def compare_cmd(
         routing=routing,
     )
     gpu_bytes = parse_bytes(gpu_memory) if gpu_memory else None
-    capacity, capacity_note = (None, None) if no_fit else resolve_capacity(device, gpu_bytes, limit)
+    catalog_gpu = cuda_target.gpu if cuda_target is not None and gpu else None
+    capacity, capacity_note = (None, None) if no_fit else resolve_capacity(device, gpu_bytes, limit, catalog_gpu)
     from ..commands.compare import real_batch_finder, real_step_measurer
 
     measure_fn = real_step_measurer(device, limit) if measure else None
@@ -246,6 +292,8 @@ def compare_cmd(
         measure_fn=measure_fn,
         find_fn=find_fn,
         on_progress=progress,
+        cuda_target=cuda_target,
+        gpu=catalog_gpu,
     )
     if plot is not None:
         from ..render.compare import write_plot

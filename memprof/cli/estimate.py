@@ -13,25 +13,37 @@ from .common import (
     ATTN_OPT,
     BATCH_OPT,
     CHECKPOINTING_OPT,
+    CUDNN_BENCHMARK_OPT,
+    DOUBLE_QUANT_OPT,
     DTYPE_OPT,
+    FREEZE_OPT,
+    GPU_ARCH_OPT,
     GPU_MEMORY_OPT,
+    GPU_OPT,
     HEADROOM_OPT,
     INPUT_DTYPE_OPT,
     INPUT_SHAPE_OPT,
     JSON_OPT,
     KV_CACHE_OPT,
     LOOP_OPT,
+    LORA_ALPHA_OPT,
+    LORA_DROPOUT_OPT,
+    LORA_RANK_OPT,
+    LORA_TARGETS_OPT,
     MODE_OPT,
     MODEL_ARG,
     MODEL_ARG_OPT,
     MODEL_KWARGS_OPT,
     MODEL_OPT,
     NEW_TOKENS_OPT,
+    OFFLOAD_OPT,
     OPTIMIZER_OPT,
     PADDING_OPT,
+    QUANTIZE_OPT,
     ROUTING_OPT,
     SEQ_LEN_OPT,
     TOKEN_RANGE_OPT,
+    TRAIN_ONLY_OPT,
     build_workload,
     check_output_path,
     parse_capacity,
@@ -63,6 +75,15 @@ def estimate_cmd(
     input_shape: list[str] | None = INPUT_SHAPE_OPT,
     input_dtype: str | None = INPUT_DTYPE_OPT,
     token_range: str | None = TOKEN_RANGE_OPT,
+    freeze: list[str] | None = FREEZE_OPT,
+    train_only: list[str] | None = TRAIN_ONLY_OPT,
+    lora_rank: int | None = LORA_RANK_OPT,
+    lora_alpha: float | None = LORA_ALPHA_OPT,
+    lora_targets: str | None = LORA_TARGETS_OPT,
+    lora_dropout: float | None = LORA_DROPOUT_OPT,
+    quantize: str | None = QUANTIZE_OPT,
+    double_quant: bool = DOUBLE_QUANT_OPT,
+    offload: str | None = OFFLOAD_OPT,
     model_kwargs: str | None = MODEL_KWARGS_OPT,
     model_arg: list[str] | None = MODEL_ARG_OPT,
     seq_len: int | None = SEQ_LEN_OPT,
@@ -74,6 +95,9 @@ def estimate_cmd(
     routing: str | None = ROUTING_OPT,
     checkpointing: str = CHECKPOINTING_OPT,
     gpu_memory: str | None = GPU_MEMORY_OPT,
+    gpu: str | None = GPU_OPT,
+    gpu_arch: str | None = GPU_ARCH_OPT,
+    cudnn_benchmark: bool = CUDNN_BENCHMARK_OPT,
     headroom: float = HEADROOM_OPT,
     fit: str | None = typer.Option(
         None,
@@ -126,6 +150,9 @@ def estimate_cmd(
         check_output_path(plot)
         check_plot_path(plot)
     capacity_bytes = parse_capacity(gpu_memory)
+    from ..engine.catalog import resolve_target
+
+    target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)  # bad names fail before the model loads
     workload = build_workload(
         model,
         model_opt,
@@ -146,10 +173,19 @@ def estimate_cmd(
         kv_cache=kv_cache,
         routing=routing,
         checkpointing=checkpointing,
+        freeze=freeze,
+        train_only=train_only,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        quantize=quantize,
+        double_quant=double_quant,
+        offload=offload,
     )
     from ..commands.estimate import estimate, resolve_capacity
 
-    capacity, note = resolve_capacity(capacity_bytes)
+    capacity, note = resolve_capacity(capacity_bytes, gpu=target.gpu if gpu else None)
     if want_grid and capacity is None:
         raise UsageError("--grid needs a capacity to fit", "pass --gpu-memory, e.g. --gpu-memory 80GiB")
     grid_axes: tuple[list[int], list[int]] | bool | None = None
@@ -167,6 +203,8 @@ def estimate_cmd(
         fit_seq_len=True if fit in ("seq-len", "seq_len") else None,
         multiple_of=multiple_of,
         grid=grid_axes,
+        cuda_target=target,
+        gpu=target.gpu if gpu else None,
     )
     if plot is not None and result.grid is not None:
         import sys

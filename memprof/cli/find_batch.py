@@ -12,22 +12,34 @@ from . import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, hand
 from .common import (
     ATTN_OPT,
     CHECKPOINTING_OPT,
+    CUDNN_BENCHMARK_OPT,
+    DOUBLE_QUANT_OPT,
     DTYPE_OPT,
+    FREEZE_OPT,
+    GPU_ARCH_OPT,
+    GPU_OPT,
     HEADROOM_OPT,
     INPUT_DTYPE_OPT,
     INPUT_SHAPE_OPT,
     JSON_OPT,
+    LORA_ALPHA_OPT,
+    LORA_DROPOUT_OPT,
+    LORA_RANK_OPT,
+    LORA_TARGETS_OPT,
     MODE_OPT,
     MODEL_ARG,
     MODEL_ARG_OPT,
     MODEL_KWARGS_OPT,
     MODEL_OPT,
     NEW_TOKENS_OPT,
+    OFFLOAD_OPT,
     OPTIMIZER_OPT,
     PADDING_OPT,
+    QUANTIZE_OPT,
     ROUTING_OPT,
     SEQ_LEN_OPT,
     TOKEN_RANGE_OPT,
+    TRAIN_ONLY_OPT,
     build_workload,
     check_output_path,
 )
@@ -51,6 +63,15 @@ def find_batch_cmd(
     input_shape: list[str] | None = INPUT_SHAPE_OPT,
     input_dtype: str | None = INPUT_DTYPE_OPT,
     token_range: str | None = TOKEN_RANGE_OPT,
+    freeze: list[str] | None = FREEZE_OPT,
+    train_only: list[str] | None = TRAIN_ONLY_OPT,
+    lora_rank: int | None = LORA_RANK_OPT,
+    lora_alpha: float | None = LORA_ALPHA_OPT,
+    lora_targets: str | None = LORA_TARGETS_OPT,
+    lora_dropout: float | None = LORA_DROPOUT_OPT,
+    quantize: str | None = QUANTIZE_OPT,
+    double_quant: bool = DOUBLE_QUANT_OPT,
+    offload: str | None = OFFLOAD_OPT,
     model_kwargs: str | None = MODEL_KWARGS_OPT,
     model_arg: list[str] | None = MODEL_ARG_OPT,
     seq_len: int | None = SEQ_LEN_OPT,
@@ -95,6 +116,9 @@ def find_batch_cmd(
         "--target-global-batch",
         help="Global batch you want: prints the gradient-accumulation steps to reach it with the recommended batch.",
     ),
+    gpu: str | None = GPU_OPT,
+    gpu_arch: str | None = GPU_ARCH_OPT,
+    cudnn_benchmark: bool = CUDNN_BENCHMARK_OPT,
     isolate: bool = typer.Option(False, "--isolate", help="Run each trial in a fresh child process."),
     no_predict: bool = typer.Option(False, "--no-predict", help="Do not trace a prediction first: grow geometrically."),
     plot: Path | None = typer.Option(
@@ -134,7 +158,13 @@ def find_batch_cmd(
         raise UsageError(
             "--batch-size is what find-batch searches", "add --search seq-len to search the sequence length"
         )
-    if not (device.strip().lower() == "cpu") and limit is None:
+    on_cpu = device.strip().lower() == "cpu"
+    if on_cpu and (gpu or gpu_arch):
+        raise UsageError("--gpu and --gpu-arch are for CUDA trials", "leave them out with --device cpu")
+    from ..engine.catalog import resolve_target
+
+    cuda_target = None if on_cpu else resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)
+    if not on_cpu and limit is None:
         _require_cuda(device)
     workload = build_workload(
         model,
@@ -155,6 +185,15 @@ def find_batch_cmd(
         new_tokens=new_tokens,
         routing=routing,
         checkpointing=checkpointing,
+        freeze=freeze,
+        train_only=train_only,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        quantize=quantize,
+        double_quant=double_quant,
+        offload=offload,
     )
     from ..commands.find_batch import find_batch
     from ..render import stderr_console, stdout_console
@@ -179,6 +218,7 @@ def find_batch_cmd(
             on_event=progress.on_event,
             search_axis="seq_len" if by_seq else "batch_size",
             seq_multiple_of=(multiple_of or 1) if by_seq else 1,
+            cuda_target=cuda_target,
         )
     if plot is not None and result.trials:
         from ..render.charts import write_plot

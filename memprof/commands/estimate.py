@@ -12,17 +12,33 @@ from typing import TYPE_CHECKING
 
 from ..engine import fit as fitting
 from ..engine.analytic import analyse, largest_batch
+from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
 from ..errors import MemprofError
-from ..results import AnalyticEstimate, BatchFit, Capacity, EstimateResult, FitSummary, Metric, TraceResult
+from ..results import (
+    AnalyticEstimate,
+    BatchFit,
+    Capacity,
+    CudaTarget,
+    EstimateResult,
+    FitSummary,
+    GpuSpec,
+    Metric,
+    TraceResult,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.workload import Workload
 
 
-def resolve_capacity(capacity_bytes: int | None = None, *, use_nvml: bool = True) -> tuple[Capacity | None, str | None]:
-    """``gpu_memory`` if given, else GPU 0's total memory via NVML, else ``(None, why not)``."""
+def resolve_capacity(
+    capacity_bytes: int | None = None, *, use_nvml: bool = True, gpu: GpuSpec | None = None
+) -> tuple[Capacity | None, str | None]:
+    """``gpu_memory`` if given, else the catalog GPU's capacity (``gpu``), else GPU 0's total memory
+    via NVML, else ``(None, why not)``."""
     if capacity_bytes is not None:
         return Capacity(total_bytes=int(capacity_bytes), source="--gpu-memory"), None
+    if gpu is not None:
+        return gpu_capacity(gpu), None
     if not use_nvml:
         return None, "no --gpu-memory given"
     from ..engine import nvml
@@ -34,6 +50,12 @@ def resolve_capacity(capacity_bytes: int | None = None, *, use_nvml: bool = True
     return Capacity(
         total_bytes=info.total_bytes, source=f"NVML: {info.name} (GPU {info.index})", device_name=info.name
     ), None
+
+
+def gpu_capacity(gpu: GpuSpec) -> Capacity:
+    """A catalog GPU's capacity: what the card reports, or the vendor's size as an upper bound (said so)."""
+    how = "as the card reports it" if gpu.memory_reported else "vendor size, an upper bound: the card reports less"
+    return Capacity(total_bytes=gpu.memory_bytes, source=f"--gpu {gpu.key}: {how}", device_name=gpu.name)
 
 
 def formula_fit(
@@ -82,6 +104,8 @@ def estimate(
     fit_seq_len: bool | None = None,
     multiple_of: int = 1,
     grid: tuple[list[int], list[int]] | bool | None = None,
+    cuda_target: CudaTarget | None = None,
+    gpu: GpuPeaks | None = None,
 ) -> EstimateResult:
     """Estimate one step of ``workload`` by formula and, if ``traced``, by fake-tensor trace; fit ``capacity``.
 
@@ -92,6 +116,10 @@ def estimate(
     this batch (a multiple of ``multiple_of`` tokens; by default on in generation, off in training);
     ``grid`` (``(batches, seq_lens)``, or True for :func:`memprof.engine.fit.default_grid`) finds the
     largest batch at each sequence length.
+    (:func:`resolve_capacity` finds the local GPU's). ``cuda_target`` is the GPU architecture the
+    trace predicts for (:func:`memprof.engine.catalog.resolve_target`; default: the local GPU, else assumed).
+    ``gpu`` (peak FLOP/s and bandwidth: a catalog entry or a :class:`memprof.engine.roofline.PeakSpec`)
+    adds the step-time model.
     """
     headroom = fitting.check_headroom(headroom)
     if isinstance(capacity, int) and not isinstance(capacity, bool):
@@ -102,10 +130,16 @@ def estimate(
     trace_note: str | None = None
     fit: FitSummary | None = None
     if traced:
+        import functools
+
+        from ..engine.catalog import resolve_target, with_capacity
         from ..engine.trace import trace_step
 
         try:
-            trace_result = trace_step(workload, target="cuda")
+            target = cuda_target or resolve_target()
+            if capacity is not None:  # near it, the allocator releases its cache and retries: so does the replay
+                target = with_capacity(target, capacity.total_bytes)
+            trace_result = trace_step(workload, target="cuda", cuda_target=target, count_bytes=gpu is not None)
             if capacity is not None:
                 batch_fit = fitting.fit_batch(
                     workload,
@@ -113,6 +147,7 @@ def estimate(
                     target="cuda",
                     headroom=headroom,
                     known={workload.batch_size: trace_result},
+                    trace_fn=functools.partial(trace_step, cuda_target=target),
                 )
                 fit = traced_fit(trace_result, batch_fit, capacity)
         except MemprofError as exc:
@@ -146,6 +181,7 @@ def estimate(
                 target="cuda",
                 multiple_of=multiple_of,
                 known={workload.seq_len: trace_result},
+                trace_fn=functools.partial(trace_step, cuda_target=target),
             )
         if grid:
             batches, seqs = fitting.default_grid(workload) if isinstance(grid, bool) else grid
@@ -156,6 +192,7 @@ def estimate(
                 list(seqs),
                 target="cuda",
                 known={(workload.batch_size, workload.seq_len or 0): trace_result},
+                trace_fn=functools.partial(trace_step, cuda_target=target),
             )
     if fit is None and capacity is not None:
         fit = formula_fit(analytic, capacity, headroom)
@@ -165,6 +202,13 @@ def estimate(
         headline, source = analytic.total_bytes, "formula"
     if capacity is None and capacity_note is None:
         capacity_note = "no --gpu-memory given"
+    step, step_note = None, None
+    if trace_result is None:
+        step_note = "needs a trace (the step-time model runs on the traced ops)"
+    elif gpu is None:
+        step_note = "needs a GPU (--gpu NAME)"
+    else:
+        step = step_time(trace_result, gpu, tokens=tokens_per_sample(workload))
     return EstimateResult(
         workload=workload.describe(),
         analytic=analytic,
@@ -177,4 +221,6 @@ def estimate(
         headline_source=source,
         seq_fit=seq_fit,
         grid=grid_fit,
+        step_time=step,
+        step_time_note=step_note,
     )

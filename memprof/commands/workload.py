@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..engine.checkpointing import parse_mode
+from ..engine.finetune import DEFAULT_LORA_ALPHA, LoraSpec, parse_method, parse_patterns, parse_targets
 from ..engine.loading import ModelSpec, load_model, spec_from_module
 from ..engine.workload import (
     ATTN_IMPLEMENTATIONS,
@@ -18,6 +19,7 @@ from ..engine.workload import (
     MODES,
     ROUTINGS,
     Workload,
+    get_offload,
     get_optimizer_name,
     get_precision,
 )
@@ -74,6 +76,16 @@ def make_workload(
     new_tokens: int | None = None,
     kv_cache: str | None = None,
     routing: str | None = None,
+    freeze: Sequence[str] | str | None = None,
+    train_only: Sequence[str] | str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    lora: LoraSpec | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
+    offload: str | None = None,
 ) -> Workload:
     """The workload for ``model``; values given here win over a config file's ``[workload]`` table.
 
@@ -86,6 +98,10 @@ def make_workload(
     which generates ``new_tokens`` more); ``loop`` is the training loop's shape ("plain", the default,
     keeps the model's output through backward; "trainer" drops it first); ``attn``, ``padding``,
     ``kv_cache`` and ``routing`` (mixture of experts) apply to Hugging Face models.
+
+    Fine-tuning levers: ``freeze`` / ``train_only`` (module-name globs), LoRA (``lora_rank`` and
+    ``lora_alpha``, ``lora_targets``, ``lora_dropout``, or a ready :class:`LoraSpec` as ``lora``),
+    ``quantize`` ("int8", "nf4", "fp4"; ``double_quant`` for 4-bit) and ``offload`` ("optimizer").
     """
     if batch_size is not None:
         check_batch_size(batch_size)
@@ -125,6 +141,18 @@ def make_workload(
         if high <= low:
             raise UsageError(f"`token_range` {low},{high} is empty", "HIGH must be above LOW, e.g. 0,50257")
     checkpointing = parse_mode(checkpointing)
+    levers = finetune_levers(
+        freeze=freeze,
+        train_only=train_only,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        lora=lora,
+        quantize=quantize,
+        double_quant=double_quant,
+        offload=offload,
+    )
     if isinstance(model, ModelSpec):
         spec = model
     elif isinstance(model, str):
@@ -165,6 +193,56 @@ def make_workload(
         new_tokens=new_tokens if mode == "generate" else None,
         kv_cache=kv_cache,
         routing=routing or "balanced",
+        **levers,
+    )
+
+
+def lora_spec(
+    lora_rank: int | None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+) -> LoraSpec | None:
+    """A :class:`LoraSpec` from the separate options (None without a rank; the others need one)."""
+    if lora_rank is None or lora_rank == 0:
+        given = [
+            n
+            for n, v in (("lora_alpha", lora_alpha), ("lora_targets", lora_targets), ("lora_dropout", lora_dropout))
+            if v
+        ]
+        if given:
+            raise UsageError(f"`{given[0]}` needs `lora_rank`", "e.g. `lora_rank` 16")
+        return None
+    return LoraSpec(
+        rank=lora_rank,
+        alpha=DEFAULT_LORA_ALPHA if lora_alpha is None else lora_alpha,
+        targets=parse_targets(lora_targets),
+        dropout=lora_dropout or 0.0,
+    )
+
+
+def finetune_levers(
+    *,
+    freeze: Sequence[str] | str | None = None,
+    train_only: Sequence[str] | str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    lora: LoraSpec | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
+    offload: str | None = None,
+) -> dict[str, Any]:
+    """The Workload fields of the fine-tuning levers, each option validated."""
+    spec = lora if lora is not None else lora_spec(lora_rank, lora_alpha, lora_targets, lora_dropout)
+    return dict(
+        freeze=parse_patterns(freeze, "freeze"),
+        train_only=parse_patterns(train_only, "train_only"),
+        lora=spec,
+        quantize=parse_method(quantize),
+        double_quant=bool(double_quant),
+        offload=get_offload(offload),
     )
 
 
