@@ -140,8 +140,13 @@ def generate_rows(name: str, path: str, caches: tuple, prompt: int, new_tokens: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="the catalog only, training only")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "validate_hf")
+    parser.add_argument("--generate-only", action="store_true", help="the catalog's generation rows only")
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/validate_hf[_generate]")
     args = parser.parse_args(argv)
+    if args.quick and args.generate_only:
+        parser.error("--quick is training only, --generate-only generation only")
+    if args.out is None:
+        args.out = ROOT / "benchmarks" / ("validate_hf_generate" if args.generate_only else "validate_hf")
     warnings.filterwarnings("ignore")
     import torch
     import transformers
@@ -161,11 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             continue  # the same architecture at another size: its tiny form is one of the others
         tiny = hf.tiny_config(model.config)
         path = _save(tiny, tmp / entry.file.removesuffix(".json"))
-        train += train_rows(entry.name, path, model.moe is not None, batch=2, seq=128)
+        if not args.generate_only:
+            train += train_rows(entry.name, path, model.moe is not None, batch=2, seq=128)
         if not args.quick and model.task == "causal-lm":
             caches = ("dynamic", "static") if tiny.model_type == "llama" else ("dynamic",)
             gen += generate_rows(entry.name, path, caches, prompt=96, new_tokens=16, batch=2)
-    if not args.quick:
+    if not args.quick and not args.generate_only:
         print("architectures outside the catalog, tiny size:")
         for model_type in OUTSIDE:
             tiny = hf.tiny_config(AutoConfig.for_model(model_type))
@@ -174,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             train += train_rows(model_type, path, model.moe is not None, batch=2, seq=128)
     end_load = os.getloadavg()[0]
     doc = {
-        "command": "PYTHONPATH=. python3 scripts/validate_hf.py" + (" --quick" if args.quick else ""),
+        "command": "PYTHONPATH=. python3 scripts/validate_hf.py"
+        + (" --quick" if args.quick else "")
+        + (" --generate-only" if args.generate_only else ""),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "machine": platform.processor() or platform.machine(),
@@ -203,15 +211,18 @@ def markdown(doc: dict) -> str:
         f"{doc['seconds']} s; 1-minute load average {doc['load_average'][0]} at the start, "
         f"{doc['load_average'][1]} at the end, on a shared 2-core machine).",
         "",
-        "Each architecture at a tiny size (`memprof.engine.hf.tiny_config`: 2 layers, hidden 128, 4 heads, "
-        "vocabulary 1000, 4 experts top-2, sliding windows of 64), batch 2 x 128 tokens, AdamW, fp32, two "
-        "steps: the real CPU peak (`measure_cpu_step`, torch.profiler memory events) against memprof's "
-        "trace on fake tensors (target cpu), for both loop shapes. Mixture-of-experts rows force the routing "
-        "in the real run and the trace alike. Limit: 1 %.",
-        "",
-        "| model | arch | task | loop | routing | real MiB | traced MiB | error |",
-        "|---|---|---|---|---|---:|---:|---:|",
     ]
+    if doc["train"]:
+        lines += [
+            "Each architecture at a tiny size (`memprof.engine.hf.tiny_config`: 2 layers, hidden 128, 4 heads, "
+            "vocabulary 1000, 4 experts top-2, sliding windows of 64), batch 2 x 128 tokens, AdamW, fp32, two "
+            "steps: the real CPU peak (`measure_cpu_step`, torch.profiler memory events) against memprof's "
+            "trace on fake tensors (target cpu), for both loop shapes. Mixture-of-experts rows force the routing "
+            "in the real run and the trace alike. Limit: 1 %.",
+            "",
+            "| model | arch | task | loop | routing | real MiB | traced MiB | error |",
+            "|---|---|---|---|---|---:|---:|---:|",
+        ]
     for r in doc["train"]:
         lines.append(
             f"| {r['model']} | {r['arch']} | {r['task']} | {r['loop']} | {r['routing'] or '-'} | "
