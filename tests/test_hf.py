@@ -284,6 +284,19 @@ def test_generation_against_real_generate_and_the_kv_formula(tmp_path):
             assert formula <= traced.kv_cache_bytes <= formula + 2 * 8
 
 
+def test_generation_counts_the_prefill_as_the_forward(tmp_path):
+    # generate's prefill computes the logits of the last prompt token only (logits_to_keep=1): the eval
+    # forward less the lm_head rows of the other b x (seq - 1) tokens, 2 x hidden x vocab FLOPs each
+    path = tiny(tmp_path, "llama")
+    b, seq = 2, 64
+    gen = make_workload(path, batch_size=b, seq_len=seq, mode="generate", new_tokens=4)
+    ev = make_workload(path, batch_size=b, seq_len=seq, mode="eval")
+    prefill = trace_step(gen, target="cuda", count_flops=True).flops
+    forward = trace_step(ev, target="cuda", count_flops=True).flops
+    assert prefill.backward_flops == 0
+    assert forward.forward_flops - prefill.forward_flops == 2 * 128 * 1000 * b * (seq - 1)
+
+
 @pytest.mark.slow
 def test_sliding_window_caches_hold_the_window(tmp_path):
     path = tiny(tmp_path, "mistral")  # tiny_config: sliding window 64
