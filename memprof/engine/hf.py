@@ -733,8 +733,9 @@ def kv_cache_formula(config: Any, batch: int, tokens: int, bytes_per_element: in
     """The KV cache by formula: 2 (K and V) x layers x batch x kv heads x head dim x cached tokens x bytes.
 
     Grouped-query attention: ``num_key_value_heads`` heads (``num_attention_heads`` without GQA).
-    Sliding-window layers keep ``sliding_window - 1`` tokens in Hugging Face's dynamic cache and
-    ``sliding_window`` in its static one; ``tokens`` is what a full-attention layer holds.
+    Sliding-window layers hold ``sliding_window`` tokens: the static cache allocates them, and the dynamic
+    one keeps a view of its last ``sliding_window - 1`` tokens into the concatenation with the newest token
+    (the storage of ``sliding_window`` tokens stays alive); ``tokens`` is what a full-attention layer holds.
     """
     c = _text_config(config)
     layers = int(getattr(c, "num_hidden_layers", 0) or getattr(c, "n_layer", 0) or 0)
@@ -749,7 +750,7 @@ def kv_cache_formula(config: Any, batch: int, tokens: int, bytes_per_element: in
     for kind in types[:layers]:
         held = tokens
         if window and kind == "sliding_attention":
-            held = min(tokens, int(window) if static else int(window) - 1)
+            held = min(tokens, int(window))
         total += 2 * batch * kv_heads * head_dim * held * bytes_per_element
     return total
 
