@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 _PARAM = re.compile(r"`([a-z_][a-z0-9_]*)`")
 
@@ -57,6 +58,11 @@ class MissingDependencyError(MemprofError):
     """An optional package memprof needs for this model is not installed (transformers, timm)."""
 
 
+class ModelCodeError(MemprofError):
+    """The model's own code (its forward, loss or ``memprof_batch``) raised: the message shows the
+    exception as raised and the model's line it came from."""
+
+
 class InputShapeError(MemprofError):
     """The model rejected the inputs memprof built for it."""
 
@@ -77,5 +83,30 @@ class TraceError(MemprofError):
     """The training step could not be traced on fake tensors."""
 
 
+class DataDependentError(TraceError):
+    """The step reads tensor values (``.item()``, ``nonzero``, boolean masks, ...): fake tensors have none.
+
+    ``op`` is the operation that needed the values, ``where`` the user's source line that ran it
+    (``file:line: code``), when known.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, *, op: str | None = None, where: str | None = None):
+        super().__init__(message, hint)
+        self.op = op
+        self.where = where
+
+
 class MeasureError(MemprofError):
     """A real measurement failed for a reason other than running out of memory."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C after part of the answer was computed: ``partial`` holds that result.
+
+    A ``KeyboardInterrupt``, so Ctrl-C still stops a program that calls the API; the command
+    line catches it to print what was computed before exiting 130.
+    """
+
+    def __init__(self, partial: Any):
+        super().__init__()
+        self.partial: Any = partial

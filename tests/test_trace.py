@@ -180,7 +180,10 @@ def test_wrong_input_shape_names_the_layer():
     with pytest.raises(InputShapeError) as info:
         trace_step(w, target="cpu")
     text = info.value.message
-    assert "in_features=784" in text and "4×3072" in text and "layer 1" in text
+    # the same wording as the formula pass: the layer, what it got, what it expects, the exception as raised
+    assert "layer '1' (Linear) rejected input 4×3072, expects (*, 784): RuntimeError:" in text
+    # the first layer with parameters rejected memprof's input: the hint is the input shape
+    assert "--input-shape" in info.value.hint and "784" in info.value.hint
 
 
 def test_timeline_is_bounded_and_keeps_the_peak():
@@ -306,3 +309,22 @@ def test_fit_batch_reuses_a_known_trace_and_agrees_with_a_cold_fit():
     # batch 1, batch 8, the answer, answer + 1 (227 when the output is dropped before backward: --loop trainer)
     assert (cold.max_batch, cold.traces) == (224, 4)
     assert warm.traces - len(known) == 3  # no batch-1 trace: first guess, the answer, answer + 1
+
+
+class TransposedHead(nn.Module):
+    """A Linear applied to a transposed (non-contiguous) 3-D activation, as after a sequence-first layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.head = nn.Linear(64, 512)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.inp(x)).transpose(0, 1))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_linear_on_a_transposed_input_adds_its_bias_in_place_as_aten_does(mode):
+    w = Workload(spec(TransposedHead, (12, 32)), batch_size=8, mode=mode)
+    traced = trace_step(w, target="cpu")
+    assert abs(traced.peak_bytes - measure_cpu_step(w)["peak_bytes"]) <= SCALAR_SLACK

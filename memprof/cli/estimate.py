@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from ..engine.fit import check_headroom
-from . import EXIT_DOES_NOT_FIT, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
+from . import (
+    EXIT_DOES_NOT_FIT,
+    EXIT_INTERRUPTED,
+    EXIT_NOTHING_FITS,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_PARTIAL,
+    command,
+    emit_json,
+    exit_code,
+    handle_errors,
+)
 from .common import (
     ATTN_OPT,
     BATCH_OPT,
+    BUCKET_CAP_OPT,
+    BUCKET_VIEW_OPT,
     CHECKPOINTING_OPT,
     CUDNN_BENCHMARK_OPT,
     DOUBLE_QUANT_OPT,
     DTYPE_OPT,
+    FORCE_OPT,
     FREEZE_OPT,
     GPU_ARCH_OPT,
     GPU_MEMORY_OPT,
@@ -42,13 +57,16 @@ from .common import (
     QUANTIZE_OPT,
     ROUTING_OPT,
     SEQ_LEN_OPT,
+    STRATEGY_OPT,
     TOKEN_RANGE_OPT,
     TRAIN_ONLY_OPT,
+    WORLD_SIZE_OPT,
     build_workload,
-    check_output_path,
     parse_capacity,
     parse_int_list,
+    parse_world_sizes,
 )
+from .output import OutputFiles
 
 
 def estimate_document(result) -> dict[str, Any]:
@@ -57,13 +75,15 @@ def estimate_document(result) -> dict[str, Any]:
 
     doc = document("estimate", result)
     traced = doc.get("traced")
+    if isinstance(traced, dict):  # "exact trace + N modelled": the modelled parts' sum at the peak
+        traced["modelled_bytes"] = sum(int(m.get("bytes") or 0) for m in traced.get("modelled") or [])
     if isinstance(traced, dict) and isinstance(traced.get("timeline"), list):
         traced["timeline_points"] = len(traced["timeline"])
         del traced["timeline"]  # large; `memprof profile` is the command for timelines
     return doc
 
 
-@app.command("estimate")
+@command("estimate")
 @handle_errors
 def estimate_cmd(
     model: str | None = MODEL_ARG,
@@ -117,20 +137,35 @@ def estimate_cmd(
         "--grid-seq-lens",
         help="--grid: sequence lengths, e.g. 1024,2048,4096 \\[default: powers of two up to the model's positions].",
     ),
-    plot: Path | None = typer.Option(
-        None, "--plot", help="--grid: write the chart, file.svg or file.png (png needs matplotlib)."
+    layers: int = typer.Option(
+        10, "--layers", "-l", metavar="N", help="Show the top N layers by activation; 0 shows all."
     ),
-    layers: int = typer.Option(10, "--layers", "-l", help="Show the top N layers by activation; 0 shows all."),
     all_layers: bool = typer.Option(False, "--all-layers", help="Show every layer, in execution order."),
     no_trace: bool = typer.Option(False, "--no-trace", help="Formula only: skip the fake-tensor trace (fastest)."),
+    strategy: str | None = STRATEGY_OPT,
+    world_size: str | None = WORLD_SIZE_OPT,
+    bucket_cap_mb: float | None = BUCKET_CAP_OPT,
+    gradient_as_bucket_view: bool = BUCKET_VIEW_OPT,
+    plot: Path | None = typer.Option(
+        None,
+        "--plot",
+        help="Write a chart: with --grid the batch x sequence-length grid (file.svg, or file.png with matplotlib); "
+        "with several --world-size values the per-rank chart (file.svg).",
+    ),
+    force: bool = FORCE_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Estimate one training step's memory (traced and by formula) and the largest batch that fits.
 
-    Exit code 0 when it fits (or no capacity is known), 1 when the batch does not fit
-    but a smaller one does, 4 when not even batch 1 fits, 2 for bad input.
+    With --strategy (ddp, fsdp, zero1, zero2, zero3) and --world-size N, everything is one
+    rank's: PyTorch's DDP / FSDP2 code traced over a fake process group of N ranks. Several
+    world sizes (--world-size 1,2,8,64,1024) print one rank's peak and largest batch at each.
+
+    Exit codes: 0 it fits (or no capacity is known), 1 the batch does not fit but a smaller one
+    does, 4 not even batch 1 fits, 5 the trace failed and the answer is the formula's only (the
+    ERROR line says why), 2 bad input; see memprof --help for all.
     """
-    from ..errors import UsageError
+    from ..errors import Interrupted, UsageError
 
     head = check_headroom(headroom)
     if layers < 0:
@@ -142,14 +177,23 @@ def estimate_cmd(
     batches = parse_int_list(grid_batches, "--grid-batches") if grid_batches else None
     seq_lens = parse_int_list(grid_seq_lens, "--grid-seq-lens") if grid_seq_lens else None
     want_grid = grid or batches is not None or seq_lens is not None
+    capacity_bytes = parse_capacity(gpu_memory)
+    sizes = parse_world_sizes(world_size, strategy)
+    sweep = sizes is not None and len(sizes) > 1
+    if want_grid and sweep:
+        raise UsageError("--grid and several --world-size values are two charts", "run them one at a time")
     if plot is not None:
-        if not want_grid:
-            raise UsageError("--plot draws the --grid chart", "add --grid")
         from ..render.charts import check_plot_path
 
-        check_output_path(plot)
-        check_plot_path(plot)
-    capacity_bytes = parse_capacity(gpu_memory)
+        if want_grid:
+            check_plot_path(plot)
+        elif sweep:
+            check_plot_path(plot, (".svg",))
+        else:
+            raise UsageError(
+                "--plot draws the --grid chart or a world-size sweep",
+                "add --grid, or give several sizes: --world-size 1,2,8,64,1024",
+            )
     from ..engine.catalog import resolve_target
 
     target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)  # bad names fail before the model loads
@@ -173,6 +217,11 @@ def estimate_cmd(
         kv_cache=kv_cache,
         routing=routing,
         checkpointing=checkpointing,
+        strategy=strategy,
+        world_size=sizes[-1] if sizes else None,
+        offload=offload,
+        bucket_cap_mb=bucket_cap_mb,
+        gradient_as_bucket_view=gradient_as_bucket_view,
         freeze=freeze,
         train_only=train_only,
         lora_rank=lora_rank,
@@ -181,7 +230,6 @@ def estimate_cmd(
         lora_dropout=lora_dropout,
         quantize=quantize,
         double_quant=double_quant,
-        offload=offload,
     )
     from ..commands.estimate import estimate, resolve_capacity
 
@@ -194,33 +242,104 @@ def estimate_cmd(
 
         default_batches, default_seqs = default_grid(workload)
         grid_axes = (batches or default_batches, seq_lens or default_seqs)
-    result = estimate(
-        workload,
-        capacity=capacity,
-        headroom=head,
-        traced=not no_trace,
-        capacity_note=note,
-        fit_seq_len=True if fit in ("seq-len", "seq_len") else None,
-        multiple_of=multiple_of,
-        grid=grid_axes,
-        cuda_target=target,
-        gpu=target.gpu if gpu else None,
-    )
-    if plot is not None and result.grid is not None:
-        import sys
+    if sweep:
+        assert sizes is not None
+        _sweep(workload, sizes, capacity, note, head, no_trace, plot, json_out, force)
 
-        from ..render.charts import write_grid_chart
+    def progress(message: str) -> None:  # the real-run fallback says what it will cost before it starts
+        print(f"memprof: {message}", file=sys.stderr, flush=True)
 
-        write_grid_chart(result, plot)
-        print(f"wrote {plot}", file=sys.stderr)
-    if json_out:
-        emit_json(estimate_document(result))
-    else:
-        from ..render import stdout_console
-        from ..render.estimate import render_estimate
+    codes = []
+    with OutputFiles(force) as files:
+        files.claim(plot, "--plot")  # the --grid chart: before the work, a bad path fails now
+        try:
+            result = estimate(
+                workload,
+                capacity=capacity,
+                headroom=head,
+                traced=not no_trace,
+                capacity_note=note,
+                fit_seq_len=True if fit in ("seq-len", "seq_len") else None,
+                multiple_of=multiple_of,
+                grid=grid_axes,
+                cuda_target=target,
+                gpu=target.gpu if gpu else None,
+                progress=progress,
+            )
+        except Interrupted as exc:  # Ctrl-C while tracing: the formula's answer is ready
+            result = exc.partial
+            codes.append(EXIT_INTERRUPTED)
+        # the report first: whatever happens to the plot file, it is on the screen
+        if json_out:
+            emit_json(estimate_document(result))
+        else:
+            from ..render import stdout_console
+            from ..render.estimate import render_estimate
 
-        render_estimate(result, stdout_console(), layers=None if all_layers else layers)
+            render_estimate(result, stdout_console(), layers=None if all_layers else layers)
+        if plot is not None:
+            from ..render.charts import write_grid_chart
+
+            if result.grid is None:
+                print("no plot written: the grid was not traced", file=sys.stderr)
+            elif files.write(plot, lambda path: write_grid_chart(result, path), "plot"):
+                print(f"wrote {plot}", file=sys.stderr)
+            else:
+                codes.append(EXIT_OUTPUT)
+    from ..render import print_error
+
+    if result.trace_error is not None:
+        print_error(
+            f"the training step could not be traced, so the estimate above is the formula's only: {result.trace_error}",
+            result.trace_hint or "see the message above",
+        )
+        codes.append(EXIT_PARTIAL)
+    if result.interrupted:
+        print_error(
+            "interrupted",
+            "the estimate above is the formula's only: the trace was stopped by Ctrl-C"
+            if result.traced is None
+            else "the traced estimate above is complete; its fit is the formula's (its other traces were stopped)",
+        )
     verdict = result.fit
-    if verdict is None or verdict.fits:
-        raise typer.Exit(EXIT_OK)
-    raise typer.Exit(EXIT_NOTHING_FITS if verdict.max_batch is None else EXIT_DOES_NOT_FIT)
+    if verdict is not None and not verdict.fits:
+        codes.append(EXIT_NOTHING_FITS if verdict.max_batch is None else EXIT_DOES_NOT_FIT)
+    raise typer.Exit(exit_code(*codes))
+
+
+def _sweep(workload, sizes, capacity, note, headroom, no_trace, plot, json_out, force) -> None:
+    """``--world-size 1,2,8,...``: one row per size; exit 0, or 4 when no size fits batch 1."""
+    import sys
+
+    from ..commands.scaling import scale
+    from ..errors import UsageError
+
+    if no_trace:
+        raise UsageError("a world-size sweep is traced", "leave out --no-trace")
+
+    def progress(i: int, n: int, size: int) -> None:
+        print(f"[{i}/{n}] tracing {size} rank{'s' if size > 1 else ''} ...", file=sys.stderr, flush=True)
+
+    with OutputFiles(force) as files:
+        files.claim(plot, "--plot")  # before the work: a bad path fails now
+        result = scale(workload, sizes, capacity=capacity, capacity_note=note, headroom=headroom, on_progress=progress)
+        if json_out:
+            from ..results import document
+
+            emit_json(document("estimate-scaling", result))
+        else:
+            from ..render import stdout_console
+            from ..render.scaling import render_scaling
+
+            render_scaling(result, stdout_console())
+        codes = []
+        if plot is not None:
+            from ..render.charts import write_scaling_plot
+
+            if files.write(plot, lambda path: write_scaling_plot(result, path), "plot"):
+                print(f"wrote {plot}", file=sys.stderr)
+            else:
+                codes.append(EXIT_OUTPUT)
+    if capacity is not None and all(r.max_batch is None for r in result.rows):
+        codes.append(EXIT_NOTHING_FITS)
+    raise typer.Exit(exit_code(EXIT_OK, *codes))

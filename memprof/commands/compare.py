@@ -20,11 +20,12 @@ from typing import Any
 
 from ..engine import checkpointing as ckpt
 from ..engine import fit as fitting
+from ..engine.distributed import get_strategy, is_sharded
 from ..engine.finetune import LoraSpec, parse_method, parse_patterns
 from ..engine.flops import recompute_cost
 from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
 from ..engine.workload import LOOPS, Workload, get_offload, get_optimizer_name, get_precision
-from ..errors import MemprofError, UsageError
+from ..errors import Interrupted, MemprofError, UsageError
 from ..results import (
     Capacity,
     CompareFit,
@@ -38,7 +39,8 @@ from ..results import (
     Target,
 )
 
-#: the axes a comparison can vary, in the order rows and labels use them
+#: the axes a comparison can vary, in the order rows and labels use them; a ``strategy`` value is
+#: ``"none"`` (one process) or ``"STRATEGY:WORLD_SIZE"`` (``"fsdp:8"``: one rank of 8 under FSDP2)
 AXES = (
     "dtype",
     "optimizer",
@@ -52,6 +54,7 @@ AXES = (
     "lora",
     "quantize",
     "offload",
+    "strategy",
 )
 #: the fine-tuning levers among them (memprof compare ranks their rows by the largest batch)
 LEVER_AXES = ("optimizer", "checkpointing", "freeze", "lora", "quantize", "offload", "dtype")
@@ -79,9 +82,21 @@ def axis_value(workload: Workload, axis: str) -> Any:
         return workload.precision.name
     if axis == "inplace_relu":
         return workload.inplace_relu
+    if axis == "strategy":
+        return f"{workload.strategy}:{workload.world_size}" if workload.distributed else "none"
     if axis == "quantize":
         return workload.quantize + ("+dq" if workload.double_quant else "")
     return getattr(workload, axis)
+
+
+def strategy_value(strategy: str, world_size: int | None) -> str:
+    """The ``strategy`` axis value for ``strategy`` on ``world_size`` ranks (``"none"``: one process)."""
+    name = get_strategy(strategy)
+    if name == "none":
+        return "none"
+    if world_size is None or isinstance(world_size, bool) or int(world_size) < 1:
+        raise UsageError(f"`strategy` {name} needs a world size, got {world_size!r}", "e.g. fsdp:8 (8 ranks)")
+    return f"{name}:{int(world_size)}"
 
 
 def _normalize(axis: str, value: Any) -> Any:
@@ -100,6 +115,13 @@ def _normalize(axis: str, value: Any) -> Any:
         if mode not in ("train", "eval"):
             raise UsageError(f"unknown mode {value!r}", "choose train or eval (no_grad inference)")
         return mode
+    if axis == "strategy":
+        name, _, size = str(value).partition(":")
+        try:
+            world = int(size) if size else None
+        except ValueError:
+            raise UsageError(f"cannot read the strategy {value!r}", "write STRATEGY:RANKS, e.g. fsdp:8") from None
+        return strategy_value(name, world)
     if axis == "freeze":
         return parse_patterns(value, "freeze") if value else ()
     if axis == "lora":
@@ -179,6 +201,12 @@ def apply_change(workload: Workload, axis: str, value: Any) -> Workload:
         from .workload import check_seq_len
 
         check_seq_len(workload.model, value, workload.new_tokens if workload.mode == "generate" else None)
+    if axis == "strategy":
+        if value == "none":
+            return workload.replace(strategy="none", world_size=1, offload="none")
+        name, size = value.split(":")
+        offload = workload.offload if (workload.offload != "params" or is_sharded(name)) else "none"
+        return workload.replace(strategy=name, world_size=int(size), offload=offload)
     if axis == "quantize":
         method, _, dq = value.partition("+")
         return workload.replace(quantize=method, double_quant=bool(dq))
@@ -200,6 +228,11 @@ def _part(axis: str, value: Any) -> str:
         return f"{value} tokens"
     if axis == "loop":
         return "trainer loop" if value == "trainer" else "plain loop"
+    if axis == "strategy":
+        if value == "none":
+            return "one process"
+        name, size = value.split(":")
+        return f"{name} × {size}"
     if axis == "freeze":
         return "freeze " + ",".join(value) if value else "nothing frozen"
     if axis == "lora":
@@ -226,6 +259,7 @@ def _key(w: Workload) -> tuple:
         w.mode,
         w.batch_size,
         w.seq_len,
+        axis_value(w, "strategy"),
         w.freeze,
         w.train_only,
         w.lora,
@@ -245,7 +279,10 @@ def make_variants(
     """
     optional = not axes
     chosen = normalize_axes(axes) if axes else default_axes(base)
-    rows = [Variant(f"{base.precision.name} (baseline)", base, {}, baseline=True)]
+    base_label = base.precision.name + (
+        f" {_part('strategy', axis_value(base, 'strategy'))}" if base.distributed else ""
+    )
+    rows = [Variant(f"{base_label} (baseline)", base, {}, baseline=True)]
     seen = {_key(base)}
     if combine:
         options = [[axis_value(base, a)] + [v for v in vals if v != axis_value(base, a)] for a, vals in chosen.items()]
@@ -361,6 +398,13 @@ def real_step_measurer(device: str, memory_limit: int | None = None, steps: int 
         metric = "allocated"
 
     def measure(workload: Workload) -> Measured:
+        if workload.distributed:
+            return Measured(
+                None,
+                metric=metric,
+                note="one rank of a data-parallel job is measured by a real torchrun job: "
+                "scripts/validate_multigpu.py, or find-batch --nproc-per-node",
+            )
         trial = runner.run(workload, workload.batch_size, steps)
         note = None if trial.fits else f"out of memory at batch {workload.batch_size} ({trial.oom_phase})"
         return Measured(
@@ -379,6 +423,8 @@ def real_batch_finder(device: str, memory_limit: int | None, headroom: float, ma
     from .find_batch import DEFAULT_MAX_BATCH, find_batch
 
     def find(workload: Workload) -> int | None:
+        if workload.distributed:
+            return None  # one rank alone cannot run a data-parallel step: find-batch --nproc-per-node
         limit = max_batch or DEFAULT_MAX_BATCH
         return find_batch(
             workload, device=device, memory_limit=memory_limit, headroom=headroom, max_batch=limit
@@ -407,6 +453,8 @@ def _row_from_trace(v: Variant, r: Any) -> dict[str, Any]:
         peak_phase=r.peak_phase,
         peak_module=r.peak_module,
         trace_seconds=float(getattr(r, "trace_seconds", 0.0)),
+        modelled=tuple(getattr(r, "modelled", ())),
+        method=str(getattr(r, "method", "trace")),
         trainable_params=r.weights.trainable_params if getattr(r, "weights", None) is not None else None,
         host_peak_bytes=getattr(r, "host_peak_bytes", None),
         paged_bytes=getattr(r, "paged_bytes", None),
@@ -617,7 +665,8 @@ def compare(
     row (``fit_fn``, by default :func:`traced_fit`). ``measure_fn`` /
     ``find_fn`` run real steps (``--measure`` / ``--find-batch``). ``gpu`` (a catalog entry or a
     :class:`memprof.engine.roofline.PeakSpec`) adds each row's step-time model. A row that cannot
-    be traced becomes an error row; a failing baseline raises.
+    be traced becomes an error row; a failing baseline raises. Ctrl-C after the baseline raises
+    :class:`~memprof.errors.Interrupted` (a ``KeyboardInterrupt``) holding the rows traced so far.
     """
     if target not in ("cuda", "cpu"):
         raise UsageError(f"unknown target {target!r}", "choose cuda or cpu")
@@ -636,6 +685,7 @@ def compare(
     notes: list[str] = []
     raw: list[tuple[Variant, dict[str, Any] | None, str | None]] = []
     total = len(variants)
+    interrupted = False
     for i, v in enumerate(variants):
         if on_progress is not None:
             on_progress(i + 1, total, v.label)
@@ -659,6 +709,14 @@ def compare(
                 )
             traced["measured"] = _measure_row(v, traced["peak_bytes"], measure_fn, find_fn)
             raw.append((v, traced, None))
+        except KeyboardInterrupt:
+            if v.baseline:
+                raise
+            interrupted = True  # the rows traced so far are the answer (raised below as Interrupted)
+            notes.append(
+                f"interrupted (Ctrl-C) while tracing {v.label}: {total - i} of {total} configurations left out"
+            )
+            break
         except MemprofError as exc:
             if v.baseline:
                 raise
@@ -666,6 +724,13 @@ def compare(
                 notes.append(f"{v.label} left out: {exc.message}")
                 continue
             raw.append((v, None, exc.message + (f" ({exc.hint})" if exc.hint else "")))
+        except MemoryError:
+            raise
+        except Exception as exc:  # a tracer bug on one row must not cost the others
+            if v.baseline:
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raw.append((v, None, f"memprof failed: {type(exc).__name__}: {first}"))
     base_traced = raw[0][1]
     assert base_traced is not None  # the baseline comes first, and a failing baseline raised above
     base_peak = base_traced["peak_bytes"]
@@ -704,7 +769,7 @@ def compare(
     lever, lever_gain = best_lever(ordered) if capacity is not None and fit else (None, None)
     if capacity is None and fit:
         notes.append(capacity_note or "no capacity given: largest-batch columns left out (use --gpu-memory 24GiB)")
-    return CompareResult(
+    result = CompareResult(
         model=base.model.display_name,
         base_workload=base.describe(),
         target=target,
@@ -722,7 +787,11 @@ def compare(
         ranked_by_batch=tuple(rank_by_batch(ordered)) if capacity is not None and fit else (),
         best_lever_label=lever,
         best_lever_gain=lever_gain,
+        interrupted=interrupted,
     )
+    if interrupted:
+        raise Interrupted(result)
+    return result
 
 
 def resolve_capacity(

@@ -8,12 +8,13 @@ the tracer fails.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..engine import fit as fitting
 from ..engine.analytic import analyse, largest_batch
 from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
-from ..errors import MemprofError
+from ..errors import Interrupted, MemprofError
 from ..results import (
     AnalyticEstimate,
     BatchFit,
@@ -59,7 +60,10 @@ def gpu_capacity(gpu: GpuSpec) -> Capacity:
 
 
 def formula_fit(
-    analytic: AnalyticEstimate, capacity: Capacity, headroom: float = fitting.DEFAULT_HEADROOM
+    analytic: AnalyticEstimate,
+    capacity: Capacity,
+    headroom: float = fitting.DEFAULT_HEADROOM,
+    note: str | None = None,
 ) -> FitSummary:
     """Fit by the formula total, which is linear in the batch size."""
     max_batch = largest_batch(analytic, capacity.total_bytes)
@@ -74,6 +78,7 @@ def formula_fit(
         headroom=headroom,
         per_sample_bytes=analytic.per_sample_bytes,
         fixed_bytes=analytic.fixed_bytes,
+        note=note,
     )
 
 
@@ -104,6 +109,7 @@ def estimate(
     fit_seq_len: bool | None = None,
     multiple_of: int = 1,
     grid: tuple[list[int], list[int]] | bool | None = None,
+    progress: Callable[[str], None] | None = None,
     cuda_target: CudaTarget | None = None,
     gpu: GpuPeaks | None = None,
 ) -> EstimateResult:
@@ -119,7 +125,13 @@ def estimate(
     (:func:`resolve_capacity` finds the local GPU's). ``cuda_target`` is the GPU architecture the
     trace predicts for (:func:`memprof.engine.catalog.resolve_target`; default: the local GPU, else assumed).
     ``gpu`` (peak FLOP/s and bandwidth: a catalog entry or a :class:`memprof.engine.roofline.PeakSpec`)
-    adds the step-time model.
+    adds the step-time model. A step that reads tensor values runs for real on the CPU instead of being
+    traced; ``progress`` hears what that run will cost first.
+
+    When the trace fails the answer is the formula's alone and says so: ``trace_error`` and
+    ``trace_hint`` tell why and what to do (the command line exits 5, a partial answer).
+    Ctrl-C during the trace raises :class:`~memprof.errors.Interrupted` (a ``KeyboardInterrupt``)
+    holding that formula-only result.
     """
     headroom = fitting.check_headroom(headroom)
     if isinstance(capacity, int) and not isinstance(capacity, bool):
@@ -128,6 +140,10 @@ def estimate(
     analytic = analyse(workload)
     trace_result = None
     trace_note: str | None = None
+    trace_error: str | None = None
+    trace_hint: str | None = None
+    interrupted = False
+    fit_note: str | None = None
     fit: FitSummary | None = None
     if traced:
         import functools
@@ -139,26 +155,40 @@ def estimate(
             target = cuda_target or resolve_target()
             if capacity is not None:  # near it, the allocator releases its cache and retries: so does the replay
                 target = with_capacity(target, capacity.total_bytes)
-            trace_result = trace_step(workload, target="cuda", cuda_target=target, count_bytes=gpu is not None)
+            trace_result = trace_step(
+                workload, target="cuda", cuda_target=target, count_bytes=gpu is not None, progress=progress
+            )
             if capacity is not None:
-                batch_fit = fitting.fit_batch(
-                    workload,
-                    capacity.total_bytes,
-                    target="cuda",
-                    headroom=headroom,
-                    known={workload.batch_size: trace_result},
-                    trace_fn=functools.partial(trace_step, cuda_target=target),
-                )
-                fit = traced_fit(trace_result, batch_fit, capacity)
+                try:
+                    batch_fit = fitting.fit_batch(
+                        workload,
+                        capacity.total_bytes,
+                        target="cuda",
+                        headroom=headroom,
+                        known={workload.batch_size: trace_result},
+                        trace_fn=functools.partial(trace_step, cuda_target=target),
+                    )
+                    fit = traced_fit(trace_result, batch_fit, capacity)
+                except MemprofError as exc:  # other batch sizes could not be traced: fit by formula
+                    fit_note = f"the fit traces other batch sizes and one failed ({exc.message}): fit by formula"
         except MemprofError as exc:
             trace_result, fit = None, None
-            trace_note = f"tracing failed: {exc.message} (formula only)"
+            trace_error, trace_hint = exc.message, exc.hint
+        except KeyboardInterrupt:  # the formula's answer is ready: raised below as Interrupted
+            interrupted, fit = True, None
+            if trace_result is None:
+                trace_note = "tracing interrupted (Ctrl-C): formula only"
+            else:
+                fit_note = "the fit's traces at other batch sizes were stopped by Ctrl-C: fit by formula"
         except MemoryError:
             raise
         except Exception as exc:  # a tracer bug must not cost the user the formula estimate
             trace_result, fit = None, None
             first = (str(exc).strip().splitlines() or [""])[0]
-            trace_note = f"tracing failed: {type(exc).__name__}: {first} (formula only)"
+            trace_error = f"{type(exc).__name__}: {first}"
+            trace_hint = "this is a memprof bug: please report it; the formula estimate above does not depend on it"
+        if trace_error is not None:
+            trace_note = f"tracing failed: {trace_error} (formula only)"
     else:
         trace_note = "tracing skipped (--no-trace)"
     seq_fit = grid_fit = None
@@ -195,7 +225,7 @@ def estimate(
                 trace_fn=functools.partial(trace_step, cuda_target=target),
             )
     if fit is None and capacity is not None:
-        fit = formula_fit(analytic, capacity, headroom)
+        fit = formula_fit(analytic, capacity, headroom, note=fit_note)
     if trace_result is not None:
         headline, source = int(trace_result.peak_bytes), "traced"
     else:
@@ -209,7 +239,7 @@ def estimate(
         step_note = "needs a GPU (--gpu NAME)"
     else:
         step = step_time(trace_result, gpu, tokens=tokens_per_sample(workload))
-    return EstimateResult(
+    result = EstimateResult(
         workload=workload.describe(),
         analytic=analytic,
         traced=trace_result,
@@ -223,4 +253,10 @@ def estimate(
         grid=grid_fit,
         step_time=step,
         step_time_note=step_note,
+        trace_error=trace_error,
+        trace_hint=trace_hint,
+        interrupted=interrupted,
     )
+    if interrupted:
+        raise Interrupted(result)
+    return result

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from ..engine import fit as fitting
-from ..engine.measure import make_runner
+from ..engine.measure import Runner, make_runner, workload_recipe
 from ..engine.search import Guide, Outcome, search
-from ..engine.workload import Workload
+from ..engine.torchrun import COLLECTIVE_TIMEOUT_S, Launch, check_launch, raise_rank_error, run_job
+from ..engine.workload import MAX_SKIPPED_STEPS, Workload
 from ..errors import MemprofError, UsageError
 from ..results import BatchPrediction, BatchTrial, Capacity, CudaTarget, FindBatchResult, Metric, Target
 
@@ -56,6 +58,33 @@ def _default_predictor(
     )
 
 
+def check_search(
+    steps: int,
+    min_batch: int,
+    max_batch: int,
+    start: int | None,
+    headroom: float,
+    multiple_of: int | None,
+    target_global_batch: int | None,
+) -> float:
+    """Validate the search options once (before any model is built or rank started); returns the headroom."""
+    if steps < 1:
+        raise UsageError(
+            f"`steps` must be at least 1, got {steps}", "use 2 or more: the first step creates the optimizer state"
+        )
+    if min_batch < 1:
+        raise UsageError(f"`min_batch` must be at least 1, got {min_batch}", "e.g. `min_batch` 1")
+    if max_batch < min_batch:
+        raise UsageError(f"`max_batch` {max_batch} is below `min_batch` {min_batch}", "raise `max_batch`")
+    if start is not None and not (min_batch <= start <= max_batch):
+        raise UsageError(f"`start` {start} is outside [{min_batch}, {max_batch}]", "choose a start between them")
+    if multiple_of is not None and multiple_of < 1:
+        raise UsageError(f"`multiple_of` must be at least 1, got {multiple_of}", "e.g. `multiple_of` 8")
+    if target_global_batch is not None and target_global_batch < 1:
+        raise UsageError(f"`target_global_batch` must be at least 1, got {target_global_batch}", "e.g. 1024")
+    return fitting.check_headroom(headroom)
+
+
 @contextlib.contextmanager
 def _cudnn_benchmark(runner: Any, cuda_target: CudaTarget | None, notes: list[str]):
     """Trials with ``torch.backends.cudnn.benchmark`` on when the script sets it (``cudnn_benchmark``)."""
@@ -76,6 +105,28 @@ def _cudnn_benchmark(runner: Any, cuda_target: CudaTarget | None, notes: list[st
         torch.backends.cudnn.benchmark = saved
 
 
+def scaler_notes(trials: list[BatchTrial], steps: int) -> list[str]:
+    """What GradScaler's skipped optimizer steps did to the trials (AMP fp16), as notes."""
+    skipped = [t for t in trials if t.skipped_steps]
+    if not skipped:
+        return []
+    never = [t.batch_size for t in skipped if t.fits and t.steps_run - t.skipped_steps < steps]
+    counts = sorted({t.skipped_steps for t in skipped})
+    how = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    notes = [
+        f"GradScaler skipped optimizer.step() in {how} step(s) of {len(skipped)} trial(s) (inf/nan gradients at "
+        f"its loss scale); memprof ran extra steps until the optimizer had stepped {steps} times, so the peaks "
+        "include its state"
+    ]
+    if never:
+        notes.append(
+            f"batch {', '.join(map(str, never))}: the optimizer stepped fewer than {steps} times in "
+            f"{MAX_SKIPPED_STEPS + 1} steps (GradScaler skipped them all): the peak misses the optimizer state "
+            "and under-measures; check the model's loss for inf/nan"
+        )
+    return notes
+
+
 def find_batch(
     workload: Workload,
     *,
@@ -94,6 +145,8 @@ def find_batch(
     on_event: EventCallback | None = None,
     search_axis: str = "batch_size",
     seq_multiple_of: int = 1,
+    runner: Runner | None = None,
+    prediction_seconds: float | None = None,
     cuda_target: CudaTarget | None = None,
 ) -> FindBatchResult:
     """Search the largest batch for which ``steps`` real training steps fit.
@@ -107,24 +160,13 @@ def find_batch(
     the traced prediction (signature of :func:`memprof.engine.fit.fit_batch`, returning an
     object with ``max_batch``, ``slope_bytes_per_sample`` and ``intercept_bytes``);
     ``predict=False`` searches without one (geometric growth capped by ``max_batch``).
+    ``runner`` replaces the runner ``device``/``memory_limit``/``isolate`` choose (rank 0 of a torchrun
+    job passes a :class:`memprof.engine.torchrun.DistributedRunner`: the batch is then per rank, and
+    ``target_global_batch`` counts every rank's samples).
     ``cuda_target`` is the architecture the prediction is for (default: the local GPU's); the
     trials always run on the local device.
     """
-    if steps < 1:
-        raise UsageError(
-            f"`steps` must be at least 1, got {steps}", "use 2 or more: the first step creates the optimizer state"
-        )
-    if min_batch < 1:
-        raise UsageError(f"`min_batch` must be at least 1, got {min_batch}", "e.g. `min_batch` 1")
-    if max_batch < min_batch:
-        raise UsageError(f"`max_batch` {max_batch} is below `min_batch` {min_batch}", "raise `max_batch`")
-    if start is not None and not (min_batch <= start <= max_batch):
-        raise UsageError(f"`start` {start} is outside [{min_batch}, {max_batch}]", "choose a start between them")
-    headroom = fitting.check_headroom(headroom)
-    if multiple_of is not None and multiple_of < 1:
-        raise UsageError(f"`multiple_of` must be at least 1, got {multiple_of}", "e.g. `multiple_of` 8")
-    if target_global_batch is not None and target_global_batch < 1:
-        raise UsageError(f"`target_global_batch` must be at least 1, got {target_global_batch}", "e.g. 1024")
+    headroom = check_search(steps, min_batch, max_batch, start, headroom, multiple_of, target_global_batch)
 
     if search_axis not in ("batch_size", "seq_len"):
         raise UsageError(f"unknown `search` axis {search_axis!r}", "choose batch or seq-len")
@@ -142,7 +184,8 @@ def find_batch(
             max_tokens=max_batch if max_batch != DEFAULT_MAX_BATCH else None,
             cuda_target=cuda_target,
         )
-    runner = make_runner(device, memory_limit, isolate)
+    if runner is None:
+        runner = make_runner(device, memory_limit, isolate)
     return _search_with(
         runner,
         workload,
@@ -157,6 +200,7 @@ def find_batch(
         predictor=predictor,
         on_event=on_event,
         memory_limit=memory_limit,
+        prediction_seconds=prediction_seconds,
         cuda_target=cuda_target,
     )
 
@@ -176,17 +220,20 @@ def _search_with(
     predictor: Predictor | None = None,
     on_event: EventCallback | None = None,
     memory_limit: int | None = None,
+    prediction_seconds: float | None = None,
     cuda_target: CudaTarget | None = None,
 ) -> FindBatchResult:
     """The search of :func:`find_batch` with a given runner (one integer axis: the batch, or blocks of tokens)."""
     t0 = time.perf_counter()
     emit = on_event or (lambda kind, data: None)
+    ranks = workload.world_size if workload.distributed else 1
     metric = runner.metric
     notes: list[str] = []
     capacity_bytes = runner.capacity_bytes()
     if runner.device == "cpu":
-        assert memory_limit is not None  # make_runner refuses the CPU without it
-        capacity = Capacity(int(memory_limit), "--memory-limit", "cpu")
+        assert capacity_bytes is not None  # a CPU runner has a cap
+        source = "--memory-limit" if ranks == 1 else f"--memory-limit (the smallest of {ranks} ranks)"
+        capacity = Capacity(int(capacity_bytes), source, "cpu")
         if cuda_target is not None and not cuda_target.assumed and not cuda_target.source.startswith("local"):
             raise UsageError("`gpu` and `gpu_arch` are for CUDA trials", "leave them out with `device` cpu")
     else:
@@ -235,7 +282,7 @@ def _search_with(
                     per_sample,
                     fixed,
                     pred_metric,
-                    time.perf_counter() - tp,
+                    prediction_seconds if prediction_seconds is not None else time.perf_counter() - tp,
                     int(getattr(fit, "traces", 0)),
                 )
                 same_units = pred_metric == metric
@@ -268,7 +315,9 @@ def _search_with(
         if trial.leaked_bytes:
             notes.append(f"batch {batch}: {trial.leaked_bytes} bytes were still allocated after the cleanup")
         emit("trial-done", trial)
-        return Outcome(trial.fits, fitting.value_of(trial, metric), trial.capacity_bytes)
+        # near the capacity the reserved peak saturates: the search reads the slope from the allocated one
+        allocated = trial.peak_allocated_bytes if metric != Metric.ALLOCATED else None
+        return Outcome(trial.fits, fitting.value_of(trial, metric), trial.capacity_bytes, allocated)
 
     def on_step(step) -> None:
         trials[-1] = replace(trials[-1], reason=step.reason)
@@ -296,6 +345,8 @@ def _search_with(
         if len(trials) > res.trials:  # the interrupted trial: measured but not counted by the search
             trials.pop()
 
+    notes.extend(scaler_notes(trials, steps))
+
     # ---- the answer --------------------------------------------------------------------
     points = {t.batch_size: v for t in trials if t.fits and (v := fitting.value_of(t, metric)) is not None}
     intercept, slope = fitting.affine_fit(points)
@@ -312,10 +363,16 @@ def _search_with(
         elif slope is not None and intercept is not None:  # affine_fit gives both or neither
             expected = int(round(intercept + slope * rec))
     headroom_left = capacity.total_bytes - expected if expected is not None and capacity.total_bytes else None
-    accum, micro = fitting.accumulation(target_global_batch, rec)
+    # with several ranks each step takes `ranks` per-rank batches: accumulate over the per-rank share
+    per_rank_target = None
+    if target_global_batch is not None:
+        per_rank_target = math.ceil(target_global_batch / ranks)
+        if ranks > 1 and target_global_batch % ranks:
+            notes.append(f"the global batch {target_global_batch} is not a multiple of the {ranks} ranks")
+    accum, micro = fitting.accumulation(per_rank_target, rec)
     exact_accum = None
-    if accum is not None and micro is not None and target_global_batch and rec and accum * micro != target_global_batch:
-        exact_accum = fitting.exact_accumulation(target_global_batch, rec)
+    if accum is not None and micro is not None and per_rank_target and rec and accum * micro != per_rank_target:
+        exact_accum = fitting.exact_accumulation(per_rank_target, rec)
     return FindBatchResult(
         workload=workload.describe() | {"batch_size": None},
         device=runner.describe(),
@@ -491,3 +548,128 @@ class _SeqPrediction:
     intercept_bytes: float
     peak_at_max_bytes: int | None
     traces: int
+
+
+# =========================================================================== several processes
+#: strategies find-batch runs under torchrun (the real steps need the real thing)
+TORCHRUN_STRATEGIES = ("ddp", "fsdp", "zero2", "zero3", "zero1")
+
+
+def find_batch_torchrun(
+    workload: Workload,
+    launch: Launch,
+    *,
+    device: str = "cuda",
+    memory_limit: int | Sequence[int] | None = None,
+    steps: int = DEFAULT_STEPS,
+    min_batch: int = 1,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    start: int | None = None,
+    headroom: float = fitting.DEFAULT_HEADROOM,
+    multiple_of: int | None = None,
+    target_global_batch: int | None = None,
+    predict: bool = True,
+    collective_timeout: float = COLLECTIVE_TIMEOUT_S,
+    on_event: EventCallback | None = None,
+    on_output: Callable[[str], None] | None = None,
+) -> FindBatchResult | None:
+    """``find_batch`` as a real ``torchrun`` job of ``launch.world_size`` ranks: the largest per-rank batch
+    whose real steps fit on every rank.
+
+    The per-rank prediction is traced here (fake process group, no memory), then torchrun starts the
+    ranks: rank 0 runs the search, every rank runs every trial (``workload.strategy``: DDP or FSDP2 over
+    the job's process group), and an out-of-memory error on any rank is one for all
+    (:class:`memprof.engine.torchrun.DistributedRunner`; when one rank runs out of memory where the
+    others do not, they wait at most ``collective_timeout`` seconds in a collective). On the CPU each
+    rank's live tensor bytes are capped at ``memory_limit`` (one value, or one per local rank); on CUDA
+    each rank uses its own GPU (NCCL). Returns rank 0's result; None on the other nodes of a multi-node
+    job (rank 0 reports).
+    """
+    headroom = check_search(steps, min_batch, max_batch, start, headroom, multiple_of, target_global_batch)
+    if not workload.distributed:
+        raise UsageError(
+            "`nproc_per_node` needs a `strategy`: the ranks train one model together",
+            "add `strategy` ddp or fsdp (find-batch under torchrun runs DDP or FSDP2 for real)",
+        )
+    device = (device or "cuda").strip().lower()
+    limits = _limits(memory_limit, device, launch)
+    check_launch(launch, device)
+    workload = workload.replace(world_size=launch.world_size)
+    emit = on_event or (lambda kind, data: None)
+    prediction, seconds = None, None
+    if predict:
+        emit("predict", None)
+        tp = time.perf_counter()
+        prediction = _torchrun_prediction(workload, device, limits, max_batch)
+        seconds = time.perf_counter() - tp
+    options = {
+        "steps": steps,
+        "min_batch": min_batch,
+        "max_batch": max_batch,
+        "start": start,
+        "headroom": headroom,
+        "multiple_of": multiple_of,
+        "target_global_batch": target_global_batch,
+        "prediction_seconds": seconds,
+    }
+    job = {
+        "kind": "find-batch",
+        "recipe": workload_recipe(workload),
+        "device": device,
+        "memory_limits": limits,
+        "options": options,
+        "prediction": prediction,
+        "collective_timeout": collective_timeout,
+    }
+    if collective_timeout <= 0:
+        raise UsageError(f"`collective_timeout` must be positive, got {collective_timeout}", "e.g. 120 (seconds)")
+    result = run_job(launch, job, on_event=on_event, on_output=on_output)
+    reply = result.ranks.get(0)
+    if reply is None and launch.node_rank != 0 and result.returncode == 0:
+        return None
+    if result.returncode != 0 or not (isinstance(reply, tuple) and reply[0] == "result"):
+        raise_rank_error(result, "the find-batch torchrun job")
+    assert isinstance(reply, tuple)
+    found: FindBatchResult = reply[1]
+    return replace(found, wall_seconds=found.wall_seconds + (seconds or 0.0))
+
+
+def _limits(memory_limit: int | Sequence[int] | None, device: str, launch: Launch) -> list[int] | None:
+    if device == "cpu":
+        if memory_limit is None:
+            raise UsageError(
+                "--device cpu needs --memory-limit",
+                "e.g. --device cpu --memory-limit 4GiB (each rank's live tensor bytes are capped)",
+            )
+        limits = [int(memory_limit)] if isinstance(memory_limit, int) else [int(v) for v in memory_limit]
+        if len(limits) not in (1, launch.nproc_per_node):
+            raise UsageError(
+                f"{len(limits)} memory limits for {launch.nproc_per_node} processes per node",
+                "give one limit for every rank, or one per local rank: 4GiB,3GiB",
+            )
+        if any(v <= 0 for v in limits):
+            raise UsageError("memory limits must be positive", "e.g. --memory-limit 4GiB")
+        return limits
+    if memory_limit is not None:
+        raise UsageError("--memory-limit is for --device cpu", "on GPUs each rank's device memory is the limit")
+    if not (device == "cuda" or device.startswith("cuda:")):
+        raise UsageError(f"unknown device {device!r}", "write cuda or cpu")
+    return None
+
+
+def _torchrun_prediction(workload: Workload, device: str, limits: list[int] | None, max_batch: int):
+    """The per-rank traced fit the search starts from (None when it cannot be traced: the search goes without)."""
+    target: Target = "cpu" if device == "cpu" else "cuda"
+    if limits:
+        capacity, metric = min(limits), Metric.ALLOCATED
+    else:
+        from ..engine import nvml
+
+        info = nvml.device_info(0)
+        if info is None:
+            return None
+        capacity, metric = info.free_bytes, Metric.RESERVED
+    try:
+        return _default_predictor(workload, capacity, target=target, metric=metric, max_batch=max_batch)
+    except MemprofError:
+        return None

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..engine.checkpointing import parse_mode
+from ..engine.distributed import DEFAULT_BUCKET_CAP_MB, check_plan, get_strategy
 from ..engine.finetune import DEFAULT_LORA_ALPHA, LoraSpec, parse_method, parse_patterns, parse_targets
 from ..engine.loading import ModelSpec, load_model, spec_from_module
 from ..engine.workload import (
@@ -44,8 +45,13 @@ def check_batch_size(batch_size: Any) -> int:
 
 
 def check_shapes(input_shape: Shape | Sequence[Shape]) -> list[tuple[int, ...]]:
-    """One per-sample shape ``(3, 224, 224)`` or several ``[(3, 224, 224), (10,)]``, batch excluded."""
-    items: list[Any] = list(input_shape)
+    """One per-sample shape ``(3, 224, 224)`` or several ``[(3, 224, 224), (10,)]``, batch excluded; text
+    (``"3,224,224"``) is read as the command line reads ``--input-shape``."""
+    from ..engine.loading import parse_shape
+
+    if isinstance(input_shape, str):
+        return [parse_shape(input_shape)]
+    items: list[Any] = [parse_shape(s) if isinstance(s, str) else s for s in input_shape]
     shapes: list[Any] = [items] if items and not isinstance(items[0], (list, tuple)) else items
     out: list[tuple[int, ...]] = []
     for shape in shapes:
@@ -76,6 +82,10 @@ def make_workload(
     new_tokens: int | None = None,
     kv_cache: str | None = None,
     routing: str | None = None,
+    strategy: str | None = None,
+    world_size: int | None = None,
+    bucket_cap_mb: float | None = None,
+    gradient_as_bucket_view: bool = False,
     freeze: Sequence[str] | str | None = None,
     train_only: Sequence[str] | str | None = None,
     lora_rank: int | None = None,
@@ -98,6 +108,10 @@ def make_workload(
     which generates ``new_tokens`` more); ``loop`` is the training loop's shape ("plain", the default,
     keeps the model's output through backward; "trainer" drops it first); ``attn``, ``padding``,
     ``kv_cache`` and ``routing`` (mixture of experts) apply to Hugging Face models.
+
+    Data parallelism (:mod:`memprof.engine.distributed`): ``strategy`` (ddp, fsdp, zero1, zero2, zero3)
+    over ``world_size`` ranks, ``offload`` (optimizer, params), DDP's ``bucket_cap_mb`` and
+    ``gradient_as_bucket_view``; the batch size is then per rank.
 
     Fine-tuning levers: ``freeze`` / ``train_only`` (module-name globs), LoRA (``lora_rank`` and
     ``lora_alpha``, ``lora_targets``, ``lora_dropout``, or a ready :class:`LoraSpec` as ``lora``),
@@ -138,9 +152,12 @@ def make_workload(
         )
     if token_range is not None:
         low, high = token_range
+        if low < 0:
+            raise UsageError(f"`token_range` {low},{high} starts below 0", "token ids start at 0, e.g. 0,50257")
         if high <= low:
             raise UsageError(f"`token_range` {low},{high} is empty", "HIGH must be above LOW, e.g. 0,50257")
     checkpointing = parse_mode(checkpointing)
+    parallel = parallel_fields(strategy, world_size, offload, bucket_cap_mb, gradient_as_bucket_view)
     levers = finetune_levers(
         freeze=freeze,
         train_only=train_only,
@@ -193,7 +210,7 @@ def make_workload(
         new_tokens=new_tokens if mode == "generate" else None,
         kv_cache=kv_cache,
         routing=routing or "balanced",
-        **levers,
+        **(levers | parallel),
     )
 
 
@@ -298,3 +315,22 @@ def _check_sequence_options(
     if kv_cache is not None and mode != "generate":
         raise UsageError("`kv_cache` applies to `mode` generate", "add `mode` generate")
     check_seq_len(spec, seq_len, new_tokens if mode == "generate" else None)
+
+
+def parallel_fields(
+    strategy: str | None,
+    world_size: int | None,
+    offload: str | None,
+    bucket_cap_mb: float | None = None,
+    gradient_as_bucket_view: bool = False,
+) -> dict[str, Any]:
+    """The workload's data-parallel fields, checked before any model is loaded (one rank's view)."""
+    fields: dict[str, Any] = {
+        "strategy": get_strategy(strategy or "none"),
+        "world_size": 1 if world_size is None else world_size,
+        "offload": get_offload(offload),
+        "bucket_cap_mb": DEFAULT_BUCKET_CAP_MB if bucket_cap_mb is None else bucket_cap_mb,
+        "gradient_as_bucket_view": bool(gradient_as_bucket_view),
+    }
+    check_plan(fields["strategy"], fields["world_size"], fields["offload"], fields["bucket_cap_mb"])
+    return fields

@@ -2,11 +2,12 @@
 
 A trial builds the model, optimizer and one batch, runs :func:`memprof.engine.workload.train_step`
 ``steps`` times (the first creates the optimizer state, the later ones are the steady
-state), and reports peak memory. Running out of memory is an answer, not an error:
-it is recognised (the exception type first, known messages second), everything the
-trial held is dropped (model, optimizer, batch and the exception's traceback frames),
-the caches are emptied, and the memory still allocated afterwards is compared with
-the baseline from before the trial.
+state; with AMP fp16's GradScaler, steps whose optimizer step it skipped are run again, up to
+:data:`memprof.engine.workload.MAX_SKIPPED_STEPS`, so the state is measured), and reports peak
+memory. Running out of memory is an answer, not an error: it is recognised (the exception type
+first, known messages second), everything the trial held is dropped (model, optimizer, batch and
+the exception's traceback frames), the caches are emptied, and the memory still allocated
+afterwards is compared with the baseline from before the trial.
 
 On the CPU the cap is enforced by counting live tensor storages
 (:class:`memprof.engine.tracking.StorageTracker`, parameters, buffers and inputs included):
@@ -22,17 +23,19 @@ never touches CUDA, and whatever a trial leaves behind dies with the child.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
+import re
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from ..errors import MeasureError, MemprofError, NoGPUError
 from ..results import BatchTrial, Metric
-from .workload import Prepared, Workload, prepare, train_step
+from .workload import Prepared, Workload, make_grad_scaler, prepare, train_step, train_steps
 
 PhaseCallback = Callable[[int, str], None]  # (step number from 1, phase)
 
@@ -131,6 +134,7 @@ class _Trial:
         self.phase = "setup"
         self._on_phase = on_phase
         self.t0 = time.perf_counter()
+        self.skipped = 0
 
     def phase_cb(self, phase: str) -> None:
         self.phase = phase
@@ -148,13 +152,12 @@ class _Trial:
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
 
+    def run_steps(self, prepared: Prepared, steps: int, scaler=None) -> None:
+        """``steps`` steps in which the optimizer really stepped (GradScaler's skipped ones run again)."""
+        self.skipped = train_steps(prepared, steps, scaler, on_step=self._set_step, on_phase=self.phase_cb)
 
-def _run_steps(workload: Workload, trial: _Trial, device, steps: int, scaler=None):
-    prepared = prepare(workload, device)
-    for i in range(1, steps + 1):
-        trial.step = i
-        train_step(prepared, trial.phase_cb, scaler)
-    return prepared
+    def _set_step(self, i: int) -> None:
+        self.step = i
 
 
 def _classify(exc: BaseException, trial: _Trial) -> tuple[str, str]:
@@ -163,10 +166,13 @@ def _classify(exc: BaseException, trial: _Trial) -> tuple[str, str]:
         raise exc
     kind = oom_kind(exc)
     if kind is None:
+        from .blame import at, location
+
         raise MeasureError(
             f"batch {trial.batch}: the training step failed ({trial.where}): "
-            f"{type(exc).__name__}: {_first_line(str(exc))}",
-            "check the model with `memprof estimate` first; this is not an out-of-memory error",
+            f"{type(exc).__name__}: {_first_line(str(exc))}{at(exc)}",
+            (f"the model's own code raised it at {location(exc)}: fix it there; " if location(exc) else "")
+            + "this is not an out-of-memory error (`memprof estimate` checks the model without running it)",
         ) from None
     return _first_line(str(exc)), kind
 
@@ -249,11 +255,9 @@ class CpuCapRunner:
             prepared = prepare(workload.with_batch(batch), "cpu")
             cap.register(_resident_tensors(prepared))
             with cap:
-                for i in range(1, steps + 1):
-                    trial.step = i
-                    train_step(prepared, trial.phase_cb)
+                trial.run_steps(prepared, steps, make_grad_scaler(workload, "cpu"))
             peak = cap.peak_bytes
-            steps_run = steps
+            steps_run = trial.step
         except BaseException as exc:  # noqa: BLE001 - classified below; anything else re-raised
             try:
                 error, kind = _classify(exc, trial)
@@ -280,6 +284,7 @@ class CpuCapRunner:
             oom_phase=where,
             attempted_bytes=cap.attempted_bytes,
             leaked_bytes=leaked,
+            skipped_steps=trial.skipped,
         )
 
 
@@ -312,6 +317,13 @@ class CudaRunner:
 
         gc.collect()
         torch.cuda.synchronize(self.dev)
+        # cuBLAS keeps a workspace per (handle, stream) for the life of the process (65 MiB on an H200 with
+        # torch 2.11): without this, the first trial's peak counts them and the later ones do not, and they
+        # read as a leak. Each trial then allocates them afresh, as the traced prediction does.
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:
+            with torch.cuda.device(self.dev):
+                clear()
         torch.cuda.empty_cache()
 
     def capacity_bytes(self) -> int:
@@ -334,14 +346,14 @@ class CudaRunner:
         trial = _Trial(batch, on_phase)
         error = kind = where = None
         peak_alloc = peak_res = nvml_used = overhead = None
-        scaler = None
-        if workload.precision.grad_scaler and workload.mode == "train":
-            scaler = torch.amp.GradScaler("cuda")
+        prepared: Prepared | None = None
+        scaler = make_grad_scaler(workload, "cuda")
         try:
             with torch.cuda.device(self.dev):
-                prepared = _run_steps(workload.with_batch(batch), trial, self.dev, steps, scaler=scaler)
+                prepared = prepare(workload.with_batch(batch), self.dev)
+                trial.run_steps(prepared, steps, scaler)
             torch.cuda.synchronize(self.dev)
-            steps_run = steps
+            steps_run = trial.step
             peak_alloc = int(torch.cuda.max_memory_allocated(self.dev) - baseline)
             peak_res = int(torch.cuda.max_memory_reserved(self.dev))
             nvml_used = nvml.process_used_bytes(self.index)
@@ -371,6 +383,7 @@ class CudaRunner:
             oom_detected_by=kind,
             oom_phase=where,
             leaked_bytes=leaked,
+            skipped_steps=trial.skipped,
         )
 
 
@@ -385,20 +398,15 @@ class _Recipe:
     workload_fields: dict
 
 
-def _recipe(workload: Workload) -> _Recipe:
+def workload_recipe(workload: Workload) -> _Recipe:
+    import dataclasses
+
     spec = workload.model
-    fields = {
-        "precision": workload.precision,
-        "optimizer": workload.optimizer,
-        "mode": workload.mode,
-        "checkpointing": workload.checkpointing,
-        "inplace_relu": workload.inplace_relu,
-        "batch_size": workload.batch_size,
-    }
+    fields = {f.name: getattr(workload, f.name) for f in dataclasses.fields(workload) if f.name != "model"}
     return _Recipe(spec.ref, dict(spec.kwargs), spec.inputs, fields)
 
 
-def _rebuild(recipe: _Recipe) -> Workload:
+def rebuild_workload(recipe: _Recipe) -> Workload:
     from .loading import load_model
 
     spec = load_model(recipe.ref, recipe.kwargs)
@@ -412,7 +420,7 @@ def _child(recipe: _Recipe, kind: str, arg: int, batch: int, steps: int, conn) -
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends the child
     try:
-        workload = _rebuild(recipe)
+        workload = rebuild_workload(recipe)
         runner = CpuCapRunner(arg) if kind == "cpu" else CudaRunner(arg)
         trial = runner.run(workload, batch, steps, lambda step, phase: conn.send(("phase", step, phase)))
         conn.send(("result", trial))
@@ -466,7 +474,7 @@ class IsolatedRunner:
         from .. import errors as errors_mod
 
         parent, child = self._ctx.Pipe(duplex=False)
-        args = (_recipe(workload), self.kind, self.arg, batch, steps, child)
+        args = (workload_recipe(workload), self.kind, self.arg, batch, steps, child)
         proc = self._ctx.Process(target=_child, args=args, daemon=True)
         t0 = time.perf_counter()
         try:
@@ -562,14 +570,19 @@ def _isolated_cuda(index: int) -> IsolatedRunner:
     return IsolatedRunner("cuda", index, f"cuda:{index}")
 
 
-def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
+def measure_cpu_step(workload: Workload, *, steps: int = 2, storages: bool = False) -> dict[str, int]:
     """Run ``steps`` REAL training steps on the CPU and measure peak live bytes without the tracer.
 
     The truth comes from ``torch.profiler`` memory events (every CPU allocator allocation
     and free, oneDNN scratch included), summed in time order, plus the storages resident
     before the first step (parameters, buffers, inputs, optimizer state). Used by the
-    tests and ``scripts/validate_cpu.py``; it allocates the model's real memory.
-    Returns ``{"peak_bytes", "first_step_peak_bytes", "steady_peak_bytes", "resident_bytes"}``.
+    tests and ``scripts/validate_zoo.py``; it allocates the model's real memory.
+    Returns ``{"peak_bytes", "first_step_peak_bytes", "steady_peak_bytes", "resident_bytes"}``;
+    with ``storages`` also ``"storage_peak_bytes"``: the same steps' peak of live tensor storages
+    (a :class:`memprof.engine.tracking.StorageTracker`, as the CPU cap counts them: what a GPU would
+    hold, without the CPU kernels' internal scratch). An active dispatch mode changes a few kernels'
+    choices (MobileNetV3 in eval allocates 3 % less under one), so take ``peak_bytes`` from a run
+    without ``storages``.
     """
     import gc
     import logging
@@ -584,7 +597,10 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
     seen: set[int] = set()
     resident = 0
     tensors = list(prepared.model.parameters()) + list(prepared.model.buffers())
-    tensors += [t for t in (*prepared.args, *prepared.kwargs.values(), prepared.target) if isinstance(t, torch.Tensor)]
+    from torch.utils._pytree import tree_leaves
+
+    inputs = tree_leaves((prepared.args, prepared.kwargs, prepared.target))  # lists of images, dicts of targets
+    tensors += [t for t in inputs if isinstance(t, torch.Tensor)]
     if prepared.optimizer is not None:
         for state in prepared.optimizer.state.values():
             tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
@@ -600,10 +616,17 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
     logging.getLogger("torch.profiler").setLevel(logging.ERROR)
     cur = 0
     step_peaks: list[int] = []
+    tracker = None
+    if storages:
+        from .tracking import StorageTracker
+
+        tracker = StorageTracker()
+        tracker.register(tensors)
     try:
         for _ in range(steps):
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                train_step(prepared)
+                with tracker if tracker is not None else contextlib.nullcontext():
+                    train_step(prepared)
             events = [
                 (e.start_ns(), e.nbytes())
                 for e in prof.profiler.kineto_results.events()
@@ -618,11 +641,140 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
             step_peaks.append(resident + peak)
     finally:
         gc.enable()
+        if tracker is not None:
+            tracker.detach()
     del prepared
+    result = _step_peaks(step_peaks, resident) | {"end_bytes": resident + cur}
+    if tracker is not None:
+        result["storage_peak_bytes"] = tracker.peak_bytes
+    return result
+
+
+def _step_peaks(step_peaks: list[int], resident: int) -> dict[str, int]:
     return {
         "peak_bytes": max(step_peaks),
         "first_step_peak_bytes": step_peaks[0],
         "steady_peak_bytes": step_peaks[-1],
         "resident_bytes": resident,
-        "end_bytes": resident + cur,
     }
+
+
+# =========================================================================== one rank of a real job
+def _c10():
+    import ctypes
+    import os
+
+    import torch
+
+    return ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+
+
+def exact_cpu_accounting() -> None:
+    """Make c10's CPU allocator keep an exact running total across threads (``FLAGS_caffe2_report_cpu_memory_usage``).
+
+    Without it the allocator forgets frees made on threads the profiler does not watch (gloo's
+    workers free collective buffers). Call it first thing in the process: allocations made before
+    it are not counted (nor are their frees).
+    """
+    import ctypes
+
+    ctypes.c_bool.in_dll(_c10(), "FLAGS_caffe2_report_cpu_memory_usage").value = True
+
+
+#: c10's CPU allocator, with the flag above and INFO logging: one line per allocation and free, from any thread
+_C10_LINE = re.compile(rb"C10 (alloc|deleted) (\d+) bytes, total alloc (\d+) bytes")
+#: sizes of the marker allocations that cut the log into phases (odd sizes nothing else allocates)
+_MARKS = tuple(7_777_777 + 2 * i for i in range(64))
+
+
+@contextlib.contextmanager
+def c10_allocation_log() -> Iterator[list[tuple[int, int]]]:
+    """While open, c10's CPU allocator logs every allocation and free with its exact running total, on any
+    thread (gloo's workers included); at exit the list holds ``(signed bytes, total after)`` in order.
+
+    Needs :func:`exact_cpu_accounting` at process start. The log goes to stderr (file descriptor 2),
+    which is redirected to a temporary file meanwhile.
+    """
+    import ctypes
+    import os
+    import sys
+    import tempfile
+
+    level = ctypes.c_int.in_dll(_c10(), "FLAGS_caffe2_log_level")
+    events: list[tuple[int, int]] = []
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        saved_level, level.value = level.value, 0  # INFO
+        try:
+            yield events
+        finally:
+            level.value = saved_level
+            sys.stderr.flush()
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+            log.seek(0)
+            for m in _C10_LINE.finditer(log.read()):
+                sign = 1 if m.group(1) == b"alloc" else -1
+                events.append((sign * int(m.group(2)), int(m.group(3))))
+
+
+def _mark(i: int) -> None:
+    """A marker in the allocation log: allocate and free ``_MARKS[i]`` bytes."""
+    import torch
+
+    torch.empty(_MARKS[i], dtype=torch.uint8)
+
+
+def _phases(events: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """From the log: the total at each marker, and the highest total between each marker and the next."""
+    at_marks: list[int] = []
+    peaks: list[int] = []
+    current: int | None = None
+    for nbytes, total in events:
+        if nbytes in _MARKS:  # a marker: close the phase before it, open the next
+            if current is not None:
+                peaks.append(current)
+            current = total - nbytes
+            at_marks.append(current)
+        elif current is not None and -nbytes not in _MARKS:
+            current = max(current, total)
+    return at_marks, peaks
+
+
+def measure_rank_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
+    """One rank of a real data-parallel job on the CPU: build, wrap, run ``steps`` REAL steps, measure.
+
+    Independent of the tracer: c10's CPU allocator logs every allocation and free with its exact
+    running total, from every thread (:func:`c10_allocation_log`; :func:`exact_cpu_accounting` must
+    have run at process start), so buffers gloo allocates on its own threads count too. The peak
+    counts everything this rank allocated from just before the model was built (parameters,
+    buffers, DDP buckets, FSDP shards, optimizer state, inputs, collective buffers). The process
+    group must be initialised (``torchrun``).
+    Returns ``{"peak_bytes", "first_step_peak_bytes", "steady_peak_bytes", "resident_bytes"}``.
+    """
+    import gc
+
+    import torch
+
+    from .workload import prepare
+
+    torch.manual_seed(0)
+    gc.collect()
+    gc.disable()
+    try:
+        with c10_allocation_log() as events:
+            _mark(0)
+            prepared = prepare(workload, "cpu")
+            _mark(1)
+            for i in range(steps):
+                train_step(prepared)
+                _mark(2 + i)
+            del prepared
+            _mark(2 + steps)
+    finally:
+        gc.enable()
+    at_marks, peaks = _phases(events)
+    base = at_marks[0]
+    return _step_peaks([p - base for p in peaks[1 : 1 + steps]], at_marks[1] - base)

@@ -451,3 +451,118 @@ def grid_text(grid) -> list[str]:
         label = "none" if largest is None else (f"{largest}+" if largest >= batches[-1] else str(largest))
         lines.append(f"{seq:>9,} " + cells + f"   {label}")
     return lines
+
+
+# --------------------------------------------------------------------------- per-rank memory vs world size
+#: the parts of a rank's peak the world-size charts stack: (label, terminal glyph, SVG colour)
+SCALING_PARTS = (
+    ("model states", "█", "#4e79a7"),  # parameters + gradients + optimizer state, as held by the rank
+    ("activations", "░", "#59a14f"),
+    ("gathered + buffers", "▒", "#f28e2b"),  # gathered parameters, communication buffers
+    ("other", "·", "#bab0ac"),  # temporaries, inputs, buffers, workspaces
+)
+
+
+def scaling_parts(row) -> tuple[int, int, int, int]:
+    """(model states, activations, gathered + communication, the rest) of one row's peak, summing to it."""
+    peak = int(row.peak_bytes or 0)
+    states = min(peak, int(row.model_state_bytes or 0))
+    acts = min(peak - states, int(row.activation_bytes or 0))
+    comm = min(peak - states - acts, int((row.gathered_bytes or 0) + (row.communication_bytes or 0)))
+    return states, acts, comm, peak - states - acts - comm
+
+
+def scaling_terminal_chart(result, width: int = 40) -> str:
+    """One bar per world size: the rank's peak, split as :data:`SCALING_PARTS`; ``|`` marks the capacity."""
+    from . import format_bytes
+
+    rows = [r for r in result.rows if r.peak_bytes]
+    if not rows:
+        return ""
+    cap = result.capacity.total_bytes if result.capacity is not None else None
+    top = max([r.peak_bytes for r in rows] + ([cap] if cap else []))
+    label_w = max(len(f"{r.world_size}") for r in rows) + 6
+    lines = []
+    for r in rows:
+        cells: list[str] = []
+        for (_, glyph, _), part in zip(SCALING_PARTS, scaling_parts(r), strict=True):
+            cells += [glyph] * int(round(width * part / top))
+        cells = (cells + [" "] * width)[:width]
+        if cap:
+            c = min(width - 1, int(round(width * cap / top)) - 1)
+            cells[c] = "|"
+        batch = f"  batch/rank {r.max_batch}" if r.max_batch is not None else ""
+        label = f"{r.world_size} rank" + ("s" if r.world_size > 1 else " ")
+        lines.append(f"{label:>{label_w}} {''.join(cells)} {format_bytes(r.peak_bytes):>10}{batch}")
+    legend = "  ".join(f"{glyph} {label}" for label, glyph, _ in SCALING_PARTS)
+    lines.append(" " * (label_w + 1) + legend)
+    if cap:
+        lines.append(" " * (label_w + 1) + f"| capacity {format_bytes(cap)}")
+    return "\n".join(lines)
+
+
+def scaling_svg(result, width: int = 720, height: int = 440) -> str:
+    """Stacked bars of one rank's peak per world size (:data:`SCALING_PARTS`), the capacity line, and the
+    largest batch per rank above each bar."""
+    rows = [r for r in result.rows if r.peak_bytes]
+    left, right, top, bottom = 80, 30, 48, 56
+    pw, ph = width - left - right, height - top - bottom
+    cap = result.capacity.total_bytes if result.capacity is not None else None
+    y_max = max([r.peak_bytes for r in rows] + ([cap] if cap else []) + [1]) * 1.12
+    scale, unit = (GiB, "GiB") if y_max >= GiB else (1024**2, "MiB")
+
+    def y(v: float) -> float:
+        return top + ph * (1 - v / y_max)
+
+    strategy = escape(str(result.strategy))
+    title = f"{escape(str(result.workload.get('model')))}: one rank's peak vs world size ({strategy})"
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="14">{title}</text>',
+        f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="black"/>',
+        f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="black"/>',
+    ]
+    for v in _ticks(0, y_max / scale):
+        yy = y(v * scale)
+        out.append(f'<line x1="{left}" y1="{yy:.1f}" x2="{left + pw}" y2="{yy:.1f}" stroke="#eeeeee"/>')
+        out.append(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end">{v:g}</text>')
+    out.append(
+        f'<text x="16" y="{top + ph / 2}" text-anchor="middle" transform="rotate(-90 16 {top + ph / 2})">{unit}</text>'
+    )
+    slot = pw / max(1, len(rows))
+    bar = min(60.0, slot * 0.6)
+    for i, r in enumerate(rows):
+        cx = left + slot * (i + 0.5)
+        base = 0.0
+        for (label, _, colour), part in zip(SCALING_PARTS, scaling_parts(r), strict=True):
+            if part <= 0:
+                continue
+            y0, y1 = y(base + part), y(base)
+            out.append(
+                f'<rect x="{cx - bar / 2:.1f}" y="{y0:.1f}" width="{bar:.1f}" height="{y1 - y0:.1f}" '
+                f'fill="{colour}"><title>{label}: {_gib(part)}</title></rect>'
+            )
+            base += part
+        out.append(f'<text x="{cx:.1f}" y="{top + ph + 18}" text-anchor="middle">{r.world_size}</text>')
+        note = _gib(r.peak_bytes) + (f" · b={r.max_batch}" if r.max_batch is not None else "")
+        out.append(f'<text x="{cx:.1f}" y="{y(r.peak_bytes) - 6:.1f}" text-anchor="middle">{escape(note)}</text>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 28}" text-anchor="middle">ranks (world size)</text>')
+    if cap:
+        cy = y(cap)
+        out.append(
+            f'<line x1="{left}" y1="{cy:.1f}" x2="{left + pw}" y2="{cy:.1f}" stroke="#c0392b" stroke-width="2"/>'
+        )
+        out.append(f'<text x="{left + pw - 4}" y="{cy - 6:.1f}" text-anchor="end" fill="#c0392b">capacity</text>')
+    for i, (label, _, colour) in enumerate(SCALING_PARTS):
+        lx = left + i * 150
+        out.append(f'<rect x="{lx}" y="{height - 14}" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{lx + 14}" y="{height - 5}">{escape(label)}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def write_scaling_plot(result, path: Path) -> Path:
+    path.write_text(scaling_svg(result), encoding="utf-8")
+    return path

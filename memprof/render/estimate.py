@@ -9,8 +9,19 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ..results import EstimateResult, FlopCount, LayerRow, MemCategory
-from . import format_bytes, format_count, format_flops, format_pct, format_seconds
+from ..results import METHOD_REAL, EstimateResult, FlopCount, LayerRow, MemCategory
+from . import (
+    certainty,
+    ellipsize,
+    format_bytes,
+    format_count,
+    format_flops,
+    format_pct,
+    format_seconds,
+    plural,
+    say,
+    squeeze,
+)
 
 DEFAULT_LAYERS = 10
 
@@ -19,12 +30,47 @@ _ORDER = (
     MemCategory.BUFFER,
     MemCategory.GRADIENT,
     MemCategory.OPTIMIZER_STATE,
+    MemCategory.GATHERED_PARAMETER,
+    MemCategory.COMMUNICATION,
     MemCategory.ACTIVATION,
     MemCategory.TEMPORARY,
     MemCategory.INPUT,
     MemCategory.KV_CACHE,
     MemCategory.CUDA_OVERHEAD,
 )
+#: what each strategy shards (labelled "(sharded)" in the breakdown)
+_SHARDED = {
+    "zero1": (MemCategory.OPTIMIZER_STATE,),
+    "zero2": (MemCategory.PARAMETER, MemCategory.GRADIENT, MemCategory.OPTIMIZER_STATE),
+    "zero3": (MemCategory.PARAMETER, MemCategory.GRADIENT, MemCategory.OPTIMIZER_STATE),
+    "fsdp": (MemCategory.PARAMETER, MemCategory.GRADIENT, MemCategory.OPTIMIZER_STATE),
+}
+_STRATEGY_NAMES = {
+    "ddp": "DDP",
+    "zero1": "ZeRO-1 (DDP + ZeroRedundancyOptimizer)",
+    "zero2": "ZeRO-2 (FSDP2, reshard_after_forward=False)",
+    "zero3": "ZeRO-3 (FSDP2 fully_shard)",
+    "fsdp": "FSDP2 fully_shard (ZeRO-3)",
+}
+
+
+def _label(cat: MemCategory, strategy: str | None) -> str:
+    return cat.value + (" (sharded)" if cat in _SHARDED.get(strategy or "", ()) else "")
+
+
+def parallel_line(workload: dict) -> str | None:
+    """ "FSDP2 fully_shard (ZeRO-3) × 8 ranks, one rank shown" for a distributed workload, else None."""
+    strategy = workload.get("strategy")
+    if not strategy or strategy == "none":
+        return None
+    text = f"{_STRATEGY_NAMES.get(strategy, strategy)} × {workload.get('world_size')} ranks; figures are one rank's"
+    if workload.get("offload") not in (None, "none"):
+        text += f"; offload {workload.get('offload')}"
+    if strategy in ("ddp", "zero1"):
+        text += f"; buckets {workload.get('bucket_cap_mb'):g} MiB"
+        if workload.get("gradient_as_bucket_view"):
+            text += ", gradient_as_bucket_view"
+    return text
 
 
 _METRICS = {
@@ -113,12 +159,16 @@ def _header(result: EstimateResult, console: Console) -> None:
         rows.append(("MoE routing", _ROUTINGS.get(str(w.get("routing")), str(w.get("routing")))))
     if w.get("checkpointing") not in (None, "none"):
         rows.append(("checkpointing", str(w.get("checkpointing"))))
+    parallel = parallel_line(w)
+    if parallel is not None:
+        rows[1] = ("batch size", f"{w.get('batch_size')} per rank")
+        rows.append(("parallel", parallel))
     if result.capacity is not None:
         rows.append(("device", f"{format_bytes(result.capacity.total_bytes)} ({result.capacity.source})"))
     else:
         rows.append(("device", f"capacity unknown ({result.capacity_note or 'no --gpu-memory given'})"))
     for key, value in rows:
-        console.print(f"  {key:<11} {value}")
+        say(console, f"  {key:<11} {value}", hang=14)
 
 
 def _headline(result: EstimateResult, console: Console) -> None:
@@ -128,28 +178,42 @@ def _headline(result: EstimateResult, console: Console) -> None:
     console.print()
     if result.traced is not None:
         t = result.traced
-        console.print(f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] peak per {what} (traced)")
+        real = getattr(t, "method", "trace") == METHOD_REAL
+        how = "recorded from a real CPU run" if real else "traced"
+        console.print(f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] peak per {what} ({how})")
         if getattr(t, "peak_phase", None):
-            console.print(
+            say(
+                console,
                 f"  peak in {t.peak_phase}"
-                + (f", in module {t.peak_module}" if getattr(t, "peak_module", None) else "")
+                + (f", in module {t.peak_module}" if getattr(t, "peak_module", None) else ""),
             )
+        width = max(40, console.width - 1)
+        lines = [certainty(getattr(t, "method", "trace"), getattr(t, "modelled", ()))]
+        reason = getattr(t, "method_reason", None)
+        if reason:
+            lines.append(f"the step reads tensor values ({reason}), so it ran for real on the CPU at this batch")
+        for line in lines:
+            console.print(textwrap.fill(line, width, initial_indent="  ", subsequent_indent="    "), markup=False)
         extra = []
         if getattr(t, "predicted_reserved_bytes", None) is not None:
             extra.append(f"CUDA allocator reserved ≈ {format_bytes(t.predicted_reserved_bytes)}")
         if getattr(t, "predicted_nvml_bytes", None) is not None:
             extra.append(f"nvidia-smi ≈ {format_bytes(t.predicted_nvml_bytes)}")
         if extra:
-            console.print("  " + "; ".join(extra))
+            say(console, "  " + "; ".join(extra))
+        if getattr(t, "host_bytes", None):
+            say(console, f"  offloaded to the host: {format_bytes(t.host_bytes)} per rank (not in the figures above)")
         if mode == "generate":
             _generation(result, console)
-        console.print(f"  formula (four-part rule): {format_bytes(a.total_bytes)}")
+        one = " for one process" if parallel_line(result.workload) else ""
+        say(console, f"  formula (four-part rule){one}: {format_bytes(a.total_bytes)}")
     else:
         console.print(
             f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] per {what} (formula: four-part rule)"
         )
         if result.trace_note:
-            console.print(f"  {result.trace_note}")
+            partial = "PARTIAL - " if result.trace_error is not None else ""
+            say(console, f"  {partial}{result.trace_note}")
     params = f"  parameters {format_count(a.param_count)}"
     if a.trainable_param_count != a.param_count:
         params += f" ({format_count(a.trainable_param_count)} trainable)"
@@ -160,7 +224,7 @@ def _headline(result: EstimateResult, console: Console) -> None:
     if published is not None:
         params += " (the published count)" if published == a.param_count else f" (published: {format_count(published)})"
     params += f" · formula: {a.seconds:.2f} s"
-    console.print(params)
+    say(console, params)
 
 
 def _generation(result: EstimateResult, console: Console) -> None:
@@ -194,7 +258,7 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
     if traced is not None:
         table.add_column("Traced", justify="right")
         table.add_column("% of total", justify="right")
-        table.add_column("Formula", justify="right")
+        table.add_column("Formula" + (" (1 process)" if parallel_line(result.workload) else ""), justify="right")
         table.add_column("% of total", justify="right")
     else:
         table.add_column("Bytes", justify="right")
@@ -207,8 +271,9 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
         if not f and not t:
             continue
         if traced is not None:
+            label = _label(cat, result.workload.get("strategy"))
             table.add_row(
-                cat.value, format_bytes(t or 0), _pct(t or 0, t_total), format_bytes(f or 0), _pct(f or 0, f_total)
+                label, format_bytes(t or 0), _pct(t or 0, t_total), format_bytes(f or 0), _pct(f or 0, f_total)
             )
         else:
             assert f is not None  # without a trace t is None, so the row was skipped unless f is set
@@ -226,6 +291,12 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
         table.add_row("Total", format_bytes(f_total), _pct(f_total, f_total), style="bold")
     console.print()
     console.print(f"[bold]{title}[/bold]")
+    if traced is not None:
+        say(
+            console,
+            "  Traced: bytes alive at the moment of the peak (a gradient not made yet is not counted); "
+            "Formula: each category at its full size.",
+        )
     console.print(table)
 
 
@@ -261,7 +332,7 @@ def _weights(result: EstimateResult, console: Console) -> None:
     console.print()
     console.print("[bold]Fine-tuning[/bold]")
     if w is not None:
-        console.print(f"  {w.peft_line()}  (as peft prints it)")
+        say(console, f"  {w.peft_line()}  (as peft prints it)")
         parts = [f"frozen base weights {format_bytes(w.frozen_bytes)}"]
         if w.adapter_bytes:
             parts.append(f"LoRA adapters {format_bytes(w.adapter_bytes)} ({format_count(w.adapter_params)} params)")
@@ -271,11 +342,11 @@ def _weights(result: EstimateResult, console: Console) -> None:
             parts.append(
                 f"quantization state {format_bytes(w.quant_state_bytes)} ({w.quantized_layers} quantized layers)"
             )
-        console.print("  " + " · ".join(parts))
+        say(console, "  " + " · ".join(parts))
     if host:
-        console.print(f"  CPU memory (offloaded optimizer: fp32 masters, gradients, state): {format_bytes(host)}")
+        say(console, f"  CPU memory (offloaded optimizer: fp32 masters, gradients, state): {format_bytes(host)}")
     if paged:
-        console.print(f"  paged optimizer state (CUDA unified memory, not in the peak): {format_bytes(paged)}")
+        say(console, f"  paged optimizer state (CUDA unified memory, not in the peak): {format_bytes(paged)}")
 
 
 def select_layers(layers: tuple[LayerRow, ...], top: int | None) -> list[LayerRow]:
@@ -302,23 +373,25 @@ def _layers(result: EstimateResult, console: Console, top: int | None) -> None:
     else:
         rows = list(a.layers)
         title = f"Layers ({len(a.layers)}, in execution order)"
-    table = _table()
-    table.add_column("Layer", overflow="fold", max_width=40)
-    table.add_column("Type")
-    table.add_column("Output shape")
-    table.add_column("Parameters", justify="right")
-    table.add_column("Activation", justify="right")
+    headers = ["Layer", "Type", "Output shape", "Parameters", "Activation"]
     if forward is not None:
-        table.add_column("Fwd FLOP", justify="right", no_wrap=True)
-        table.add_column("MAC", justify="right", no_wrap=True)
+        headers += ["Fwd FLOP", "MAC"]
+    cells = []
     for row in rows:
         name = row.name + (f" (×{row.calls})" if row.calls > 1 else "")
         act = "in-place" if row.inplace and row.activation_bytes == 0 else format_bytes(row.activation_bytes)
-        cells = [name, row.type, _shapes(row.output_shapes), format_count(row.params), act]
+        cell = [name, row.type, _shapes(row.output_shapes), format_count(row.params), act]
         if forward is not None:
             f = forward.get(row.name, 0)
-            cells += [format_flops(f, "") if f else "-", format_flops(f // 2, "") if f else "-"]
-        table.add_row(*cells)
+            cell += [format_flops(f, "") if f else "-", format_flops(f // 2, "") if f else "-"]
+        cells.append(cell)
+    # long names lose their middle, never wrap: each row stays one line at any width
+    cells = squeeze(headers, cells, console.width, {0: 16, 2: 12, 1: 10}, gap=3)
+    table = _table()
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="right" if i >= 3 else "left", no_wrap=True)
+    for cell in cells:
+        table.add_row(*cell)
     console.print()
     console.print(f"[bold]{title}[/bold]")
     console.print(table)
@@ -334,20 +407,22 @@ def _layers(result: EstimateResult, console: Console, top: int | None) -> None:
             names = ", ".join(f"{m.name} {format_flops(m.forward_flops)}" for m in elsewhere[:3])
             more = f" (+{len(elsewhere) - 3} more)" if len(elsewhere) > 3 else ""
             line += f"; the rest in modules' own code: {names}{more}"
-        console.print(line, markup=False, highlight=False)
+        say(console, line)
     shown_params = sum(r.params for r in a.layers)
     if a.formula_mismatches:
-        console.print(
+        say(
+            console,
             f"  per-layer formulas differ from numel() on {len(a.formula_mismatches)} of "
-            f"{a.formula_checked} layers (numel() used):"
+            f"{plural(a.formula_checked, 'layer')} (numel() used):",
         )
         for m in a.formula_mismatches[:5]:
-            console.print(f"    {m}")
+            say(console, f"    {m}")
     else:
-        console.print(f"  per-layer formulas agree with numel() on {a.formula_checked} layers")
-    console.print(
+        say(console, f"  per-layer formulas agree with numel() on {plural(a.formula_checked, 'layer')}")
+    say(
+        console,
         f"  parameters sum to {format_count(shown_params)}"
-        + (f" ({a.tied_param_count} tied tensor(s) counted at their first owner)" if a.tied_param_count else "")
+        + (f" ({a.tied_param_count} tied tensor(s) counted at their first owner)" if a.tied_param_count else ""),
     )
 
 
@@ -393,15 +468,11 @@ def _compute(result: EstimateResult, console: Console) -> None:
     )
     st = result.step_time
     if st is None:
-        console.print(
-            f"  step time: {result.step_time_note or 'needs a GPU (--gpu NAME)'}", markup=False, highlight=False
-        )
+        say(console, f"  step time: {result.step_time_note or 'needs a GPU (--gpu NAME)'}")
         return
-    console.print(
-        f"[bold]Step time on {st.gpu}[/bold] ({st.label}): ≥ {format_seconds(st.seconds)} per step "
-        f"(roofline lower bound)",
-        highlight=False,
-    )
+    # the heading alone on its line, the figure below it: at 80 columns nothing breaks mid-sentence
+    console.print(f"[bold]Step time on {ellipsize(st.gpu, 40)}[/bold] ({st.label})", highlight=False)
+    say(console, f"  ≥ {format_seconds(st.seconds)} per step (roofline lower bound)")
     phases = f"forward {format_seconds(st.forward_seconds)}"
     if result.workload.get("mode") == "train":
         phases += f", backward {format_seconds(st.backward_seconds)}, optimizer {format_seconds(st.optimizer_seconds)}"
@@ -409,11 +480,11 @@ def _compute(result: EstimateResult, console: Console) -> None:
     if st.tokens_per_second is not None:
         rate += f" (≤ {st.tokens_per_second:,.0f} tokens/s)"
     share = 100.0 * st.compute_bound_seconds / st.seconds if st.seconds else 0.0
-    console.print(f"  {phases}; {rate}", highlight=False)
-    console.print(
+    say(console, f"  {phases}; {rate}")
+    say(
+        console,
         f"  {share:.0f} % of it in compute-bound ops, the rest bound by memory bandwidth "
         f"({format_bytes(st.step_bytes)} read and written)",
-        highlight=False,
     )
 
 
@@ -426,8 +497,12 @@ def _methods(result: EstimateResult, console: Console) -> None:
     legend = []
     if result.traced is not None:
         act = _categories(getattr(result.traced, "breakdown_at_peak", {})).get(MemCategory.ACTIVATION)
-        table.add_row("memprof trace", format_bytes(result.traced.peak_bytes), format_bytes(act))
-        legend.append(("memprof trace", "fake-tensor trace of the whole step, peak of live storages"))
+        if getattr(result.traced, "method", "trace") == METHOD_REAL:
+            table.add_row("memprof real run", format_bytes(result.traced.peak_bytes), format_bytes(act))
+            legend.append(("memprof real run", "the whole step run on the CPU, recorded like a trace"))
+        else:
+            table.add_row("memprof trace", format_bytes(result.traced.peak_bytes), format_bytes(act))
+            legend.append(("memprof trace", "fake-tensor trace of the whole step, peak of live storages"))
     for m in a.methods:
         table.add_row(
             m.method,
@@ -440,11 +515,12 @@ def _methods(result: EstimateResult, console: Console) -> None:
     console.print(table)
     width = max(len(name) for name, _ in legend)
     for name, how in legend:
-        console.print(f"  {name:<{width}}  {how}")
-    console.print(f"  modelsize in decimal MB: parameters {a.modelsize_param_bytes / 1e6:.6f} MB,")
-    console.print(
+        say(console, f"  {name:<{width}}  {how}", hang=width + 4)
+    say(console, f"  modelsize in decimal MB: parameters {a.modelsize_param_bytes / 1e6:.6f} MB,")
+    say(
+        console,
         f"    intermediates {a.modelsize_forward_bytes / 1e6:.4f} MB forward-only, "
-        f"{a.modelsize_backward_bytes / 1e6:.4f} MB with backward"
+        f"{a.modelsize_backward_bytes / 1e6:.4f} MB with backward",
     )
 
 
@@ -456,25 +532,30 @@ def _fit(result: EstimateResult, console: Console) -> None:
         return
     cap = fit.capacity
     console.print(f"[bold]Fit[/bold] on {format_bytes(cap.total_bytes)} ({cap.source})")
-    console.print(f"  judged by: {_METRICS.get(fit.metric, fit.metric)}")
+    say(console, f"  judged by: {_METRICS.get(fit.metric, fit.metric)}")
+    if fit.note:
+        say(console, f"  ({fit.note})")
     batch = result.workload.get("batch_size")
     verdict = "fits" if fit.fits else "DOES NOT FIT"
-    console.print(
+    say(
+        console,
         f"  batch {batch}: {format_bytes(fit.estimate_bytes)} = {_pct(fit.estimate_bytes, cap.total_bytes)} "
-        f"of capacity · {verdict}"
+        f"of capacity · {verdict}",
     )
     if fit.max_batch is None:
-        console.print("  largest batch that fits: none (not even batch 1)")
+        say(console, "  largest batch that fits: none (not even batch 1)")
         _seq_fit(result, console)
         _grid(result, console)
         return
-    console.print(f"  largest batch that fits: {fit.max_batch}")
-    console.print(
+    say(console, f"  largest batch that fits: {fit.max_batch}")
+    say(
+        console,
         f"  recommended batch:       {fit.recommended_batch}  "
-        f"(floor({fit.headroom:g} × {fit.max_batch}): headroom for what the estimate cannot see)"
+        f"(floor({fit.headroom:g} × {fit.max_batch}): headroom for what the estimate cannot see)",
+        hang=27,
     )
     if fit.per_sample_bytes is not None and fit.fixed_bytes is not None:
-        console.print(f"  by batch: {format_bytes(fit.fixed_bytes)} + {format_bytes(fit.per_sample_bytes)} per sample")
+        say(console, f"  by batch: {format_bytes(fit.fixed_bytes)} + {format_bytes(fit.per_sample_bytes)} per sample")
     _seq_fit(result, console)
     _grid(result, console)
 
@@ -487,7 +568,7 @@ def _seq_fit(result: EstimateResult, console: Console) -> None:
     what = "prompt" if gen else "sequence"
     unit = f", a multiple of {sf.multiple_of}" if sf.multiple_of > 1 else ""
     if sf.max_seq_len is None:
-        console.print(f"  longest {what} at batch {sf.batch_size}: none (not even {sf.multiple_of} tokens fit)")
+        say(console, f"  longest {what} at batch {sf.batch_size}: none (not even {sf.multiple_of} tokens fit)")
         return
     text = f"  longest {what} at batch {sf.batch_size}: {sf.max_seq_len:,} tokens{unit}"
     if gen:
@@ -496,7 +577,7 @@ def _seq_fit(result: EstimateResult, console: Console) -> None:
         text += " - the model's positions, not the memory, set this limit"
     elif sf.peak_at_next_bytes is not None:
         text += f"; {sf.max_seq_len + sf.multiple_of:,} needs {format_bytes(sf.peak_at_next_bytes)}"
-    console.print(text)
+    say(console, text)
 
 
 def _grid(result: EstimateResult, console: Console) -> None:
@@ -510,7 +591,7 @@ def _grid(result: EstimateResult, console: Console) -> None:
     console.print(f"[bold]Batch size × {what}[/bold] that fit {format_bytes(g.capacity_bytes)} (█ fits, · does not)")
     for line in grid_text(g):
         console.print("  " + line, markup=False, highlight=False)
-    console.print(f"  {g.traces} traces; each largest batch is exact under the tracer")
+    say(console, f"  {g.traces} traces; each largest batch is exact under the tracer")
 
 
 def render_estimate(result: EstimateResult, console: Console, layers: int | None = DEFAULT_LAYERS) -> None:
