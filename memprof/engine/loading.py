@@ -262,6 +262,8 @@ class ModelSpec:
 
     def _check_arguments(self, args: str) -> None:
         """Arguments the constructor's signature cannot take fail here, before it runs."""
+        if self.hf is not None:  # config overrides, checked against the config when it is built
+            return
         try:
             signature = inspect.signature(self.factory)
         except (TypeError, ValueError):  # a builtin or C extension: no signature to check
