@@ -119,7 +119,7 @@ def compare_cmd(
     plot: Path | None = typer.Option(
         None,
         "--plot",
-        help="Write the breakdown bars: file.svg, or file.png (needs matplotlib: pip install memprof\\[plot]).",
+        help="Write the breakdown bars: file.svg, .png, .pdf or .html.",
     ),
     json_out: bool = JSON_OPT,
 ) -> None:

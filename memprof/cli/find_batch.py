@@ -76,8 +76,7 @@ def find_batch_cmd(
     plot: Path | None = typer.Option(
         None,
         "--plot",
-        help="Write a plot of peak memory vs batch: file.svg or "
-        "file.png (PNG needs matplotlib: pip install 'memprof\\[plot]').",
+        help="Write a plot of peak memory vs batch: file.svg, .png, .pdf or .html.",
     ),
     no_chart: bool = typer.Option(False, "--no-chart", help="Do not draw the chart in the terminal."),
     json_out: bool = JSON_OPT,
@@ -140,7 +139,7 @@ def find_batch_cmd(
             on_event=progress.on_event,
         )
     if plot is not None and result.trials:
-        from ..render.charts import write_plot
+        from ..render.find_batch import write_plot
 
         write_plot(result, plot)
     if json_out:

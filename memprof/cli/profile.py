@@ -26,7 +26,7 @@ def profile_cmd(
     ),
     log: Path | None = typer.Option(None, "--log", help="Write a line-by-line text log (live total, + / - tensors)."),
     plot: Path | None = typer.Option(
-        None, "--plot", help="Timeline plot with the peak marked: .svg, .html or .png (png needs matplotlib)."
+        None, "--plot", help="Timeline plot with the peak marked: .svg, .png, .pdf or .html (with the top lines)."
     ),
     snapshot: Path | None = typer.Option(
         None,
@@ -37,6 +37,7 @@ def profile_cmd(
         "auto", "--device", help="Whose memory counts: auto (cuda when available, else all), cuda, cpu or all."
     ),
     top: int = typer.Option(10, "--top", help="How many lines / tensor groups to show."),
+    no_chart: bool = typer.Option(False, "--no-chart", help="Do not draw memory over time in the terminal."),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Profile a training script: memory by source line, module and category; the peak; leaks.
@@ -47,7 +48,7 @@ def profile_cmd(
     """
     from ..commands.profile import DEVICES
     from ..errors import UsageError
-    from ..render.profile import check_plot_path
+    from ..render.charts import check_plot_path
 
     if device not in DEVICES:
         raise UsageError(f"unknown --device {device!r}", "choose auto, cuda, cpu or all")
@@ -90,7 +91,7 @@ def profile_cmd(
         if not console.is_terminal and "COLUMNS" not in os.environ:
             console.width = max(console.width, 120)  # piped: the tables need room
         console.print()
-        render_profile(result, console, top=top)
+        render_profile(result, console, top=top, chart=not no_chart)
         for w in written:
             console.print(f"Wrote {w}")
     if snapshot is not None and (result.cuda is None or result.cuda.snapshot_path is None):
