@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputShapeError, TraceError
 from ..results import AnalyticEstimate, LayerRow, MemCategory, MethodTotal
+from .modtrack import ModuleFrame, ModuleTracker
 from .workload import DTYPE_BYTES, optimizer_state_count
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -234,30 +235,27 @@ def _expected(module) -> str | None:
     return None
 
 
-class _Recorder:
-    """Forward pre-/post-hooks on every module: the call stack, innermost calls and their outputs."""
+class _CallRecorder:
+    """Every module call of one forward (on the module tracker): input and output sizes, innermost calls."""
 
     def __init__(self, model, act_bytes: int | None):
         self.model = model
         self.act_bytes = act_bytes  # element size for floating outputs under AMP (None: the tensor's own)
-        self.names: dict[Any, str] = {}
-        for n, m in model.named_modules(remove_duplicate=False):
-            self.names.setdefault(m, n or "(model)")  # a module reachable under two names: its first
-        self.stack: list[_Call] = []
         self.calls: list[_Call] = []
-        self.handles: list = []
+        self.modules = ModuleTracker(on_enter=self._enter, on_exit=self._exit, backward=False)
 
     def __enter__(self):
-        for module in self.model.modules():
-            self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
-            self.handles.append(module.register_forward_hook(self._post, with_kwargs=True))
+        self.modules.attach(self.model, root_name="(model)")  # a module reachable under two names: its first
         return self
 
     def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        self.modules.detach()
         return False
+
+    def failed_call(self) -> _Call | None:
+        """The innermost call whose forward raised."""
+        frame = self.modules.stack[-1] if self.modules.stack else self.modules.failed
+        return frame.data if frame is not None else None
 
     def _size(self, tensors) -> tuple[int, int, int]:
         elements = nbytes = fp32 = 0
@@ -276,20 +274,19 @@ class _Recorder:
                 nbytes += n * t.element_size()
         return elements, nbytes, fp32
 
-    def _pre(self, module, args, kwargs):
-        if self.stack:
-            self.stack[-1].leaf = False
-        call = _Call(self.names.get(module, type(module).__name__), module)
-        call.in_bytes = self._size(_tensors((args, kwargs)))[1]
+    def _enter(self, module, name: str, args, kwargs) -> _Call:
+        stack = self.modules.stack
+        if stack:
+            stack[-1].data.leaf = False
+        call = _Call(name, module)
         inputs = _tensors((args, kwargs))
+        call.in_bytes = self._size(inputs)[1]
         call.in_shapes = tuple(tuple(t.shape) for t in inputs)
         call.in_ids = frozenset(id(t) for t in inputs)
-        self.stack.append(call)
+        return call
 
-    def _post(self, module, args, kwargs, output):
-        if not self.stack:
-            return
-        call = self.stack.pop()
+    def _exit(self, frame: ModuleFrame, output) -> None:
+        call = frame.data
         outs = _tensors(output)
         call.returns_input = bool(outs) and all(id(t) in call.in_ids for t in outs)
         call.out_shapes = tuple(tuple(t.shape) for t in outs)
@@ -323,7 +320,7 @@ def _run(model, workload: Workload, batch: int, act_bytes: int | None) -> _Run:
 
     args, kwargs, target = workload.model.make_batch(batch, torch.device("meta"), workload.precision)
     run = _Run()
-    rec = _Recorder(model, act_bytes)
+    rec = _CallRecorder(model, act_bytes)
     run.input_bytes = rec._size(_tensors((args, kwargs, target)))[1]
     run.input_elements = rec._size(_tensors((args, kwargs)))[0]
     try:
@@ -337,17 +334,17 @@ def _run(model, workload: Workload, batch: int, act_bytes: int | None) -> _Run:
     return run
 
 
-def _shape_error(exc: Exception, rec: _Recorder, args, kwargs, workload: Workload) -> Exception:
+def _shape_error(exc: Exception, rec: _CallRecorder, args, kwargs, workload: Workload) -> Exception:
     """The innermost module that was running, its input shape and what it expects."""
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     model_in = " + ".join(_shape_text(t.shape) for t in _tensors((args, kwargs))) or "no tensors"
-    if not rec.stack:
+    call = rec.failed_call()
+    if call is None:
         return InputShapeError(
             f"the model rejected its input ({model_in}): {type(exc).__name__}: {first_line}",
             "give the per-sample shape with --input-shape (batch excluded), "
             "or define memprof_batch() next to the model",
         )
-    call = rec.stack[-1]
     module = call.module
     got = " + ".join(_shape_text(s) for s in getattr(call, "in_shapes", ())) or "no tensors"
     want = _expected(module)

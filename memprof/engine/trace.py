@@ -27,7 +27,6 @@ CPU prediction (raw storage bytes), the CUDA ``max_memory_allocated`` prediction
 
 from __future__ import annotations
 
-import bisect
 import math
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from ..errors import InputShapeError, MemprofError, TraceError, UsageError
 from ..results import MemCategory, TimelinePoint, TraceResult
 from . import fastfake
 from .allocator import CachingAllocatorModel, round_size
+from .modtrack import ModuleTracker
 from .overheads import cublas_workspace_bytes, cuda_context_bytes, onednn_conv_scratch
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
@@ -81,7 +81,6 @@ class _Recorder:
     """Collects allocation records and events while the step runs; analysis happens afterwards."""
 
     def __init__(self, target: str, kernel_scratch: bool = True):
-        import torch
 
         self.target = target
         self.rec_nbytes: list[int] = []
@@ -96,13 +95,9 @@ class _Recorder:
         self.phase = "setup"
         self.step = 0
         self.category: MemCategory | None = None  # forced category while set (setup)
-        self.module_stack: list[str] = []
-        self.seq_marks: list[int] = []
-        self.seq_mods: list[str | None] = []
-        self.last_module_input: tuple[str, list] | None = None
+        # the module running each allocation; on_enter keeps each call's input shapes for error messages
+        self.modules = ModuleTracker(on_enter=_input_shapes)
         self.tracker: StorageTracker | None = None
-        self._current_node = torch._C._current_autograd_node
-        self._seq_nr = torch._C._autograd._get_sequence_nr
         self.need_workspace = target == "cuda"
         self.cpu_scratch = target == "cpu" and kernel_scratch
         self.saw_flash_attention = False
@@ -117,20 +112,12 @@ class _Recorder:
 
     # -- module attribution -------------------------------------------------------------
     def module_now(self) -> str | None:
-        if self.module_stack:
-            return self.module_stack[-1]
+        stack = self.modules.stack
+        if stack:
+            return stack[-1].name
         if self.phase == "backward":
-            node = self._current_node()
-            if node is not None:
-                seq = node._sequence_nr()
-                i = bisect.bisect_right(self.seq_marks, seq) - 1
-                if i >= 0 and seq < (1 << 62):
-                    return self.seq_mods[i]
+            return self.modules.backward_module()
         return None
-
-    def mark(self) -> None:
-        self.seq_marks.append(self._seq_nr())
-        self.seq_mods.append(self.module_stack[-1] if self.module_stack else None)
 
     # -- tracker callbacks ----------------------------------------------------------------
     def on_alloc(self, key: int, nbytes: int, func: Any) -> None:
@@ -227,35 +214,10 @@ def _make_tracker(recorder: _Recorder):
     return tracker
 
 
-def _install_module_hooks(model, recorder: _Recorder) -> list:
+def _input_shapes(module, name: str, args: tuple, kwargs: dict) -> list[tuple[int, ...]]:
     import torch
 
-    handles = []
-    root_name = type(model).__name__
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        label = name or root_name
-
-        def pre(mod, args, _label=label):
-            recorder.module_stack.append(_label)
-            recorder.last_module_input = (_label, [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
-            recorder.mark()
-
-        def post(mod, args, output, _label=label):
-            stack = recorder.module_stack
-            if stack and stack[-1] == _label:
-                stack.pop()
-            recorder.mark()
-
-        handles.append(module.register_forward_pre_hook(pre))
-        try:  # always_call: pop even when forward raises (checkpoint's early stop of a recomputation)
-            handles.append(module.register_forward_hook(post, always_call=True))
-        except TypeError:  # torch < 2.1
-            handles.append(module.register_forward_hook(post))
-    return handles
+    return [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
 
 
 # =========================================================================== building on fake tensors
@@ -363,9 +325,9 @@ _SHAPE_WORDS = (
 
 def _forward_error(exc: Exception, recorder: _Recorder, model, workload: Workload) -> MemprofError:
     msg = " ".join(str(exc).split())
-    where = recorder.module_stack[-1] if recorder.module_stack else None
-    if where is None and recorder.last_module_input is not None:
-        where = recorder.last_module_input[0]  # the innermost module entered last (hooks popped it)
+    modules = recorder.modules
+    frame = modules.stack[-1] if modules.stack else modules.failed  # the innermost call that raised
+    where = frame.name if frame is not None else None
     if isinstance(exc, (RuntimeError, ValueError, IndexError)) and any(w in msg.lower() for w in _SHAPE_WORDS):
         module = None
         if where is not None:
@@ -386,10 +348,8 @@ def _forward_error(exc: Exception, recorder: _Recorder, model, workload: Workloa
             ]
             expects = f" ({type(module).__name__}{', ' + ', '.join(attrs) if attrs else ''})"
         got = ""
-        if recorder.last_module_input and recorder.last_module_input[0] == where:
-            got = " received input shape(s) " + ", ".join(
-                "×".join(map(str, s)) or "scalar" for s in recorder.last_module_input[1]
-            )
+        if frame is not None:
+            got = " received input shape(s) " + ", ".join("×".join(map(str, s)) or "scalar" for s in frame.data)
         inputs = workload.model.input_description()
         return InputShapeError(
             f"the model rejected its input {inputs} (batch {workload.batch_size}): layer "
@@ -446,7 +406,6 @@ def trace_step(
     started = time.perf_counter()
     recorder = _Recorder(target, kernel_scratch)
     notes: list[str] = []
-    handles: list = []
     prepared = None
     model = None
     gc_was_enabled = gc.isenabled()
@@ -487,7 +446,7 @@ def trace_step(
                 recorder.category = None
                 prepared = Prepared(workload, model, optimizer, args, kwargs, tgt, workload.model.loss_fn(), "cpu")
                 del args, kwargs, tgt
-                handles = _install_module_hooks(model, recorder)
+                recorder.modules.attach(model)
                 if target == "cpu":
                     # torch.utils.checkpoint keeps the CPU RNG state (a real 5056-byte tensor made
                     # outside any op) per checkpointed call; on CUDA it is host memory
@@ -503,7 +462,7 @@ def trace_step(
 
                 def on_phase(phase: str) -> None:
                     assert prepared is not None  # set above, before any step runs
-                    recorder.module_stack.clear()
+                    recorder.modules.clear()
                     if phase == "forward":
                         recorder.forward_start[recorder.step] = len(recorder.events)
                         recorder.forward_op[recorder.step] = tracker.op_count
@@ -565,14 +524,13 @@ def trace_step(
                             raise _forward_error(exc, recorder, model, workload) from None
                         raise _step_error(exc, recorder.phase) from None
                     finally:
-                        recorder.module_stack.clear()
+                        recorder.modules.clear()
                 recorder.phase = "done"
                 op_count = tracker.op_count
             tracker.detach()
     finally:
         fake_log.setLevel(fake_log_level)
-        for h in handles:
-            h.remove()
+        recorder.modules.detach()
         if real_get_rng_state is not None:
             torch.get_rng_state = real_get_rng_state
         if gc_was_enabled:
