@@ -42,11 +42,17 @@ def estimate(
     checkpointing: str = "none",
     inplace_relu: bool = False,
     use_nvml: bool = True,
+    device: str = "cuda",
+    memory_limit: int | str | None = None,
+    verify: bool = False,
 ) -> EstimateResult:
     """Where the memory of one training step goes, traced on fake tensors (no GPU), and the batch that fits.
 
     ``gpu_memory`` is the capacity to fit (bytes or ``"24GiB"``); without it the local GPU's, via
-    NVML, unless ``use_nvml=False``; with neither, ``result.fit`` is None.
+    NVML, unless ``use_nvml=False``; with neither, ``result.fit`` is None. ``device="cpu"`` predicts
+    the same step run on the CPU (``memory_limit`` is then the capacity to fit). ``verify=True`` also
+    runs the real steps on ``device`` (``"cuda"``, ``"cuda:N"`` or ``"cpu"``) and fills
+    ``result.verification``: each measured figure next to its prediction, with the error.
 
     Example::
 
@@ -54,9 +60,11 @@ def estimate(
         >>> r = memprof.estimate(torchvision.models.resnet18(), batch_size=64, input_shape=(3, 224, 224),
         ...                      gpu_memory="24GiB", use_nvml=False)
         >>> r.headline_bytes, r.fit.max_batch, r.fit.recommended_batch  # doctest: +SKIP
+        >>> v = memprof.estimate("memprof.zoo:mnist_mlp", batch_size=64, device="cpu", verify=True).verification
+        >>> [(f.predicted_bytes, f.measured_bytes, f.error_pct) for f in v.figures]  # doctest: +SKIP
     """
     from .commands.estimate import estimate as run
-    from .commands.estimate import resolve_capacity
+    from .commands.estimate import estimate_capacity
 
     workload = make_workload(
         model,
@@ -71,8 +79,16 @@ def estimate(
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
     )
-    capacity, note = resolve_capacity(_bytes(gpu_memory), use_nvml=use_nvml)
-    return run(workload, capacity=capacity, headroom=headroom, traced=traced, capacity_note=note)
+    capacity, note = estimate_capacity(device, _bytes(gpu_memory), _bytes(memory_limit), use_nvml=use_nvml)
+    return run(
+        workload,
+        capacity=capacity,
+        headroom=headroom,
+        traced=traced,
+        capacity_note=note,
+        device=device,
+        verify=verify,
+    )
 
 
 def find_batch(

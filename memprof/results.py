@@ -159,8 +159,33 @@ class FitSummary:
 
 
 @dataclasses.dataclass(frozen=True)
+class VerifiedFigure:
+    """One predicted figure next to the same figure measured on a real step."""
+
+    metric: str  # "allocated" | "reserved" | "nvml"
+    measured_as: str  # what was read: "torch.cuda.max_memory_allocated()", "live bytes (torch.profiler)", ...
+    predicted_bytes: int | None
+    measured_bytes: int | None  # None: not measurable here (NVML without permission) or the step failed
+    error_pct: float | None  # (predicted - measured) / measured
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """``estimate --verify``: the real training steps run on the device, and each figure against its prediction."""
+
+    device: str  # "cpu" | "cuda:0 NVIDIA H100 80GB HBM3"
+    steps: int
+    predicted_source: Source  # the prediction compared: the trace, or the formula when there is none
+    figures: tuple[VerifiedFigure, ...]
+    seconds: float
+    oom: bool = False  # the real step ran out of memory: nothing measured
+    note: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class EstimateResult:
-    """``memprof estimate``: the workload, the formula estimate, the traced one when available, the fit."""
+    """``memprof estimate``: the workload, the formula estimate, the traced one when available, the fit,
+    and with ``verify`` the real step's figures."""
 
     workload: dict[str, Any]
     headline_bytes: int  # the number to read: the traced peak, or the formula total without a trace
@@ -171,6 +196,8 @@ class EstimateResult:
     capacity: Capacity | None
     capacity_note: str | None  # why there is no capacity
     fit: FitSummary | None
+    target: Target = "cuda"  # the step predicted: a CUDA step, or the same step on the CPU
+    verification: Verification | None = None
 
 
 # =========================================================================== trace

@@ -46,47 +46,11 @@ def _workload(ref: str, options: dict):
 # --------------------------------------------------------------------------- child: one real run
 def child(spec_json: str) -> int:
     """Run two real CUDA steps and print one JSON line with the measured numbers."""
-    import torch
-
-    from memprof.engine import nvml
-    from memprof.engine.workload import prepare, train_step
+    from memprof.engine.measure import measure_cuda_step
 
     spec = json.loads(spec_json)
     workload = _workload(spec["ref"], spec["options"])
-    torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = False
-    prepared = prepare(workload, "cuda")
-    scaler = None
-    if workload.precision.grad_scaler and workload.mode == "train":
-        try:
-            scaler = torch.amp.GradScaler("cuda")
-        except (AttributeError, TypeError):  # torch < 2.3
-            scaler = torch.cuda.amp.GradScaler()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()  # construction temporaries: the trace starts from params/buffers/inputs
-    torch.cuda.reset_peak_memory_stats()
-    peaks = []
-    for _ in range(2):
-        train_step(prepared, scaler=scaler)
-        torch.cuda.synchronize()
-        peaks.append(torch.cuda.max_memory_allocated())
-    used = nvml.process_used_bytes(torch.cuda.current_device())
-    if used is None and spec.get("nvml_baseline_bytes") is not None:
-        info = nvml.device_info(torch.cuda.current_device())
-        if info is not None:
-            used = info.used_bytes - spec["nvml_baseline_bytes"]
-    print(
-        json.dumps(
-            {
-                "allocated_bytes": torch.cuda.max_memory_allocated(),
-                "reserved_bytes": torch.cuda.max_memory_reserved(),
-                "nvml_bytes": used,
-                "first_step_allocated_bytes": peaks[0],
-                "device": torch.cuda.get_device_name(),
-                "capability": list(torch.cuda.get_device_capability()),
-            }
-        )
-    )
+    print(json.dumps(measure_cuda_step(workload, index=0, steps=2)))
     return 0
 
 
@@ -110,13 +74,7 @@ def cases(quick: bool, names: list[str]) -> list[tuple[str, str, dict]]:
 
 
 def measure(ref: str, options: dict) -> dict:
-    from memprof.engine import nvml
-
-    baseline = None
-    info = nvml.device_info(0)
-    if info is not None:
-        baseline = info.used_bytes
-    spec = json.dumps({"ref": ref, "options": options, "nvml_baseline_bytes": baseline})
+    spec = json.dumps({"ref": ref, "options": options})
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, __file__, "--child", spec], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600

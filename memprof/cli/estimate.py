@@ -59,19 +59,34 @@ def estimate_cmd(
     layers: int = typer.Option(10, "--layers", "-l", help="Show the top N layers by activation; 0 shows all."),
     all_layers: bool = typer.Option(False, "--all-layers", help="Show every layer, in execution order."),
     no_trace: bool = typer.Option(False, "--no-trace", help="Formula only: skip the fake-tensor trace (fastest)."),
+    device: str = typer.Option(
+        "cuda", "--device", help="The step to predict: cuda (cuda:N), or cpu: the same step run on the CPU."
+    ),
+    memory_limit: str | None = typer.Option(
+        None, "--memory-limit", help="--device cpu: the capacity to fit, e.g. 8GiB \\[default: no fit]."
+    ),
+    verify: bool = typer.Option(
+        False, "--verify", help="Also run the real step on the device; print predicted vs measured and the error."
+    ),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Estimate one training step's memory (traced and by formula) and the largest batch that fits.
 
-    Exit code 0 when it fits (or no capacity is known), 1 when the batch does not fit
-    but a smaller one does, 4 when not even batch 1 fits, 2 for bad input.
+    --device cpu predicts the step on the CPU (live tensor bytes, oneDNN scratch included);
+    --verify then runs it for real and prints predicted vs measured (on CUDA: allocated,
+    reserved and NVML). Exit code 0 when it fits (or no capacity is known), 1 when the batch
+    does not fit but a smaller one does, 4 when not even batch 1 fits, 2 for bad input, 3 when
+    --verify needs a GPU and there is none.
     """
     from ..errors import UsageError
 
     head = check_headroom(headroom)
     if layers < 0:
         raise UsageError(f"--layers must be 0 or more, got {layers}", "--layers 0 (or --all-layers) shows every layer")
-    capacity_bytes = parse_capacity(gpu_memory)
+    from ..commands.estimate import estimate, estimate_capacity, parse_device
+
+    parse_device(device)
+    capacity, note = estimate_capacity(device, parse_capacity(gpu_memory), parse_capacity(memory_limit))
     workload = build_workload(
         model,
         model_opt,
@@ -85,10 +100,15 @@ def estimate_cmd(
         model_kwargs=model_kwargs,
         model_arg=model_arg,
     )
-    from ..commands.estimate import estimate, resolve_capacity
-
-    capacity, note = resolve_capacity(capacity_bytes)
-    result = estimate(workload, capacity=capacity, headroom=head, traced=not no_trace, capacity_note=note)
+    result = estimate(
+        workload,
+        capacity=capacity,
+        headroom=head,
+        traced=not no_trace,
+        capacity_note=note,
+        device=device,
+        verify=verify,
+    )
     if json_out:
         emit_json(estimate_document(result))
     else:

@@ -8,32 +8,83 @@ the tracer fails.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from ..engine import fit as fitting
 from ..engine.analytic import analyse, largest_batch
-from ..errors import MemprofError
-from ..results import AnalyticEstimate, BatchFit, Capacity, EstimateResult, FitSummary, Metric, TraceResult
+from ..errors import MemprofError, NoGPUError, UsageError
+from ..results import (
+    AnalyticEstimate,
+    BatchFit,
+    Capacity,
+    EstimateResult,
+    FitSummary,
+    Metric,
+    Source,
+    Target,
+    TraceResult,
+    Verification,
+    VerifiedFigure,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.workload import Workload
 
 
-def resolve_capacity(capacity_bytes: int | None = None, *, use_nvml: bool = True) -> tuple[Capacity | None, str | None]:
-    """``gpu_memory`` if given, else GPU 0's total memory via NVML, else ``(None, why not)``."""
+def parse_device(device: str) -> tuple[Target, int]:
+    """``"cuda"``, ``"cuda:N"`` or ``"cpu"`` -> (trace target, CUDA device index)."""
+    text = (device or "cuda").strip().lower()
+    if text == "cpu":
+        return "cpu", 0
+    if text == "cuda" or text.startswith("cuda:"):
+        try:
+            index = int(text.split(":", 1)[1]) if ":" in text else 0
+        except ValueError:
+            index = -1
+        if index >= 0:
+            return "cuda", index
+    raise UsageError(f"unknown `device` {device!r}", "write cuda, cuda:1 or cpu")
+
+
+def resolve_capacity(
+    capacity_bytes: int | None = None, *, use_nvml: bool = True, index: int = 0
+) -> tuple[Capacity | None, str | None]:
+    """``gpu_memory`` if given, else GPU ``index``'s total memory via NVML, else ``(None, why not)``."""
     if capacity_bytes is not None:
         return Capacity(total_bytes=int(capacity_bytes), source="--gpu-memory"), None
     if not use_nvml:
         return None, "no --gpu-memory given"
     from ..engine import nvml
 
-    info = nvml.device_info(0)
+    info = nvml.device_info(index)
     if info is None:
         _, reason = nvml.available()
         return None, reason or "NVML sees no GPU"
     return Capacity(
         total_bytes=info.total_bytes, source=f"NVML: {info.name} (GPU {info.index})", device_name=info.name
     ), None
+
+
+def estimate_capacity(
+    device: str = "cuda",
+    gpu_memory: int | None = None,
+    memory_limit: int | None = None,
+    *,
+    use_nvml: bool = True,
+) -> tuple[Capacity | None, str | None]:
+    """The capacity to fit on ``device``: ``gpu_memory`` (or the GPU's, via NVML) for cuda, ``memory_limit``
+    for cpu; ``(None, why not)`` without one. Each is refused on the other device."""
+    target, index = parse_device(device)
+    if target == "cpu":
+        if gpu_memory is not None:
+            raise UsageError("`gpu_memory` is for `device` cuda", "on the CPU the capacity is `memory_limit` 8GiB")
+        if memory_limit is None:
+            return None, "no --memory-limit given"
+        return Capacity(total_bytes=int(memory_limit), source="--memory-limit", device_name="cpu"), None
+    if memory_limit is not None:
+        raise UsageError("`memory_limit` is for `device` cpu", "on a GPU the capacity is `gpu_memory` 24GiB")
+    return resolve_capacity(gpu_memory, use_nvml=use_nvml, index=index)
 
 
 def formula_fit(
@@ -79,13 +130,22 @@ def estimate(
     headroom: float = fitting.DEFAULT_HEADROOM,
     traced: bool = True,
     capacity_note: str | None = None,
+    *,
+    device: str = "cuda",
+    verify: bool = False,
 ) -> EstimateResult:
     """Estimate one step of ``workload`` by formula and, if ``traced``, by fake-tensor trace; fit ``capacity``.
 
     ``capacity`` is a :class:`Capacity` or a number of bytes; None skips the fit
-    (:func:`resolve_capacity` finds the local GPU's).
+    (:func:`resolve_capacity` finds the local GPU's). ``device`` is the step predicted: ``"cuda"``
+    (``"cuda:N"``) or ``"cpu"`` (the same step on the CPU, as ``scripts/validate_cpu.py`` traces it).
+    ``verify`` also runs the real steps there and puts each figure next to its prediction
+    (:func:`verify_step`); on CUDA it needs a GPU, checked before anything is traced.
     """
     headroom = fitting.check_headroom(headroom)
+    target, index = parse_device(device)
+    if verify and target == "cuda":
+        _require_cuda(index)
     if isinstance(capacity, int) and not isinstance(capacity, bool):
         capacity = Capacity(total_bytes=capacity, source="capacity_bytes")
     assert not isinstance(capacity, bool), "capacity is a Capacity or a number of bytes, not a bool"
@@ -97,12 +157,12 @@ def estimate(
         from ..engine.trace import trace_step
 
         try:
-            trace_result = trace_step(workload, target="cuda")
+            trace_result = trace_step(workload, target=target)
             if capacity is not None:
                 batch_fit = fitting.fit_batch(
                     workload,
                     capacity.total_bytes,
-                    target="cuda",
+                    target=target,
                     headroom=headroom,
                     known={workload.batch_size: trace_result},
                 )
@@ -125,7 +185,10 @@ def estimate(
     else:
         headline, source = analytic.total_bytes, "formula"
     if capacity is None and capacity_note is None:
-        capacity_note = "no --gpu-memory given"
+        capacity_note = "no --memory-limit given" if target == "cpu" else "no --gpu-memory given"
+    verification = None
+    if verify:
+        verification = verify_step(workload, target, index, trace_result, analytic.total_bytes)
     return EstimateResult(
         workload=workload.describe(),
         analytic=analytic,
@@ -136,4 +199,84 @@ def estimate(
         fit=fit,
         headline_bytes=headline,
         headline_source=source,
+        target=target,
+        verification=verification,
     )
+
+
+def _require_cuda(index: int) -> None:
+    import torch
+
+    if not torch.cuda.is_available():  # asks the driver for a device count; allocates nothing on the GPU
+        raise NoGPUError(
+            "`verify` runs a real step on `device` cuda, and no CUDA GPU is available",
+            "verify on the CPU instead: `device` cpu `verify`",
+        )
+    if index >= torch.cuda.device_count():
+        raise NoGPUError(
+            f"there is no CUDA device {index} (found {torch.cuda.device_count()})", "choose `device` cuda:0"
+        )
+
+
+def _error(predicted: int | None, measured: int | None) -> float | None:
+    if predicted is None or not measured:
+        return None
+    return 100.0 * (predicted - measured) / measured
+
+
+def verify_step(
+    workload: Workload,
+    target: Target,
+    index: int,
+    traced: TraceResult | None,
+    formula_bytes: int,
+    steps: int = 2,
+) -> Verification:
+    """Run ``steps`` real training steps on the target and compare them with the prediction.
+
+    CPU: peak live bytes from ``torch.profiler``'s memory events, oneDNN scratch included
+    (:func:`memprof.engine.measure.measure_cpu_step`, the truth of ``scripts/validate_cpu.py``).
+    CUDA: ``torch.cuda.max_memory_allocated()``, ``max_memory_reserved()`` and NVML's usage for
+    this process (:func:`memprof.engine.measure.measure_cuda_step`, as ``scripts/validate_gpu.py``).
+    Without a trace the formula total is compared with the allocated peak.
+    """
+    from ..engine.measure import is_oom_error, measure_cpu_step, measure_cuda_step
+
+    source: Source = "traced" if traced is not None else "formula"
+    allocated = traced.peak_bytes if traced is not None else formula_bytes
+    started = time.perf_counter()
+    if target == "cpu":
+        measured = measure_cpu_step(workload, steps=steps)
+        figure = VerifiedFigure(
+            "allocated",
+            "peak live bytes (torch.profiler memory events)",
+            allocated,
+            measured["peak_bytes"],
+            _error(allocated, measured["peak_bytes"]),
+        )
+        return Verification("cpu", steps, source, (figure,), time.perf_counter() - started)
+    try:
+        m = measure_cuda_step(workload, index=index, steps=steps)
+    except Exception as exc:
+        if not is_oom_error(exc):
+            raise
+        return Verification(
+            f"cuda:{index}",
+            steps,
+            source,
+            (),
+            time.perf_counter() - started,
+            oom=True,
+            note=f"the real step ran out of memory at batch {workload.batch_size}",
+        )
+    predicted: list[tuple[str, str, int | None, int | None]] = [
+        ("allocated", "torch.cuda.max_memory_allocated()", allocated, m["allocated_bytes"])
+    ]
+    if traced is not None:
+        predicted.append(
+            ("reserved", "torch.cuda.max_memory_reserved()", traced.predicted_reserved_bytes, m["reserved_bytes"])
+        )
+        predicted.append(("nvml", "NVML process used memory", traced.predicted_nvml_bytes, m["nvml_bytes"]))
+    figures = tuple(VerifiedFigure(k, how, p, v, _error(p, v)) for k, how, p, v in predicted)
+    note = None if m["nvml_bytes"] is not None else "NVML did not report this process's memory (not permitted here)"
+    return Verification(f"cuda:{index} {m['device']}", steps, source, figures, time.perf_counter() - started, note=note)

@@ -22,11 +22,12 @@ never touches CUDA, and whatever a trial leaves behind dies with the child.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import multiprocessing
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -562,6 +563,28 @@ def _isolated_cuda(index: int) -> IsolatedRunner:
     return IsolatedRunner("cuda", index, f"cuda:{index}")
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for a while: the profiler's C++ layer (kineto) writes status lines
+    ("profiler_start", "gpuGetDeviceCount failed" on machines without a GPU) straight to it."""
+    import os
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable descriptor 2: nothing to hide
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
     """Run ``steps`` REAL training steps on the CPU and measure peak live bytes without the tracer.
 
@@ -602,7 +625,7 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
     step_peaks: list[int] = []
     try:
         for _ in range(steps):
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 train_step(prepared)
             events = [
                 (e.start_ns(), e.nbytes())
@@ -626,3 +649,65 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
         "resident_bytes": resident,
         "end_bytes": resident + cur,
     }
+
+
+def measure_cuda_step(workload: Workload, *, index: int = 0, steps: int = 2) -> dict[str, Any]:
+    """Run ``steps`` REAL training steps on CUDA device ``index`` and read what the trace predicts.
+
+    The model, optimizer and batch are built first; construction temporaries are released
+    (``empty_cache``) and the peak statistics reset, so the figures cover the steps from the
+    resident state on, as the trace does: ``torch.cuda.max_memory_allocated()``,
+    ``max_memory_reserved()`` and NVML's usage for this process (CUDA context included; where
+    NVML does not list processes, the device's used memory minus what it used before). Used by
+    ``memprof estimate --verify`` and ``scripts/validate_gpu.py``. Returns ``{"allocated_bytes",
+    "reserved_bytes", "nvml_bytes" (None when unknown), "first_step_allocated_bytes", "device",
+    "capability"}``; a step that runs out of memory raises (see :func:`is_oom_error`).
+    """
+    import torch
+
+    from . import nvml
+
+    if not torch.cuda.is_available():
+        raise NoGPUError("CUDA is not available", "verify on the CPU instead: `device` cpu")
+    before = nvml.device_info(index)  # before this process's CUDA context exists
+    baseline = before.used_bytes if before is not None else None
+    dev = torch.device("cuda", index)
+    torch.manual_seed(0)
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        with torch.cuda.device(dev):
+            prepared = prepare(workload, dev)
+            scaler = None
+            if workload.precision.grad_scaler and workload.mode == "train":
+                try:
+                    scaler = torch.amp.GradScaler("cuda")
+                except (AttributeError, TypeError):  # torch < 2.3
+                    scaler = torch.cuda.amp.GradScaler()
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # construction temporaries: the trace starts from params/buffers/inputs
+            torch.cuda.reset_peak_memory_stats()
+            peaks = []
+            for _ in range(steps):
+                train_step(prepared, scaler=scaler)
+                torch.cuda.synchronize()
+                peaks.append(int(torch.cuda.max_memory_allocated()))
+            used = nvml.process_used_bytes(index)
+            if used is None and baseline is not None:
+                info = nvml.device_info(index)
+                if info is not None:
+                    used = info.used_bytes - baseline
+            result = {
+                "allocated_bytes": int(torch.cuda.max_memory_allocated()),
+                "reserved_bytes": int(torch.cuda.max_memory_reserved()),
+                "nvml_bytes": used,
+                "first_step_allocated_bytes": peaks[0],
+                "device": torch.cuda.get_device_name(),
+                "capability": list(torch.cuda.get_device_capability()),
+            }
+        del prepared, scaler
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        gc.collect()
+        torch.cuda.empty_cache()
+    return result
