@@ -44,27 +44,21 @@ EXIT_NOTHING_FITS = 4
 EXIT_INTERRUPTED = 130
 
 
-def flag_names() -> dict[str, str]:
-    """The running command's parameters -> their long flags (``batch_size`` -> ``--batch-size``).
+def flag_names(command: Callable) -> dict[str, str]:
+    """A command function's parameters -> their long flags (``batch_size`` -> ``--batch-size``).
 
     The library names parameters in its messages (:meth:`MemprofError.render`); this is how the
-    command line shows them. Parameters of the Python API that are not options keep their name.
+    command line shows them: the first ``--long`` name declared in the parameter's ``typer.Option``,
+    else typer's own rule (underscores become dashes).
     """
-    import click
+    import inspect
 
-    ctx = click.get_current_context(silent=True)
     names: dict[str, str] = {}
-    if ctx is None:
-        return names
-    for param in ctx.command.params:
-        longs = [o for o in param.opts if o.startswith("--")]
-        if param.name and longs:
-            names[param.name] = longs[0]
+    for name, param in inspect.signature(command).parameters.items():
+        decls = getattr(param.default, "param_decls", None) or ()
+        longs = [d for d in decls if isinstance(d, str) and d.startswith("--")]
+        names[name] = longs[0] if longs else "--" + name.replace("_", "-")
     return names
-
-
-def _flag(names: dict[str, str], param: str) -> str:
-    return names.get(param) or "--" + param.replace("_", "-")
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -75,8 +69,8 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except MemprofError as exc:
-            names = flag_names()
-            message, hint = exc.render(lambda param: _flag(names, param))
+            names = flag_names(fn)
+            message, hint = exc.render(lambda param: names.get(param) or "--" + param.replace("_", "-"))
             print_error(message, hint)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
