@@ -385,18 +385,32 @@ def test_unexpected_tracer_exception_falls_back_too(monkeypatch):
 CONV = ["memprof.zoo:seed004_convstack", "--batch-size", "4", "--input-shape", "3,32,32", "--optimizer", "adam"]
 
 
-def test_cpu_estimate_matches_an_independent_real_cpu_step():
+TINY_GPT = '{"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32}'
+
+
+@pytest.mark.parametrize(
+    "args, options",
+    [
+        (CONV, dict(batch_size=4, input_shape=["3,32,32"], optimizer="adam")),  # oneDNN convolutions
+        (
+            ["memprof.zoo:GPT", "--model-kwargs", TINY_GPT, "-i", "16", "-b", "4", "--optimizer", "adamw"],
+            dict(model_kwargs=TINY_GPT, input_shape=["16"], batch_size=4, optimizer="adamw"),
+        ),
+    ],
+    ids=["conv-stack", "gpt"],
+)
+def test_cpu_estimate_matches_an_independent_real_cpu_step(args, options):
     """`estimate --device cpu --json` is the trace validate_cpu.py checks: within 1 % of a real CPU step."""
     from memprof.cli.common import build_workload
     from memprof.engine.measure import measure_cpu_step
 
-    res = runner.invoke(app, ["estimate", *CONV, "--device", "cpu", "--json"])
+    res = runner.invoke(app, ["estimate", *args, "--device", "cpu", "--json"])
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)
     assert doc["target"] == "cpu" and doc["headline_source"] == "traced" and doc["verification"] is None
     predicted = doc["traced"]["peak_bytes"]
     assert doc["traced"]["target"] == "cpu" and doc["headline_bytes"] == predicted
-    workload = build_workload("memprof.zoo:seed004_convstack", batch_size=4, input_shape=["3,32,32"], optimizer="adam")
+    workload = build_workload(args[0], **options)
     measured = measure_cpu_step(workload)["peak_bytes"]  # torch.profiler's memory events of two real steps
     assert abs(predicted - measured) / measured <= 0.01, (predicted, measured)
     assert doc["capacity"] is None and doc["capacity_note"] == "no --memory-limit given"
