@@ -6,7 +6,8 @@
 Each round runs, for each model and each tree in turn (A, B, then B, A in the next round), one fresh
 process that traces the workload (batch 64, Adam, target "cuda", as ``scripts/bench_trace.py``) once
 cold (the first trace: what one ``memprof estimate`` pays) and then ``--warm`` more times (the best is
-kept). The table gives the median over the rounds for each tree and B's change in per cent.
+kept). The table gives the median over the rounds for each tree and B's change in per cent; ``--cpu``
+times the process's CPU time instead of the wall clock (less sensitive to other jobs).
 """
 
 from __future__ import annotations
@@ -23,18 +24,19 @@ sys.path.insert(0, {root!r})
 from memprof.cli.common import build_workload
 from memprof.engine.trace import trace_step
 w = build_workload({name!r}, batch_size=64, optimizer="adam")
-t = time.perf_counter(); trace_step(w, target="cuda"); cold = time.perf_counter() - t
+clock = time.{clock}
+t = clock(); trace_step(w, target="cuda"); cold = clock() - t
 warm = []
 for _ in range({warm}):
-    t = time.perf_counter(); trace_step(w, target="cuda"); warm.append(time.perf_counter() - t)
+    t = clock(); trace_step(w, target="cuda"); warm.append(clock() - t)
 print(cold, min(warm) if warm else cold)
 """
 
 
-def run(root: str, name: str, warm: int) -> tuple[float, float]:
+def run(root: str, name: str, warm: int, clock: str = "perf_counter") -> tuple[float, float]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
-        [sys.executable, "-c", RUN.format(root=os.path.abspath(root), name=name, warm=warm)],
+        [sys.executable, "-c", RUN.format(root=os.path.abspath(root), name=name, warm=warm, clock=clock)],
         capture_output=True,
         text=True,
         env=env,
@@ -51,6 +53,9 @@ def main() -> int:
     parser.add_argument("models", nargs="+")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warm", type=int, default=3)
+    parser.add_argument(
+        "--cpu", action="store_true", help="process CPU time instead of wall time (less sensitive to other jobs)"
+    )
     args = parser.parse_args()
     times: dict[tuple[str, str], list[tuple[float, float]]] = {}
     load = [os.getloadavg()[0]]
@@ -58,13 +63,15 @@ def main() -> int:
         for name in args.models:
             order = (args.a, args.b) if r % 2 == 0 else (args.b, args.a)
             for root in order:
-                times.setdefault((name, root), []).append(run(root, name, args.warm))
+                clock = "process_time" if args.cpu else "perf_counter"
+                times.setdefault((name, root), []).append(run(root, name, args.warm, clock))
             a, b = times[(name, args.a)][-1], times[(name, args.b)][-1]
             print(f"round {r + 1} {name}: A cold {a[0]:.2f} warm {a[1]:.2f} | B cold {b[0]:.2f} warm {b[1]:.2f}")
         load.append(os.getloadavg()[0])
     print()
+    what = "process CPU time" if args.cpu else "wall time"
     print(
-        f"A = {args.a}, B = {args.b}; {args.rounds} rounds alternating; 1-minute load average "
+        f"A = {args.a}, B = {args.b}; {what}; {args.rounds} rounds alternating; 1-minute load average "
         f"{min(load):.1f}-{max(load):.1f}"
     )
     print()
