@@ -45,6 +45,15 @@ def estimate(
     device: str = "cuda",
     memory_limit: int | str | None = None,
     verify: bool = False,
+    freeze: Sequence[str] | str | None = None,
+    train_only: Sequence[str] | str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
+    offload: str | None = None,
 ) -> EstimateResult:
     """Where the memory of one training step goes, traced on fake tensors (no GPU), and the batch that fits.
 
@@ -52,7 +61,9 @@ def estimate(
     NVML, unless ``use_nvml=False``; with neither, ``result.fit`` is None. ``device="cpu"`` predicts
     the same step run on the CPU (``memory_limit`` is then the capacity to fit). ``verify=True`` also
     runs the real steps on ``device`` (``"cuda"``, ``"cuda:N"`` or ``"cpu"``) and fills
-    ``result.verification``: each measured figure next to its prediction, with the error.
+    ``result.verification``: each measured figure next to its prediction, with the error. Fine-tuning levers:
+    ``freeze`` / ``train_only`` (module-name globs), ``lora_rank`` (+ ``lora_alpha``, ``lora_targets``,
+    ``lora_dropout``; needs peft), ``quantize`` ("int8", "nf4", "fp4"; ``double_quant``), ``offload="optimizer"``.
 
     Example::
 
@@ -78,6 +89,15 @@ def estimate(
         model_kwargs=model_kwargs,
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
+        freeze=freeze,
+        train_only=train_only,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        quantize=quantize,
+        double_quant=double_quant,
+        offload=offload,
     )
     capacity, note = estimate_capacity(device, _bytes(gpu_memory), _bytes(memory_limit), use_nvml=use_nvml)
     return run(
@@ -112,6 +132,15 @@ def find_batch(
     token_range: tuple[int, int] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     on_event: Callable[[str, Any], None] | None = None,
+    freeze: Sequence[str] | str | None = None,
+    train_only: Sequence[str] | str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
+    offload: str | None = None,
 ) -> FindBatchResult:
     """The largest batch whose real training steps fit, found in a few real trials, and the batch to use.
 
@@ -136,6 +165,15 @@ def find_batch(
         input_dtype=input_dtype,
         token_range=token_range,
         model_kwargs=model_kwargs,
+        freeze=freeze,
+        train_only=train_only,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        quantize=quantize,
+        double_quant=double_quant,
+        offload=offload,
     )
     return run(
         workload,
@@ -162,6 +200,13 @@ def compare(
     inplace_relu: bool = False,
     modes: Iterable[str] | None = None,
     batch_sizes: Iterable[int] | None = None,
+    freezes: Iterable[str] | None = None,
+    lora_ranks: Iterable[int] | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    quantizations: Iterable[str] | None = None,
+    offloads: Iterable[str] | None = None,
     combine: bool = False,
     batch_size: int | None = None,
     dtype: str | None = None,
@@ -178,7 +223,8 @@ def compare(
     model_kwargs: Mapping[str, Any] | None = None,
 ) -> CompareResult:
     """Configurations side by side: each ``dtypes`` / ``optimizers`` / ``checkpointing`` / ``modes`` /
-    ``batch_sizes`` value adds a row to the baseline (``batch_size``, ``dtype``, ``optimizer``);
+    ``batch_sizes`` / ``freezes`` / ``lora_ranks`` / ``quantizations`` ("nf4", "nf4+dq", "int8") /
+    ``offloads`` value adds a row to the baseline (``batch_size``, ``dtype``, ``optimizer``);
     ``combine=True`` makes one row per combination. Without any, the default set (AMP, fp16, checkpointing).
 
     Example::
@@ -202,6 +248,13 @@ def compare(
             axes[name] = list(values)
     if inplace_relu:
         axes["inplace_relu"] = [True]
+    if lora_ranks:
+        from .commands.workload import lora_spec
+
+        axes["lora"] = [lora_spec(r, lora_alpha, lora_targets, lora_dropout) for r in lora_ranks]
+    for name, values in (("freeze", freezes), ("quantize", quantizations), ("offload", offloads)):
+        if values:
+            axes[name] = list(values)
     chosen = normalize_axes(axes)
     workload = make_workload(
         model,

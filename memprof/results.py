@@ -82,6 +82,117 @@ class Capacity:
     device_name: str | None = None
 
 
+# =========================================================================== compute (FLOPs, step time)
+@dataclasses.dataclass(frozen=True)
+class ModuleFlops:
+    """FLOPs of the ops one module runs itself (its children's ops count for them), over one traced step."""
+
+    name: str  # dotted module name, "(model)" for the root, "(outside modules)" for the loss and functional code
+    type: str
+    forward_flops: int
+    backward_flops: int  # autograd's nodes for this module's forward ops, recomputation included
+
+
+@dataclasses.dataclass(frozen=True)
+class UncountedOp:
+    """An op the FLOP counter has no formula for: it ran, and counts 0 FLOPs (listed, never silently)."""
+
+    name: str  # "aten.native_batch_norm"
+    calls: int  # over one step
+    kind: str  # "pointwise" | "memory" (copies, fills, indexing, concatenation) | "other" (may hide FLOPs)
+
+
+#: how FLOPs are counted (PyTorch's FlopCounterMode convention)
+FLOP_CONVENTION = (
+    "torch.utils.flop_counter formulas: 2 FLOPs per multiply-add of matrix multiplications, convolutions and "
+    "attention (bias additions, normalisation, activations, pooling and optimizer arithmetic count 0)"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopCount:
+    """FLOPs of one traced step, counted per op by PyTorch's FLOP formulas and attributed to modules and phases.
+
+    ``backward_flops`` includes ``recompute_flops`` (forward ops activation checkpointing runs again
+    in backward). MACs are FLOPs / 2 under this convention.
+    """
+
+    batch_size: int
+    forward_flops: int  # model forward and loss
+    backward_flops: int
+    optimizer_flops: int  # optimizer.step() and zero_grad()
+    recompute_flops: int
+    step_flops: int  # forward + backward + optimizer
+    per_sample_flops: float  # step_flops / batch_size
+    by_op: dict[str, int]  # FLOPs per op over the step ("aten.convolution": ...)
+    modules: tuple[ModuleFlops, ...]  # in first-run order
+    uncounted_ops: tuple[UncountedOp, ...]  # most calls first
+    convention: str = FLOP_CONVENTION
+
+    @property
+    def forward_macs(self) -> int:
+        return self.forward_flops // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTime:
+    """A roofline lower bound on one step's time on a GPU: a model, not a measurement.
+
+    Every traced op takes at least max(FLOPs / peak FLOP/s for its dtype, bytes it reads and writes /
+    memory bandwidth); the sum over the step is a lower bound (no launch latency, no overlap loss,
+    no kernel below its peak), so the throughput is an upper bound.
+    """
+
+    gpu: str
+    seconds: float  # lower bound per step
+    forward_seconds: float
+    backward_seconds: float
+    optimizer_seconds: float
+    compute_bound_seconds: float  # part of ``seconds`` spent in ops limited by FLOP/s
+    memory_bound_seconds: float  # part limited by memory bandwidth
+    step_bytes: int  # bytes read and written by all ops of the step
+    samples_per_second: float  # upper bound: batch / seconds
+    tokens_per_second: float | None  # samples/s x tokens per sample, for token inputs
+    peak_flops_per_s: dict[str, float]  # the peaks the model used, per dtype of the step's ops
+    bandwidth_bytes_per_s: float
+    label: str = "model, not measured"
+    assumptions: tuple[str, ...] = ()
+
+
+# =========================================================================== fine-tuning
+@dataclasses.dataclass(frozen=True)
+class WeightBreakdown:
+    """The parameters as fine-tuning sees them: trainable, frozen base, LoRA adapters, quantization state.
+
+    ``trainable_params`` / ``all_params`` are what ``peft``'s ``print_trainable_parameters`` prints
+    (a 4-bit packed weight counts 2 values per stored byte). Bytes are storage bytes (no CUDA
+    rounding): ``trainable_bytes`` are trainable parameters that are not adapters (all of them
+    without LoRA), ``frozen_bytes`` frozen parameters (base weights, 4-bit/8-bit packed weights),
+    ``adapter_bytes`` LoRA's ``lora_A``/``lora_B``; ``quant_state_bytes`` the quantized layers'
+    absmax, codes and row scales (kept as buffers).
+    """
+
+    trainable_params: int
+    all_params: int
+    trainable_bytes: int
+    frozen_bytes: int
+    adapter_bytes: int
+    adapter_params: int
+    quant_state_bytes: int = 0
+    quantized_layers: int = 0
+
+    @property
+    def trainable_pct(self) -> float:
+        return 100.0 * self.trainable_params / self.all_params if self.all_params else 0.0
+
+    def peft_line(self) -> str:
+        """peft's own wording: ``trainable params: 2,359,296 || all params: 1,231,940,608 || trainable%: 0.1915``."""
+        return (
+            f"trainable params: {self.trainable_params:,d} || all params: {self.all_params:,d} "
+            f"|| trainable%: {self.trainable_pct:.4f}"
+        )
+
+
 # =========================================================================== analytic / estimate
 @dataclasses.dataclass(frozen=True)
 class LayerRow:
@@ -140,6 +251,10 @@ class AnalyticEstimate:
     formula_mismatches: tuple[str, ...]
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    #: parameters split into trainable / frozen / adapters (None when nothing is frozen, adapted or quantized)
+    weights: WeightBreakdown | None = None
+    #: optimizer state and master weights kept in CPU memory (--offload optimizer), not on the GPU
+    host_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +313,9 @@ class EstimateResult:
     fit: FitSummary | None
     target: Target = "cuda"  # the step predicted: a CUDA step, or the same step on the CPU
     verification: Verification | None = None
+    #: the roofline step-time model on the chosen GPU (a model, not measured); None without a GPU or a trace
+    step_time: StepTime | None = None
+    step_time_note: str | None = None  # why there is no step time
 
 
 # =========================================================================== trace
@@ -270,6 +388,20 @@ class TraceResult:
     metrics: dict[str, str] = dataclasses.field(default_factory=lambda: dict(TRACE_METRICS))
     #: parts of peak_bytes that are modelled, not traced (their sum is at most peak_bytes)
     modelled: tuple[ModelledBytes, ...] = ()
+    #: FLOPs of the first traced step (None: not counted)
+    flops: FlopCount | None = None
+    #: per-op FLOPs and bytes for the step-time model (memprof.engine.roofline); not in JSON
+    _op_costs: Any = None
+    #: parameters split into trainable / frozen / adapters (None when nothing is frozen, adapted or quantized)
+    weights: WeightBreakdown | None = None
+    #: peak of what the step keeps in CPU memory for a CUDA step (--offload optimizer: fp32 master weights,
+    #: CPU gradients, optimizer state, the CPU step's temporaries); None when it keeps nothing there.
+    #: For target "cpu" these bytes are also in peak_bytes (everything is CPU memory there).
+    host_peak_bytes: int | None = None
+    #: paged optimizer state (bitsandbytes paged optimizers: CUDA unified memory, cudaMallocManaged). torch's
+    #: allocator never sees it, so it is in no allocated/reserved figure; the driver moves its pages to CPU
+    #: memory when the GPU needs the room. None without a paged optimizer.
+    paged_bytes: int | None = None
 
     @property
     def predicted_allocated_bytes(self) -> int:
@@ -553,7 +685,7 @@ class RecomputeInfo:
     regions: int
     forward_flops: int | None  # one forward (FlopCounterMode: matmuls, convolutions, attention)
     recompute_flops: int | None  # run again during backward
-    extra_pct: float | None  # recompute / (forward + backward ~ 3 x forward), in %
+    extra_pct: float | None  # recompute / the step's FLOPs without it, in %
     batchnorm_recomputed: bool = False  # BatchNorm running statistics then update twice per step
 
 
@@ -613,6 +745,16 @@ class CompareRow:
     error: str | None = None  # this row could not be traced (the others still are)
     notes: tuple[str, ...] = ()
     trace_seconds: float = 0.0
+    step_flops: int | None = None  # traced FLOPs of one step (forward, backward, optimizer)
+    flops_per_sample: float | None = None  # step_flops / batch size
+    compute_delta_pct: float | None = None  # FLOPs per sample vs the baseline's, in %
+    #: the roofline step-time model on the chosen GPU (a model, not measured); None without a GPU
+    step_time: StepTime | None = None
+    #: peft's count of trainable parameters (None when nothing is frozen, adapted or quantized)
+    trainable_params: int | None = None
+    #: CPU memory the row keeps for a CUDA step (offloaded optimizer), paged optimizer state
+    host_peak_bytes: int | None = None
+    paged_bytes: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -632,3 +774,10 @@ class CompareResult:
     safe_best_label: str | None
     notes: tuple[str, ...] = ()
     seconds: float = 0.0
+    gpu: str | None = None  # the GPU of the step-time column
+    step_time_note: str | None = None  # why there is no step-time column
+    #: rows whose batch fits the capacity (largest batch >= 1), the largest batch first (ties: lower peak)
+    ranked_by_batch: tuple[str, ...] = ()
+    #: the single lever (a row changing one thing) that allows the largest batch, and its batch gain
+    best_lever_label: str | None = None
+    best_lever_gain: int | None = None

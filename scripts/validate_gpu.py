@@ -14,6 +14,12 @@ with one line on stderr.
     PYTHONPATH=. python scripts/validate_gpu.py                 # full matrix
     PYTHONPATH=. python scripts/validate_gpu.py --quick         # each case's own optimizer, fp32 + amp-fp16
     PYTHONPATH=. python scripts/validate_gpu.py resnet GPT      # cases whose name contains these
+    PYTHONPATH=. python scripts/validate_gpu.py --step-time     # step time: roofline model vs real steps
+
+``--step-time`` times real training steps of a handful of workloads (:data:`STEP_TIME_CASES`:
+warm-up steps, then the mean of timed steps between ``torch.cuda.synchronize()`` calls) beside the
+roofline lower bound of :func:`memprof.engine.roofline.step_time` for the local GPU's catalog entry,
+and writes ``benchmarks/steptime_gpu_<device>.md`` and ``.json``.
 
 Works with torch >= 2.1 (GradScaler falls back to torch.cuda.amp on older versions).
 """
@@ -95,6 +101,8 @@ def pct(pred: int | None, meas: int | None) -> float | None:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--child"]:
         return child(argv[1])
+    if argv[:1] == ["--child-time"]:
+        return child_time(argv[1])
     import torch
 
     if not torch.cuda.is_available():
@@ -104,6 +112,8 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 3
+    if "--step-time" in argv:
+        return step_times([a for a in argv if not a.startswith("--")])
     from memprof.engine.trace import trace_step
 
     quick = "--quick" in argv
@@ -214,6 +224,185 @@ def main(argv: list[str]) -> int:
     )
     for key, s in summary.items():
         print(f"{key}: median |error| {s['median_abs_pct']:.2f} %, max |error| {s['max_abs_pct']:.2f} %")
+    return 0
+
+
+# --------------------------------------------------------------------------- step time: model vs real steps
+#: name, model ref, options: convolution and transformer workloads, compute- and memory-bound, fp32 and 16-bit
+STEP_TIME_CASES: list[tuple[str, str, dict]] = [
+    ("resnet50:64:224 fp32 sgd-momentum", "resnet50", dict(batch_size=64, optimizer="sgd-momentum")),
+    ("resnet50:64:224 amp-bf16 adam", "resnet50", dict(batch_size=64, dtype="amp-bf16", optimizer="adam")),
+    (
+        "resnet50:64:224 amp-bf16 adam, checkpointing blocks",
+        "resnet50",
+        dict(batch_size=64, dtype="amp-bf16", optimizer="adam", checkpointing="blocks"),
+    ),
+    ("resnet50:128:224 amp-bf16 adam", "resnet50", dict(batch_size=128, dtype="amp-bf16", optimizer="adam")),
+    ("vit_b_16:32:224 amp-bf16 adamw", "vit_b_16", dict(batch_size=32, dtype="amp-bf16", optimizer="adamw")),
+    ("mobilenet_v3_small:128:224 fp32 adam", "mobilenet_v3_small", dict(batch_size=128, optimizer="adam")),
+    ("gpt2-small:8x1024 amp-bf16 adamw", "configs/gpt2-small.toml", dict(batch_size=8)),
+]
+WARMUP_STEPS = 3
+TIMED_STEPS = 10
+
+
+def child_time(spec_json: str) -> int:
+    """Time real CUDA training steps of one workload; print one JSON line (seconds per step)."""
+    import torch
+
+    from memprof.engine.workload import prepare, train_step
+
+    spec = json.loads(spec_json)
+    workload = _workload(spec["ref"], spec["options"])
+    torch.manual_seed(0)
+    prepared = prepare(workload, "cuda")
+    scaler = None
+    if workload.precision.grad_scaler and workload.mode == "train":
+        try:
+            scaler = torch.amp.GradScaler("cuda")
+        except (AttributeError, TypeError):  # torch < 2.3
+            scaler = torch.cuda.amp.GradScaler()
+    for _ in range(WARMUP_STEPS):  # cuDNN/cuBLAS heuristics, the caching allocator's segments, optimizer state
+        train_step(prepared, scaler=scaler)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(TIMED_STEPS):
+        started = time.perf_counter()
+        train_step(prepared, scaler=scaler)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    print(
+        json.dumps(
+            {
+                "mean_s": statistics.fmean(times),
+                "median_s": statistics.median(times),
+                "min_s": min(times),
+                "device": torch.cuda.get_device_name(),
+            }
+        )
+    )
+    return 0
+
+
+def _catalog_entry(device_name: str):
+    """The GPU catalog's entry for the local device (``memprof.engine.catalog``), or (None, why not)."""
+    try:
+        from memprof.engine import catalog
+    except ImportError:
+        return None, "this memprof has no GPU catalog (memprof.engine.catalog)"
+    entry = catalog.match_device(device_name)
+    if entry is None:
+        return None, f"no catalog entry matches {device_name!r}: add it to configs/gpus.toml"
+    return entry, None
+
+
+def step_times(names: list[str]) -> int:
+    """Roofline lower bound vs measured step time for :data:`STEP_TIME_CASES`; writes benchmarks/steptime_gpu_*."""
+    import torch
+
+    from memprof.engine.roofline import step_time, tokens_per_sample
+    from memprof.engine.trace import trace_step
+
+    device = torch.cuda.get_device_name()
+    gpu, why = _catalog_entry(device)
+    if gpu is None:
+        print(f"validate_gpu --step-time: {why}", file=sys.stderr)
+        return 2
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    rows, failures = [], []
+    print(f"{'workload':52s} {'measured ms':>11s} {'bound ms':>9s} {'meas/bound':>10s} {'compute-bound %':>15s}")
+    for name, ref, options in STEP_TIME_CASES:
+        if names and not any(n in name for n in names):
+            continue
+        try:
+            workload = _workload(ref, options)
+            traced = trace_step(workload, target="cuda", count_bytes=True)
+            model = step_time(traced, gpu, tokens=tokens_per_sample(workload))
+            spec = json.dumps({"ref": ref, "options": options})
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child-time", spec],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=ROOT,
+                timeout=900,
+            )
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode != 0 or not lines:
+                raise RuntimeError("child failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
+            real = json.loads(lines[-1])
+        except Exception as exc:
+            print(f"{name:52s} FAILED: {type(exc).__name__}: {exc}", flush=True)
+            failures.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        assert traced.flops is not None  # trace_step counts FLOPs by default
+        row = {
+            "name": name,
+            "model": ref,
+            "options": options,
+            "batch_size": workload.batch_size,
+            "step_flops": traced.flops.step_flops,
+            "recompute_flops": traced.flops.recompute_flops,
+            "predicted_lower_bound_s": model.seconds,
+            "predicted_compute_bound_s": model.compute_bound_seconds,
+            "predicted_step_bytes": model.step_bytes,
+            "measured_mean_s": real["mean_s"],
+            "measured_median_s": real["median_s"],
+            "measured_min_s": real["min_s"],
+            "ratio": real["mean_s"] / model.seconds if model.seconds else None,
+            "measured_samples_per_s": workload.batch_size / real["mean_s"],
+            "predicted_max_samples_per_s": model.samples_per_second,
+            "achieved_tflops": traced.flops.step_flops / real["mean_s"] / 1e12,
+            "bound_holds": model.seconds <= real["min_s"],
+        }
+        rows.append(row)
+        share = 100.0 * model.compute_bound_seconds / model.seconds if model.seconds else 0.0
+        print(
+            f"{name:52s} {real['mean_s'] * 1e3:11.2f} {model.seconds * 1e3:9.2f} {row['ratio']:10.2f} {share:15.0f}",
+            flush=True,
+        )
+    if not rows:
+        print("validate_gpu --step-time: no workload ran", file=sys.stderr)
+        return 1
+    slug = "".join(c if c.isalnum() else "_" for c in device).strip("_").lower()
+    out = ROOT / "benchmarks"
+    out.mkdir(exist_ok=True)
+    lines = [
+        "# Step time: roofline model (lower bound) vs real CUDA training steps",
+        "",
+        f"Device: {device} (catalog entry `{getattr(gpu, 'key', gpu.name)}`); torch {torch.__version__}; generated "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `PYTHONPATH=. python scripts/validate_gpu.py "
+        "--step-time`.",
+        "",
+        f"Measured: {WARMUP_STEPS} warm-up steps, then the mean of {TIMED_STEPS} steps, each timed between "
+        "`torch.cuda.synchronize()` calls (PyTorch defaults: cudnn.benchmark off, TF32 for convolutions only).",
+        "Model: `memprof.engine.roofline.step_time` on the traced step: per op max(FLOPs / peak, bytes / bandwidth).",
+        "The model is a lower bound: measured / bound ≥ 1 is expected; the gap is what the model leaves out",
+        "(kernels below peak, launch latency, CPU overhead).",
+        "",
+        "| workload | measured ms | lower bound ms | measured / bound | samples/s measured | samples/s bound "
+        "| achieved TFLOP/s | step TFLOP |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['measured_mean_s'] * 1e3:.2f} | {r['predicted_lower_bound_s'] * 1e3:.2f} | "
+            f"{r['ratio']:.2f} | {r['measured_samples_per_s']:,.0f} | {r['predicted_max_samples_per_s']:,.0f} | "
+            f"{r['achieved_tflops']:.1f} | {r['step_flops'] / 1e12:.3f} |"
+        )
+    lines.append("")
+    broken = [r["name"] for r in rows if not r["bound_holds"]]
+    lines.append(
+        "- the lower bound held for every workload"
+        if not broken
+        else f"- the lower bound was BROKEN (fastest measured step below it) for: {', '.join(broken)}"
+    )
+    for fail in failures:
+        lines.append(f"- FAILED {fail['name']}: {fail['error']}")
+    (out / f"steptime_gpu_{slug}.md").write_text("\n".join(lines) + "\n")
+    (out / f"steptime_gpu_{slug}.json").write_text(
+        json.dumps({"device": device, "torch": torch.__version__, "rows": rows, "failures": failures}, indent=2) + "\n"
+    )
     return 0
 
 

@@ -89,3 +89,15 @@ def test_profile_runs_a_script(tmp_path):
     script.write_text("import torch\nx = torch.zeros(1024, 1024)\ny = x + 1\n")
     result = memprof.profile(script, device="cpu")
     assert result.outcome.status == "ok" and result.peak.bytes >= 2 * 4 * 1024 * 1024
+
+
+def test_a_live_module_with_buffers_is_traced_not_degraded():
+    """BatchNorm's running statistics are buffers: the copies are made fresh in the tracer's fake mode."""
+    import torchvision
+
+    model = torchvision.models.resnet18()
+    live = memprof.estimate(model, batch_size=2, input_shape=(3, 64, 64), use_nvml=False)
+    ref = memprof.estimate("resnet18", batch_size=2, input_shape=(3, 64, 64), use_nvml=False)
+    assert live.headline_source == "traced" and live.trace_note is None
+    assert live.headline_bytes == ref.headline_bytes
+    assert model.bn1.running_mean.abs().sum() == 0  # the live module was not run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import sys
@@ -20,7 +21,15 @@ from memprof.engine.workload import Workload, optimizer_state_count
 from memprof.errors import TraceError, UsageError
 from memprof.render.charts import bar_cells, compare_chart
 from memprof.render.compare import render_compare, verdict_text
-from memprof.results import Capacity, CompareFit, CompareMeasurement, CompareResult, CompareRow, RecomputeInfo
+from memprof.results import (
+    Capacity,
+    CompareFit,
+    CompareMeasurement,
+    CompareResult,
+    CompareRow,
+    RecomputeInfo,
+    StepTime,
+)
 from memprof.results import MemCategory as M
 
 KiB = 1024
@@ -388,6 +397,59 @@ def rendered(result) -> str:
 
 def test_golden_table():
     assert_golden("compare_table.txt", rendered(golden_result()))
+
+
+def _step_time(seconds: float, batch: int = 32) -> StepTime:
+    return StepTime(
+        gpu="NVIDIA H100 SXM5 80GB",
+        seconds=seconds,
+        forward_seconds=seconds / 3,
+        backward_seconds=2 * seconds / 3,
+        optimizer_seconds=0.0,
+        compute_bound_seconds=seconds / 4,
+        memory_bound_seconds=3 * seconds / 4,
+        step_bytes=10 * 2**30,
+        samples_per_second=batch / seconds,
+        tokens_per_second=None,
+        peak_flops_per_s={"tf32": 494.7e12},
+        bandwidth_bytes_per_s=3.35e12,
+    )
+
+
+def compute_result() -> CompareResult:
+    """The golden result with traced FLOPs and the step-time model: checkpointing's compute beside its memory."""
+    base = golden_result()
+    per_sample = {"fp32 (baseline)": 24.3e9, "fp16": 24.3e9, "checkpointing blocks": 32.2e9, "amp-fp16": 24.3e9}
+    times = {"fp32 (baseline)": 0.0082, "fp16": 0.0041, "checkpointing blocks": 0.0105, "amp-fp16": 0.0045}
+    rows = []
+    for r in base.rows:
+        if r.label in per_sample:
+            f = per_sample[r.label]
+            r = dataclasses.replace(
+                r,
+                step_flops=int(32 * f),
+                flops_per_sample=f,
+                compute_delta_pct=None if r.baseline else 100.0 * (f - 24.3e9) / 24.3e9,
+                step_time=_step_time(times[r.label]),
+            )
+        rows.append(r)
+    return dataclasses.replace(base, rows=tuple(rows), gpu="NVIDIA H100 SXM5 80GB")
+
+
+def test_golden_compute_columns():
+    text = rendered(compute_result())
+    assert_golden("compare_compute.txt", text)
+    table = text.split("Memory and compute", 1)[1]
+    line = next(line for line in table.splitlines() if line.startswith("checkpointing blocks"))
+    assert "-53.5 %" in line and "+33 %" in line and "3,048" in line  # memory saved and compute added, one row
+    assert "not measured" in text
+
+
+def test_compute_columns_in_json():
+    doc = json.loads(json.dumps(compare_document(compute_result())))
+    row = doc["rows"][2]
+    assert row["label"] == "checkpointing blocks" and row["compute_delta_pct"] == pytest.approx(32.5, abs=0.1)
+    assert row["step_time"]["label"] == "model, not measured" and row["step_time"]["samples_per_second"] > 3000
 
 
 def test_bars_keep_the_total_width():

@@ -13,7 +13,19 @@ from typer.testing import CliRunner
 
 from memprof.cli import app
 from memprof.render.estimate import render_estimate, select_layers
-from memprof.results import AnalyticEstimate, Capacity, EstimateResult, FitSummary, LayerRow, MemCategory, MethodTotal
+from memprof.results import (
+    AnalyticEstimate,
+    Capacity,
+    EstimateResult,
+    FitSummary,
+    FlopCount,
+    LayerRow,
+    MemCategory,
+    MethodTotal,
+    ModuleFlops,
+    StepTime,
+    UncountedOp,
+)
 from memprof.units import GiB, MiB
 
 runner = CliRunner()
@@ -150,6 +162,71 @@ def test_golden_traced_headline():
     assert_golden("estimate_traced.txt", _render(_result(cap, fit, traced)))
 
 
+#: seed 004's conv stack at 8x3x32x32: 2*H*W*C_in*C_out*K^2 per sample for each convolution
+_CONV_FLOPS = {
+    "0": 8 * 2 * 32 * 32 * 3 * 64 * 9,
+    "2": 8 * 2 * 32 * 32 * 64 * 64 * 9,
+    "5": 8 * 2 * 16 * 16 * 64 * 128 * 9,
+}
+
+
+def _flop_count() -> FlopCount:
+    forward = sum(_CONV_FLOPS.values())
+    backward = _CONV_FLOPS["0"] + 2 * (_CONV_FLOPS["2"] + _CONV_FLOPS["5"])  # no input gradient for layer 0
+    return FlopCount(
+        batch_size=8,
+        forward_flops=forward,
+        backward_flops=backward,
+        optimizer_flops=0,
+        recompute_flops=0,
+        step_flops=forward + backward,
+        per_sample_flops=(forward + backward) / 8,
+        by_op={"aten.convolution_backward": backward, "aten.convolution": forward},
+        modules=tuple(ModuleFlops(name, "Conv2d", f, f if name == "0" else 2 * f) for name, f in _CONV_FLOPS.items()),
+        uncounted_ops=(
+            UncountedOp("aten.max_pool2d_with_indices", 1, "other"),
+            UncountedOp("aten.max_pool2d_with_indices_backward", 1, "other"),
+            UncountedOp("aten.relu_", 2, "pointwise"),
+            UncountedOp("aten.threshold_backward", 2, "pointwise"),
+            UncountedOp("aten.zeros_like", 12, "memory"),
+        ),
+    )
+
+
+def test_golden_compute_and_step_time():
+    flops = _flop_count()
+    traced = SimpleNamespace(
+        peak_bytes=6_500_000,
+        peak_phase="backward",
+        peak_module="2",
+        predicted_reserved_bytes=20 * MiB,
+        predicted_nvml_bytes=520 * MiB,
+        notes=(),
+        breakdown_at_peak={MemCategory.PARAMETER: 450_304, MemCategory.ACTIVATION: 6_049_696},
+        flops=flops,
+    )
+    step = StepTime(
+        gpu="NVIDIA A100 40GB",
+        seconds=0.000412,
+        forward_seconds=0.000151,
+        backward_seconds=0.000243,
+        optimizer_seconds=0.000018,
+        compute_bound_seconds=0.000100,
+        memory_bound_seconds=0.000312,
+        step_bytes=480 * MiB,
+        samples_per_second=8 / 0.000412,
+        tokens_per_second=None,
+        peak_flops_per_s={"tf32": 156e12},
+        bandwidth_bytes_per_s=1.555e12,
+    )
+    text = _render(_result(traced=traced, step_time=step))
+    assert_golden("estimate_compute.txt", text)
+    assert "934 GFLOP" not in text and "934 MFLOP" in text  # 934,281,216 FLOPs forward
+    assert "model, not measured" in text
+    no_gpu = _render(_result(traced=traced, step_time_note="needs a GPU (--gpu NAME)"))
+    assert "step time: needs a GPU (--gpu NAME)" in no_gpu
+
+
 def test_select_layers_top_and_all():
     assert [r.name for r in select_layers(_LAYERS, 2)] == ["0", "2"]
     assert [r.name for r in select_layers(_LAYERS, 4)] == ["0", "2", "5", "4"]
@@ -271,7 +348,7 @@ def test_error_input_shape_rejected():
         (["memprof.zoo:Cruncher", "--model-kwargs", "{dim: 4}"], "not valid JSON"),
         (["memprof.zoo:Cruncher", "--batch-size", "0"], "--batch-size must be a positive integer"),
         (["memprof.zoo:Cruncher", "--dtype", "fp8"], "unknown dtype"),
-        (["memprof.zoo:Cruncher", "--optimizer", "lion"], "unknown optimizer"),
+        (["memprof.zoo:Cruncher", "--optimizer", "lamb"], "unknown optimizer"),
         (["memprof.zoo:Cruncher", "--gpu-memory", "lots"], "cannot read 'lots'"),
         (["memprof.zoo:Cruncher", "--gpu-memory", "24XB"], "unknown size unit"),
         (["memprof.zoo:Cruncher", "--headroom", "1.5"], "--headroom"),

@@ -45,7 +45,7 @@ def test_precision_and_optimizer_names():
     with pytest.raises(UsageError, match="unknown dtype"):
         get_precision("fp8")
     with pytest.raises(UsageError, match="unknown optimizer"):
-        get_optimizer_name("lion")
+        get_optimizer_name("lamb")
 
 
 def test_unknown_torchvision_name_suggests_close_names():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -49,6 +50,28 @@ HEADROOM_OPT = typer.Option(
     DEFAULT_HEADROOM, "--headroom", help="Recommended batch = headroom x the largest batch that fits."
 )
 JSON_OPT = typer.Option(False, "--json", help="Print only JSON on stdout.")
+# fine-tuning levers (docs/finetuning.md)
+FREEZE_OPT = typer.Option(
+    None, "--freeze", help="Freeze the parameters of modules matching this name glob (backbone.*, layer1); repeatable."
+)
+TRAIN_ONLY_OPT = typer.Option(
+    None, "--train-only", help="Train only modules matching this name glob (fc, classifier.*); repeatable."
+)
+LORA_RANK_OPT = typer.Option(
+    None, "--lora-rank", help="Add LoRA adapters of this rank with peft (pip install memprof\\[peft])."
+)
+LORA_ALPHA_OPT = typer.Option(None, "--lora-alpha", help="LoRA alpha \\[default: 8, peft's].")
+LORA_TARGETS_OPT = typer.Option(
+    None,
+    "--lora-targets",
+    help="Modules to adapt: q_proj,v_proj or all-linear \\[default: peft's for the architecture].",
+)
+LORA_DROPOUT_OPT = typer.Option(None, "--lora-dropout", help="LoRA dropout \\[default: 0.0, peft's].")
+QUANTIZE_OPT = typer.Option(
+    None, "--quantize", help="Frozen linear weights as bitsandbytes stores them: int8 | nf4 | fp4 (QLoRA: nf4)."
+)
+DOUBLE_QUANT_OPT = typer.Option(False, "--double-quant", help="4-bit double quantization (bnb_4bit_use_double_quant).")
+OFFLOAD_OPT = typer.Option(None, "--offload", help="optimizer: keep the optimizer state and its step on the CPU.")
 
 
 def resolve_model_ref(model: str | None, model_opt: str | None) -> str:
@@ -75,6 +98,7 @@ def build_workload(
     model_arg: list[str] | None = None,
     checkpointing: str = "none",
     inplace_relu: bool = False,
+    **levers: Any,
 ) -> Workload:
     """Options as typed on the command line -> :func:`memprof.commands.workload.make_workload`."""
     ref = resolve_model_ref(model, model_opt)
@@ -101,6 +125,7 @@ def build_workload(
         model_kwargs=kwargs,
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
+        **levers,
     )
 
 

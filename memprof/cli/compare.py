@@ -86,6 +86,26 @@ def compare_cmd(
     baseline_optimizer: str | None = typer.Option(
         None, "--baseline-optimizer", help="Optimizer of the baseline \\[default: adam]."
     ),
+    freeze: list[str] | None = typer.Option(
+        None,
+        "--freeze",
+        help="Add a row with these module-name globs frozen (backbone.*; comma-separated; repeatable).",
+    ),
+    lora_rank: list[int] | None = typer.Option(
+        None, "--lora-rank", help="Add a row with LoRA adapters of this rank (peft; repeatable)."
+    ),
+    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha of the LoRA rows \\[default: 8]."),
+    lora_targets: str | None = typer.Option(
+        None, "--lora-targets", help="Modules the LoRA rows adapt: q_proj,v_proj or all-linear."
+    ),
+    lora_dropout: float | None = typer.Option(None, "--lora-dropout", help="LoRA dropout of the LoRA rows."),
+    quantize: list[str] | None = typer.Option(
+        None, "--quantize", help="Add a row with the linear weights quantized: int8 | nf4 | fp4 (repeatable)."
+    ),
+    double_quant: bool = typer.Option(False, "--double-quant", help="4-bit rows use double quantization."),
+    offload: list[str] | None = typer.Option(
+        None, "--offload", help="Add a row with the optimizer state on the CPU: optimizer."
+    ),
     combine: bool = typer.Option(
         False, "--combine", help="One row per combination of the axes instead of one row per value."
     ),
@@ -182,6 +202,20 @@ def compare_cmd(
             axes[name] = list(values)
     if inplace_relu:
         axes["inplace_relu"] = [True]
+    if freeze:
+        axes["freeze"] = list(freeze)
+    if lora_rank:
+        from ..commands.workload import lora_spec
+
+        axes["lora"] = [lora_spec(r, lora_alpha, lora_targets, lora_dropout) for r in lora_rank]
+    elif lora_alpha is not None or lora_targets or lora_dropout is not None:
+        raise UsageError("--lora-alpha/--lora-targets/--lora-dropout set the LoRA rows", "add --lora-rank 16")
+    if quantize:
+        axes["quantize"] = [q + ("+dq" if double_quant else "") for q in quantize]
+    elif double_quant:
+        raise UsageError("--double-quant sets the 4-bit rows", "add --quantize nf4")
+    if offload:
+        axes["offload"] = list(offload)
     from ..commands.compare import normalize_axes
 
     axes = normalize_axes(axes)  # bad values fail before the model loads

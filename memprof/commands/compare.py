@@ -19,8 +19,10 @@ from typing import Any
 
 from ..engine import checkpointing as ckpt
 from ..engine import fit as fitting
+from ..engine.finetune import LoraSpec, parse_method, parse_patterns
 from ..engine.flops import recompute_cost
-from ..engine.workload import Workload, get_optimizer_name, get_precision
+from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
+from ..engine.workload import Workload, get_offload, get_optimizer_name, get_precision
 from ..errors import MemprofError, UsageError
 from ..results import (
     Capacity,
@@ -34,7 +36,20 @@ from ..results import (
 )
 
 #: the axes a comparison can vary, in the order rows and labels use them
-AXES = ("dtype", "optimizer", "checkpointing", "inplace_relu", "mode", "batch_size")
+AXES = (
+    "dtype",
+    "optimizer",
+    "checkpointing",
+    "inplace_relu",
+    "mode",
+    "batch_size",
+    "freeze",
+    "lora",
+    "quantize",
+    "offload",
+)
+#: the fine-tuning levers among them (memprof compare ranks their rows by the largest batch)
+LEVER_AXES = ("optimizer", "checkpointing", "freeze", "lora", "quantize", "offload", "dtype")
 #: dtypes the default comparison shows (besides the baseline's)
 DEFAULT_DTYPES = ("fp32", "amp-fp16", "amp-bf16", "fp16")
 #: pure half precision: no fp32 master weights (shown, but not recommended by the verdict)
@@ -59,6 +74,8 @@ def axis_value(workload: Workload, axis: str) -> Any:
         return workload.precision.name
     if axis == "inplace_relu":
         return workload.inplace_relu
+    if axis == "quantize":
+        return workload.quantize + ("+dq" if workload.double_quant else "")
     return getattr(workload, axis)
 
 
@@ -78,6 +95,25 @@ def _normalize(axis: str, value: Any) -> Any:
         if mode not in ("train", "eval"):
             raise UsageError(f"unknown mode {value!r}", "choose train or eval (no_grad inference)")
         return mode
+    if axis == "freeze":
+        return parse_patterns(value, "freeze") if value else ()
+    if axis == "lora":
+        if value is None or isinstance(value, LoraSpec):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("none", "0", "off"):
+            return None
+        try:
+            rank = int(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"`lora_rank` must be an integer, got {value!r}", "e.g. `lora_rank` 16") from None
+        return LoraSpec(rank) if rank else None
+    if axis == "quantize":
+        text = str(value).strip().lower()
+        double = text.endswith(("+dq", "+double-quant"))
+        method = parse_method(text.split("+")[0])
+        return method + ("+dq" if double and method in ("nf4", "fp4") else "")
+    if axis == "offload":
+        return get_offload(value)
     if axis == "batch_size":
         try:
             batch = int(value)
@@ -121,6 +157,9 @@ def apply_change(workload: Workload, axis: str, value: Any) -> Workload:
     value = _normalize(axis, value)
     if axis == "dtype":
         return workload.replace(precision=get_precision(value))
+    if axis == "quantize":
+        method, _, dq = value.partition("+")
+        return workload.replace(quantize=method, double_quant=bool(dq))
     return workload.replace(**{axis: value})
 
 
@@ -135,6 +174,14 @@ def _part(axis: str, value: Any) -> str:
         return "in-place ReLU" if value else "no in-place ReLU"
     if axis == "mode":
         return "eval (no_grad)" if value == "eval" else "train"
+    if axis == "freeze":
+        return "freeze " + ",".join(value) if value else "nothing frozen"
+    if axis == "lora":
+        return f"LoRA r={value.rank}" if value is not None else "no LoRA"
+    if axis == "quantize":
+        return "unquantized" if value == "none" else value.replace("+dq", " (double quant)")
+    if axis == "offload":
+        return "optimizer on the CPU" if value == "optimizer" else "optimizer on the GPU"
     return f"batch {value}"
 
 
@@ -151,6 +198,12 @@ def _key(w: Workload) -> tuple:
         w.inplace_relu,
         w.mode,
         w.batch_size,
+        w.freeze,
+        w.train_only,
+        w.lora,
+        w.quantize,
+        w.double_quant,
+        w.offload if train else "none",
     )
 
 
@@ -173,8 +226,11 @@ def make_variants(
         combos = [{axis: v} for axis, vals in chosen.items() for v in vals]
     for combo in combos:
         w = base
-        for axis, v in combo.items():
-            w = apply_change(w, axis, v)
+        try:
+            for axis, v in combo.items():
+                w = apply_change(w, axis, v)
+        except UsageError:  # a combination that cannot exist (offloaded 8-bit optimizer, LoRA + freeze)
+            continue
         key = _key(w)
         if key in seen:
             continue
@@ -206,12 +262,13 @@ FindFn = Callable[[Workload], "int | None"]
 RecomputeFn = Callable[[Workload], Any]  # -> flops.RecomputeCost
 
 
-def _default_trace(workload: Workload, *, target: str):
+def _default_trace(workload: Workload, *, target: str, count_bytes: bool = False):
     """The row's trace. On the CPU, tensor storages only (``kernel_scratch=False``): what the CPU cap
-    (``--memory-limit``) counts, as a GPU would, and what ``--measure`` on the CPU measures."""
+    (``--memory-limit``) counts, as a GPU would, and what ``--measure`` on the CPU measures.
+    ``count_bytes``: also the bytes each op moves, for the step-time model."""
     from ..engine.trace import trace_step
 
-    return trace_step(workload, target=target, kernel_scratch=False)
+    return trace_step(workload, target=target, kernel_scratch=False, count_bytes=count_bytes)
 
 
 def traced_fit(
@@ -303,7 +360,10 @@ def real_batch_finder(device: str, memory_limit: int | None, headroom: float, ma
 def _row_from_trace(v: Variant, r: Any) -> dict[str, Any]:
     totals = r.totals
     at_peak = dict(r.breakdown_at_peak)
+    flops = getattr(r, "flops", None)
     return dict(
+        step_flops=flops.step_flops if flops is not None else None,
+        flops_per_sample=flops.per_sample_flops if flops is not None else None,
         peak_bytes=int(r.peak_bytes),
         parameter_bytes=int(totals.get(MemCategory.PARAMETER, 0)),
         gradient_bytes=int(totals.get(MemCategory.GRADIENT, 0)),
@@ -316,6 +376,9 @@ def _row_from_trace(v: Variant, r: Any) -> dict[str, Any]:
         peak_phase=r.peak_phase,
         peak_module=r.peak_module,
         trace_seconds=float(getattr(r, "trace_seconds", 0.0)),
+        trainable_params=r.weights.trainable_params if getattr(r, "weights", None) is not None else None,
+        host_peak_bytes=getattr(r, "host_peak_bytes", None),
+        paged_bytes=getattr(r, "paged_bytes", None),
     )
 
 
@@ -363,16 +426,24 @@ def _measure_row(
     )
 
 
-def _recompute_info(w: Workload, recompute_fn: RecomputeFn | None) -> RecomputeInfo | None:
+def _recompute_info(w: Workload, recompute_fn: RecomputeFn | None, traced: Any = None) -> RecomputeInfo | None:
+    """The checkpointing plan (``recompute_fn``); the FLOPs from the row's trace when it counted them
+    (the recomputation it ran in backward, exactly), else from ``recompute_fn``'s estimate."""
     if w.checkpointing == "none" or w.mode != "train" or recompute_fn is None:
         return None
     cost = recompute_fn(w)
+    forward, recompute, extra = cost.forward_flops, cost.recompute_flops, cost.extra_pct
+    flops = getattr(traced, "flops", None)
+    if flops is not None:
+        forward, recompute = flops.forward_flops, flops.recompute_flops
+        without = flops.step_flops - recompute
+        extra = 100.0 * recompute / without if without else None
     return RecomputeInfo(
         plan=cost.plan,
         regions=cost.regions,
-        forward_flops=cost.forward_flops,
-        recompute_flops=cost.recompute_flops,
-        extra_pct=cost.extra_pct,
+        forward_flops=forward,
+        recompute_flops=recompute,
+        extra_pct=extra,
         batchnorm_recomputed=bool(getattr(cost, "batchnorm_recomputed", False)),
     )
 
@@ -446,6 +517,36 @@ def order_rows(rows: list[CompareRow], base_batch: int) -> tuple[list[CompareRow
     return ordered, best.label if best else None, safe.label if safe else None
 
 
+def rank_by_batch(rows: Iterable[CompareRow]) -> list[str]:
+    """Labels of the rows that fit (largest batch >= 1), the largest batch first; ties by lower peak."""
+    fitting = [r for r in rows if r.error is None and r.fit is not None and r.fit.max_batch]
+    fitting.sort(key=lambda r: (-(r.fit.max_batch or 0) if r.fit else 0, r.peak_bytes or 0))
+    return [r.label for r in fitting]
+
+
+def best_lever(rows: Iterable[CompareRow]) -> tuple[str | None, int | None]:
+    """The row changing one lever only (at the baseline's batch size) whose largest batch gains the most."""
+    rows = list(rows)
+    base = next((r for r in rows if r.baseline), None)
+    if base is None or base.fit is None:
+        return None, None
+    base_batch = base.fit.max_batch or 0
+    best: tuple[int, int, str] | None = None
+    for r in rows:
+        if r.baseline or r.error is not None or r.fit is None or len(r.changes) != 1:
+            continue
+        (axis,) = r.changes
+        if axis not in LEVER_AXES:
+            continue
+        gain = (r.fit.max_batch or 0) - base_batch
+        key = (gain, -(r.peak_bytes or 0), r.label)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    if best is None or best[0] <= 0:
+        return None, None
+    return best[2], best[0]
+
+
 def compare(
     base: Workload,
     axes: Mapping[str, Iterable[Any]] | None = None,
@@ -464,14 +565,16 @@ def compare(
     find_fn: FindFn | None = None,
     recompute_fn: RecomputeFn | None = recompute_cost,
     on_progress: Callable[[int, int, str], None] | None = None,
+    gpu: GpuPeaks | None = None,
 ) -> CompareResult:
     """Trace every variant of ``base`` and put them side by side.
 
     ``axes`` maps axis names (:data:`AXES`) to values; none given: :func:`default_axes`.
     ``capacity`` (bytes the step must fit) adds the largest and recommended batch per
     row (``fit_fn``, by default :func:`traced_fit`). ``measure_fn`` /
-    ``find_fn`` run real steps (``--measure`` / ``--find-batch``). A row that cannot be
-    traced becomes an error row; a failing baseline raises.
+    ``find_fn`` run real steps (``--measure`` / ``--find-batch``). ``gpu`` (a catalog entry or a
+    :class:`memprof.engine.roofline.PeakSpec`) adds each row's step-time model. A row that cannot
+    be traced becomes an error row; a failing baseline raises.
     """
     if target not in ("cuda", "cpu"):
         raise UsageError(f"unknown target {target!r}", "choose cuda or cpu")
@@ -487,9 +590,12 @@ def compare(
         if on_progress is not None:
             on_progress(i + 1, total, v.label)
         try:
-            result = trace_fn(v.workload, target=target)
+            result = trace_fn(v.workload, target=target, **({"count_bytes": True} if gpu is not None else {}))
             traced = _row_from_trace(v, result)
-            traced["recompute"] = _recompute_info(v.workload, recompute_fn)
+            traced["recompute"] = _recompute_info(v.workload, recompute_fn, result)
+            traced["step_time"] = None
+            if gpu is not None and getattr(result, "_op_costs", None) is not None:
+                traced["step_time"] = step_time(result, gpu, tokens=tokens_per_sample(v.workload))
             traced["fit"] = None
             if fit and capacity is not None:
                 traced["fit"] = fit_fn(
@@ -513,12 +619,15 @@ def compare(
     base_traced = raw[0][1]
     assert base_traced is not None  # the baseline comes first, and a failing baseline raised above
     base_peak = base_traced["peak_bytes"]
+    base_flops = base_traced["flops_per_sample"]
     rows: list[CompareRow] = []
     for v, data, error in raw:
         if data is None:
             rows.append(_error_row(v, error or "failed"))
             continue
         delta = data["peak_bytes"] - base_peak
+        per_sample = data["flops_per_sample"]
+        compute = 100.0 * (per_sample - base_flops) / base_flops if per_sample is not None and base_flops else None
         rows.append(
             CompareRow(
                 label=v.label,
@@ -527,6 +636,7 @@ def compare(
                 baseline=v.baseline,
                 delta_bytes=delta,
                 delta_pct=100.0 * delta / base_peak if base_peak else None,
+                compute_delta_pct=compute,
                 notes=tuple(_row_notes(v.workload)),
                 **data,
             )
@@ -541,6 +651,7 @@ def compare(
             else:
                 notes.append("in-place ReLU: each nn.ReLU overwrites its input instead of allocating its output")
     ordered, best, safe = order_rows(rows, base.batch_size)
+    lever, lever_gain = best_lever(ordered) if capacity is not None and fit else (None, None)
     if capacity is None and fit:
         notes.append(capacity_note or "no capacity given: largest-batch columns left out (use --gpu-memory 24GiB)")
     return CompareResult(
@@ -556,6 +667,11 @@ def compare(
         safe_best_label=safe,
         notes=tuple(dict.fromkeys(notes)),
         seconds=time.perf_counter() - started,
+        gpu=gpu.name if gpu is not None else None,
+        step_time_note=None if gpu is not None else "step time: needs a GPU (--gpu NAME)",
+        ranked_by_batch=tuple(rank_by_batch(ordered)) if capacity is not None and fit else (),
+        best_lever_label=lever,
+        best_lever_gain=lever_gain,
     )
 
 

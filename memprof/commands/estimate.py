@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from ..engine import fit as fitting
 from ..engine.analytic import analyse, largest_batch
+from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
 from ..errors import MemprofError, NoGPUError, UsageError
 from ..results import (
     AnalyticEstimate,
@@ -130,6 +131,7 @@ def estimate(
     headroom: float = fitting.DEFAULT_HEADROOM,
     traced: bool = True,
     capacity_note: str | None = None,
+    gpu: GpuPeaks | None = None,
     *,
     device: str = "cuda",
     verify: bool = False,
@@ -137,10 +139,12 @@ def estimate(
     """Estimate one step of ``workload`` by formula and, if ``traced``, by fake-tensor trace; fit ``capacity``.
 
     ``capacity`` is a :class:`Capacity` or a number of bytes; None skips the fit
-    (:func:`resolve_capacity` finds the local GPU's). ``device`` is the step predicted: ``"cuda"``
-    (``"cuda:N"``) or ``"cpu"`` (the same step on the CPU, as ``scripts/validate_cpu.py`` traces it).
-    ``verify`` also runs the real steps there and puts each figure next to its prediction
-    (:func:`verify_step`); on CUDA it needs a GPU, checked before anything is traced.
+    (:func:`resolve_capacity` finds the local GPU's). ``gpu`` (peak FLOP/s and bandwidth: a catalog
+    entry or a :class:`memprof.engine.roofline.PeakSpec`) adds the step-time model. ``device`` is the
+    step predicted: ``"cuda"`` (``"cuda:N"``) or ``"cpu"`` (the same step on the CPU, as
+    ``scripts/validate_cpu.py`` traces it). ``verify`` also runs the real steps there and puts each
+    figure next to its prediction (:func:`verify_step`); on CUDA it needs a GPU, checked before anything
+    is traced.
     """
     headroom = fitting.check_headroom(headroom)
     target, index = parse_device(device)
@@ -157,7 +161,7 @@ def estimate(
         from ..engine.trace import trace_step
 
         try:
-            trace_result = trace_step(workload, target=target)
+            trace_result = trace_step(workload, target=target, count_bytes=gpu is not None)
             if capacity is not None:
                 batch_fit = fitting.fit_batch(
                     workload,
@@ -186,6 +190,13 @@ def estimate(
         headline, source = analytic.total_bytes, "formula"
     if capacity is None and capacity_note is None:
         capacity_note = "no --memory-limit given" if target == "cpu" else "no --gpu-memory given"
+    step, step_note = None, None
+    if trace_result is None:
+        step_note = "needs a trace (the step-time model runs on the traced ops)"
+    elif gpu is None:
+        step_note = "needs a GPU (--gpu NAME)"
+    else:
+        step = step_time(trace_result, gpu, tokens=tokens_per_sample(workload))
     verification = None
     if verify:
         verification = verify_step(workload, target, index, trace_result, analytic.total_bytes)
@@ -199,6 +210,8 @@ def estimate(
         fit=fit,
         headline_bytes=headline,
         headline_source=source,
+        step_time=step,
+        step_time_note=step_note,
         target=target,
         verification=verification,
     )

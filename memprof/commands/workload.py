@@ -9,8 +9,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..engine.checkpointing import parse_mode
+from ..engine.finetune import DEFAULT_LORA_ALPHA, LoraSpec, parse_method, parse_patterns, parse_targets
 from ..engine.loading import ModelSpec, load_model, spec_from_module
-from ..engine.workload import MODES, Workload, get_optimizer_name, get_precision
+from ..engine.workload import MODES, Workload, get_offload, get_optimizer_name, get_precision
 from ..errors import UsageError
 
 DEFAULT_BATCH = 32
@@ -53,6 +54,16 @@ def make_workload(
     model_kwargs: Mapping[str, Any] | None = None,
     checkpointing: str = "none",
     inplace_relu: bool = False,
+    freeze: Sequence[str] | str | None = None,
+    train_only: Sequence[str] | str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    lora: LoraSpec | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
+    offload: str | None = None,
 ) -> Workload:
     """The workload for ``model``; values given here win over a config file's ``[workload]`` table.
 
@@ -60,6 +71,10 @@ def make_workload(
     ``"config.toml"``), an already loaded :class:`ModelSpec`, or a live ``torch.nn.Module`` (memprof
     builds copies of it on fake tensors; the module itself is never changed).
     Cheap options are checked before the model is loaded.
+
+    Fine-tuning levers: ``freeze`` / ``train_only`` (module-name globs), LoRA (``lora_rank`` and
+    ``lora_alpha``, ``lora_targets``, ``lora_dropout``, or a ready :class:`LoraSpec` as ``lora``),
+    ``quantize`` ("int8", "nf4", "fp4"; ``double_quant`` for 4-bit) and ``offload`` ("optimizer").
     """
     if batch_size is not None:
         check_batch_size(batch_size)
@@ -81,6 +96,18 @@ def make_workload(
         if high <= low:
             raise UsageError(f"`token_range` {low},{high} is empty", "HIGH must be above LOW, e.g. 0,50257")
     checkpointing = parse_mode(checkpointing)
+    levers = finetune_levers(
+        freeze=freeze,
+        train_only=train_only,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        lora_dropout=lora_dropout,
+        lora=lora,
+        quantize=quantize,
+        double_quant=double_quant,
+        offload=offload,
+    )
     if isinstance(model, ModelSpec):
         spec = model
     elif isinstance(model, str):
@@ -104,4 +131,54 @@ def make_workload(
         mode=mode or d.get("mode", "train"),
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
+        **levers,
+    )
+
+
+def lora_spec(
+    lora_rank: int | None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+) -> LoraSpec | None:
+    """A :class:`LoraSpec` from the separate options (None without a rank; the others need one)."""
+    if lora_rank is None or lora_rank == 0:
+        given = [
+            n
+            for n, v in (("lora_alpha", lora_alpha), ("lora_targets", lora_targets), ("lora_dropout", lora_dropout))
+            if v
+        ]
+        if given:
+            raise UsageError(f"`{given[0]}` needs `lora_rank`", "e.g. `lora_rank` 16")
+        return None
+    return LoraSpec(
+        rank=lora_rank,
+        alpha=DEFAULT_LORA_ALPHA if lora_alpha is None else lora_alpha,
+        targets=parse_targets(lora_targets),
+        dropout=lora_dropout or 0.0,
+    )
+
+
+def finetune_levers(
+    *,
+    freeze: Sequence[str] | str | None = None,
+    train_only: Sequence[str] | str | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
+    lora_targets: Sequence[str] | str | None = None,
+    lora_dropout: float | None = None,
+    lora: LoraSpec | None = None,
+    quantize: str | None = None,
+    double_quant: bool = False,
+    offload: str | None = None,
+) -> dict[str, Any]:
+    """The Workload fields of the fine-tuning levers, each option validated."""
+    spec = lora if lora is not None else lora_spec(lora_rank, lora_alpha, lora_targets, lora_dropout)
+    return dict(
+        freeze=parse_patterns(freeze, "freeze"),
+        train_only=parse_patterns(train_only, "train_only"),
+        lora=spec,
+        quantize=parse_method(quantize),
+        double_quant=bool(double_quant),
+        offload=get_offload(offload),
     )

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InputShapeError, TraceError
 from ..results import AnalyticEstimate, LayerRow, MemCategory, MethodTotal
 from .modtrack import ModuleFrame, ModuleTracker
-from .workload import DTYPE_BYTES, optimizer_state_count
+from .workload import DTYPE_BYTES, get_offload, get_optimizer_name, optimizer_state_count
 
 if TYPE_CHECKING:  # pragma: no cover
     from .workload import Workload
@@ -110,6 +110,57 @@ def four_part_bytes(
     return parts
 
 
+@dataclass(frozen=True)
+class OptimizerState:
+    """Optimizer state bytes for a set of trainable tensors: on the GPU, in unified memory, in CPU memory."""
+
+    device_bytes: int
+    paged_bytes: int = 0
+    host_bytes: int = 0  # offloaded: fp32 master weights + the state
+
+
+def optimizer_state_bytes(
+    optimizer: str, tensors: Iterable[tuple[tuple[int, ...], int]], offload: str = "none"
+) -> OptimizerState:
+    """The state ``optimizer`` keeps for trainable tensors given as ``(shape, element size)``.
+
+    Param-sized states count in the parameter's dtype (torch.optim); bitsandbytes' 8-bit AdamW
+    keeps two ``uint8`` states + ``float32`` absmax per 256 values (``float32`` states below 4096
+    values, 2 KiB of quantization maps once); Adafactor a row and a column per matrix
+    (transformers' in ``float32``). Offloaded, the state is ``float32`` in CPU memory, beside an
+    ``float32`` master copy of every trainable tensor. Scalars (``step``) are left out.
+    """
+    from .optimizers import QMAP_SIZE, adam8bit_state_bytes
+
+    name = get_optimizer_name(optimizer)
+    offloaded = get_offload(offload) == "optimizer"
+    device = paged = masters = 0
+    any_8bit = False
+    for shape, el in tensors:
+        numel = math.prod(shape)
+        if offloaded:
+            masters += 4 * numel
+            el = 4
+        if name in ("adamw8bit", "paged-adamw8bit"):
+            on_gpu, on_pages = adam8bit_state_bytes(numel, paged=name == "paged-adamw8bit")
+            device += on_gpu
+            paged += on_pages
+            any_8bit = any_8bit or numel >= 4096
+        elif name in ("adafactor", "adafactor-hf"):
+            size = 4 if name == "adafactor-hf" else el
+            if len(shape) >= 2 and shape[-1] and shape[-2]:
+                device += size * (numel // shape[-1] + numel // shape[-2])
+            else:
+                device += size * numel
+        else:
+            device += optimizer_state_count(name) * el * numel
+    if any_8bit:
+        device += 2 * QMAP_SIZE * 4
+    if offloaded:
+        return OptimizerState(device_bytes=0, host_bytes=masters + device)
+    return OptimizerState(device_bytes=device, paged_bytes=paged)
+
+
 def cruncher_counts(dim: int, num_layers: int, batch: int, optimizer: str = "adagrad") -> dict[str, int]:
     """Seed 000's element counts for its Cruncher MLP, literally as the seed writes them.
 
@@ -138,6 +189,10 @@ def module_param_formula(module) -> int | None:
     from torch import nn
 
     m = module
+    if type(m).__module__ == "memprof.engine.quantize" and hasattr(m, "method"):  # bitsandbytes stand-ins
+        values = m.out_features * m.in_features
+        packed = (values + 1) // 2 if m.method in ("nf4", "fp4") else values
+        return packed + (m.out_features if m.bias is not None else 0)
     if isinstance(m, nn.modules.conv._ConvTransposeNd):
         return conv_transpose_params(m.in_channels, m.out_channels, m.kernel_size, m.groups, m.bias is not None)
     if isinstance(m, nn.modules.conv._ConvNd):
@@ -396,6 +451,18 @@ def _param_table(model) -> tuple[dict[Any, int], int, int, int, int, int]:
     return owned, total, trainable, param_bytes, tied, len(seen)
 
 
+def _trainable_tensors(model) -> list[tuple[tuple[int, ...], int]]:
+    """(shape, element size) of every trainable parameter, each storage once."""
+    seen: set[int] = set()
+    out = []
+    for p in model.parameters():
+        key = p.untyped_storage()._cdata
+        if p.requires_grad and key not in seen:
+            seen.add(key)
+            out.append((tuple(p.shape), p.element_size()))
+    return out
+
+
 def _buffers(model) -> tuple[int, int]:
     seen: set[int] = set()
     count = nbytes = 0
@@ -437,11 +504,13 @@ def analyse(workload: Workload) -> AnalyticEstimate:
     activation = _activation_bytes(run, workload.mode)
     activation_next = _activation_bytes(run_next, workload.mode)
     k = optimizer_state_count(workload.optimizer) if train else 0
+    trainable = _trainable_tensors(model) if train else []
+    state = optimizer_state_bytes(workload.optimizer, trainable, workload.offload)
     breakdown: dict[MemCategory, int] = {
         MemCategory.PARAMETER: param_bytes,
         MemCategory.BUFFER: buffer_bytes,
-        MemCategory.GRADIENT: n_grad * el,
-        MemCategory.OPTIMIZER_STATE: k * n_grad * el,
+        MemCategory.GRADIENT: sum(math.prod(shape) * size for shape, size in trainable),
+        MemCategory.OPTIMIZER_STATE: state.device_bytes,
         MemCategory.ACTIVATION: activation,
         MemCategory.INPUT: run.input_bytes,
     }
@@ -507,6 +576,15 @@ def analyse(workload: Workload) -> AnalyticEstimate:
         notes.append(f"{tied} tied parameter tensor(s) counted once")
     if workload.checkpointing != "none":
         notes.append("the formulas ignore activation checkpointing (the traced estimate includes it)")
+    if state.paged_bytes:
+        notes.append(f"paged optimizer state: {state.paged_bytes:,d} bytes in CUDA unified memory, not counted")
+    if state.host_bytes:
+        notes.append(f"offloaded optimizer: {state.host_bytes:,d} bytes (fp32 masters + state) in CPU memory")
+    weights = None
+    if workload.freeze or workload.train_only or workload.lora is not None or workload.quantize != "none":
+        from .finetune import weight_breakdown
+
+        weights = weight_breakdown(model)
 
     # ---- the other estimators, for comparison
     leaves = [c for c in run.calls if c.leaf]
@@ -570,6 +648,8 @@ def analyse(workload: Workload) -> AnalyticEstimate:
         formula_mismatches=tuple(mismatches),
         notes=tuple(notes),
         seconds=time.perf_counter() - start,
+        weights=weights,
+        host_bytes=state.host_bytes or None,
     )
 
 

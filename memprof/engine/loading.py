@@ -477,9 +477,28 @@ def spec_from_module(module: Any) -> ModelSpec:
             'pass "resnet50", "path/to/file.py:Net", a config .toml, or an nn.Module instance',
         )
 
+    def fresh(t: Any) -> Any:
+        """A tensor like ``t`` made in the current mode and default device: fake under the tracer,
+        meta for the formulas, a real copy of the values for a real run."""
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        new = torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype)
+        if not (new.is_meta or isinstance(new, FakeTensor)):
+            with torch.no_grad():
+                new.copy_(t.detach())
+        if isinstance(t, torch.nn.Parameter):
+            return torch.nn.Parameter(new, requires_grad=t.requires_grad)
+        return new
+
     def factory() -> Any:
+        # deepcopy with every parameter and buffer already answered: the module's own storages are never
+        # copied as they are (a real storage cannot back a fake or meta tensor)
+        memo: dict[int, Any] = {}
+        for t in (*module.parameters(), *module.buffers()):
+            if id(t) not in memo:
+                memo[id(t)] = fresh(t)
         try:
-            return copy.deepcopy(module)
+            return copy.deepcopy(module, memo)
         except Exception as exc:
             raise ModelLoadError(
                 f"{type(module).__name__} cannot be copied: {type(exc).__name__}: {exc}",

@@ -27,6 +27,7 @@ CPU prediction (raw storage bytes), the CUDA ``max_memory_allocated`` prediction
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -34,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import InputShapeError, MemprofError, TraceError, UsageError
 from ..results import MemCategory, TimelinePoint, TraceResult
-from . import fastfake
+from . import fastfake, placement
 from .allocator import CachingAllocatorModel, round_size
+from .flops import FlopTally
 from .modtrack import ModuleTracker
 from .overheads import cublas_workspace_bytes, cuda_context_bytes, onednn_conv_scratch
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
@@ -109,6 +111,16 @@ class _Recorder:
         self.done_op: dict[int, int] = {}
         self.workspace_threads: set[str] = set()
         self.workspace_bytes = cublas_workspace_bytes() if target == "cuda" else 0
+        self.tally: FlopTally | None = None  # counts FLOPs while set (the first step)
+        self.module_types: dict[str, str] = {}
+        self.root_label: str | None = None
+        # records made inside placement.on("host" / "paged"): CPU memory / unified memory on a CUDA run
+        self.placed_host: set[int] = set()
+        self.placed_paged: set[int] = set()
+
+    def locate(self) -> tuple[str | None, bool]:
+        """For the FLOP tally: the module running now, and whether this is a recomputation in backward."""
+        return self.module_now(), self.phase == "backward" and bool(self.modules.stack)
 
     # -- module attribution -------------------------------------------------------------
     def module_now(self) -> str | None:
@@ -129,7 +141,12 @@ class _Recorder:
         self.rec_module.append(module)
         self.rec_step.append(self.step)
         self.rec_cat.append(self.category)
-        self.rec_host.append(False)
+        place = placement.current()
+        self.rec_host.append(place != "device")
+        if place == "host":
+            self.placed_host.add(rec)
+        elif place == "paged":
+            self.placed_paged.add(rec)
         op = self.tracker.op_count if self.tracker is not None else 0
         self.events.append((rec, 1, op, self.phase, module, self.step))
 
@@ -160,6 +177,10 @@ class _Recorder:
 
     def clone(self, rec: int, step: int) -> int:
         new = len(self.rec_nbytes)
+        if rec in self.placed_host:
+            self.placed_host.add(new)
+        if rec in self.placed_paged:
+            self.placed_paged.add(new)
         self.rec_nbytes.append(self.rec_nbytes[rec])
         self.rec_phase.append(self.rec_phase[rec])
         self.rec_module.append(self.rec_module[rec])
@@ -199,15 +220,19 @@ def _make_tracker(recorder: _Recorder):
                     recorder.need_workspace = len(recorder.workspace_threads) < 2
             if func is sdpa_flash:
                 recorder.saw_flash_attention = True
-            if recorder.cpu_scratch and func in convs:
-                scratch = onednn_conv_scratch(func, args)
-                if scratch:
-                    rec = recorder.synthetic(scratch, MemCategory.TEMPORARY)
-                    try:
-                        return super().__torch_dispatch__(func, types, args, kwargs)
-                    finally:
-                        recorder.free_synthetic(rec)
-            return super().__torch_dispatch__(func, types, args, kwargs)
+            scratch = onednn_conv_scratch(func, args) if recorder.cpu_scratch and func in convs else 0
+            if scratch:
+                rec = recorder.synthetic(scratch, MemCategory.TEMPORARY)
+                try:
+                    out = super().__torch_dispatch__(func, types, args, kwargs)
+                finally:
+                    recorder.free_synthetic(rec)
+            else:
+                out = super().__torch_dispatch__(func, types, args, kwargs)
+            tally = recorder.tally
+            if tally is not None:
+                tally.op(func, args, kwargs, out, recorder.phase)
+            return out
 
     tracker = _TraceTracker(on_alloc=recorder.on_alloc, on_free=recorder.on_free)
     recorder.tracker = tracker
@@ -377,7 +402,14 @@ def _step_error(exc: Exception, phase: str) -> MemprofError:
 
 # =========================================================================== tracing
 def trace_step(
-    workload: Workload, *, target: str = "cuda", steps: int = 2, replay_steps: bool = True, kernel_scratch: bool = True
+    workload: Workload,
+    *,
+    target: str = "cuda",
+    steps: int = 2,
+    replay_steps: bool = True,
+    kernel_scratch: bool = True,
+    count_flops: bool = True,
+    count_bytes: bool = False,
 ) -> TraceResult:
     """Trace ``steps`` training steps of ``workload`` on fake tensors and predict their memory.
 
@@ -391,6 +423,10 @@ def trace_step(
     optimizer state now lives through them and is not created again), so with
     ``replay_steps`` (the default) their events are copied from the first step instead of
     traced: the result is the same as tracing every step (tested), in about half the time.
+
+    With ``count_flops`` the first step's ops are also counted in FLOPs (PyTorch's formulas, per
+    module and phase (:mod:`memprof.engine.flops`): ``result.flops``; with ``count_bytes`` also the bytes
+    each op reads and writes, which the step-time model needs (:func:`memprof.engine.roofline.step_time`).
     """
     import gc
     import logging
@@ -410,6 +446,7 @@ def trace_step(
     model = None
     gc_was_enabled = gc.isenabled()
     real_get_rng_state = None
+    tally: FlopTally | None = None
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     fake_log_level = fake_log.level
@@ -435,7 +472,7 @@ def trace_step(
                 optimizer = None
                 if workload.mode == "train":
                     trainable = [p for p in params if p.requires_grad]
-                    optimizer = make_optimizer(workload.optimizer, trainable, target)
+                    optimizer = make_optimizer(workload.optimizer, trainable, target, workload.offload)
                 recorder.category = MemCategory.INPUT
                 try:
                     args, kwargs, tgt = workload.model.make_batch(workload.batch_size, "cpu", workload.precision)
@@ -447,6 +484,9 @@ def trace_step(
                 prepared = Prepared(workload, model, optimizer, args, kwargs, tgt, workload.model.loss_fn(), "cpu")
                 del args, kwargs, tgt
                 recorder.modules.attach(model)
+                recorder.root_label = type(model).__name__
+                for name, module in model.named_modules():  # names as the module tracker gives them
+                    recorder.module_types.setdefault(name or recorder.root_label, type(module).__name__)
                 if target == "cpu":
                     # torch.utils.checkpoint keeps the CPU RNG state (a real 5056-byte tensor made
                     # outside any op) per checkpointed call; on CUDA it is host memory
@@ -510,8 +550,10 @@ def trace_step(
                     recorder.phase = phase
 
                 replay = replay_steps and workload.mode == "train"
+                tally = FlopTally(recorder.locate, count_bytes) if count_flops or count_bytes else None
                 for step in range(steps):
                     recorder.step = step
+                    recorder.tally = tally if step == 0 else None
                     try:
                         if step == 0 or not replay:
                             train_step(prepared, on_phase)
@@ -525,8 +567,10 @@ def trace_step(
                         raise _step_error(exc, recorder.phase) from None
                     finally:
                         recorder.modules.clear()
+                        recorder.tally = None
                 recorder.phase = "done"
                 op_count = tracker.op_count
+                weights = _weights(model, workload)
             tracker.detach()
     finally:
         fake_log.setLevel(fake_log_level)
@@ -550,8 +594,73 @@ def trace_step(
                 "CUDA's flash/memory-efficient kernels do; attention with dropout takes the CPU's math path "
                 "and saves the attention matrix, which CUDA would not"
             )
+    notes.extend(_finetune_notes(workload, target))
     result = _analyse(recorder, workload, target, steps, op_count, notes)
-    return _replace_seconds(result, time.perf_counter() - started)
+    flops = costs = None
+    if tally is not None:
+        flops, costs = tally.result(workload.batch_size, recorder.module_types, recorder.root_label)
+    host_peak, paged = _placed_peaks(recorder)
+    if workload.offload == "none":
+        host_peak = None  # only bitsandbytes' 2 KiB of quantization maps, made on the CPU and moved
+    return dataclasses.replace(
+        result,
+        trace_seconds=time.perf_counter() - started,
+        flops=flops,
+        _op_costs=costs,
+        weights=weights,
+        host_peak_bytes=host_peak,
+        paged_bytes=paged,
+    )
+
+
+def _weights(model, workload: Workload):
+    """The parameters split for fine-tuning, when a lever froze, adapted or quantized some."""
+    if not (workload.freeze or workload.train_only or workload.lora is not None or workload.quantize != "none"):
+        return None
+    from .finetune import weight_breakdown
+
+    return weight_breakdown(model)
+
+
+def _placed_peaks(rec: _Recorder) -> tuple[int | None, int | None]:
+    """Peak of what lives in CPU memory (placement "host") and the paged bytes held at the end."""
+    if not rec.placed_host and not rec.placed_paged:
+        return None, None
+    host = rec.placed_host
+    cur = peak = 0
+    paged = 0
+    for r, sign, *_ in rec.events:
+        if r in host:
+            cur += sign * rec.rec_nbytes[r]
+            peak = max(peak, cur)
+        elif r in rec.placed_paged:
+            paged += sign * rec.rec_nbytes[r]
+    return (peak if host else None), (paged if rec.placed_paged else None)
+
+
+def _finetune_notes(workload: Workload, target: str) -> list[str]:
+    notes = []
+    if workload.quantize == "int8" and workload.mode == "train":
+        notes.append(
+            "int8 (LLM.int8()): activation columns above the outlier threshold (6.0) are computed in 16 bits "
+            "from extra copies whose size depends on the data; memprof assumes none"
+        )
+    elif workload.quantize in ("nf4", "fp4"):
+        notes.append(
+            f"{workload.quantize}: bitsandbytes stand-ins (bitsandbytes 0.50.1); between 5 and 1536 rows per "
+            "call its fused 4-bit kernel may skip the dequantized weight, which memprof keeps (an upper bound)"
+        )
+    if workload.optimizer == "paged-adamw8bit" and target == "cuda":
+        notes.append(
+            "paged optimizer state lives in CUDA unified memory: outside torch's allocator (not in the peak), "
+            "moved to CPU memory by the driver when the GPU needs the room"
+        )
+    if workload.offload == "optimizer" and target == "cuda":
+        notes.append(
+            "optimizer offloaded: fp32 master weights, gradients copied to the CPU, the optimizer state and the "
+            "CPU step's temporaries are CPU memory (host peak), not in the GPU peak"
+        )
+    return notes
 
 
 def _replay_step(recorder: _Recorder, tracker, on_phase, step: int) -> None:
@@ -601,12 +710,6 @@ def _cuda_notes(workload: Workload) -> list[str]:
             "softmax and losses run in float32 on CUDA), which can change activation dtypes there"
         )
     return notes
-
-
-def _replace_seconds(result: TraceResult, seconds: float) -> TraceResult:
-    import dataclasses
-
-    return dataclasses.replace(result, trace_seconds=seconds)
 
 
 # =========================================================================== analysis

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
+from .finetune import LoraSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -105,7 +106,8 @@ def get_precision(name: str) -> Precision:
 
 
 # --------------------------------------------------------------------------- optimizers
-#: name -> (number of param-sized state tensors, description)
+#: name -> (number of param-sized state tensors, description); the state of the ones marked in
+#: :data:`STATE_RULES` is not param-sized (analytic.optimizer_state_bytes has the exact rule)
 OPTIMIZERS: dict[str, tuple[int, str]] = {
     "sgd": (0, "SGD, no momentum"),
     "sgd-momentum": (1, "SGD with momentum 0.9 (one momentum buffer)"),
@@ -113,8 +115,28 @@ OPTIMIZERS: dict[str, tuple[int, str]] = {
     "adamw": (2, "AdamW (exp_avg, exp_avg_sq)"),
     "adagrad": (1, "Adagrad (sum of squares)"),
     "rmsprop": (1, "RMSprop (square_avg)"),
+    "adamw8bit": (2, "bitsandbytes AdamW8bit (two uint8 states + fp32 absmax per 256 values; fp32 below 4096 values)"),
+    "paged-adamw8bit": (2, "bitsandbytes PagedAdamW8bit (AdamW8bit with the large states in CUDA unified memory)"),
+    "adafactor": (1, "torch.optim.Adafactor (factored second moments: a row and a column per matrix)"),
+    "adafactor-hf": (1, "transformers Adafactor as HF Trainer sets it (factored second moments)"),
+    "lion": (1, "Lion (one exp_avg), stepping as lion-pytorch does"),
 }
-_OPTIMIZER_ALIASES = {"momentum": "sgd-momentum", "sgd_momentum": "sgd-momentum", "sgdm": "sgd-momentum"}
+#: optimizers whose state is not a whole number of parameter-sized tensors
+STATE_RULES = frozenset({"adamw8bit", "paged-adamw8bit", "adafactor", "adafactor-hf"})
+_OPTIMIZER_ALIASES = {
+    "momentum": "sgd-momentum",
+    "sgd_momentum": "sgd-momentum",
+    "sgdm": "sgd-momentum",
+    "adamw_8bit": "adamw8bit",
+    "adamw-8bit": "adamw8bit",
+    "adam8bit": "adamw8bit",
+    "paged_adamw8bit": "paged-adamw8bit",
+    "paged_adamw_8bit": "paged-adamw8bit",
+    "paged-adamw-8bit": "paged-adamw8bit",
+    "adafactor_hf": "adafactor-hf",
+}
+#: where optimizer state may live: on the device, or in CPU memory (the step runs on the CPU)
+OFFLOADS = ("none", "optimizer")
 
 
 def get_optimizer_name(name: str) -> str:
@@ -125,26 +147,43 @@ def get_optimizer_name(name: str) -> str:
     return key
 
 
+def get_offload(name: str | None) -> str:
+    key = "none" if name is None else str(name).strip().lower()
+    key = {"": "none", "off": "none", "no": "none", "false": "none", "optimizer-state": "optimizer"}.get(key, key)
+    if key not in OFFLOADS:
+        raise UsageError(f"unknown offload {name!r}", "`offload` optimizer keeps the optimizer state on the CPU")
+    return key
+
+
 def optimizer_state_count(name: str) -> int:
     """How many parameter-sized state tensors the optimizer keeps (SGD 0, momentum 1, Adam 2)."""
     return OPTIMIZERS[get_optimizer_name(name)][0]
 
 
-def make_optimizer(name: str, params, device_type: str):
+def make_optimizer(name: str, params, device_type: str, offload: str = "none"):
     """Build the optimizer the way PyTorch would by default on ``device_type``.
 
     ``foreach`` is passed explicitly: PyTorch picks the multi-tensor (foreach)
     implementations by default on CUDA and the per-tensor loop on CPU, and the two
     have different temporaries. Tracing for CUDA on fake CPU tensors therefore
-    asks for what CUDA would run.
+    asks for what CUDA would run. ``offload="optimizer"`` steps on the CPU
+    (:class:`memprof.engine.optimizers.OffloadedOptimizer`), with the CPU's implementation.
     """
-    import torch
-
-    foreach = device_type == "cuda"
     name = get_optimizer_name(name)
     params = list(params)
     if not params:
         raise UsageError("the model has no trainable parameters", "use --mode eval for inference-only models")
+    if get_offload(offload) == "optimizer":
+        from .optimizers import OffloadedOptimizer
+
+        return OffloadedOptimizer(params, lambda masters: _make_optimizer(name, masters, "cpu"))
+    return _make_optimizer(name, params, device_type)
+
+
+def _make_optimizer(name: str, params: list, device_type: str):
+    import torch
+
+    foreach = device_type == "cuda"
     if name == "sgd":
         return torch.optim.SGD(params, lr=1e-3, foreach=foreach)
     if name == "sgd-momentum":
@@ -155,7 +194,17 @@ def make_optimizer(name: str, params, device_type: str):
         return torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
     if name == "adagrad":
         return torch.optim.Adagrad(params, lr=1e-3, foreach=foreach)
-    return torch.optim.RMSprop(params, lr=1e-4, foreach=foreach)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=1e-4, foreach=foreach)
+    from . import optimizers
+
+    if name in ("adamw8bit", "paged-adamw8bit"):
+        return optimizers.AdamW8bit(params, paged=name == "paged-adamw8bit")
+    if name == "lion":
+        return optimizers.Lion(params)
+    if name == "adafactor":
+        return optimizers.make_adafactor(params, foreach)
+    return optimizers.make_hf_adafactor(params)
 
 
 # --------------------------------------------------------------------------- workload
@@ -175,6 +224,18 @@ class Workload:
     checkpointing: str = "none"
     #: turn every nn.ReLU into ReLU(inplace=True) before the step
     inplace_relu: bool = False
+    #: module-name globs whose parameters are frozen (requires_grad=False)
+    freeze: tuple[str, ...] = ()
+    #: module-name globs whose parameters stay trainable; every other parameter is frozen
+    train_only: tuple[str, ...] = ()
+    #: LoRA adapters added with peft (None: no LoRA)
+    lora: LoraSpec | None = None
+    #: bitsandbytes quantization of the frozen linear weights: "none" | "int8" | "nf4" | "fp4"
+    quantize: str = "none"
+    #: 4-bit double quantization (bnb_4bit_use_double_quant)
+    double_quant: bool = False
+    #: "none" | "optimizer" (optimizer state and its step on the CPU)
+    offload: str = "none"
 
     def __post_init__(self):
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
@@ -182,6 +243,29 @@ class Workload:
         if self.mode not in MODES:
             raise UsageError(f"unknown mode {self.mode!r}", "choose train or eval")
         object.__setattr__(self, "optimizer", get_optimizer_name(self.optimizer))
+        object.__setattr__(self, "offload", get_offload(self.offload))
+        from .finetune import parse_patterns
+
+        object.__setattr__(self, "freeze", parse_patterns(self.freeze, "freeze"))
+        object.__setattr__(self, "train_only", parse_patterns(self.train_only, "train_only"))
+        if self.quantize != "none" or self.double_quant:
+            from .finetune import parse_method
+
+            object.__setattr__(self, "quantize", parse_method(self.quantize))
+            if self.double_quant and self.quantize not in ("nf4", "fp4"):
+                raise UsageError(
+                    "`double_quant` applies to 4-bit weights only", "combine it with `quantize` nf4 or fp4"
+                )
+        if self.offload == "optimizer" and self.optimizer in ("adamw8bit", "paged-adamw8bit"):
+            raise UsageError(
+                f"`offload` optimizer does not combine with {self.optimizer} (bitsandbytes steps on the GPU)",
+                "offload adam, adamw, lion, adafactor, ... or keep the 8-bit optimizer on the GPU",
+            )
+        if self.lora is not None and (self.freeze or self.train_only):
+            raise UsageError(
+                "`freeze` / `train_only` do not combine with `lora_rank`: LoRA already freezes every base weight",
+                "choose the adapted layers with `lora_targets`, or drop the LoRA options",
+            )
 
     def with_batch(self, batch_size: int) -> Workload:
         return dataclasses.replace(self, batch_size=batch_size)
@@ -200,7 +284,28 @@ class Workload:
             "mode": self.mode,
             "checkpointing": self.checkpointing,
             "inplace_relu": self.inplace_relu,
+            **self.finetune_description(),
         }
+
+    def finetune_description(self) -> dict[str, Any]:
+        """The fine-tuning levers that are set (nothing when none is)."""
+        out: dict[str, Any] = {}
+        if self.freeze:
+            out["freeze"] = list(self.freeze)
+        if self.train_only:
+            out["train_only"] = list(self.train_only)
+        if self.lora is not None:
+            out["lora"] = {
+                "rank": self.lora.rank,
+                "alpha": self.lora.alpha,
+                "targets": list(self.lora.targets) or None,
+                "dropout": self.lora.dropout,
+            }
+        if self.quantize != "none":
+            out["quantize"] = self.quantize + ("+double-quant" if self.double_quant else "")
+        if self.offload != "none":
+            out["offload"] = self.offload
+        return out
 
 
 # --------------------------------------------------------------------------- building
@@ -269,6 +374,7 @@ def build_model(workload: Workload, device: torch.device | str = "cpu"):
         for module in model.modules():
             if isinstance(module, torch.nn.ReLU):
                 module.inplace = True
+    model = apply_finetuning(model, workload)
     if workload.checkpointing != "none":
         from .checkpointing import apply_checkpointing
 
@@ -277,6 +383,28 @@ def build_model(workload: Workload, device: torch.device | str = "cpu"):
     if workload.mode == "eval":
         for p in model.parameters():
             p.requires_grad_(False)
+    return model
+
+
+def apply_finetuning(model, workload: Workload):
+    """Quantize, freeze and add LoRA adapters as the workload asks (in the order transformers and peft
+    do: weights loaded in the model dtype, then quantized, then adapted); returns the model to train."""
+    from . import finetune
+
+    if workload.quantize != "none":
+        from .quantize import apply_quantization
+
+        precision = workload.precision
+        apply_quantization(
+            model,
+            workload.quantize,
+            double_quant=workload.double_quant,
+            compute_dtype=precision.torch_autocast_dtype() or precision.torch_param_dtype(),
+            weight_dtype=precision.torch_param_dtype(),
+        )
+    finetune.apply_freezing(model, workload.freeze, workload.train_only)
+    if workload.lora is not None:
+        model = finetune.apply_lora(model, workload.lora)
     return model
 
 
@@ -296,7 +424,7 @@ def prepare(
     opt = None
     if workload.mode == "train":
         trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(workload.optimizer, trainable, optimizer_device_type or device.type)
+        opt = make_optimizer(workload.optimizer, trainable, optimizer_device_type or device.type, workload.offload)
     args, kwargs, target = workload.model.make_batch(workload.batch_size, device, workload.precision)
     return Prepared(workload, model, opt, args, kwargs, target, workload.model.loss_fn(), device.type)
 

@@ -57,6 +57,29 @@ def format_count(n: int | None) -> str:
     return "n/a" if n is None else f"{n:,}"
 
 
+def format_flops(n: int | float | None, unit: str = "FLOP") -> str:
+    """Decimal prefixes: 8178368512 -> '8.18 GFLOP' (three significant digits); None -> 'n/a'."""
+    if n is None:
+        return "n/a"
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            value = n / scale
+            digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+            return f"{value:.{digits}f} {prefix}{unit}"
+    return f"{int(n)} {unit}"
+
+
+def format_seconds(s: float | None) -> str:
+    """'16.4 ms', '1.23 s', '850 µs'; None -> 'n/a'."""
+    if s is None:
+        return "n/a"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.1f} ms"
+    return f"{s * 1e6:.0f} µs"
+
+
 def stdout_console() -> Console:
     return Console(file=sys.stdout, highlight=False, soft_wrap=False)
 

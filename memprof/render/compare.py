@@ -12,17 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..results import CompareResult, CompareRow
-from . import format_bytes, format_count, format_pct, format_signed_bytes
+from . import format_bytes, format_count, format_flops, format_pct, format_seconds, format_signed_bytes
 from .charts import compare_chart, terminal, write
-
-
-def format_flops(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit, scale in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} FLOP"
 
 
 def _delta(row: CompareRow) -> str:
@@ -46,7 +37,10 @@ def verdict_text(result: CompareResult) -> str:
         return "Only the baseline was traced: add --dtype, --optimizer, --checkpointing, ... to compare."
     best = _row(result, result.best_label)
     if best is None:
-        return "No configuration lowers the peak below the baseline at the same batch size."
+        return " ".join(
+            ["No configuration lowers the peak below the baseline at the same batch size."]
+            + _lever_sentences(result, base)
+        )
     assert best.peak_bytes is not None and base.peak_bytes is not None  # both were traced
     lead = "Lowest peak" if best.peak_bytes < base.peak_bytes else "Same peak, larger batch"
 
@@ -63,6 +57,7 @@ def verdict_text(result: CompareResult) -> str:
         return text
 
     parts = [f"{lead}: {summary(best)}."]
+    parts.extend(_lever_sentences(result, base))
     safe = _row(result, result.safe_best_label)
     if best.workload.get("dtype") in ("fp16", "bf16"):
         if safe is not None:
@@ -72,6 +67,45 @@ def verdict_text(result: CompareResult) -> str:
         else:
             parts.append(f"Pure {best.workload.get('dtype')} drops the fp32 master weights (numerically risky).")
     return " ".join(parts)
+
+
+def _lever_sentences(result: CompareResult, base: CompareRow) -> list[str]:
+    """Which row allows the largest batch, and which single lever buys the most batch."""
+    out = []
+    top = _row(result, result.ranked_by_batch[0]) if result.ranked_by_batch else None
+    if top is not None and top.fit is not None and not top.baseline:
+        out.append(f"Largest batch: {top.label} ({format_count(top.fit.max_batch)}).")
+    lever = _row(result, result.best_lever_label)
+    if lever is not None and lever.fit is not None and base.fit is not None:
+        out.append(
+            f"Of the single levers, {lever.label} buys the most: largest batch {format_count(lever.fit.max_batch)} "
+            f"vs {format_count(base.fit.max_batch or 0)}."
+        )
+    return out
+
+
+def ranking_lines(result: CompareResult, limit: int = 10) -> list[str]:
+    """The rows that fit, ranked by the largest batch each allows."""
+    lines = []
+    for i, label in enumerate(result.ranked_by_batch[:limit], 1):
+        r = _row(result, label)
+        if r is None or r.fit is None:
+            continue
+        extra = []
+        if r.trainable_params is not None:
+            extra.append(f"{format_count(r.trainable_params)} trainable params")
+        if r.host_peak_bytes:
+            extra.append(f"{format_bytes(r.host_peak_bytes)} CPU memory")
+        if r.paged_bytes:
+            extra.append(f"{format_bytes(r.paged_bytes)} paged")
+        tail = f" ({', '.join(extra)})" if extra else ""
+        lines.append(
+            f"{i:>2}. batch {format_count(r.fit.max_batch)}: {r.label}, peak {format_bytes(r.peak_bytes)}{tail}"
+        )
+    hidden = len(result.ranked_by_batch) - limit
+    if hidden > 0:
+        lines.append(f"    ... {hidden} more (--json lists them all)")
+    return lines
 
 
 # --------------------------------------------------------------------------- terminal
@@ -130,6 +164,41 @@ def compare_table(result: CompareResult) -> Table:
     return table
 
 
+def compute_table(result: CompareResult) -> Table | None:
+    """Memory and compute side by side: each row's peak change next to its FLOPs and (with a GPU) the
+    step-time model, so checkpointing's memory saved and compute added read in one row."""
+    rows = [r for r in result.rows if r.error is None and r.flops_per_sample is not None]
+    if not rows:
+        return None
+    timed = any(r.step_time is not None for r in rows)
+    title = "Memory and compute" + (f" (step time: roofline model on {result.gpu}, not measured)" if timed else "")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title=title, title_justify="left")
+    table.add_column("Configuration", max_width=26)
+    table.add_column("Peak", justify="right", no_wrap=True)
+    table.add_column("vs baseline", justify="right", no_wrap=True)
+    table.add_column("FLOP/step", justify="right", no_wrap=True)
+    table.add_column("FLOP/sample", justify="right", no_wrap=True)
+    table.add_column("vs baseline", justify="right", no_wrap=True)
+    if timed:
+        table.add_column("Step time ≥", justify="right", no_wrap=True)
+        table.add_column("Samples/s ≤", justify="right", no_wrap=True)
+    for r in rows:
+        peak_delta = "-" if r.baseline else format_pct(r.delta_pct, 1, signed=True)
+        compute = "-" if r.baseline else format_pct(r.compute_delta_pct, 0, signed=True)
+        cells = [
+            format_bytes(r.peak_bytes),
+            peak_delta,
+            format_flops(r.step_flops, ""),
+            format_flops(r.flops_per_sample, ""),
+            compute,
+        ]
+        if timed:
+            st = r.step_time
+            cells += [format_seconds(st.seconds), f"{st.samples_per_second:,.0f}"] if st is not None else ["n/a"] * 2
+        table.add_row(Text(("★ " if r.best else "") + r.label), *cells)
+    return table
+
+
 def measure_table(result: CompareResult) -> Table | None:
     rows = [(r, r.measured) for r in result.rows if r.measured is not None]
     if not rows:
@@ -172,7 +241,7 @@ def detail_lines(result: CompareResult) -> list[str]:
             if rc.recompute_flops is not None:
                 line += f": +{format_flops(rc.recompute_flops)} per step"
                 if rc.extra_pct is not None:
-                    line += f" (+{rc.extra_pct:.0f} % of the step's compute)"
+                    line += f" (+{rc.extra_pct:.0f} % over the step without it)"
             if rc.batchnorm_recomputed:
                 line += "; BatchNorm running statistics update twice per step (in forward and in the recomputation)"
             lines.append(line)
@@ -186,16 +255,48 @@ def detail_lines(result: CompareResult) -> list[str]:
     return lines
 
 
+def compute_lines(result: CompareResult) -> list[str]:
+    """What the compute table's columns mean."""
+    if not any(r.flops_per_sample is not None for r in result.rows):
+        return []
+    lines = [
+        "FLOPs: traced, one step (forward, backward with any recomputation, optimizer), PyTorch's formulas "
+        "for matmuls, convolutions and attention"
+    ]
+    if any(r.step_time is not None for r in result.rows):
+        lines.append(
+            "step time: each op at the GPU's peak FLOP/s or memory bandwidth, whichever is slower, summed - a "
+            "lower bound, so samples/s is an upper bound; real steps are slower"
+        )
+    elif result.step_time_note:
+        lines.append(result.step_time_note)
+    return lines
+
+
 def render_compare(result: CompareResult, console: Console) -> None:
     _header(result, console)
     console.print()
     console.print(compare_table(result))
+    ct = compute_table(result)
+    if ct is not None:
+        console.print()
+        console.print(ct)
+        for line in compute_lines(result):
+            console.print(
+                Text(textwrap.fill(line, max(40, console.width - 1), initial_indent="  ", subsequent_indent="    "))
+            )
     mt = measure_table(result)
     if mt is not None:
         console.print()
         console.print(mt)
     console.print()
     console.print(bars(result))
+    ranking = ranking_lines(result) if len(result.ranked_by_batch) > 1 else []
+    if ranking:
+        console.print(Text("Ranked by the largest batch that fits", style="bold"))
+        for line in ranking:
+            console.print(Text("  " + line))
+        console.print()
     console.print(Text(verdict_text(result), style="bold"))
     lines = detail_lines(result)
     if lines:

@@ -9,8 +9,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ..results import EstimateResult, LayerRow, MemCategory
-from . import format_bytes, format_count, format_pct
+from ..results import EstimateResult, FlopCount, LayerRow, MemCategory
+from . import format_bytes, format_count, format_flops, format_pct, format_seconds
 
 DEFAULT_LAYERS = 10
 
@@ -174,6 +174,34 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
     console.print(table)
 
 
+def _weights(result: EstimateResult, console: Console) -> None:
+    """The parameters split for fine-tuning (base / adapters / quantization state), and off-GPU memory."""
+    traced = result.traced
+    w = getattr(traced, "weights", None) or result.analytic.weights
+    host = getattr(traced, "host_peak_bytes", None) if traced is not None else result.analytic.host_bytes
+    paged = getattr(traced, "paged_bytes", None)
+    if w is None and not host and not paged:
+        return
+    console.print()
+    console.print("[bold]Fine-tuning[/bold]")
+    if w is not None:
+        console.print(f"  {w.peft_line()}  (as peft prints it)")
+        parts = [f"frozen base weights {format_bytes(w.frozen_bytes)}"]
+        if w.adapter_bytes:
+            parts.append(f"LoRA adapters {format_bytes(w.adapter_bytes)} ({format_count(w.adapter_params)} params)")
+        if w.trainable_bytes:
+            parts.append(f"other trainable {format_bytes(w.trainable_bytes)}")
+        if w.quantized_layers:
+            parts.append(
+                f"quantization state {format_bytes(w.quant_state_bytes)} ({w.quantized_layers} quantized layers)"
+            )
+        console.print("  " + " · ".join(parts))
+    if host:
+        console.print(f"  CPU memory (offloaded optimizer: fp32 masters, gradients, state): {format_bytes(host)}")
+    if paged:
+        console.print(f"  paged optimizer state (CUDA unified memory, not in the peak): {format_bytes(paged)}")
+
+
 def select_layers(layers: tuple[LayerRow, ...], top: int | None) -> list[LayerRow]:
     """``top`` N layers by activation bytes (ties in execution order); None or 0: all, in execution order."""
     if not top:
@@ -182,11 +210,17 @@ def select_layers(layers: tuple[LayerRow, ...], top: int | None) -> list[LayerRo
     return [layers[i] for i in ranked[:top]]
 
 
+def _flops(result: EstimateResult) -> FlopCount | None:
+    return getattr(result.traced, "flops", None) if result.traced is not None else None
+
+
 def _layers(result: EstimateResult, console: Console, top: int | None) -> None:
     a = result.analytic
     rows = select_layers(a.layers, top)
     if not rows:
         return
+    flops = _flops(result)
+    forward = {m.name: m.forward_flops for m in flops.modules} if flops is not None else None
     if top and top < len(a.layers):
         title = f"Largest layers by activation (top {len(rows)} of {len(a.layers)}; --all-layers for all)"
     else:
@@ -198,13 +232,33 @@ def _layers(result: EstimateResult, console: Console, top: int | None) -> None:
     table.add_column("Output shape")
     table.add_column("Parameters", justify="right")
     table.add_column("Activation", justify="right")
+    if forward is not None:
+        table.add_column("Fwd FLOP", justify="right", no_wrap=True)
+        table.add_column("MAC", justify="right", no_wrap=True)
     for row in rows:
         name = row.name + (f" (×{row.calls})" if row.calls > 1 else "")
         act = "in-place" if row.inplace and row.activation_bytes == 0 else format_bytes(row.activation_bytes)
-        table.add_row(name, row.type, _shapes(row.output_shapes), format_count(row.params), act)
+        cells = [name, row.type, _shapes(row.output_shapes), format_count(row.params), act]
+        if forward is not None:
+            f = forward.get(row.name, 0)
+            cells += [format_flops(f, "") if f else "-", format_flops(f // 2, "") if f else "-"]
+        table.add_row(*cells)
     console.print()
     console.print(f"[bold]{title}[/bold]")
     console.print(table)
+    if flops is not None and forward is not None:
+        listed = {r.name for r in a.layers}
+        elsewhere = [m for m in flops.modules if m.forward_flops and m.name not in listed]
+        shown = sum(forward.get(r.name, 0) for r in a.layers)
+        if shown == flops.forward_flops:
+            line = f"  per-layer forward FLOPs sum to the forward total, {format_flops(shown)}"
+        else:
+            line = f"  per-layer forward FLOPs sum to {format_flops(shown)} of {format_flops(flops.forward_flops)}"
+        if elsewhere:
+            names = ", ".join(f"{m.name} {format_flops(m.forward_flops)}" for m in elsewhere[:3])
+            more = f" (+{len(elsewhere) - 3} more)" if len(elsewhere) > 3 else ""
+            line += f"; the rest in modules' own code: {names}{more}"
+        console.print(line, markup=False, highlight=False)
     shown_params = sum(r.params for r in a.layers)
     if a.formula_mismatches:
         console.print(
@@ -218,6 +272,72 @@ def _layers(result: EstimateResult, console: Console, top: int | None) -> None:
     console.print(
         f"  parameters sum to {format_count(shown_params)}"
         + (f" ({a.tied_param_count} tied tensor(s) counted at their first owner)" if a.tied_param_count else "")
+    )
+
+
+def _uncounted(flops: FlopCount) -> str:
+    """The ops no FLOP formula covers: the others by name, pointwise and memory ones as counts."""
+    other = [u for u in flops.uncounted_ops if u.kind == "other"]
+    parts = []
+    if other:
+        parts.append(", ".join(f"{u.name.removeprefix('aten.')} ×{u.calls}" for u in other[:8]))
+        if len(other) > 8:
+            parts[-1] += f" (+{len(other) - 8} more)"
+    for kind in ("pointwise", "memory"):
+        ops = [u for u in flops.uncounted_ops if u.kind == kind]
+        if ops:
+            calls = sum(u.calls for u in ops)
+            parts.append(f"{len(ops)} {kind} op type{'s' * (len(ops) > 1)} ({calls:,} call{'s' * (calls > 1)})")
+    return "; ".join(parts)
+
+
+def _compute(result: EstimateResult, console: Console) -> None:
+    flops = _flops(result)
+    if flops is None:
+        return
+    batch = max(1, flops.batch_size)
+    console.print()
+    console.print("[bold]Compute per step[/bold] (traced FLOPs; 1 multiply-add = 2 FLOPs)")
+    rows = [("forward", flops.forward_flops, f"{format_flops(flops.forward_flops / batch)} per sample")]
+    if result.workload.get("mode") == "train":
+        backward = ""
+        if flops.recompute_flops:
+            backward = f"incl. {format_flops(flops.recompute_flops)} recomputed (checkpointing)"
+        optimizer = "elementwise updates: no formula" if not flops.optimizer_flops else ""
+        rows += [("backward", flops.backward_flops, backward), ("optimizer", flops.optimizer_flops, optimizer)]
+        rows.append(("step", flops.step_flops, f"{format_flops(flops.per_sample_flops)} per sample"))
+    for name, value, extra in rows:
+        macs = f"({format_flops(value // 2, 'MAC')})" if name == "forward" else ""
+        console.print(f"  {name:<10} {format_flops(value):>12} {macs:<14} {extra}".rstrip(), highlight=False)
+    width = max(40, console.width - 1)
+    text = "counted with PyTorch's FLOP formulas (matmuls, convolutions, attention); no formula (counted 0): "
+    text += _uncounted(flops) or "none"
+    console.print(
+        textwrap.fill(text, width=width, initial_indent="  ", subsequent_indent="    "), markup=False, highlight=False
+    )
+    st = result.step_time
+    if st is None:
+        console.print(
+            f"  step time: {result.step_time_note or 'needs a GPU (--gpu NAME)'}", markup=False, highlight=False
+        )
+        return
+    console.print(
+        f"[bold]Step time on {st.gpu}[/bold] ({st.label}): ≥ {format_seconds(st.seconds)} per step "
+        f"(roofline lower bound)",
+        highlight=False,
+    )
+    phases = f"forward {format_seconds(st.forward_seconds)}"
+    if result.workload.get("mode") == "train":
+        phases += f", backward {format_seconds(st.backward_seconds)}, optimizer {format_seconds(st.optimizer_seconds)}"
+    rate = f"≤ {st.samples_per_second:,.0f} samples/s"
+    if st.tokens_per_second is not None:
+        rate += f" (≤ {st.tokens_per_second:,.0f} tokens/s)"
+    share = 100.0 * st.compute_bound_seconds / st.seconds if st.seconds else 0.0
+    console.print(f"  {phases}; {rate}", highlight=False)
+    console.print(
+        f"  {share:.0f} % of it in compute-bound ops, the rest bound by memory bandwidth "
+        f"({format_bytes(st.step_bytes)} read and written)",
+        highlight=False,
     )
 
 
@@ -319,7 +439,9 @@ def render_estimate(result: EstimateResult, console: Console, layers: int | None
     _header(result, console)
     _headline(result, console)
     _breakdown(result, console)
+    _weights(result, console)
     _layers(result, console, layers)
+    _compute(result, console)
     _methods(result, console)
     _fit(result, console)
     _verification(result, console)
