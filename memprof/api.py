@@ -34,6 +34,9 @@ def estimate(
     optimizer: str | None = None,
     mode: str | None = None,
     gpu_memory: int | str | None = None,
+    gpu: str | None = None,
+    gpu_arch: str | None = None,
+    cudnn_benchmark: bool = False,
     headroom: float = DEFAULT_HEADROOM,
     traced: bool = True,
     input_dtype: str | None = None,
@@ -57,11 +60,14 @@ def estimate(
 ) -> EstimateResult:
     """Where the memory of one training step goes, traced on fake tensors (no GPU), and the batch that fits.
 
-    ``gpu_memory`` is the capacity to fit (bytes or ``"24GiB"``); without it the local GPU's, via
-    NVML, unless ``use_nvml=False``; with neither, ``result.fit`` is None. ``device="cpu"`` predicts
-    the same step run on the CPU (``memory_limit`` is then the capacity to fit). ``verify=True`` also
-    runs the real steps on ``device`` (``"cuda"``, ``"cuda:N"`` or ``"cpu"``) and fills
-    ``result.verification``: each measured figure next to its prediction, with the error. Fine-tuning levers:
+    ``gpu_memory`` is the capacity to fit (bytes or ``"24GiB"``); without it the catalog GPU's
+    (``gpu="a100-80gb"``), else the local GPU's via NVML, unless ``use_nvml=False``; with none,
+    ``result.fit`` is None. The trace predicts for ``gpu``'s architecture, else ``gpu_arch``
+    (``"sm80"``), else the local GPU's, else an assumed one (said in ``result.traced.cuda_target``);
+    ``gpu`` also adds the step-time model (``result.step_time``). ``device="cpu"`` predicts the same
+    step run on the CPU (``memory_limit`` is then the capacity to fit). ``verify=True`` also runs the
+    real steps on ``device`` (``"cuda"``, ``"cuda:N"`` or ``"cpu"``) and fills ``result.verification``:
+    each measured figure next to its prediction, with the error. Fine-tuning levers:
     ``freeze`` / ``train_only`` (module-name globs), ``lora_rank`` (+ ``lora_alpha``, ``lora_targets``,
     ``lora_dropout``; needs peft), ``quantize`` ("int8", "nf4", "fp4"; ``double_quant``), ``offload="optimizer"``.
 
@@ -76,7 +82,9 @@ def estimate(
     """
     from .commands.estimate import estimate as run
     from .commands.estimate import estimate_capacity
+    from .engine.catalog import resolve_target
 
+    target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)
     workload = make_workload(
         model,
         batch_size=batch_size,
@@ -99,13 +107,17 @@ def estimate(
         double_quant=double_quant,
         offload=offload,
     )
-    capacity, note = estimate_capacity(device, _bytes(gpu_memory), _bytes(memory_limit), use_nvml=use_nvml)
+    capacity, note = estimate_capacity(
+        device, _bytes(gpu_memory), _bytes(memory_limit), use_nvml=use_nvml, gpu=target.gpu if gpu else None
+    )
     return run(
         workload,
         capacity=capacity,
         headroom=headroom,
         traced=traced,
         capacity_note=note,
+        cuda_target=target,
+        gpu=target.gpu if gpu else None,
         device=device,
         verify=verify,
     )
@@ -132,6 +144,9 @@ def find_batch(
     token_range: tuple[int, int] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     on_event: Callable[[str, Any], None] | None = None,
+    gpu: str | None = None,
+    gpu_arch: str | None = None,
+    cudnn_benchmark: bool = False,
     freeze: Sequence[str] | str | None = None,
     train_only: Sequence[str] | str | None = None,
     lora_rank: int | None = None,
@@ -155,7 +170,12 @@ def find_batch(
         >>> r.largest_batch, r.recommended_batch, len(r.trials)  # doctest: +SKIP
     """
     from .commands.find_batch import find_batch as run
+    from .engine.catalog import resolve_target
+    from .errors import UsageError
 
+    if device == "cpu" and (gpu or gpu_arch):
+        raise UsageError("`gpu` and `gpu_arch` are for CUDA trials", "leave them out with `device` cpu")
+    cuda_target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark) if device != "cpu" else None
     workload = make_workload(
         model,
         dtype=dtype,
@@ -188,6 +208,7 @@ def find_batch(
         target_global_batch=target_global_batch,
         predict=predict,
         on_event=on_event,
+        cuda_target=cuda_target,
     )
 
 
@@ -214,6 +235,9 @@ def compare(
     input_shape: Shape | Sequence[Shape] | None = None,
     device: str = "cuda",
     gpu_memory: int | str | None = None,
+    gpu: str | None = None,
+    gpu_arch: str | None = None,
+    cudnn_benchmark: bool = False,
     memory_limit: int | str | None = None,
     headroom: float = DEFAULT_HEADROOM,
     max_batch: int | None = None,
@@ -235,6 +259,9 @@ def compare(
     """
     from .commands.compare import compare as run
     from .commands.compare import normalize_axes, resolve_capacity
+    from .engine.catalog import resolve_target
+
+    cuda_target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark) if device != "cpu" else None
 
     axes: dict[str, list[Any]] = {}
     for name, values in (
@@ -267,8 +294,10 @@ def compare(
         model_kwargs=model_kwargs,
     )
     capacity, note = (None, None)
+    catalog_gpu_entry = cuda_target.gpu if cuda_target is not None and gpu else None
     if fit:
-        capacity, note = resolve_capacity(device, _bytes(gpu_memory), _bytes(memory_limit))
+        catalog_gpu = catalog_gpu_entry
+        capacity, note = resolve_capacity(device, _bytes(gpu_memory), _bytes(memory_limit), catalog_gpu)
     return run(
         workload,
         chosen or None,
@@ -279,6 +308,8 @@ def compare(
         headroom=headroom,
         fit=fit,
         max_batch=max_batch,
+        cuda_target=cuda_target,
+        gpu=catalog_gpu_entry,
     )
 
 

@@ -82,6 +82,80 @@ class Capacity:
     device_name: str | None = None
 
 
+# =========================================================================== GPU catalog / CUDA target
+#: dtype names of GpuSpec.peak_tflops (int8 in TOPS)
+PEAK_DTYPES = ("fp64", "fp32", "tf32", "bf16", "fp16", "fp8", "int8")
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuSpec:
+    """One entry of the GPU catalog (``configs/gpus.toml``): capacity, architecture, peak dense
+    throughput per dtype and memory bandwidth, each with its source.
+
+    ``memory_bytes`` is the total PyTorch reports for the card when ``memory_reported`` is True,
+    else the vendor's size read as GiB (an upper bound). ``peak_tflops`` holds dense peaks in
+    TFLOP/s (TOPS for int8) for the dtypes the card has; :meth:`peak_flops` returns FLOP/s.
+    """
+
+    key: str  # "h100-sxm": what --gpu takes
+    name: str
+    arch: str  # "sm90" (NVIDIA compute capability) or "gfx942" (AMD)
+    memory_bytes: int
+    memory_reported: bool
+    memory_source: str
+    bandwidth_bytes_per_s: int
+    bandwidth_source: str
+    peak_tflops: dict[str, float]
+    tflops_source: str
+    match: tuple[str, ...] = ()  # substrings of the device name torch / NVML report
+    context_bytes: int | None = None  # measured CUDA context for this card, when a source gives one
+    context_source: str | None = None
+
+    @property
+    def capability(self) -> tuple[int, int] | None:
+        """(major, minor) for an NVIDIA ``smXY`` arch, None for others."""
+        return arch_capability(self.arch)
+
+    def peak_flops(self, dtype: str) -> float | None:
+        """Peak dense FLOP/s (OP/s for int8) in ``dtype`` ("bf16", "fp32", ...), None when the card has none."""
+        tflops = self.peak_tflops.get(dtype)
+        return None if tflops is None else tflops * 1e12
+
+
+def arch_capability(arch: str) -> tuple[int, int] | None:
+    """``"sm90"`` -> (9, 0), ``"sm100"`` -> (10, 0), ``"sm121"`` -> (12, 1); None for non-NVIDIA archs."""
+    if not arch.startswith("sm") or not arch[2:].isdigit() or len(arch) < 4:
+        return None
+    digits = arch[2:]
+    return int(digits[:-1]), int(digits[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaTarget:
+    """The CUDA device a traced prediction is for. Its architecture picks the CUDA rules memprof applies
+    (cuBLAS workspace size, which attention kernel runs, CUDA context); ``source`` says where it came
+    from, ``assumed`` is True when nothing said (no GPU visible, no ``gpu`` / ``gpu_arch`` given)."""
+
+    arch: str  # "sm90"
+    source: str  # "--gpu h100-sxm", "--gpu-arch sm80", "local GPU 0 (NVIDIA A10G)", "assumed: ..."
+    gpu: GpuSpec | None = None
+    assumed: bool = False
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark in the training script
+    #: the caching allocator's settings ("PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"); None: defaults
+    alloc_conf: str | None = None
+    #: the device memory the process may use, when known (the fit's capacity): past it the allocator
+    #: releases its cached segments and retries before running out of memory, and the replay does too
+    capacity_bytes: int | None = None
+
+    @property
+    def capability(self) -> tuple[int, int] | None:
+        return arch_capability(self.arch)
+
+    @property
+    def is_rocm(self) -> bool:
+        return self.arch.startswith("gfx")
+
+
 # =========================================================================== compute (FLOPs, step time)
 @dataclasses.dataclass(frozen=True)
 class ModuleFlops:
@@ -388,6 +462,10 @@ class TraceResult:
     metrics: dict[str, str] = dataclasses.field(default_factory=lambda: dict(TRACE_METRICS))
     #: parts of peak_bytes that are modelled, not traced (their sum is at most peak_bytes)
     modelled: tuple[ModelledBytes, ...] = ()
+    #: the CUDA device predicted for (target "cuda"): its architecture and where it came from
+    cuda_target: CudaTarget | None = None
+    #: scaled_dot_product_attention calls per backend CUDA would pick ("flash", "efficient", "cudnn", "math")
+    attention_backends: dict[str, int] = dataclasses.field(default_factory=dict)
     #: FLOPs of the first traced step (None: not counted)
     flops: FlopCount | None = None
     #: per-op FLOPs and bytes for the step-time model (memprof.engine.roofline); not in JSON
@@ -458,6 +536,10 @@ class GpusResult:
     reason: str | None  # why not, when not available
     nvml: Any
     torch: TorchCudaView
+    #: device name -> the catalog entry (--gpu NAME) it matches, for the local GPUs that match one
+    catalog_matches: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: every catalog entry, when asked for (``memprof gpus --catalog``)
+    catalog: tuple[GpuSpec, ...] = ()
 
 
 # =========================================================================== profile

@@ -175,6 +175,61 @@ class SharedLinear(nn.Module):
         return self.out(x)
 
 
+# --------------------------------------------------------------------------- CUDA-behaviour probes
+def dropout_mlp(dim: int = 1024, layers: int = 4, p: float = 0.1) -> nn.Module:
+    """``layers`` x (Linear, ReLU, Dropout(p)) then a small head: CUDA keeps a 1-byte mask per dropped
+    element, the CPU a float noise tensor (issue #17). ``p=0`` gives the same net without dropout."""
+    body: list[nn.Module] = []
+    for _ in range(layers):
+        body += [nn.Linear(dim, dim), nn.ReLU()]
+        if p:
+            body.append(nn.Dropout(p))
+    return nn.Sequential(*body, nn.Linear(dim, 8))
+
+
+class SoftmaxAttention(nn.Module):
+    """Multi-head self-attention with an explicit softmax (no SDPA): under AMP, CUDA runs the softmax in
+    fp32 and keeps its T x T output in fp32; input (T, dim) per sample."""
+
+    def __init__(self, dim: int = 256, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(layers))
+        self.out = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.heads = heads
+
+    def forward(self, x):
+        b, t, c = x.shape
+        for qkv, out in zip(self.qkv, self.out, strict=True):
+            q, k, v = (y.view(b, t, self.heads, c // self.heads).transpose(1, 2) for y in qkv(x).split(c, dim=2))
+            att = (q @ k.transpose(-2, -1) / math.sqrt(c // self.heads)).softmax(-1)
+            x = x + out((att @ v).transpose(1, 2).reshape(b, t, c))
+        return x
+
+
+class PaddedMaskAttention(nn.Module):
+    """SDPA with an explicit boolean padding mask (B x 1 x T x T, the last quarter of each sequence
+    masked), as Hugging Face models build one for padded batches: CUDA runs the memory-efficient
+    kernel (flash takes no mask) and keeps an additive copy of the mask; input (T, dim) per sample."""
+
+    def __init__(self, dim: int = 256, heads: int = 4, layers: int = 2, dropout: float = 0.0):
+        super().__init__()
+        self.qkv = nn.ModuleList(nn.Linear(dim, 3 * dim) for _ in range(layers))
+        self.out = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.heads = heads
+        self.dropout = dropout
+
+    def forward(self, x):
+        b, t, c = x.shape
+        keep = torch.ones(b, 1, t, t, dtype=torch.bool, device=x.device)
+        keep[..., (3 * t) // 4 :] = False
+        p = self.dropout if self.training else 0.0
+        for qkv, out in zip(self.qkv, self.out, strict=True):
+            q, k, v = (y.view(b, t, self.heads, c // self.heads).transpose(1, 2) for y in qkv(x).split(c, dim=2))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p)
+            x = x + out(y.transpose(1, 2).reshape(b, t, c))
+        return x
+
+
 def gpt_param_count(vocab_size: int, block_size: int, n_layer: int, n_embd: int, tied: bool = True) -> int:
     """Parameters of :class:`GPT`, by formula (for sizing configs)."""
     per_block = 12 * n_embd * n_embd + 13 * n_embd
@@ -190,6 +245,9 @@ __all__ = [
     "GPT",
     "UNet",
     "SharedLinear",
+    "dropout_mlp",
+    "SoftmaxAttention",
+    "PaddedMaskAttention",
     "gpt_param_count",
     "math",
 ]

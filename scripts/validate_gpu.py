@@ -1,8 +1,11 @@
 """Validate the traced CUDA prediction against real CUDA training steps.
 
 For each workload of the CPU zoo (``scripts/validate_cpu.py``) in fp32 and amp-fp16, with SGD
-and Adam: trace with ``trace_step(workload, target="cuda")`` (fake tensors), then run two real
-training steps on the GPU in a fresh child process and read
+and Adam, and for the CUDA-behaviour cases of issue #17 (:data:`CUDA_CASES`: dropout's byte mask,
+CUDA autocast's fp32 softmax and cross-entropy, attention with dropout through the fused kernels,
+an explicit padding mask): trace with ``trace_step(workload, target="cuda")`` (fake tensors, the
+local GPU's architecture), then run two real training steps on the GPU in a fresh child process
+and read
 
 * ``torch.cuda.max_memory_allocated()``  vs the predicted allocated peak (``peak_bytes``),
 * ``torch.cuda.max_memory_reserved()``   vs ``predicted_reserved_bytes``,
@@ -14,6 +17,8 @@ with one line on stderr.
     PYTHONPATH=. python scripts/validate_gpu.py                 # full matrix
     PYTHONPATH=. python scripts/validate_gpu.py --quick         # each case's own optimizer, fp32 + amp-fp16
     PYTHONPATH=. python scripts/validate_gpu.py resnet GPT      # cases whose name contains these
+    PYTHONPATH=. python scripts/validate_gpu.py --cuda-cases     # only the CUDA-behaviour cases
+    PYTHONPATH=. python scripts/validate_gpu.py --list --gpu-arch sm80   # no GPU: the predictions only
     PYTHONPATH=. python scripts/validate_gpu.py --step-time     # step time: roofline model vs real steps
 
 ``--step-time`` times real training steps of a handful of workloads (:data:`STEP_TIME_CASES`:
@@ -41,6 +46,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 MiB = 1024 * 1024
 PRECISIONS = ("fp32", "amp-fp16")
 OPTIMIZERS = ("sgd", "adam")
+_TOKENS = {"input_shape": ["512"], "input_dtype": "int64", "token_range": "0,8192"}
+_GPT = '{"vocab_size": 8192, "block_size": 512, "n_layer": 4, "n_head": 8, "n_embd": 512, "dropout": %s}'
+#: issue #17's cases: where CUDA runs other kernels or autocast rules than the CPU
+CUDA_CASES: list[tuple[str, str, dict]] = [
+    ("dropout_mlp p=0.1:2048 sgd fp32", "memprof.zoo:dropout_mlp",
+     dict(batch_size=2048, input_shape=["1024"], optimizer="sgd", dtype="fp32")),
+    ("dropout_mlp p=0:2048 sgd fp32", "memprof.zoo:dropout_mlp",
+     dict(batch_size=2048, input_shape=["1024"], optimizer="sgd", dtype="fp32", model_kwargs='{"p": 0.0}')),
+    ("SoftmaxAttention T=512:8 adam amp-fp16", "memprof.zoo:SoftmaxAttention",
+     dict(batch_size=8, input_shape=["512,256"], optimizer="adam", dtype="amp-fp16")),
+    ("GPT LM head:8 adamw amp-fp16", "memprof.zoo:GPT",
+     dict(batch_size=8, optimizer="adamw", dtype="amp-fp16", model_kwargs=_GPT % "0.0", **_TOKENS)),
+    ("GPT attn dropout 0.1:8 adamw amp-bf16", "memprof.zoo:GPT",
+     dict(batch_size=8, optimizer="adamw", dtype="amp-bf16", model_kwargs=_GPT % "0.1", **_TOKENS)),
+    ("GPT attn dropout 0.1:8 adamw fp32", "memprof.zoo:GPT",
+     dict(batch_size=8, optimizer="adamw", dtype="fp32", model_kwargs=_GPT % "0.1", **_TOKENS)),
+    ("PaddedMaskAttention T=512:8 adam amp-bf16", "memprof.zoo:PaddedMaskAttention",
+     dict(batch_size=8, input_shape=["512,256"], optimizer="adam", dtype="amp-bf16")),
+    ("PaddedMaskAttention dropout T=512:8 adam fp32", "memprof.zoo:PaddedMaskAttention",
+     dict(batch_size=8, input_shape=["512,256"], optimizer="adam", dtype="fp32", model_kwargs='{"dropout": 0.1}')),
+]  # fmt: skip
 
 
 def _workload(ref: str, options: dict):
@@ -50,21 +76,50 @@ def _workload(ref: str, options: dict):
 
 
 # --------------------------------------------------------------------------- child: one real run
+_SDP_OPS = {
+    "_scaled_dot_product_flash_attention": "flash",
+    "_scaled_dot_product_efficient_attention": "efficient",
+    "_scaled_dot_product_cudnn_attention": "cudnn",
+    "_scaled_dot_product_attention_math": "math",
+}
+
+
+def _AttentionOps(found: set):
+    """A dispatch mode noting which fused attention ops run (it allocates no device memory)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.name().split("::")[-1].split(".")[0]
+            if name in _SDP_OPS:
+                found.add(_SDP_OPS[name])
+            elif name == "_safe_softmax":  # the math path's composite runs below the dispatch mode as ops
+                found.add("math")
+            return func(*args, **(kwargs or {}))
+
+    return Mode()
+
+
 def child(spec_json: str) -> int:
     """Run two real CUDA steps and print one JSON line with the measured numbers."""
     from memprof.engine.measure import measure_cuda_step
 
     spec = json.loads(spec_json)
     workload = _workload(spec["ref"], spec["options"])
-    print(json.dumps(measure_cuda_step(workload, index=0, steps=2)))
+    found: set[str] = set()  # which attention kernel CUDA really ran (the prediction names the one it expects)
+    measured = measure_cuda_step(workload, index=0, steps=2, first_step=lambda: _AttentionOps(found))
+    measured["sdp_backend"] = ",".join(sorted(found)) or None
+    print(json.dumps(measured))
     return 0
 
 
 # --------------------------------------------------------------------------- parent
-def cases(quick: bool, names: list[str]) -> list[tuple[str, str, dict]]:
+def cases(quick: bool, names: list[str], cuda_only: bool = False) -> list[tuple[str, str, dict]]:
     from validate_cpu import ZOO
 
-    out = []
+    out = [case for case in CUDA_CASES if not names or any(n in case[0] for n in names)]
+    if cuda_only:
+        return out
     for name, ref, options in ZOO:
         if names and not any(n in name for n in names):
             continue
@@ -98,11 +153,37 @@ def pct(pred: int | None, meas: int | None) -> float | None:
     return 100.0 * (pred - meas) / meas
 
 
+def predictions(quick: bool, names: list[str], cuda_only: bool, gpu_arch: str | None) -> int:
+    """The traced predictions alone (no GPU needed): what a GPU run will be compared with."""
+    from memprof.engine.catalog import resolve_target
+    from memprof.engine.trace import trace_step
+
+    target = resolve_target(gpu_arch=gpu_arch)
+    print(f"predicting for {target.arch} ({target.source})")
+    print(f"{'workload':46s} {'allocated':>10s} {'reserved':>10s} {'nvml':>10s}  attention / modelled")
+    for name, ref, options in cases(quick, names, cuda_only):
+        r = trace_step(_workload(ref, options), target="cuda", cuda_target=target)
+        attention = ",".join(f"{k}x{v}" for k, v in sorted(r.attention_backends.items())) or "-"
+        modelled = ", ".join(f"{m.what} {m.bytes / MiB:.1f}" for m in r.modelled)
+        print(
+            f"{name:46s} {r.peak_bytes / MiB:10.1f} {(r.predicted_reserved_bytes or 0) / MiB:10.1f} "
+            f"{(r.predicted_nvml_bytes or 0) / MiB:10.1f}  {attention}; {modelled}",
+            flush=True,
+        )
+    return 0
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--child"]:
         return child(argv[1])
     if argv[:1] == ["--child-time"]:
         return child_time(argv[1])
+    quick = "--quick" in argv
+    cuda_only = "--cuda-cases" in argv
+    gpu_arch = argv[argv.index("--gpu-arch") + 1] if "--gpu-arch" in argv else None
+    names = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] != "--gpu-arch")]
+    if "--list" in argv:
+        return predictions(quick, names, cuda_only, gpu_arch)
     import torch
 
     if not torch.cuda.is_available():
@@ -116,8 +197,6 @@ def main(argv: list[str]) -> int:
         return step_times([a for a in argv if not a.startswith("--")])
     from memprof.engine.trace import trace_step
 
-    quick = "--quick" in argv
-    names = [a for a in argv if not a.startswith("--")]
     rows: list[dict] = []
     failures: list[dict] = []
     device = None
@@ -125,9 +204,9 @@ def main(argv: list[str]) -> int:
         f"{'workload':36s} {'alloc meas':>10s} {'pred':>9s} {'err%':>7s} {'resv meas':>10s} {'pred':>9s} "
         f"{'err%':>7s} {'nvml meas':>10s} {'pred':>9s} {'err%':>7s}"
     )
-    for name, ref, options in cases(quick, names):
+    for name, ref, options in cases(quick, names, cuda_only):
         try:
-            traced = trace_step(_workload(ref, options), target="cuda")
+            traced = trace_step(_workload(ref, options), target="cuda")  # the local GPU's architecture
             real = measure(ref, options)
         except Exception as exc:
             print(f"{name:36s} FAILED: {type(exc).__name__}: {exc}", flush=True)
@@ -145,6 +224,10 @@ def main(argv: list[str]) -> int:
             "nvml_bytes": real["nvml_bytes"],
             "predicted_nvml_bytes": traced.predicted_nvml_bytes,
             "trace_seconds": traced.trace_seconds,
+            "arch": traced.cuda_target.arch if traced.cuda_target else None,
+            "attention_backends": traced.attention_backends,
+            "modelled": [{"what": m.what, "bytes": m.bytes} for m in traced.modelled],
+            "sdp_backend_measured": real.get("sdp_backend"),
         }
         row["allocated_error_pct"] = pct(traced.peak_bytes, real["allocated_bytes"])
         row["reserved_error_pct"] = pct(traced.predicted_reserved_bytes, real["reserved_bytes"])

@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from memprof.engine.allocator import CachingAllocatorModel, MiB, replay, round_size, segment_size, should_split
+from memprof.engine.allocator import (
+    AllocatorConf,
+    CachingAllocatorModel,
+    MiB,
+    conf_from_env,
+    parse_alloc_conf,
+    replay,
+    round_size,
+    roundup_power2_next_division,
+    segment_size,
+    should_split,
+)
+from memprof.errors import UsageError
 
 
 @pytest.mark.parametrize(
@@ -101,3 +113,138 @@ def test_replay_peaks():
     assert stats.peak_allocated_bytes == 33 * MiB
     assert stats.peak_reserved_bytes == 50 * MiB
     assert stats.allocated_bytes == 30 * MiB
+
+
+# --------------------------------------------------------------------------- PYTORCH_CUDA_ALLOC_CONF
+
+
+def test_parse_alloc_conf_reads_what_pytorch_reads():
+    text = "expandable_segments:True,max_split_size_mb:128,garbage_collection_threshold:0.6"
+    conf = parse_alloc_conf(text)
+    assert conf.expandable_segments and conf.max_split_size == 128 * MiB
+    assert conf.garbage_collection_threshold == 0.6 and conf.replayable
+    assert conf.source == "PYTORCH_CUDA_ALLOC_CONF=" + text
+    assert parse_alloc_conf("roundup_power2_divisions:4").roundup_power2_divisions == (4,) * 16
+    # the list form: MB sizes (powers of two) set the interval from 1 MiB up; the first fills those below it,
+    # ">" everything from the last one given (CUDAAllocatorConfig::parseRoundUpPower2Divisions)
+    listed = parse_alloc_conf("roundup_power2_divisions:[256:1,512:2,1024:4,>:8]").roundup_power2_divisions
+    assert listed[:8] == (1,) * 8 and listed[8] == 1 and listed[9] == 2 and listed[10:] == (8,) * 6
+    assert not parse_alloc_conf("backend:cudaMallocAsync").replayable
+    assert parse_alloc_conf("release_lock_on_cudamalloc:True").unmodelled == (
+        "release_lock_on_cudamalloc:True (no effect on memory)",
+    )
+
+
+@pytest.mark.parametrize(
+    "text, why",
+    [
+        ("max_split_size_mb:20", "max_split_size_mb too small, must be > 20"),
+        ("expandable_segment:True", "unrecognized option 'expandable_segment'"),
+        ("roundup_power2_divisions:3", "power of 2"),
+        ("garbage_collection_threshold:1.5", "between 0 and 1"),
+        ("backend:cuda", "native or cudaMallocAsync"),
+        ("expandable_segments", "expected key:value"),
+    ],
+)
+def test_parse_alloc_conf_rejects_what_pytorch_rejects(text, why):
+    with pytest.raises(UsageError, match=why):
+        parse_alloc_conf(text)
+
+
+def test_conf_from_env_prefers_the_new_name_on_new_torch():
+    env = {"PYTORCH_ALLOC_CONF": "expandable_segments:True", "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:64"}
+    assert conf_from_env(env, (2, 9)).expandable_segments
+    old = conf_from_env(env, (2, 5))  # PYTORCH_ALLOC_CONF did not exist yet
+    assert not old.expandable_segments and old.max_split_size == 64 * MiB
+    assert conf_from_env({}, (2, 9)) == AllocatorConf()
+
+
+def test_roundup_power2_divisions():
+    # CUDACachingAllocator.cpp's own example: 1200 with 4 divisions between 1024 and 2048 -> 1280
+    assert roundup_power2_next_division(1200, 4) == 1280
+    assert roundup_power2_next_division(1024, 4) == 1024
+    conf = parse_alloc_conf("roundup_power2_divisions:4")
+    assert round_size(1200, conf) == 1536  # not above 512 x 4: plain 512 rounding
+    assert round_size(3000, conf) == 3072  # 2048, 2560, 3072, 3584
+    assert round_size(5 * MiB + 1, conf) == 6 * MiB  # 4, 5, 6, 7 MiB
+    a = CachingAllocatorModel(conf)
+    assert a.malloc("x", 5 * MiB + 1) == 6 * MiB  # also what memory_allocated counts
+
+
+def test_max_split_size_keeps_oversize_blocks_whole():
+    conf = parse_alloc_conf("max_split_size_mb:64")
+    a = CachingAllocatorModel(conf)
+    a.malloc("big", 100 * MiB)
+    a.free("big")
+    # a small request never takes a cached block at or above max_split_size: new 20 MiB segment
+    a.malloc("small", 2 * MiB)
+    assert a.reserved_bytes == 120 * MiB
+    # a large one takes it only if it is less than 20 MiB bigger, and never splits it
+    assert a.malloc("large", 90 * MiB) == 100 * MiB
+    a.free("large")
+    a.malloc("larger", 70 * MiB)  # 100 >= 70 + 20: not reused
+    assert a.reserved_bytes == 120 * MiB + 70 * MiB
+    plain = CachingAllocatorModel()
+    plain.malloc("big", 100 * MiB)
+    plain.free("big")
+    assert plain.malloc("small", 2 * MiB) == 2 * MiB and plain.reserved_bytes == 100 * MiB  # split instead
+
+
+def test_out_of_memory_retry_releases_cached_segments():
+    a = CachingAllocatorModel(limit_bytes=100 * MiB)
+    a.malloc("a", 60 * MiB)
+    a.free("a")  # cached: 60 MiB reserved, nothing allocated
+    a.malloc("b", 70 * MiB)  # 60 + 70 > 100: release the free segment, retry
+    assert a.reserved_bytes == 70 * MiB and a.peak_reserved_bytes == 70 * MiB
+    assert (a.retries, a.ooms) == (1, 0)
+    a.malloc("c", 40 * MiB)  # 70 + 40 > 100 and nothing to release: out of memory
+    assert a.ooms == 1 and a.first_oom_bytes == 110 * MiB
+    unlimited = CachingAllocatorModel()
+    unlimited.malloc("a", 60 * MiB)
+    unlimited.free("a")
+    unlimited.malloc("b", 70 * MiB)
+    assert unlimited.peak_reserved_bytes == 130 * MiB  # without the capacity the replay overestimates
+
+
+def test_split_segments_are_not_released():
+    a = CachingAllocatorModel(limit_bytes=40 * MiB)
+    a.malloc("x", 5 * MiB)  # in a 20 MiB segment
+    a.malloc("y", 5 * MiB)
+    a.free("x")  # the segment is split (y lives): cannot be returned
+    a.malloc("z", 30 * MiB)  # 20 + 30 > 40
+    assert a.ooms == 1
+
+
+def test_expandable_segments_map_pages():
+    conf = parse_alloc_conf("expandable_segments:True")
+    a = CachingAllocatorModel(conf)
+    a.malloc("a", 5 * MiB)  # one 20 MiB page of the large segment
+    assert a.reserved_bytes == 20 * MiB
+    a.malloc("b", 30 * MiB)  # fits the 15 MiB left plus one more page: 40 MiB mapped in all
+    assert a.reserved_bytes == 40 * MiB and a.allocated_bytes == 35 * MiB
+    a.malloc("s", 1000)  # small pool: its own 2 MiB page
+    assert a.reserved_bytes == 42 * MiB
+    a.malloc("c", 4 * MiB)  # the 5 MiB left at the end of the large segment: split (rest >= 512 B)
+    assert a.reserved_bytes == 42 * MiB and a.allocated_bytes == 39 * MiB + 1024
+    # the same requests without expandable segments: 20 + 30 (own segment, 2 MiB-rounded) + 2, c in a's segment
+    b = CachingAllocatorModel()
+    for key, n in (("a", 5 * MiB), ("b", 30 * MiB), ("s", 1000), ("c", 4 * MiB)):
+        b.malloc(key, n)
+    assert b.reserved_bytes == 52 * MiB
+
+
+def test_expandable_segments_unmap_free_pages_on_out_of_memory():
+    conf = parse_alloc_conf("expandable_segments:True")
+    a = CachingAllocatorModel(conf, limit_bytes=100 * MiB)
+    a.malloc("a", 60 * MiB)  # 3 pages
+    a.malloc("b", 10 * MiB)  # 70 MiB used of 80 mapped
+    a.free("a")  # [0, 60) free, [60, 70) b, [70, 80) free
+    a.malloc("c", 90 * MiB)  # needs pages beyond 80: 80 + 80 > 100 -> unmap [0, 60) and retry
+    assert a.ooms == 0 and a.retries == 1
+    assert a.allocated_bytes == 100 * MiB
+    assert a.reserved_bytes == 100 * MiB  # 20 (b's page) + 80 for c, mapped after [70, 80)
+
+
+def test_cuda_malloc_async_does_not_round():
+    conf = parse_alloc_conf("backend:cudaMallocAsync")
+    assert round_size(1000, conf) == 1000

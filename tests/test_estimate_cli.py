@@ -533,6 +533,7 @@ def test_verify_on_cuda_without_a_gpu_says_so_and_exits_3():
     [
         (["--device", "tpu"], "unknown --device 'tpu'"),
         (["--device", "cpu", "--gpu-memory", "8GiB"], "--gpu-memory is for --device cuda"),
+        (["--device", "cpu", "--gpu", "a100-80gb"], "--gpu is for --device cuda"),
         (["--memory-limit", "8GiB"], "--memory-limit is for --device cpu"),
     ],
 )

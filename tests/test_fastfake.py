@@ -914,3 +914,22 @@ def test_inplace_ok_refuses_a_scalar_list_of_another_length():
             with pytest.raises(RuntimeError):  # what PyTorch does with it
                 aten._foreach_add_.ScalarList(tensors, scalars)
             assert not inplace_ok((tensors, scalars), {}, FakeTensor), scalars
+
+
+def test_clone_to_a_memory_format_follows_the_format_not_the_input():
+    """clone(x, memory_format=contiguous) of a permuted dense input is contiguous, whatever came before.
+
+    Regression: the pointwise rule answered clone like an elementwise op (the input's strides), and two
+    calls of one class that happened to agree (an already-contiguous layout) made it trusted; a later
+    permuted input of the same class then kept its strides and a view in attention's backward failed.
+    """
+    mode, fast = _mode_and_fast()
+    kwargs = {"memory_format": torch.contiguous_format}
+    with mode:
+        # Llama's repeat_kv: an expanded key/value made contiguous (two classes-mates of different shapes)
+        inputs = [torch.empty(n, 2, 1, 256, 32).expand(n, 2, 2, 256, 32) for n in (32, 62, 7)]
+        inputs.append(torch.empty(3, 2, 4, 24, 8).permute(1, 3, 0, 2, 4))  # strides (768, 8, 1536, 192, 1)
+        for x in inputs:
+            expected = _meta(aten.clone.default(x, **kwargs))
+            got = fast.run(aten.clone.default, (x,), kwargs)
+            assert _meta(got) == expected, x.stride()

@@ -97,7 +97,7 @@ def test_torch_sees_gpu_without_nvml(monkeypatch):
     res = runner.invoke(app, ["gpus"])
     assert res.exit_code == 0
     assert "NVML: not available (the nvidia-ml-py package is not installed)" in res.stdout
-    assert "torch sees 1 device: cuda:0 NVIDIA A10G (24.0 GiB, sm 8.6)" in res.stdout
+    assert "torch sees 1 device: cuda:0 NVIDIA A10G (24.0 GiB, sm 8.6, --gpu a10g)" in res.stdout
 
 
 def test_real_query_never_raises():

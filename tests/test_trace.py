@@ -133,7 +133,10 @@ def test_shared_weights_and_checkpointing_match_real_steps():
 
 # --------------------------------------------------------------------------- cuda target
 def test_cuda_target_rounds_and_adds_overheads(monkeypatch):
+    from memprof.engine import overheads
+
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(overheads, "torch_version", lambda: (2, 14))  # cuBLASLt shares the cuBLAS workspace
     r = trace_step(mnist(64, "adam"), target="cuda")
     # 784x128 weight (512-aligned), 128 bias -> 512, 10x128 weight 5120 (aligned), 10 bias -> 512
     assert r.totals[C.PARAMETER] == 401408 + 512 + 5120 + 512

@@ -44,7 +44,21 @@ TOKEN_RANGE_OPT = typer.Option(
 MODEL_KWARGS_OPT = typer.Option(None, "--model-kwargs", help="""Constructor arguments as JSON: '{"num_classes": 10}'""")
 MODEL_ARG_OPT = typer.Option(None, "--model-arg", help="One constructor argument key=value (repeatable).")
 GPU_MEMORY_OPT = typer.Option(
-    None, "--gpu-memory", help="GPU capacity, e.g. 24GiB or 80GB \\[default: the local GPU's, via NVML]"
+    None, "--gpu-memory", help="GPU capacity, e.g. 24GiB or 80GB \\[default: --gpu's, else the local GPU's, via NVML]"
+)
+GPU_OPT = typer.Option(
+    None,
+    "--gpu",
+    help="A GPU from the catalog (a100-80gb, h100-sxm, rtx-4090, ...): its capacity, architecture and "
+    "peaks for the step-time model \\[`memprof gpus --catalog` lists them].",
+)
+GPU_ARCH_OPT = typer.Option(
+    None,
+    "--gpu-arch",
+    help="Predict for this architecture (sm80, sm86, sm89, sm90, sm100) \\[default: --gpu's, else the local GPU's].",
+)
+CUDNN_BENCHMARK_OPT = typer.Option(
+    False, "--cudnn-benchmark", help="The script sets torch.backends.cudnn.benchmark = True (first-step workspaces)."
 )
 HEADROOM_OPT = typer.Option(
     DEFAULT_HEADROOM, "--headroom", help="Recommended batch = headroom x the largest batch that fits."

@@ -11,7 +11,10 @@ import typer
 from ..engine.fit import check_headroom
 from . import EXIT_OK, app, emit_json, handle_errors
 from .common import (
+    CUDNN_BENCHMARK_OPT,
+    GPU_ARCH_OPT,
     GPU_MEMORY_OPT,
+    GPU_OPT,
     HEADROOM_OPT,
     INPUT_DTYPE_OPT,
     INPUT_SHAPE_OPT,
@@ -115,6 +118,9 @@ def compare_cmd(
     model_kwargs: str | None = MODEL_KWARGS_OPT,
     model_arg: list[str] | None = MODEL_ARG_OPT,
     gpu_memory: str | None = GPU_MEMORY_OPT,
+    gpu: str | None = GPU_OPT,
+    gpu_arch: str | None = GPU_ARCH_OPT,
+    cudnn_benchmark: bool = CUDNN_BENCHMARK_OPT,
     headroom: float = HEADROOM_OPT,
     max_batch: int | None = typer.Option(None, "--max-batch", help="Largest batch the fit columns consider."),
     no_fit: bool = typer.Option(False, "--no-fit", help="Leave out the largest-batch columns (faster)."),
@@ -167,6 +173,11 @@ def compare_cmd(
         raise UsageError("--memory-limit is for --device cpu", "on a GPU use --gpu-memory 24GiB for the capacity")
     if device == "cpu" and gpu_memory:
         raise UsageError("--gpu-memory is for --device cuda", "on the CPU the capacity is --memory-limit 8GiB")
+    if device == "cpu" and (gpu or gpu_arch):
+        raise UsageError("--gpu and --gpu-arch are for --device cuda", "leave them out to predict a CPU step")
+    from ..engine.catalog import resolve_target
+
+    cuda_target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark) if device == "cuda" else None
     if find and not measure:
         raise UsageError("--find-batch runs real steps: it needs --measure", "add --measure")
     if find and device == "cpu" and limit is None:
@@ -232,7 +243,8 @@ def compare_cmd(
         model_arg=model_arg,
     )
     gpu_bytes = parse_bytes(gpu_memory) if gpu_memory else None
-    capacity, capacity_note = (None, None) if no_fit else resolve_capacity(device, gpu_bytes, limit)
+    catalog_gpu = cuda_target.gpu if cuda_target is not None and gpu else None
+    capacity, capacity_note = (None, None) if no_fit else resolve_capacity(device, gpu_bytes, limit, catalog_gpu)
     from ..commands.compare import real_batch_finder, real_step_measurer
 
     measure_fn = real_step_measurer(device, limit) if measure else None
@@ -255,6 +267,8 @@ def compare_cmd(
         measure_fn=measure_fn,
         find_fn=find_fn,
         on_progress=progress,
+        cuda_target=cuda_target,
+        gpu=catalog_gpu,
     )
     if plot is not None:
         from ..render.compare import write_plot

@@ -10,10 +10,13 @@ from ..engine.fit import check_headroom
 from . import EXIT_DOES_NOT_FIT, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
 from .common import (
     BATCH_OPT,
+    CUDNN_BENCHMARK_OPT,
     DOUBLE_QUANT_OPT,
     DTYPE_OPT,
     FREEZE_OPT,
+    GPU_ARCH_OPT,
     GPU_MEMORY_OPT,
+    GPU_OPT,
     HEADROOM_OPT,
     INPUT_DTYPE_OPT,
     INPUT_SHAPE_OPT,
@@ -73,6 +76,9 @@ def estimate_cmd(
     model_kwargs: str | None = MODEL_KWARGS_OPT,
     model_arg: list[str] | None = MODEL_ARG_OPT,
     gpu_memory: str | None = GPU_MEMORY_OPT,
+    gpu: str | None = GPU_OPT,
+    gpu_arch: str | None = GPU_ARCH_OPT,
+    cudnn_benchmark: bool = CUDNN_BENCHMARK_OPT,
     headroom: float = HEADROOM_OPT,
     layers: int = typer.Option(10, "--layers", "-l", help="Show the top N layers by activation; 0 shows all."),
     all_layers: bool = typer.Option(False, "--all-layers", help="Show every layer, in execution order."),
@@ -102,9 +108,13 @@ def estimate_cmd(
     if layers < 0:
         raise UsageError(f"--layers must be 0 or more, got {layers}", "--layers 0 (or --all-layers) shows every layer")
     from ..commands.estimate import estimate, estimate_capacity, parse_device
+    from ..engine.catalog import resolve_target
 
     parse_device(device)
-    capacity, note = estimate_capacity(device, parse_capacity(gpu_memory), parse_capacity(memory_limit))
+    target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)  # bad names fail before the model loads
+    capacity, note = estimate_capacity(
+        device, parse_capacity(gpu_memory), parse_capacity(memory_limit), gpu=target.gpu if gpu else None
+    )
     workload = build_workload(
         model,
         model_opt,
@@ -133,6 +143,8 @@ def estimate_cmd(
         headroom=head,
         traced=not no_trace,
         capacity_note=note,
+        cuda_target=target,
+        gpu=target.gpu if gpu else None,
         device=device,
         verify=verify,
     )

@@ -10,9 +10,12 @@ import typer
 from ..engine.fit import check_headroom
 from . import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
 from .common import (
+    CUDNN_BENCHMARK_OPT,
     DOUBLE_QUANT_OPT,
     DTYPE_OPT,
     FREEZE_OPT,
+    GPU_ARCH_OPT,
+    GPU_OPT,
     HEADROOM_OPT,
     INPUT_DTYPE_OPT,
     INPUT_SHAPE_OPT,
@@ -89,6 +92,9 @@ def find_batch_cmd(
         "--target-global-batch",
         help="Global batch you want: prints the gradient-accumulation steps to reach it with the recommended batch.",
     ),
+    gpu: str | None = GPU_OPT,
+    gpu_arch: str | None = GPU_ARCH_OPT,
+    cudnn_benchmark: bool = CUDNN_BENCHMARK_OPT,
     isolate: bool = typer.Option(False, "--isolate", help="Run each trial in a fresh child process."),
     no_predict: bool = typer.Option(False, "--no-predict", help="Do not trace a prediction first: grow geometrically."),
     plot: Path | None = typer.Option(
@@ -120,7 +126,13 @@ def find_batch_cmd(
 
         check_output_path(plot)
         check_plot_path(plot)
-    if not (device.strip().lower() == "cpu") and limit is None:
+    on_cpu = device.strip().lower() == "cpu"
+    if on_cpu and (gpu or gpu_arch):
+        raise UsageError("--gpu and --gpu-arch are for CUDA trials", "leave them out with --device cpu")
+    from ..engine.catalog import resolve_target
+
+    cuda_target = None if on_cpu else resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)
+    if not on_cpu and limit is None:
         _require_cuda(device)
     workload = build_workload(
         model,
@@ -164,6 +176,7 @@ def find_batch_cmd(
             isolate=isolate,
             predict=not no_predict,
             on_event=progress.on_event,
+            cuda_target=cuda_target,
         )
     if plot is not None and result.trials:
         from ..render.find_batch import write_plot

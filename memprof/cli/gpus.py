@@ -10,25 +10,35 @@ from .common import JSON_OPT
 
 @app.command("gpus")
 @handle_errors
-def gpus_cmd(json_out: bool = JSON_OPT) -> None:
-    """List the local GPUs: memory total/used/free, processes, driver and CUDA versions, torch's view.
+def gpus_cmd(
+    json_out: bool = JSON_OPT,
+    catalog: bool = typer.Option(
+        False, "--catalog", help="Also list the GPUs --gpu NAME knows: capacity, architecture, peak TFLOP/s, bandwidth."
+    ),
+) -> None:
+    """List the local GPUs: memory total/used/free, processes, driver and CUDA versions, torch's view;
+    a local GPU that matches an entry of the catalog (--gpu NAME) is marked.
 
-    Exits 3 when neither NVML nor torch sees a GPU (with --json: still a JSON document, available=false).
+    Exits 3 when neither NVML nor torch sees a GPU (with --json: still a JSON document, available=false),
+    unless --catalog was asked for.
     """
     from ..commands.gpus import gpus
     from ..render import stdout_console
-    from ..render.gpus import no_gpu_line, render_gpus
+    from ..render.gpus import no_gpu_line, render_catalog, render_gpus
 
-    result = gpus()
+    result = gpus(with_catalog=catalog)
     if json_out:
         from ..results import document
 
         emit_json(document("gpus", result))
-    elif result.available:
-        render_gpus(result, stdout_console())
     else:
-        import sys
+        if result.available:
+            render_gpus(result, stdout_console())
+        else:
+            import sys
 
-        print(no_gpu_line(result), file=sys.stderr)
-    if not result.available:
+            print(no_gpu_line(result), file=sys.stderr)
+        if catalog:
+            render_catalog(result, stdout_console())
+    if not result.available and not catalog:
         raise typer.Exit(EXIT_NO_GPU)

@@ -11,6 +11,7 @@ fakes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -30,6 +31,8 @@ from ..results import (
     CompareMeasurement,
     CompareResult,
     CompareRow,
+    CudaTarget,
+    GpuSpec,
     MemCategory,
     RecomputeInfo,
     Target,
@@ -262,13 +265,15 @@ FindFn = Callable[[Workload], "int | None"]
 RecomputeFn = Callable[[Workload], Any]  # -> flops.RecomputeCost
 
 
-def _default_trace(workload: Workload, *, target: str, count_bytes: bool = False):
+def _default_trace(
+    workload: Workload, *, target: str, cuda_target: CudaTarget | None = None, count_bytes: bool = False
+):
     """The row's trace. On the CPU, tensor storages only (``kernel_scratch=False``): what the CPU cap
     (``--memory-limit``) counts, as a GPU would, and what ``--measure`` on the CPU measures.
     ``count_bytes``: also the bytes each op moves, for the step-time model."""
     from ..engine.trace import trace_step
 
-    return trace_step(workload, target=target, kernel_scratch=False, count_bytes=count_bytes)
+    return trace_step(workload, target=target, kernel_scratch=False, cuda_target=cuda_target, count_bytes=count_bytes)
 
 
 def traced_fit(
@@ -565,6 +570,7 @@ def compare(
     find_fn: FindFn | None = None,
     recompute_fn: RecomputeFn | None = recompute_cost,
     on_progress: Callable[[int, int, str], None] | None = None,
+    cuda_target: CudaTarget | None = None,
     gpu: GpuPeaks | None = None,
 ) -> CompareResult:
     """Trace every variant of ``base`` and put them side by side.
@@ -580,7 +586,14 @@ def compare(
         raise UsageError(f"unknown target {target!r}", "choose cuda or cpu")
     headroom = fitting.check_headroom(headroom)
     started = time.perf_counter()
-    trace_fn = trace_fn or _default_trace
+    if trace_fn is None:
+        if target == "cuda":
+            from ..engine.catalog import resolve_target, with_capacity
+
+            cuda_target = cuda_target or resolve_target()
+            if capacity is not None and fit:
+                cuda_target = with_capacity(cuda_target, capacity.total_bytes)
+        trace_fn = functools.partial(_default_trace, cuda_target=cuda_target)
     fit_fn = fit_fn or traced_fit
     variants = variants if variants is not None else make_variants(base, axes, combine=combine)
     notes: list[str] = []
@@ -676,13 +689,13 @@ def compare(
 
 
 def resolve_capacity(
-    device: str, gpu_memory: int | None, memory_limit: int | None
+    device: str, gpu_memory: int | None, memory_limit: int | None, gpu: GpuSpec | None = None
 ) -> tuple[Capacity | None, str | None]:
-    """(capacity or None, why none): ``memory_limit`` on the CPU; on CUDA ``gpu_memory``, else the local
-    GPU via NVML (:func:`memprof.commands.estimate.estimate_capacity`)."""
+    """(capacity or None, why none): ``memory_limit`` on the CPU; on CUDA ``gpu_memory``, else the
+    catalog GPU's (``gpu``), else the local GPU via NVML (:func:`memprof.commands.estimate.estimate_capacity`)."""
     from .estimate import estimate_capacity
 
-    capacity, why = estimate_capacity(device, gpu_memory, memory_limit)
+    capacity, why = estimate_capacity(device, gpu_memory, memory_limit, gpu=gpu if device != "cpu" else None)
     if capacity is not None:
         return capacity, None
     if device == "cpu":

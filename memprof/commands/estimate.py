@@ -19,8 +19,10 @@ from ..results import (
     AnalyticEstimate,
     BatchFit,
     Capacity,
+    CudaTarget,
     EstimateResult,
     FitSummary,
+    GpuSpec,
     Metric,
     Source,
     Target,
@@ -49,11 +51,14 @@ def parse_device(device: str) -> tuple[Target, int]:
 
 
 def resolve_capacity(
-    capacity_bytes: int | None = None, *, use_nvml: bool = True, index: int = 0
+    capacity_bytes: int | None = None, *, use_nvml: bool = True, index: int = 0, gpu: GpuSpec | None = None
 ) -> tuple[Capacity | None, str | None]:
-    """``gpu_memory`` if given, else GPU ``index``'s total memory via NVML, else ``(None, why not)``."""
+    """``gpu_memory`` if given, else the catalog GPU's capacity (``gpu``), else GPU ``index``'s total memory
+    via NVML, else ``(None, why not)``."""
     if capacity_bytes is not None:
         return Capacity(total_bytes=int(capacity_bytes), source="--gpu-memory"), None
+    if gpu is not None:
+        return gpu_capacity(gpu), None
     if not use_nvml:
         return None, "no --gpu-memory given"
     from ..engine import nvml
@@ -73,19 +78,29 @@ def estimate_capacity(
     memory_limit: int | None = None,
     *,
     use_nvml: bool = True,
+    gpu: GpuSpec | None = None,
 ) -> tuple[Capacity | None, str | None]:
-    """The capacity to fit on ``device``: ``gpu_memory`` (or the GPU's, via NVML) for cuda, ``memory_limit``
-    for cpu; ``(None, why not)`` without one. Each is refused on the other device."""
+    """The capacity to fit on ``device``: ``gpu_memory`` (else the catalog GPU's, else the local GPU's via
+    NVML) for cuda, ``memory_limit`` for cpu; ``(None, why not)`` without one. Each is refused on the other
+    device."""
     target, index = parse_device(device)
     if target == "cpu":
         if gpu_memory is not None:
             raise UsageError("`gpu_memory` is for `device` cuda", "on the CPU the capacity is `memory_limit` 8GiB")
+        if gpu is not None:
+            raise UsageError("`gpu` is for `device` cuda", "on the CPU the capacity is `memory_limit` 8GiB")
         if memory_limit is None:
             return None, "no --memory-limit given"
         return Capacity(total_bytes=int(memory_limit), source="--memory-limit", device_name="cpu"), None
     if memory_limit is not None:
         raise UsageError("`memory_limit` is for `device` cpu", "on a GPU the capacity is `gpu_memory` 24GiB")
-    return resolve_capacity(gpu_memory, use_nvml=use_nvml, index=index)
+    return resolve_capacity(gpu_memory, use_nvml=use_nvml, index=index, gpu=gpu)
+
+
+def gpu_capacity(gpu: GpuSpec) -> Capacity:
+    """A catalog GPU's capacity: what the card reports, or the vendor's size as an upper bound (said so)."""
+    how = "as the card reports it" if gpu.memory_reported else "vendor size, an upper bound: the card reports less"
+    return Capacity(total_bytes=gpu.memory_bytes, source=f"--gpu {gpu.key}: {how}", device_name=gpu.name)
 
 
 def formula_fit(
@@ -131,6 +146,7 @@ def estimate(
     headroom: float = fitting.DEFAULT_HEADROOM,
     traced: bool = True,
     capacity_note: str | None = None,
+    cuda_target: CudaTarget | None = None,
     gpu: GpuPeaks | None = None,
     *,
     device: str = "cuda",
@@ -139,12 +155,13 @@ def estimate(
     """Estimate one step of ``workload`` by formula and, if ``traced``, by fake-tensor trace; fit ``capacity``.
 
     ``capacity`` is a :class:`Capacity` or a number of bytes; None skips the fit
-    (:func:`resolve_capacity` finds the local GPU's). ``gpu`` (peak FLOP/s and bandwidth: a catalog
-    entry or a :class:`memprof.engine.roofline.PeakSpec`) adds the step-time model. ``device`` is the
-    step predicted: ``"cuda"`` (``"cuda:N"``) or ``"cpu"`` (the same step on the CPU, as
-    ``scripts/validate_cpu.py`` traces it). ``verify`` also runs the real steps there and puts each
-    figure next to its prediction (:func:`verify_step`); on CUDA it needs a GPU, checked before anything
-    is traced.
+    (:func:`resolve_capacity` finds the local GPU's). ``cuda_target`` is the GPU architecture the
+    trace predicts for (:func:`memprof.engine.catalog.resolve_target`; default: the local GPU, else assumed).
+    ``gpu`` (peak FLOP/s and bandwidth: a catalog entry or a :class:`memprof.engine.roofline.PeakSpec`)
+    adds the step-time model. ``device`` is the step predicted: ``"cuda"`` (``"cuda:N"``) or ``"cpu"``
+    (the same step on the CPU, as ``scripts/validate_cpu.py`` traces it; ``cuda_target`` is then unused).
+    ``verify`` also runs the real steps there and puts each figure next to its prediction
+    (:func:`verify_step`); on CUDA it needs a GPU, checked before anything is traced.
     """
     headroom = fitting.check_headroom(headroom)
     target, index = parse_device(device)
@@ -158,10 +175,18 @@ def estimate(
     trace_note: str | None = None
     fit: FitSummary | None = None
     if traced:
+        import functools
+
+        from ..engine.catalog import resolve_target, with_capacity
         from ..engine.trace import trace_step
 
         try:
-            trace_result = trace_step(workload, target=target, count_bytes=gpu is not None)
+            cuda = None
+            if target == "cuda":
+                cuda = cuda_target or resolve_target()
+                if capacity is not None:  # near it, the allocator releases its cache and retries: so does the replay
+                    cuda = with_capacity(cuda, capacity.total_bytes)
+            trace_result = trace_step(workload, target=target, cuda_target=cuda, count_bytes=gpu is not None)
             if capacity is not None:
                 batch_fit = fitting.fit_batch(
                     workload,
@@ -169,6 +194,7 @@ def estimate(
                     target=target,
                     headroom=headroom,
                     known={workload.batch_size: trace_result},
+                    trace_fn=functools.partial(trace_step, cuda_target=cuda),
                 )
                 fit = traced_fit(trace_result, batch_fit, capacity)
         except MemprofError as exc:

@@ -8,6 +8,7 @@ goes to the ``on_event`` callback.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -18,7 +19,7 @@ from ..engine.measure import make_runner
 from ..engine.search import Guide, Outcome, search
 from ..engine.workload import Workload
 from ..errors import MemprofError, UsageError
-from ..results import BatchPrediction, BatchTrial, Capacity, FindBatchResult, Metric, Target
+from ..results import BatchPrediction, BatchTrial, Capacity, CudaTarget, FindBatchResult, Metric, Target
 
 DEFAULT_MAX_BATCH = 4096
 DEFAULT_STEPS = 2
@@ -29,11 +30,49 @@ EventCallback = Callable[[str, Any], None]
 Predictor = Callable[..., Any]
 
 
-def _default_predictor(workload: Workload, capacity_bytes: int, *, target: Target, metric: Metric, max_batch: int):
+def _default_predictor(
+    workload: Workload,
+    capacity_bytes: int,
+    *,
+    target: Target,
+    metric: Metric,
+    max_batch: int,
+    cuda_target: CudaTarget | None = None,
+):
     # the CPU cap counts tensor storages only (as a GPU would), so predict without oneDNN's kernel scratch
+    import functools
+
+    from ..engine.trace import trace_step
+
     return fitting.fit_batch(
-        workload, capacity_bytes, target=target, max_batch=max_batch, metric=metric, kernel_scratch=target != "cpu"
+        workload,
+        capacity_bytes,
+        target=target,
+        max_batch=max_batch,
+        metric=metric,
+        kernel_scratch=target != "cpu",
+        trace_fn=functools.partial(trace_step, cuda_target=cuda_target if target == "cuda" else None),
     )
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(runner: Any, cuda_target: CudaTarget | None, notes: list[str]):
+    """Trials with ``torch.backends.cudnn.benchmark`` on when the script sets it (``cudnn_benchmark``)."""
+    if cuda_target is None or not cuda_target.cudnn_benchmark or runner.device != "cuda":
+        yield
+        return
+    if not hasattr(runner, "dev"):  # isolated trials: each child process starts with PyTorch's default
+        notes.append("--cudnn-benchmark: isolated trials ran with cudnn.benchmark off (PyTorch's default)")
+        yield
+        return
+    import torch
+
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def find_batch(
@@ -52,6 +91,7 @@ def find_batch(
     predict: bool = True,
     predictor: Predictor | None = None,
     on_event: EventCallback | None = None,
+    cuda_target: CudaTarget | None = None,
 ) -> FindBatchResult:
     """Search the largest batch for which ``steps`` real training steps fit.
 
@@ -60,6 +100,8 @@ def find_batch(
     the traced prediction (signature of :func:`memprof.engine.fit.fit_batch`, returning an
     object with ``max_batch``, ``slope_bytes_per_sample`` and ``intercept_bytes``);
     ``predict=False`` searches without one (geometric growth capped by ``max_batch``).
+    ``cuda_target`` is the architecture the prediction is for (default: the local GPU's); the
+    trials always run on the local device.
     """
     t0 = time.perf_counter()
     emit = on_event or (lambda kind, data: None)
@@ -86,8 +128,19 @@ def find_batch(
     if runner.device == "cpu":
         assert memory_limit is not None  # make_runner refuses the CPU without it
         capacity = Capacity(int(memory_limit), "--memory-limit", "cpu")
+        if cuda_target is not None and not cuda_target.assumed and not cuda_target.source.startswith("local"):
+            raise UsageError("`gpu` and `gpu_arch` are for CUDA trials", "leave them out with `device` cpu")
     else:
         capacity = Capacity(capacity_bytes or 0, "torch.cuda.mem_get_info: free + reserved at start", runner.describe())
+        if cuda_target is not None and cuda_target.gpu is not None and cuda_target.source.startswith("--gpu"):
+            from ..engine.catalog import match_device
+
+            local = match_device(runner.describe())
+            if local is None or local.key != cuda_target.gpu.key:
+                notes.append(
+                    f"the prediction is for {cuda_target.gpu.key} ({cuda_target.arch}), the trials ran on "
+                    f"{runner.describe()}: the capacity is the local GPU's"
+                )
 
     # ---- prediction --------------------------------------------------------------------
     prediction: BatchPrediction | None = None
@@ -105,8 +158,13 @@ def find_batch(
                 info = nvml.device_info(getattr(runner, "arg", 0))
                 pred_metric, pred_capacity = Metric.NVML, (info.free_bytes if info else None)
             if pred_capacity:
+                extra = {}
+                if predictor is None and target == "cuda":
+                    from ..engine.catalog import resolve_target, with_capacity
+
+                    extra = {"cuda_target": with_capacity(cuda_target or resolve_target(), pred_capacity)}
                 fit = (predictor or _default_predictor)(
-                    workload, pred_capacity, target=target, metric=pred_metric, max_batch=max_batch
+                    workload, pred_capacity, target=target, metric=pred_metric, max_batch=max_batch, **extra
                 )
                 per_sample, fixed = int(fit.slope_bytes_per_sample), int(fit.intercept_bytes)
                 at_max = getattr(fit, "peak_at_max_bytes", None)
@@ -162,16 +220,17 @@ def find_batch(
         # on the CPU cap the tracer predicts the very bytes the cap counts: start at its answer;
         # on CUDA start 10 % below it (the allocator, workspaces and fragmentation add error)
         first_fraction = 1.0 if runner.device == "cpu" else 0.9
-        res = search(
-            probe,
-            capacity_bytes=capacity_bytes,
-            guide=guide,
-            min_batch=min_batch,
-            max_batch=max_batch,
-            start=start,
-            on_step=on_step,
-            first_fraction=first_fraction,
-        )
+        with _cudnn_benchmark(runner, cuda_target, notes):
+            res = search(
+                probe,
+                capacity_bytes=capacity_bytes,
+                guide=guide,
+                min_batch=min_batch,
+                max_batch=max_batch,
+                start=start,
+                on_step=on_step,
+                first_fraction=first_fraction,
+            )
         status, largest, smallest_oom = res.status, res.largest_fit, res.smallest_oom
         if res.capacity_bytes and runner.device != "cpu":
             capacity = replace(capacity, total_bytes=int(res.capacity_bytes))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..engine import nvml
+from ..engine import catalog, nvml
 from ..results import GpusResult, TorchCudaView, TorchDevice
 
 
@@ -31,12 +31,21 @@ def torch_view() -> TorchCudaView:
     return TorchCudaView(version, True, cuda_version, len(devices), tuple(devices), None)
 
 
-def gpus() -> GpusResult:
-    """Both views; ``available`` is True when NVML or torch sees at least one GPU."""
+def gpus(with_catalog: bool = False) -> GpusResult:
+    """Both views; ``available`` is True when NVML or torch sees at least one GPU. Local GPUs that match a
+    catalog entry (``--gpu NAME``) are marked; ``with_catalog`` adds every catalog entry."""
     status = nvml.query()
     view = torch_view()
     available = bool(status.gpus) or view.device_count > 0
     reason = None
     if not available:
         reason = f"{status.reason or 'NVML sees no GPU'}; torch sees no CUDA device ({view.reason or 'none'})"
-    return GpusResult(available=available, reason=reason, nvml=status, torch=view)
+    matches: dict[str, str] = {}
+    for name in [g.name for g in status.gpus] + [d.name for d in view.devices]:
+        spec = catalog.match_device(name)
+        if spec is not None:
+            matches[name] = spec.key
+    entries = tuple(catalog.catalog().values()) if with_catalog else ()
+    return GpusResult(
+        available=available, reason=reason, nvml=status, torch=view, catalog_matches=matches, catalog=entries
+    )

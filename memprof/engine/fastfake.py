@@ -431,6 +431,10 @@ def _tensors(args) -> list:
 
 def _pointwise_rule(args, kwargs):
     """Pointwise op on tensors of one shape and strides, dense: the output has that shape and those strides."""
+    if kwargs and kwargs.get("memory_format") is not None:
+        # clone(x, memory_format=...): the layout asked for, not the inputs', decides the strides (and a
+        # class of calls cannot tell a permuted dense input from an expanded one)
+        return None
     tensors = _tensors(args) + (_tensors(kwargs.values()) if kwargs else [])
     if not tensors or type(args[0]) is list:
         return None

@@ -188,15 +188,24 @@ def fit_batch(
 
         trace_fn = trace_step
 
+    notes: list[str] = []
+    used = [metric]  # the metric the fit ends up using
+
     def figure(r: TraceResult) -> int:
-        v = value_of(r, metric)
-        assert v is not None, f"a {r.target} trace has no {metric.value} figure"
+        v = value_of(r, used[0])
+        if v is None and used[0] is not Metric.ALLOCATED:  # backend:cudaMallocAsync: no reserved/NVML prediction
+            # every trace of one fit has the same allocator settings: this happens at the first one
+            notes.append(f"no {used[0].value} prediction (reserved bytes cannot be replayed): fitted by allocated")
+            used[0] = Metric.ALLOCATED
+            v = value_of(r, Metric.ALLOCATED)
+        assert v is not None, f"a {r.target} trace has no {used[0].value} figure"
         return v
 
     limit = max_batch if max_batch is not None else SEARCH_LIMIT
     usable = {b: r for b, r in (known or {}).items() if getattr(r, "target", target) == target}
-    cache: dict[int, int] = {b: figure(r) for b, r in usable.items()}
-    notes: list[str] = []
+    cache: dict[int, int] = {}
+    for b, r in usable.items():
+        cache[b] = figure(r)
 
     def peak(b: int) -> int:
         if b not in cache:
@@ -210,7 +219,7 @@ def fit_batch(
         nxt = cache.get(max_b + 1) if max_b is not None else None
         return BatchFit(
             capacity_bytes=capacity_bytes,
-            metric=metric,
+            metric=used[0],
             max_batch=max_b,
             recommended_batch=recommend(max_b, headroom),
             headroom=headroom,

@@ -651,7 +651,13 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2) -> dict[str, int]:
     }
 
 
-def measure_cuda_step(workload: Workload, *, index: int = 0, steps: int = 2) -> dict[str, Any]:
+def measure_cuda_step(
+    workload: Workload,
+    *,
+    index: int = 0,
+    steps: int = 2,
+    first_step: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+) -> dict[str, Any]:
     """Run ``steps`` REAL training steps on CUDA device ``index`` and read what the trace predicts.
 
     The model, optimizer and batch are built first; construction temporaries are released
@@ -661,7 +667,8 @@ def measure_cuda_step(workload: Workload, *, index: int = 0, steps: int = 2) -> 
     NVML does not list processes, the device's used memory minus what it used before). Used by
     ``memprof estimate --verify`` and ``scripts/validate_gpu.py``. Returns ``{"allocated_bytes",
     "reserved_bytes", "nvml_bytes" (None when unknown), "first_step_allocated_bytes", "device",
-    "capability"}``; a step that runs out of memory raises (see :func:`is_oom_error`).
+    "capability"}``; a step that runs out of memory raises (see :func:`is_oom_error`). ``first_step``
+    makes a context the first step runs in (``scripts/validate_gpu.py`` notes which attention kernels run).
     """
     import torch
 
@@ -688,8 +695,9 @@ def measure_cuda_step(workload: Workload, *, index: int = 0, steps: int = 2) -> 
             torch.cuda.empty_cache()  # construction temporaries: the trace starts from params/buffers/inputs
             torch.cuda.reset_peak_memory_stats()
             peaks = []
-            for _ in range(steps):
-                train_step(prepared, scaler=scaler)
+            for step in range(steps):
+                with first_step() if first_step is not None and step == 0 else contextlib.nullcontext():
+                    train_step(prepared, scaler=scaler)
                 torch.cuda.synchronize()
                 peaks.append(int(torch.cuda.max_memory_allocated()))
             used = nvml.process_used_bytes(index)

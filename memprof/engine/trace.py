@@ -27,25 +27,25 @@ CPU prediction (raw storage bytes), the CUDA ``max_memory_allocated`` prediction
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputShapeError, MemprofError, TraceError, UsageError
-from ..results import MemCategory, TimelinePoint, TraceResult
-from . import fastfake, placement
-from .allocator import CachingAllocatorModel, round_size
+from ..results import CudaTarget, MemCategory, ModelledBytes, TimelinePoint, TraceResult
+from . import fastfake, overheads, placement
+from .allocator import AllocatorConf, CachingAllocatorModel, conf_from_source
 from .flops import FlopTally
 from .modtrack import ModuleTracker
-from .overheads import cublas_workspace_bytes, cuda_context_bytes, onednn_conv_scratch
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
 if TYPE_CHECKING:
     from .tracking import StorageTracker  # imports torch
 
-#: cuBLAS workspace PyTorch allocates (through the caching allocator, so it counts in
 PHASES = ("setup", "forward", "backward", "optimizer", "done")
 _MATMUL_OPS: frozenset | None = None
 _TIMELINE_MAX = 2000
@@ -82,15 +82,16 @@ def _matmul_ops() -> frozenset:
 class _Recorder:
     """Collects allocation records and events while the step runs; analysis happens afterwards."""
 
-    def __init__(self, target: str, kernel_scratch: bool = True):
-
+    def __init__(self, target: str, kernel_scratch: bool = True, cuda_target: CudaTarget | None = None):
         self.target = target
+        self.cuda_target = cuda_target
         self.rec_nbytes: list[int] = []
         self.rec_phase: list[str] = []
         self.rec_module: list[str | None] = []
         self.rec_step: list[int] = []
         self.rec_cat: list[MemCategory | None] = []
         self.rec_host: list[bool] = []  # lives on the host for a CUDA step (Adam's scalar "step")
+        self.rec_kind: list[overheads.Kind | None] = []  # what a synthetic (modelled) allocation is
         self.key_to_rec: dict[int, int] = {}
         # events: (rec, +1 alloc / -1 free, op_index, phase, module, step)
         self.events: list[tuple[int, int, int, str, str | None, int]] = []
@@ -102,7 +103,14 @@ class _Recorder:
         self.tracker: StorageTracker | None = None
         self.need_workspace = target == "cuda"
         self.cpu_scratch = target == "cpu" and kernel_scratch
-        self.saw_flash_attention = False
+        self.workspace_source = ""
+        self.lt_bytes, self.lt_source = 0, ""
+        self.lt_threads: set[str] = set()
+        if cuda_target is not None:
+            self.workspace_bytes, self.workspace_source = overheads.cublas_workspace(cuda_target)
+            self.lt_bytes, self.lt_source = overheads.cublaslt_workspace(cuda_target)
+        else:
+            self.workspace_bytes = 0
         self.forward_start: dict[int, int] = {}  # step -> index of its first event
         self.optimizer_start: dict[int, int] = {}
         self.forward_op: dict[int, int] = {}
@@ -110,7 +118,8 @@ class _Recorder:
         self.done_start: dict[int, int] = {}
         self.done_op: dict[int, int] = {}
         self.workspace_threads: set[str] = set()
-        self.workspace_bytes = cublas_workspace_bytes() if target == "cuda" else 0
+        self.benchmarked: set[tuple] = set()  # convolution shapes cuDNN's benchmark has timed
+        self.saw_convolution = False
         self.tally: FlopTally | None = None  # counts FLOPs while set (the first step)
         self.module_types: dict[str, str] = {}
         self.root_label: str | None = None
@@ -141,6 +150,7 @@ class _Recorder:
         self.rec_module.append(module)
         self.rec_step.append(self.step)
         self.rec_cat.append(self.category)
+        self.rec_kind.append(None)
         place = placement.current()
         self.rec_host.append(place != "device")
         if place == "host":
@@ -157,8 +167,8 @@ class _Recorder:
         op = self.tracker.op_count if self.tracker is not None else 0
         self.events.append((rec, -1, op, self.phase, self.module_now(), self.step))
 
-    def synthetic(self, nbytes: int, category: MemCategory) -> int:
-        """An allocation the trace cannot see (cuBLAS workspace, kernel scratch); returns its record."""
+    def synthetic(self, nbytes: int, category: MemCategory, kind: overheads.Kind) -> int:
+        """An allocation the trace cannot see (cuBLAS workspace, kernel scratch), modelled as ``kind``; its record."""
         rec = len(self.rec_nbytes)
         module = self.module_now()
         self.rec_nbytes.append(nbytes)
@@ -167,6 +177,7 @@ class _Recorder:
         self.rec_step.append(self.step)
         self.rec_cat.append(category)
         self.rec_host.append(False)
+        self.rec_kind.append(kind)
         assert self.tracker is not None  # called from the tracker's dispatch
         self.events.append((rec, 1, self.tracker.op_count, self.phase, module, self.step))
         return rec
@@ -187,6 +198,7 @@ class _Recorder:
         self.rec_step.append(step)
         self.rec_cat.append(self.rec_cat[rec])
         self.rec_host.append(self.rec_host[rec])
+        self.rec_kind.append(self.rec_kind[rec])
         return new
 
     def categorize_live(self, keys, category: MemCategory, only_unset: bool = True) -> None:
@@ -196,33 +208,104 @@ class _Recorder:
                 self.rec_cat[rec] = category
 
 
+def _scratch_rules(recorder: _Recorder) -> dict:
+    """op -> (kind, bytes(args)) for the kernel scratch a target allocates inside an op."""
+    import torch
+
+    aten = torch.ops.aten
+    rules: dict = {}
+
+    def add(name: str, overload: str, kind: overheads.Kind, fn: Callable[[Any], int]) -> None:
+        packet = getattr(aten, name, None)
+        op = getattr(packet, overload, None) if packet is not None else None
+        if op is not None:
+            rules[op] = (kind, fn)
+
+    if recorder.target == "cuda":
+        add(
+            "_scaled_dot_product_flash_attention_backward",
+            "default",
+            overheads.FLASH_BWD,
+            overheads.flash_backward_scratch,
+        )
+        add(
+            "_scaled_dot_product_efficient_attention_backward",
+            "default",
+            overheads.EFFICIENT_BWD,
+            overheads.efficient_backward_scratch,
+        )
+        add("embedding_dense_backward", "default", overheads.EMBEDDING_BWD, overheads.embedding_backward_scratch)
+        if recorder.cuda_target is not None and recorder.cuda_target.cudnn_benchmark:
+            seen = recorder.benchmarked
+            for op in (aten.convolution.default, aten.convolution_backward.default):
+
+                def first_call(args, _op=op) -> int:
+                    key, nbytes = overheads.cudnn_benchmark_workspace(_op, args)
+                    if not nbytes or key in seen:
+                        return 0
+                    seen.add(key)
+                    return nbytes
+
+                rules[op] = (overheads.CUDNN_BENCHMARK, first_call)
+    elif recorder.cpu_scratch:
+        for op in (aten.convolution.default, aten.convolution_backward.default):
+            rules[op] = (overheads.ONEDNN, functools.partial(overheads.onednn_conv_scratch, op))
+    return rules
+
+
+def _lt_ops() -> frozenset:
+    """Ops that run through cuBLASLt (and its workspace): addmm with a 1-D bias, _addmm_activation, _scaled_mm."""
+    import torch
+
+    aten = torch.ops.aten
+    return frozenset(
+        op
+        for op in (getattr(getattr(aten, n, None), "default", None) for n in ("_addmm_activation", "_scaled_mm"))
+        if op is not None
+    )
+
+
 def _make_tracker(recorder: _Recorder):
     import torch
 
     from .tracking import StorageTracker
 
     matmuls = _matmul_ops()
+    lt_ops = _lt_ops()
+    addmm = torch.ops.aten.addmm.default
     prim_device = torch.ops.prim.device.default
+    cuda = recorder.target == "cuda"
+    scratch_rules = _scratch_rules(recorder)
     convs = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
-    sdpa_flash = getattr(getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), "default", None)
 
     class _TraceTracker(StorageTracker):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is prim_device:  # FakeTensorMode asks for devices through the mode stack: no storage, no op
                 return self.run_op(func, args, kwargs) if self.run_op is not None else func(*args, **(kwargs or {}))
-            if recorder.need_workspace and func in matmuls:
+            if cuda and func in matmuls:
                 # one cuBLAS handle (and workspace) per thread: forward and optimizer run on the
                 # main thread, backward on autograd's device thread
                 thread = "backward" if recorder.phase == "backward" else "main"
-                if thread not in recorder.workspace_threads:
+                if recorder.need_workspace and thread not in recorder.workspace_threads:
                     recorder.workspace_threads.add(thread)
-                    recorder.synthetic(recorder.workspace_bytes, MemCategory.CUDA_OVERHEAD)
+                    recorder.synthetic(recorder.workspace_bytes, MemCategory.CUDA_OVERHEAD, overheads.CUBLAS)
                     recorder.need_workspace = len(recorder.workspace_threads) < 2
-            if func is sdpa_flash:
-                recorder.saw_flash_attention = True
-            scratch = onednn_conv_scratch(func, args) if recorder.cpu_scratch and func in convs else 0
+                if (
+                    recorder.lt_bytes
+                    and thread not in recorder.lt_threads
+                    and (func in lt_ops or (func is addmm and args and getattr(args[0], "dim", lambda: 0)() == 1))
+                ):
+                    recorder.lt_threads.add(thread)
+                    recorder.synthetic(recorder.lt_bytes, MemCategory.CUDA_OVERHEAD, overheads.CUBLASLT)
+            if func in convs:
+                recorder.saw_convolution = True
+            rule = scratch_rules.get(func)
+            scratch = 0
+            if rule is not None:
+                kind, size = rule
+                scratch = size(args)
             if scratch:
-                rec = recorder.synthetic(scratch, MemCategory.TEMPORARY)
+                rec = recorder.synthetic(scratch, MemCategory.TEMPORARY, kind)
                 try:
                     out = super().__torch_dispatch__(func, types, args, kwargs)
                 finally:
@@ -408,13 +491,17 @@ def trace_step(
     steps: int = 2,
     replay_steps: bool = True,
     kernel_scratch: bool = True,
+    cuda_target: CudaTarget | None = None,
     count_flops: bool = True,
     count_bytes: bool = False,
 ) -> TraceResult:
     """Trace ``steps`` training steps of ``workload`` on fake tensors and predict their memory.
 
-    ``target="cuda"`` predicts a CUDA step (foreach optimizers, 512-byte rounding, cuBLAS
-    workspaces, caching-allocator reserved bytes, NVML); ``target="cpu"`` predicts the
+    ``target="cuda"`` predicts a CUDA step on ``cuda_target`` (default: the local GPU, else
+    :data:`memprof.engine.catalog.ASSUMED_ARCH`, said so in the notes): CUDA's kernel choices
+    (:mod:`memprof.engine.cudarules`: fused dropout, CUDA autocast, the attention backend),
+    foreach optimizers, 512-byte rounding, cuBLAS workspaces and kernel scratch
+    (:mod:`memprof.engine.overheads`), caching-allocator reserved bytes and NVML; ``target="cpu"`` predicts the
     same step run on the CPU (peak live tensor bytes, plus the scratch oneDNN convolutions
     hold inside the op; ``kernel_scratch=False`` leaves that scratch out, which is what
     find-batch's CPU cap counts: tensor storages only, as on a GPU).
@@ -440,7 +527,14 @@ def trace_step(
     if steps < 1:
         raise UsageError(f"`steps` must be at least 1, got {steps}", "trace 2 steps to see the steady state")
     started = time.perf_counter()
-    recorder = _Recorder(target, kernel_scratch)
+    if target == "cuda" and cuda_target is None:
+        from .catalog import resolve_target
+
+        cuda_target = resolve_target()
+    if target != "cuda":
+        cuda_target = None
+    recorder = _Recorder(target, kernel_scratch, cuda_target)
+    rules = None
     notes: list[str] = []
     prepared = None
     model = None
@@ -550,24 +644,29 @@ def trace_step(
                     recorder.phase = phase
 
                 replay = replay_steps and workload.mode == "train"
+                if cuda_target is not None:
+                    from .cudarules import CudaRules
+
+                    rules = CudaRules(cuda_target, workload.precision.torch_autocast_dtype())
                 tally = FlopTally(recorder.locate, count_bytes) if count_flops or count_bytes else None
-                for step in range(steps):
-                    recorder.step = step
-                    recorder.tally = tally if step == 0 else None
-                    try:
-                        if step == 0 or not replay:
-                            train_step(prepared, on_phase)
-                        else:
-                            _replay_step(recorder, tracker, on_phase, step)
-                    except MemprofError:
-                        raise
-                    except Exception as exc:
-                        if recorder.phase == "forward":
-                            raise _forward_error(exc, recorder, model, workload) from None
-                        raise _step_error(exc, recorder.phase) from None
-                    finally:
-                        recorder.modules.clear()
-                        recorder.tally = None
+                with rules if rules is not None else contextlib.nullcontext():
+                    for step in range(steps):
+                        recorder.step = step
+                        recorder.tally = tally if step == 0 else None
+                        try:
+                            if step == 0 or not replay:
+                                train_step(prepared, on_phase)
+                            else:
+                                _replay_step(recorder, tracker, on_phase, step)
+                        except MemprofError:
+                            raise
+                        except Exception as exc:
+                            if recorder.phase == "forward":
+                                raise _forward_error(exc, recorder, model, workload) from None
+                            raise _step_error(exc, recorder.phase) from None
+                        finally:
+                            recorder.modules.clear()
+                            recorder.tally = None
                 recorder.phase = "done"
                 op_count = tracker.op_count
                 weights = _weights(model, workload)
@@ -586,14 +685,11 @@ def trace_step(
             "GradScaler is not traced (it reads values with .item()); it adds a few scalar tensors and "
             "unscales gradients in place, so the difference is a few KiB"
         )
-    if target == "cuda":
-        notes.extend(_cuda_notes(workload))
-        if recorder.saw_flash_attention:
-            notes.append(
-                "attention traced with the CPU's flash attention, which saves the output and logsumexp as "
-                "CUDA's flash/memory-efficient kernels do; attention with dropout takes the CPU's math path "
-                "and saves the attention matrix, which CUDA would not"
-            )
+    attention: dict[str, int] = {}
+    if cuda_target is not None:
+        notes.extend(_cuda_notes(workload, cuda_target, recorder, rules))
+        if rules is not None:
+            attention = dict(rules.attention)
     notes.extend(_finetune_notes(workload, target))
     result = _analyse(recorder, workload, target, steps, op_count, notes)
     flops = costs = None
@@ -605,6 +701,8 @@ def trace_step(
     return dataclasses.replace(
         result,
         trace_seconds=time.perf_counter() - started,
+        cuda_target=cuda_target,
+        attention_backends=attention,
         flops=flops,
         _op_costs=costs,
         weights=weights,
@@ -680,8 +778,8 @@ def _replay_step(recorder: _Recorder, tracker, on_phase, step: int) -> None:
             rec, sign, op, phase, module, _ = events[i]
             if sign > 0:
                 category = recorder.rec_cat[rec]
-                if category is MemCategory.CUDA_OVERHEAD:
-                    continue  # cuBLAS workspaces are made once per thread and kept
+                if category is MemCategory.CUDA_OVERHEAD or recorder.rec_kind[rec] is overheads.CUDNN_BENCHMARK:
+                    continue  # cuBLAS workspaces are made once per thread and kept; benchmarks run once per shape
                 if skip_state and category is MemCategory.OPTIMIZER_STATE:
                     continue
                 new = recorder.clone(rec, step)
@@ -699,16 +797,41 @@ def _replay_step(recorder: _Recorder, tracker, on_phase, step: int) -> None:
     on_phase("done")
 
 
-def _cuda_notes(workload: Workload) -> list[str]:
+def _cuda_notes(workload: Workload, cuda_target: CudaTarget, recorder: _Recorder, rules: Any) -> list[str]:
     notes = [
-        "traced on fake CPU tensors with the optimizer CUDA would use (foreach); "
-        "kernel workspaces the trace cannot see (cuDNN convolution algorithms, NCCL) are not included"
+        f"predicted for {cuda_target.arch} ({cuda_target.source}); traced on fake CPU tensors with CUDA's kernel "
+        "choices (memprof.engine.cudarules) and the optimizer CUDA would use (foreach)"
     ]
-    if workload.precision.is_amp:
+    if recorder.workspace_threads:
         notes.append(
-            "autocast ran with the CPU op lists; CUDA's lists differ for a few ops (e.g. layer_norm, "
-            "softmax and losses run in float32 on CUDA), which can change activation dtypes there"
+            f"cuBLAS workspace {recorder.workspace_bytes / 2**20:.3g} MiB per thread: {recorder.workspace_source}"
         )
+    if recorder.lt_threads:
+        notes.append(f"cuBLASLt workspace {recorder.lt_bytes / 2**20:.3g} MiB per thread: {recorder.lt_source}")
+    if rules is not None:
+        notes.extend(rules.notes())
+    if cuda_target.is_rocm:
+        notes.append(
+            f"{cuda_target.arch} is an AMD GPU: the kernel choices and workspaces modelled are CUDA's (hipBLAS "
+            "workspace aside); unverified for ROCm"
+        )
+    if cuda_target.cudnn_benchmark:
+        if recorder.benchmarked:
+            notes.append(
+                f"cudnn.benchmark: {len(recorder.benchmarked)} convolution shape(s) timed in the first step with "
+                "workspaces up to the free memory (estimated, capped at what is free when the capacity is known); "
+                "steps after the first use the cached choice"
+            )
+    elif recorder.saw_convolution:
+        notes.append(
+            "cuDNN convolution workspaces not modelled: cuDNN's heuristics pick the algorithm at run time "
+            "(Conv_v8.cpp try_plans), usually with a small workspace; --cudnn-benchmark models the first step's "
+            "benchmarking"
+        )
+    notes.append(
+        "not modelled: the memory-efficient and cuDNN attention kernels' backward workspaces, CUDA's reduction "
+        "buffers, NCCL buffers (outside the allocator; none in a single-process step)"
+    )
     return notes
 
 
@@ -719,16 +842,23 @@ def _analyse(
     cuda = target == "cuda"
     n = len(rec.rec_nbytes)
     if cuda:
-        sizes = [0 if rec.rec_host[i] or rec.rec_nbytes[i] == 0 else round_size(rec.rec_nbytes[i]) for i in range(n)]
+        sizes = [0 if rec.rec_host[i] else rec.rec_nbytes[i] for i in range(n)]
     else:
         sizes = rec.rec_nbytes
     cats = [c if c is not None else MemCategory.TEMPORARY for c in rec.rec_cat]
 
     # pass 1: live bytes after each event, peaks per step. For cuda the caching-allocator
-    # model decides each block's size (a block too small to split is allocated whole, as
-    # torch.cuda.memory_allocated counts it) and the reserved bytes.
+    # model decides each block's size (rounding; a block too small to split is allocated whole,
+    # as torch.cuda.memory_allocated counts it) and the reserved bytes, releasing its cached
+    # segments before it would exceed the device (the capacity less the CUDA context).
     events = rec.events
-    alloc = CachingAllocatorModel() if cuda else None
+    alloc = None
+    context = context_source = None
+    conf = conf_from_source(rec.cuda_target.alloc_conf if rec.cuda_target is not None else None)
+    if cuda:
+        context, context_source = overheads.cuda_context(rec.cuda_target)
+        capacity = rec.cuda_target.capacity_bytes if rec.cuda_target is not None else None
+        alloc = CachingAllocatorModel(conf, capacity - context if capacity is not None else None)
     cur = 0
     curve = [0] * len(events)
     peak = -1
@@ -738,7 +868,10 @@ def _analyse(
         if alloc is not None:
             if sizes[r]:
                 if sign > 0:
-                    sizes[r] = alloc.malloc(r, sizes[r])
+                    if rec.rec_kind[r] is overheads.CUDNN_BENCHMARK:  # offered at most what is free
+                        available = alloc.available_bytes()
+                        sizes[r] = sizes[r] if available is None else max(0, min(sizes[r], available))
+                    sizes[r] = alloc.malloc(r, sizes[r]) if sizes[r] else 0
                 else:
                     alloc.free(r)
             cur = alloc.allocated_bytes
@@ -760,9 +893,16 @@ def _analyse(
             live.add(r)
         else:
             live.discard(r)
+    modelled_at_peak: dict[overheads.Kind, int] = {}
     for r in live:
         if sizes[r]:
             breakdown[cats[r]] = breakdown.get(cats[r], 0) + sizes[r]
+            kind = rec.rec_kind[r]
+            if kind is not None:
+                modelled_at_peak[kind] = modelled_at_peak.get(kind, 0) + sizes[r]
+    modelled = tuple(
+        ModelledBytes(kind.what, nbytes, kind.source, kind.verified) for kind, nbytes in modelled_at_peak.items()
+    )
     peak_phase = events[peak_i][3] if peak_i >= 0 else "setup"
     peak_module = events[peak_i][4] if peak_i >= 0 else None
     peak_step = events[peak_i][5] if peak_i >= 0 else 0
@@ -784,11 +924,13 @@ def _analyse(
             totals[c] = totals.get(c, 0) + sizes[r]
     workspaces = sum(sizes[r] for r in range(n) if cats[r] is MemCategory.CUDA_OVERHEAD)
 
-    reserved = nvml = overhead = context = None
-    if alloc is not None:  # cuda
-        reserved = alloc.peak_reserved_bytes
-        context = cuda_context_bytes()
-        nvml = reserved + context
+    reserved = nvml = overhead = None
+    if alloc is not None and context is not None:  # cuda
+        notes = [*notes, *_allocator_notes(alloc, conf)]
+        notes.append(f"CUDA context {context / 2**20:.0f} MiB (in the NVML figure only): {context_source}")
+        if conf.replayable:
+            reserved = alloc.peak_reserved_bytes
+            nvml = reserved + context
         overhead = context + workspaces
         totals[MemCategory.CUDA_OVERHEAD] = overhead
 
@@ -816,7 +958,24 @@ def _analyse(
         peak_step=peak_step,
         cublas_workspace_bytes=workspaces if cuda else None,
         cuda_context_bytes=context,
+        modelled=modelled,
     )
+
+
+def _allocator_notes(alloc: CachingAllocatorModel, conf: AllocatorConf) -> list[str]:
+    notes = [f"{conf.source}: {line}" for line in conf.describe()]
+    if alloc.ooms and alloc.first_oom_bytes is not None and alloc.limit_bytes is not None:
+        notes.append(
+            f"out of memory in a real run: the allocator would need {alloc.first_oom_bytes / 2**20:.1f} MiB of the "
+            f"{alloc.limit_bytes / 2**20:.1f} MiB it can get (capacity less the CUDA context), even after releasing "
+            "its cached segments"
+        )
+    elif alloc.retries:
+        notes.append(
+            f"reserved memory reached the capacity: the allocator released its cached segments and retried "
+            f"{alloc.retries} time(s), as CUDACachingAllocator.cpp does before an out-of-memory"
+        )
+    return notes
 
 
 def _timeline(events, curve, peak_i: int) -> tuple[TimelinePoint, ...]:

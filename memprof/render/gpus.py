@@ -48,11 +48,21 @@ def render_gpus(result: GpusResult, console: Console) -> None:
             for p in procs[1:]:
                 table.add_row("", "", "", "", "", _proc(p), format_bytes(p.used_bytes))
         console.print(table)
+        by_key: dict[str, list[str]] = {}
+        for g in s.gpus:
+            key = result.catalog_matches.get(g.name)
+            if key:
+                by_key.setdefault(key, []).append(str(g.index))
+        for key, indices in by_key.items():
+            console.print(f"GPU {', '.join(indices)} in the catalog: --gpu {key}")
     else:
         console.print(f"NVML: not available ({s.reason})")
     if t.cuda_available:
         names = ", ".join(
-            f"cuda:{d.index} {d.name} ({format_bytes(d.total_bytes)}, sm {d.capability})" for d in t.devices
+            f"cuda:{d.index} {d.name} ({format_bytes(d.total_bytes)}, sm {d.capability}"
+            + (f", --gpu {result.catalog_matches[d.name]}" if d.name in result.catalog_matches else "")
+            + ")"
+            for d in t.devices
         )
         console.print(f"torch sees {t.device_count} device{'s' if t.device_count != 1 else ''}: {names}")
     else:
@@ -62,3 +72,23 @@ def render_gpus(result: GpusResult, console: Console) -> None:
 def _proc(p) -> str:
     name = p.name or "?"
     return f"{p.pid} {name[:40]}"
+
+
+def render_catalog(result: GpusResult, console: Console) -> None:
+    """The GPUs ``--gpu NAME`` knows: capacity, architecture, dense peaks, bandwidth (names and sources: --json)."""
+    dtypes = ("fp32", "tf32", "bf16", "fp16", "fp8")
+    table = Table(show_edge=False, title="GPU catalog (--gpu NAME; names and sources in --json)", title_justify="left")
+    for col in ("--gpu", "Arch", "Capacity", *dtypes, "Bandwidth"):
+        table.add_column(col, justify="left" if col in ("--gpu", "Arch") else "right", no_wrap=True)
+    local = set(result.catalog_matches.values())
+    for g in result.catalog:
+        table.add_row(
+            g.key + (" *" if g.key in local else ""),
+            g.arch,
+            format_bytes(g.memory_bytes, 2) + ("" if g.memory_reported else " ≤"),
+            *(f"{g.peak_tflops[d]:g}" if d in g.peak_tflops else "-" for d in dtypes),
+            f"{g.bandwidth_bytes_per_s / 1e12:.2f} TB/s",
+        )
+    console.print(table)
+    legend = "dense peak TFLOP/s (no sparsity); ≤: the vendor's size, an upper bound on what the card reports"
+    console.print(legend + ("; *: a local GPU" if local else ""))
