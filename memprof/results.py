@@ -21,6 +21,8 @@ Phase = Literal["setup", "forward", "backward", "optimizer", "done"]
 Source = Literal["traced", "formula"]
 #: how a batch search ended
 SearchStatus = Literal["exact", "max_batch", "nothing_fits", "interrupted", "trial_limit"]
+#: how a profiled script ended
+ScriptStatus = Literal["ok", "exit", "exception", "interrupted"]
 
 
 class Metric(str, enum.Enum):
@@ -635,7 +637,7 @@ class ProfileCuda:
 class ScriptOutcome:
     """How the script ended; ``exit_code`` is what ``python script.py`` would have returned."""
 
-    status: str  # ok | exit | exception | interrupted
+    status: ScriptStatus
     exit_code: int
     error: str | None = None  # "ZeroDivisionError: division by zero"
     location: str | None = None  # innermost line of the user's files in the traceback
@@ -733,7 +735,7 @@ class FindBatchResult:
     capacity: Capacity
     metric: str  # "allocated" (CPU cap: live tensor bytes) | "reserved" (CUDA)
     steps: int
-    status: str
+    status: SearchStatus
     largest_batch: int | None
     smallest_oom_batch: int | None
     recommended_batch: int | None

@@ -19,7 +19,7 @@ from ..engine.measure import make_runner
 from ..engine.search import Guide, Outcome, search
 from ..engine.workload import Workload
 from ..errors import MemprofError, UsageError
-from ..results import BatchPrediction, BatchTrial, Capacity, CudaTarget, FindBatchResult, Metric, Target
+from ..results import BatchPrediction, BatchTrial, Capacity, CudaTarget, FindBatchResult, Metric, SearchStatus, Target
 
 DEFAULT_MAX_BATCH = 4096
 DEFAULT_STEPS = 2
@@ -214,6 +214,7 @@ def find_batch(
     def on_step(step) -> None:
         trials[-1] = replace(trials[-1], reason=step.reason)
 
+    status: SearchStatus
     if interrupted:
         status, largest, smallest_oom = "interrupted", None, None
     else:

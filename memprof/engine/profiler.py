@@ -73,7 +73,7 @@ _LIBRARY_MARKERS = (
 )
 
 
-class _Recorder(StorageTracker):
+class _ProfileRecorder(StorageTracker):
     """The dispatch mode plus everything charged to lines, modules and phases."""
 
     @classmethod
@@ -450,7 +450,7 @@ class _Recorder(StorageTracker):
 
 
 # ======================================================================================== run
-_ACTIVE: list[_Recorder | None] = [None]
+_ACTIVE: list[_ProfileRecorder | None] = [None]
 
 
 def _after_fork_in_child() -> None:
@@ -529,7 +529,7 @@ def profile_script(
     _warm_up()
     abspath = os.path.abspath(path)
     user_dir = abspath if path.is_dir() else os.path.dirname(abspath)
-    rec = _Recorder(user_dir, log=log, cuda_samples=has_cuda, device_type=None if device == "all" else device)
+    rec = _ProfileRecorder(user_dir, log=log, cuda_samples=has_cuda, device_type=None if device == "all" else device)
     saved_argv, saved_path0 = sys.argv[:], list(sys.path)
     saved_modules = set(sys.modules)
     saved_trace = sys.gettrace()
@@ -589,7 +589,7 @@ def profile_script(
                 pass
 
 
-def _forget_user_modules(before: set[str], rec: _Recorder) -> None:
+def _forget_user_modules(before: set[str], rec: _ProfileRecorder) -> None:
     """Modules the script imported from its own folder: gone with it, as when its process ends
     (a second profile in the same process must import its own ``helper.py``, not this one's)."""
     for name in set(sys.modules) - before:
@@ -598,18 +598,18 @@ def _forget_user_modules(before: set[str], rec: _Recorder) -> None:
             sys.modules.pop(name, None)
 
 
-def _display(rec: _Recorder, filename: str) -> str:
+def _display(rec: _ProfileRecorder, filename: str) -> str:
     path = os.path.abspath(filename)
     if path.startswith(rec.user_dir):
         return path[len(rec.user_dir) :]
     return os.path.basename(path)
 
 
-def _location(rec: _Recorder, key: tuple[str, int]) -> str:
+def _location(rec: _ProfileRecorder, key: tuple[str, int]) -> str:
     return f"{_display(rec, key[0])}:{key[1]}"
 
 
-def _loc(rec: _Recorder, key: tuple[str, int] | None) -> str | None:
+def _loc(rec: _ProfileRecorder, key: tuple[str, int] | None) -> str | None:
     return None if key is None else _location(rec, key)
 
 
@@ -619,7 +619,7 @@ def _source(key: tuple[str, int] | None) -> str | None:
     return linecache.getline(key[0], key[1]).strip() or None
 
 
-def _where(rec: _Recorder, tb) -> dict:
+def _where(rec: _ProfileRecorder, tb) -> dict:
     """The innermost frame of the user's files in a traceback."""
     key = None
     while tb is not None:
@@ -629,7 +629,7 @@ def _where(rec: _Recorder, tb) -> dict:
     return {"location": _loc(rec, key), "source": _source(key)}
 
 
-def _cuda_info(rec: _Recorder, snapshot_path) -> ProfileCuda | None:
+def _cuda_info(rec: _ProfileRecorder, snapshot_path) -> ProfileCuda | None:
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return None
     from . import nvml
@@ -659,7 +659,7 @@ def _cuda_info(rec: _Recorder, snapshot_path) -> ProfileCuda | None:
     )
 
 
-def _leaks(rec: _Recorder) -> list[LeakSuspect]:
+def _leaks(rec: _ProfileRecorder) -> list[LeakSuspect]:
     """Lines whose allocations from many executions are all alive (at exit, else at the peak), and
     global containers of tensors that keep their autograd graphs."""
     out: list[LeakSuspect] = []
@@ -730,7 +730,7 @@ def _leaks(rec: _Recorder) -> list[LeakSuspect]:
     return out
 
 
-def _groups(rec: _Recorder, records: list[list], limit: int) -> tuple[TensorGroup, ...]:
+def _groups(rec: _ProfileRecorder, records: list[list], limit: int) -> tuple[TensorGroup, ...]:
     groups: dict[tuple, list[int]] = {}
     for r in records:
         k = (r[_SHAPE], r[_DTYPE], r[_DEVICE], r[_ORIGIN], r[_CAT])
@@ -768,7 +768,7 @@ def _downsample(ts: array, bs: array, n: int) -> tuple[TimelineSample, ...]:
     return tuple(out)
 
 
-def _build(rec: _Recorder, path: Path, args, outcome, wall, cuda, leaks, top, timeline_points) -> ProfileResult:
+def _build(rec: _ProfileRecorder, path: Path, args, outcome, wall, cuda, leaks, top, timeline_points) -> ProfileResult:
     # lines
     live_exit: dict[Any, int] = defaultdict(int)
     for r in rec.meta.values():

@@ -79,7 +79,7 @@ def _matmul_ops() -> frozenset:
 
 
 # =========================================================================== recording
-class _Recorder:
+class _TraceRecorder:
     """Collects allocation records and events while the step runs; analysis happens afterwards."""
 
     def __init__(self, target: str, kernel_scratch: bool = True, cuda_target: CudaTarget | None = None):
@@ -208,7 +208,7 @@ class _Recorder:
                 self.rec_cat[rec] = category
 
 
-def _scratch_rules(recorder: _Recorder) -> dict:
+def _scratch_rules(recorder: _TraceRecorder) -> dict:
     """op -> (kind, bytes(args)) for the kernel scratch a target allocates inside an op."""
     import torch
 
@@ -265,7 +265,7 @@ def _lt_ops() -> frozenset:
     )
 
 
-def _make_tracker(recorder: _Recorder):
+def _make_tracker(recorder: _TraceRecorder):
     import torch
 
     from .tracking import StorageTracker
@@ -431,7 +431,7 @@ _SHAPE_WORDS = (
 )
 
 
-def _forward_error(exc: Exception, recorder: _Recorder, model, workload: Workload) -> MemprofError:
+def _forward_error(exc: Exception, recorder: _TraceRecorder, model, workload: Workload) -> MemprofError:
     msg = " ".join(str(exc).split())
     modules = recorder.modules
     frame = modules.stack[-1] if modules.stack else modules.failed  # the innermost call that raised
@@ -533,7 +533,7 @@ def trace_step(
         cuda_target = resolve_target()
     if target != "cuda":
         cuda_target = None
-    recorder = _Recorder(target, kernel_scratch, cuda_target)
+    recorder = _TraceRecorder(target, kernel_scratch, cuda_target)
     rules = None
     notes: list[str] = []
     prepared = None
@@ -720,7 +720,7 @@ def _weights(model, workload: Workload):
     return weight_breakdown(model)
 
 
-def _placed_peaks(rec: _Recorder) -> tuple[int | None, int | None]:
+def _placed_peaks(rec: _TraceRecorder) -> tuple[int | None, int | None]:
     """Peak of what lives in CPU memory (placement "host") and the paged bytes held at the end."""
     if not rec.placed_host and not rec.placed_paged:
         return None, None
@@ -761,7 +761,7 @@ def _finetune_notes(workload: Workload, target: str) -> list[str]:
     return notes
 
 
-def _replay_step(recorder: _Recorder, tracker, on_phase, step: int) -> None:
+def _replay_step(recorder: _TraceRecorder, tracker, on_phase, step: int) -> None:
     """Step ``step`` >= 1 from step 0's events: nothing runs, the events are copied.
 
     Forward and backward repeat step 0's exactly. The optimizer step and ``zero_grad`` repeat
@@ -797,7 +797,7 @@ def _replay_step(recorder: _Recorder, tracker, on_phase, step: int) -> None:
     on_phase("done")
 
 
-def _cuda_notes(workload: Workload, cuda_target: CudaTarget, recorder: _Recorder, rules: Any) -> list[str]:
+def _cuda_notes(workload: Workload, cuda_target: CudaTarget, recorder: _TraceRecorder, rules: Any) -> list[str]:
     notes = [
         f"predicted for {cuda_target.arch} ({cuda_target.source}); traced on fake CPU tensors with CUDA's kernel "
         "choices (memprof.engine.cudarules) and the optimizer CUDA would use (foreach)"
@@ -837,7 +837,7 @@ def _cuda_notes(workload: Workload, cuda_target: CudaTarget, recorder: _Recorder
 
 # =========================================================================== analysis
 def _analyse(
-    rec: _Recorder, workload: Workload, target: str, steps: int, op_count: int, notes: list[str]
+    rec: _TraceRecorder, workload: Workload, target: str, steps: int, op_count: int, notes: list[str]
 ) -> TraceResult:
     cuda = target == "cuda"
     n = len(rec.rec_nbytes)
