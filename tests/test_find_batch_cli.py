@@ -7,6 +7,8 @@ from dataclasses import replace
 
 import pytest
 from conftest import assert_golden
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from memprof.cli import app
@@ -121,7 +123,24 @@ def test_ctrl_c_prints_what_was_found_and_exits_130(monkeypatch):
     assert "ERROR: interrupted" in res.stderr
 
 
+@settings(max_examples=300, deadline=None)
+@given(thousandths=st.integers(1, 1000), largest=st.integers(1, 1_000_000))
+def test_recommend_is_floor_of_the_typed_headroom(thousandths, largest):
+    """One rounding rule: floor(headroom x largest) in exact decimal arithmetic (0.35 x 180 = 63, not 62)."""
+    headroom = thousandths / 1000  # a headroom as typed, up to 3 decimals
+    assert recommend(largest, headroom) == max(1, thousandths * largest // 1000)
+    for multiple in (8, 64):
+        rec = recommend(largest, headroom, multiple)
+        if largest < multiple:
+            assert rec is None
+        else:
+            assert rec is not None and rec % multiple == 0 and rec <= largest
+            floor = max(1, thousandths * largest // 1000)
+            assert rec == (floor // multiple * multiple or largest // multiple * multiple)
+
+
 def test_recommend_and_accumulation():
+    assert recommend(180, 0.35) == 63  # issue 10: two copies of the rule gave 62
     assert recommend(181, 0.8, None) == 144
     assert recommend(181, 0.8, 64) == 128
     assert recommend(100, 0.8, 128) is None
