@@ -707,6 +707,10 @@ class BatchTrial:
     leaked_bytes: int | None = None  # still allocated after the cleanup, beyond the pre-trial baseline
     predicted_bytes: int | None = None  # the prediction of the limited metric at this batch
     reason: str | None = None  # why the search tried this batch (prediction, extrapolate, confirm, ...)
+    #: steps (counted in steps_run) whose optimizer.step() GradScaler skipped (inf/nan gradients at its loss
+    #: scale) and that were run again; more than engine.workload.MAX_SKIPPED_STEPS: the optimizer stepped fewer
+    #: times than asked, so the peak may miss its state (find-batch says so in its notes)
+    skipped_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

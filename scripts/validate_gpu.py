@@ -114,6 +114,19 @@ def child(spec_json: str) -> int:
 
 
 # --------------------------------------------------------------------------- parent
+def _shard(argv: list[str]) -> tuple[int, int]:
+    """``--shard K/N``: the K-th of N interleaved slices of the cases (several runs on one GPU at once)."""
+    if "--shard" not in argv:
+        return 0, 1
+    k, n = argv[argv.index("--shard") + 1].split("/")
+    return int(k), int(n)
+
+
+def _out_dir(argv: list[str]) -> Path:
+    """``--out DIR``: where the report goes (default benchmarks/)."""
+    return Path(argv[argv.index("--out") + 1]) if "--out" in argv else ROOT / "benchmarks"
+
+
 def cases(quick: bool, names: list[str], cuda_only: bool = False) -> list[tuple[str, str, dict]]:
     from validate_cpu import ZOO
 
@@ -181,7 +194,20 @@ def main(argv: list[str]) -> int:
     quick = "--quick" in argv
     cuda_only = "--cuda-cases" in argv
     gpu_arch = argv[argv.index("--gpu-arch") + 1] if "--gpu-arch" in argv else None
-    names = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] != "--gpu-arch")]
+    valued = ("--gpu-arch", "--shard", "--out")
+    names = [a for i, a in enumerate(argv) if not a.startswith("--") and (i == 0 or argv[i - 1] not in valued)]
+    shard, shards = _shard(argv)
+    out = _out_dir(argv)
+    if "--merge" in argv:  # reports of several shards (their JSON files) -> one report
+        merged_rows: list[dict] = []
+        merged_failures: list[dict] = []
+        device = torch_version = None
+        for path in names:
+            data = json.loads(Path(path).read_text())
+            merged_rows += data["rows"]
+            merged_failures += data["failures"]
+            device, torch_version = data["device"], data["torch"]
+        return write_report(merged_rows, merged_failures, device, torch_version or "?", out)
     if "--list" in argv:
         return predictions(quick, names, cuda_only, gpu_arch)
     import torch
@@ -194,7 +220,7 @@ def main(argv: list[str]) -> int:
         )
         return 3
     if "--step-time" in argv:
-        return step_times([a for a in argv if not a.startswith("--")])
+        return step_times(names, out)
     from memprof.engine.trace import trace_step
 
     rows: list[dict] = []
@@ -204,13 +230,20 @@ def main(argv: list[str]) -> int:
         f"{'workload':36s} {'alloc meas':>10s} {'pred':>9s} {'err%':>7s} {'resv meas':>10s} {'pred':>9s} "
         f"{'err%':>7s} {'nvml meas':>10s} {'pred':>9s} {'err%':>7s}"
     )
-    for name, ref, options in cases(quick, names, cuda_only):
+    for index, (name, ref, options) in enumerate(cases(quick, names, cuda_only)):
+        if index % shards != shard:
+            continue
         try:
             traced = trace_step(_workload(ref, options), target="cuda")  # the local GPU's architecture
             real = measure(ref, options)
         except Exception as exc:
             print(f"{name:36s} FAILED: {type(exc).__name__}: {exc}", flush=True)
             failures.append({"name": name, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        if real.get("optimizer_steps", 2) < 2:  # GradScaler skipped every step: the peak misses the optimizer
+            error = f"the optimizer stepped {real['optimizer_steps']} times in {real['skipped_steps']} steps"
+            print(f"{name:36s} FAILED: {error}", flush=True)
+            failures.append({"name": name, "error": error})
             continue
         device = real["device"]
         row = {
@@ -228,6 +261,7 @@ def main(argv: list[str]) -> int:
             "attention_backends": traced.attention_backends,
             "modelled": [{"what": m.what, "bytes": m.bytes} for m in traced.modelled],
             "sdp_backend_measured": real.get("sdp_backend"),
+            "skipped_steps": real.get("skipped_steps", 0),
         }
         row["allocated_error_pct"] = pct(traced.peak_bytes, real["allocated_bytes"])
         row["reserved_error_pct"] = pct(traced.predicted_reserved_bytes, real["reserved_bytes"])
@@ -247,9 +281,17 @@ def main(argv: list[str]) -> int:
             f"{e(row['nvml_error_pct'])}",
             flush=True,
         )
+        write_report(rows, failures, device, torch.__version__, out, quiet=True)  # a killed run keeps its rows
     if not rows:
         print("validate_gpu: no workload ran", file=sys.stderr)
         return 1
+    return write_report(rows, failures, device, torch.__version__, out)
+
+
+def write_report(
+    rows: list[dict], failures: list[dict], device: str | None, torch_version: str, out: Path, quiet: bool = False
+) -> int:
+    """benchmarks/validate_gpu_<device>.md and .json from the measured rows."""
     summary = {}
     for key in ("allocated", "reserved", "nvml"):
         errs = [r[f"{key}_error_pct"] for r in rows if r[f"{key}_error_pct"] is not None]
@@ -261,12 +303,11 @@ def main(argv: list[str]) -> int:
                 "max_pct": max(errs),
             }
     slug = "".join(c if c.isalnum() else "_" for c in (device or "gpu")).strip("_").lower()
-    out = ROOT / "benchmarks"
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Traced CUDA prediction vs real CUDA training steps",
         "",
-        f"Device: {device}; torch {torch.__version__}; generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
+        f"Device: {device}; torch {torch_version}; generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
         "by `PYTHONPATH=. python scripts/validate_gpu.py`.",
         "",
         "Measured in a fresh process per workload after `empty_cache()` + `reset_peak_memory_stats()`, two steps;",
@@ -300,13 +341,14 @@ def main(argv: list[str]) -> int:
     (out / f"validate_gpu_{slug}.md").write_text("\n".join(lines) + "\n")
     (out / f"validate_gpu_{slug}.json").write_text(
         json.dumps(
-            {"device": device, "torch": torch.__version__, "summary": summary, "rows": rows, "failures": failures},
+            {"device": device, "torch": torch_version, "summary": summary, "rows": rows, "failures": failures},
             indent=2,
         )
         + "\n"
     )
-    for key, s in summary.items():
-        print(f"{key}: median |error| {s['median_abs_pct']:.2f} %, max |error| {s['max_abs_pct']:.2f} %")
+    if not quiet:
+        for key, s in summary.items():
+            print(f"{key}: median |error| {s['median_abs_pct']:.2f} %, max |error| {s['max_abs_pct']:.2f} %")
     return 0
 
 
@@ -333,25 +375,29 @@ def child_time(spec_json: str) -> int:
     """Time real CUDA training steps of one workload; print one JSON line (seconds per step)."""
     import torch
 
-    from memprof.engine.workload import prepare, train_step
+    from memprof.engine.workload import MAX_SKIPPED_STEPS, make_grad_scaler, prepare, train_step, train_steps
 
     spec = json.loads(spec_json)
     workload = _workload(spec["ref"], spec["options"])
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = False
     prepared = prepare(workload, "cuda")
-    scaler = None
-    if workload.precision.grad_scaler and workload.mode == "train":
-        try:
-            scaler = torch.amp.GradScaler("cuda")
-        except (AttributeError, TypeError):  # torch < 2.3
-            scaler = torch.cuda.amp.GradScaler()
-    for _ in range(WARMUP_STEPS):  # cuDNN/cuBLAS heuristics, the caching allocator's segments, optimizer state
-        train_step(prepared, scaler=scaler)
+    scaler = make_grad_scaler(workload, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    # cuDNN/cuBLAS heuristics, the caching allocator's segments, optimizer state: warm-up steps in which the
+    # optimizer really stepped (GradScaler skips its first steps while it lowers its loss scale)
+    skipped = train_steps(prepared, WARMUP_STEPS, scaler)
+    if skipped > MAX_SKIPPED_STEPS:
+        print(f"child_time: GradScaler skipped {skipped} warm-up steps (inf/nan gradients)", file=sys.stderr)
+        return 1
     torch.cuda.synchronize()
     times = []
+    timed_skipped = 0
     for _ in range(TIMED_STEPS):
         started = time.perf_counter()
-        train_step(prepared, scaler=scaler)
+        timed_skipped += not train_step(prepared, scaler=scaler)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     print(
@@ -360,7 +406,11 @@ def child_time(spec_json: str) -> int:
                 "mean_s": statistics.fmean(times),
                 "median_s": statistics.median(times),
                 "min_s": min(times),
+                "allocated_bytes": torch.cuda.max_memory_allocated(),
+                "reserved_bytes": torch.cuda.max_memory_reserved(),
                 "device": torch.cuda.get_device_name(),
+                "warmup_skipped_steps": skipped,
+                "timed_skipped_steps": timed_skipped,
             }
         )
     )
@@ -379,7 +429,7 @@ def _catalog_entry(device_name: str):
     return entry, None
 
 
-def step_times(names: list[str]) -> int:
+def step_times(names: list[str], out: Path) -> int:
     """Roofline lower bound vs measured step time for :data:`STEP_TIME_CASES`; writes benchmarks/steptime_gpu_*."""
     import torch
 
@@ -437,6 +487,13 @@ def step_times(names: list[str]) -> int:
             "predicted_max_samples_per_s": model.samples_per_second,
             "achieved_tflops": traced.flops.step_flops / real["mean_s"] / 1e12,
             "bound_holds": model.seconds <= real["min_s"],
+            # the same steps' memory (realistic sizes, beside the small cases of the memory matrix)
+            "allocated_bytes": real.get("allocated_bytes"),
+            "predicted_allocated_bytes": traced.peak_bytes,
+            "allocated_error_pct": pct(traced.peak_bytes, real.get("allocated_bytes")),
+            "reserved_bytes": real.get("reserved_bytes"),
+            "predicted_reserved_bytes": traced.predicted_reserved_bytes,
+            "reserved_error_pct": pct(traced.predicted_reserved_bytes, real.get("reserved_bytes")),
         }
         rows.append(row)
         share = 100.0 * model.compute_bound_seconds / model.seconds if model.seconds else 0.0
@@ -444,12 +501,19 @@ def step_times(names: list[str]) -> int:
             f"{name:52s} {real['mean_s'] * 1e3:11.2f} {model.seconds * 1e3:9.2f} {row['ratio']:10.2f} {share:15.0f}",
             flush=True,
         )
+        _write_step_times(rows, failures, device, gpu, out)  # a killed run keeps its rows
     if not rows:
         print("validate_gpu --step-time: no workload ran", file=sys.stderr)
         return 1
+    _write_step_times(rows, failures, device, gpu, out)
+    return 0
+
+
+def _write_step_times(rows: list[dict], failures: list[dict], device: str, gpu, out: Path) -> None:
+    import torch
+
     slug = "".join(c if c.isalnum() else "_" for c in device).strip("_").lower()
-    out = ROOT / "benchmarks"
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     lines = [
         "# Step time: roofline model (lower bound) vs real CUDA training steps",
         "",
@@ -480,13 +544,28 @@ def step_times(names: list[str]) -> int:
         if not broken
         else f"- the lower bound was BROKEN (fastest measured step below it) for: {', '.join(broken)}"
     )
+    lines += [
+        "",
+        "Memory of the same steps (peaks over the warm-up and timed steps) against the traced prediction:",
+        "",
+        "| workload | allocated MiB | pred | err % | reserved MiB | pred | err % |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.get("allocated_bytes") is None:
+            continue
+        lines.append(
+            f"| {r['name']} | {r['allocated_bytes'] / MiB:.1f} | {r['predicted_allocated_bytes'] / MiB:.1f} | "
+            f"{r['allocated_error_pct']:+.2f} | {r['reserved_bytes'] / MiB:.1f} | "
+            f"{(r['predicted_reserved_bytes'] or 0) / MiB:.1f} | {r['reserved_error_pct'] or 0:+.2f} |"
+        )
+    lines.append("")
     for fail in failures:
         lines.append(f"- FAILED {fail['name']}: {fail['error']}")
     (out / f"steptime_gpu_{slug}.md").write_text("\n".join(lines) + "\n")
     (out / f"steptime_gpu_{slug}.json").write_text(
         json.dumps({"device": device, "torch": torch.__version__, "rows": rows, "failures": failures}, indent=2) + "\n"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from memprof.commands.find_batch import scaler_notes
 from memprof.engine.loading import InputSpec, ModelSpec, load_model
 from memprof.engine.measure import CpuCapRunner, IsolatedRunner, cpu_oom_message, is_oom_error, oom_kind
-from memprof.engine.workload import Workload
+from memprof.engine.workload import MAX_SKIPPED_STEPS, Workload, get_precision
 from memprof.errors import MeasureError
 
 W_BYTES = 256 * 256 * 4  # Linear(256, 256, bias=False)
@@ -185,3 +186,50 @@ def test_cpu_cap_peak_equals_tensor_only_trace_for_a_conv_model():
     with_scratch = trace_step(workload, target="cpu")
     assert tensors_only.peak_bytes == measured.peak_allocated_bytes
     assert with_scratch.peak_bytes > tensors_only.peak_bytes
+
+
+# --------------------------------------------------------------------------- GradScaler's skipped steps (amp-fp16)
+def _ones_batch(b, device, dtype):
+    return torch.ones(b, 256, dtype=dtype, device=device), None
+
+
+def scaled_linear_workload(optimizer: str, loss_factor: float = 1.0, batch: int = 64) -> Workload:
+    """Linear(256, 256) on all-ones inputs, loss = factor x sum: the fp16 weight gradient is batch x factor x the
+    loss scale in every element, so GradScaler (initial scale 65536 = 2**16) skips every step whose scale makes
+    it overflow fp16 (> 65504), halving the scale each time."""
+    spec = ModelSpec(
+        ref="test:linear",
+        display_name="linear",
+        factory=lambda: nn.Linear(256, 256, bias=False),
+        inputs=InputSpec(shapes=[(256,)], dtype="float"),
+        batch_hook=_ones_batch,
+        loss_hook=lambda output, target: output.float().sum() * loss_factor,
+        source="module",
+    )
+    return Workload(model=spec, batch_size=batch, optimizer=optimizer, precision=get_precision("amp-fp16"))
+
+
+def test_skipped_scaler_steps_are_rerun_so_the_peak_holds_the_optimizer_state():
+    # gradient 64 x scale: inf for scales 2**16 ... 2**10 (64 x 1024 = 65536 > 65504), finite at 512: 7 skipped
+    # steps, then the two real ones. Before, the two steps both skipped optimizer.step(): SGD's momentum buffer never
+    # existed and the peak was SGD's without momentum (in the GPU run: resnet50 sgd-momentum 311 MiB vs 405 traced).
+    momentum = CpuCapRunner(10**9).run(scaled_linear_workload("sgd-momentum"), 64, steps=2)
+    plain = CpuCapRunner(10**9).run(scaled_linear_workload("sgd"), 64, steps=2)
+    for trial in (momentum, plain):
+        assert trial.fits and trial.skipped_steps == 7 and trial.steps_run == 9 and trial.leaked_bytes == 0
+    assert momentum.peak_allocated_bytes - plain.peak_allocated_bytes == W_BYTES  # the momentum buffer, fp32
+    # Adam: exp_avg + exp_avg_sq (2 x W) are resident at the second step's peak, plus its step's temporaries
+    adam = CpuCapRunner(10**9).run(scaled_linear_workload("adam"), 64, steps=2)
+    assert adam.skipped_steps == 7 and adam.peak_allocated_bytes >= plain.peak_allocated_bytes + 2 * W_BYTES
+
+
+def test_a_scaler_that_never_steps_is_reported_not_hidden():
+    # factor 2**20: the gradient overflows down to scale 2**16 / 2**11 = 32 (64 x 32 x 2**20 = 2**31): more than
+    # MAX_SKIPPED_STEPS skipped in a row, so the trial stops and says so (find-batch's notes name the batch)
+    trial = CpuCapRunner(10**9).run(scaled_linear_workload("sgd-momentum", 2.0**20), 64, steps=2)
+    assert trial.fits and trial.skipped_steps == MAX_SKIPPED_STEPS + 1 == trial.steps_run
+    notes = scaler_notes([trial], steps=2)
+    assert len(notes) == 2 and notes[1].startswith("batch 64: the optimizer stepped fewer than 2 times")
+    ok = CpuCapRunner(10**9).run(scaled_linear_workload("sgd-momentum"), 64, steps=2)
+    (note,) = scaler_notes([ok], steps=2)
+    assert "skipped optimizer.step() in 7 step(s) of 1 trial(s)" in note

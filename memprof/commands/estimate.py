@@ -317,5 +317,8 @@ def verify_step(
         )
         predicted.append(("nvml", "NVML process used memory", traced.predicted_nvml_bytes, m["nvml_bytes"]))
     figures = tuple(VerifiedFigure(k, how, p, v, _error(p, v)) for k, how, p, v in predicted)
-    note = None if m["nvml_bytes"] is not None else "NVML did not report this process's memory (not permitted here)"
+    notes = [] if m["nvml_bytes"] is not None else ["NVML did not report this process's memory (not permitted here)"]
+    if m["optimizer_steps"] < steps:  # GradScaler skipped every step: the peak misses the optimizer state
+        notes.append(f"the optimizer stepped {m['optimizer_steps']} times in {m['skipped_steps']} skipped steps")
+    note = "; ".join(notes) or None
     return Verification(f"cuda:{index} {m['device']}", steps, source, figures, time.perf_counter() - started, note=note)

@@ -17,7 +17,7 @@ from typing import Any
 from ..engine import fit as fitting
 from ..engine.measure import make_runner
 from ..engine.search import Guide, Outcome, search
-from ..engine.workload import Workload
+from ..engine.workload import MAX_SKIPPED_STEPS, Workload
 from ..errors import MemprofError, UsageError
 from ..results import BatchPrediction, BatchTrial, Capacity, CudaTarget, FindBatchResult, Metric, SearchStatus, Target
 
@@ -73,6 +73,28 @@ def _cudnn_benchmark(runner: Any, cuda_target: CudaTarget | None, notes: list[st
         yield
     finally:
         torch.backends.cudnn.benchmark = saved
+
+
+def scaler_notes(trials: list[BatchTrial], steps: int) -> list[str]:
+    """What GradScaler's skipped optimizer steps did to the trials (AMP fp16), as notes."""
+    skipped = [t for t in trials if t.skipped_steps]
+    if not skipped:
+        return []
+    never = [t.batch_size for t in skipped if t.fits and t.steps_run - t.skipped_steps < steps]
+    counts = sorted({t.skipped_steps for t in skipped})
+    how = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    notes = [
+        f"GradScaler skipped optimizer.step() in {how} step(s) of {len(skipped)} trial(s) (inf/nan gradients at "
+        f"its loss scale); memprof ran extra steps until the optimizer had stepped {steps} times, so the peaks "
+        "include its state"
+    ]
+    if never:
+        notes.append(
+            f"batch {', '.join(map(str, never))}: the optimizer stepped fewer than {steps} times in "
+            f"{MAX_SKIPPED_STEPS + 1} steps (GradScaler skipped them all): the peak misses the optimizer state "
+            "and under-measures; check the model's loss for inf/nan"
+        )
+    return notes
 
 
 def find_batch(
@@ -209,7 +231,9 @@ def find_batch(
         if trial.leaked_bytes:
             notes.append(f"batch {batch}: {trial.leaked_bytes} bytes were still allocated after the cleanup")
         emit("trial-done", trial)
-        return Outcome(trial.fits, fitting.value_of(trial, metric), trial.capacity_bytes)
+        # near the capacity the reserved peak saturates: the search reads the slope from the allocated one
+        allocated = trial.peak_allocated_bytes if metric != Metric.ALLOCATED else None
+        return Outcome(trial.fits, fitting.value_of(trial, metric), trial.capacity_bytes, allocated)
 
     def on_step(step) -> None:
         trials[-1] = replace(trials[-1], reason=step.reason)
@@ -237,6 +261,8 @@ def find_batch(
             capacity = replace(capacity, total_bytes=int(res.capacity_bytes))
         if len(trials) > res.trials:  # the interrupted trial: measured but not counted by the search
             trials.pop()
+
+    notes.extend(scaler_notes(trials, steps))
 
     # ---- the answer --------------------------------------------------------------------
     points = {t.batch_size: v for t in trials if t.fits and (v := fitting.value_of(t, metric)) is not None}

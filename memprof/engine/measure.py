@@ -2,11 +2,12 @@
 
 A trial builds the model, optimizer and one batch, runs :func:`memprof.engine.workload.train_step`
 ``steps`` times (the first creates the optimizer state, the later ones are the steady
-state), and reports peak memory. Running out of memory is an answer, not an error:
-it is recognised (the exception type first, known messages second), everything the
-trial held is dropped (model, optimizer, batch and the exception's traceback frames),
-the caches are emptied, and the memory still allocated afterwards is compared with
-the baseline from before the trial.
+state; with AMP fp16's GradScaler, steps whose optimizer step it skipped are run again, up to
+:data:`memprof.engine.workload.MAX_SKIPPED_STEPS`, so the state is measured), and reports peak
+memory. Running out of memory is an answer, not an error: it is recognised (the exception type
+first, known messages second), everything the trial held is dropped (model, optimizer, batch and
+the exception's traceback frames), the caches are emptied, and the memory still allocated
+afterwards is compared with the baseline from before the trial.
 
 On the CPU the cap is enforced by counting live tensor storages
 (:class:`memprof.engine.tracking.StorageTracker`, parameters, buffers and inputs included):
@@ -33,7 +34,7 @@ from typing import Any, Protocol
 
 from ..errors import MeasureError, MemprofError, NoGPUError
 from ..results import BatchTrial, Metric
-from .workload import Prepared, Workload, prepare, train_step
+from .workload import MAX_SKIPPED_STEPS, Prepared, Workload, make_grad_scaler, prepare, train_step, train_steps
 
 PhaseCallback = Callable[[int, str], None]  # (step number from 1, phase)
 
@@ -132,6 +133,7 @@ class _Trial:
         self.phase = "setup"
         self._on_phase = on_phase
         self.t0 = time.perf_counter()
+        self.skipped = 0
 
     def phase_cb(self, phase: str) -> None:
         self.phase = phase
@@ -149,13 +151,12 @@ class _Trial:
     def seconds(self) -> float:
         return time.perf_counter() - self.t0
 
+    def run_steps(self, prepared: Prepared, steps: int, scaler=None) -> None:
+        """``steps`` steps in which the optimizer really stepped (GradScaler's skipped ones run again)."""
+        self.skipped = train_steps(prepared, steps, scaler, on_step=self._set_step, on_phase=self.phase_cb)
 
-def _run_steps(workload: Workload, trial: _Trial, device, steps: int, scaler=None):
-    prepared = prepare(workload, device)
-    for i in range(1, steps + 1):
-        trial.step = i
-        train_step(prepared, trial.phase_cb, scaler)
-    return prepared
+    def _set_step(self, i: int) -> None:
+        self.step = i
 
 
 def _classify(exc: BaseException, trial: _Trial) -> tuple[str, str]:
@@ -250,11 +251,9 @@ class CpuCapRunner:
             prepared = prepare(workload.with_batch(batch), "cpu")
             cap.register(_resident_tensors(prepared))
             with cap:
-                for i in range(1, steps + 1):
-                    trial.step = i
-                    train_step(prepared, trial.phase_cb)
+                trial.run_steps(prepared, steps, make_grad_scaler(workload, "cpu"))
             peak = cap.peak_bytes
-            steps_run = steps
+            steps_run = trial.step
         except BaseException as exc:  # noqa: BLE001 - classified below; anything else re-raised
             try:
                 error, kind = _classify(exc, trial)
@@ -281,6 +280,7 @@ class CpuCapRunner:
             oom_phase=where,
             attempted_bytes=cap.attempted_bytes,
             leaked_bytes=leaked,
+            skipped_steps=trial.skipped,
         )
 
 
@@ -335,14 +335,14 @@ class CudaRunner:
         trial = _Trial(batch, on_phase)
         error = kind = where = None
         peak_alloc = peak_res = nvml_used = overhead = None
-        scaler = None
-        if workload.precision.grad_scaler and workload.mode == "train":
-            scaler = torch.amp.GradScaler("cuda")
+        prepared: Prepared | None = None
+        scaler = make_grad_scaler(workload, "cuda")
         try:
             with torch.cuda.device(self.dev):
-                prepared = _run_steps(workload.with_batch(batch), trial, self.dev, steps, scaler=scaler)
+                prepared = prepare(workload.with_batch(batch), self.dev)
+                trial.run_steps(prepared, steps, scaler)
             torch.cuda.synchronize(self.dev)
-            steps_run = steps
+            steps_run = trial.step
             peak_alloc = int(torch.cuda.max_memory_allocated(self.dev) - baseline)
             peak_res = int(torch.cuda.max_memory_reserved(self.dev))
             nvml_used = nvml.process_used_bytes(self.index)
@@ -372,6 +372,7 @@ class CudaRunner:
             oom_detected_by=kind,
             oom_phase=where,
             leaked_bytes=leaked,
+            skipped_steps=trial.skipped,
         )
 
 
@@ -666,8 +667,10 @@ def measure_cuda_step(
     ``max_memory_reserved()`` and NVML's usage for this process (CUDA context included; where
     NVML does not list processes, the device's used memory minus what it used before). Used by
     ``memprof estimate --verify`` and ``scripts/validate_gpu.py``. Returns ``{"allocated_bytes",
-    "reserved_bytes", "nvml_bytes" (None when unknown), "first_step_allocated_bytes", "device",
-    "capability"}``; a step that runs out of memory raises (see :func:`is_oom_error`). ``first_step``
+    "reserved_bytes", "nvml_bytes" (None when unknown), "first_step_allocated_bytes", "optimizer_steps",
+    "skipped_steps", "device", "capability"}``: a step whose ``optimizer.step()`` GradScaler skipped is run
+    again (up to :data:`memprof.engine.workload.MAX_SKIPPED_STEPS`), so the optimizer state is measured.
+    A step that runs out of memory raises (see :func:`is_oom_error`). ``first_step``
     makes a context the first step runs in (``scripts/validate_gpu.py`` notes which attention kernels run).
     """
     import torch
@@ -685,21 +688,20 @@ def measure_cuda_step(
     try:
         with torch.cuda.device(dev):
             prepared = prepare(workload, dev)
-            scaler = None
-            if workload.precision.grad_scaler and workload.mode == "train":
-                try:
-                    scaler = torch.amp.GradScaler("cuda")
-                except (AttributeError, TypeError):  # torch < 2.3
-                    scaler = torch.cuda.amp.GradScaler()
+            scaler = make_grad_scaler(workload, "cuda")
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # construction temporaries: the trace starts from params/buffers/inputs
             torch.cuda.reset_peak_memory_stats()
-            peaks = []
-            for step in range(steps):
-                with first_step() if first_step is not None and step == 0 else contextlib.nullcontext():
-                    train_step(prepared, scaler=scaler)
+            peaks: list[int] = []  # after each step in which the optimizer stepped
+            skipped = 0  # steps whose optimizer.step() GradScaler skipped (inf grads at its scale): run again
+            while len(peaks) < steps and skipped <= MAX_SKIPPED_STEPS:
+                with first_step() if first_step is not None and not peaks and not skipped else contextlib.nullcontext():
+                    stepped = train_step(prepared, scaler=scaler)
                 torch.cuda.synchronize()
-                peaks.append(int(torch.cuda.max_memory_allocated()))
+                if stepped:
+                    peaks.append(int(torch.cuda.max_memory_allocated()))
+                else:
+                    skipped += 1
             used = nvml.process_used_bytes(index)
             if used is None and baseline is not None:
                 info = nvml.device_info(index)
@@ -709,7 +711,9 @@ def measure_cuda_step(
                 "allocated_bytes": int(torch.cuda.max_memory_allocated()),
                 "reserved_bytes": int(torch.cuda.max_memory_reserved()),
                 "nvml_bytes": used,
-                "first_step_allocated_bytes": peaks[0],
+                "first_step_allocated_bytes": peaks[0] if peaks else None,
+                "optimizer_steps": len(peaks),
+                "skipped_steps": skipped,
                 "device": torch.cuda.get_device_name(),
                 "capability": list(torch.cuda.get_device_capability()),
             }

@@ -39,10 +39,15 @@ class Outcome:
     peak_bytes: int | None = None
     #: the capacity as the probe measured it (e.g. free GPU memory seen by a child process)
     capacity_bytes: int | None = None
+    #: the allocated peak (bytes) when the limited metric is another one (CUDA's reserved): the
+    #: reserved peak saturates near the capacity, the allocated one keeps its per-sample slope
+    allocated_bytes: int | None = None
 
 
-def Fit(peak_bytes: int | None = None, capacity_bytes: int | None = None) -> Outcome:  # noqa: N802
-    return Outcome(True, peak_bytes, capacity_bytes)
+def Fit(  # noqa: N802
+    peak_bytes: int | None = None, capacity_bytes: int | None = None, allocated_bytes: int | None = None
+) -> Outcome:
+    return Outcome(True, peak_bytes, capacity_bytes, allocated_bytes)
 
 
 def OOM(capacity_bytes: int | None = None) -> Outcome:  # noqa: N802
@@ -75,6 +80,9 @@ class Step:
     #: the search's own estimate of the peak before the trial (its affine model), if any
     expected_bytes: int | None = None
 
+
+#: a reserved peak within this fraction of the capacity may be saturated (the allocator freed its cache)
+SATURATION = 0.05
 
 STATUSES = ("exact", "max_batch", "nothing_fits", "interrupted", "trial_limit")
 
@@ -112,6 +120,7 @@ class _State:
         self.lo = min_batch - 1  # largest batch known to fit (min_batch - 1: none yet)
         self.hi: int | None = None  # smallest batch known to OOM
         self.points: dict[int, int] = {}  # batch -> measured peak, fits only
+        self.allocated: dict[int, int] = {}  # batch -> allocated peak, fits only, when the probe reports it
         self.steps: list[Step] = []
         self.up = 0  # consecutive fits the model said would OOM
         self.down = 0  # consecutive OOMs (the model said they would fit, or no model)
@@ -131,13 +140,7 @@ class _State:
                 return float(guide.fixed_bytes), float(guide_slope)
             return None
         b_top, p_top = pts[-1]
-        slope: float | None = None
-        if len(pts) >= 2:
-            b_prev, p_prev = pts[-2]
-            if b_top - b_prev < max(2, 0.02 * b_top):  # too close to read a slope through rounding
-                b_prev, p_prev = pts[0]
-            if b_top > b_prev and p_top > p_prev:
-                slope = (p_top - p_prev) / (b_top - b_prev)
+        slope = measured = _measured_slope(pts)
         if (
             slope is None
             and len(pts) == 1
@@ -153,9 +156,35 @@ class _State:
             slope = guide_slope
         if slope is None:
             slope = p_top / b_top  # an upper bound on the slope when the intercept is positive: a safe estimate
+        allocated_slope = self.allocated_slope()
+        near = self.capacity is not None and p_top >= (1 - SATURATION) * self.capacity
+        if allocated_slope is not None and near and (measured is None or allocated_slope > measured):
+            # the limited metric (CUDA's reserved) grew slower than the allocated bytes close to the
+            # capacity: the caching allocator freed its cache there, so the reserved peak saturates and
+            # its slope means nothing. Per sample it still needs at least the allocated bytes, and what
+            # it needs on top is less than the smallest reserved-minus-allocated gap measured (the cache
+            # it gave back) and about what the prediction models over the allocated bytes (fragmentation):
+            # aim between the two, from the top allocated peak
+            slope = max(slope, allocated_slope)
+            if slope > 0:
+                return self.allocated[b_top] + self.saturated_gap(b_top) - slope * b_top, slope
         if slope <= 0:
             return None
         return p_top - slope * b_top, slope
+
+    def saturated_gap(self, b_top: int) -> float:
+        """The bytes the metric needs over the allocated peak near the capacity (see :meth:`model`)."""
+        measured = min(self.points[b] - a for b, a in self.allocated.items())
+        predicted = self.guide.predict(b_top) if self.guide else None
+        modelled = 0.0 if predicted is None else max(0.0, float(predicted - self.allocated[b_top]))
+        return max(0.0, (measured + min(modelled, measured)) / 2)
+
+    def allocated_slope(self) -> float | None:
+        """Allocated bytes per sample from the measured allocated peaks (None: fewer than two usable)."""
+        pts = sorted(self.allocated.items())
+        if len(pts) < 2 or len(pts) != len(self.points):
+            return None
+        return _measured_slope(pts)
 
     def slope_from_guide(self) -> bool:
         return bool(self.trust_guide and self.guide and self.guide.bytes_per_sample)
@@ -248,6 +277,8 @@ class _State:
             self.lo = max(self.lo, batch)
             if outcome.peak_bytes is not None:
                 self.points[batch] = int(outcome.peak_bytes)
+            if outcome.allocated_bytes is not None:
+                self.allocated[batch] = int(outcome.allocated_bytes)
             self.up = self.up + 1 if expected_fit is False else 0
             self.down = 0
         else:
@@ -265,6 +296,20 @@ class _State:
         if self.lo >= self.max_batch:
             return "max_batch"
         return None
+
+
+def _measured_slope(pts: list[tuple[int, int]]) -> float | None:
+    """Bytes per sample through the top two (batch, peak) points, or the top and the first when those two
+    are too close to read a slope through rounding; None without two increasing points."""
+    if len(pts) < 2:
+        return None
+    b_top, p_top = pts[-1]
+    b_prev, p_prev = pts[-2]
+    if b_top - b_prev < max(2, 0.02 * b_top):
+        b_prev, p_prev = pts[0]
+    if b_top > b_prev and p_top > p_prev:
+        return (p_top - p_prev) / (b_top - b_prev)
+    return None
 
 
 def _clamp(value: int, low: int, high: int) -> int:

@@ -442,12 +442,30 @@ def _noop(_phase: str) -> None:
     return None
 
 
-def train_step(prepared: Prepared, on_phase: Callable[[str], None] = _noop, scaler=None) -> None:
+#: how many steps whose optimizer step GradScaler skipped a measurement reruns before it gives up
+MAX_SKIPPED_STEPS = 10
+
+
+def make_grad_scaler(workload: Workload, device_type: str):
+    """PyTorch's GradScaler for AMP fp16 training on ``device_type`` (None for other workloads, or where this
+    torch has none for that device)."""
+    if not (workload.precision.grad_scaler and workload.mode == "train"):
+        return None
+    import torch
+
+    try:
+        return torch.amp.GradScaler(device_type)
+    except (AttributeError, TypeError):  # torch < 2.3: CUDA only
+        return torch.cuda.amp.GradScaler() if device_type == "cuda" else None
+
+
+def train_step(prepared: Prepared, on_phase: Callable[[str], None] = _noop, scaler=None) -> bool:
     """One training step: forward, loss, backward, optimizer.step(), zero_grad(set_to_none=True).
 
     In eval mode: one forward pass under ``torch.no_grad()``. ``on_phase`` is told
     "forward", "backward" and "optimizer" as each begins, and "done" at the end.
-    ``scaler`` (a GradScaler, AMP fp16 on CUDA) scales the loss and steps through it.
+    ``scaler`` (a GradScaler, AMP fp16) scales the loss and steps through it. Returns False when
+    the scaler skipped ``optimizer.step()`` (inf/nan gradients: it lowered its scale), else True.
     """
     import torch
 
@@ -458,7 +476,7 @@ def train_step(prepared: Prepared, on_phase: Callable[[str], None] = _noop, scal
             out = prepared.model(*prepared.args, **prepared.kwargs)
         del out
         on_phase("done")
-        return
+        return True
     on_phase("forward")
     with autocast(prepared):
         out = prepared.model(*prepared.args, **prepared.kwargs)
@@ -473,10 +491,42 @@ def train_step(prepared: Prepared, on_phase: Callable[[str], None] = _noop, scal
     on_phase("optimizer")
     optimizer = prepared.optimizer
     assert optimizer is not None  # prepare() makes one in train mode
+    stepped = True
     if scaler is not None:
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        stepped = scaler.get_scale() >= scale  # a skipped step backs the scale off; growth or none: stepped
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     on_phase("done")
+    return stepped
+
+
+def train_steps(
+    prepared: Prepared,
+    steps: int,
+    scaler=None,
+    on_step: Callable[[int], None] = lambda _i: None,
+    on_phase: Callable[[str], None] = _noop,
+    max_skipped: int = MAX_SKIPPED_STEPS,
+) -> int:
+    """Run training steps until the optimizer has really stepped ``steps`` times; return how many were skipped.
+
+    GradScaler skips ``optimizer.step()`` while its loss scale is too large (inf/nan gradients; its
+    first steps often do at the initial 65536): no optimizer state exists yet, so a measurement of those
+    steps misses it. Each skipped step is run again, up to ``max_skipped`` times; when more are skipped
+    it stops and returns ``max_skipped + 1`` (the optimizer stepped fewer than ``steps`` times).
+    ``on_step`` is told each step's number (1, 2, ...) as it begins.
+    """
+    taken = skipped = 0
+    while taken < steps:
+        on_step(taken + skipped + 1)
+        if train_step(prepared, on_phase, scaler):
+            taken += 1
+        else:
+            skipped += 1
+            if skipped > max_skipped:
+                break
+    return skipped
