@@ -313,6 +313,13 @@ class CudaRunner:
 
         gc.collect()
         torch.cuda.synchronize(self.dev)
+        # cuBLAS keeps a workspace per (handle, stream) for the life of the process (65 MiB on an H200 with
+        # torch 2.11): without this, the first trial's peak counts them and the later ones do not, and they
+        # read as a leak. Each trial then allocates them afresh, as the traced prediction does.
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:
+            with torch.cuda.device(self.dev):
+                clear()
         torch.cuda.empty_cache()
 
     def capacity_bytes(self) -> int:
