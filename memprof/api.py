@@ -15,14 +15,30 @@ from typing import Any
 
 from .commands.workload import Shape, make_workload
 from .engine.fit import DEFAULT_HEADROOM
-from .results import CompareResult, EstimateResult, FindBatchResult, ProfileResult
+from .results import (
+    CompareResult,
+    EstimateResult,
+    FindBatchResult,
+    ProfileResult,
+    RanksProfileResult,
+    ScalingResult,
+)
 from .units import parse_bytes
 
-__all__ = ["estimate", "find_batch", "compare", "profile"]
+__all__ = ["estimate", "scale", "find_batch", "compare", "profile"]
 
 
 def _bytes(value: int | str | None) -> int | None:
     return None if value is None else parse_bytes(value)
+
+
+def _limits(value: int | str | Sequence[int | str] | None) -> int | list[int] | None:
+    """One memory limit, or one per rank, in bytes."""
+    if value is None:
+        return None
+    if isinstance(value, (int, str)):
+        return parse_bytes(value)
+    return [parse_bytes(v) for v in value]
 
 
 def estimate(
@@ -48,6 +64,10 @@ def estimate(
     device: str = "cuda",
     memory_limit: int | str | None = None,
     verify: bool = False,
+    strategy: str | None = None,
+    world_size: int | None = None,
+    bucket_cap_mb: float | None = None,
+    gradient_as_bucket_view: bool = False,
     freeze: Sequence[str] | str | None = None,
     train_only: Sequence[str] | str | None = None,
     lora_rank: int | None = None,
@@ -70,6 +90,10 @@ def estimate(
     each measured figure next to its prediction, with the error. Fine-tuning levers:
     ``freeze`` / ``train_only`` (module-name globs), ``lora_rank`` (+ ``lora_alpha``, ``lora_targets``,
     ``lora_dropout``; needs peft), ``quantize`` ("int8", "nf4", "fp4"; ``double_quant``), ``offload="optimizer"``.
+
+    Data parallelism: ``strategy`` ("ddp", "fsdp", "zero1", "zero2", "zero3") on ``world_size`` ranks
+    (``offload`` "optimizer" or "params"; DDP's ``bucket_cap_mb``, ``gradient_as_bucket_view``): every
+    figure is then one rank's, and ``batch_size`` is per rank. :func:`scale` sweeps world sizes.
 
     Example::
 
@@ -97,6 +121,10 @@ def estimate(
         model_kwargs=model_kwargs,
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
+        strategy=strategy,
+        world_size=world_size if world_size is not None else (8 if strategy else None),
+        bucket_cap_mb=bucket_cap_mb,
+        gradient_as_bucket_view=gradient_as_bucket_view,
         freeze=freeze,
         train_only=train_only,
         lora_rank=lora_rank,
@@ -123,11 +151,56 @@ def estimate(
     )
 
 
+def scale(
+    model: Any,
+    world_sizes: Sequence[int],
+    *,
+    strategy: str,
+    batch_size: int | None = None,
+    input_shape: Shape | Sequence[Shape] | None = None,
+    dtype: str | None = None,
+    optimizer: str | None = None,
+    offload: str | None = None,
+    gpu_memory: int | str | None = None,
+    headroom: float = DEFAULT_HEADROOM,
+    input_dtype: str | None = None,
+    token_range: tuple[int, int] | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    use_nvml: bool = True,
+) -> ScalingResult:
+    """One rank's memory and largest batch at each of ``world_sizes`` under ``strategy`` (1: one process).
+
+    Example::
+
+        >>> import memprof
+        >>> r = memprof.scale("configs/gpt2-small.toml", [1, 8, 64], strategy="fsdp", gpu_memory="80GiB")
+        >>> [(row.world_size, row.peak_bytes, row.max_batch) for row in r.rows]  # doctest: +SKIP
+    """
+    from .commands.estimate import resolve_capacity
+    from .commands.scaling import scale as run
+
+    workload = make_workload(
+        model,
+        batch_size=batch_size,
+        dtype=dtype,
+        optimizer=optimizer,
+        input_shape=input_shape,
+        input_dtype=input_dtype,
+        token_range=token_range,
+        model_kwargs=model_kwargs,
+        strategy=strategy,
+        world_size=max(world_sizes) if world_sizes else None,
+        offload=offload,
+    )
+    capacity, note = resolve_capacity(_bytes(gpu_memory), use_nvml=use_nvml)
+    return run(workload, world_sizes, capacity=capacity, capacity_note=note, headroom=headroom)
+
+
 def find_batch(
     model: Any,
     *,
     device: str = "cuda",
-    memory_limit: int | str | None = None,
+    memory_limit: int | str | Sequence[int | str] | None = None,
     input_shape: Shape | Sequence[Shape] | None = None,
     dtype: str | None = None,
     optimizer: str | None = None,
@@ -144,6 +217,8 @@ def find_batch(
     token_range: tuple[int, int] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     on_event: Callable[[str, Any], None] | None = None,
+    nproc_per_node: int | None = None,
+    strategy: str | None = None,
     gpu: str | None = None,
     gpu_arch: str | None = None,
     cudnn_benchmark: bool = False,
@@ -156,11 +231,15 @@ def find_batch(
     quantize: str | None = None,
     double_quant: bool = False,
     offload: str | None = None,
-) -> FindBatchResult:
+) -> FindBatchResult | None:
     """The largest batch whose real training steps fit, found in a few real trials, and the batch to use.
 
     ``device="cuda"`` (or ``"cuda:1"``) runs on the GPU; ``device="cpu"`` with ``memory_limit``
     runs the same steps on the CPU with live tensor bytes capped there.
+
+    With ``nproc_per_node`` and ``strategy`` ("ddp", "fsdp", ...) the trials run as a real torchrun job
+    on one node: the largest batch per rank that fits on every rank (``memory_limit`` may then be a list,
+    one cap per rank).
 
     Example::
 
@@ -185,6 +264,8 @@ def find_batch(
         input_dtype=input_dtype,
         token_range=token_range,
         model_kwargs=model_kwargs,
+        strategy=strategy,
+        world_size=nproc_per_node if strategy and nproc_per_node else None,
         freeze=freeze,
         train_only=train_only,
         lora_rank=lora_rank,
@@ -195,6 +276,29 @@ def find_batch(
         double_quant=double_quant,
         offload=offload,
     )
+    if nproc_per_node is not None:
+        from .commands.find_batch import find_batch_torchrun
+        from .engine.torchrun import Launch
+
+        return find_batch_torchrun(
+            workload,
+            Launch(nproc_per_node),
+            device=device,
+            memory_limit=_limits(memory_limit),
+            steps=steps,
+            min_batch=min_batch,
+            max_batch=max_batch,
+            start=start,
+            headroom=headroom,
+            multiple_of=multiple_of,
+            target_global_batch=target_global_batch,
+            predict=predict,
+            on_event=on_event,
+        )
+    if memory_limit is not None and not isinstance(memory_limit, (int, str)):
+        from .errors import UsageError
+
+        raise UsageError("one `memory_limit` per rank needs `nproc_per_node`", "give one limit, e.g. '4GiB'")
     return run(
         workload,
         device=device,
@@ -245,11 +349,14 @@ def compare(
     input_dtype: str | None = None,
     token_range: tuple[int, int] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    strategies: Iterable[str] | None = None,
+    world_size: int = 8,
 ) -> CompareResult:
     """Configurations side by side: each ``dtypes`` / ``optimizers`` / ``checkpointing`` / ``modes`` /
     ``batch_sizes`` / ``freezes`` / ``lora_ranks`` / ``quantizations`` ("nf4", "nf4+dq", "int8") /
     ``offloads`` value adds a row to the baseline (``batch_size``, ``dtype``, ``optimizer``);
     ``combine=True`` makes one row per combination. Without any, the default set (AMP, fp16, checkpointing).
+    ``strategies`` ("ddp", "fsdp", ...) add rows of one rank of ``world_size``.
 
     Example::
 
@@ -258,7 +365,7 @@ def compare(
         >>> [(row.label, row.peak_bytes, row.fit.max_batch) for row in r.rows]  # doctest: +SKIP
     """
     from .commands.compare import compare as run
-    from .commands.compare import normalize_axes, resolve_capacity
+    from .commands.compare import normalize_axes, resolve_capacity, strategy_value
     from .engine.catalog import resolve_target
 
     cuda_target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark) if device != "cpu" else None
@@ -275,6 +382,8 @@ def compare(
             axes[name] = list(values)
     if inplace_relu:
         axes["inplace_relu"] = [True]
+    if strategies:
+        axes["strategy"] = [strategy_value(s, world_size) for s in strategies]
     if lora_ranks:
         from .commands.workload import lora_spec
 
@@ -320,9 +429,12 @@ def profile(
     log: bool = False,
     snapshot: str | Path | None = None,
     device: str = "auto",
-) -> ProfileResult:
+    nproc_per_node: int | None = None,
+) -> ProfileResult | RanksProfileResult:
     """Run a training script as ``python script args...`` would; its memory by line, module and category,
-    the peak and suspected leaks. The script's own failure is in ``result.outcome``.
+    the peak and suspected leaks. The script's own failure is in ``result.outcome``. With
+    ``nproc_per_node`` the script runs as a torchrun job and every rank is profiled
+    (:class:`memprof.results.RanksProfileResult`).
 
     Example::
 
@@ -330,6 +442,11 @@ def profile(
         >>> r = memprof.profile("scripts/examples/train_mlp.py", ["--steps", "3"])
         >>> r.peak.bytes, r.peak.location, r.outcome.status  # doctest: +SKIP
     """
+    if nproc_per_node is not None:
+        from .commands.profile import profile_ranks
+        from .engine.torchrun import Launch
+
+        return profile_ranks(script, args, Launch(nproc_per_node), log=log, device=device)
     from .commands.profile import profile as run
 
     return run(script, args, log=log, snapshot=snapshot, device=device)

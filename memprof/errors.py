@@ -73,5 +73,18 @@ class TraceError(MemprofError):
     """The training step could not be traced on fake tensors."""
 
 
+class DataDependentError(TraceError):
+    """The step reads tensor values (``.item()``, ``nonzero``, boolean masks, ...): fake tensors have none.
+
+    ``op`` is the operation that needed the values, ``where`` the user's source line that ran it
+    (``file:line: code``), when known.
+    """
+
+    def __init__(self, message: str, hint: str | None = None, *, op: str | None = None, where: str | None = None):
+        super().__init__(message, hint)
+        self.op = op
+        self.where = where
+
+
 class MeasureError(MemprofError):
     """A real measurement failed for a reason other than running out of memory."""

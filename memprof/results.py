@@ -19,6 +19,9 @@ Target = Literal["cuda", "cpu"]
 Phase = Literal["setup", "forward", "backward", "optimizer", "done"]
 #: which estimate a number comes from
 Source = Literal["traced", "formula"]
+#: how a traced result was recorded
+METHOD_TRACE = "trace"
+METHOD_REAL = "real CPU run"
 #: how a batch search ended
 SearchStatus = Literal["exact", "max_batch", "nothing_fits", "interrupted", "trial_limit"]
 #: how a profiled script ended
@@ -44,6 +47,11 @@ class MemCategory(str, enum.Enum):
     TEMPORARY = "Temporary"
     INPUT = "Input"
     CUDA_OVERHEAD = "CUDA overhead"  # context, cuBLAS/cuDNN workspaces: NVML sees it, torch does not
+    #: data parallelism (FSDP / ZeRO-2/3): whole parameters gathered from the shards for a unit's forward or backward
+    GATHERED_PARAMETER = "Gathered parameter"
+    #: data parallelism: buffers collectives read or write (DDP gradient buckets, all-gather outputs,
+    #: reduce-scatter inputs) that are not a parameter, gradient or gathered parameter
+    COMMUNICATION = "Communication buffer"
 
     @property
     def key(self) -> str:
@@ -464,6 +472,11 @@ class TraceResult:
     metrics: dict[str, str] = dataclasses.field(default_factory=lambda: dict(TRACE_METRICS))
     #: parts of peak_bytes that are modelled, not traced (their sum is at most peak_bytes)
     modelled: tuple[ModelledBytes, ...] = ()
+    #: how the step was recorded: "trace" (fake tensors) or "real CPU run" (the step reads tensor
+    #: values, so it ran for real on the CPU at the requested batch, recorded the same way)
+    method: str = "trace"
+    #: why a real run replaced the trace: the op that read values and the source line that ran it
+    method_reason: str | None = None
     #: the CUDA device predicted for (target "cuda"): its architecture and where it came from
     cuda_target: CudaTarget | None = None
     #: scaled_dot_product_attention calls per backend CUDA would pick ("flash", "efficient", "cudnn", "math")
@@ -472,6 +485,10 @@ class TraceResult:
     flops: FlopCount | None = None
     #: per-op FLOPs and bytes for the step-time model (memprof.engine.roofline); not in JSON
     _op_costs: Any = None
+    #: data parallelism (workload["strategy"]): the rank traced (every figure above is that rank's)
+    rank: int | None = None
+    #: data parallelism with `offload`: what the rank keeps on the host instead (not in the figures above)
+    host_bytes: int | None = None
     #: parameters split into trainable / frozen / adapters (None when nothing is frozen, adapted or quantized)
     weights: WeightBreakdown | None = None
     #: peak of what the step keeps in CPU memory for a CUDA step (--offload optimizer: fp32 master weights,
@@ -505,6 +522,48 @@ class BatchFit:
     limited_by_max: bool = False  # max_batch is the caller's upper limit, not the capacity
     notes: tuple[str, ...] = ()
     exact: bool = True  # False: the search stopped early; max_batch is a lower bound
+
+
+# =========================================================================== scaling (estimate --world-size 1,2,8,...)
+@dataclasses.dataclass(frozen=True)
+class ScalingRow:
+    """One world size of a data-parallel sweep: what one rank holds, traced (None where the trace failed)."""
+
+    world_size: int
+    strategy: str  # "none" for the one-process row
+    peak_bytes: int | None  # one rank's traced peak (allocated)
+    metric_bytes: int | None  # the figure compared with the capacity (nvml on CUDA)
+    model_state_bytes: int | None  # parameters + gradients + optimizer state on the device, as held by one rank
+    activation_bytes: int | None  # saved for backward: the same at every world size
+    gathered_bytes: int | None  # gathered parameters alive at the peak (FSDP / ZeRO-2/3)
+    communication_bytes: int | None  # communication buffers alive at the peak (buckets, all-gather, reduce-scatter)
+    host_bytes: int | None  # offloaded to the host (--offload)
+    max_batch: int | None  # the largest batch per rank that fits the capacity (None: not even 1, or no capacity)
+    recommended_batch: int | None
+    fits: bool | None  # the workload's batch fits (None: no capacity)
+    peak_phase: str | None = None
+    error: str | None = None
+
+    @property
+    def global_batch(self) -> int | None:
+        """The largest batch of the whole job: per rank × ranks."""
+        return None if self.max_batch is None else self.max_batch * self.world_size
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingResult:
+    """``memprof estimate --strategy S --world-size 1,2,8,...``: per-rank memory and batch at each world size."""
+
+    workload: dict[str, Any]  # the workload at the first world size
+    strategy: str
+    target: str  # "cuda" | "cpu"
+    metric: str  # what metric_bytes and the fit compare with the capacity
+    capacity: Capacity | None
+    capacity_note: str | None
+    headroom: float
+    rows: tuple[ScalingRow, ...]
+    notes: tuple[str, ...] = ()
+    seconds: float = 0.0
 
 
 # =========================================================================== gpus
@@ -680,6 +739,29 @@ class ProfileResult:
     _log: Any = None
 
 
+@dataclasses.dataclass(frozen=True)
+class RanksProfileResult:
+    """``memprof profile --nproc-per-node N``: the script run as a torchrun job, every rank profiled.
+
+    ``ranks`` holds this node's ranks, rank order; ``missing`` the local ranks that sent no profile
+    (the job died before they could).
+    """
+
+    script: str
+    argv: tuple[str, ...]
+    nproc_per_node: int
+    world_size: int
+    ranks: tuple[tuple[int, ProfileResult], ...]
+    missing: tuple[int, ...]
+    wall_s: float
+    exit_code: int  # torchrun's: non-zero when any rank failed
+
+    @property
+    def highest(self) -> tuple[int, ProfileResult] | None:
+        """The rank with the highest peak, and its profile."""
+        return max(self.ranks, key=lambda rp: rp[1].peak.bytes, default=None)
+
+
 # =========================================================================== find-batch
 @dataclasses.dataclass(frozen=True)
 class BatchTrial:
@@ -707,6 +789,9 @@ class BatchTrial:
     leaked_bytes: int | None = None  # still allocated after the cleanup, beyond the pre-trial baseline
     predicted_bytes: int | None = None  # the prediction of the limited metric at this batch
     reason: str | None = None  # why the search tried this batch (prediction, extrapolate, confirm, ...)
+    #: several ranks (find-batch under torchrun): each rank's peak allocated bytes, rank 0 first; the
+    #: figures above are then the largest rank's (capacity: the smallest), an OOM on any rank is an OOM
+    rank_peaks_bytes: tuple[int | None, ...] | None = None
     #: steps (counted in steps_run) whose optimizer.step() GradScaler skipped (inf/nan gradients at its loss
     #: scale) and that were run again; more than engine.workload.MAX_SKIPPED_STEPS: the optimizer stepped fewer
     #: times than asked, so the peak may miss its state (find-batch says so in its notes)
@@ -833,6 +918,10 @@ class CompareRow:
     error: str | None = None  # this row could not be traced (the others still are)
     notes: tuple[str, ...] = ()
     trace_seconds: float = 0.0
+    #: the parts of peak_bytes that are modelled, not traced (TraceResult.modelled)
+    modelled: tuple[ModelledBytes, ...] = ()
+    #: how the row was recorded (TraceResult.method): "trace" or "real CPU run"
+    method: str = "trace"
     step_flops: int | None = None  # traced FLOPs of one step (forward, backward, optimizer)
     flops_per_sample: float | None = None  # step_flops / batch size
     compute_delta_pct: float | None = None  # FLOPs per sample vs the baseline's, in %

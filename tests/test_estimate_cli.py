@@ -22,6 +22,7 @@ from memprof.results import (
     LayerRow,
     MemCategory,
     MethodTotal,
+    ModelledBytes,
     ModuleFlops,
     StepTime,
     UncountedOp,
@@ -160,6 +161,38 @@ def test_golden_traced_headline():
     cap = Capacity(80 * GiB, "NVML: NVIDIA H100 80GB HBM3 (GPU 0)", "NVIDIA H100 80GB HBM3")
     fit = FitSummary(cap, "traced", "reserved", 20 * MiB, True, 9_000, 7_200, 0.8, 9_000_000, 500_000_000)
     assert_golden("estimate_traced.txt", _render(_result(cap, fit, traced)))
+
+
+def test_golden_real_run_with_modelled_parts():
+    # a step that reads tensor values ran for real on the CPU; its CUDA view adds modelled workspaces
+    traced = SimpleNamespace(
+        peak_bytes=6_500_000 + 2 * 8_519_680,
+        peak_phase="forward",
+        peak_module=None,
+        predicted_reserved_bytes=40 * MiB,
+        predicted_nvml_bytes=552 * MiB,
+        notes=(),
+        method="real CPU run",
+        method_reason="aten.nonzero.default at net.py:12: sel = h[h.sum(-1) > 0]",
+        modelled=(
+            ModelledBytes("cuBLAS workspace", 2 * 8_519_680, "CublasHandlePool.cpp", verified=True),
+            ModelledBytes("cuDNN RNN reserve space", 1_048_576, "memprof model", verified=False),
+        ),
+        breakdown_at_peak={
+            MemCategory.PARAMETER: 450_304,
+            MemCategory.ACTIVATION: 5_951_392,
+            MemCategory.INPUT: 98_304,
+            MemCategory.CUDA_OVERHEAD: 2 * 8_519_680,
+        },
+    )
+    text = _render(_result(None, None, traced), layers=0)
+    flat = " ".join(text.split())
+    expected = (
+        "real CPU run + 17.2 MiB modelled: cuBLAS workspace 16.2 MiB, cuDNN RNN reserve space 1.0 MiB (unverified)"
+    )
+    assert expected in flat
+    assert "aten.nonzero.default at net.py:12: sel = h[h.sum(-1) > 0]" in flat
+    assert_golden("estimate_real_run.txt", text)
 
 
 #: seed 004's conv stack at 8x3x32x32: 2*H*W*C_in*C_out*K^2 per sample for each convolution
@@ -535,11 +568,20 @@ def test_verify_on_cuda_without_a_gpu_says_so_and_exits_3():
         (["--device", "cpu", "--gpu-memory", "8GiB"], "--gpu-memory is for --device cuda"),
         (["--device", "cpu", "--gpu", "a100-80gb"], "--gpu is for --device cuda"),
         (["--memory-limit", "8GiB"], "--memory-limit is for --device cpu"),
+        (["--device", "cpu", "--verify", "--strategy", "ddp", "--world-size", "2"], "--verify runs one process's"),
     ],
 )
 def test_device_errors(args, needle):
     res = runner.invoke(app, ["estimate", *MNIST, *args])
     assert res.exit_code == 2 and needle in res.stderr and "HINT:" in res.stderr
+
+
+def test_verify_refuses_a_data_parallel_workload_before_tracing():
+    import memprof
+    from memprof.errors import UsageError
+
+    with pytest.raises(UsageError, match="`verify` runs one process's step"):
+        memprof.estimate("memprof.zoo:mnist_mlp", batch_size=4, device="cpu", verify=True, strategy="ddp", world_size=2)
 
 
 def test_golden_verified_on_cuda():

@@ -301,3 +301,22 @@ def test_fit_batch_reuses_a_known_trace_and_agrees_with_a_cold_fit():
     assert warm.peak_at_max_bytes <= capacity < warm.peak_at_next_bytes
     assert (cold.max_batch, cold.traces) == (227, 4)  # batch 1, batch 8, the answer, answer + 1
     assert warm.traces - len(known) == 3  # no batch-1 trace: first guess, the answer, answer + 1
+
+
+class TransposedHead(nn.Module):
+    """A Linear applied to a transposed (non-contiguous) 3-D activation, as after a sequence-first layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(32, 64)
+        self.head = nn.Linear(64, 512)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.inp(x)).transpose(0, 1))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_linear_on_a_transposed_input_adds_its_bias_in_place_as_aten_does(mode):
+    w = Workload(spec(TransposedHead, (12, 32)), batch_size=8, mode=mode)
+    traced = trace_step(w, target="cpu")
+    assert abs(traced.peak_bytes - measure_cpu_step(w)["peak_bytes"]) <= SCALAR_SLACK

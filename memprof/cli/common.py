@@ -64,6 +64,20 @@ HEADROOM_OPT = typer.Option(
     DEFAULT_HEADROOM, "--headroom", help="Recommended batch = headroom x the largest batch that fits."
 )
 JSON_OPT = typer.Option(False, "--json", help="Print only JSON on stdout.")
+STRATEGY_OPT = typer.Option(
+    None,
+    "--strategy",
+    help="Data parallelism, per rank: ddp | fsdp (FSDP2, = zero3) | zero1 | zero2 | zero3 (see docs/multigpu.md).",
+)
+WORLD_SIZE_OPT = typer.Option(
+    None, "--world-size", help="Ranks for --strategy (8), or several to compare (1,2,8,64,1024) \\[default: 8]."
+)
+BUCKET_CAP_OPT = typer.Option(None, "--bucket-cap-mb", help="DDP's bucket size in MiB \\[default: 25].")
+BUCKET_VIEW_OPT = typer.Option(
+    False, "--gradient-as-bucket-view", help="DDP's gradient_as_bucket_view=True (gradients live in the buckets)."
+)
+#: --world-size when --strategy is given alone
+DEFAULT_WORLD_SIZE = 8
 # fine-tuning levers (docs/finetuning.md)
 FREEZE_OPT = typer.Option(
     None, "--freeze", help="Freeze the parameters of modules matching this name glob (backbone.*, layer1); repeatable."
@@ -85,7 +99,11 @@ QUANTIZE_OPT = typer.Option(
     None, "--quantize", help="Frozen linear weights as bitsandbytes stores them: int8 | nf4 | fp4 (QLoRA: nf4)."
 )
 DOUBLE_QUANT_OPT = typer.Option(False, "--double-quant", help="4-bit double quantization (bnb_4bit_use_double_quant).")
-OFFLOAD_OPT = typer.Option(None, "--offload", help="optimizer: keep the optimizer state and its step on the CPU.")
+OFFLOAD_OPT = typer.Option(
+    None,
+    "--offload",
+    help="optimizer: keep the optimizer state and its step on the CPU; params: FSDP2's CPUOffloadPolicy (--strategy).",
+)
 
 
 def resolve_model_ref(model: str | None, model_opt: str | None) -> str:
@@ -112,6 +130,10 @@ def build_workload(
     model_arg: list[str] | None = None,
     checkpointing: str = "none",
     inplace_relu: bool = False,
+    strategy: str | None = None,
+    world_size: int | None = None,
+    bucket_cap_mb: float | None = None,
+    gradient_as_bucket_view: bool = False,
     **levers: Any,
 ) -> Workload:
     """Options as typed on the command line -> :func:`memprof.commands.workload.make_workload`."""
@@ -139,8 +161,45 @@ def build_workload(
         model_kwargs=kwargs,
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
+        strategy=strategy,
+        world_size=world_size,
+        bucket_cap_mb=bucket_cap_mb,
+        gradient_as_bucket_view=gradient_as_bucket_view,
         **levers,
     )
+
+
+def parse_world_sizes(text: str | None, strategy: str | None) -> list[int] | None:
+    """``--world-size 8`` or ``1,2,8,64,1024`` -> sizes (in order, no repeats); None when there is no strategy.
+
+    ``--strategy`` alone means :data:`DEFAULT_WORLD_SIZE` ranks; ``--world-size`` alone is refused.
+    """
+    if text is None:
+        return [DEFAULT_WORLD_SIZE] if strategy else None
+    sizes: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        try:
+            n = int(part)
+        except ValueError:
+            raise UsageError(
+                f"cannot read --world-size {text!r}", "write one number (8) or a list: 1,2,8,64,1024"
+            ) from None
+        if n < 1:
+            raise UsageError(f"--world-size must be at least 1, got {n}", "e.g. --world-size 8")
+        if n not in sizes:
+            sizes.append(n)
+    if not strategy:
+        raise UsageError(
+            "--world-size needs --strategy", "add --strategy ddp, fsdp, zero1, zero2 or zero3 (see docs/multigpu.md)"
+        )
+    return sizes
+
+
+def parse_bytes_list(text: str) -> int | list[int]:
+    """``4GiB`` -> bytes; ``4GiB,3GiB`` -> one value per rank."""
+    parts = [p for p in text.split(",") if p.strip()]
+    values = [parse_bytes(p.strip()) for p in parts]
+    return values[0] if len(values) == 1 else values
 
 
 def parse_capacity(gpu_memory: str | None) -> int | None:

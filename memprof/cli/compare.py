@@ -12,6 +12,7 @@ from ..engine.fit import check_headroom
 from . import EXIT_OK, app, emit_json, handle_errors
 from .common import (
     CUDNN_BENCHMARK_OPT,
+    DEFAULT_WORLD_SIZE,
     GPU_ARCH_OPT,
     GPU_MEMORY_OPT,
     GPU_OPT,
@@ -147,17 +148,28 @@ def compare_cmd(
         "--plot",
         help="Write the breakdown bars: file.svg, .png, .pdf or .html.",
     ),
+    strategy: list[str] | None = typer.Option(
+        None,
+        "--strategy",
+        help="Add a row per data-parallel strategy (one rank's memory): ddp | fsdp | zero1 | zero2 | zero3 | none "
+        "(repeatable, or a comma list).",
+    ),
+    world_size: int | None = typer.Option(None, "--world-size", help="Ranks for the --strategy rows \\[default: 8]."),
+    baseline_strategy: str | None = typer.Option(
+        None, "--baseline-strategy", help="Strategy of the baseline \\[default: none, one process]."
+    ),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Compare precisions, optimizers and memory-saving techniques for one model.
 
     The baseline is the workload as given (fp32, Adam, batch 32 by default); each
-    --dtype/--optimizer/--checkpointing/--inplace-relu/--mode/--batch-size value adds a
-    row (--combine: every combination). Without any, rows for amp-fp16, amp-bf16, fp16
-    and per-block checkpointing. Every row is traced on fake tensors (no GPU needed):
-    parameters, gradients, optimizer state, activations, temporaries, the peak and where
-    it happens, the change vs the baseline and, with a capacity (--gpu-memory, the local
-    GPU, or --memory-limit on the CPU), the largest and recommended batch.
+    --dtype/--optimizer/--checkpointing/--inplace-relu/--mode/--batch-size/--strategy value
+    adds a row (--combine: every combination); --strategy rows are one rank of --world-size.
+    Without any, rows for amp-fp16, amp-bf16, fp16 and per-block checkpointing. Every row
+    is traced on fake tensors (no GPU needed): parameters, gradients, optimizer state,
+    activations, temporaries, the peak and where it happens, the change vs the baseline
+    and, with a capacity (--gpu-memory, the local GPU, or --memory-limit on the CPU), the
+    largest and recommended batch.
     """
     from ..errors import NoGPUError, UsageError
     from ..units import parse_bytes
@@ -199,8 +211,12 @@ def compare_cmd(
     if any(b <= 0 for b in batches):
         raise UsageError(f"batch size must be a positive integer, got {min(batches)}", "e.g. --batch-size 32")
 
-    from ..commands.compare import compare, resolve_capacity
+    from ..commands.compare import compare, resolve_capacity, strategy_value
 
+    strategies = [v.strip() for item in strategy or [] for v in item.split(",") if v.strip()]
+    if world_size is not None and not (strategies or baseline_strategy):
+        raise UsageError("--world-size needs --strategy", "e.g. --strategy ddp,fsdp --world-size 8")
+    ranks = world_size if world_size is not None else DEFAULT_WORLD_SIZE
     axes: dict[str, list[Any]] = {}
     for name, values in (
         ("dtype", dtype),
@@ -213,6 +229,8 @@ def compare_cmd(
             axes[name] = list(values)
     if inplace_relu:
         axes["inplace_relu"] = [True]
+    if strategies:
+        axes["strategy"] = [strategy_value(name, ranks) for name in strategies]
     if freeze:
         axes["freeze"] = list(freeze)
     if lora_rank:
@@ -241,6 +259,8 @@ def compare_cmd(
         token_range=token_range,
         model_kwargs=model_kwargs,
         model_arg=model_arg,
+        strategy=baseline_strategy,
+        world_size=ranks if baseline_strategy not in (None, "none") else None,
     )
     gpu_bytes = parse_bytes(gpu_memory) if gpu_memory else None
     catalog_gpu = cuda_target.gpu if cuda_target is not None and gpu else None

@@ -32,10 +32,12 @@ from .common import (
     OFFLOAD_OPT,
     OPTIMIZER_OPT,
     QUANTIZE_OPT,
+    STRATEGY_OPT,
     TOKEN_RANGE_OPT,
     TRAIN_ONLY_OPT,
     build_workload,
     check_output_path,
+    parse_bytes_list,
 )
 
 
@@ -103,6 +105,22 @@ def find_batch_cmd(
         help="Write a plot of peak memory vs batch: file.svg, .png, .pdf or .html.",
     ),
     no_chart: bool = typer.Option(False, "--no-chart", help="Do not draw the chart in the terminal."),
+    nproc_per_node: int | None = typer.Option(
+        None,
+        "--nproc-per-node",
+        help="Run the trials as a real torchrun job of N processes (with --strategy): the largest batch per rank.",
+    ),
+    strategy: str | None = STRATEGY_OPT,
+    nnodes: int = typer.Option(1, "--nnodes", help="torchrun: nodes of the job (run memprof on each)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="torchrun: this node's rank (rank 0's node reports)."),
+    rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", help="torchrun: HOST:PORT for several nodes."),
+    rdzv_id: str | None = typer.Option(None, "--rdzv-id", help="torchrun: the job's rendezvous id."),
+    rdzv_backend: str = typer.Option("c10d", "--rdzv-backend", help="torchrun: rendezvous backend."),
+    collective_timeout: float = typer.Option(
+        120.0,
+        "--collective-timeout",
+        help="Seconds a rank waits in a collective when another ran out of memory where it did not.",
+    ),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Find the largest batch whose real training steps fit, and the batch to use.
@@ -111,14 +129,27 @@ def find_batch_cmd(
     trial, guided by the traced prediction: typically 2-5 trials and 1-2 out-of-memory
     errors, and the answer is exact (it fits, one more does not). Without a GPU,
     --device cpu --memory-limit 4GiB runs the same steps on the CPU under an enforced cap.
+    With --nproc-per-node N --strategy ddp|fsdp the trials run as a real torchrun job: every
+    rank runs every trial, an out-of-memory error on any rank counts for all, and the answer is
+    the largest batch per rank that fits on every rank (NCCL on GPUs; gloo on the CPU, where
+    --memory-limit caps each rank, or gives one cap per local rank: 4GiB,3GiB).
     Exit codes: 0 found, 4 not even the smallest batch fits, 3 no GPU, 2 bad input,
     130 interrupted (what was found so far is printed).
     """
     from ..errors import UsageError
-    from ..units import parse_bytes
 
     head = check_headroom(headroom)
-    limit = parse_bytes(memory_limit) if memory_limit else None
+    limits = parse_bytes_list(memory_limit) if memory_limit else None
+    if isinstance(limits, list) and nproc_per_node is None:
+        raise UsageError("one --memory-limit per rank needs --nproc-per-node", "give one limit, e.g. 4GiB")
+    limit = limits if isinstance(limits, int) else None
+    if strategy is not None and nproc_per_node is None:
+        raise UsageError(
+            "--strategy in find-batch runs a real job: it needs --nproc-per-node",
+            "add --nproc-per-node 2 (or use `memprof estimate --strategy` for a prediction)",
+        )
+    if device is None and limits is not None:
+        device = "cpu"
     if device is None:
         device = "cpu" if limit is not None else "cuda"
     if plot is not None:
@@ -132,7 +163,7 @@ def find_batch_cmd(
     from ..engine.catalog import resolve_target
 
     cuda_target = None if on_cpu else resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)
-    if not on_cpu and limit is None:
+    if not on_cpu and limits is None:
         _require_cuda(device)
     workload = build_workload(
         model,
@@ -145,6 +176,8 @@ def find_batch_cmd(
         token_range=token_range,
         model_kwargs=model_kwargs,
         model_arg=model_arg,
+        strategy=strategy,
+        world_size=nproc_per_node * nnodes if strategy and nproc_per_node else None,
         freeze=freeze,
         train_only=train_only,
         lora_rank=lora_rank,
@@ -155,12 +188,38 @@ def find_batch_cmd(
         double_quant=double_quant,
         offload=offload,
     )
-    from ..commands.find_batch import find_batch
-    from ..render import stderr_console, stdout_console
-    from ..render.find_batch import TrialProgress, render_find_batch
+    from ..commands.find_batch import find_batch, find_batch_torchrun
+    from ..render import stderr_console
+    from ..render.find_batch import TrialProgress
 
     if steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}", "use 2 or more")
+    if nproc_per_node is not None:
+        from ..engine.torchrun import Launch
+
+        launch = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id, rdzv_backend)
+        with TrialProgress(stderr_console()) as progress:
+            found = find_batch_torchrun(
+                workload,
+                launch,
+                device=device,
+                memory_limit=limits,
+                steps=steps,
+                min_batch=min_batch,
+                max_batch=max_batch,
+                start=start,
+                headroom=head,
+                multiple_of=multiple_of,
+                target_global_batch=target_global_batch,
+                predict=not no_predict,
+                collective_timeout=collective_timeout,
+                on_event=progress.on_event,
+            )
+        if found is None:
+            print(f"node {node_rank}: this node's ranks ran the trials; rank 0's node reports the result")
+            raise typer.Exit(EXIT_OK)
+        _report(found, plot, json_out, no_chart)
+        return
     with TrialProgress(stderr_console()) as progress:
         result = find_batch(
             workload,
@@ -178,6 +237,14 @@ def find_batch_cmd(
             on_event=progress.on_event,
             cuda_target=cuda_target,
         )
+    _report(result, plot, json_out, no_chart)
+
+
+def _report(result, plot: Path | None, json_out: bool, no_chart: bool) -> None:
+    """Plot, JSON or tables, then the exit code of the search's status."""
+    from ..render import stdout_console
+    from ..render.find_batch import render_find_batch
+
     if plot is not None and result.trials:
         from ..render.find_batch import write_plot
 

@@ -38,6 +38,16 @@ def profile_cmd(
     ),
     top: int = typer.Option(10, "--top", help="How many lines / tensor groups to show."),
     no_chart: bool = typer.Option(False, "--no-chart", help="Do not draw memory over time in the terminal."),
+    nproc_per_node: int | None = typer.Option(
+        None,
+        "--nproc-per-node",
+        help="Run the script as a torchrun job of N processes and profile every rank (--log/--plot: the "
+        "rank with the highest peak).",
+    ),
+    nnodes: int = typer.Option(1, "--nnodes", help="torchrun: nodes of the job (run memprof on each)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="torchrun: this node's rank."),
+    rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", help="torchrun: HOST:PORT for several nodes."),
+    rdzv_id: str | None = typer.Option(None, "--rdzv-id", help="torchrun: the job's rendezvous id."),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Profile a training script: memory by source line, module and category; the peak; leaks.
@@ -58,6 +68,15 @@ def profile_cmd(
         check_output_path(path)
     if plot is not None:
         check_plot_path(plot)
+
+    if nproc_per_node is not None:
+        if snapshot is not None:
+            raise UsageError("--snapshot is for one process", "leave out --snapshot with --nproc-per-node")
+        from ..engine.torchrun import Launch
+
+        launch = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id)
+        _ranks(script, script_args or [], launch, device, top, log, plot, json_out)
+        return
 
     from ..commands.profile import profile
 
@@ -104,3 +123,44 @@ def profile_cmd(
         print_error(line, None) if result.outcome.status != "exit" else print(line, file=sys.stderr)
     if result.outcome.exit_code:
         raise typer.Exit(result.outcome.exit_code)
+
+
+def _ranks(script: str, args: list[str], launch, device: str, top: int, log, plot, json_out: bool) -> None:
+    """``--nproc-per-node``: every rank profiled; the table of ranks, then the highest rank's report."""
+    from ..commands.profile import profile_ranks
+    from ..render import print_error, stdout_console
+    from ..render.profile import format_log, render_ranks, write_plot
+
+    out = sys.stderr if json_out else sys.stdout
+
+    def echo(line: str) -> None:  # the ranks' own output, as torchrun prints it
+        print(line, file=out, flush=True)
+
+    result = profile_ranks(script, args, launch, log=log is not None, device=device, on_output=echo)
+    highest = result.highest
+    written = []
+    if highest is not None and log is not None:
+        log.write_text(format_log(highest[1]))
+        written.append(f"log (rank {highest[0]}): {log}")
+    if highest is not None and plot is not None:
+        write_plot(highest[1], plot)
+        written.append(f"plot (rank {highest[0]}): {plot}")
+    if json_out:
+        from ..results import document
+
+        emit_json(document("profile-ranks", result))
+    else:
+        console = stdout_console()
+        if not console.is_terminal and "COLUMNS" not in os.environ:
+            console.width = max(console.width, 120)
+        console.print()
+        render_ranks(result, console, top=top)
+        for w in written:
+            console.print(f"Wrote {w}")
+    if result.missing:
+        print_error(
+            f"rank(s) {', '.join(map(str, result.missing))} sent no profile",
+            "the job stopped before they finished; the output above shows why",
+        )
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)

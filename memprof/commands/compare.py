@@ -20,6 +20,7 @@ from typing import Any
 
 from ..engine import checkpointing as ckpt
 from ..engine import fit as fitting
+from ..engine.distributed import get_strategy, is_sharded
 from ..engine.finetune import LoraSpec, parse_method, parse_patterns
 from ..engine.flops import recompute_cost
 from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
@@ -38,7 +39,8 @@ from ..results import (
     Target,
 )
 
-#: the axes a comparison can vary, in the order rows and labels use them
+#: the axes a comparison can vary, in the order rows and labels use them; a ``strategy`` value is
+#: ``"none"`` (one process) or ``"STRATEGY:WORLD_SIZE"`` (``"fsdp:8"``: one rank of 8 under FSDP2)
 AXES = (
     "dtype",
     "optimizer",
@@ -50,6 +52,7 @@ AXES = (
     "lora",
     "quantize",
     "offload",
+    "strategy",
 )
 #: the fine-tuning levers among them (memprof compare ranks their rows by the largest batch)
 LEVER_AXES = ("optimizer", "checkpointing", "freeze", "lora", "quantize", "offload", "dtype")
@@ -77,9 +80,21 @@ def axis_value(workload: Workload, axis: str) -> Any:
         return workload.precision.name
     if axis == "inplace_relu":
         return workload.inplace_relu
+    if axis == "strategy":
+        return f"{workload.strategy}:{workload.world_size}" if workload.distributed else "none"
     if axis == "quantize":
         return workload.quantize + ("+dq" if workload.double_quant else "")
     return getattr(workload, axis)
+
+
+def strategy_value(strategy: str, world_size: int | None) -> str:
+    """The ``strategy`` axis value for ``strategy`` on ``world_size`` ranks (``"none"``: one process)."""
+    name = get_strategy(strategy)
+    if name == "none":
+        return "none"
+    if world_size is None or isinstance(world_size, bool) or int(world_size) < 1:
+        raise UsageError(f"`strategy` {name} needs a world size, got {world_size!r}", "e.g. fsdp:8 (8 ranks)")
+    return f"{name}:{int(world_size)}"
 
 
 def _normalize(axis: str, value: Any) -> Any:
@@ -98,6 +113,13 @@ def _normalize(axis: str, value: Any) -> Any:
         if mode not in ("train", "eval"):
             raise UsageError(f"unknown mode {value!r}", "choose train or eval (no_grad inference)")
         return mode
+    if axis == "strategy":
+        name, _, size = str(value).partition(":")
+        try:
+            world = int(size) if size else None
+        except ValueError:
+            raise UsageError(f"cannot read the strategy {value!r}", "write STRATEGY:RANKS, e.g. fsdp:8") from None
+        return strategy_value(name, world)
     if axis == "freeze":
         return parse_patterns(value, "freeze") if value else ()
     if axis == "lora":
@@ -160,6 +182,12 @@ def apply_change(workload: Workload, axis: str, value: Any) -> Workload:
     value = _normalize(axis, value)
     if axis == "dtype":
         return workload.replace(precision=get_precision(value))
+    if axis == "strategy":
+        if value == "none":
+            return workload.replace(strategy="none", world_size=1, offload="none")
+        name, size = value.split(":")
+        offload = workload.offload if (workload.offload != "params" or is_sharded(name)) else "none"
+        return workload.replace(strategy=name, world_size=int(size), offload=offload)
     if axis == "quantize":
         method, _, dq = value.partition("+")
         return workload.replace(quantize=method, double_quant=bool(dq))
@@ -177,6 +205,11 @@ def _part(axis: str, value: Any) -> str:
         return "in-place ReLU" if value else "no in-place ReLU"
     if axis == "mode":
         return "eval (no_grad)" if value == "eval" else "train"
+    if axis == "strategy":
+        if value == "none":
+            return "one process"
+        name, size = value.split(":")
+        return f"{name} × {size}"
     if axis == "freeze":
         return "freeze " + ",".join(value) if value else "nothing frozen"
     if axis == "lora":
@@ -201,6 +234,7 @@ def _key(w: Workload) -> tuple:
         w.inplace_relu,
         w.mode,
         w.batch_size,
+        axis_value(w, "strategy"),
         w.freeze,
         w.train_only,
         w.lora,
@@ -220,7 +254,10 @@ def make_variants(
     """
     optional = not axes
     chosen = normalize_axes(axes) if axes else default_axes(base)
-    rows = [Variant(f"{base.precision.name} (baseline)", base, {}, baseline=True)]
+    base_label = base.precision.name + (
+        f" {_part('strategy', axis_value(base, 'strategy'))}" if base.distributed else ""
+    )
+    rows = [Variant(f"{base_label} (baseline)", base, {}, baseline=True)]
     seen = {_key(base)}
     if combine:
         options = [[axis_value(base, a)] + [v for v in vals if v != axis_value(base, a)] for a, vals in chosen.items()]
@@ -335,6 +372,13 @@ def real_step_measurer(device: str, memory_limit: int | None = None, steps: int 
         metric = "allocated"
 
     def measure(workload: Workload) -> Measured:
+        if workload.distributed:
+            return Measured(
+                None,
+                metric=metric,
+                note="one rank of a data-parallel job is measured by a real torchrun job: "
+                "scripts/validate_multigpu.py, or find-batch --nproc-per-node",
+            )
         trial = runner.run(workload, workload.batch_size, steps)
         note = None if trial.fits else f"out of memory at batch {workload.batch_size} ({trial.oom_phase})"
         return Measured(
@@ -353,6 +397,8 @@ def real_batch_finder(device: str, memory_limit: int | None, headroom: float, ma
     from .find_batch import DEFAULT_MAX_BATCH, find_batch
 
     def find(workload: Workload) -> int | None:
+        if workload.distributed:
+            return None  # one rank alone cannot run a data-parallel step: find-batch --nproc-per-node
         limit = max_batch or DEFAULT_MAX_BATCH
         return find_batch(
             workload, device=device, memory_limit=memory_limit, headroom=headroom, max_batch=limit
@@ -381,6 +427,8 @@ def _row_from_trace(v: Variant, r: Any) -> dict[str, Any]:
         peak_phase=r.peak_phase,
         peak_module=r.peak_module,
         trace_seconds=float(getattr(r, "trace_seconds", 0.0)),
+        modelled=tuple(getattr(r, "modelled", ())),
+        method=str(getattr(r, "method", "trace")),
         trainable_params=r.weights.trainable_params if getattr(r, "weights", None) is not None else None,
         host_peak_bytes=getattr(r, "host_peak_bytes", None),
         paged_bytes=getattr(r, "paged_bytes", None),

@@ -9,6 +9,7 @@ the tracer fails.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..engine import fit as fitting
@@ -146,6 +147,7 @@ def estimate(
     headroom: float = fitting.DEFAULT_HEADROOM,
     traced: bool = True,
     capacity_note: str | None = None,
+    progress: Callable[[str], None] | None = None,
     cuda_target: CudaTarget | None = None,
     gpu: GpuPeaks | None = None,
     *,
@@ -161,10 +163,17 @@ def estimate(
     adds the step-time model. ``device`` is the step predicted: ``"cuda"`` (``"cuda:N"``) or ``"cpu"``
     (the same step on the CPU, as ``scripts/validate_cpu.py`` traces it; ``cuda_target`` is then unused).
     ``verify`` also runs the real steps there and puts each figure next to its prediction
-    (:func:`verify_step`); on CUDA it needs a GPU, checked before anything is traced.
+    (:func:`verify_step`); on CUDA it needs a GPU, checked before anything is traced. A step that reads
+    tensor values runs for real on the CPU instead of being traced; ``progress`` hears what that run will
+    cost first.
     """
     headroom = fitting.check_headroom(headroom)
     target, index = parse_device(device)
+    if verify and workload.distributed:
+        raise UsageError(
+            "`verify` runs one process's step, not a data-parallel job",
+            "profile the real job: memprof profile --nproc-per-node N script.py",
+        )
     if verify and target == "cuda":
         _require_cuda(index)
     if isinstance(capacity, int) and not isinstance(capacity, bool):
@@ -186,7 +195,9 @@ def estimate(
                 cuda = cuda_target or resolve_target()
                 if capacity is not None:  # near it, the allocator releases its cache and retries: so does the replay
                     cuda = with_capacity(cuda, capacity.total_bytes)
-            trace_result = trace_step(workload, target=target, cuda_target=cuda, count_bytes=gpu is not None)
+            trace_result = trace_step(
+                workload, target=target, cuda_target=cuda, count_bytes=gpu is not None, progress=progress
+            )
             if capacity is not None:
                 batch_fit = fitting.fit_batch(
                     workload,

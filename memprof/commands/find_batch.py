@@ -9,14 +9,16 @@ goes to the ``on_event`` callback.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 from ..engine import fit as fitting
-from ..engine.measure import make_runner
+from ..engine.measure import Runner, make_runner, workload_recipe
 from ..engine.search import Guide, Outcome, search
+from ..engine.torchrun import COLLECTIVE_TIMEOUT_S, Launch, check_launch, raise_rank_error, run_job
 from ..engine.workload import MAX_SKIPPED_STEPS, Workload
 from ..errors import MemprofError, UsageError
 from ..results import BatchPrediction, BatchTrial, Capacity, CudaTarget, FindBatchResult, Metric, SearchStatus, Target
@@ -53,6 +55,33 @@ def _default_predictor(
         kernel_scratch=target != "cpu",
         trace_fn=functools.partial(trace_step, cuda_target=cuda_target if target == "cuda" else None),
     )
+
+
+def check_search(
+    steps: int,
+    min_batch: int,
+    max_batch: int,
+    start: int | None,
+    headroom: float,
+    multiple_of: int | None,
+    target_global_batch: int | None,
+) -> float:
+    """Validate the search options once (before any model is built or rank started); returns the headroom."""
+    if steps < 1:
+        raise UsageError(
+            f"`steps` must be at least 1, got {steps}", "use 2 or more: the first step creates the optimizer state"
+        )
+    if min_batch < 1:
+        raise UsageError(f"`min_batch` must be at least 1, got {min_batch}", "e.g. `min_batch` 1")
+    if max_batch < min_batch:
+        raise UsageError(f"`max_batch` {max_batch} is below `min_batch` {min_batch}", "raise `max_batch`")
+    if start is not None and not (min_batch <= start <= max_batch):
+        raise UsageError(f"`start` {start} is outside [{min_batch}, {max_batch}]", "choose a start between them")
+    if multiple_of is not None and multiple_of < 1:
+        raise UsageError(f"`multiple_of` must be at least 1, got {multiple_of}", "e.g. `multiple_of` 8")
+    if target_global_batch is not None and target_global_batch < 1:
+        raise UsageError(f"`target_global_batch` must be at least 1, got {target_global_batch}", "e.g. 1024")
+    return fitting.check_headroom(headroom)
 
 
 @contextlib.contextmanager
@@ -113,6 +142,8 @@ def find_batch(
     predict: bool = True,
     predictor: Predictor | None = None,
     on_event: EventCallback | None = None,
+    runner: Runner | None = None,
+    prediction_seconds: float | None = None,
     cuda_target: CudaTarget | None = None,
 ) -> FindBatchResult:
     """Search the largest batch for which ``steps`` real training steps fit.
@@ -122,34 +153,26 @@ def find_batch(
     the traced prediction (signature of :func:`memprof.engine.fit.fit_batch`, returning an
     object with ``max_batch``, ``slope_bytes_per_sample`` and ``intercept_bytes``);
     ``predict=False`` searches without one (geometric growth capped by ``max_batch``).
+    ``runner`` replaces the runner ``device``/``memory_limit``/``isolate`` choose (rank 0 of a torchrun
+    job passes a :class:`memprof.engine.torchrun.DistributedRunner`: the batch is then per rank, and
+    ``target_global_batch`` counts every rank's samples).
     ``cuda_target`` is the architecture the prediction is for (default: the local GPU's); the
     trials always run on the local device.
     """
     t0 = time.perf_counter()
     emit = on_event or (lambda kind, data: None)
-    if steps < 1:
-        raise UsageError(
-            f"`steps` must be at least 1, got {steps}", "use 2 or more: the first step creates the optimizer state"
-        )
-    if min_batch < 1:
-        raise UsageError(f"`min_batch` must be at least 1, got {min_batch}", "e.g. `min_batch` 1")
-    if max_batch < min_batch:
-        raise UsageError(f"`max_batch` {max_batch} is below `min_batch` {min_batch}", "raise `max_batch`")
-    if start is not None and not (min_batch <= start <= max_batch):
-        raise UsageError(f"`start` {start} is outside [{min_batch}, {max_batch}]", "choose a start between them")
-    headroom = fitting.check_headroom(headroom)
-    if multiple_of is not None and multiple_of < 1:
-        raise UsageError(f"`multiple_of` must be at least 1, got {multiple_of}", "e.g. `multiple_of` 8")
-    if target_global_batch is not None and target_global_batch < 1:
-        raise UsageError(f"`target_global_batch` must be at least 1, got {target_global_batch}", "e.g. 1024")
+    headroom = check_search(steps, min_batch, max_batch, start, headroom, multiple_of, target_global_batch)
 
-    runner = make_runner(device, memory_limit, isolate)
+    if runner is None:
+        runner = make_runner(device, memory_limit, isolate)
+    ranks = workload.world_size if workload.distributed else 1
     metric = runner.metric
     notes: list[str] = []
     capacity_bytes = runner.capacity_bytes()
     if runner.device == "cpu":
-        assert memory_limit is not None  # make_runner refuses the CPU without it
-        capacity = Capacity(int(memory_limit), "--memory-limit", "cpu")
+        assert capacity_bytes is not None  # a CPU runner has a cap
+        source = "--memory-limit" if ranks == 1 else f"--memory-limit (the smallest of {ranks} ranks)"
+        capacity = Capacity(int(capacity_bytes), source, "cpu")
         if cuda_target is not None and not cuda_target.assumed and not cuda_target.source.startswith("local"):
             raise UsageError("`gpu` and `gpu_arch` are for CUDA trials", "leave them out with `device` cpu")
     else:
@@ -198,7 +221,7 @@ def find_batch(
                     per_sample,
                     fixed,
                     pred_metric,
-                    time.perf_counter() - tp,
+                    prediction_seconds if prediction_seconds is not None else time.perf_counter() - tp,
                     int(getattr(fit, "traces", 0)),
                 )
                 same_units = pred_metric == metric
@@ -280,10 +303,16 @@ def find_batch(
         elif slope is not None and intercept is not None:  # affine_fit gives both or neither
             expected = int(round(intercept + slope * rec))
     headroom_left = capacity.total_bytes - expected if expected is not None and capacity.total_bytes else None
-    accum, micro = fitting.accumulation(target_global_batch, rec)
+    # with several ranks each step takes `ranks` per-rank batches: accumulate over the per-rank share
+    per_rank_target = None
+    if target_global_batch is not None:
+        per_rank_target = math.ceil(target_global_batch / ranks)
+        if ranks > 1 and target_global_batch % ranks:
+            notes.append(f"the global batch {target_global_batch} is not a multiple of the {ranks} ranks")
+    accum, micro = fitting.accumulation(per_rank_target, rec)
     exact_accum = None
-    if accum is not None and micro is not None and target_global_batch and rec and accum * micro != target_global_batch:
-        exact_accum = fitting.exact_accumulation(target_global_batch, rec)
+    if accum is not None and micro is not None and per_rank_target and rec and accum * micro != per_rank_target:
+        exact_accum = fitting.exact_accumulation(per_rank_target, rec)
     return FindBatchResult(
         workload=workload.describe() | {"batch_size": None},
         device=runner.describe(),
@@ -312,3 +341,128 @@ def find_batch(
         wall_seconds=time.perf_counter() - t0,
         notes=tuple(notes),
     )
+
+
+# =========================================================================== several processes
+#: strategies find-batch runs under torchrun (the real steps need the real thing)
+TORCHRUN_STRATEGIES = ("ddp", "fsdp", "zero2", "zero3", "zero1")
+
+
+def find_batch_torchrun(
+    workload: Workload,
+    launch: Launch,
+    *,
+    device: str = "cuda",
+    memory_limit: int | Sequence[int] | None = None,
+    steps: int = DEFAULT_STEPS,
+    min_batch: int = 1,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    start: int | None = None,
+    headroom: float = fitting.DEFAULT_HEADROOM,
+    multiple_of: int | None = None,
+    target_global_batch: int | None = None,
+    predict: bool = True,
+    collective_timeout: float = COLLECTIVE_TIMEOUT_S,
+    on_event: EventCallback | None = None,
+    on_output: Callable[[str], None] | None = None,
+) -> FindBatchResult | None:
+    """``find_batch`` as a real ``torchrun`` job of ``launch.world_size`` ranks: the largest per-rank batch
+    whose real steps fit on every rank.
+
+    The per-rank prediction is traced here (fake process group, no memory), then torchrun starts the
+    ranks: rank 0 runs the search, every rank runs every trial (``workload.strategy``: DDP or FSDP2 over
+    the job's process group), and an out-of-memory error on any rank is one for all
+    (:class:`memprof.engine.torchrun.DistributedRunner`; when one rank runs out of memory where the
+    others do not, they wait at most ``collective_timeout`` seconds in a collective). On the CPU each
+    rank's live tensor bytes are capped at ``memory_limit`` (one value, or one per local rank); on CUDA
+    each rank uses its own GPU (NCCL). Returns rank 0's result; None on the other nodes of a multi-node
+    job (rank 0 reports).
+    """
+    headroom = check_search(steps, min_batch, max_batch, start, headroom, multiple_of, target_global_batch)
+    if not workload.distributed:
+        raise UsageError(
+            "`nproc_per_node` needs a `strategy`: the ranks train one model together",
+            "add `strategy` ddp or fsdp (find-batch under torchrun runs DDP or FSDP2 for real)",
+        )
+    device = (device or "cuda").strip().lower()
+    limits = _limits(memory_limit, device, launch)
+    check_launch(launch, device)
+    workload = workload.replace(world_size=launch.world_size)
+    emit = on_event or (lambda kind, data: None)
+    prediction, seconds = None, None
+    if predict:
+        emit("predict", None)
+        tp = time.perf_counter()
+        prediction = _torchrun_prediction(workload, device, limits, max_batch)
+        seconds = time.perf_counter() - tp
+    options = {
+        "steps": steps,
+        "min_batch": min_batch,
+        "max_batch": max_batch,
+        "start": start,
+        "headroom": headroom,
+        "multiple_of": multiple_of,
+        "target_global_batch": target_global_batch,
+        "prediction_seconds": seconds,
+    }
+    job = {
+        "kind": "find-batch",
+        "recipe": workload_recipe(workload),
+        "device": device,
+        "memory_limits": limits,
+        "options": options,
+        "prediction": prediction,
+        "collective_timeout": collective_timeout,
+    }
+    if collective_timeout <= 0:
+        raise UsageError(f"`collective_timeout` must be positive, got {collective_timeout}", "e.g. 120 (seconds)")
+    result = run_job(launch, job, on_event=on_event, on_output=on_output)
+    reply = result.ranks.get(0)
+    if reply is None and launch.node_rank != 0 and result.returncode == 0:
+        return None
+    if result.returncode != 0 or not (isinstance(reply, tuple) and reply[0] == "result"):
+        raise_rank_error(result, "the find-batch torchrun job")
+    assert isinstance(reply, tuple)
+    found: FindBatchResult = reply[1]
+    return replace(found, wall_seconds=found.wall_seconds + (seconds or 0.0))
+
+
+def _limits(memory_limit: int | Sequence[int] | None, device: str, launch: Launch) -> list[int] | None:
+    if device == "cpu":
+        if memory_limit is None:
+            raise UsageError(
+                "--device cpu needs --memory-limit",
+                "e.g. --device cpu --memory-limit 4GiB (each rank's live tensor bytes are capped)",
+            )
+        limits = [int(memory_limit)] if isinstance(memory_limit, int) else [int(v) for v in memory_limit]
+        if len(limits) not in (1, launch.nproc_per_node):
+            raise UsageError(
+                f"{len(limits)} memory limits for {launch.nproc_per_node} processes per node",
+                "give one limit for every rank, or one per local rank: 4GiB,3GiB",
+            )
+        if any(v <= 0 for v in limits):
+            raise UsageError("memory limits must be positive", "e.g. --memory-limit 4GiB")
+        return limits
+    if memory_limit is not None:
+        raise UsageError("--memory-limit is for --device cpu", "on GPUs each rank's device memory is the limit")
+    if not (device == "cuda" or device.startswith("cuda:")):
+        raise UsageError(f"unknown device {device!r}", "write cuda or cpu")
+    return None
+
+
+def _torchrun_prediction(workload: Workload, device: str, limits: list[int] | None, max_batch: int):
+    """The per-rank traced fit the search starts from (None when it cannot be traced: the search goes without)."""
+    target: Target = "cpu" if device == "cpu" else "cuda"
+    if limits:
+        capacity, metric = min(limits), Metric.ALLOCATED
+    else:
+        from ..engine import nvml
+
+        info = nvml.device_info(0)
+        if info is None:
+            return None
+        capacity, metric = info.free_bytes, Metric.RESERVED
+    try:
+        return _default_predictor(workload, capacity, target=target, metric=metric, max_batch=max_batch)
+    except MemprofError:
+        return None

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..engine.checkpointing import parse_mode
+from ..engine.distributed import DEFAULT_BUCKET_CAP_MB, check_plan, get_strategy
 from ..engine.finetune import DEFAULT_LORA_ALPHA, LoraSpec, parse_method, parse_patterns, parse_targets
 from ..engine.loading import ModelSpec, load_model, spec_from_module
 from ..engine.workload import MODES, Workload, get_offload, get_optimizer_name, get_precision
@@ -54,6 +55,10 @@ def make_workload(
     model_kwargs: Mapping[str, Any] | None = None,
     checkpointing: str = "none",
     inplace_relu: bool = False,
+    strategy: str | None = None,
+    world_size: int | None = None,
+    bucket_cap_mb: float | None = None,
+    gradient_as_bucket_view: bool = False,
     freeze: Sequence[str] | str | None = None,
     train_only: Sequence[str] | str | None = None,
     lora_rank: int | None = None,
@@ -71,6 +76,10 @@ def make_workload(
     ``"config.toml"``), an already loaded :class:`ModelSpec`, or a live ``torch.nn.Module`` (memprof
     builds copies of it on fake tensors; the module itself is never changed).
     Cheap options are checked before the model is loaded.
+
+    Data parallelism (:mod:`memprof.engine.distributed`): ``strategy`` (ddp, fsdp, zero1, zero2, zero3)
+    over ``world_size`` ranks, ``offload`` (optimizer, params), DDP's ``bucket_cap_mb`` and
+    ``gradient_as_bucket_view``; the batch size is then per rank.
 
     Fine-tuning levers: ``freeze`` / ``train_only`` (module-name globs), LoRA (``lora_rank`` and
     ``lora_alpha``, ``lora_targets``, ``lora_dropout``, or a ready :class:`LoraSpec` as ``lora``),
@@ -96,6 +105,7 @@ def make_workload(
         if high <= low:
             raise UsageError(f"`token_range` {low},{high} is empty", "HIGH must be above LOW, e.g. 0,50257")
     checkpointing = parse_mode(checkpointing)
+    parallel = parallel_fields(strategy, world_size, offload, bucket_cap_mb, gradient_as_bucket_view)
     levers = finetune_levers(
         freeze=freeze,
         train_only=train_only,
@@ -131,7 +141,7 @@ def make_workload(
         mode=mode or d.get("mode", "train"),
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
-        **levers,
+        **(levers | parallel),
     )
 
 
@@ -182,3 +192,22 @@ def finetune_levers(
         double_quant=bool(double_quant),
         offload=get_offload(offload),
     )
+
+
+def parallel_fields(
+    strategy: str | None,
+    world_size: int | None,
+    offload: str | None,
+    bucket_cap_mb: float | None = None,
+    gradient_as_bucket_view: bool = False,
+) -> dict[str, Any]:
+    """The workload's data-parallel fields, checked before any model is loaded (one rank's view)."""
+    fields: dict[str, Any] = {
+        "strategy": get_strategy(strategy or "none"),
+        "world_size": 1 if world_size is None else world_size,
+        "offload": get_offload(offload),
+        "bucket_cap_mb": DEFAULT_BUCKET_CAP_MB if bucket_cap_mb is None else bucket_cap_mb,
+        "gradient_as_bucket_view": bool(gradient_as_bucket_view),
+    }
+    check_plan(fields["strategy"], fields["world_size"], fields["offload"], fields["bucket_cap_mb"])
+    return fields

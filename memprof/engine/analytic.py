@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import InputShapeError, TraceError
 from ..results import AnalyticEstimate, LayerRow, MemCategory, MethodTotal
 from .modtrack import ModuleFrame, ModuleTracker
+from .rnn import shape_only_rnns
 from .workload import DTYPE_BYTES, get_offload, get_optimizer_name, optimizer_state_count
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -250,6 +251,8 @@ class _Run:
     calls: list[_Call] = field(default_factory=list)
     input_bytes: int = 0
     input_elements: int = 0
+    #: why the forward stopped early (it reads tensor values the meta device does not have)
+    stopped: str | None = None
 
 
 def _tensors(obj) -> list:
@@ -379,12 +382,16 @@ def _run(model, workload: Workload, batch: int, act_bytes: int | None) -> _Run:
     run.input_bytes = rec._size(_tensors((args, kwargs, target)))[1]
     run.input_elements = rec._size(_tensors((args, kwargs)))[0]
     try:
-        with rec, torch.set_grad_enabled(workload.mode == "train"):
+        with rec, torch.set_grad_enabled(workload.mode == "train"), shape_only_rnns():
             model(*args, **kwargs)
     except MemoryError:
         raise
     except Exception as exc:
-        raise _shape_error(exc, rec, args, kwargs, workload) from None
+        error = _shape_error(exc, rec, args, kwargs, workload)
+        if not isinstance(error, TraceError):
+            raise error from None
+        # a data-dependent forward: the formulas count the layers that ran (the trace runs it for real)
+        run.stopped = error.message
     run.calls = rec.calls
     return run
 
@@ -515,6 +522,8 @@ def analyse(workload: Workload) -> AnalyticEstimate:
         MemCategory.INPUT: run.input_bytes,
     }
     notes: list[str] = []
+    if run.stopped:
+        notes.append(f"activations counted only up to where the forward stopped: {run.stopped}")
     if precision.is_amp and train:  # autocast keeps low-precision copies of the weights it casts
         breakdown[MemCategory.TEMPORARY] = n_grad * precision.compute_bytes
         notes.append(

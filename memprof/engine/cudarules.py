@@ -99,7 +99,9 @@ _APPEND_DTYPE_TARGET = {
     "ScalarOpt_dim": "ScalarOpt_dim_dtype",
     "names_ScalarOpt_dim": "names_ScalarOpt_dim_dtype",
 }
-#: CUDA autocast registrations that never run on a CPU trace (cuDNN-only entry points)
+#: CUDA autocast registrations that never run on a CPU trace (cuDNN-only entry points). CUDA autocast's
+#: _cudnn_rnn wrapper (cudnn/AutocastRNN.cpp: input, states and weights to the lower dtype) is applied by
+#: the tracer's cuDNN RNN emulation (memprof.engine.trace._install_cudnn_rnns), which replaces the call.
 _CUDA_ONLY = frozenset({"_cudnn_rnn"})
 #: the message CUDA's autocast raises for binary_cross_entropy (autocast_mode.cpp)
 BCE_BANNED = (

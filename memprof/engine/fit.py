@@ -19,7 +19,7 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import DataDependentError, UsageError
 from ..results import BatchFit, MemCategory, Metric, Target, TraceResult
 
 #: recommended batch = DEFAULT_HEADROOM x the largest batch that fits (the usual 80 % rule)
@@ -207,9 +207,23 @@ def fit_batch(
     for b, r in usable.items():
         cache[b] = figure(r)
 
+    extrapolated: list[int] = []
+
     def peak(b: int) -> int:
         if b not in cache:
-            cache[b] = figure(trace_fn(workload.with_batch(b), target=target, kernel_scratch=kernel_scratch))
+            try:
+                cache[b] = figure(trace_fn(workload.with_batch(b), target=target, kernel_scratch=kernel_scratch))
+            except DataDependentError:
+                # the step reads tensor values and runs for real on the CPU, which cannot hold this
+                # batch: extend the line through the batches that did run
+                if len(cache) < 2 and 1 not in cache and b != 1:
+                    peak(1)  # a second point for the line: batch 1 runs anywhere
+                known = sorted(cache.items())
+                if len(known) < 2:
+                    raise
+                (ba, pa), (bb, pb) = known[0], known[-1]
+                cache[b] = int(round(pa + (pb - pa) * (b - ba) / (bb - ba)))
+                extrapolated.append(b)
         return cache[b]
 
     def result(
@@ -236,6 +250,12 @@ def fit_batch(
     def finish(largest: int, status: str) -> BatchFit:
         if status != "exact":
             notes.append(f"the search ended with status {status!r}")
+        if extrapolated:
+            notes.append(
+                f"batches {', '.join(map(str, sorted(extrapolated)))} extrapolated: the step reads tensor values "
+                "and a real CPU run at that size needs more RAM than this machine has"
+            )
+            status = "extrapolated"
         slope = intercept = 0.0
         pts = sorted(cache.items())
         if len(pts) >= 2:

@@ -280,10 +280,10 @@ def default_loss(output, target=None, *, tokens: bool = False):
 # --------------------------------------------------------------------------- torchvision
 _TV_FAMILIES = ("segmentation", "video", "detection", "optical_flow", "quantization")
 _UNSUPPORTED_FAMILIES = {
-    "detection": "detection models take lists of images and box targets",
-    "optical_flow": "optical-flow models take image pairs",
     "quantization": "quantized models are inference-only integer models",
 }
+#: objects per synthetic detection target (boxes, labels; masks and keypoints where the model wants them)
+DETECTION_OBJECTS = 4
 
 
 def _presets() -> dict:
@@ -338,6 +338,19 @@ def load_torchvision(name: str, kwargs: dict[str, Any]) -> ModelSpec:
     def factory(**kw):
         return builder(weights=None, **kw)
 
+    if family == "detection":
+        shape = tuple(entry.get("input_shape", (3, 480, 640)))
+        return detection_spec(name, factory, {**preset_kwargs, **kwargs}, shape)
+    if family == "optical_flow":
+        shape = tuple(entry.get("input_shape", (3, 224, 224)))
+        return ModelSpec(
+            ref=name,
+            display_name=name,
+            factory=factory,
+            kwargs={**preset_kwargs, **kwargs},
+            inputs=InputSpec(shapes=[shape, shape], dtype="float"),  # two frames
+            source="torchvision",
+        )
     return ModelSpec(
         ref=name,
         display_name=name,
@@ -346,6 +359,63 @@ def load_torchvision(name: str, kwargs: dict[str, Any]) -> ModelSpec:
         inputs=InputSpec(shapes=[tuple(entry.get("input_shape", (3, 224, 224)))], dtype="float"),
         source="torchvision",
     )
+
+
+def detection_spec(name: str, factory: Callable[..., Any], kwargs: dict[str, Any], shape: tuple) -> ModelSpec:
+    """A torchvision detection model (Faster/Mask/Keypoint R-CNN, RetinaNet, FCOS, SSD) with synthetic data.
+
+    Each batch is ``batch_size`` images of ``shape`` and, per image, :data:`DETECTION_OBJECTS`
+    random boxes (label 1), with random masks for Mask R-CNN and 17 keypoints for Keypoint
+    R-CNN. In training the model returns its losses; the loss is their sum.
+    """
+    masks = name.startswith("maskrcnn")
+    keypoints = name.startswith("keypointrcnn")
+
+    def batch(batch_size: int, device, dtype):
+        import torch
+
+        inputs = spec.inputs  # --input-shape changes it after loading
+        if len(inputs.shapes) != 1 or len(inputs.shapes[0]) != 3:
+            raise UsageError(
+                f"{name} takes images: one input shape C,H,W, got {inputs.describe()}",
+                "e.g. --input-shape 3,480,640",
+            )
+        channels, height, width = inputs.shapes[0]
+        n = DETECTION_OBJECTS
+        images = [torch.rand(channels, height, width, device=device, dtype=dtype) for _ in range(batch_size)]
+        targets = []
+        for _ in range(batch_size):
+            size = torch.tensor([width, height, width, height], device=device, dtype=torch.float32)
+            corner = torch.rand(n, 2, device=device) * 0.5
+            extent = 0.1 + torch.rand(n, 2, device=device) * 0.4
+            boxes = torch.cat([corner, corner + extent], dim=1) * size
+            target = {"boxes": boxes, "labels": torch.ones(n, dtype=torch.int64, device=device)}
+            if masks:
+                target["masks"] = (torch.rand(n, height, width, device=device) > 0.5).to(torch.uint8)
+            if keypoints:
+                k = 17
+                xy = corner[:, None, :] + torch.rand(n, k, 2, device=device) * extent[:, None, :]
+                visible = torch.ones(n, k, 1, device=device)
+                target["keypoints"] = torch.cat([xy * size[:2], visible], dim=2)
+            targets.append(target)
+        return (images, targets), None
+
+    def loss(output, _target):
+        if isinstance(output, dict):  # training: the model's losses
+            return sum(output.values())
+        return default_loss(output)
+
+    spec = ModelSpec(
+        ref=name,
+        display_name=name,
+        factory=factory,
+        kwargs=kwargs,
+        inputs=InputSpec(shapes=[tuple(shape)], dtype="float"),
+        batch_hook=batch,
+        loss_hook=loss,
+        source="torchvision",
+    )
+    return spec
 
 
 # --------------------------------------------------------------------------- user code

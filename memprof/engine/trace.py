@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InputShapeError, MemprofError, TraceError, UsageError
+from ..errors import DataDependentError, InputShapeError, MemprofError, TraceError, UsageError
 from ..results import CudaTarget, MemCategory, ModelledBytes, TimelinePoint, TraceResult
 from . import fastfake, overheads, placement
 from .allocator import AllocatorConf, CachingAllocatorModel, conf_from_source
@@ -44,7 +44,7 @@ from .modtrack import ModuleTracker
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
 if TYPE_CHECKING:
-    from .tracking import StorageTracker  # imports torch
+    from .tracking import StorageTracker
 
 PHASES = ("setup", "forward", "backward", "optimizer", "done")
 _MATMUL_OPS: frozenset | None = None
@@ -99,7 +99,7 @@ class _TraceRecorder:
         self.step = 0
         self.category: MemCategory | None = None  # forced category while set (setup)
         # the module running each allocation; on_enter keeps each call's input shapes for error messages
-        self.modules = ModuleTracker(on_enter=_input_shapes)
+        self.modules = ModuleTracker(on_enter=self._enter_module)
         self.tracker: StorageTracker | None = None
         self.need_workspace = target == "cuda"
         self.cpu_scratch = target == "cpu" and kernel_scratch
@@ -123,6 +123,12 @@ class _TraceRecorder:
         self.tally: FlopTally | None = None  # counts FLOPs while set (the first step)
         self.module_types: dict[str, str] = {}
         self.root_label: str | None = None
+        self.sharded = False  # FSDP / ZeRO-2/3: storages grown by resizing are gathered parameters
+        self.gloo = False  # a CPU rank: gloo's own collective buffers are modelled
+        self.gloo_held: int | None = None  # the record of gloo's last buffer, until its worker thread frees it
+        from .tracking import RESIZE
+
+        self.resize_func = RESIZE
         # records made inside placement.on("host" / "paged"): CPU memory / unified memory on a CUDA run
         self.placed_host: set[int] = set()
         self.placed_paged: set[int] = set()
@@ -132,6 +138,12 @@ class _TraceRecorder:
         return self.module_now(), self.phase == "backward" and bool(self.modules.stack)
 
     # -- module attribution -------------------------------------------------------------
+    def _enter_module(self, module, name: str, args: tuple, kwargs: dict) -> list[tuple[int, ...]]:
+        """The module tracker's entry hook: FSDP2's gathered parameters categorised; the call's input shapes."""
+        if self.sharded:  # FSDP2 swapped in the unsharded parameters just before (its pre-hook runs first)
+            self.categorize_tensors(module.parameters(recurse=False), MemCategory.GATHERED_PARAMETER)
+        return _input_shapes(module, name, args, kwargs)
+
     def module_now(self) -> str | None:
         stack = self.modules.stack
         if stack:
@@ -149,7 +161,10 @@ class _TraceRecorder:
         self.rec_phase.append(self.phase)
         self.rec_module.append(module)
         self.rec_step.append(self.step)
-        self.rec_cat.append(self.category)
+        if func is self.resize_func and self.category is None and self.sharded:
+            self.rec_cat.append(MemCategory.GATHERED_PARAMETER)  # FSDP2 re-allocating an unsharded parameter
+        else:
+            self.rec_cat.append(self.category)
         self.rec_kind.append(None)
         place = placement.current()
         self.rec_host.append(place != "device")
@@ -182,6 +197,12 @@ class _TraceRecorder:
         self.events.append((rec, 1, self.tracker.op_count, self.phase, module, self.step))
         return rec
 
+    def mark_modelled(self, tensor, kind: overheads.Kind) -> None:
+        """The storage of ``tensor`` (just registered) has a modelled size, not a traced one."""
+        rec = self.key_to_rec.get(tensor.untyped_storage()._cdata)
+        if rec is not None:
+            self.rec_kind[rec] = kind
+
     def free_synthetic(self, rec: int) -> None:
         assert self.tracker is not None  # called from the tracker's dispatch
         self.events.append((rec, -1, self.tracker.op_count, self.phase, self.module_now(), self.step))
@@ -201,11 +222,72 @@ class _TraceRecorder:
         self.rec_kind.append(self.rec_kind[rec])
         return new
 
+    @contextlib.contextmanager
+    def forced(self, category: MemCategory):
+        """Allocations made inside are ``category`` (DDP's rebuilt buckets)."""
+        saved, self.category = self.category, category
+        try:
+            yield
+        finally:
+            self.category = saved
+
+    def gloo_buffer(self, nbytes: int) -> None:
+        """A collective's buffer on gloo's worker thread. The thread frees it after the collective is
+        done, when it next runs: on a busy machine that is when it starts the next collective, so
+        each buffer is held until then (or until the optimizer step, which runs none)."""
+        self.release_gloo()
+        self.gloo_held = self.synthetic(nbytes, MemCategory.COMMUNICATION, GLOO)
+
+    def release_gloo(self) -> None:
+        if self.gloo_held is not None:
+            self.free_synthetic(self.gloo_held)
+            self.gloo_held = None
+
+    def categorize_tensors(self, tensors, category: MemCategory) -> None:
+        """Uncategorised records of these tensors' storages (a collective's buffers, gathered parameters)."""
+        import torch
+
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                rec = self.key_to_rec.get(_local(t).untyped_storage()._cdata)
+                if rec is not None and self.rec_cat[rec] is None:
+                    self.rec_cat[rec] = category
+
     def categorize_live(self, keys, category: MemCategory, only_unset: bool = True) -> None:
         for key in keys:
             rec = self.key_to_rec.get(key)
             if rec is not None and (not only_unset or self.rec_cat[rec] is None):
                 self.rec_cat[rec] = category
+
+
+_COLLECTIVE_NAMESPACES = frozenset({"c10d", "_c10d_functional", "c10d_functional", "_c10d_functional_autograd"})
+#: collectives ProcessGroupGloo runs through a buffer of its own, allocated on its worker thread (measured:
+#: scripts/validate_multigpu.py): op name -> (the argument that sizes it, x group size)
+_GLOO_SCRATCH = {
+    "c10d::_allgather_base_": (0, False),  # the output's size
+    "c10d::_reduce_scatter_base_": (1, False),  # the input's size
+    "_c10d_functional::all_gather_into_tensor": (0, True),  # input x group size: the output's
+    "_c10d_functional::reduce_scatter_tensor": (0, False),
+}
+
+
+GLOO = overheads.Kind(
+    "gloo collective buffer",
+    "ProcessGroupGloo allocates the output of all_gather_into_tensor and the input of reduce_scatter_tensor on "
+    "its own thread while they run (measured: scripts/validate_multigpu.py)",
+    verified=True,
+)
+
+
+def _gloo_scratch(func, args) -> int:
+    """Bytes gloo allocates on its own thread for collective ``func``."""
+    how = _GLOO_SCRATCH.get(func._schema.name)
+    if how is None:
+        return 0
+    index, times_group = how
+    t = args[index]
+    nbytes = t.numel() * t.element_size()
+    return nbytes * int(args[1]) if times_group else nbytes
 
 
 def _scratch_rules(recorder: _TraceRecorder) -> dict:
@@ -267,6 +349,7 @@ def _lt_ops() -> frozenset:
 
 def _make_tracker(recorder: _TraceRecorder):
     import torch
+    from torch.utils._pytree import tree_leaves
 
     from .tracking import StorageTracker
 
@@ -277,6 +360,10 @@ def _make_tracker(recorder: _TraceRecorder):
     cuda = recorder.target == "cuda"
     scratch_rules = _scratch_rules(recorder)
     convs = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+    onednn_rnn = tuple(
+        getattr(getattr(torch.ops.aten, name, None), "default", None)
+        for name in ("mkldnn_rnn_layer", "mkldnn_rnn_layer_backward")
+    )
 
     class _TraceTracker(StorageTracker):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -297,6 +384,14 @@ def _make_tracker(recorder: _TraceRecorder):
                 ):
                     recorder.lt_threads.add(thread)
                     recorder.synthetic(recorder.lt_bytes, MemCategory.CUDA_OVERHEAD, overheads.CUBLASLT)
+            if func.namespace in _COLLECTIVE_NAMESPACES:
+                # the buffers a collective reads and writes (all-gather output, reduce-scatter input, buckets)
+                scratch = _gloo_scratch(func, args) if recorder.gloo else 0
+                if scratch:
+                    recorder.gloo_buffer(scratch)
+                out = super().__torch_dispatch__(func, types, args, kwargs)
+                recorder.categorize_tensors(tree_leaves((args, kwargs)), MemCategory.COMMUNICATION)
+                return out  # a collective computes nothing: no FLOPs to tally
             if func in convs:
                 recorder.saw_convolution = True
             rule = scratch_rules.get(func)
@@ -304,7 +399,9 @@ def _make_tracker(recorder: _TraceRecorder):
             if rule is not None:
                 kind, size = rule
                 scratch = size(args)
-            if scratch:
+            if not cuda and func in onednn_rnn:
+                out = _onednn_lstm(self, recorder, func, args, kwargs, func is onednn_rnn[0])
+            elif scratch:
                 rec = recorder.synthetic(scratch, MemCategory.TEMPORARY, kind)
                 try:
                     out = super().__torch_dispatch__(func, types, args, kwargs)
@@ -325,7 +422,144 @@ def _make_tracker(recorder: _TraceRecorder):
 def _input_shapes(module, name: str, args: tuple, kwargs: dict) -> list[tuple[int, ...]]:
     import torch
 
-    return [tuple(a.shape) for a in args if isinstance(a, torch.Tensor)]
+    return [tuple(a.shape) for a in args if isinstance(a, torch.Tensor) and not a.is_nested]
+
+
+def _onednn_lstm(tracker, recorder: _TraceRecorder, func, args, kwargs, forward: bool):
+    """oneDNN's LSTM layer on the CPU: its workspace at its real size, its in-kernel scratch as a temporary.
+
+    FakeTensorMode returns ``mkldnn_rnn_layer``'s workspace empty and the backward's two bias
+    gradients as one tensor; the real kernel returns a workspace sized by oneDNN (saved for
+    backward) and a clone. See :mod:`memprof.engine.rnn`.
+    """
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    from . import rnn
+
+    # measured here in float32; bfloat16 follows oneDNN's source with its element sizes
+    verified = args[0].dtype == torch.float32
+    what = rnn.ONEDNN_WHAT
+    scratch = 0
+    if recorder.cpu_scratch:
+        if forward:
+            scratch = rnn.onednn_lstm_forward_scratch(rnn.lstm_shape(args), training=torch.is_grad_enabled())
+        else:
+            scratch = rnn.onednn_lstm_backward_scratch(args)
+    rec = recorder.synthetic(scratch, MemCategory.TEMPORARY, rnn.onednn_kind(what, verified)) if scratch else None
+    try:
+        out = tracker.run_op(func, args, kwargs) if tracker.run_op is not None else func(*args, **(kwargs or {}))
+        workspace = None
+        if forward and torch.is_grad_enabled():
+            nbytes = rnn.onednn_lstm_workspace(rnn.lstm_shape(args))
+            workspace = torch.empty(nbytes, dtype=torch.uint8, device=out[3].device)
+            out = (*out[:3], workspace)
+        elif not forward and out[3] is not None and out[3] is out[4]:
+            out = (*out[:4], torch.empty_like(out[3]), *out[5:])  # bias_hh's gradient is a clone
+        tracker.op_count += 1
+        tracker.register(tree_leaves(out), func)
+        if workspace is not None:
+            recorder.mark_modelled(workspace, rnn.onednn_kind(rnn.ONEDNN_WORKSPACE_WHAT, verified))
+        return out
+    finally:
+        if rec is not None:
+            recorder.free_synthetic(rec)
+
+
+class _CudnnHooks:
+    """What the cuDNN RNN emulation (:func:`memprof.engine.rnn.cudnn_rnn_function`) reports to the recorder."""
+
+    def __init__(self, recorder: _TraceRecorder):
+        self.recorder = recorder
+        self.dropout_state = False
+
+    def mark(self, tensor, kind: overheads.Kind) -> None:
+        self.recorder.mark_modelled(tensor, kind)
+
+    def need_dropout_state(self) -> None:
+        """cuDNN's dropout RNG state: made at the first training call with dropout, kept by PyTorch for good."""
+        from . import rnn
+
+        if not self.dropout_state:
+            self.dropout_state = True
+            self.recorder.synthetic(rnn.CUDNN_DROPOUT_STATE_BYTES, MemCategory.CUDA_OVERHEAD, rnn.CUDNN_DROPOUT)
+
+
+def _install_cudnn_rnns(recorder: _TraceRecorder) -> Callable[[], None]:
+    """Route nn.LSTM/GRU/RNN through an emulation of cuDNN's ``_cudnn_rnn`` while tracing for CUDA.
+
+    On CUDA, ``torch._VF.lstm/gru/rnn_tanh/rnn_relu`` run one ``_cudnn_rnn`` for all layers, which
+    keeps a reserve space for backward instead of the per-step tensors the CPU decomposition saves.
+    Packed sequences keep the CPU path. Returns the function that restores ``torch._VF``.
+    """
+    import torch
+
+    from . import rnn
+
+    vf = torch._VF
+    function = rnn.cudnn_rnn_function()
+    hooks = _CudnnHooks(recorder)
+
+    def make(mode: str):
+        real = getattr(torch._C._VariableFunctions, mode)
+
+        def call(*args, **kwargs):
+            lstm = mode == "lstm"
+            unpacked = len(args) == 9 and not kwargs and isinstance(args[2], (list, tuple))
+            if lstm:
+                unpacked = len(args) == 9 and not kwargs and isinstance(args[1], (list, tuple))
+            if not unpacked or not torch.backends.cudnn.enabled:
+                return real(*args, **kwargs)
+            x, hidden, params, _bias, num_layers, dropout, train, bidirectional, batch_first = args
+            hx, cx = (hidden[0], hidden[1]) if lstm else (hidden, None)
+            params = list(params)
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+            if dtype is not None and x.is_floating_point():  # CUDA autocast runs cuDNN RNNs in half precision
+                x, hx = x.to(dtype), hx.to(dtype)
+                cx = cx.to(dtype) if cx is not None else None
+                params = [p.to(dtype) for p in params]
+            if train and dropout > 0 and num_layers > 1:
+                hooks.need_dropout_state()
+            spec = rnn.cudnn_call(mode, x, hx, cx, params, num_layers, bidirectional, batch_first)
+            output, hy, cy = function.apply(spec, hooks, batch_first, train, x, hx, cx, *params)
+            return (output, hy, cy) if lstm else (output, hy)
+
+        return call
+
+    for mode in rnn.GATES:
+        setattr(vf, mode, make(mode))
+
+    def restore() -> None:
+        for mode in rnn.GATES:
+            vf.__dict__.pop(mode, None)
+
+    return restore
+
+
+def _install_linear() -> Callable[[], None]:
+    """``F.linear`` as ATen runs it on real tensors, for the fake ones.
+
+    ATen's ``linear`` on an input it cannot flatten (3-D or more, not contiguous: after a
+    transpose) computes ``matmul`` and adds the bias in place - unless the bias is a tensor
+    subclass, as fake tensors are, when it allocates the sum instead (an extra output-sized
+    tensor at that moment). This does what a real step does. Returns the restoring function.
+    """
+    import torch.nn.functional as F
+
+    real = F.linear
+
+    def linear(input, weight, bias=None):
+        if bias is None or input.dim() <= 2 or input.is_contiguous() or bias.dim() != 1:
+            return real(input, weight, bias)
+        output = input.matmul(weight.t())
+        return output.add_(bias)
+
+    F.linear = linear
+
+    def restore() -> None:
+        F.linear = real
+
+    return restore
 
 
 # =========================================================================== building on fake tensors
@@ -468,6 +702,167 @@ def _forward_error(exc: Exception, recorder: _TraceRecorder, model, workload: Wo
     return _step_error(exc, "forward")
 
 
+#: exception types (by name) that mean "fake tensors have no values for this"
+_DATA_DEPENDENT = (
+    "DataDependentOutputException",
+    "DynamicOutputShapeException",
+    "GuardOnDataDependentSymNode",
+    "UnsupportedOperatorException",
+)
+
+
+def _data_dependent(exc: BaseException, phase: str) -> DataDependentError | None:
+    """A :class:`DataDependentError` naming the op and the user's line, if ``exc`` is a fake tensor's "no values"."""
+    name = type(exc).__name__
+    msg = " ".join(str(exc).split())
+    nested = "NestedTensorImpl" in msg  # fake tensors cannot hold nested tensors (the fast path packs padding)
+    if (
+        name not in _DATA_DEPENDENT
+        and not nested
+        and "item() cannot be called on meta" not in msg
+        and "data-dependent" not in msg
+    ):
+        return None
+    func = getattr(exc, "func", None)
+    op = str(func) if func is not None else (msg.split(":")[0][:80] or name)
+    if nested:
+        op = "a nested tensor (packed from a padding mask)"
+    if op.startswith("aten._local_scalar_dense"):
+        op = "Tensor.item() (aten._local_scalar_dense)"
+    where = _user_line(exc)
+    at = f" at {where}" if where else ""
+    return DataDependentError(
+        f"the {phase} pass reads tensor values ({op}{at}); fake tensors have none",
+        "memprof runs such steps for real on the CPU instead (the default); "
+        "give a smaller `batch_size` if that needs more RAM than this machine has",
+        op=op,
+        where=where,
+    )
+
+
+def _user_line(exc: BaseException) -> str | None:
+    """``file:line: code`` of the innermost frame of ``exc`` outside torch, memprof's engine and the stdlib."""
+    import linecache
+    import os
+    import sysconfig
+    import traceback
+
+    import torch
+
+    paths = sysconfig.get_paths()
+    libraries = (paths["purelib"] + os.sep, paths["platlib"] + os.sep)  # torchvision, transformers: model code
+    skip = [os.path.dirname(torch.__file__), os.path.dirname(__file__)]
+    found = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = os.path.abspath(frame.filename)
+        stdlib = path.startswith(paths["stdlib"] + os.sep) and not path.startswith(libraries)
+        if frame.filename.startswith("<") or stdlib or any(path.startswith(p + os.sep) for p in skip):
+            continue
+        found = frame
+    if found is None:
+        return None
+    code = (found.line or linecache.getline(found.filename, found.lineno or 0)).strip()
+    return f"{found.filename}:{found.lineno}: {code}" if code else f"{found.filename}:{found.lineno}"
+
+
+#: the last real runs, keyed by workload and target: find-batch's predictor asks for batch 1 again
+_REAL_RUNS: dict[tuple, TraceResult] = {}
+_REAL_RUNS_MAX = 16
+
+
+def _real_run(
+    workload: Workload,
+    target: str,
+    steps: int,
+    kernel_scratch: bool,
+    reason: DataDependentError,
+    progress: Callable[[str], None] | None,
+    options: dict[str, Any],
+) -> TraceResult:
+    """The data-dependent step, run for real on the CPU and recorded as the tracer records it.
+
+    With a batch above 1, batch 1 runs first: its time and memory, scaled to the requested batch,
+    are reported through ``progress`` before the long run, and a run that would not fit in the
+    machine's available RAM is refused with the op and line that forced it.
+    """
+    import dataclasses
+
+    import torch
+
+    from ..results import METHOD_REAL
+
+    def run(w: Workload) -> TraceResult:
+        key = (id(w.model), repr(w.describe()), target, steps, kernel_scratch, tuple(sorted(options.items())))
+        if key not in _REAL_RUNS:
+            with torch.random.fork_rng(devices=[]):
+                result = _record_step(w, target, steps, False, kernel_scratch, real=True, **options)
+            if len(_REAL_RUNS) >= _REAL_RUNS_MAX:
+                _REAL_RUNS.pop(next(iter(_REAL_RUNS)))
+            _REAL_RUNS[key] = result
+        return _REAL_RUNS[key]
+
+    say = progress or (lambda _msg: None)
+    why = f"{reason.op} at {reason.where}" if reason.where else str(reason.op)
+    batch = workload.batch_size
+    say(f"the step reads tensor values ({why}): running it for real on the CPU instead of tracing")
+    one = None
+    if batch > 1:
+        try:
+            one = run(workload.with_batch(1))
+        except MemprofError as exc:  # e.g. BatchNorm over a single value: no estimate, run the batch asked for
+            say(f"batch 1 cannot run to estimate the cost ({exc.message}); running batch {batch} directly")
+    if one is not None:
+        # what the CPU really held (the CUDA view adds workspaces no real run allocates), and what
+        # of it does not grow with the batch (model state)
+        ram_one = one.peak_bytes - one.breakdown_at_peak.get(MemCategory.CUDA_OVERHEAD, 0)
+        fixed = sum(
+            one.totals.get(c, 0)
+            for c in (MemCategory.PARAMETER, MemCategory.BUFFER, MemCategory.GRADIENT, MemCategory.OPTIMIZER_STATE)
+        )
+        need = min(fixed, ram_one) + batch * max(0, ram_one - fixed)
+        seconds = one.trace_seconds * batch
+        available = _available_ram()
+        say(
+            f"batch 1 took {one.trace_seconds:.1f} s and {ram_one / 2**20:.0f} MiB; batch {batch} should take "
+            f"up to about {seconds:.0f} s and {need / 2**20:.0f} MiB of RAM"
+            + (f" ({available / 2**20:.0f} MiB available)" if available else "")
+        )
+        if available is not None and need > 0.9 * available:
+            raise DataDependentError(
+                f"the step reads tensor values ({why}) and running it for real at batch {batch} needs about "
+                f"{need / 2**30:.1f} GiB of RAM; {available / 2**30:.1f} GiB are available",
+                "estimate a smaller `batch_size` (memory grows about linearly with it), or measure on the GPU "
+                "with `memprof find-batch`",
+                op=reason.op,
+                where=reason.where,
+            )
+    result = run(workload)
+    notes = (
+        *result.notes,
+        f"recorded from a real CPU run: the step reads tensor values ({why}); data-dependent sizes (proposals, "
+        "masks, routing) are those of memprof's synthetic batch and the model's initial weights",
+    )
+    if target == "cuda":
+        notes = (
+            *notes,
+            "CUDA's kernel choices (its autocast lists, fused dropout, the attention backend: "
+            "memprof.engine.cudarules) are not applied to a real CPU run: it records the CPU's kernels",
+        )
+    return dataclasses.replace(result, method=METHOD_REAL, method_reason=why, notes=notes)
+
+
+def _available_ram() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes; None elsewhere."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _step_error(exc: Exception, phase: str) -> MemprofError:
     if isinstance(exc, MemprofError):
         return exc
@@ -483,6 +878,31 @@ def _step_error(exc: Exception, phase: str) -> MemprofError:
     return TraceError(f"tracing the {phase} pass failed: {name}: {msg}", hint)
 
 
+# =========================================================================== data parallelism
+class _TraceRank(Exception):  # noqa: N818 - control flow, never leaves trace_step
+    """ZeRO-1: another rank holds more optimizer state than the one traced; trace that one."""
+
+    def __init__(self, rank: int):
+        super().__init__(rank)
+        self.rank = rank
+
+
+def _local(t):
+    """What a rank holds of ``t``: a DTensor's local shard, or ``t``."""
+    local = getattr(t, "_local_tensor", None)
+    return local if local is not None else t
+
+
+def _keys(tensors) -> list[int]:
+    return [_local(t).untyped_storage()._cdata for t in tensors]
+
+
+def _optimizer_state(optimizer) -> dict:
+    """The optimizer's state; ZeroRedundancyOptimizer keeps its rank's in the local optimizer it wraps."""
+    inner = getattr(optimizer, "optim", None)
+    return (inner if inner is not None and hasattr(inner, "state") else optimizer).state
+
+
 # =========================================================================== tracing
 def trace_step(
     workload: Workload,
@@ -494,6 +914,9 @@ def trace_step(
     cuda_target: CudaTarget | None = None,
     count_flops: bool = True,
     count_bytes: bool = False,
+    fallback: bool = True,
+    progress: Callable[[str], None] | None = None,
+    rank: int | None = None,
 ) -> TraceResult:
     """Trace ``steps`` training steps of ``workload`` on fake tensors and predict their memory.
 
@@ -514,7 +937,59 @@ def trace_step(
     With ``count_flops`` the first step's ops are also counted in FLOPs (PyTorch's formulas, per
     module and phase (:mod:`memprof.engine.flops`): ``result.flops``; with ``count_bytes`` also the bytes
     each op reads and writes, which the step-time model needs (:func:`memprof.engine.roofline.step_time`).
+
+    A step that reads tensor values (``.item()``, ``nonzero``, boolean masks, NMS, ...) cannot run
+    on fake tensors. With ``fallback`` (the default) it is then run for real on the CPU, with
+    real tensors at the requested batch, recorded exactly as the tracer records (the same
+    storages, phases, categories, and the same CUDA view: foreach optimizer, 512-byte rounding,
+    workspaces, allocator replay); ``result.method`` says so. ``progress`` receives one-line
+    messages about that run (its expected time and memory) before it starts. Without
+    ``fallback`` a :class:`memprof.errors.DataDependentError` names the op and the source line.
+
+    With a data-parallel strategy (``workload.strategy``) the prediction is one rank's: PyTorch's
+    DDP / FSDP2 / ZeroRedundancyOptimizer run over a fake process group of ``workload.world_size``
+    ranks (:mod:`memprof.engine.distributed`), seen from ``rank`` (default: the rank that holds the
+    most, rank 0 but for ZeRO-1's uneven optimizer partitions). Replaying steps stays exact there
+    (DDP's bucket rebuild frees and re-allocates the same bytes; tested per strategy). A data-parallel
+    step that reads tensor values has no real-run fallback (it would need a real process group).
     """
+    if target not in ("cuda", "cpu"):
+        raise UsageError(f"unknown trace target {target!r}", "choose cuda or cpu")
+    if steps < 1:
+        raise UsageError(f"`steps` must be at least 1, got {steps}", "trace 2 steps to see the steady state")
+    if target == "cuda" and cuda_target is None:
+        from .catalog import resolve_target
+
+        cuda_target = resolve_target()
+    options: dict[str, Any] = dict(
+        count_flops=count_flops, count_bytes=count_bytes, cuda_target=cuda_target if target == "cuda" else None
+    )
+    try:
+        try:
+            return _record_step(workload, target, steps, replay_steps, kernel_scratch, real=False, rank=rank, **options)
+        except _TraceRank as heavier:
+            return _record_step(
+                workload, target, steps, replay_steps, kernel_scratch, real=False, rank=heavier.rank, **options
+            )
+    except DataDependentError as exc:
+        if not fallback or workload.distributed:
+            raise
+        return _real_run(workload, target, steps, kernel_scratch, exc, progress, options)
+
+
+def _record_step(
+    workload: Workload,
+    target: str,
+    steps: int,
+    replay_steps: bool,
+    kernel_scratch: bool,
+    real: bool,
+    count_flops: bool = True,
+    count_bytes: bool = False,
+    cuda_target: CudaTarget | None = None,
+    rank: int | None = None,
+) -> TraceResult:
+    """Run ``steps`` steps under the recorder: on fake tensors, or (``real``) on real CPU tensors."""
     import gc
     import logging
     import warnings
@@ -522,17 +997,7 @@ def trace_step(
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    if target not in ("cuda", "cpu"):
-        raise UsageError(f"unknown trace target {target!r}", "choose cuda or cpu")
-    if steps < 1:
-        raise UsageError(f"`steps` must be at least 1, got {steps}", "trace 2 steps to see the steady state")
     started = time.perf_counter()
-    if target == "cuda" and cuda_target is None:
-        from .catalog import resolve_target
-
-        cuda_target = resolve_target()
-    if target != "cuda":
-        cuda_target = None
     recorder = _TraceRecorder(target, kernel_scratch, cuda_target)
     rules = None
     notes: list[str] = []
@@ -541,46 +1006,84 @@ def trace_step(
     gc_was_enabled = gc.isenabled()
     real_get_rng_state = None
     tally: FlopTally | None = None
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    restore_rnns: Callable[[], None] | None = None
+    restore_linear: Callable[[], None] | None = None
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if not real else None
+    traced_rank: int | None = None
+    world_cm: Any = contextlib.nullcontext()
+    if workload.distributed:
+        from . import distributed
+
+        world_cm = distributed.fake_world(workload.world_size, rank or 0)
+        recorder.sharded = distributed.is_sharded(workload.strategy)
+        recorder.gloo = target == "cpu"
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     fake_log_level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)  # it logs every meta-kernel failure; ours become MemprofErrors
     try:
-        with fake_mode, warnings.catch_warnings():
+        with world_cm as world, fake_mode or contextlib.nullcontext(), warnings.catch_warnings():
             # modules that test data_ptr() (nn.TransformerEncoder's fast path) make PyTorch warn about
             # fake tensors; the answer they get does not change what is allocated, so keep it off the screen
             warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
-            fast = fastfake.FastFake(fake_mode) if fastfake.enabled() else None
-            with fastfake.mode(fast):  # parameters and buffers are made through the same fast cache
-                model = _build_fake_model(workload)
+            # FSDP2 warns about modules that return views (about in-place ops the step does not do)
+            warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
+            fast = fastfake.FastFake(fake_mode) if fake_mode is not None and fastfake.enabled() else None
+            if real:
+                torch.manual_seed(0)  # the same weights and batch as measure_cpu_step: the same data-dependent sizes
+                model = build_model(workload, "cpu")
+            else:
+                with fastfake.mode(fast):  # parameters and buffers are made through the same fast cache
+                    model = _build_fake_model(workload)
             tracker = _make_tracker(recorder)
             if fast is not None:
                 tracker.run_op = fast.run
             with tracker:
+                made_by_wrap: list[int] = []
+                if world is not None:  # DDP's buckets, FSDP2's shards: allocated by PyTorch's code, traced
+                    traced_rank = world.rank
+                    world.bucket_context = lambda: recorder.forced(MemCategory.COMMUNICATION)
+                    model = distributed.wrap(model, distributed.plan_of(workload), world, "cpu")
+                    made_by_wrap = list(tracker.live)
                 recorder.category = MemCategory.PARAMETER
                 params = list(model.parameters())
-                tracker.register(params)
+                recorder.categorize_live(tracker.register(params), MemCategory.PARAMETER)
+                recorder.categorize_live(_keys(params), MemCategory.PARAMETER, only_unset=False)
                 recorder.category = MemCategory.BUFFER
                 tracker.register(list(model.buffers()))
+                recorder.categorize_live(_keys(model.buffers()), MemCategory.BUFFER)
+                recorder.categorize_live(made_by_wrap, MemCategory.COMMUNICATION)
                 recorder.category = None
                 optimizer = None
                 if workload.mode == "train":
                     trainable = [p for p in params if p.requires_grad]
-                    optimizer = make_optimizer(workload.optimizer, trainable, target, workload.offload)
+                    # with a strategy, `offload` optimizer is counted on the host after the trace (_offload)
+                    offload = "none" if workload.distributed else workload.offload
+                    zero1 = world if workload.strategy == "zero1" else None
+                    optimizer = make_optimizer(workload.optimizer, trainable, target, offload, zero1)
+                    if zero1 is not None and rank is None:
+                        heaviest = distributed.heaviest_partition(optimizer)
+                        if heaviest != world.rank:
+                            raise _TraceRank(heaviest)
                 recorder.category = MemCategory.INPUT
                 try:
                     args, kwargs, tgt = workload.model.make_batch(workload.batch_size, "cpu", workload.precision)
                 except MemprofError:
                     raise
                 except Exception as exc:
-                    raise _step_error(exc, "input-building") from None
+                    dependent = _data_dependent(exc, "input-building") if not real else None
+                    raise (dependent or _step_error(exc, "input-building")) from None
                 recorder.category = None
                 prepared = Prepared(workload, model, optimizer, args, kwargs, tgt, workload.model.loss_fn(), "cpu")
                 del args, kwargs, tgt
-                recorder.modules.attach(model)
-                recorder.root_label = type(model).__name__
-                for name, module in model.named_modules():  # names as the module tracker gives them
+                hooked = getattr(model, "module", model) if world else model  # DDP/FSDP wrap the model
+                recorder.modules.attach(hooked)
+                recorder.root_label = type(hooked).__name__
+                for name, module in hooked.named_modules():  # names as the module tracker gives them
                     recorder.module_types.setdefault(name or recorder.root_label, type(module).__name__)
+                if target == "cuda":
+                    restore_rnns = _install_cudnn_rnns(recorder)
+                if not real:
+                    restore_linear = _install_linear()
                 if target == "cpu":
                     # torch.utils.checkpoint keeps the CPU RNG state (a real 5056-byte tensor made
                     # outside any op) per checkpointed call; on CUDA it is host memory
@@ -613,21 +1116,22 @@ def trace_step(
                             ):
                                 recorder.rec_cat[rec] = MemCategory.ACTIVATION
                     elif phase == "optimizer":
+                        recorder.release_gloo()  # before the optimizer's events: a replayed step frees it too
                         recorder.optimizer_start[recorder.step] = len(recorder.events)
                         recorder.optimizer_op[recorder.step] = tracker.op_count
                         for p in prepared.model.parameters():
                             if p.grad is not None:
-                                rec = recorder.key_to_rec.get(p.grad.untyped_storage()._cdata)
+                                rec = recorder.key_to_rec.get(_local(p.grad).untyped_storage()._cdata)
                                 if rec is not None:
                                     recorder.rec_cat[rec] = MemCategory.GRADIENT
                     elif phase == "done":
                         recorder.done_start.setdefault(recorder.step, len(recorder.events))
                         recorder.done_op.setdefault(recorder.step, tracker.op_count)
                     if phase == "done" and prepared.optimizer is not None:
-                        for state in prepared.optimizer.state.values():
+                        for state in _optimizer_state(prepared.optimizer).values():
                             for name, value in state.items():
                                 if isinstance(value, torch.Tensor):
-                                    key = value.untyped_storage()._cdata
+                                    key = _local(value).untyped_storage()._cdata
                                     rec = recorder.key_to_rec.get(key)
                                     if rec is None:
                                         continue
@@ -643,8 +1147,8 @@ def trace_step(
                                         recorder.rec_host[rec] = True  # PyTorch keeps it on the CPU
                     recorder.phase = phase
 
-                replay = replay_steps and workload.mode == "train"
-                if cuda_target is not None:
+                replay = replay_steps and workload.mode == "train" and not real
+                if cuda_target is not None and not real:  # CUDA kernels do not run on real CPU tensors
                     from .cudarules import CudaRules
 
                     rules = CudaRules(cuda_target, workload.precision.torch_autocast_dtype())
@@ -661,6 +1165,10 @@ def trace_step(
                         except MemprofError:
                             raise
                         except Exception as exc:
+                            if not real:
+                                dependent = _data_dependent(exc, recorder.phase)
+                                if dependent is not None:
+                                    raise dependent from None
                             if recorder.phase == "forward":
                                 raise _forward_error(exc, recorder, model, workload) from None
                             raise _step_error(exc, recorder.phase) from None
@@ -676,6 +1184,10 @@ def trace_step(
         recorder.modules.detach()
         if real_get_rng_state is not None:
             torch.get_rng_state = real_get_rng_state
+        if restore_rnns is not None:
+            restore_rnns()
+        if restore_linear is not None:
+            restore_linear()
         if gc_was_enabled:
             gc.enable()
         prepared = None
@@ -691,6 +1203,10 @@ def trace_step(
         if rules is not None:
             attention = dict(rules.attention)
     notes.extend(_finetune_notes(workload, target))
+    host_bytes = None
+    if workload.distributed:
+        notes.extend(_distributed_notes(workload, target))
+        host_bytes = _offload(recorder, workload, target, steps)
     result = _analyse(recorder, workload, target, steps, op_count, notes)
     flops = costs = None
     if tally is not None:
@@ -708,7 +1224,49 @@ def trace_step(
         weights=weights,
         host_peak_bytes=host_peak,
         paged_bytes=paged,
+        rank=traced_rank,
+        host_bytes=host_bytes,
     )
+
+
+def _distributed_notes(workload: Workload, target: str) -> list[str]:
+    notes = [
+        f"one rank of {workload.world_size} ({workload.strategy}): PyTorch's distributed code traced over a "
+        "fake process group (collectives move no data, their buffers are allocated as on a real rank)"
+    ]
+    if target == "cuda":
+        notes.append("NCCL's own communication buffers live outside PyTorch's allocator and are not included")
+    if workload.offload != "none" and target == "cpu":
+        notes.append(f"`offload` {workload.offload} changes nothing on the CPU: the host is the device")
+    elif workload.offload == "params":
+        notes.append(
+            "offload params: sharded parameters, gradients and optimizer state are counted on the host "
+            "(host_bytes); the host-to-device copies of each unit's shards before its all-gather are not included"
+        )
+    elif workload.offload == "optimizer":
+        notes.append(
+            "offload optimizer: optimizer state is counted on the host (host_bytes); the device-to-host copies "
+            "of gradients and the updated parameters copied back are not included"
+        )
+    return notes
+
+
+def _offload(recorder: _TraceRecorder, workload: Workload, target: str, steps: int) -> int | None:
+    """Move the offloaded categories to the host (a CUDA step only); returns the most they hold at once, or None."""
+    if workload.offload == "none" or target != "cuda":
+        return None
+    hosted = {MemCategory.OPTIMIZER_STATE}
+    if workload.offload == "params":
+        hosted |= {MemCategory.PARAMETER, MemCategory.GRADIENT}
+    for r, category in enumerate(recorder.rec_cat):
+        if category in hosted:
+            recorder.rec_host[r] = True
+    live = peak = 0
+    for r, sign, *_ in recorder.events:
+        if recorder.rec_host[r] and recorder.rec_cat[r] in hosted:
+            live += sign * recorder.rec_nbytes[r]
+            peak = max(peak, live)
+    return peak
 
 
 def _weights(model, workload: Workload):
@@ -753,7 +1311,7 @@ def _finetune_notes(workload: Workload, target: str) -> list[str]:
             "paged optimizer state lives in CUDA unified memory: outside torch's allocator (not in the peak), "
             "moved to CPU memory by the driver when the GPU needs the room"
         )
-    if workload.offload == "optimizer" and target == "cuda":
+    if workload.offload == "optimizer" and target == "cuda" and not workload.distributed:
         notes.append(
             "optimizer offloaded: fp32 master weights, gradients copied to the CPU, the optimizer state and the "
             "CPU step's temporaries are CPU memory (host peak), not in the GPU peak"

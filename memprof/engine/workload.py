@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UsageError
+from .distributed import get_offload
 from .finetune import LoraSpec
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -135,8 +136,6 @@ _OPTIMIZER_ALIASES = {
     "paged-adamw-8bit": "paged-adamw8bit",
     "adafactor_hf": "adafactor-hf",
 }
-#: where optimizer state may live: on the device, or in CPU memory (the step runs on the CPU)
-OFFLOADS = ("none", "optimizer")
 
 
 def get_optimizer_name(name: str) -> str:
@@ -147,64 +146,67 @@ def get_optimizer_name(name: str) -> str:
     return key
 
 
-def get_offload(name: str | None) -> str:
-    key = "none" if name is None else str(name).strip().lower()
-    key = {"": "none", "off": "none", "no": "none", "false": "none", "optimizer-state": "optimizer"}.get(key, key)
-    if key not in OFFLOADS:
-        raise UsageError(f"unknown offload {name!r}", "`offload` optimizer keeps the optimizer state on the CPU")
-    return key
-
-
 def optimizer_state_count(name: str) -> int:
     """How many parameter-sized state tensors the optimizer keeps (SGD 0, momentum 1, Adam 2)."""
     return OPTIMIZERS[get_optimizer_name(name)][0]
 
 
-def make_optimizer(name: str, params, device_type: str, offload: str = "none"):
-    """Build the optimizer the way PyTorch would by default on ``device_type``.
+def optimizer_class(name: str, device_type: str) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """The optimizer's class (or factory) and keyword arguments for ``name``, as PyTorch would run it on
+    ``device_type``.
 
     ``foreach`` is passed explicitly: PyTorch picks the multi-tensor (foreach)
     implementations by default on CUDA and the per-tensor loop on CPU, and the two
     have different temporaries. Tracing for CUDA on fake CPU tensors therefore
-    asks for what CUDA would run. ``offload="optimizer"`` steps on the CPU
-    (:class:`memprof.engine.optimizers.OffloadedOptimizer`), with the CPU's implementation.
+    asks for what CUDA would run.
     """
-    name = get_optimizer_name(name)
-    params = list(params)
-    if not params:
-        raise UsageError("the model has no trainable parameters", "use --mode eval for inference-only models")
-    if get_offload(offload) == "optimizer":
-        from .optimizers import OffloadedOptimizer
-
-        return OffloadedOptimizer(params, lambda masters: _make_optimizer(name, masters, "cpu"))
-    return _make_optimizer(name, params, device_type)
-
-
-def _make_optimizer(name: str, params: list, device_type: str):
     import torch
 
+    name = get_optimizer_name(name)
     foreach = device_type == "cuda"
     if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-3, foreach=foreach)
+        return torch.optim.SGD, {"lr": 1e-3, "foreach": foreach}
     if name == "sgd-momentum":
-        return torch.optim.SGD(params, lr=1e-3, momentum=0.9, foreach=foreach)
+        return torch.optim.SGD, {"lr": 1e-3, "momentum": 0.9, "foreach": foreach}
     if name == "adam":
-        return torch.optim.Adam(params, lr=1e-4, foreach=foreach)
+        return torch.optim.Adam, {"lr": 1e-4, "foreach": foreach}
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-4, foreach=foreach)
+        return torch.optim.AdamW, {"lr": 1e-4, "foreach": foreach}
     if name == "adagrad":
-        return torch.optim.Adagrad(params, lr=1e-3, foreach=foreach)
+        return torch.optim.Adagrad, {"lr": 1e-3, "foreach": foreach}
     if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=1e-4, foreach=foreach)
+        return torch.optim.RMSprop, {"lr": 1e-4, "foreach": foreach}
     from . import optimizers
 
     if name in ("adamw8bit", "paged-adamw8bit"):
-        return optimizers.AdamW8bit(params, paged=name == "paged-adamw8bit")
+        return optimizers.AdamW8bit, {"paged": name == "paged-adamw8bit"}
     if name == "lion":
-        return optimizers.Lion(params)
+        return optimizers.Lion, {}
     if name == "adafactor":
-        return optimizers.make_adafactor(params, foreach)
-    return optimizers.make_hf_adafactor(params)
+        return optimizers.make_adafactor, {"foreach": foreach}
+    return optimizers.make_hf_adafactor, {}
+
+
+def make_optimizer(name: str, params, device_type: str, offload: str = "none", world=None):
+    """Build the optimizer the way PyTorch would by default on ``device_type`` (see :func:`optimizer_class`).
+
+    ``offload="optimizer"`` steps on the CPU (:class:`memprof.engine.optimizers.OffloadedOptimizer`), with
+    the CPU's implementation. With ``world`` (a :class:`memprof.engine.distributed.World`, ZeRO-1),
+    PyTorch's ``ZeroRedundancyOptimizer`` around it: each rank keeps the state of its partition only.
+    """
+    params = list(params)
+    if not params:
+        raise UsageError("the model has no trainable parameters", "use --mode eval for inference-only models")
+    if get_offload(offload) == "optimizer" and world is None:
+        from .optimizers import OffloadedOptimizer
+
+        return OffloadedOptimizer(params, lambda masters: make_optimizer(name, masters, "cpu"))
+    cls, kwargs = optimizer_class(name, device_type)
+    if world is not None:
+        from .distributed import make_sharded_optimizer
+
+        return make_sharded_optimizer(params, cls, kwargs, world)
+    return cls(params, **kwargs)
 
 
 # --------------------------------------------------------------------------- workload
@@ -224,6 +226,16 @@ class Workload:
     checkpointing: str = "none"
     #: turn every nn.ReLU into ReLU(inplace=True) before the step
     inplace_relu: bool = False
+    #: data parallelism (:mod:`memprof.engine.distributed`): none, ddp, zero1, zero2, zero3 / fsdp;
+    #: ``batch_size`` is then per rank, and everything the workload predicts is one rank's
+    strategy: str = "none"
+    world_size: int = 1
+    #: none, optimizer (optimizer state and its step on the CPU; with a strategy: the state counted on the
+    #: host) or params (FSDP2's CPUOffloadPolicy)
+    offload: str = "none"
+    #: DDP's bucket size and ``gradient_as_bucket_view`` (ddp, zero1)
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = False
     #: module-name globs whose parameters are frozen (requires_grad=False)
     freeze: tuple[str, ...] = ()
     #: module-name globs whose parameters stay trainable; every other parameter is frozen
@@ -234,8 +246,6 @@ class Workload:
     quantize: str = "none"
     #: 4-bit double quantization (bnb_4bit_use_double_quant)
     double_quant: bool = False
-    #: "none" | "optimizer" (optimizer state and its step on the CPU)
-    offload: str = "none"
 
     def __post_init__(self):
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
@@ -243,7 +253,11 @@ class Workload:
         if self.mode not in MODES:
             raise UsageError(f"unknown mode {self.mode!r}", "choose train or eval")
         object.__setattr__(self, "optimizer", get_optimizer_name(self.optimizer))
-        object.__setattr__(self, "offload", get_offload(self.offload))
+        from .distributed import check_plan
+
+        strategy, offload = check_plan(self.strategy, self.world_size, self.offload, self.bucket_cap_mb)
+        object.__setattr__(self, "strategy", strategy)
+        object.__setattr__(self, "offload", offload)
         from .finetune import parse_patterns
 
         object.__setattr__(self, "freeze", parse_patterns(self.freeze, "freeze"))
@@ -267,6 +281,10 @@ class Workload:
                 "choose the adapted layers with `lora_targets`, or drop the LoRA options",
             )
 
+    @property
+    def distributed(self) -> bool:
+        return self.strategy != "none"
+
     def with_batch(self, batch_size: int) -> Workload:
         return dataclasses.replace(self, batch_size=batch_size)
 
@@ -285,7 +303,16 @@ class Workload:
             "checkpointing": self.checkpointing,
             "inplace_relu": self.inplace_relu,
             **self.finetune_description(),
-        }
+        } | self.describe_parallel()
+
+    def describe_parallel(self) -> dict[str, Any]:
+        """The data-parallel fields, only when there is a strategy (a single process describes as before)."""
+        if not self.distributed:
+            return {}
+        out: dict[str, Any] = {"strategy": self.strategy, "world_size": self.world_size, "offload": self.offload}
+        if self.strategy in ("ddp", "zero1"):
+            out |= {"bucket_cap_mb": self.bucket_cap_mb, "gradient_as_bucket_view": self.gradient_as_bucket_view}
+        return out
 
     def finetune_description(self) -> dict[str, Any]:
         """The fine-tuning levers that are set (nothing when none is)."""
@@ -413,6 +440,8 @@ def prepare(
 ) -> Prepared:
     """Build model, optimizer and one batch for ``workload`` on ``device``.
 
+    With a data-parallel strategy the model is wrapped (DDP, FSDP2) over the process group
+    ``torchrun`` initialised, and ``workload.batch_size`` is this rank's batch.
     ``optimizer_device_type`` chooses which device's default optimizer implementation
     to use (see :func:`make_optimizer`); it defaults to ``device``'s type.
     """
@@ -421,10 +450,18 @@ def prepare(
     device = torch.device(device)
     if model is None:
         model = build_model(workload, device)
+    world = None
+    if workload.distributed:
+        from . import distributed
+
+        world = distributed.current_world(device.type)
+        model = distributed.wrap(model, distributed.plan_of(workload), world, device.type)
     opt = None
     if workload.mode == "train":
         trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(workload.optimizer, trainable, optimizer_device_type or device.type, workload.offload)
+        sharded_opt = world if workload.strategy == "zero1" else None
+        offload = "none" if workload.distributed else workload.offload
+        opt = make_optimizer(workload.optimizer, trainable, optimizer_device_type or device.type, offload, sharded_opt)
     args, kwargs, target = workload.model.make_batch(workload.batch_size, device, workload.precision)
     return Prepared(workload, model, opt, args, kwargs, target, workload.model.loss_fn(), device.type)
 

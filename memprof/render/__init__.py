@@ -6,8 +6,11 @@ Per-command renderers live in ``memprof/render/<command>.py``.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 from rich.console import Console
+
+from ..results import METHOD_REAL, ModelledBytes
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -55,6 +58,22 @@ def format_pct(x: float | None, digits: int = 1, signed: bool = False) -> str:
 
 def format_count(n: int | None) -> str:
     return "n/a" if n is None else f"{n:,}"
+
+
+def certainty(method: str, modelled: Sequence[ModelledBytes]) -> str:
+    """How sure a traced peak is: "exact trace + 48.0 MiB modelled: cuDNN RNN workspace 48.0 MiB (unverified)".
+
+    The recorded part is exact for what ran (on fake tensors, or for real on the CPU when the step
+    reads tensor values); the modelled parts come from libraries' sources or measurements and are
+    marked "(unverified)" until a real run of that kind has confirmed them.
+    """
+    base = "real CPU run" if method == METHOD_REAL else "exact trace"
+    parts = [m for m in modelled if m.bytes]
+    if not parts:
+        return f"{base} (nothing modelled at the peak)"
+    total = sum(m.bytes for m in parts)
+    items = ", ".join(f"{m.what} {format_bytes(m.bytes)}" + ("" if m.verified else " (unverified)") for m in parts)
+    return f"{base} + {format_bytes(total)} modelled: {items}"
 
 
 def format_flops(n: int | float | None, unit: str = "FLOP") -> str:

@@ -3,15 +3,15 @@
 A chart is data: an :class:`XYChart` (two axes and marks: :class:`Line`, :class:`Points`,
 :class:`HLine`, :class:`VLine`) or a :class:`BarChart` (stacked horizontal bars). Functions
 here turn a command's result into a chart (:func:`batch_chart` for find-batch's peak vs batch,
-:func:`compare_chart` for compare's breakdown bars, :func:`timeline_chart` for profile's live
-memory over time); three functions draw any chart:
+:func:`compare_chart` for compare's breakdown bars, :func:`scaling_chart` for one rank's peak per
+world size, :func:`timeline_chart` for profile's live memory over time); three functions draw any chart:
 
 * :func:`figure` - a matplotlib ``Figure`` (for notebooks, and for the files below);
 * :func:`write` - ``.svg``, ``.png``, ``.pdf`` (and ``.html``: the SVG in a page), deterministic:
   the same chart gives the same bytes (fixed SVG ids, no dates in the metadata);
 * :func:`terminal` - a Rich ``Text`` of characters, each mark drawn with its ``glyph``.
 
-To add a chart (peak vs world size, batch x sequence length, ...), write one function
+To add a chart (batch x sequence length, ...), write one function
 ``result -> XYChart | BarChart``; both backends draw it. Each mark's ``id`` becomes the
 artist's ``gid`` (a ``<g id=...>`` in the SVG), which is what tests look for.
 
@@ -37,7 +37,7 @@ from . import byte_unit, format_bytes, precise_bytes
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from ..results import CompareResult, FindBatchResult, ProfileResult
+    from ..results import CompareResult, FindBatchResult, ProfileResult, ScalingResult, ScalingRow
 
 AxisKind = Literal["bytes", "count", "seconds"]
 LineStyle = Literal["solid", "dashed", "dotted"]
@@ -146,6 +146,8 @@ class BarChart:
     segments: tuple[Segment, ...]
     bars: tuple[Bar, ...]
     size: tuple[float, float] = field(default=(9.0, 3.5))
+    limit: HLine | None = None  # a rule across the bars at ``limit.y`` bytes (a capacity), labelled
+    file_notes: bool = False  # each bar's note after its total in files too (the terminal always shows it)
 
 
 Chart = XYChart | BarChart
@@ -258,6 +260,8 @@ BAR_SEGMENTS: dict[MemCategory, tuple[str, str]] = {
     MemCategory.TEMPORARY: ("#e15759", "▞"),
     MemCategory.INPUT: ("#9c755f", "▪"),
     MemCategory.CUDA_OVERHEAD: ("#bab0ac", "·"),
+    MemCategory.GATHERED_PARAMETER: ("#86bcb6", "▙"),
+    MemCategory.COMMUNICATION: ("#f28e2b", "▚"),
 }
 
 
@@ -277,6 +281,50 @@ def compare_chart(result: CompareResult) -> BarChart:
         tuple(Segment(c.value, *BAR_SEGMENTS[c]) for c in used),
         tuple(bars),
         size=(9.0, 0.5 * len(bars) + 2.0),
+    )
+
+
+#: the parts of one rank's peak that the world-size chart stacks: label, colour, terminal character
+SCALING_PARTS = (
+    ("model states", "#4e79a7", "█"),  # parameters + gradients + optimizer state, as held by the rank
+    ("activations", "#59a14f", "░"),
+    ("gathered + buffers", "#f28e2b", "▒"),  # gathered parameters, communication buffers
+    ("other", "#bab0ac", "·"),  # temporaries, inputs, buffers, workspaces
+)
+
+
+def scaling_parts(row: ScalingRow) -> tuple[int, int, int, int]:
+    """(model states, activations, gathered + communication, the rest) of one row's peak, summing to it."""
+    peak = int(row.peak_bytes or 0)
+    states = min(peak, int(row.model_state_bytes or 0))
+    acts = min(peak - states, int(row.activation_bytes or 0))
+    comm = min(peak - states - acts, int((row.gathered_bytes or 0) + (row.communication_bytes or 0)))
+    return states, acts, comm, peak - states - acts - comm
+
+
+def scaling_chart(result: ScalingResult) -> BarChart:
+    """estimate --world-size: one bar per world size, one rank's peak split as :data:`SCALING_PARTS`; the capacity."""
+    rows = [r for r in result.rows if r.peak_bytes]
+    cap = result.capacity.total_bytes if result.capacity is not None else None
+    bars = tuple(
+        Bar(
+            f"{r.world_size} rank" + ("s" if r.world_size > 1 else ""),
+            scaling_parts(r),
+            int(r.peak_bytes or 0),
+            note=f"batch/rank {r.max_batch}" if r.max_batch is not None else "",
+        )
+        for r in rows
+    )
+    top = max([b.total for b in bars] + ([cap] if cap else []), default=0)  # room for the notes on the right
+    limit = HLine("capacity", float(cap), f"capacity {format_bytes(cap)}", glyph="|") if cap else None
+    return BarChart(
+        f"{result.workload.get('model')}: one rank's peak vs world size ({result.strategy})",
+        Axis("one rank's peak memory", 0, top * 1.4 or 1, "bytes"),
+        tuple(Segment(label, color, glyph) for label, color, glyph in SCALING_PARTS),
+        bars,
+        size=(9.0, 0.5 * len(bars) + 2.0),
+        limit=limit,
+        file_notes=True,
     )
 
 
@@ -444,16 +492,30 @@ def _draw_bars(chart: BarChart, ax: Any) -> None:
         left = [a + v for a, v in zip(left, values, strict=True)]
     for y, b in enumerate(bars):
         ax.text(b.total, y, " " + format_bytes(b.total), va="center", fontsize=9, gid=f"total-{len(bars) - 1 - y}")
+        if chart.file_notes and b.note:
+            ax.annotate(
+                b.note,
+                (b.total, y),
+                xytext=(70, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+                gid=f"note-{len(bars) - 1 - y}",
+            )
     ax.set_yticks(range(len(bars)))
     ax.set_yticklabels(labels)
     for tick, b in zip(ax.get_yticklabels(), bars, strict=True):
         if b.highlight:
             tick.set_fontweight("bold")
+    if chart.limit is not None:
+        m = chart.limit
+        ax.axvline(m.y, color=m.color, linestyle=m.style, linewidth=m.width, label=m.label, gid=m.id)
     ax.set_xlim(chart.x.lo, chart.x.hi)
     _axis_ticks(ax, "x", chart.x)
     ax.set_xlabel(chart.x.label)
     if chart.segments:
-        ax.figure.legend(loc="outside lower center", ncol=min(5, len(chart.segments)), frameon=False, fontsize=8)
+        n = len(chart.segments) + (chart.limit is not None)
+        ax.figure.legend(loc="outside lower center", ncol=min(5, n), frameon=False, fontsize=8)
 
 
 def _rc() -> AbstractContextManager[None]:
@@ -649,18 +711,28 @@ def _terminal_bars(chart: BarChart, width: int) -> Text:
         text.append(seg.glyph, style=seg.color)
         text.append(f" {seg.label}  ")
     text.append("\n")
-    scale = max((b.total for b in chart.bars), default=0)
+    limit = chart.limit
+    scale = max([b.total for b in chart.bars] + ([int(limit.y)] if limit is not None else []), default=0)
+    at = None if limit is None or not scale else min(width - 1, max(0, round(limit.y / scale * width) - 1))
     label_w = max((len(b.label) for b in chart.bars), default=10) + 2
     for b in chart.bars:
         text.append(("★ " if b.highlight else "  ") + b.label.ljust(label_w))
-        n = 0
+        cells: list[tuple[str, str | None]] = []
         for i, count in bar_cells(b, scale, width):
             seg = chart.segments[i]
-            text.append(seg.glyph * count, style=seg.color)
-            n += count
-        text.append(" " * (width - n + 1))
+            cells += [(seg.glyph, seg.color)] * count
+        cells += [(" ", None)] * (width - len(cells))
+        if at is not None and limit is not None and limit.glyph:
+            cells[at] = (limit.glyph, limit.color)
+        for glyph, color in cells:
+            text.append(glyph, style=color)
+        text.append(" ")
         note = b.note if len(b.note) <= 44 else "…" + b.note[-43:]
         text.append(f"{format_bytes(b.total):>10}  {note}\n")
+    if limit is not None and limit.glyph and limit.label:
+        text.append(" " * (label_w + 2))
+        text.append(limit.glyph, style=limit.color)
+        text.append(f" {limit.label}\n")
     return text
 
 

@@ -12,7 +12,15 @@ from rich.table import Table
 from rich.text import Text
 
 from ..results import CompareResult, CompareRow
-from . import format_bytes, format_count, format_flops, format_pct, format_seconds, format_signed_bytes
+from . import (
+    certainty,
+    format_bytes,
+    format_count,
+    format_flops,
+    format_pct,
+    format_seconds,
+    format_signed_bytes,
+)
 from .charts import compare_chart, terminal, write
 
 
@@ -245,6 +253,8 @@ def detail_lines(result: CompareResult) -> list[str]:
             if rc.batchnorm_recomputed:
                 line += "; BatchNorm running statistics update twice per step (in forward and in the recomputation)"
             lines.append(line)
+        if r.error is None and (r.method != "trace" or any(m.bytes for m in r.modelled)):
+            lines.append(f"{r.label}: {certainty(r.method, r.modelled)}")
         for note in r.notes:
             if note not in lines:
                 lines.append(note)

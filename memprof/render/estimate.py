@@ -9,8 +9,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ..results import EstimateResult, FlopCount, LayerRow, MemCategory
-from . import format_bytes, format_count, format_flops, format_pct, format_seconds
+from ..results import METHOD_REAL, EstimateResult, FlopCount, LayerRow, MemCategory
+from . import certainty, format_bytes, format_count, format_flops, format_pct, format_seconds
 
 DEFAULT_LAYERS = 10
 
@@ -19,11 +19,46 @@ _ORDER = (
     MemCategory.BUFFER,
     MemCategory.GRADIENT,
     MemCategory.OPTIMIZER_STATE,
+    MemCategory.GATHERED_PARAMETER,
+    MemCategory.COMMUNICATION,
     MemCategory.ACTIVATION,
     MemCategory.TEMPORARY,
     MemCategory.INPUT,
     MemCategory.CUDA_OVERHEAD,
 )
+#: what each strategy shards (labelled "(sharded)" in the breakdown)
+_SHARDED = {
+    "zero1": (MemCategory.OPTIMIZER_STATE,),
+    "zero2": (MemCategory.PARAMETER, MemCategory.GRADIENT, MemCategory.OPTIMIZER_STATE),
+    "zero3": (MemCategory.PARAMETER, MemCategory.GRADIENT, MemCategory.OPTIMIZER_STATE),
+    "fsdp": (MemCategory.PARAMETER, MemCategory.GRADIENT, MemCategory.OPTIMIZER_STATE),
+}
+_STRATEGY_NAMES = {
+    "ddp": "DDP",
+    "zero1": "ZeRO-1 (DDP + ZeroRedundancyOptimizer)",
+    "zero2": "ZeRO-2 (FSDP2, reshard_after_forward=False)",
+    "zero3": "ZeRO-3 (FSDP2 fully_shard)",
+    "fsdp": "FSDP2 fully_shard (ZeRO-3)",
+}
+
+
+def _label(cat: MemCategory, strategy: str | None) -> str:
+    return cat.value + (" (sharded)" if cat in _SHARDED.get(strategy or "", ()) else "")
+
+
+def parallel_line(workload: dict) -> str | None:
+    """ "FSDP2 fully_shard (ZeRO-3) × 8 ranks, one rank shown" for a distributed workload, else None."""
+    strategy = workload.get("strategy")
+    if not strategy or strategy == "none":
+        return None
+    text = f"{_STRATEGY_NAMES.get(strategy, strategy)} × {workload.get('world_size')} ranks; figures are one rank's"
+    if workload.get("offload") not in (None, "none"):
+        text += f"; offload {workload.get('offload')}"
+    if strategy in ("ddp", "zero1"):
+        text += f"; buckets {workload.get('bucket_cap_mb'):g} MiB"
+        if workload.get("gradient_as_bucket_view"):
+            text += ", gradient_as_bucket_view"
+    return text
 
 
 _METRICS = {
@@ -83,6 +118,10 @@ def _header(result: EstimateResult, console: Console) -> None:
     ]
     if w.get("checkpointing") not in (None, "none"):
         rows.append(("checkpointing", str(w.get("checkpointing"))))
+    parallel = parallel_line(w)
+    if parallel is not None:
+        rows[1] = ("batch size", f"{w.get('batch_size')} per rank")
+        rows.append(("parallel", parallel))
     cpu = "cpu (the same step run on the CPU), " if result.target == "cpu" else ""
     if result.capacity is not None:
         rows.append(("device", f"{cpu}{format_bytes(result.capacity.total_bytes)} ({result.capacity.source})"))
@@ -98,13 +137,22 @@ def _headline(result: EstimateResult, console: Console) -> None:
     console.print()
     if result.traced is not None:
         t = result.traced
-        how = "traced for the CPU" if result.target == "cpu" else "traced"
+        real = getattr(t, "method", "trace") == METHOD_REAL
+        how = "recorded from a real CPU run" if real else "traced for the CPU" if result.target == "cpu" else "traced"
         console.print(f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] peak per {what} ({how})")
         if getattr(t, "peak_phase", None):
             console.print(
                 f"  peak in {t.peak_phase}"
-                + (f", in module {t.peak_module}" if getattr(t, "peak_module", None) else "")
+                + (f", in module {t.peak_module}" if getattr(t, "peak_module", None) else ""),
+                markup=False,
             )
+        width = max(40, console.width - 1)
+        lines = [certainty(getattr(t, "method", "trace"), getattr(t, "modelled", ()))]
+        reason = getattr(t, "method_reason", None)
+        if reason:
+            lines.append(f"the step reads tensor values ({reason}), so it ran for real on the CPU at this batch")
+        for line in lines:
+            console.print(textwrap.fill(line, width, initial_indent="  ", subsequent_indent="    "), markup=False)
         extra = []
         if getattr(t, "predicted_reserved_bytes", None) is not None:
             extra.append(f"CUDA allocator reserved ≈ {format_bytes(t.predicted_reserved_bytes)}")
@@ -112,13 +160,16 @@ def _headline(result: EstimateResult, console: Console) -> None:
             extra.append(f"nvidia-smi ≈ {format_bytes(t.predicted_nvml_bytes)}")
         if extra:
             console.print("  " + "; ".join(extra))
-        console.print(f"  formula (four-part rule): {format_bytes(a.total_bytes)}")
+        if getattr(t, "host_bytes", None):
+            console.print(f"  offloaded to the host: {format_bytes(t.host_bytes)} per rank (not in the figures above)")
+        one = " for one process" if parallel_line(result.workload) else ""
+        console.print(f"  formula (four-part rule){one}: {format_bytes(a.total_bytes)}")
     else:
         console.print(
             f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] per {what} (formula: four-part rule)"
         )
         if result.trace_note:
-            console.print(f"  {result.trace_note}")
+            console.print(f"  {result.trace_note}", markup=False)
     params = f"  parameters {format_count(a.param_count)}"
     if a.trainable_param_count != a.param_count:
         params += f" ({format_count(a.trainable_param_count)} trainable)"
@@ -139,7 +190,7 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
     if traced is not None:
         table.add_column("Traced", justify="right")
         table.add_column("% of total", justify="right")
-        table.add_column("Formula", justify="right")
+        table.add_column("Formula" + (" (1 process)" if parallel_line(result.workload) else ""), justify="right")
         table.add_column("% of total", justify="right")
     else:
         table.add_column("Bytes", justify="right")
@@ -152,8 +203,9 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
         if not f and not t:
             continue
         if traced is not None:
+            label = _label(cat, result.workload.get("strategy"))
             table.add_row(
-                cat.value, format_bytes(t or 0), _pct(t or 0, t_total), format_bytes(f or 0), _pct(f or 0, f_total)
+                label, format_bytes(t or 0), _pct(t or 0, t_total), format_bytes(f or 0), _pct(f or 0, f_total)
             )
         else:
             assert f is not None  # without a trace t is None, so the row was skipped unless f is set
@@ -350,8 +402,12 @@ def _methods(result: EstimateResult, console: Console) -> None:
     legend = []
     if result.traced is not None:
         act = _categories(getattr(result.traced, "breakdown_at_peak", {})).get(MemCategory.ACTIVATION)
-        table.add_row("memprof trace", format_bytes(result.traced.peak_bytes), format_bytes(act))
-        legend.append(("memprof trace", "fake-tensor trace of the whole step, peak of live storages"))
+        if getattr(result.traced, "method", "trace") == METHOD_REAL:
+            table.add_row("memprof real run", format_bytes(result.traced.peak_bytes), format_bytes(act))
+            legend.append(("memprof real run", "the whole step run on the CPU, recorded like a trace"))
+        else:
+            table.add_row("memprof trace", format_bytes(result.traced.peak_bytes), format_bytes(act))
+            legend.append(("memprof trace", "fake-tensor trace of the whole step, peak of live storages"))
     for m in a.methods:
         table.add_row(
             m.method,

@@ -138,6 +138,9 @@ def trial_table(result) -> Table:
         table.add_column("NVML used", justify="right", no_wrap=True)
     table.add_column("predicted", justify="right", no_wrap=True)
     table.add_column("error", justify="right", no_wrap=True)
+    ranks = any(t.rank_peaks_bytes for t in result.trials)
+    if ranks:
+        table.add_column("ranks (min-max)", justify="right", no_wrap=True)
     table.add_column("time", justify="right", no_wrap=True)
     for i, t in enumerate(result.trials, 1):
         if t.fits:
@@ -151,13 +154,20 @@ def trial_table(result) -> Table:
         row = [str(i), str(t.batch_size), t.reason or "", verdict, peak]
         if cuda:
             row += [format_bytes(t.peak_reserved_bytes), format_bytes(t.nvml_used_bytes)]
-        row += [
-            format_bytes(t.predicted_bytes),
-            format_pct(_error_pct(t, metric), 1, signed=True),
-            f"{t.seconds:.1f} s",
-        ]
+        row += [format_bytes(t.predicted_bytes), format_pct(_error_pct(t, metric), 1, signed=True)]
+        if ranks:
+            row.append(_spread(t.rank_peaks_bytes))
+        row.append(f"{t.seconds:.1f} s")
         table.add_row(*row)
     return table
+
+
+def _spread(peaks) -> str:
+    known = [p for p in peaks or () if p is not None]
+    if not known:
+        return "-"
+    low, high = min(known), max(known)
+    return format_bytes(low) if low == high else f"{format_bytes(low)}-{format_bytes(high)}"
 
 
 def answer_lines(result) -> list[str]:
@@ -198,6 +208,10 @@ def answer_lines(result) -> list[str]:
         target = result.target_global_batch
         eff = result.grad_accum_steps * result.micro_batch
         line = f"Global batch {target}: {result.grad_accum_steps} gradient-accumulation steps of {result.micro_batch}"
+        ranks = result.workload.get("world_size") if result.workload.get("strategy") else None
+        if ranks:
+            line += f" per rank × {ranks} ranks"
+            eff *= ranks
         if eff != target:
             line += f" (= {eff})"
             exact = result.exact_accumulation
@@ -227,6 +241,11 @@ def header_lines(result) -> list[str]:
     lines = [
         f"Model {w['model']}  input {w['input']}  {w['dtype']}{opt}, mode {w['mode']}",
         f"Device {result.device}",
+        *(
+            [f"Parallel {w['strategy']} × {w['world_size']} ranks: batches are per rank, a trial runs on every rank"]
+            if w.get("strategy")
+            else []
+        ),
         f"Limit {format_bytes(result.capacity.total_bytes)} of {_METRIC_LABEL.get(result.metric, result.metric)} "
         f"({result.capacity.source}); {result.steps} steps per trial",
     ]

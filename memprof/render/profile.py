@@ -190,6 +190,47 @@ def render_profile(result: ProfileResult, console: Console, top: int = 10, chart
         )
 
 
+def render_ranks(result, console: Console, top: int = 10) -> None:
+    """``profile --nproc-per-node``: every rank's peak side by side, then the full report of the highest."""
+    argv = " ".join([Path(result.script).name, *result.argv])
+    console.print(
+        Text(
+            f"memprof profile: {argv}  ·  torchrun, {result.world_size} ranks"
+            + (f" ({result.nproc_per_node} on this node)" if result.world_size != result.nproc_per_node else "")
+            + f"  ·  {result.wall_s:.1f} s",
+            style="bold",
+        )
+    )
+    t = Table(title="Each rank", title_justify="left", show_edge=False)
+    for name in ("rank", "peak", "at"):
+        t.add_column(name, justify="right", no_wrap=True)
+    t.add_column("phase", no_wrap=True)
+    t.add_column("where")
+    t.add_column("at exit", justify="right", no_wrap=True)
+    t.add_column("outcome", no_wrap=True)
+    highest = result.highest
+    for rank, r in result.ranks:
+        p = r.peak
+        mark = " ◀" if highest is not None and rank == highest[0] and len(result.ranks) > 1 else ""
+        t.add_row(
+            str(rank),
+            format_bytes(p.bytes) + mark,
+            f"{p.time_s:.2f} s",
+            p.phase + (f" {p.module}" if p.module else ""),
+            p.location or "outside the script's files",
+            format_bytes(r.at_exit_bytes),
+            "ok" if r.outcome.exit_code == 0 else f"{r.outcome.status} {r.outcome.exit_code}",
+        )
+    for rank in result.missing:
+        t.add_row(str(rank), "-", "", "", "sent no profile (the job stopped first)", "", "lost")
+    console.print()
+    console.print(t)
+    if highest is not None:
+        console.print()
+        console.print(Text(f"Rank {highest[0]} (the highest peak):", style="bold"))
+        render_profile(highest[1], console, top=top)
+
+
 def outcome_line(result: ProfileResult) -> str | None:
     """One line for stderr when the script did not end normally, else None."""
     o = result.outcome
