@@ -367,7 +367,12 @@ def compare(
     from .commands.compare import compare as run
     from .commands.compare import normalize_axes, resolve_capacity, strategy_value
     from .engine.catalog import resolve_target
+    from .errors import UsageError
 
+    kind = str(device).strip().lower()
+    if not (kind in ("cpu", "cuda") or kind.startswith("cuda:")):
+        raise UsageError(f"unknown `device` {device!r}", "write cuda (predict a CUDA step) or cpu")
+    device = "cpu" if kind == "cpu" else "cuda"
     cuda_target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark) if device != "cpu" else None
 
     axes: dict[str, list[Any]] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 _PARAM = re.compile(r"`([a-z_][a-z0-9_]*)`")
 
@@ -53,6 +54,11 @@ class ModelLoadError(MemprofError):
     """The model reference could not be turned into a model (name, file, attribute, constructor)."""
 
 
+class ModelCodeError(MemprofError):
+    """The model's own code (its forward, loss or ``memprof_batch``) raised: the message shows the
+    exception as raised and the model's line it came from."""
+
+
 class InputShapeError(MemprofError):
     """The model rejected the inputs memprof built for it."""
 
@@ -88,3 +94,15 @@ class DataDependentError(TraceError):
 
 class MeasureError(MemprofError):
     """A real measurement failed for a reason other than running out of memory."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C after part of the answer was computed: ``partial`` holds that result.
+
+    A ``KeyboardInterrupt``, so Ctrl-C still stops a program that calls the API; the command
+    line catches it to print what was computed before exiting 130.
+    """
+
+    def __init__(self, partial: Any):
+        super().__init__()
+        self.partial: Any = partial

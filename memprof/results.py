@@ -355,6 +355,7 @@ class FitSummary:
     headroom: float
     per_sample_bytes: int | None = None
     fixed_bytes: int | None = None
+    note: str | None = None  # why a traced step's fit is by formula (other batch sizes failed to trace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,6 +401,10 @@ class EstimateResult:
     #: the roofline step-time model on the chosen GPU (a model, not measured); None without a GPU or a trace
     step_time: StepTime | None = None
     step_time_note: str | None = None  # why there is no step time
+    #: the trace was asked for and failed: the answer is the formula's only (a partial answer)
+    trace_error: str | None = None
+    trace_hint: str | None = None  # what to do about trace_error
+    interrupted: bool = False  # Ctrl-C during the trace: the formula's answer, the trace left out
 
 
 # =========================================================================== trace
@@ -701,6 +706,8 @@ class ScriptOutcome:
     error: str | None = None  # "ZeroDivisionError: division by zero"
     location: str | None = None  # innermost line of the user's files in the traceback
     source: str | None = None
+    #: when the script raised: its traceback as Python prints it, the script's own frames only
+    traceback: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -958,3 +965,4 @@ class CompareResult:
     #: the single lever (a row changing one thing) that allows the largest batch, and its batch gain
     best_lever_label: str | None = None
     best_lever_gain: int | None = None
+    interrupted: bool = False  # Ctrl-C after the baseline: the rows traced until then

@@ -5,6 +5,7 @@ Formatting for people lives in ``memprof.render``; this module only parses.
 
 from __future__ import annotations
 
+import math
 import re
 
 from .errors import UsageError
@@ -34,6 +35,7 @@ _UNITS = {
     "ti": TiB,
     "tib": TiB,
 }
+_LARGEST = 2**60  # 1 EiB: beyond any machine, and far from int64 overflow
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
@@ -57,6 +59,8 @@ def parse_bytes(text: str | int | float) -> int:
             f"unknown size unit {unit!r} in {text!r}",
             "use B, kB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024)",
         )
+    if not math.isfinite(value) or value * _UNITS[unit] > _LARGEST:
+        raise UsageError(f"memory size {text!r} is too large", "e.g. --gpu-memory 80GiB")
     size = int(round(value * _UNITS[unit]))
     if size <= 0:
         raise UsageError(f"memory size must be positive, got {text!r}", "e.g. --gpu-memory 24GiB")

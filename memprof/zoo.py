@@ -25,7 +25,8 @@ def cifar_mlp() -> nn.Module:
 
 
 class Cruncher(nn.Module):
-    """Seed 000: ``num_layers`` bias-free Linear(D, D), then Linear(D, 1) (bias-free too)."""
+    """A stack of square layers (seed 000 named it "Cruncher"): ``num_layers`` bias-free Linear(D, D), then
+    Linear(D, 1) (bias-free too); the four-part rule's reference model."""
 
     def __init__(self, dim: int = 1024, num_layers: int = 4):
         super().__init__()

@@ -40,6 +40,8 @@ ORIGINAL = (
     "mnist_mlp:64 adam eval",
     "mobilenet_v3_small:32:128 eval",
     "UNet:4:64 adam bf16",
+    "resnet18:2:64 adam",
+    "resnet18:8:64 adam, frozen conv1,bn1,layer1,layer2",
 )
 
 

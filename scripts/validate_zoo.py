@@ -70,6 +70,15 @@ ZOO: list[Case] = [
     Case("cnn", "vgg11:2:64 sgd", "vgg11", dict(batch_size=2, input_shape=(3, 64, 64), optimizer="sgd")),
     Case("cnn", "densenet121:4:64 adam", "densenet121", dict(batch_size=4, input_shape=(3, 64, 64))),
     Case("cnn", "efficientnet_b0:4:128 adam", "efficientnet_b0", dict(batch_size=4, input_shape=(3, 128, 128))),
+    # small feature maps: oneDNN computes the weight gradient of layer4's 3x3 convs (2x2 maps) with its gemm
+    # kernel and per-thread reduction buffers (9 x the weight bytes at 2 threads)
+    Case("cnn", "resnet18:2:64 adam", "resnet18", dict(batch_size=2, input_shape=(3, 64, 64))),
+    Case(
+        "cnn",
+        "resnet18:8:64 adam, frozen conv1,bn1,layer1,layer2",
+        "resnet18",
+        dict(batch_size=8, input_shape=(3, 64, 64), freeze=("conv1", "bn1", "layer1", "layer2")),
+    ),
     Case(
         "cnn",
         "convnext_tiny:2:64 adamw",

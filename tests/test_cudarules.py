@@ -199,7 +199,7 @@ def test_explicit_softmax_keeps_its_t_squared_output_in_fp32_for_cuda():
 
 
 def test_bce_is_banned_under_cuda_autocast():
-    from memprof.errors import TraceError
+    from memprof.errors import ModelCodeError
 
     class Sig(nn.Module):
         def __init__(self):
@@ -212,7 +212,8 @@ def test_bce_is_banned_under_cuda_autocast():
     s = spec(Sig, (8,))
     s.loss_hook = lambda out, target: nn.functional.binary_cross_entropy(out, torch.ones_like(out))
     w = Workload(s, batch_size=4, optimizer="sgd", precision=PRECISIONS["amp-fp16"])
-    with pytest.raises(TraceError, match="unsafe to autocast"):
+    # the model's own loss raised: shown as raised, at its line
+    with pytest.raises(ModelCodeError, match=r"unsafe to autocast.*test_cudarules\.py:\d+"):
         trace_step(w, target="cuda", cuda_target=SM80)
     trace_step(w, target="cpu")  # the CPU's autocast allows it
 

@@ -94,15 +94,15 @@ def test_lora_targets_parse():
 
 
 @needs_peft
-def test_lora_without_dropout_overestimates_by_an_accumulated_gradient():
-    """Known gap: eager autograd sums a gradient into the first one in place when nothing else holds
-    it (InputBuffer::accumulate); with fake tensors (and under any dispatch mode) it adds out of
-    place. Without LoRA dropout the adapter's input is the base layer's input, so its gradient is
-    accumulated: the trace keeps one extra input-gradient buffer (here 64 x 512 fp32)."""
+def test_lora_without_dropout_accumulates_the_input_gradient_in_place_as_a_real_step():
+    """Eager autograd sums a gradient into the first one in place when nothing else holds it
+    (InputBuffer::accumulate); on fake tensors it adds out of place, so the trace used to keep one
+    extra input-gradient buffer (64 x 512 fp32, +5.2 %) where each adapter reads its base layer's
+    input. memprof.engine.gradaccum gives the trace the real engine's choice."""
     w = make_workload(mlp(), batch_size=64, lora=LoraSpec(8, 16, ("all-linear",), 0.0))
     traced = trace_step(w, target="cpu").peak_bytes
     measured = measure_cpu_step(w)["peak_bytes"]
-    assert 0 < traced - measured <= 64 * 512 * 4
+    assert abs(traced - measured) <= 64, (traced, measured)  # the profiler's few bytes of its own
 
 
 @needs_peft

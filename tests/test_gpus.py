@@ -60,8 +60,10 @@ def test_no_gpu_one_line_and_exit_code(monkeypatch):
     assert res.exit_code == EXIT_NO_GPU == 3
     assert res.stdout == ""
     assert res.stderr == (
-        "No GPU: NVML could not start: NVML Shared Library Not Found; torch 2.5.1+cu124 built for "
-        "CUDA 12.4 sees no CUDA device (torch.cuda.is_available() is False).\n"
+        "ERROR: no GPU: NVML could not start: NVML Shared Library Not Found; torch 2.5.1+cu124 built for "
+        "CUDA 12.4 sees no CUDA device (torch.cuda.is_available() is False)\n"
+        "HINT: memprof estimate and memprof compare need no GPU (--gpu-memory 24GiB gives the capacity); "
+        "find-batch runs real steps on the CPU with --device cpu --memory-limit 8GiB\n"
     )
 
 
@@ -73,6 +75,7 @@ def test_no_gpu_json_is_valid(monkeypatch):
     assert doc["schema_version"] == 1 and doc["kind"] == "gpus" and doc["available"] is False
     assert "Driver Not Loaded" in doc["reason"] and doc["nvml"]["gpus"] == []
     assert doc["torch"]["cuda_available"] is False
+    assert res.stderr.startswith("ERROR: no GPU: NVML could not start: Driver Not Loaded") and "\nHINT: " in res.stderr
 
 
 def test_two_gpus_table_and_json(monkeypatch):

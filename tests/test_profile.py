@@ -202,8 +202,14 @@ def test_crash_gives_partial_profile(script):
     res = runner.invoke(app, ["profile", str(script(CRASH, "crash.py"))])
     assert res.exit_code == 1
     assert "Top lines" in res.stdout and "crash.py:3" in res.stdout
-    assert res.stderr.startswith("ERROR: the script failed at crash.py:7") and "ValueError: bad batch 3" in res.stderr
-    assert "Traceback" not in res.stdout + res.stderr
+    # after the profile: the script's own traceback (its frames only), then one ERROR line
+    lines = res.stderr.splitlines()
+    assert lines[0] == "Traceback of the script (most recent call last; its own files only):"
+    assert lines[1].endswith('crash.py", line 7, in <module>') and lines[2].strip().startswith("raise ValueError")
+    assert lines[3] == "ValueError: bad batch 3"
+    assert lines[4].startswith("ERROR: the script failed at crash.py:7") and len(lines) == 5
+    assert "memprof" not in "\n".join(lines[:4]) and "runpy" not in res.stderr
+    assert "Traceback" not in res.stdout
 
 
 def test_sys_exit_and_argv(script, tmp_path):

@@ -177,7 +177,10 @@ def test_wrong_input_shape_names_the_layer():
     with pytest.raises(InputShapeError) as info:
         trace_step(w, target="cpu")
     text = info.value.message
-    assert "in_features=784" in text and "4×3072" in text and "layer 1" in text
+    # the same wording as the formula pass: the layer, what it got, what it expects, the exception as raised
+    assert "layer '1' (Linear) rejected input 4×3072, expects (*, 784): RuntimeError:" in text
+    # the first layer with parameters rejected memprof's input: the hint is the input shape
+    assert "--input-shape" in info.value.hint and "784" in info.value.hint
 
 
 def test_timeline_is_bounded_and_keeps_the_peak():

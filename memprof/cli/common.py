@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import typer
 
 from ..commands.workload import DEFAULT_BATCH, DEFAULT_DTYPE, DEFAULT_OPTIMIZER, make_workload
 from ..engine.fit import DEFAULT_HEADROOM
-from ..engine.loading import parse_kwargs, parse_shape
+from ..engine.loading import parse_kwargs, parse_shape, parse_token_range
 from ..engine.workload import Workload
 from ..errors import UsageError
 from ..units import parse_bytes
@@ -19,49 +18,76 @@ MODEL_ARG = typer.Argument(
     None,
     help="torchvision name (resnet50), path/to/file.py:Class, package.module:attr, or a config .toml",
     show_default=False,
+    metavar="MODEL",
 )
-MODEL_OPT = typer.Option(None, "--model", "-m", help="The model, as the positional argument (either works).")
-BATCH_OPT = typer.Option(None, "--batch-size", "-b", help=f"Batch size \\[default: {DEFAULT_BATCH}, or the config's]")
-DTYPE_OPT = typer.Option(None, "--dtype", help=f"fp32 | fp16 | bf16 | amp-fp16 | amp-bf16 \\[default: {DEFAULT_DTYPE}]")
+MODEL_OPT = typer.Option(
+    None, "--model", "-m", metavar="MODEL", help="The model, as the positional argument (either works)."
+)
+BATCH_OPT = typer.Option(
+    None, "--batch-size", "-b", metavar="N", help=f"Batch size [default: {DEFAULT_BATCH}, or the config's]"
+)
+DTYPE_OPT = typer.Option(
+    None, "--dtype", metavar="DTYPE", help=f"fp32 | fp16 | bf16 | amp-fp16 | amp-bf16 [default: {DEFAULT_DTYPE}]"
+)
 OPTIMIZER_OPT = typer.Option(
     None,
     "--optimizer",
     "-o",
-    help=f"sgd | sgd-momentum | adam | adamw | adagrad | rmsprop \\[default: {DEFAULT_OPTIMIZER}]",
+    metavar="NAME",
+    help=f"sgd | sgd-momentum | adam | adamw | adagrad | rmsprop [default: {DEFAULT_OPTIMIZER}]",
 )
 MODE_OPT = typer.Option(
-    None, "--mode", help="train (forward, backward, optimizer step) or eval (no_grad inference) \\[default: train]"
+    None,
+    "--mode",
+    metavar="MODE",
+    help="train (forward, backward, optimizer step) or eval (no_grad inference) [default: train]",
 )
 INPUT_SHAPE_OPT = typer.Option(
-    None, "--input-shape", "-i", help="Per-sample input shape, batch excluded (3,224,224); repeat for several inputs."
+    None,
+    "--input-shape",
+    "-i",
+    metavar="SHAPE",
+    help="Per-sample input shape, batch excluded (3,224,224); repeat for several inputs.",
 )
 INPUT_DTYPE_OPT = typer.Option(
-    None, "--input-dtype", help="float (follows --dtype) or int64 for token ids \\[default: detected]"
+    None, "--input-dtype", metavar="DTYPE", help="float (follows --dtype) or int64 for token ids [default: detected]"
 )
 TOKEN_RANGE_OPT = typer.Option(
-    None, "--token-range", help="Token id range LOW,HIGH (HIGH exclusive) \\[default: 0,num_embeddings]"
+    None,
+    "--token-range",
+    metavar="LOW,HIGH",
+    help="Token id range LOW,HIGH (HIGH exclusive) [default: 0,num_embeddings]",
 )
-MODEL_KWARGS_OPT = typer.Option(None, "--model-kwargs", help="""Constructor arguments as JSON: '{"num_classes": 10}'""")
-MODEL_ARG_OPT = typer.Option(None, "--model-arg", help="One constructor argument key=value (repeatable).")
+MODEL_KWARGS_OPT = typer.Option(
+    None, "--model-kwargs", metavar="JSON", help="""Constructor arguments as JSON: '{"num_classes": 10}'"""
+)
+MODEL_ARG_OPT = typer.Option(
+    None, "--model-arg", metavar="KEY=VALUE", help="One constructor argument key=value (repeatable)."
+)
 GPU_MEMORY_OPT = typer.Option(
-    None, "--gpu-memory", help="GPU capacity, e.g. 24GiB or 80GB \\[default: --gpu's, else the local GPU's, via NVML]"
+    None,
+    "--gpu-memory",
+    metavar="SIZE",
+    help="GPU capacity, e.g. 24GiB or 80GB [default: --gpu's, else the local GPU's, via NVML]",
 )
 GPU_OPT = typer.Option(
     None,
     "--gpu",
+    metavar="NAME",
     help="A GPU from the catalog (a100-80gb, h100-sxm, rtx-4090, ...): its capacity, architecture and "
-    "peaks for the step-time model \\[`memprof gpus --catalog` lists them].",
+    "peaks for the step-time model [memprof gpus --catalog lists them].",
 )
 GPU_ARCH_OPT = typer.Option(
     None,
     "--gpu-arch",
-    help="Predict for this architecture (sm80, sm86, sm89, sm90, sm100) \\[default: --gpu's, else the local GPU's].",
+    metavar="ARCH",
+    help="Predict for this architecture (sm80, sm86, sm89, sm90, sm100) [default: --gpu's, else the local GPU's].",
 )
 CUDNN_BENCHMARK_OPT = typer.Option(
     False, "--cudnn-benchmark", help="The script sets torch.backends.cudnn.benchmark = True (first-step workspaces)."
 )
 HEADROOM_OPT = typer.Option(
-    DEFAULT_HEADROOM, "--headroom", help="Recommended batch = headroom x the largest batch that fits."
+    DEFAULT_HEADROOM, "--headroom", metavar="F", help="Recommended batch = headroom x the largest batch that fits."
 )
 JSON_OPT = typer.Option(False, "--json", help="Print only JSON on stdout.")
 STRATEGY_OPT = typer.Option(
@@ -78,30 +104,44 @@ BUCKET_VIEW_OPT = typer.Option(
 )
 #: --world-size when --strategy is given alone
 DEFAULT_WORLD_SIZE = 8
+FORCE_OPT = typer.Option(
+    False, "--force", help="Replace output files that already exist (without it, memprof never overwrites a file)."
+)
 # fine-tuning levers (docs/finetuning.md)
 FREEZE_OPT = typer.Option(
-    None, "--freeze", help="Freeze the parameters of modules matching this name glob (backbone.*, layer1); repeatable."
+    None,
+    "--freeze",
+    metavar="GLOB",
+    help="Freeze the parameters of modules matching this name glob (backbone.*, layer1); repeatable.",
 )
 TRAIN_ONLY_OPT = typer.Option(
-    None, "--train-only", help="Train only modules matching this name glob (fc, classifier.*); repeatable."
+    None,
+    "--train-only",
+    metavar="GLOB",
+    help="Train only modules matching this name glob (fc, classifier.*); repeatable.",
 )
 LORA_RANK_OPT = typer.Option(
-    None, "--lora-rank", help="Add LoRA adapters of this rank with peft (pip install memprof\\[peft])."
+    None, "--lora-rank", metavar="R", help="Add LoRA adapters of this rank with peft (pip install memprof[peft])."
 )
-LORA_ALPHA_OPT = typer.Option(None, "--lora-alpha", help="LoRA alpha \\[default: 8, peft's].")
+LORA_ALPHA_OPT = typer.Option(None, "--lora-alpha", metavar="ALPHA", help="LoRA alpha [default: 8, peft's].")
 LORA_TARGETS_OPT = typer.Option(
     None,
     "--lora-targets",
-    help="Modules to adapt: q_proj,v_proj or all-linear \\[default: peft's for the architecture].",
+    metavar="NAMES",
+    help="Modules to adapt: q_proj,v_proj or all-linear [default: peft's for the architecture].",
 )
-LORA_DROPOUT_OPT = typer.Option(None, "--lora-dropout", help="LoRA dropout \\[default: 0.0, peft's].")
+LORA_DROPOUT_OPT = typer.Option(None, "--lora-dropout", metavar="P", help="LoRA dropout [default: 0.0, peft's].")
 QUANTIZE_OPT = typer.Option(
-    None, "--quantize", help="Frozen linear weights as bitsandbytes stores them: int8 | nf4 | fp4 (QLoRA: nf4)."
+    None,
+    "--quantize",
+    metavar="KIND",
+    help="Frozen linear weights as bitsandbytes stores them: int8 | nf4 | fp4 (QLoRA: nf4).",
 )
 DOUBLE_QUANT_OPT = typer.Option(False, "--double-quant", help="4-bit double quantization (bnb_4bit_use_double_quant).")
 OFFLOAD_OPT = typer.Option(
     None,
     "--offload",
+    metavar="WHAT",
     help="optimizer: keep the optimizer state and its step on the CPU; params: FSDP2's CPUOffloadPolicy (--strategy).",
 )
 
@@ -140,15 +180,7 @@ def build_workload(
     ref = resolve_model_ref(model, model_opt)
     kwargs = parse_kwargs(model_kwargs, model_arg)
     shapes = [parse_shape(s) for s in input_shape] if input_shape else None
-    low_high = None
-    if token_range:
-        try:
-            low, high = (int(v) for v in token_range.replace(":", ",").split(","))
-        except ValueError:
-            raise UsageError(
-                f"cannot read token range {token_range!r}", "write LOW,HIGH, e.g. --token-range 0,50257"
-            ) from None
-        low_high = (low, high)
+    low_high = parse_token_range(token_range) if token_range else None
     return make_workload(
         ref,
         batch_size=batch_size,
@@ -204,14 +236,3 @@ def parse_bytes_list(text: str) -> int | list[int]:
 
 def parse_capacity(gpu_memory: str | None) -> int | None:
     return parse_bytes(gpu_memory) if gpu_memory else None
-
-
-def check_output_path(path: Path | None, overwrite_ok: bool = True) -> None:
-    """Fail early, before any work, when an output file cannot be written."""
-    if path is None:
-        return
-    parent = path.expanduser().resolve().parent
-    if not parent.exists():
-        raise UsageError(f"folder {parent} does not exist", "create it first or choose another path")
-    if path.exists() and path.is_dir():
-        raise UsageError(f"{path} is a directory", "give a file name")

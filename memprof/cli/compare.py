@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from ..engine.fit import check_headroom
-from . import EXIT_OK, app, emit_json, handle_errors
+from . import EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_PARTIAL, command, emit_json, exit_code, handle_errors
 from .common import (
     CUDNN_BENCHMARK_OPT,
     DEFAULT_WORLD_SIZE,
+    FORCE_OPT,
     GPU_ARCH_OPT,
     GPU_MEMORY_OPT,
     GPU_OPT,
@@ -26,8 +27,8 @@ from .common import (
     MODEL_OPT,
     TOKEN_RANGE_OPT,
     build_workload,
-    check_output_path,
 )
+from .output import OutputFiles
 
 if TYPE_CHECKING:
     from ..results import Target
@@ -52,63 +53,77 @@ def _has_cuda() -> bool:
         return False
 
 
-@app.command("compare")
+@command("compare")
 @handle_errors
 def compare_cmd(
     model: str | None = MODEL_ARG,
     model_opt: str | None = MODEL_OPT,
     dtype: list[str] | None = typer.Option(
-        None, "--dtype", help="Add a row per dtype: fp32 | fp16 | bf16 | amp-fp16 | amp-bf16 (repeatable)."
+        None,
+        "--dtype",
+        metavar="DTYPE",
+        help="Add a row per dtype: fp32 | fp16 | bf16 | amp-fp16 | amp-bf16 (repeatable).",
     ),
     optimizer: list[str] | None = typer.Option(
         None,
         "--optimizer",
         "-o",
+        metavar="NAME",
         help="Add a row per optimizer: sgd | sgd-momentum | adam | adamw | adagrad | rmsprop (repeatable).",
     ),
     checkpointing: list[str] | None = typer.Option(
         None,
         "--checkpointing",
         "-c",
+        metavar="MODE",
         help="Add a row per checkpointing mode: blocks (each repeated "
         "block) | sqrt (sqrt(n) segments) | every-K | none "
         "(repeatable).",
     ),
     inplace_relu: bool = typer.Option(False, "--inplace-relu", help="Add a row with every ReLU in place."),
     mode: list[str] | None = typer.Option(
-        None, "--mode", help="Add a row per mode: eval (no_grad inference) | train (repeatable)."
+        None, "--mode", metavar="MODE", help="Add a row per mode: eval (no_grad inference) | train (repeatable)."
     ),
     batch_size: list[int] | None = typer.Option(
         None,
         "--batch-size",
         "-b",
-        help="Batch size of the baseline; more values add rows (repeatable) \\[default: 32, or the config's].",
+        metavar="N",
+        help="Batch size of the baseline; more values add rows (repeatable) [default: 32, or the config's].",
     ),
     baseline_dtype: str | None = typer.Option(
-        None, "--baseline-dtype", help="dtype of the baseline \\[default: fp32]."
+        None, "--baseline-dtype", metavar="DTYPE", help="dtype of the baseline [default: fp32]."
     ),
     baseline_optimizer: str | None = typer.Option(
-        None, "--baseline-optimizer", help="Optimizer of the baseline \\[default: adam]."
+        None, "--baseline-optimizer", metavar="NAME", help="Optimizer of the baseline [default: adam]."
     ),
     freeze: list[str] | None = typer.Option(
         None,
         "--freeze",
+        metavar="GLOB",
         help="Add a row with these module-name globs frozen (backbone.*; comma-separated; repeatable).",
     ),
     lora_rank: list[int] | None = typer.Option(
-        None, "--lora-rank", help="Add a row with LoRA adapters of this rank (peft; repeatable)."
+        None, "--lora-rank", metavar="R", help="Add a row with LoRA adapters of this rank (peft; repeatable)."
     ),
-    lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha of the LoRA rows \\[default: 8]."),
+    lora_alpha: float | None = typer.Option(
+        None, "--lora-alpha", metavar="ALPHA", help="LoRA alpha of the LoRA rows [default: 8]."
+    ),
     lora_targets: str | None = typer.Option(
-        None, "--lora-targets", help="Modules the LoRA rows adapt: q_proj,v_proj or all-linear."
+        None, "--lora-targets", metavar="NAMES", help="Modules the LoRA rows adapt: q_proj,v_proj or all-linear."
     ),
-    lora_dropout: float | None = typer.Option(None, "--lora-dropout", help="LoRA dropout of the LoRA rows."),
+    lora_dropout: float | None = typer.Option(
+        None, "--lora-dropout", metavar="P", help="LoRA dropout of the LoRA rows."
+    ),
     quantize: list[str] | None = typer.Option(
-        None, "--quantize", help="Add a row with the linear weights quantized: int8 | nf4 | fp4 (repeatable)."
+        None,
+        "--quantize",
+        metavar="KIND",
+        help="Add a row with the linear weights quantized: int8 | nf4 | fp4 (repeatable).",
     ),
     double_quant: bool = typer.Option(False, "--double-quant", help="4-bit rows use double quantization."),
     offload: list[str] | None = typer.Option(
-        None, "--offload", help="Add a row with the optimizer state on the CPU: optimizer."
+        None, "--offload", metavar="WHAT", help="Add a row with the optimizer state on the CPU: optimizer."
     ),
     combine: bool = typer.Option(
         False, "--combine", help="One row per combination of the axes instead of one row per value."
@@ -123,18 +138,22 @@ def compare_cmd(
     gpu_arch: str | None = GPU_ARCH_OPT,
     cudnn_benchmark: bool = CUDNN_BENCHMARK_OPT,
     headroom: float = HEADROOM_OPT,
-    max_batch: int | None = typer.Option(None, "--max-batch", help="Largest batch the fit columns consider."),
+    max_batch: int | None = typer.Option(
+        None, "--max-batch", metavar="N", help="Largest batch the fit columns consider."
+    ),
     no_fit: bool = typer.Option(False, "--no-fit", help="Leave out the largest-batch columns (faster)."),
     device: str | None = typer.Option(
         None,
         "--device",
         "-d",
+        metavar="DEVICE",
         help="cuda (predict a CUDA step) or cpu (predict and --measure a CPU "
-        "step) \\[default: cuda; cpu when --memory-limit is given].",
+        "step) [default: cuda; cpu when --memory-limit is given].",
     ),
     memory_limit: str | None = typer.Option(
         None,
         "--memory-limit",
+        metavar="SIZE",
         help="CPU: the capacity (8GiB) for the fit columns; --measure flags rows above it; --find-batch runs under it.",
     ),
     measure: bool = typer.Option(
@@ -146,6 +165,7 @@ def compare_cmd(
     plot: Path | None = typer.Option(
         None,
         "--plot",
+        metavar="FILE",
         help="Write the breakdown bars: file.svg, .png, .pdf or .html.",
     ),
     strategy: list[str] | None = typer.Option(
@@ -158,20 +178,22 @@ def compare_cmd(
     baseline_strategy: str | None = typer.Option(
         None, "--baseline-strategy", help="Strategy of the baseline \\[default: none, one process]."
     ),
+    force: bool = FORCE_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Compare precisions, optimizers and memory-saving techniques for one model.
 
-    The baseline is the workload as given (fp32, Adam, batch 32 by default); each
-    --dtype/--optimizer/--checkpointing/--inplace-relu/--mode/--batch-size/--strategy value
-    adds a row (--combine: every combination); --strategy rows are one rank of --world-size.
+    The baseline is the workload as given (fp32, Adam, batch 32 by default); each value of
+    --dtype, --optimizer, --checkpointing, --inplace-relu, --mode, --batch-size and
+    --strategy adds a row (--combine: every combination); --strategy rows are one rank of
+    --world-size.
     Without any, rows for amp-fp16, amp-bf16, fp16 and per-block checkpointing. Every row
     is traced on fake tensors (no GPU needed): parameters, gradients, optimizer state,
     activations, temporaries, the peak and where it happens, the change vs the baseline
     and, with a capacity (--gpu-memory, the local GPU, or --memory-limit on the CPU), the
     largest and recommended batch.
     """
-    from ..errors import NoGPUError, UsageError
+    from ..errors import Interrupted, NoGPUError, UsageError
     from ..units import parse_bytes
 
     head = check_headroom(headroom)
@@ -196,11 +218,6 @@ def compare_cmd(
         raise UsageError("--find-batch on the CPU needs --memory-limit", "e.g. --device cpu --memory-limit 8GiB")
     if max_batch is not None and max_batch < 1:
         raise UsageError(f"--max-batch must be at least 1, got {max_batch}", "e.g. --max-batch 4096")
-    if plot is not None:
-        from ..render.charts import check_plot_path
-
-        check_output_path(plot)
-        check_plot_path(plot)
     if measure and device == "cuda" and not _has_cuda():
         raise NoGPUError(
             "--measure needs a CUDA GPU and none is available",
@@ -211,7 +228,14 @@ def compare_cmd(
     if any(b <= 0 for b in batches):
         raise UsageError(f"batch size must be a positive integer, got {min(batches)}", "e.g. --batch-size 32")
 
-    from ..commands.compare import compare, resolve_capacity, strategy_value
+    from ..commands.compare import (
+        compare,
+        normalize_axes,
+        real_batch_finder,
+        real_step_measurer,
+        resolve_capacity,
+        strategy_value,
+    )
 
     strategies = [v.strip() for item in strategy or [] for v in item.split(",") if v.strip()]
     if world_size is not None and not (strategies or baseline_strategy):
@@ -245,61 +269,81 @@ def compare_cmd(
         raise UsageError("--double-quant sets the 4-bit rows", "add --quantize nf4")
     if offload:
         axes["offload"] = list(offload)
-    from ..commands.compare import normalize_axes
-
     axes = normalize_axes(axes)  # bad values fail before the model loads
-    workload = build_workload(
-        model,
-        model_opt,
-        batch_size=batches[0] if batches else None,
-        dtype=baseline_dtype,
-        optimizer=baseline_optimizer,
-        input_shape=input_shape,
-        input_dtype=input_dtype,
-        token_range=token_range,
-        model_kwargs=model_kwargs,
-        model_arg=model_arg,
-        strategy=baseline_strategy,
-        world_size=ranks if baseline_strategy not in (None, "none") else None,
-    )
-    gpu_bytes = parse_bytes(gpu_memory) if gpu_memory else None
-    catalog_gpu = cuda_target.gpu if cuda_target is not None and gpu else None
-    capacity, capacity_note = (None, None) if no_fit else resolve_capacity(device, gpu_bytes, limit, catalog_gpu)
-    from ..commands.compare import real_batch_finder, real_step_measurer
+    with OutputFiles(force) as files:
+        if plot is not None:
+            from ..render.charts import check_plot_path
 
-    measure_fn = real_step_measurer(device, limit) if measure else None
-    find_fn = real_batch_finder(device, limit, head, max_batch) if find else None
+            check_plot_path(plot)
+            files.claim(plot, "--plot")
+        workload = build_workload(
+            model,
+            model_opt,
+            batch_size=batches[0] if batches else None,
+            dtype=baseline_dtype,
+            optimizer=baseline_optimizer,
+            input_shape=input_shape,
+            input_dtype=input_dtype,
+            token_range=token_range,
+            model_kwargs=model_kwargs,
+            model_arg=model_arg,
+            strategy=baseline_strategy,
+            world_size=ranks if baseline_strategy not in (None, "none") else None,
+        )
+        gpu_bytes = parse_bytes(gpu_memory) if gpu_memory else None
+        catalog_gpu = cuda_target.gpu if cuda_target is not None and gpu else None
+        capacity, capacity_note = (None, None) if no_fit else resolve_capacity(device, gpu_bytes, limit, catalog_gpu)
+        measure_fn = real_step_measurer(device, limit) if measure else None
+        find_fn = real_batch_finder(device, limit, head, max_batch) if find else None
 
-    def progress(i: int, n: int, label: str) -> None:
-        print(f"[{i}/{n}] tracing {label} ...", file=sys.stderr, flush=True)
+        def progress(i: int, n: int, label: str) -> None:
+            print(f"[{i}/{n}] tracing {label} ...", file=sys.stderr, flush=True)
 
-    target: Target = "cpu" if device == "cpu" else "cuda"
-    result = compare(
-        workload,
-        axes or None,
-        combine=combine,
-        target=target,
-        capacity=capacity,
-        capacity_note=capacity_note,
-        headroom=head,
-        fit=not no_fit,
-        max_batch=max_batch,
-        measure_fn=measure_fn,
-        find_fn=find_fn,
-        on_progress=progress,
-        cuda_target=cuda_target,
-        gpu=catalog_gpu,
-    )
-    if plot is not None:
-        from ..render.compare import write_plot
+        target: Target = "cpu" if device == "cpu" else "cuda"
+        codes = []
+        try:
+            result = compare(
+                workload,
+                axes or None,
+                combine=combine,
+                target=target,
+                capacity=capacity,
+                capacity_note=capacity_note,
+                headroom=head,
+                fit=not no_fit,
+                max_batch=max_batch,
+                measure_fn=measure_fn,
+                find_fn=find_fn,
+                on_progress=progress,
+                cuda_target=cuda_target,
+                gpu=catalog_gpu,
+            )
+        except Interrupted as exc:  # Ctrl-C after the baseline: the rows traced so far
+            result = exc.partial
+            codes.append(EXIT_INTERRUPTED)
+        # the report first: whatever happens to the plot file, it is on the screen
+        if json_out:
+            emit_json(compare_document(result))
+        else:
+            from ..render import stdout_console
+            from ..render.compare import render_compare
 
-        write_plot(result, plot)
-        print(f"wrote {plot}", file=sys.stderr)
-    if json_out:
-        emit_json(compare_document(result))
-    else:
-        from ..render import stdout_console
-        from ..render.compare import render_compare
+            render_compare(result, stdout_console())
+        if plot is not None:
+            from ..render.compare import write_plot
 
-        render_compare(result, stdout_console())
-    raise typer.Exit(EXIT_OK)
+            if not files.write(plot, lambda path: write_plot(result, path), "plot"):
+                codes.append(EXIT_OUTPUT)
+    from ..render import print_error
+
+    failed = [r for r in result.rows if r.error is not None]
+    if failed:
+        print_error(
+            f"{len(failed)} of {len(result.rows)} configurations could not be traced: "
+            + "; ".join(f"{r.label}: {r.error}" for r in failed),
+            "the table shows the others; change or drop the failing options",
+        )
+        codes.append(EXIT_PARTIAL)
+    if EXIT_INTERRUPTED in codes:
+        print_error("interrupted", "the table above shows the configurations traced before Ctrl-C")
+    raise typer.Exit(exit_code(*codes))

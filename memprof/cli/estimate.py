@@ -9,7 +9,18 @@ from typing import Any
 import typer
 
 from ..engine.fit import check_headroom
-from . import EXIT_DOES_NOT_FIT, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
+from . import (
+    EXIT_DOES_NOT_FIT,
+    EXIT_INTERRUPTED,
+    EXIT_NOTHING_FITS,
+    EXIT_OK,
+    EXIT_OUTPUT,
+    EXIT_PARTIAL,
+    command,
+    emit_json,
+    exit_code,
+    handle_errors,
+)
 from .common import (
     BATCH_OPT,
     BUCKET_CAP_OPT,
@@ -17,6 +28,7 @@ from .common import (
     CUDNN_BENCHMARK_OPT,
     DOUBLE_QUANT_OPT,
     DTYPE_OPT,
+    FORCE_OPT,
     FREEZE_OPT,
     GPU_ARCH_OPT,
     GPU_MEMORY_OPT,
@@ -42,10 +54,10 @@ from .common import (
     TRAIN_ONLY_OPT,
     WORLD_SIZE_OPT,
     build_workload,
-    check_output_path,
     parse_capacity,
     parse_world_sizes,
 )
+from .output import OutputFiles
 
 
 def estimate_document(result) -> dict[str, Any]:
@@ -62,7 +74,7 @@ def estimate_document(result) -> dict[str, Any]:
     return doc
 
 
-@app.command("estimate")
+@command("estimate")
 @handle_errors
 def estimate_cmd(
     model: str | None = MODEL_ARG,
@@ -90,14 +102,19 @@ def estimate_cmd(
     gpu_arch: str | None = GPU_ARCH_OPT,
     cudnn_benchmark: bool = CUDNN_BENCHMARK_OPT,
     headroom: float = HEADROOM_OPT,
-    layers: int = typer.Option(10, "--layers", "-l", help="Show the top N layers by activation; 0 shows all."),
+    layers: int = typer.Option(
+        10, "--layers", "-l", metavar="N", help="Show the top N layers by activation; 0 shows all."
+    ),
     all_layers: bool = typer.Option(False, "--all-layers", help="Show every layer, in execution order."),
     no_trace: bool = typer.Option(False, "--no-trace", help="Formula only: skip the fake-tensor trace (fastest)."),
     device: str = typer.Option(
-        "cuda", "--device", help="The step to predict: cuda (cuda:N), or cpu: the same step run on the CPU."
+        "cuda",
+        "--device",
+        metavar="DEVICE",
+        help="The step to predict: cuda (cuda:N), or cpu: the same step run on the CPU.",
     ),
     memory_limit: str | None = typer.Option(
-        None, "--memory-limit", help="--device cpu: the capacity to fit, e.g. 8GiB \\[default: no fit]."
+        None, "--memory-limit", metavar="SIZE", help="--device cpu: the capacity to fit, e.g. 8GiB \\[default: no fit]."
     ),
     verify: bool = typer.Option(
         False, "--verify", help="Also run the real step on the device; print predicted vs measured and the error."
@@ -109,8 +126,10 @@ def estimate_cmd(
     plot: Path | None = typer.Option(
         None,
         "--plot",
+        metavar="FILE",
         help="With several --world-size values: write the per-rank chart (.svg, .png, .pdf or .html).",
     ),
+    force: bool = FORCE_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Estimate one training step's memory (traced and by formula) and the largest batch that fits.
@@ -123,11 +142,12 @@ def estimate_cmd(
     rank's: PyTorch's DDP / FSDP2 code traced over a fake process group of N ranks. Several
     world sizes (--world-size 1,2,8,64,1024) print one rank's peak and largest batch at each.
 
-    Exit code 0 when it fits (or no capacity is known), 1 when the batch does not fit but a
-    smaller one does, 4 when not even batch 1 fits, 2 for bad input, 3 when --verify needs a
-    GPU and there is none.
+    Exit codes: 0 it fits (or no capacity is known), 1 the batch does not fit but a smaller one
+    does, 4 not even batch 1 fits, 5 the trace failed and the answer is the formula's only (the
+    ERROR line says why), 2 bad input, 3 --verify needs a GPU and there is none; see memprof
+    --help for all.
     """
-    from ..errors import UsageError
+    from ..errors import Interrupted, UsageError
 
     head = check_headroom(headroom)
     if layers < 0:
@@ -138,7 +158,6 @@ def estimate_cmd(
     if plot is not None:
         from ..render.charts import check_plot_path
 
-        check_output_path(plot)
         check_plot_path(plot)
         if sizes is None or len(sizes) < 2:
             raise UsageError("--plot draws a world-size sweep", "give several sizes: --world-size 1,2,8,64,1024")
@@ -181,23 +200,28 @@ def estimate_cmd(
         double_quant=double_quant,
     )
     if sizes is not None and len(sizes) > 1:
-        _sweep(workload, sizes, capacity, note, head, no_trace, plot, json_out, target_name)
+        _sweep(workload, sizes, capacity, note, head, no_trace, plot, json_out, force, target_name)
 
     def progress(message: str) -> None:  # the real-run fallback says what it will cost before it starts
         print(f"memprof: {message}", file=sys.stderr, flush=True)
 
-    result = estimate(
-        workload,
-        capacity=capacity,
-        headroom=head,
-        traced=not no_trace,
-        capacity_note=note,
-        cuda_target=target,
-        gpu=target.gpu if gpu else None,
-        device=device,
-        verify=verify,
-        progress=progress,
-    )
+    codes = []
+    try:
+        result = estimate(
+            workload,
+            capacity=capacity,
+            headroom=head,
+            traced=not no_trace,
+            capacity_note=note,
+            cuda_target=target,
+            gpu=target.gpu if gpu else None,
+            device=device,
+            verify=verify,
+            progress=progress,
+        )
+    except Interrupted as exc:  # Ctrl-C while tracing: the formula's answer is ready
+        result = exc.partial
+        codes.append(EXIT_INTERRUPTED)
     if json_out:
         emit_json(estimate_document(result))
     else:
@@ -205,13 +229,28 @@ def estimate_cmd(
         from ..render.estimate import render_estimate
 
         render_estimate(result, stdout_console(), layers=None if all_layers else layers)
+    from ..render import print_error
+
+    if result.trace_error is not None:
+        print_error(
+            f"the training step could not be traced, so the estimate above is the formula's only: {result.trace_error}",
+            result.trace_hint or "see the message above",
+        )
+        codes.append(EXIT_PARTIAL)
+    if result.interrupted:
+        print_error(
+            "interrupted",
+            "the estimate above is the formula's only: the trace was stopped by Ctrl-C"
+            if result.traced is None
+            else "the traced estimate above is complete; its fit is the formula's (its other traces were stopped)",
+        )
     fit = result.fit
-    if fit is None or fit.fits:
-        raise typer.Exit(EXIT_OK)
-    raise typer.Exit(EXIT_NOTHING_FITS if fit.max_batch is None else EXIT_DOES_NOT_FIT)
+    if fit is not None and not fit.fits:
+        codes.append(EXIT_NOTHING_FITS if fit.max_batch is None else EXIT_DOES_NOT_FIT)
+    raise typer.Exit(exit_code(*codes))
 
 
-def _sweep(workload, sizes, capacity, note, headroom, no_trace, plot, json_out, target="cuda") -> None:
+def _sweep(workload, sizes, capacity, note, headroom, no_trace, plot, json_out, force, target="cuda") -> None:
     """``--world-size 1,2,8,...``: one row per size; exit 0, or 4 when no size fits batch 1."""
     import sys
 
@@ -224,23 +263,34 @@ def _sweep(workload, sizes, capacity, note, headroom, no_trace, plot, json_out, 
     def progress(i: int, n: int, size: int) -> None:
         print(f"[{i}/{n}] tracing {size} rank{'s' if size > 1 else ''} ...", file=sys.stderr, flush=True)
 
-    result = scale(
-        workload, sizes, capacity=capacity, capacity_note=note, headroom=headroom, target=target, on_progress=progress
-    )
-    if plot is not None:
-        from ..render.scaling import write_plot
+    with OutputFiles(force) as files:
+        files.claim(plot, "--plot")  # before the work: a bad path fails now
+        result = scale(
+            workload,
+            sizes,
+            capacity=capacity,
+            capacity_note=note,
+            headroom=headroom,
+            target=target,
+            on_progress=progress,
+        )
+        if json_out:
+            from ..results import document
 
-        write_plot(result, plot)
-        print(f"wrote {plot}", file=sys.stderr)
-    if json_out:
-        from ..results import document
+            emit_json(document("estimate-scaling", result))
+        else:
+            from ..render import stdout_console
+            from ..render.scaling import render_scaling
 
-        emit_json(document("estimate-scaling", result))
-    else:
-        from ..render import stdout_console
-        from ..render.scaling import render_scaling
+            render_scaling(result, stdout_console())
+        codes = []
+        if plot is not None:
+            from ..render.scaling import write_plot
 
-        render_scaling(result, stdout_console())
+            if files.write(plot, lambda path: write_plot(result, path), "plot"):
+                print(f"wrote {plot}", file=sys.stderr)
+            else:
+                codes.append(EXIT_OUTPUT)
     if capacity is not None and all(r.max_batch is None for r in result.rows):
-        raise typer.Exit(EXIT_NOTHING_FITS)
-    raise typer.Exit(EXIT_OK)
+        codes.append(EXIT_NOTHING_FITS)
+    raise typer.Exit(exit_code(EXIT_OK, *codes))

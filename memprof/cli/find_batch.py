@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from ..engine.fit import check_headroom
-from . import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OK, app, emit_json, handle_errors
+from . import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OK, EXIT_OUTPUT, command, emit_json, exit_code, handle_errors
 from .common import (
     CUDNN_BENCHMARK_OPT,
     DOUBLE_QUANT_OPT,
     DTYPE_OPT,
+    FORCE_OPT,
     FREEZE_OPT,
     GPU_ARCH_OPT,
     GPU_OPT,
@@ -36,9 +38,9 @@ from .common import (
     TOKEN_RANGE_OPT,
     TRAIN_ONLY_OPT,
     build_workload,
-    check_output_path,
     parse_bytes_list,
 )
+from .output import OutputFiles
 
 
 def find_batch_document(result) -> dict[str, Any]:
@@ -48,7 +50,7 @@ def find_batch_document(result) -> dict[str, Any]:
     return document("find-batch", result)
 
 
-@app.command("find-batch")
+@command("find-batch")
 @handle_errors
 def find_batch_cmd(
     model: str | None = MODEL_ARG,
@@ -74,24 +76,31 @@ def find_batch_cmd(
         None,
         "--device",
         "-d",
-        help="cuda, cuda:N, or cpu (with --memory-limit) \\[default: cuda; cpu when --memory-limit is given]",
+        metavar="DEVICE",
+        help="cuda, cuda:N, or cpu (with --memory-limit) [default: cuda; cpu when --memory-limit is given]",
     ),
     memory_limit: str | None = typer.Option(
         None,
         "--memory-limit",
+        metavar="SIZE",
         help="CPU only: cap live tensor bytes at this size (4GiB); crossing it raises PyTorch's out-of-memory error.",
     ),
-    steps: int = typer.Option(2, "--steps", help="Training steps per trial (the first creates optimizer state)."),
-    min_batch: int = typer.Option(1, "--min-batch", help="Smallest batch to consider."),
-    max_batch: int = typer.Option(4096, "--max-batch", help="Never try a batch above this."),
-    start: int | None = typer.Option(None, "--start", help="First batch to try \\[default: the prediction]."),
+    steps: int = typer.Option(
+        2, "--steps", metavar="N", help="Training steps per trial (the first creates optimizer state)."
+    ),
+    min_batch: int = typer.Option(1, "--min-batch", metavar="N", help="Smallest batch to consider."),
+    max_batch: int = typer.Option(4096, "--max-batch", metavar="N", help="Never try a batch above this."),
+    start: int | None = typer.Option(
+        None, "--start", metavar="N", help="First batch to try [default: the prediction]."
+    ),
     headroom: float = HEADROOM_OPT,
     multiple_of: int | None = typer.Option(
-        None, "--multiple-of", help="Round the recommended batch down to a multiple of this (8, 64, ...)."
+        None, "--multiple-of", metavar="N", help="Round the recommended batch down to a multiple of this (8, 64, ...)."
     ),
     target_global_batch: int | None = typer.Option(
         None,
         "--target-global-batch",
+        metavar="N",
         help="Global batch you want: prints the gradient-accumulation steps to reach it with the recommended batch.",
     ),
     gpu: str | None = GPU_OPT,
@@ -102,6 +111,7 @@ def find_batch_cmd(
     plot: Path | None = typer.Option(
         None,
         "--plot",
+        metavar="FILE",
         help="Write a plot of peak memory vs batch: file.svg, .png, .pdf or .html.",
     ),
     no_chart: bool = typer.Option(False, "--no-chart", help="Do not draw the chart in the terminal."),
@@ -121,6 +131,7 @@ def find_batch_cmd(
         "--collective-timeout",
         help="Seconds a rank waits in a collective when another ran out of memory where it did not.",
     ),
+    force: bool = FORCE_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Find the largest batch whose real training steps fit, and the batch to use.
@@ -133,8 +144,10 @@ def find_batch_cmd(
     rank runs every trial, an out-of-memory error on any rank counts for all, and the answer is
     the largest batch per rank that fits on every rank (NCCL on GPUs; gloo on the CPU, where
     --memory-limit caps each rank, or gives one cap per local rank: 4GiB,3GiB).
+
     Exit codes: 0 found, 4 not even the smallest batch fits, 3 no GPU, 2 bad input,
-    130 interrupted (what was found so far is printed).
+    6 the --plot file could not be written (the report is printed), 130 interrupted
+    (what was found so far is printed); see memprof --help for all.
     """
     from ..errors import UsageError
 
@@ -150,116 +163,112 @@ def find_batch_cmd(
         )
     if device is None and limits is not None:
         device = "cpu"
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}", "use 2 or more")
     if device is None:
         device = "cpu" if limit is not None else "cuda"
-    if plot is not None:
-        from ..render.charts import check_plot_path
-
-        check_output_path(plot)
-        check_plot_path(plot)
     on_cpu = device.strip().lower() == "cpu"
     if on_cpu and (gpu or gpu_arch):
         raise UsageError("--gpu and --gpu-arch are for CUDA trials", "leave them out with --device cpu")
     from ..engine.catalog import resolve_target
 
     cuda_target = None if on_cpu else resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)
-    if not on_cpu and limits is None:
-        _require_cuda(device)
-    workload = build_workload(
-        model,
-        model_opt,
-        dtype=dtype,
-        optimizer=optimizer,
-        mode=mode,
-        input_shape=input_shape,
-        input_dtype=input_dtype,
-        token_range=token_range,
-        model_kwargs=model_kwargs,
-        model_arg=model_arg,
-        strategy=strategy,
-        world_size=nproc_per_node * nnodes if strategy and nproc_per_node else None,
-        freeze=freeze,
-        train_only=train_only,
-        lora_rank=lora_rank,
-        lora_alpha=lora_alpha,
-        lora_targets=lora_targets,
-        lora_dropout=lora_dropout,
-        quantize=quantize,
-        double_quant=double_quant,
-        offload=offload,
-    )
-    from ..commands.find_batch import find_batch, find_batch_torchrun
-    from ..render import stderr_console
-    from ..render.find_batch import TrialProgress
+    with OutputFiles(force) as files:
+        if plot is not None:
+            from ..render.charts import check_plot_path
 
-    if steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {steps}", "use 2 or more")
-    if nproc_per_node is not None:
-        from ..engine.torchrun import Launch
-
-        launch = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id, rdzv_backend)
-        with TrialProgress(stderr_console()) as progress:
-            found = find_batch_torchrun(
-                workload,
-                launch,
-                device=device,
-                memory_limit=limits,
-                steps=steps,
-                min_batch=min_batch,
-                max_batch=max_batch,
-                start=start,
-                headroom=head,
-                multiple_of=multiple_of,
-                target_global_batch=target_global_batch,
-                predict=not no_predict,
-                collective_timeout=collective_timeout,
-                on_event=progress.on_event,
-            )
-        if found is None:
-            print(f"node {node_rank}: this node's ranks ran the trials; rank 0's node reports the result")
-            raise typer.Exit(EXIT_OK)
-        _report(found, plot, json_out, no_chart)
-        return
-    with TrialProgress(stderr_console()) as progress:
-        result = find_batch(
-            workload,
-            device=device,
-            memory_limit=limit,
-            steps=steps,
-            min_batch=min_batch,
-            max_batch=max_batch,
-            start=start,
-            headroom=head,
-            multiple_of=multiple_of,
-            target_global_batch=target_global_batch,
-            isolate=isolate,
-            predict=not no_predict,
-            on_event=progress.on_event,
-            cuda_target=cuda_target,
+            check_plot_path(plot)
+            files.claim(plot, "--plot")
+        if not on_cpu and limits is None:
+            _require_cuda(device)
+        workload = build_workload(
+            model,
+            model_opt,
+            dtype=dtype,
+            optimizer=optimizer,
+            mode=mode,
+            input_shape=input_shape,
+            input_dtype=input_dtype,
+            token_range=token_range,
+            model_kwargs=model_kwargs,
+            model_arg=model_arg,
+            strategy=strategy,
+            world_size=nproc_per_node * nnodes if strategy and nproc_per_node else None,
+            freeze=freeze,
+            train_only=train_only,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
+            lora_dropout=lora_dropout,
+            quantize=quantize,
+            double_quant=double_quant,
+            offload=offload,
         )
-    _report(result, plot, json_out, no_chart)
+        from ..commands.find_batch import find_batch, find_batch_torchrun
+        from ..render import print_error, stderr_console, stdout_console
+        from ..render.find_batch import TrialProgress, render_find_batch
 
+        if nproc_per_node is not None:
+            from ..engine.torchrun import Launch
 
-def _report(result, plot: Path | None, json_out: bool, no_chart: bool) -> None:
-    """Plot, JSON or tables, then the exit code of the search's status."""
-    from ..render import stdout_console
-    from ..render.find_batch import render_find_batch
+            launch = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id, rdzv_backend)
+            with TrialProgress(stderr_console()) as progress:
+                found = find_batch_torchrun(
+                    workload,
+                    launch,
+                    device=device,
+                    memory_limit=limits,
+                    steps=steps,
+                    min_batch=min_batch,
+                    max_batch=max_batch,
+                    start=start,
+                    headroom=head,
+                    multiple_of=multiple_of,
+                    target_global_batch=target_global_batch,
+                    predict=not no_predict,
+                    collective_timeout=collective_timeout,
+                    on_event=progress.on_event,
+                )
+            if found is None:
+                print(f"node {node_rank}: this node's ranks ran the trials; rank 0's node reports the result")
+                raise typer.Exit(EXIT_OK)
+            result = found
+        else:
+            with TrialProgress(stderr_console()) as progress:
+                result = find_batch(
+                    workload,
+                    device=device,
+                    memory_limit=limit,
+                    steps=steps,
+                    min_batch=min_batch,
+                    max_batch=max_batch,
+                    start=start,
+                    headroom=head,
+                    multiple_of=multiple_of,
+                    target_global_batch=target_global_batch,
+                    isolate=isolate,
+                    predict=not no_predict,
+                    on_event=progress.on_event,
+                    cuda_target=cuda_target,
+                )
+        # the report first: whatever happens to the files, it is on the screen
+        if json_out:
+            emit_json(find_batch_document(result))
+        else:
+            render_find_batch(result, stdout_console(), chart=not no_chart)
+        codes = []
+        if plot is not None:
+            from ..render.find_batch import write_plot
 
-    if plot is not None and result.trials:
-        from ..render.find_batch import write_plot
-
-        write_plot(result, plot)
-    if json_out:
-        emit_json(find_batch_document(result))
-    else:
-        render_find_batch(result, stdout_console(), chart=not no_chart, plot_path=plot if result.trials else None)
+            if not result.trials:
+                print("no plot written: no trial ran", file=sys.stderr)
+            elif not files.write(plot, lambda path: write_plot(result, path), "plot"):
+                codes.append(EXIT_OUTPUT)
     if result.status == "interrupted":
-        from ..render import print_error
-
         print_error("interrupted", "the results above are what the trials found before Ctrl-C")
-        raise typer.Exit(EXIT_INTERRUPTED)
+        codes.append(EXIT_INTERRUPTED)
     if result.status == "nothing_fits":
-        from ..render import format_bytes, print_error
+        from ..render import format_bytes
 
         print_error(
             f"not even batch {result.min_batch} fits in {format_bytes(result.capacity.total_bytes)} "
@@ -267,8 +276,8 @@ def _report(result, plot: Path | None, json_out: bool, no_chart: bool) -> None:
             "raise --memory-limit, use a smaller model or --dtype bf16, or see `memprof estimate` for "
             "where the memory goes",
         )
-        raise typer.Exit(EXIT_NOTHING_FITS)
-    raise typer.Exit(EXIT_OK)
+        codes.append(EXIT_NOTHING_FITS)
+    raise typer.Exit(exit_code(*codes))
 
 
 def _require_cuda(device: str) -> None:

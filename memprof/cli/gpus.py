@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from . import EXIT_NO_GPU, app, emit_json, handle_errors
+from . import EXIT_NO_GPU, command, emit_json, handle_errors
 from .common import JSON_OPT
 
 
-@app.command("gpus")
+@command("gpus")
 @handle_errors
 def gpus_cmd(
     json_out: bool = JSON_OPT,
@@ -24,7 +24,7 @@ def gpus_cmd(
     """
     from ..commands.gpus import gpus
     from ..render import stdout_console
-    from ..render.gpus import no_gpu_line, render_catalog, render_gpus
+    from ..render.gpus import NO_GPU_HINT, no_gpu_line, render_catalog, render_gpus
 
     result = gpus(with_catalog=catalog)
     if json_out:
@@ -34,11 +34,14 @@ def gpus_cmd(
     else:
         if result.available:
             render_gpus(result, stdout_console())
-        else:
+        elif catalog:  # the catalog is the answer asked for: no GPU here is a note, not an error
             import sys
 
             print(no_gpu_line(result), file=sys.stderr)
         if catalog:
             render_catalog(result, stdout_console())
     if not result.available and not catalog:
+        from ..render import print_error
+
+        print_error(no_gpu_line(result), NO_GPU_HINT)
         raise typer.Exit(EXIT_NO_GPU)

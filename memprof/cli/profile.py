@@ -9,34 +9,45 @@ from pathlib import Path
 
 import typer
 
-from . import app, emit_json, handle_errors
-from .common import JSON_OPT, check_output_path
+from . import EXIT_OUTPUT, command, emit_json, handle_errors
+from .common import FORCE_OPT, JSON_OPT
+from .output import OutputFiles
 
 
-@app.command("profile", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@command("profile", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 @handle_errors
 def profile_cmd(
     script: str = typer.Argument(
-        ..., help="The Python script to run, as `python SCRIPT ARGS` would.", show_default=False
+        ..., help="The Python script to run, as `python SCRIPT ARGS` would.", show_default=False, metavar="SCRIPT"
     ),
     script_args: list[str] | None = typer.Argument(
         None,
         help="Arguments for the script; put them after -- when one looks like a memprof option (--json, --log, ...).",
         show_default=False,
+        metavar="ARGS",
     ),
-    log: Path | None = typer.Option(None, "--log", help="Write a line-by-line text log (live total, + / - tensors)."),
+    log: Path | None = typer.Option(
+        None, "--log", metavar="FILE", help="Write a line-by-line text log (live total, + / - tensors)."
+    ),
     plot: Path | None = typer.Option(
-        None, "--plot", help="Timeline plot with the peak marked: .svg, .png, .pdf or .html (with the top lines)."
+        None,
+        "--plot",
+        metavar="FILE",
+        help="Timeline plot with the peak marked: .svg, .png, .pdf or .html (with the top lines).",
     ),
     snapshot: Path | None = typer.Option(
         None,
         "--snapshot",
+        metavar="FILE",
         help="CUDA only: save PyTorch's allocator history (.pickle) for https://pytorch.org/memory_viz.",
     ),
     device: str = typer.Option(
-        "auto", "--device", help="Whose memory counts: auto (cuda when available, else all), cuda, cpu or all."
+        "auto",
+        "--device",
+        metavar="DEVICE",
+        help="Whose memory counts: auto (cuda when available, else all), cuda, cpu or all.",
     ),
-    top: int = typer.Option(10, "--top", help="How many lines / tensor groups to show."),
+    top: int = typer.Option(10, "--top", metavar="N", help="How many lines / tensor groups to show."),
     no_chart: bool = typer.Option(False, "--no-chart", help="Do not draw memory over time in the terminal."),
     nproc_per_node: int | None = typer.Option(
         None,
@@ -48,13 +59,15 @@ def profile_cmd(
     node_rank: int = typer.Option(0, "--node-rank", help="torchrun: this node's rank."),
     rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", help="torchrun: HOST:PORT for several nodes."),
     rdzv_id: str | None = typer.Option(None, "--rdzv-id", help="torchrun: the job's rendezvous id."),
+    force: bool = FORCE_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Profile a training script: memory by source line, module and category; the peak; leaks.
 
-    The script's own output comes first (on stderr with --json), then the report. memprof exits
-    with the script's status: 0, its sys.exit code, or 1 when it raised (the partial profile is
-    still reported).
+    The script's own output comes first (on stderr with --json), then the report, then, when the
+    script raised, its traceback (the script's own frames). memprof exits with the script's
+    status: 0, its sys.exit code, 1 when it raised, 130 on Ctrl-C (the partial profile is still
+    reported); 6 when the script ended well but an output file could not be written.
     """
     from ..commands.profile import DEVICES
     from ..errors import UsageError
@@ -64,8 +77,6 @@ def profile_cmd(
         raise UsageError(f"unknown --device {device!r}", "choose auto, cuda, cpu or all")
     if top < 1:
         raise UsageError(f"--top must be at least 1, got {top}", "e.g. --top 10")
-    for path in (log, plot, snapshot):
-        check_output_path(path)
     if plot is not None:
         check_plot_path(plot)
 
@@ -80,49 +91,56 @@ def profile_cmd(
 
     from ..commands.profile import profile
 
-    redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
-    with redirect:
-        result = profile(script, script_args or [], log=log is not None, snapshot=snapshot, device=device)
-        sys.stdout.flush()
+    with OutputFiles(force) as files:
+        for path, option in ((log, "--log"), (plot, "--plot"), (snapshot, "--snapshot")):
+            files.claim(path, option)
+        redirect = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
+        with redirect:
+            result = profile(script, script_args or [], log=log is not None, snapshot=snapshot, device=device)
+            sys.stdout.flush()
 
-    from ..render import print_error, stdout_console
-    from ..render.profile import format_log, outcome_line, render_profile, write_plot
+        from ..render import print_error, stdout_console
+        from ..render.profile import format_log, outcome_line, render_profile, write_plot
 
-    written = []
-    if log is not None:
-        log.write_text(format_log(result))
-        written.append(f"log: {log}")
-    if plot is not None:
-        write_plot(result, plot)
-        written.append(f"plot: {plot}")
-    if json_out:
-        from ..results import document
+        # the report first: whatever happens to the files, it is on the screen
+        if json_out:
+            from ..results import document
 
-        doc = document("profile", result)
-        doc["files"] = {
-            "log": str(log) if log else None,
-            "plot": str(plot) if plot else None,
-            "snapshot": str(snapshot) if snapshot else None,
-        }
-        emit_json(doc)
-    else:
-        console = stdout_console()
-        if not console.is_terminal and "COLUMNS" not in os.environ:
-            console.width = max(console.width, 120)  # piped: the tables need room
-        console.print()
-        render_profile(result, console, top=top, chart=not no_chart)
-        for w in written:
-            console.print(f"Wrote {w}")
-    if snapshot is not None and (result.cuda is None or result.cuda.snapshot_path is None):
-        print_error(
-            f"the allocator snapshot could not be written to {snapshot}",
-            "check the folder and free space; the profile above is complete without it",
-        )
+            doc = document("profile", result)
+            doc["files"] = {
+                "log": str(log) if log else None,
+                "plot": str(plot) if plot else None,
+                "snapshot": str(snapshot) if snapshot else None,
+            }
+            emit_json(doc)
+        else:
+            console = stdout_console()
+            if not console.is_terminal and "COLUMNS" not in os.environ:
+                console.width = max(console.width, 120)  # piped: the tables need room
+            console.print()
+            render_profile(result, console, top=top, chart=not no_chart)
+        written = [
+            files.write(log, lambda path: path.write_text(format_log(result), encoding="utf-8"), "log"),
+            files.write(plot, lambda path: write_plot(result, path), "plot"),
+        ]
+        if snapshot is not None:
+            if result.cuda is not None and result.cuda.snapshot_path is not None:
+                files.mark_written(snapshot)
+            else:
+                written.append(False)
+                print_error(
+                    f"the allocator snapshot could not be written to {snapshot}",
+                    "check the folder and free space; the profile above is complete without it",
+                )
+    if result.outcome.traceback:
+        print("\n".join(result.outcome.traceback), file=sys.stderr)
     line = outcome_line(result)
     if line:
         print_error(line, None) if result.outcome.status != "exit" else print(line, file=sys.stderr)
     if result.outcome.exit_code:
         raise typer.Exit(result.outcome.exit_code)
+    if not all(written):
+        raise typer.Exit(EXIT_OUTPUT)
 
 
 def _ranks(script: str, args: list[str], launch, device: str, top: int, log, plot, json_out: bool) -> None:

@@ -25,7 +25,7 @@ from ..engine.finetune import LoraSpec, parse_method, parse_patterns
 from ..engine.flops import recompute_cost
 from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
 from ..engine.workload import Workload, get_offload, get_optimizer_name, get_precision
-from ..errors import MemprofError, UsageError
+from ..errors import Interrupted, MemprofError, UsageError
 from ..results import (
     Capacity,
     CompareFit,
@@ -628,7 +628,8 @@ def compare(
     row (``fit_fn``, by default :func:`traced_fit`). ``measure_fn`` /
     ``find_fn`` run real steps (``--measure`` / ``--find-batch``). ``gpu`` (a catalog entry or a
     :class:`memprof.engine.roofline.PeakSpec`) adds each row's step-time model. A row that cannot
-    be traced becomes an error row; a failing baseline raises.
+    be traced becomes an error row; a failing baseline raises. Ctrl-C after the baseline raises
+    :class:`~memprof.errors.Interrupted` (a ``KeyboardInterrupt``) holding the rows traced so far.
     """
     if target not in ("cuda", "cpu"):
         raise UsageError(f"unknown target {target!r}", "choose cuda or cpu")
@@ -647,6 +648,7 @@ def compare(
     notes: list[str] = []
     raw: list[tuple[Variant, dict[str, Any] | None, str | None]] = []
     total = len(variants)
+    interrupted = False
     for i, v in enumerate(variants):
         if on_progress is not None:
             on_progress(i + 1, total, v.label)
@@ -670,6 +672,14 @@ def compare(
                 )
             traced["measured"] = _measure_row(v, traced["peak_bytes"], measure_fn, find_fn)
             raw.append((v, traced, None))
+        except KeyboardInterrupt:
+            if v.baseline:
+                raise
+            interrupted = True  # the rows traced so far are the answer (raised below as Interrupted)
+            notes.append(
+                f"interrupted (Ctrl-C) while tracing {v.label}: {total - i} of {total} configurations left out"
+            )
+            break
         except MemprofError as exc:
             if v.baseline:
                 raise
@@ -677,6 +687,13 @@ def compare(
                 notes.append(f"{v.label} left out: {exc.message}")
                 continue
             raw.append((v, None, exc.message + (f" ({exc.hint})" if exc.hint else "")))
+        except MemoryError:
+            raise
+        except Exception as exc:  # a tracer bug on one row must not cost the others
+            if v.baseline:
+                raise
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raw.append((v, None, f"memprof failed: {type(exc).__name__}: {first}"))
     base_traced = raw[0][1]
     assert base_traced is not None  # the baseline comes first, and a failing baseline raised above
     base_peak = base_traced["peak_bytes"]
@@ -715,7 +732,7 @@ def compare(
     lever, lever_gain = best_lever(ordered) if capacity is not None and fit else (None, None)
     if capacity is None and fit:
         notes.append(capacity_note or "no capacity given: largest-batch columns left out (use --gpu-memory 24GiB)")
-    return CompareResult(
+    result = CompareResult(
         model=base.model.display_name,
         base_workload=base.describe(),
         target=target,
@@ -733,7 +750,11 @@ def compare(
         ranked_by_batch=tuple(rank_by_batch(ordered)) if capacity is not None and fit else (),
         best_lever_label=lever,
         best_lever_gain=lever_gain,
+        interrupted=interrupted,
     )
+    if interrupted:
+        raise Interrupted(result)
+    return result
 
 
 def resolve_capacity(

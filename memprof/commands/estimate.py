@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from ..engine import fit as fitting
 from ..engine.analytic import analyse, largest_batch
 from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
-from ..errors import MemprofError, NoGPUError, UsageError
+from ..errors import Interrupted, MemprofError, NoGPUError, UsageError
 from ..results import (
     AnalyticEstimate,
     BatchFit,
@@ -105,7 +105,10 @@ def gpu_capacity(gpu: GpuSpec) -> Capacity:
 
 
 def formula_fit(
-    analytic: AnalyticEstimate, capacity: Capacity, headroom: float = fitting.DEFAULT_HEADROOM
+    analytic: AnalyticEstimate,
+    capacity: Capacity,
+    headroom: float = fitting.DEFAULT_HEADROOM,
+    note: str | None = None,
 ) -> FitSummary:
     """Fit by the formula total, which is linear in the batch size."""
     max_batch = largest_batch(analytic, capacity.total_bytes)
@@ -120,6 +123,7 @@ def formula_fit(
         headroom=headroom,
         per_sample_bytes=analytic.per_sample_bytes,
         fixed_bytes=analytic.fixed_bytes,
+        note=note,
     )
 
 
@@ -166,6 +170,11 @@ def estimate(
     (:func:`verify_step`); on CUDA it needs a GPU, checked before anything is traced. A step that reads
     tensor values runs for real on the CPU instead of being traced; ``progress`` hears what that run will
     cost first.
+
+    When the trace fails the answer is the formula's alone and says so: ``trace_error`` and
+    ``trace_hint`` tell why and what to do (the command line exits 5, a partial answer).
+    Ctrl-C during the trace raises :class:`~memprof.errors.Interrupted` (a ``KeyboardInterrupt``)
+    holding that formula-only result (nothing is verified then).
     """
     headroom = fitting.check_headroom(headroom)
     target, index = parse_device(device)
@@ -182,6 +191,10 @@ def estimate(
     analytic = analyse(workload)
     trace_result = None
     trace_note: str | None = None
+    trace_error: str | None = None
+    trace_hint: str | None = None
+    interrupted = False
+    fit_note: str | None = None
     fit: FitSummary | None = None
     if traced:
         import functools
@@ -199,28 +212,40 @@ def estimate(
                 workload, target=target, cuda_target=cuda, count_bytes=gpu is not None, progress=progress
             )
             if capacity is not None:
-                batch_fit = fitting.fit_batch(
-                    workload,
-                    capacity.total_bytes,
-                    target=target,
-                    headroom=headroom,
-                    known={workload.batch_size: trace_result},
-                    trace_fn=functools.partial(trace_step, cuda_target=cuda),
-                )
-                fit = traced_fit(trace_result, batch_fit, capacity)
+                try:
+                    batch_fit = fitting.fit_batch(
+                        workload,
+                        capacity.total_bytes,
+                        target=target,
+                        headroom=headroom,
+                        known={workload.batch_size: trace_result},
+                        trace_fn=functools.partial(trace_step, cuda_target=cuda),
+                    )
+                    fit = traced_fit(trace_result, batch_fit, capacity)
+                except MemprofError as exc:  # other batch sizes could not be traced: fit by formula
+                    fit_note = f"the fit traces other batch sizes and one failed ({exc.message}): fit by formula"
         except MemprofError as exc:
             trace_result, fit = None, None
-            trace_note = f"tracing failed: {exc.message} (formula only)"
+            trace_error, trace_hint = exc.message, exc.hint
+        except KeyboardInterrupt:  # the formula's answer is ready: raised below as Interrupted
+            interrupted, fit = True, None
+            if trace_result is None:
+                trace_note = "tracing interrupted (Ctrl-C): formula only"
+            else:
+                fit_note = "the fit's traces at other batch sizes were stopped by Ctrl-C: fit by formula"
         except MemoryError:
             raise
         except Exception as exc:  # a tracer bug must not cost the user the formula estimate
             trace_result, fit = None, None
             first = (str(exc).strip().splitlines() or [""])[0]
-            trace_note = f"tracing failed: {type(exc).__name__}: {first} (formula only)"
+            trace_error = f"{type(exc).__name__}: {first}"
+            trace_hint = "this is a memprof bug: please report it; the formula estimate above does not depend on it"
+        if trace_error is not None:
+            trace_note = f"tracing failed: {trace_error} (formula only)"
     else:
         trace_note = "tracing skipped (--no-trace)"
     if fit is None and capacity is not None:
-        fit = formula_fit(analytic, capacity, headroom)
+        fit = formula_fit(analytic, capacity, headroom, note=fit_note)
     if trace_result is not None:
         headline, source = int(trace_result.peak_bytes), "traced"
     else:
@@ -235,9 +260,9 @@ def estimate(
     else:
         step = step_time(trace_result, gpu, tokens=tokens_per_sample(workload))
     verification = None
-    if verify:
+    if verify and not interrupted:
         verification = verify_step(workload, target, index, trace_result, analytic.total_bytes)
-    return EstimateResult(
+    result = EstimateResult(
         workload=workload.describe(),
         analytic=analytic,
         traced=trace_result,
@@ -251,7 +276,13 @@ def estimate(
         step_time_note=step_note,
         target=target,
         verification=verification,
+        trace_error=trace_error,
+        trace_hint=trace_hint,
+        interrupted=interrupted,
     )
+    if interrupted:
+        raise Interrupted(result)
+    return result
 
 
 def _require_cuda(index: int) -> None:

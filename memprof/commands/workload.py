@@ -30,8 +30,13 @@ def check_batch_size(batch_size: Any) -> int:
 
 
 def check_shapes(input_shape: Shape | Sequence[Shape]) -> list[tuple[int, ...]]:
-    """One per-sample shape ``(3, 224, 224)`` or several ``[(3, 224, 224), (10,)]``, batch excluded."""
-    items: list[Any] = list(input_shape)
+    """One per-sample shape ``(3, 224, 224)`` or several ``[(3, 224, 224), (10,)]``, batch excluded; text
+    (``"3,224,224"``) is read as the command line reads ``--input-shape``."""
+    from ..engine.loading import parse_shape
+
+    if isinstance(input_shape, str):
+        return [parse_shape(input_shape)]
+    items: list[Any] = [parse_shape(s) if isinstance(s, str) else s for s in input_shape]
     shapes: list[Any] = [items] if items and not isinstance(items[0], (list, tuple)) else items
     out: list[tuple[int, ...]] = []
     for shape in shapes:
@@ -102,6 +107,8 @@ def make_workload(
         )
     if token_range is not None:
         low, high = token_range
+        if low < 0:
+            raise UsageError(f"`token_range` {low},{high} starts below 0", "token ids start at 0, e.g. 0,50257")
         if high <= low:
             raise UsageError(f"`token_range` {low},{high} is empty", "HIGH must be above LOW, e.g. 0,50257")
     checkpointing = parse_mode(checkpointing)

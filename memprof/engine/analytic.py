@@ -21,12 +21,13 @@ Tied weights are counted once (by storage); buffers are kept apart from paramete
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InputShapeError, TraceError
+from ..errors import TraceError
 from ..results import AnalyticEstimate, LayerRow, MemCategory, MethodTotal
 from .modtrack import ModuleFrame, ModuleTracker
 from .rnn import shape_only_rnns
@@ -270,29 +271,6 @@ def _is_inplace(module) -> bool:
     return bool(getattr(module, "inplace", False))
 
 
-def _expected(module) -> str | None:
-    """What a layer accepts, for the input-shape error."""
-    from torch import nn
-
-    m = module
-    if isinstance(m, nn.Linear):
-        return f"(*, {m.in_features})"
-    if isinstance(m, nn.modules.conv._ConvNd):
-        return f"(N, {m.in_channels}, " + ", ".join("*" for _ in m.kernel_size) + ")"
-    if isinstance(m, nn.modules.batchnorm._NormBase):
-        return f"(N, {m.num_features}, ...)"
-    if isinstance(m, nn.LayerNorm):
-        return "(*, " + ", ".join(str(d) for d in m.normalized_shape) + ")"
-    if isinstance(m, nn.GroupNorm):
-        return f"(N, {m.num_channels}, ...)"
-    if isinstance(m, nn.Embedding):
-        return f"integer ids in [0, {m.num_embeddings})"
-    weight = getattr(m, "weight", None)
-    if weight is not None and hasattr(weight, "shape"):
-        return f"a weight of shape {_shape_text(weight.shape)}"
-    return None
-
-
 class _CallRecorder:
     """Every module call of one forward (on the module tracker): input and output sizes, innermost calls."""
 
@@ -344,6 +322,8 @@ class _CallRecorder:
         return call
 
     def _exit(self, frame: ModuleFrame, output) -> None:
+        if output is None and sys.exc_info()[1] is not None:  # its forward raised: not a call that ran
+            return
         call = frame.data
         outs = _tensors(output)
         call.returns_input = bool(outs) and all(id(t) in call.in_ids for t in outs)
@@ -397,38 +377,35 @@ def _run(model, workload: Workload, batch: int, act_bytes: int | None) -> _Run:
 
 
 def _shape_error(exc: Exception, rec: _CallRecorder, args, kwargs, workload: Workload) -> Exception:
-    """The innermost module that was running, its input shape and what it expects."""
-    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    model_in = " + ".join(_shape_text(t.shape) for t in _tensors((args, kwargs))) or "no tensors"
+    """The innermost module that was running, its input shape and what it expects (:mod:`.blame`)."""
+    from .blame import expects, forward_error, raised, raised_in_model_code
+
     call = rec.failed_call()
-    if call is None:
-        return InputShapeError(
-            f"the model rejected its input ({model_in}): {type(exc).__name__}: {first_line}",
-            "give the per-sample shape with --input-shape (batch excluded), "
-            "or define memprof_batch() next to the model",
-        )
-    module = call.module
-    got = " + ".join(_shape_text(s) for s in getattr(call, "in_shapes", ())) or "no tensors"
-    want = _expected(module)
-    meta_problem = (
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    meta_problem = not raised_in_model_code(exc) and (
         isinstance(exc, NotImplementedError)
         or "meta" in first_line.lower()
         or "data-dependent" in first_line.lower()
         or "item()" in first_line
     )
     if meta_problem:
+        where = f"layer {call.name!r} ({type(call.module).__name__})" if call is not None else "the model"
         return TraceError(
-            f"layer {call.name!r} ({type(module).__name__}) cannot run on the meta device: "
-            f"{type(exc).__name__}: {first_line}",
+            f"{where} cannot run on the meta device: {raised(exc)}",
             "the model reads tensor values during forward; memprof needs shape-only execution "
             "(avoid .item()/.tolist() on activations)",
         )
-    return InputShapeError(
-        f"layer {call.name!r} ({type(module).__name__}) rejected input {got}"
-        + (f", expects {want}" if want else "")
-        + f": {first_line}",
-        f"the model input was {model_in} (batch {workload.batch_size}); give the per-sample shape with "
-        "--input-shape (batch excluded), e.g. --input-shape 3,224,224",
+    inner = call is not None and call.module is not rec.model
+    return forward_error(
+        exc,
+        layer=call.name if inner and call is not None else None,
+        layer_type=type(call.module).__name__ if inner and call is not None else None,
+        got=" + ".join(_shape_text(s) for s in call.in_shapes) if call is not None and call.in_shapes else None,
+        expects=expects(call.module) if inner and call is not None else None,
+        model_input=workload.model.input_description(),
+        batch=workload.batch_size,
+        # no layer with parameters has finished: what the failing layer got is (close to) memprof's input
+        first_layer=not any(next(c.module.parameters(recurse=False), None) is not None for c in rec.calls),
     )
 
 

@@ -103,7 +103,8 @@ class CheckpointPlan:
 
     def describe(self) -> str:
         if self.rule.startswith("segments"):
-            return f"{self.count} checkpointed {self.rule} over {self.what}"
+            rule = self.rule.replace("segments", "segment", 1) if self.count == 1 else self.rule
+            return f"{self.count} checkpointed {rule} over {self.what}"
         return f"{self.count} × {self.what} ({self.rule})"
 
 

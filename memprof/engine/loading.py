@@ -77,21 +77,72 @@ class InputSpec:
         return shapes
 
 
+_SEPARATORS = ",x×X"
+_DIGITS = "0123456789"  # not str.isdigit(): "²" is a digit to it, and int() refuses it
+
+
+def parse_ints(text: str, what: str, example: str, *, minimum: int = 1, count: int | None = None) -> tuple[int, ...]:
+    """Integers separated by ``,`` (or ``x``/``×``, or spaces) in ``text``; anything else is an error
+    naming the character where it is: ``3,x,224`` -> "expected a number at character 3, found 'x'".
+
+    Outer brackets are allowed (``(3, 224, 224)``, and Python's one-element ``(784,)``).
+    """
+    raw = str(text)
+    body = raw.strip()
+    offset = len(raw) - len(raw.lstrip())
+
+    def fail(message: str) -> UsageError:
+        return UsageError(f"cannot read {what} {raw!r}: {message}", f"write it like {example}")
+
+    if body[:1] in ("(", "["):
+        closing = ")" if body[0] == "(" else "]"
+        if not body.endswith(closing):
+            raise fail(f"the {body[0]!r} at character {offset + 1} is never closed")
+        body, offset = body[1:-1], offset + 1
+        if body.rstrip().endswith(",") and body.count(",") == 1:  # Python's (784,)
+            body = body.rstrip()[:-1]
+    values: list[int] = []
+    i, n = 0, len(body)
+    while True:
+        while i < n and body[i].isspace():
+            i += 1
+        j = i
+        while j < n and body[j] in _DIGITS:
+            j += 1
+        if j == i:
+            found = repr(body[i]) if i < n else "nothing"
+            raise fail(f"expected a number at character {offset + i + 1}, found {found}")
+        value = int(body[i:j])
+        if value < minimum:
+            raise fail(f"part {len(values) + 1} is {value}: each must be at least {minimum}")
+        values.append(value)
+        i = j
+        spaced = False
+        while i < n and body[i].isspace():
+            i, spaced = i + 1, True
+        if i >= n:
+            break
+        if body[i] in _SEPARATORS:
+            i += 1
+        elif not (spaced and body[i] in _DIGITS):
+            raise fail(f"expected a separator (',') at character {offset + i + 1}, found {body[i]!r}")
+    if count is not None and len(values) != count:
+        raise fail(f"expected {count} numbers, found {len(values)}")
+    return tuple(values)
+
+
 def parse_shape(text: str) -> tuple[int, ...]:
-    """``"3,224,224"`` / ``"3x224x224"`` / ``"(3, 224, 224)"`` -> ``(3, 224, 224)``."""
-    cleaned = str(text).strip().strip("()[]").replace("x", ",").replace("×", ",").replace(" ", "")
-    try:
-        shape = tuple(int(p) for p in cleaned.split(",") if p != "")
-    except ValueError:
-        raise UsageError(
-            f"cannot read input shape {text!r}",
-            "give the per-sample shape without the batch, e.g. --input-shape 3,224,224",
-        ) from None
-    if not shape or any(d <= 0 for d in shape):
-        raise UsageError(
-            f"input shape {text!r} must be positive integers", "e.g. --input-shape 3,224,224 (batch excluded)"
-        )
-    return shape
+    """``"3,224,224"`` / ``"3x224x224"`` / ``"(3, 224, 224)"`` -> ``(3, 224, 224)``; anything that is not a
+    list of positive integers is an error naming the position of the bad part."""
+    return parse_ints(text, "input shape", "--input-shape 3,224,224 (per sample, batch excluded)")
+
+
+def parse_token_range(text: str) -> tuple[int, int]:
+    """``"0,50257"`` (or ``0:50257``) -> ``(0, 50257)``: LOW inclusive, HIGH exclusive."""
+    low, high = parse_ints(
+        str(text).replace(":", ",", 1), "token range", "--token-range 0,50257 (LOW,HIGH)", minimum=0, count=2
+    )
+    return low, high
 
 
 def parse_kwargs(json_text: str | None = None, pairs: list[str] | None = None) -> dict[str, Any]:
@@ -109,9 +160,13 @@ def parse_kwargs(json_text: str | None = None, pairs: list[str] | None = None) -
             raise UsageError("--model-kwargs must be a JSON object", """e.g. --model-kwargs '{"num_classes": 10}'""")
         kwargs.update(parsed)
     for pair in pairs or []:
-        if "=" not in pair:
-            raise UsageError(f"cannot read model argument {pair!r}", "write key=value, e.g. --model-arg num_classes=10")
-        key, value = pair.split("=", 1)
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UsageError(
+                f"cannot read model argument {pair!r}: "
+                + ("no '='" if not sep else f"{key.strip()!r} is not an argument name"),
+                "write key=value, e.g. --model-arg num_classes=10",
+            )
         try:
             kwargs[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -139,16 +194,16 @@ class ModelSpec:
         """Build a fresh model (on the current default device / fake mode)."""
         import torch
 
+        from .blame import constructor_error
+
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        self._check_arguments(args)
         try:
             model = self.factory(**self.kwargs)
         except MemoryError:
             raise
-        except Exception as exc:  # the user's constructor: show its message
-            args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
-            raise ModelLoadError(
-                f"constructing {self.display_name}({args}) failed: {type(exc).__name__}: {exc}",
-                "pass constructor arguments with --model-kwargs '{\"name\": value}' or --model-arg name=value",
-            ) from None
+        except Exception as exc:  # the user's constructor: the exception as raised, and its line
+            raise constructor_error(exc, self.display_name, args) from None
         if not isinstance(model, torch.nn.Module):
             raise ModelLoadError(
                 f"{self.ref} returned {type(model).__name__}, not a torch.nn.Module",
@@ -156,6 +211,20 @@ class ModelSpec:
             )
         self._detect_inputs(model)
         return model
+
+    def _check_arguments(self, args: str) -> None:
+        """Arguments the constructor's signature cannot take fail here, before it runs."""
+        try:
+            signature = inspect.signature(self.factory)
+        except (TypeError, ValueError):  # a builtin or C extension: no signature to check
+            return
+        try:
+            signature.bind(**self.kwargs)
+        except TypeError as exc:
+            raise ModelLoadError(
+                f"constructing {self.display_name}({args}): {exc}",
+                "pass constructor arguments with --model-kwargs '{\"name\": value}' or --model-arg name=value",
+            ) from None
 
     def _detect_inputs(self, model) -> None:
         """Fill in what the user left out: token ids for Embedding-first models, Linear widths."""
@@ -197,11 +266,17 @@ class ModelSpec:
         if self.batch_hook is not None:
             try:
                 produced = self.batch_hook(batch_size, device, float_dtype)
+            except MemoryError:
+                raise
             except Exception as exc:
-                raise ModelLoadError(
-                    f"{BATCH_HOOK}() failed: {type(exc).__name__}: {exc}",
-                    f"{BATCH_HOOK}(batch_size, device, dtype) must return (inputs, target)",
-                ) from None
+                from .blame import at, fix_hint, is_argument_error, location, raised
+
+                hint = (
+                    f"{BATCH_HOOK} is called as {BATCH_HOOK}(batch_size, device, dtype)"
+                    if is_argument_error(exc) and location(exc) is None
+                    else fix_hint(exc)
+                )
+                raise ModelLoadError(f"{BATCH_HOOK}() raised {raised(exc)}{at(exc)}", hint) from None
             if not (isinstance(produced, tuple) and len(produced) == 2):
                 raise ModelLoadError(
                     f"{BATCH_HOOK}() must return (inputs, target), got {type(produced).__name__}",

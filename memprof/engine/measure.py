@@ -166,10 +166,13 @@ def _classify(exc: BaseException, trial: _Trial) -> tuple[str, str]:
         raise exc
     kind = oom_kind(exc)
     if kind is None:
+        from .blame import at, location
+
         raise MeasureError(
             f"batch {trial.batch}: the training step failed ({trial.where}): "
-            f"{type(exc).__name__}: {_first_line(str(exc))}",
-            "check the model with `memprof estimate` first; this is not an out-of-memory error",
+            f"{type(exc).__name__}: {_first_line(str(exc))}{at(exc)}",
+            (f"the model's own code raised it at {location(exc)}: fix it there; " if location(exc) else "")
+            + "this is not an out-of-memory error (`memprof estimate` checks the model without running it)",
         ) from None
     return _first_line(str(exc)), kind
 

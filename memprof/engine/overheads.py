@@ -42,8 +42,9 @@ CUBLASLT = Kind(
 )
 ONEDNN = Kind(
     "oneDNN convolution scratch",
-    "measured per op with torch.profiler on the CPU (memprof.engine.overheads.onednn_conv_scratch; "
-    "benchmarks/validate_cpu.md)",
+    "oneDNN v3.12 AVX2 kernels (cpu_convolution_list.cpp, gemm_convolution_utils.cpp, jit_avx2_*conv*, "
+    "cpu_reducer.cpp) and PyTorch's mkldnn/Conv.cpp, checked per op with torch.profiler "
+    "(scripts/probe_onednn_conv.py, benchmarks/onednn_conv_scratch.md; benchmarks/validate_cpu.md)",
     verified=True,
 )
 FLASH_BWD = Kind(
@@ -337,6 +338,9 @@ def onednn_conv_scratch(func, args) -> int:
     mask = args[10]
     if x.dim() != 4 or not x.is_floating_point():
         return 0
+    exact = _onednn_backward_scratch(args)
+    if exact is not None:
+        return exact
     c_out = grad_out.shape[1]
     scratch = grad_out.numel() * grad_out.element_size() * _pad16(c_out) // c_out
     if mask[1]:
@@ -345,6 +349,260 @@ def onednn_conv_scratch(func, args) -> int:
         if w.element_size() < 4:  # bf16/fp16: the weight gradient is accumulated in fp32
             scratch += w.numel() * 4
     return scratch
+
+
+#: oneDNN's scratchpad registry adds its 128-byte alignment to every booked buffer
+#: (``src/common/memory_tracking.hpp``, ``registry_t::book``: capacity = size + 128)
+_DNNL_ALIGN = 128
+#: gemm convolutions refuse a scratchpad above this (``gemm_convolution_utils.cpp``, 1 GiB)
+_DNNL_SCRATCH_LIMIT = 1 << 30
+#: page-aligned scratchpad buffers (reducer space, ``simple_barrier::ctx_t`` of ``cpu_barrier.hpp``)
+_PAGE = 4096
+
+
+def _onednn_backward_scratch(args) -> int | None:
+    """``convolution_backward`` scratch, op by op as PyTorch and oneDNN run it; None where not modelled.
+
+    Where this returns None (a CPU other than AVX2 under oneDNN, grouped, dilated or transposed
+    convolutions, channels_last) the caller keeps the older per-op heuristic. Rules, from
+    PyTorch (``aten/src/ATen/native/Convolution.cpp``, ``mkldnn/Conv.cpp``,
+    ``ConvolutionMM2d.cpp``) and oneDNN v3.12 (the version torch 2.14 bundles), each checked
+    against torch.profiler memory events of single ops (``scripts/probe_onednn_conv.py``,
+    ``benchmarks/onednn_conv_scratch.md``):
+
+    * Backend. ``ConvParams::use_mkldnn`` takes oneDNN for float32 unless the kernel is 1×1 and
+      unstrided at batch < 16 on one thread, or the input is a single image of at most 20,480
+      elements with a kernel not larger than 3×3; bf16/fp16 only where the CPU has native
+      support (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``). Otherwise PyTorch's own
+      ``slow_conv2d`` runs, whose weight gradient unfolds the whole batch into columns
+      (``compute_columns2d``: batch × ic·kh·kw × oh·ow elements, none for an unstrided,
+      unpadded 1×1 kernel); its input gradient needs no scratch.
+    * ``mkldnn_convolution_backward`` computes grad_input first (oneDNN writes its own buffer,
+      then ``mkldnn_to_dense`` copies it out), then grad_weight (and grad_bias) the same way,
+      so for a moment the op holds oneDNN's grad_weight AND its dense copy. oneDNN computes
+      grad_weight whenever grad_bias alone is asked for, too.
+    * oneDNN takes the first implementation that accepts the shape
+      (``src/cpu/cpu_convolution_list.cpp``). On AVX2, for the weight gradient: the 1×1 kernel
+      (``jit_avx2_1x1_conv_kernel_f32_t::init_conf``: unpadded 1×1, strides reduced to 1 by
+      copying the input per thread), else the direct kernel
+      (``jit_avx2_conv_bwd_weights_kernel_f32_t::init_conf``: ``kh <= ih``, ``kh <= t_pad + ih``,
+      ``t_pad < kh``, ``kw < 14``, no dilation, paddings smaller than the kernel); both work on
+      channel-blocked copies (8 channels) of input and grad_output and split the batch between
+      threads only when there are fewer weight blocks than threads (``cpu_reducer``: a
+      partial weight gradient per extra thread). Otherwise ``gemm_convolution_bwd_weights_t``
+      runs on the plain tensors and books ``jcp.nthr * weights_d.size()`` *floats* of
+      weight-reduction buffers (``gemm_convolution_utils.cpp``; ``weights_d.size()`` is in bytes,
+      so 4 × the weight bytes per thread) plus an im2col buffer of ic·kh·kw·oh·ow floats per
+      thread, with ``jcp.nthr = torch.get_num_threads()`` when ``oh*ow / threads < 256`` and
+      the batch is > 1, else 1. That is the 9 × weight bytes measured at 2 threads (5 × at 1)
+      for a 3×3 kernel on a 2×2 map (ResNet's layer4 at 64×64 inputs).
+    * Every scratchpad buffer carries oneDNN's alignment (``memory_tracking.hpp``: +128 bytes;
+      4 KiB for reducer space and its page-aligned barrier contexts, ``cpu_barrier.hpp``).
+
+    * A strided grad_input comes from ``brgemm_convolution_bwd_strided_t``, whose result passes
+      through a second buffer of grad_input's size on its way out (measured, every shape).
+
+    Not modelled: the per-thread scratchpad of that strided kernel (``brgconv_strided``: 60 KiB
+    to 1.3 MiB per op in the probe, growing with threads).
+    """
+    import torch
+
+    grad_out, x, w = args[0], args[1], args[2]
+    stride, padding, dilation, transposed, groups, mask = args[4], args[5], args[6], args[7], args[9], args[10]
+    if transposed or groups != 1 or w.dim() != 4 or any(d != 1 for d in dilation):
+        return None
+    if not x.is_contiguous() or not grad_out.is_contiguous():  # channels_last: nspc paths, not modelled
+        return None
+    n, ic, ih, iw = x.shape
+    oc, _, kh, kw = w.shape
+    oh, ow = grad_out.shape[2], grad_out.shape[3]
+    if not _uses_mkldnn(x, w, stride, dilation, groups):  # slow_conv2d: columns for the weight gradient
+        unit = kh == kw == 1 and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+        return n * ic * kh * kw * oh * ow * x.element_size() if mask[1] and not unit else 0
+    if x.dtype != torch.float32 or _cpu_isa() != "AVX2":
+        return None
+    esize = 4
+    threads = max(1, torch.get_num_threads())
+    w_bytes = w.numel() * esize
+    gi_bytes = x.numel() * esize if mask[0] else 0
+    gw_bytes = w_bytes if mask[1] else 0
+    gb_bytes = oc * esize if mask[2] else 0
+    stages = [0]
+    if mask[0]:  # grad_input: blocked grad_output and weight, oneDNN's grad_input, then the dense copy
+        gy_b = n * _pad(oc, 8) * oh * ow * esize
+        w_b = _pad(oc, 8) * _pad(ic, 8) * kh * kw * esize
+        gi_b = n * (ic if ic == 3 else _pad(ic, 8)) * ih * iw * esize
+        # strided: brgemm_convolution_bwd_strided_t, whose result is copied out through a second
+        # buffer of grad_input's size (its own per-thread scratchpad is not modelled)
+        copies = 2 if tuple(stride) != (1, 1) else 1
+        stages += [gy_b + w_b + gi_b, gi_b + copies * gi_bytes]
+    if mask[1] or mask[2]:
+        gb_b = _pad(oc, 8) * esize if mask[2] else 0
+        flat = ic == 3
+        gy_b = n * _pad(oc, 8) * oh * ow * esize
+        gw_b = _pad(oc, 8) * (ic if flat else _pad(ic, 8)) * kh * kw * esize
+        x_b = 0 if flat else n * _pad(ic, 8) * ih * iw * esize
+        if kh == kw == 1 and padding[0] == padding[1] == 0:
+            extra = _avx2_1x1_bwd_weights_bytes(threads, n, ic, oc, oh, ow, stride)
+            computed = x_b + gy_b + gw_b + gb_b + extra
+        elif _avx2_direct_bwd_weights_ok(ih, iw, oh, ow, kh, kw, stride, padding):
+            extra = _avx2_direct_reducer_bytes(threads, n, ic, oc, kh, kw, flat)
+            computed = x_b + gy_b + gw_b + gb_b + extra
+        else:  # gemm on the plain tensors (or, if it refuses, the reference kernel without scratch)
+            gw_b = w_bytes
+            gemm = _gemm_bwd_weights_scratchpad(threads, n, ic, oh, ow, kh, kw, stride, x, w, grad_out)
+            computed = gw_b + gb_b + (gemm or 0)
+        stages += [gi_bytes + computed, gi_bytes + gw_b + w_bytes + gb_b + gb_bytes]
+    return max(0, max(stages) - gi_bytes - gw_bytes - gb_bytes)
+
+
+def _pad(channels: int, block: int) -> int:
+    return -(-channels // block) * block
+
+
+def _cpu_isa() -> str:
+    """The CPU's vector ISA as PyTorch reports it ("AVX2", "AVX512", "DEFAULT", ...)."""
+    import torch
+
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except AttributeError:  # pragma: no cover - torch < 2.1
+        return "unknown"
+
+
+def _uses_mkldnn(x, w, stride, dilation, groups) -> bool:
+    """PyTorch's ``ConvParams::use_mkldnn`` for a CPU convolution (``Convolution.cpp``)."""
+    import torch
+
+    if not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled:
+        return False
+    if x.dtype in (torch.bfloat16, torch.float16):  # oneDNN only where the CPU computes them natively
+        check = "_is_mkldnn_bf16_supported" if x.dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+        try:
+            return bool(getattr(torch.ops.mkldnn, check)())
+        except (AttributeError, RuntimeError):  # pragma: no cover - older torch
+            return False
+    if x.dtype != torch.float32:
+        return False
+    n = x.shape[0]
+    kh, kw = w.shape[-2], w.shape[-1]
+    strided = any(s != 1 for s in stride) or any(d != 1 for d in dilation)
+    return (strided or n >= 16 or kh != 1 or kw != 1 or torch.get_num_threads() > 1) and (
+        groups > 1 or (kh > 3 and kw > 3) or n > 1 or x.numel() > 20480
+    )
+
+
+def _end_pad(start_pad: int, out: int, inp: int, stride: int, ext_k: int) -> int:
+    """oneDNN's ``calculate_end_padding``."""
+    return (out - 1) * stride + ext_k - (inp + start_pad)
+
+
+def _avx2_direct_bwd_weights_ok(ih, iw, oh, ow, kh, kw, stride, padding) -> bool:
+    """``jit_avx2_conv_bwd_weights_kernel_f32_t::init_conf`` (oneDNN v3.12) accepts the (undilated) shape."""
+    t_pad, l_pad = padding[0], padding[1]
+    b_pad = max(0, _end_pad(t_pad, oh, ih, stride[0], kh))
+    r_pad = max(0, _end_pad(l_pad, ow, iw, stride[1], kw))
+    boundaries_ok = t_pad < kh and b_pad < kh and l_pad < kw and r_pad < kw
+    return boundaries_ok and kw < 14 and kh <= t_pad + ih and kh <= ih and t_pad < kh
+
+
+def _avx2_direct_reducer_bytes(threads: int, n: int, ic: int, oc: int, kh: int, kw: int, flat: bool) -> int:
+    """``cpu_reducer_t`` space of the AVX2 direct backward-weights kernel (``jit_avx2_convolution.hpp``).
+
+    ``reduce_balancer_t::balance`` (``cpu_reducer.cpp``) splits the minibatch between threads
+    only when there are fewer weight blocks than threads; each extra thread of a group then
+    accumulates into its own copy of the group's weight blocks.
+    """
+    job_size = kh * kw * (ic if flat else 8) * 8
+    njobs = (1 if flat else _pad(ic, 8) // 8) * (_pad(oc, 8) // 8)
+    ngroups, nthr_per_group, njobs_ub = _reduce_balance(threads, job_size, njobs, n, 1 << 21)
+    if nthr_per_group == 1:
+        return 0
+    space = ngroups * (nthr_per_group - 1) * njobs_ub * job_size * 4 + _PAGE
+    return space + ngroups * _PAGE + _PAGE  # + the groups' barrier contexts
+
+
+def _avx2_1x1_bwd_weights_bytes(threads: int, n: int, ic: int, oc: int, oh: int, ow: int, stride) -> int:
+    """Scratchpad of ``jit_avx2_1x1_convolution_bwd_weights_t``: strided-input copies and reducer space.
+
+    Blocking from ``jit_avx2_1x1_conv_kernel_f32_t::init_conf`` (backward weights, blocked
+    layout): output-channel blocks halved (or thirded) down to at most 32, input-channel
+    blocks down to at most 9; ``cpu_reducer_2d_t`` then books a partial weight gradient for
+    every thread of a group that shares a job (``init_balancers`` in ``jit_avx2_1x1_convolution.hpp``).
+    """
+    nb_oc = _pad(oc, 8) // 8
+    nb_ic = _pad(ic, 8) // 8
+    nb_oc_blocking = _shrink_blocking(nb_oc, 32)
+    nb_ic_blocking = _shrink_blocking(nb_ic, 9)
+    total = 0
+    if tuple(stride) != (1, 1):  # rtus: each thread copies the strided input to unit stride
+        total += threads * nb_ic_blocking * oh * ow * 8 * 4 + _DNNL_ALIGN
+    job_size = nb_oc_blocking * nb_ic_blocking * 64
+    njobs = -(-nb_ic // nb_ic_blocking) * -(-nb_oc // nb_oc_blocking)
+    max_buffer = threads * job_size * 8
+    ngroups, nthr_per_group, njobs_ub = _reduce_balance(threads, job_size, njobs, n * oh * ow, max_buffer)
+    if nthr_per_group > 1:
+        total += ngroups * nthr_per_group * njobs_ub * job_size * 4 + _DNNL_ALIGN
+        total += ngroups * _PAGE + _PAGE  # barrier contexts
+    return total
+
+
+def _shrink_blocking(blocks: int, limit: int) -> int:
+    while blocks > limit:
+        if blocks % 2 == 0:
+            blocks //= 2
+        elif blocks % 3 == 0:
+            blocks //= 3
+        else:
+            break
+    return blocks
+
+
+def _reduce_balance(nthr: int, job_size: int, njobs: int, reduction: int, max_buffer: int) -> tuple[int, int, int]:
+    """oneDNN's ``reduce_balancer_t::balance`` (lock-free): (groups, threads per group, jobs per group)."""
+    min_njobs = max(1, njobs // nthr)
+    max_njobs = max(1, max_buffer // (nthr * job_size))
+    ngroups = min(njobs // min_njobs, nthr)
+    nthr_per_group = min(nthr // ngroups, reduction)
+    njobs_ub = -(-njobs // ngroups)
+    best = njobs * job_size * reduction
+    for c_njobs in range(min_njobs, njobs):
+        c_ngroups = min(njobs // c_njobs, nthr)
+        c_nthr = min(nthr // c_ngroups, reduction)
+        c_ub = -(-njobs // c_ngroups)
+        if c_nthr > 1 and c_ub > max_njobs:
+            continue
+        cost = job_size * c_ub * (-(-reduction // c_nthr) + (c_nthr != 1))
+        if cost < best:
+            ngroups, nthr_per_group, njobs_ub, best = c_ngroups, c_nthr, c_ub, cost
+    return ngroups, nthr_per_group, njobs_ub
+
+
+def _gemm_bwd_weights_scratchpad(threads, n, ic, oh, ow, kh, kw, stride, x, w, grad_out) -> int | None:
+    """Scratchpad bytes of oneDNN's ``gemm_convolution_bwd_weights_t`` (NCHW, f32), or None if it refuses.
+
+    ``jit_gemm_convolution_utils::init_conf`` (oneDNN v3.12, ``src/cpu/gemm_convolution_utils.cpp``).
+    """
+    esize, simd_w = 4, 8  # AVX2: 32-byte vectors
+    w_bytes = w.numel() * esize
+    os_ = oh * ow
+    ks = kh * kw
+    limit = min(_DNNL_SCRATCH_LIMIT, 15 * threads * (x.numel() * esize + w_bytes + grad_out.numel() * esize))
+    thr_mem = 4 * threads * w_bytes + esize * threads * ic * ks * simd_w
+    outer = thr_mem < limit and os_ // threads < 256 and n != 1
+    nthr = threads if outer else 1
+    booked = 4 * nthr * w_bytes + _DNNL_ALIGN  # key_conv_wei_reduction: book<float>(nthr * weights bytes)
+    if booked > limit:
+        return None
+    ih, iw = x.shape[2], x.shape[3]
+    needs_col = not (ow == iw and oh == ih and stride[0] == 1 and stride[1] == 1 and ks == 1)
+    col = ic * ks * os_ if needs_col else 0
+    if col and limit - booked < nthr * col * esize:  # shrink the spatial block to what is left
+        max_os_block = (limit - booked) // (esize * nthr * (col // os_))
+        col = ic * ks * max(simd_w, int(max_os_block * 0.05))
+    if col:
+        booked += nthr * col * esize + _DNNL_ALIGN
+    return booked if booked <= limit else None
 
 
 def _pad16(channels: int) -> int:

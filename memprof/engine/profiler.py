@@ -565,7 +565,13 @@ def profile_script(
             outcome = ScriptOutcome("interrupted", 130, error="KeyboardInterrupt", **_where(rec, sys.exc_info()[2]))
         except BaseException as exc:  # the script's failure: kept in the result, not re-raised
             msg = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
-            outcome = ScriptOutcome("exception", 1, error=" ".join(msg.split()), **_where(rec, exc.__traceback__))
+            outcome = ScriptOutcome(
+                "exception",
+                1,
+                error=" ".join(msg.split()),
+                traceback=_script_traceback(rec, exc),
+                **_where(rec, exc.__traceback__),
+            )
         wall = time.perf_counter() - t_start
         rec.stack.clear()
         cuda = _cuda_info(rec, snapshot_path if snapshot_on else None)
@@ -617,6 +623,23 @@ def _source(key: tuple[str, int] | None) -> str | None:
     if key is None:
         return None
     return linecache.getline(key[0], key[1]).strip() or None
+
+
+def _script_traceback(rec: _ProfileRecorder, exc: BaseException) -> tuple[str, ...]:
+    """The traceback Python would print for the script, with the script's own frames only (not
+    memprof's, not runpy's, not the libraries'): the lines the person has to fix. Chained
+    exceptions (``raise ... from``) keep only the last one, as the one that ended the script."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if rec.is_user(f.filename)]
+    lines = ["Traceback of the script (most recent call last; its own files only):"]
+    for f in frames:
+        lines.append(f'  File "{f.filename}", line {f.lineno}, in {f.name}')
+        if f.line:
+            lines.append(f"    {f.line.strip()}")
+    for part in traceback.format_exception_only(type(exc), exc):
+        lines.extend(part.rstrip("\n").splitlines())
+    return tuple(lines)
 
 
 def _where(rec: _ProfileRecorder, tb) -> dict:

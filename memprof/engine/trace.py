@@ -35,11 +35,12 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import DataDependentError, InputShapeError, MemprofError, TraceError, UsageError
+from ..errors import DataDependentError, MemprofError, ModelCodeError, TraceError, UsageError
 from ..results import CudaTarget, MemCategory, ModelledBytes, TimelinePoint, TraceResult
 from . import fastfake, overheads, placement
 from .allocator import AllocatorConf, CachingAllocatorModel, conf_from_source
 from .flops import FlopTally
+from .gradaccum import InputBufferMirror
 from .modtrack import ModuleTracker
 from .workload import Prepared, Workload, build_model, make_optimizer, train_step
 
@@ -99,9 +100,11 @@ class _TraceRecorder:
         self.step = 0
         self.category: MemCategory | None = None  # forced category while set (setup)
         # the module running each allocation; on_enter keeps each call's input shapes for error messages
-        self.modules = ModuleTracker(on_enter=self._enter_module)
+        self.modules = ModuleTracker(on_enter=self._enter_module, on_exit=self._exit_module)
+        self.param_layers_done = 0  # forward calls of modules with their own parameters that returned
         self.tracker: StorageTracker | None = None
         self.need_workspace = target == "cuda"
+        self.accum = InputBufferMirror()  # which gradient sums autograd does in place on real tensors
         self.cpu_scratch = target == "cpu" and kernel_scratch
         self.workspace_source = ""
         self.lt_bytes, self.lt_source = 0, ""
@@ -143,6 +146,10 @@ class _TraceRecorder:
         if self.sharded:  # FSDP2 swapped in the unsharded parameters just before (its pre-hook runs first)
             self.categorize_tensors(module.parameters(recurse=False), MemCategory.GATHERED_PARAMETER)
         return _input_shapes(module, name, args, kwargs)
+
+    def _exit_module(self, frame, output) -> None:
+        if output is not None and frame.module._parameters:  # None: its forward raised (always_call)
+            self.param_layers_done += 1
 
     def module_now(self) -> str | None:
         stack = self.modules.stack
@@ -360,6 +367,8 @@ def _make_tracker(recorder: _TraceRecorder):
     cuda = recorder.target == "cuda"
     scratch_rules = _scratch_rules(recorder)
     convs = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+    add, add_ = torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor
+    accum = recorder.accum
     onednn_rnn = tuple(
         getattr(getattr(torch.ops.aten, name, None), "default", None)
         for name in ("mkldnn_rnn_layer", "mkldnn_rnn_layer_backward")
@@ -369,6 +378,16 @@ def _make_tracker(recorder: _TraceRecorder):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is prim_device:  # FakeTensorMode asks for devices through the mode stack: no storage, no op
                 return self.run_op(func, args, kwargs) if self.run_op is not None else func(*args, **(kwargs or {}))
+            if recorder.phase == "backward":
+                if not accum.started:
+                    accum.start()
+                if func is add and not kwargs:
+                    item = accum.match(args)
+                    if item is not None:  # autograd summing two gradients for one input (InputBuffer::add)
+                        inplace = accum.inplace(item, *args)
+                        out = super().__torch_dispatch__(add_ if inplace else add, types, args, kwargs)
+                        accum.delivered(item, out)
+                        return out
             if cuda and func in matmuls:
                 # one cuBLAS handle (and workspace) per thread: forward and optimizer run on the
                 # main thread, backward on autograd's device thread
@@ -652,54 +671,28 @@ def _build_with_fake_parameters(workload: Workload):
 
 
 # =========================================================================== errors
-_SHAPE_WORDS = (
-    "shape",
-    "size",
-    "dimension",
-    "dim",
-    "expected input",
-    "channels",
-    "mat1",
-    "must match",
-    "sizes of tensors",
-)
-
-
 def _forward_error(exc: Exception, recorder: _TraceRecorder, model, workload: Workload) -> MemprofError:
-    msg = " ".join(str(exc).split())
+    """The exception as raised, the model's line, and a hint from the evidence (:mod:`.blame`)."""
+    from .blame import expects, forward_error
+
     modules = recorder.modules
     frame = modules.stack[-1] if modules.stack else modules.failed  # the innermost call that raised
     where = frame.name if frame is not None else None
-    if isinstance(exc, (RuntimeError, ValueError, IndexError)) and any(w in msg.lower() for w in _SHAPE_WORDS):
-        module = None
-        if where is not None:
-            module = dict(model.named_modules()).get(where) if where != type(model).__name__ else model
-        expects = ""
-        if module is not None:
-            attrs = [
-                f"{a}={getattr(module, a)}"
-                for a in (
-                    "in_features",
-                    "in_channels",
-                    "normalized_shape",
-                    "num_features",
-                    "num_embeddings",
-                    "embed_dim",
-                )
-                if hasattr(module, a)
-            ]
-            expects = f" ({type(module).__name__}{', ' + ', '.join(attrs) if attrs else ''})"
-        got = ""
-        if frame is not None:
-            got = " received input shape(s) " + ", ".join("×".join(map(str, s)) or "scalar" for s in frame.data)
-        inputs = workload.model.input_description()
-        return InputShapeError(
-            f"the model rejected its input {inputs} (batch {workload.batch_size}): layer "
-            f"{where or '?'}{expects}{got}: {msg}",
-            "give the per-sample input shape the model expects with --input-shape (batch excluded), "
-            "e.g. --input-shape 3,224,224",
-        )
-    return _step_error(exc, "forward")
+    root = frame is None or frame.module is model or frame.module is getattr(model, "module", None)  # DDP's wrap
+    module = None if root or frame is None else frame.module
+    got = None
+    if frame is not None and frame.data is not None:
+        got = ", ".join("×".join(map(str, s)) or "scalar" for s in frame.data)
+    return forward_error(
+        exc,
+        layer=None if root else where,
+        layer_type=type(module).__name__ if module is not None else None,
+        got=got,
+        expects=expects(module) if module is not None else None,
+        model_input=workload.model.input_description(),
+        batch=workload.batch_size,
+        first_layer=recorder.param_layers_done == 0,
+    )
 
 
 #: exception types (by name) that mean "fake tensors have no values for this"
@@ -866,16 +859,24 @@ def _available_ram() -> int | None:
 def _step_error(exc: Exception, phase: str) -> MemprofError:
     if isinstance(exc, MemprofError):
         return exc
+    from .blame import fix_hint, location, raised
+
     name = type(exc).__name__
     msg = " ".join(str(exc).split())[:400]
     if "DataDependent" in name or "data-dependent" in msg.lower() or "item()" in msg or "Unsupported" in name:
-        hint = (
+        return TraceError(
+            f"tracing the {phase} pass failed: {raised(exc)}",
             "the step reads tensor values (.item(), data-dependent shapes or an op fake tensors do not "
-            "support); use `memprof measure` on a real device instead"
+            "support), which a trace cannot do; run the real step instead: memprof find-batch "
+            "(--device cpu --memory-limit 8GiB without a GPU) or memprof profile your_script.py",
         )
-    else:
-        hint = "the model may need inputs memprof did not build: define memprof_batch()/memprof_loss() next to it"
-    return TraceError(f"tracing the {phase} pass failed: {name}: {msg}", hint)
+    loc = location(exc)
+    if loc is not None:  # the model's own code (its loss, memprof_batch, a backward hook) raised
+        return ModelCodeError(f"the model's {phase} step raised {raised(exc)} (at {loc})", fix_hint(exc))
+    return TraceError(
+        f"tracing the {phase} pass failed: {raised(exc)}",
+        "the model may need inputs or a loss memprof did not build: define memprof_batch()/memprof_loss() next to it",
+    )
 
 
 # =========================================================================== data parallelism
@@ -1100,6 +1101,7 @@ def _record_step(
                 def on_phase(phase: str) -> None:
                     assert prepared is not None  # set above, before any step runs
                     recorder.modules.clear()
+                    recorder.accum.reset()
                     if phase == "forward":
                         recorder.forward_start[recorder.step] = len(recorder.events)
                         recorder.forward_op[recorder.step] = tracker.op_count

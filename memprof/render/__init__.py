@@ -5,7 +5,9 @@ Per-command renderers live in ``memprof/render/<command>.py``.
 
 from __future__ import annotations
 
+import errno
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -99,16 +101,106 @@ def format_seconds(s: float | None) -> str:
     return f"{s * 1e6:.0f} µs"
 
 
+class _Console(Console):
+    """A Rich console that lets a broken pipe reach the caller (Rich's own default exits 1, which
+    memprof's exit codes reserve for "does not fit"); the command line then ends quietly with 141."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``1 layer``, ``2 layers``, ``1,024 layers`` (``many`` for irregular plurals)."""
+    return f"{n:,} {word if n == 1 else (many or word + 's')}"
+
+
+def ellipsize(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, its middle replaced by ``…``.
+
+    A dotted name (a layer) keeps its first part and as many whole parts from its end as fit, since
+    the end tells layers apart: ``model.encoder.layers.11.self_attn.out_proj`` ->
+    ``model.…11.self_attn.out_proj``; other text keeps a third of its start and the rest of its end.
+    """
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    parts = text.split(".")
+    if len(parts) > 2:
+        head = parts[0] + ".…"
+        for k in range(1, len(parts)):
+            tail = ".".join(parts[k:])
+            if len(head) + len(tail) <= width and len(tail) >= width // 2:
+                return head + tail
+    keep = width - 1
+    first = keep // 3
+    return text[:first] + "…" + text[len(text) - (keep - first) :]
+
+
+def fold(text: str, width: int, hang: int | None = None) -> str:
+    """One line of prose folded at ``width`` for reading: at spaces only (never inside a word, a
+    flag or a number), continuation lines indented ``hang`` columns (default: the line's own
+    indentation + 2)."""
+    lead = len(text) - len(text.lstrip(" "))
+    indent = " " * (lead + 2 if hang is None else hang)
+    return textwrap.fill(
+        text.strip(),
+        width=max(width, len(indent) + 20),
+        initial_indent=" " * lead,
+        subsequent_indent=indent,
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+
+
+def squeeze(
+    headers: list[str], rows: list[list[str]], width: int, shrinkable: dict[int, int], gap: int = 2
+) -> list[list[str]]:
+    """Rows whose cells in the ``shrinkable`` columns (index -> narrowest width, in the order to shrink
+    them) are ellipsized in the middle until the table, columns ``gap`` apart, fits in ``width``."""
+    if not rows:
+        return rows
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    excess = sum(widths) + gap * (len(widths) - 1) - width
+    limit = list(widths)
+    for i, narrowest in shrinkable.items():
+        if excess <= 0:
+            break
+        cut = min(excess, widths[i] - max(narrowest, len(headers[i])))
+        if cut > 0:
+            limit[i] -= cut
+            excess -= cut
+    return [[ellipsize(c, limit[i]) if i in shrinkable else c for i, c in enumerate(r)] for r in rows]
+
+
+def say(console: Console, text: str = "", *, hang: int | None = None, style: str | None = None) -> None:
+    """Print one line of plain text (no markup) folded to the console's width (:func:`fold`)."""
+    if not text:
+        console.print()
+        return
+    console.print(fold(text, console.width - 1, hang), markup=False, highlight=False, style=style, soft_wrap=True)
+
+
 def stdout_console() -> Console:
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False)
+    return _Console(file=sys.stdout, highlight=False, soft_wrap=False)
 
 
 def stderr_console() -> Console:
-    return Console(file=sys.stderr, highlight=False, soft_wrap=False)
+    return _Console(file=sys.stderr, highlight=False, soft_wrap=False)
+
+
+#: the ERROR lines printed in this process (the command line checks that an exit 130 said "interrupted")
+ERRORS_SAID: list[str] = []
 
 
 def print_error(message: str, hint: str | None = None) -> None:
     """``ERROR: ...`` and ``HINT: ...`` on stderr, one line each, no markup surprises."""
-    print(f"ERROR: {message}", file=sys.stderr)
-    if hint:
-        print(f"HINT: {hint}", file=sys.stderr)
+    ERRORS_SAID.append(message)
+    try:
+        print(f"ERROR: {message}", file=sys.stderr)
+        if hint:
+            print(f"HINT: {hint}", file=sys.stderr)
+        sys.stderr.flush()
+    except (OSError, ValueError):  # stderr closed or full: nothing left to tell the user with
+        pass

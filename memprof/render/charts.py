@@ -32,7 +32,7 @@ from rich.text import Text
 
 from ..errors import UsageError
 from ..results import MemCategory
-from . import byte_unit, format_bytes, precise_bytes
+from . import byte_unit, ellipsize, format_bytes, precise_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -565,10 +565,14 @@ def _escape(text: str) -> str:
 
 
 # --------------------------------------------------------------------------- terminal
-def terminal(chart: Chart, width: int = 56, height: int = 12) -> Text:
-    """The chart in characters: each mark drawn with its ``glyph`` (and its colour, where the terminal has colour)."""
+def terminal(chart: Chart, width: int = 56, height: int = 12, line_width: int | None = None) -> Text:
+    """The chart in characters: each mark drawn with its ``glyph`` (and its colour, where the terminal has colour).
+
+    A bar chart's bars are ``width`` characters; with ``line_width`` every line fits that many columns: the
+    bars shrink (down to 10 characters), the legend folds between items and the notes are shortened in the
+    middle before anything wraps."""
     if isinstance(chart, BarChart):
-        return _terminal_bars(chart, width)
+        return _terminal_bars(chart, width, line_width)
     return _terminal_xy(chart, width, height)
 
 
@@ -705,16 +709,27 @@ def _column_values(m: Line, x: Axis, width: int) -> list[float | None]:
     return out
 
 
-def _terminal_bars(chart: BarChart, width: int) -> Text:
+def _terminal_bars(chart: BarChart, width: int, line_width: int | None = None) -> Text:
+    label_w = max((len(b.label) for b in chart.bars), default=10) + 2
+    if line_width is not None:  # label, bar, " ", 10 for the total, "  " and the note within line_width
+        note_w = min(44, max((len(b.note) for b in chart.bars), default=0))
+        width = max(10, min(width, line_width - 2 - label_w - 13 - note_w))
+    fold = line_width if line_width is not None else 1 << 30
     text = Text("  ")
+    line = 2
     for seg in chart.segments:
+        item = len(seg.label) + 4
+        if line + item > fold and line > 2:  # the legend folds between items, never inside one
+            text.append("\n  ")
+            line = 2
         text.append(seg.glyph, style=seg.color)
         text.append(f" {seg.label}  ")
+        line += item
     text.append("\n")
     limit = chart.limit
     scale = max([b.total for b in chart.bars] + ([int(limit.y)] if limit is not None else []), default=0)
     at = None if limit is None or not scale else min(width - 1, max(0, round(limit.y / scale * width) - 1))
-    label_w = max((len(b.label) for b in chart.bars), default=10) + 2
+    room = 44 if line_width is None else min(44, line_width - (2 + label_w + width + 1 + 10 + 2))
     for b in chart.bars:
         text.append(("★ " if b.highlight else "  ") + b.label.ljust(label_w))
         cells: list[tuple[str, str | None]] = []
@@ -727,8 +742,8 @@ def _terminal_bars(chart: BarChart, width: int) -> Text:
         for glyph, color in cells:
             text.append(glyph, style=color)
         text.append(" ")
-        note = b.note if len(b.note) <= 44 else "…" + b.note[-43:]
-        text.append(f"{format_bytes(b.total):>10}  {note}\n")
+        note = ellipsize(b.note, room) if room >= 8 else ""
+        text.append(f"{format_bytes(b.total):>10}" + (f"  {note}" if note else "") + "\n")
     if limit is not None and limit.glyph and limit.label:
         text.append(" " * (label_w + 2))
         text.append(limit.glyph, style=limit.color)

@@ -20,6 +20,7 @@ from . import (
     format_pct,
     format_seconds,
     format_signed_bytes,
+    say,
 )
 from .charts import compare_chart, terminal, write
 
@@ -124,76 +125,107 @@ def _header(result: CompareResult, console: Console) -> None:
         f"[bold]memprof compare[/bold] · {result.model} · batch {w.get('batch_size')} · "
         f"input {w.get('input')} · {opt} · {w.get('mode')}"
     )
-    console.print(f"  peak = {result.peak_metric} (traced for {result.target})")
+    say(console, f"  peak = {result.peak_metric} (traced for {result.target})")
     if result.capacity is not None:
-        console.print(
+        say(
+            console,
             f"  capacity {format_bytes(result.capacity.total_bytes)} ({result.capacity.source}), "
-            f"recommended batch = {result.headroom:g} × largest"
+            f"recommended batch = {result.headroom:g} × largest",
         )
     else:
-        console.print(f"  {result.capacity_note or 'no capacity: largest-batch columns left out'}")
+        say(console, f"  {result.capacity_note or 'no capacity: largest-batch columns left out'}")
 
 
-def compare_table(result: CompareResult) -> Table:
-    fit = result.capacity is not None and any(r.fit is not None for r in result.rows)
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 0))
-    table.add_column("", width=1, no_wrap=True)  # ★ best, ✗ failed
-    table.add_column("Configuration", max_width=26)  # --combine labels wrap
-    for name in ("Params", "Grads", "Optim.", "Activ.", "Temp.", "Peak"):
-        table.add_column(name, justify="right", no_wrap=True)
-    table.add_column("vs baseline", justify="right", no_wrap=True)
-    if fit:
-        table.add_column("Max batch", justify="right", no_wrap=True)
-        table.add_column(f"Rec.@{result.headroom:g}", justify="right", no_wrap=True)
+#: what the category columns hold (compare's Grads is the gradients' full size, estimate's
+#: breakdown the bytes alive at the peak: the two differ, and each table says which it shows)
+COLUMNS_NOTE = (
+    "Params, Grads, Optim., Activ.: full sizes, as held during the step (Activ.: saved for backward at the "
+    "end of forward); Temp.: temporaries alive at the peak; Peak: the traced peak."
+)
+_CATEGORIES = ("Params", "Grads", "Optim.", "Activ.", "Temp.")
+
+
+def _cells(result: CompareResult, fit: bool) -> list[tuple[CompareRow, list[str], list[str]]]:
+    """Per row: (row, category cells, peak/vs-baseline/fit cells)."""
+    out = []
     for r in result.rows:
-        mark = "★" if r.best else "✗" if r.error is not None else ""
         if r.error is not None:  # the reason is in the notes below the chart
-            table.add_row(mark, Text(r.label), *(["-"] * (7 + (2 if fit else 0))))
+            out.append((r, ["-"] * 5, ["-"] * (2 + (2 if fit else 0))))
             continue
-        cells = [
+        categories = [
             format_bytes(r.parameter_bytes),
             format_bytes(r.gradient_bytes),
             format_bytes(r.optimizer_state_bytes),
             format_bytes(r.activation_bytes),
             format_bytes(r.temporary_bytes),
-            format_bytes(r.peak_bytes),
-            _delta(r),
         ]
+        rest = [format_bytes(r.peak_bytes), _delta(r)]
         if fit:
             if r.fit is None:
-                cells += ["n/a", "n/a"]
+                rest += ["n/a", "n/a"]
             elif r.fit.max_batch is None:
-                cells += ["none", "-"]
+                rest += ["none", "-"]
             else:
                 more = "+" if r.fit.limited_by_max else ""
                 at_least = "" if r.fit.exact else "≥"
-                cells += [at_least + format_count(r.fit.max_batch) + more, format_count(r.fit.recommended_batch)]
-        table.add_row(mark, Text(r.label), *cells, style="bold" if r.best else None)
+                rest += [at_least + format_count(r.fit.max_batch) + more, format_count(r.fit.recommended_batch)]
+        out.append((r, categories, rest))
+    return out
+
+
+def _new_table(title: str | None = None) -> Table:
+    table = Table(
+        box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 0), title=title, title_justify="left"
+    )
+    table.add_column("", width=1, no_wrap=True)  # ★ best, ✗ failed
+    table.add_column("Configuration", max_width=26)  # --combine labels fold at spaces
     return table
 
 
-def compute_table(result: CompareResult) -> Table | None:
+def compare_tables(result: CompareResult, width: int = 120) -> list[Table]:
+    """The comparison as one table, or, when that is wider than ``width`` (an 80-column terminal),
+    two: the peaks and batches first, then the categories."""
+    fit = result.capacity is not None and any(r.fit is not None for r in result.rows)
+    rows = _cells(result, fit)
+    rest_names = ["Peak", "vs baseline"] + (["Max batch", f"Rec.@{result.headroom:g}"] if fit else [])
+    label_w = min(26, max([len("Configuration")] + [len(r.label) for r in result.rows]))
+    widths = [max([len(name)] + [len(cells[i]) for _, cells, _ in rows]) for i, name in enumerate(_CATEGORIES)] + [
+        max([len(name)] + [len(rest[i]) for _, _, rest in rows]) for i, name in enumerate(rest_names)
+    ]
+    one = 1 + 1 + label_w + sum(w + 1 for w in widths)
+    split = one > width
+    tables = [_new_table()] if not split else [_new_table(), _new_table("Categories (full sizes; Temp. at the peak)")]
+    order = rest_names if split else [*_CATEGORIES, "Peak", *rest_names[1:]]
+    for name in order:
+        tables[0].add_column(name, justify="right", no_wrap=True)
+    if split:
+        for name in _CATEGORIES:
+            tables[1].add_column(name, justify="right", no_wrap=True)
+    for r, categories, rest in rows:
+        mark = "★" if r.best else "✗" if r.error is not None else ""
+        style = "bold" if r.best else None
+        if split:
+            tables[0].add_row(mark, Text(r.label), *rest, style=style)
+            tables[1].add_row(mark, Text(r.label), *categories, style=style)
+        else:
+            tables[0].add_row(mark, Text(r.label), *categories, rest[0], *rest[1:], style=style)
+    return tables
+
+
+def compute_table(result: CompareResult, width: int = 120) -> Table | None:
     """Memory and compute side by side: each row's peak change next to its FLOPs and (with a GPU) the
-    step-time model, so checkpointing's memory saved and compute added read in one row."""
+    step-time model, so checkpointing's memory saved and compute added read in one row. Narrower than
+    the whole (an 80-column terminal): the compute columns alone, with short headers (the peaks are in
+    the table above), the GPU named in the title's place by :func:`render_compare`."""
     rows = [r for r in result.rows if r.error is None and r.flops_per_sample is not None]
     if not rows:
         return None
     timed = any(r.step_time is not None for r in rows)
-    title = "Memory and compute" + (f" (step time: roofline model on {result.gpu}, not measured)" if timed else "")
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title=title, title_justify="left")
-    table.add_column("Configuration", max_width=26)
-    table.add_column("Peak", justify="right", no_wrap=True)
-    table.add_column("vs baseline", justify="right", no_wrap=True)
-    table.add_column("FLOP/step", justify="right", no_wrap=True)
-    table.add_column("FLOP/sample", justify="right", no_wrap=True)
-    table.add_column("vs baseline", justify="right", no_wrap=True)
-    if timed:
-        table.add_column("Step time ≥", justify="right", no_wrap=True)
-        table.add_column("Samples/s ≤", justify="right", no_wrap=True)
+    cells: list[tuple[CompareRow, list[str]]] = []
     for r in rows:
         peak_delta = "-" if r.baseline else format_pct(r.delta_pct, 1, signed=True)
         compute = "-" if r.baseline else format_pct(r.compute_delta_pct, 0, signed=True)
-        cells = [
+        row = [
             format_bytes(r.peak_bytes),
             peak_delta,
             format_flops(r.step_flops, ""),
@@ -202,8 +234,30 @@ def compute_table(result: CompareResult) -> Table | None:
         ]
         if timed:
             st = r.step_time
-            cells += [format_seconds(st.seconds), f"{st.samples_per_second:,.0f}"] if st is not None else ["n/a"] * 2
-        table.add_row(Text(("★ " if r.best else "") + r.label), *cells)
+            row += [format_seconds(st.seconds), f"{st.samples_per_second:,.0f}"] if st is not None else ["n/a"] * 2
+        cells.append((r, row))
+    names = ["Peak", "vs baseline", "FLOP/step", "FLOP/sample", "vs baseline"]
+    names += ["Step time ≥", "Samples/s ≤"] if timed else []
+    labels = [len(("★ " if r.best else "") + r.label) for r in rows]
+    label_w = min(26, max([len("Configuration"), *labels]))
+
+    def needed(heads: list[str], first: int) -> int:
+        cols = [max([len(h)] + [len(c[first + i]) for _, c in cells]) for i, h in enumerate(heads)]
+        return label_w + sum(w + 2 for w in cols)
+
+    narrow = needed(names, 0) > width
+    if narrow:  # the peaks are in the table above: the compute columns alone, short headers
+        names = ["FLOP/step", "/sample", "vs base"] + (["Step ≥", "Samples/s ≤"] if timed else [])
+        cells = [(r, c[2:]) for r, c in cells]
+        title = "Compute per configuration"
+    else:
+        title = "Memory and compute" + (f" (step time: roofline model on {result.gpu}, not measured)" if timed else "")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title=title, title_justify="left")
+    table.add_column("Configuration", max_width=26)
+    for name in names:
+        table.add_column(name, justify="right", no_wrap=True)
+    for r, row in cells:
+        table.add_row(Text(("★ " if r.best else "") + r.label), *row)
     return table
 
 
@@ -220,8 +274,8 @@ def measure_table(result: CompareResult) -> Table | None:
     table.add_column("Measured", justify="right")
     table.add_column("Error", justify="right")
     if find:
-        table.add_column("Max batch (traced)", justify="right")
-        table.add_column("Max batch (measured)", justify="right")
+        table.add_column("Max batch\ntraced", justify="right")
+        table.add_column("Max batch\nmeasured", justify="right")
     for r, m in rows:
         measured = "OOM" if m.oom else format_bytes(m.peak_bytes)
         cells = [format_bytes(m.predicted_bytes), measured, format_pct(m.error_pct, 1, signed=True)]
@@ -232,9 +286,11 @@ def measure_table(result: CompareResult) -> Table | None:
     return table
 
 
-def bars(result: CompareResult) -> Text:
+def bars(result: CompareResult, width: int = 120) -> Text:
+    """The stacked bars, each line within ``width`` columns: the bar shrinks (down to 10 characters)
+    and the peak's place is shortened in the middle before anything wraps."""
     text = Text("Breakdown at the peak:\n")
-    text.append_text(terminal(compare_chart(result), width=40))
+    text.append_text(terminal(compare_chart(result), width=40, line_width=width))
     return text
 
 
@@ -285,29 +341,31 @@ def compute_lines(result: CompareResult) -> list[str]:
 
 def render_compare(result: CompareResult, console: Console) -> None:
     _header(result, console)
-    console.print()
-    console.print(compare_table(result))
-    ct = compute_table(result)
+    for table in compare_tables(result, console.width):
+        console.print()
+        console.print(table)
+    say(console, COLUMNS_NOTE, hang=2)
+    ct = compute_table(result, console.width)
     if ct is not None:
         console.print()
         console.print(ct)
+        if ct.title == "Compute per configuration" and any(r.step_time is not None for r in result.rows):
+            say(console, f"  step time ≥: roofline model on {result.gpu}, not measured", hang=4)
         for line in compute_lines(result):
-            console.print(
-                Text(textwrap.fill(line, max(40, console.width - 1), initial_indent="  ", subsequent_indent="    "))
-            )
+            say(console, "  " + line)
     mt = measure_table(result)
     if mt is not None:
         console.print()
         console.print(mt)
     console.print()
-    console.print(bars(result))
+    console.print(bars(result, console.width - 1))
     ranking = ranking_lines(result) if len(result.ranked_by_batch) > 1 else []
     if ranking:
         console.print(Text("Ranked by the largest batch that fits", style="bold"))
         for line in ranking:
-            console.print(Text("  " + line))
+            say(console, "  " + line)
         console.print()
-    console.print(Text(verdict_text(result), style="bold"))
+    say(console, verdict_text(result), hang=0, style="bold")
     lines = detail_lines(result)
     if lines:
         console.print()

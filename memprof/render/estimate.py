@@ -10,7 +10,18 @@ from rich.console import Console
 from rich.table import Table
 
 from ..results import METHOD_REAL, EstimateResult, FlopCount, LayerRow, MemCategory
-from . import certainty, format_bytes, format_count, format_flops, format_pct, format_seconds
+from . import (
+    certainty,
+    ellipsize,
+    format_bytes,
+    format_count,
+    format_flops,
+    format_pct,
+    format_seconds,
+    plural,
+    say,
+    squeeze,
+)
 
 DEFAULT_LAYERS = 10
 
@@ -128,7 +139,7 @@ def _header(result: EstimateResult, console: Console) -> None:
     else:
         rows.append(("device", f"{cpu}capacity unknown ({result.capacity_note or 'no --gpu-memory given'})"))
     for key, value in rows:
-        console.print(f"  {key:<11} {value}")
+        say(console, f"  {key:<11} {value}", hang=14)
 
 
 def _headline(result: EstimateResult, console: Console) -> None:
@@ -141,10 +152,10 @@ def _headline(result: EstimateResult, console: Console) -> None:
         how = "recorded from a real CPU run" if real else "traced for the CPU" if result.target == "cpu" else "traced"
         console.print(f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] peak per {what} ({how})")
         if getattr(t, "peak_phase", None):
-            console.print(
+            say(
+                console,
                 f"  peak in {t.peak_phase}"
                 + (f", in module {t.peak_module}" if getattr(t, "peak_module", None) else ""),
-                markup=False,
             )
         width = max(40, console.width - 1)
         lines = [certainty(getattr(t, "method", "trace"), getattr(t, "modelled", ()))]
@@ -159,17 +170,18 @@ def _headline(result: EstimateResult, console: Console) -> None:
         if getattr(t, "predicted_nvml_bytes", None) is not None:
             extra.append(f"nvidia-smi ≈ {format_bytes(t.predicted_nvml_bytes)}")
         if extra:
-            console.print("  " + "; ".join(extra))
+            say(console, "  " + "; ".join(extra))
         if getattr(t, "host_bytes", None):
-            console.print(f"  offloaded to the host: {format_bytes(t.host_bytes)} per rank (not in the figures above)")
+            say(console, f"  offloaded to the host: {format_bytes(t.host_bytes)} per rank (not in the figures above)")
         one = " for one process" if parallel_line(result.workload) else ""
-        console.print(f"  formula (four-part rule){one}: {format_bytes(a.total_bytes)}")
+        say(console, f"  formula (four-part rule){one}: {format_bytes(a.total_bytes)}")
     else:
         console.print(
             f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] per {what} (formula: four-part rule)"
         )
         if result.trace_note:
-            console.print(f"  {result.trace_note}", markup=False)
+            partial = "PARTIAL - " if result.trace_error is not None else ""
+            say(console, f"  {partial}{result.trace_note}")
     params = f"  parameters {format_count(a.param_count)}"
     if a.trainable_param_count != a.param_count:
         params += f" ({format_count(a.trainable_param_count)} trainable)"
@@ -177,7 +189,7 @@ def _headline(result: EstimateResult, console: Console) -> None:
     if a.tied_param_count:
         params += f" · {a.tied_param_count} tied tensor(s) counted once"
     params += f" · formula: {a.seconds:.2f} s"
-    console.print(params)
+    say(console, params)
 
 
 def _breakdown(result: EstimateResult, console: Console) -> None:
@@ -223,6 +235,12 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
         table.add_row("Total", format_bytes(f_total), _pct(f_total, f_total), style="bold")
     console.print()
     console.print(f"[bold]{title}[/bold]")
+    if traced is not None:
+        say(
+            console,
+            "  Traced: bytes alive at the moment of the peak (a gradient not made yet is not counted); "
+            "Formula: each category at its full size.",
+        )
     console.print(table)
 
 
@@ -237,7 +255,7 @@ def _weights(result: EstimateResult, console: Console) -> None:
     console.print()
     console.print("[bold]Fine-tuning[/bold]")
     if w is not None:
-        console.print(f"  {w.peft_line()}  (as peft prints it)")
+        say(console, f"  {w.peft_line()}  (as peft prints it)")
         parts = [f"frozen base weights {format_bytes(w.frozen_bytes)}"]
         if w.adapter_bytes:
             parts.append(f"LoRA adapters {format_bytes(w.adapter_bytes)} ({format_count(w.adapter_params)} params)")
@@ -247,11 +265,11 @@ def _weights(result: EstimateResult, console: Console) -> None:
             parts.append(
                 f"quantization state {format_bytes(w.quant_state_bytes)} ({w.quantized_layers} quantized layers)"
             )
-        console.print("  " + " · ".join(parts))
+        say(console, "  " + " · ".join(parts))
     if host:
-        console.print(f"  CPU memory (offloaded optimizer: fp32 masters, gradients, state): {format_bytes(host)}")
+        say(console, f"  CPU memory (offloaded optimizer: fp32 masters, gradients, state): {format_bytes(host)}")
     if paged:
-        console.print(f"  paged optimizer state (CUDA unified memory, not in the peak): {format_bytes(paged)}")
+        say(console, f"  paged optimizer state (CUDA unified memory, not in the peak): {format_bytes(paged)}")
 
 
 def select_layers(layers: tuple[LayerRow, ...], top: int | None) -> list[LayerRow]:
@@ -278,23 +296,25 @@ def _layers(result: EstimateResult, console: Console, top: int | None) -> None:
     else:
         rows = list(a.layers)
         title = f"Layers ({len(a.layers)}, in execution order)"
-    table = _table()
-    table.add_column("Layer", overflow="fold", max_width=40)
-    table.add_column("Type")
-    table.add_column("Output shape")
-    table.add_column("Parameters", justify="right")
-    table.add_column("Activation", justify="right")
+    headers = ["Layer", "Type", "Output shape", "Parameters", "Activation"]
     if forward is not None:
-        table.add_column("Fwd FLOP", justify="right", no_wrap=True)
-        table.add_column("MAC", justify="right", no_wrap=True)
+        headers += ["Fwd FLOP", "MAC"]
+    cells = []
     for row in rows:
         name = row.name + (f" (×{row.calls})" if row.calls > 1 else "")
         act = "in-place" if row.inplace and row.activation_bytes == 0 else format_bytes(row.activation_bytes)
-        cells = [name, row.type, _shapes(row.output_shapes), format_count(row.params), act]
+        cell = [name, row.type, _shapes(row.output_shapes), format_count(row.params), act]
         if forward is not None:
             f = forward.get(row.name, 0)
-            cells += [format_flops(f, "") if f else "-", format_flops(f // 2, "") if f else "-"]
-        table.add_row(*cells)
+            cell += [format_flops(f, "") if f else "-", format_flops(f // 2, "") if f else "-"]
+        cells.append(cell)
+    # long names lose their middle, never wrap: each row stays one line at any width
+    cells = squeeze(headers, cells, console.width, {0: 16, 2: 12, 1: 10}, gap=3)
+    table = _table()
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="right" if i >= 3 else "left", no_wrap=True)
+    for cell in cells:
+        table.add_row(*cell)
     console.print()
     console.print(f"[bold]{title}[/bold]")
     console.print(table)
@@ -310,20 +330,22 @@ def _layers(result: EstimateResult, console: Console, top: int | None) -> None:
             names = ", ".join(f"{m.name} {format_flops(m.forward_flops)}" for m in elsewhere[:3])
             more = f" (+{len(elsewhere) - 3} more)" if len(elsewhere) > 3 else ""
             line += f"; the rest in modules' own code: {names}{more}"
-        console.print(line, markup=False, highlight=False)
+        say(console, line)
     shown_params = sum(r.params for r in a.layers)
     if a.formula_mismatches:
-        console.print(
+        say(
+            console,
             f"  per-layer formulas differ from numel() on {len(a.formula_mismatches)} of "
-            f"{a.formula_checked} layers (numel() used):"
+            f"{plural(a.formula_checked, 'layer')} (numel() used):",
         )
         for m in a.formula_mismatches[:5]:
-            console.print(f"    {m}")
+            say(console, f"    {m}")
     else:
-        console.print(f"  per-layer formulas agree with numel() on {a.formula_checked} layers")
-    console.print(
+        say(console, f"  per-layer formulas agree with numel() on {plural(a.formula_checked, 'layer')}")
+    say(
+        console,
         f"  parameters sum to {format_count(shown_params)}"
-        + (f" ({a.tied_param_count} tied tensor(s) counted at their first owner)" if a.tied_param_count else "")
+        + (f" ({a.tied_param_count} tied tensor(s) counted at their first owner)" if a.tied_param_count else ""),
     )
 
 
@@ -369,15 +391,11 @@ def _compute(result: EstimateResult, console: Console) -> None:
     )
     st = result.step_time
     if st is None:
-        console.print(
-            f"  step time: {result.step_time_note or 'needs a GPU (--gpu NAME)'}", markup=False, highlight=False
-        )
+        say(console, f"  step time: {result.step_time_note or 'needs a GPU (--gpu NAME)'}")
         return
-    console.print(
-        f"[bold]Step time on {st.gpu}[/bold] ({st.label}): ≥ {format_seconds(st.seconds)} per step "
-        f"(roofline lower bound)",
-        highlight=False,
-    )
+    # the heading alone on its line, the figure below it: at 80 columns nothing breaks mid-sentence
+    console.print(f"[bold]Step time on {ellipsize(st.gpu, 40)}[/bold] ({st.label})", highlight=False)
+    say(console, f"  ≥ {format_seconds(st.seconds)} per step (roofline lower bound)")
     phases = f"forward {format_seconds(st.forward_seconds)}"
     if result.workload.get("mode") == "train":
         phases += f", backward {format_seconds(st.backward_seconds)}, optimizer {format_seconds(st.optimizer_seconds)}"
@@ -385,11 +403,11 @@ def _compute(result: EstimateResult, console: Console) -> None:
     if st.tokens_per_second is not None:
         rate += f" (≤ {st.tokens_per_second:,.0f} tokens/s)"
     share = 100.0 * st.compute_bound_seconds / st.seconds if st.seconds else 0.0
-    console.print(f"  {phases}; {rate}", highlight=False)
-    console.print(
+    say(console, f"  {phases}; {rate}")
+    say(
+        console,
         f"  {share:.0f} % of it in compute-bound ops, the rest bound by memory bandwidth "
         f"({format_bytes(st.step_bytes)} read and written)",
-        highlight=False,
     )
 
 
@@ -420,11 +438,12 @@ def _methods(result: EstimateResult, console: Console) -> None:
     console.print(table)
     width = max(len(name) for name, _ in legend)
     for name, how in legend:
-        console.print(f"  {name:<{width}}  {how}")
-    console.print(f"  modelsize in decimal MB: parameters {a.modelsize_param_bytes / 1e6:.6f} MB,")
-    console.print(
+        say(console, f"  {name:<{width}}  {how}", hang=width + 4)
+    say(console, f"  modelsize in decimal MB: parameters {a.modelsize_param_bytes / 1e6:.6f} MB,")
+    say(
+        console,
         f"    intermediates {a.modelsize_forward_bytes / 1e6:.4f} MB forward-only, "
-        f"{a.modelsize_backward_bytes / 1e6:.4f} MB with backward"
+        f"{a.modelsize_backward_bytes / 1e6:.4f} MB with backward",
     )
 
 
@@ -441,23 +460,28 @@ def _fit(result: EstimateResult, console: Console) -> None:
         return
     cap = fit.capacity
     console.print(f"[bold]Fit[/bold] on {format_bytes(cap.total_bytes)} ({cap.source})")
-    console.print(f"  judged by: {_METRICS.get(fit.metric, fit.metric)}")
+    say(console, f"  judged by: {_METRICS.get(fit.metric, fit.metric)}")
+    if fit.note:
+        say(console, f"  ({fit.note})")
     batch = result.workload.get("batch_size")
     verdict = "fits" if fit.fits else "DOES NOT FIT"
-    console.print(
+    say(
+        console,
         f"  batch {batch}: {format_bytes(fit.estimate_bytes)} = {_pct(fit.estimate_bytes, cap.total_bytes)} "
-        f"of capacity · {verdict}"
+        f"of capacity · {verdict}",
     )
     if fit.max_batch is None:
-        console.print("  largest batch that fits: none (not even batch 1)")
+        say(console, "  largest batch that fits: none (not even batch 1)")
         return
-    console.print(f"  largest batch that fits: {fit.max_batch}")
-    console.print(
+    say(console, f"  largest batch that fits: {fit.max_batch}")
+    say(
+        console,
         f"  recommended batch:       {fit.recommended_batch}  "
-        f"(floor({fit.headroom:g} × {fit.max_batch}): headroom for what the estimate cannot see)"
+        f"(floor({fit.headroom:g} × {fit.max_batch}): headroom for what the estimate cannot see)",
+        hang=27,
     )
     if fit.per_sample_bytes is not None and fit.fixed_bytes is not None:
-        console.print(f"  by batch: {format_bytes(fit.fixed_bytes)} + {format_bytes(fit.per_sample_bytes)} per sample")
+        say(console, f"  by batch: {format_bytes(fit.fixed_bytes)} + {format_bytes(fit.per_sample_bytes)} per sample")
 
 
 def _verification(result: EstimateResult, console: Console) -> None:

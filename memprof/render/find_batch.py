@@ -259,7 +259,7 @@ def header_lines(result) -> list[str]:
     return lines
 
 
-def render_find_batch(result, console: Console, *, chart: bool = True, plot_path: Path | None = None) -> None:
+def render_find_batch(result, console: Console, *, chart: bool = True) -> None:
     for line in header_lines(result):
         console.print(line, highlight=False)
     if result.trials:
@@ -273,5 +273,3 @@ def render_find_batch(result, console: Console, *, chart: bool = True, plot_path
     if chart and any(t.fits for t in result.trials):
         console.print()
         console.print(terminal(batch_chart(result)))
-    if plot_path is not None:
-        console.print(f"plot written to {plot_path}", highlight=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -14,7 +15,13 @@ def no_gpu_line(result: GpusResult) -> str:
     build = f"torch {t.torch_version}" + (
         f" built for CUDA {t.cuda_version}" if t.cuda_version else " (CPU-only build)"
     )
-    return f"No GPU: {result.nvml.reason or 'NVML sees no GPU'}; {build} sees no CUDA device ({t.reason or 'none'})."
+    return f"no GPU: {result.nvml.reason or 'NVML sees no GPU'}; {build} sees no CUDA device ({t.reason or 'none'})"
+
+
+NO_GPU_HINT = (
+    "memprof estimate and memprof compare need no GPU (--gpu-memory 24GiB gives the capacity); "
+    "find-batch runs real steps on the CPU with --device cpu --memory-limit 8GiB"
+)
 
 
 def render_gpus(result: GpusResult, console: Console) -> None:
@@ -77,8 +84,16 @@ def _proc(p) -> str:
 def render_catalog(result: GpusResult, console: Console) -> None:
     """The GPUs ``--gpu NAME`` knows: capacity, architecture, dense peaks, bandwidth (names and sources: --json)."""
     dtypes = ("fp32", "tf32", "bf16", "fp16", "fp8")
-    table = Table(show_edge=False, title="GPU catalog (--gpu NAME; names and sources in --json)", title_justify="left")
-    for col in ("--gpu", "Arch", "Capacity", *dtypes, "Bandwidth"):
+    # no vertical rules and four significant digits: the whole table reads at 80 columns, nothing cut
+    table = Table(
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        show_edge=False,
+        title="GPU catalog (--gpu NAME; names and sources in --json)",
+        title_justify="left",
+    )
+    for col in ("--gpu", "Arch", "Capacity", *dtypes, "TB/s"):
         table.add_column(col, justify="left" if col in ("--gpu", "Arch") else "right", no_wrap=True)
     local = set(result.catalog_matches.values())
     for g in result.catalog:
@@ -86,9 +101,12 @@ def render_catalog(result: GpusResult, console: Console) -> None:
             g.key + (" *" if g.key in local else ""),
             g.arch,
             format_bytes(g.memory_bytes, 2) + ("" if g.memory_reported else " ≤"),
-            *(f"{g.peak_tflops[d]:g}" if d in g.peak_tflops else "-" for d in dtypes),
-            f"{g.bandwidth_bytes_per_s / 1e12:.2f} TB/s",
+            *(f"{g.peak_tflops[d]:.4g}" if d in g.peak_tflops else "-" for d in dtypes),
+            f"{g.bandwidth_bytes_per_s / 1e12:.2f}",
         )
     console.print(table)
-    legend = "dense peak TFLOP/s (no sparsity); ≤: the vendor's size, an upper bound on what the card reports"
+    legend = (
+        "dense peak TFLOP/s (no sparsity); TB/s: memory bandwidth; "
+        "≤: the vendor's size, an upper bound on what the card reports"
+    )
     console.print(legend + ("; *: a local GPU" if local else ""))
