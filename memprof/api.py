@@ -64,6 +64,16 @@ def estimate(
     device: str = "cuda",
     memory_limit: int | str | None = None,
     verify: bool = False,
+    seq_len: int | None = None,
+    loop: str | None = None,
+    attn: str | None = None,
+    padding: bool = False,
+    new_tokens: int | None = None,
+    kv_cache: str | None = None,
+    routing: str | None = None,
+    fit_seq_len: bool | None = None,
+    multiple_of: int = 1,
+    grid: bool | tuple[Sequence[int], Sequence[int]] | None = None,
     strategy: str | None = None,
     world_size: int | None = None,
     bucket_cap_mb: float | None = None,
@@ -90,6 +100,12 @@ def estimate(
     each measured figure next to its prediction, with the error. Fine-tuning levers:
     ``freeze`` / ``train_only`` (module-name globs), ``lora_rank`` (+ ``lora_alpha``, ``lora_targets``,
     ``lora_dropout``; needs peft), ``quantize`` ("int8", "nf4", "fp4"; ``double_quant``), ``offload="optimizer"``.
+
+    Language models (``"hf:meta-llama/Llama-3.1-8B"``, a ``config.json``): ``seq_len`` tokens per sample,
+    ``loop`` "plain" (default, the output kept through backward) or "trainer", ``attn``, ``padding``,
+    ``mode="generate"`` with ``new_tokens`` and ``kv_cache``, MoE ``routing``; with a capacity,
+    ``fit_seq_len`` adds the longest sequence (``result.seq_fit``, a multiple of ``multiple_of``) and
+    ``grid=True`` (or ``(batches, seq_lens)``) the batch x sequence-length grid (``result.grid``).
 
     Data parallelism: ``strategy`` ("ddp", "fsdp", "zero1", "zero2", "zero3") on ``world_size`` ranks
     (``offload`` "optimizer" or "params"; DDP's ``bucket_cap_mb``, ``gradient_as_bucket_view``): every
@@ -121,6 +137,13 @@ def estimate(
         model_kwargs=model_kwargs,
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
+        seq_len=seq_len,
+        loop=loop,
+        attn=attn,
+        padding=padding,
+        new_tokens=new_tokens,
+        kv_cache=kv_cache,
+        routing=routing,
         strategy=strategy,
         world_size=world_size if world_size is not None else (8 if strategy else None),
         bucket_cap_mb=bucket_cap_mb,
@@ -138,12 +161,16 @@ def estimate(
     capacity, note = estimate_capacity(
         device, _bytes(gpu_memory), _bytes(memory_limit), use_nvml=use_nvml, gpu=target.gpu if gpu else None
     )
+    axes = (list(grid[0]), list(grid[1])) if isinstance(grid, tuple) else grid
     return run(
         workload,
         capacity=capacity,
         headroom=headroom,
         traced=traced,
         capacity_note=note,
+        fit_seq_len=fit_seq_len,
+        multiple_of=multiple_of,
+        grid=axes,
         cuda_target=target,
         gpu=target.gpu if gpu else None,
         device=device,
@@ -217,6 +244,13 @@ def find_batch(
     token_range: tuple[int, int] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     on_event: Callable[[str, Any], None] | None = None,
+    seq_len: int | None = None,
+    loop: str | None = None,
+    attn: str | None = None,
+    padding: bool = False,
+    routing: str | None = None,
+    search: str = "batch",
+    batch_size: int | None = None,
     nproc_per_node: int | None = None,
     strategy: str | None = None,
     gpu: str | None = None,
@@ -235,7 +269,9 @@ def find_batch(
     """The largest batch whose real training steps fit, found in a few real trials, and the batch to use.
 
     ``device="cuda"`` (or ``"cuda:1"``) runs on the GPU; ``device="cpu"`` with ``memory_limit``
-    runs the same steps on the CPU with live tensor bytes capped there.
+    runs the same steps on the CPU with live tensor bytes capped there. ``search="seq-len"`` finds the
+    longest sequence at ``batch_size`` instead (a multiple of ``multiple_of`` tokens; the result's batch
+    fields then hold tokens).
 
     With ``nproc_per_node`` and ``strategy`` ("ddp", "fsdp", ...) the trials run as a real torchrun job
     on one node: the largest batch per rank that fits on every rank (``memory_limit`` may then be a list,
@@ -252,11 +288,24 @@ def find_batch(
     from .engine.catalog import resolve_target
     from .errors import UsageError
 
+    if search not in ("batch", "seq-len", "seq_len"):
+        raise UsageError(f"`search` must be batch or seq-len, got {search!r}", "seq-len: the longest sequence")
+    by_seq = search != "batch"
+    if by_seq and nproc_per_node is not None:
+        raise UsageError(
+            "`search` seq-len runs in one process", "leave out `nproc_per_node`, or search the batch per rank"
+        )
     if device == "cpu" and (gpu or gpu_arch):
         raise UsageError("`gpu` and `gpu_arch` are for CUDA trials", "leave them out with `device` cpu")
     cuda_target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark) if device != "cpu" else None
     workload = make_workload(
         model,
+        batch_size=batch_size if by_seq else None,
+        seq_len=seq_len,
+        loop=loop,
+        attn=attn,
+        padding=padding,
+        routing=routing,
         dtype=dtype,
         optimizer=optimizer,
         mode=mode,
@@ -312,6 +361,8 @@ def find_batch(
         target_global_batch=target_global_batch,
         predict=predict,
         on_event=on_event,
+        search_axis="seq_len" if by_seq else "batch_size",
+        seq_multiple_of=(multiple_of or 1) if by_seq else 1,
         cuda_target=cuda_target,
     )
 
@@ -325,6 +376,8 @@ def compare(
     inplace_relu: bool = False,
     modes: Iterable[str] | None = None,
     batch_sizes: Iterable[int] | None = None,
+    seq_lens: Iterable[int] | None = None,
+    loops: Iterable[str] | None = None,
     freezes: Iterable[str] | None = None,
     lora_ranks: Iterable[int] | None = None,
     lora_alpha: float | None = None,
@@ -349,6 +402,10 @@ def compare(
     input_dtype: str | None = None,
     token_range: tuple[int, int] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
+    seq_len: int | None = None,
+    attn: str | None = None,
+    padding: bool = False,
+    routing: str | None = None,
     strategies: Iterable[str] | None = None,
     world_size: int = 8,
 ) -> CompareResult:
@@ -381,7 +438,9 @@ def compare(
         ("optimizer", optimizers),
         ("checkpointing", checkpointing),
         ("mode", modes),
+        ("loop", loops),
         ("batch_size", batch_sizes),
+        ("seq_len", seq_lens),
     ):
         if values:
             axes[name] = list(values)
@@ -406,6 +465,10 @@ def compare(
         input_dtype=input_dtype,
         token_range=token_range,
         model_kwargs=model_kwargs,
+        seq_len=seq_len,
+        attn=attn,
+        padding=padding,
+        routing=routing,
     )
     capacity, note = (None, None)
     catalog_gpu_entry = cuda_target.gpu if cuda_target is not None and gpu else None

@@ -54,6 +54,10 @@ class ModelLoadError(MemprofError):
     """The model reference could not be turned into a model (name, file, attribute, constructor)."""
 
 
+class MissingDependencyError(MemprofError):
+    """An optional package memprof needs for this model is not installed (transformers, timm)."""
+
+
 class ModelCodeError(MemprofError):
     """The model's own code (its forward, loss or ``memprof_batch``) raised: the message shows the
     exception as raised and the model's line it came from."""

@@ -46,6 +46,7 @@ class MemCategory(str, enum.Enum):
     ACTIVATION = "Activation"
     TEMPORARY = "Temporary"
     INPUT = "Input"
+    KV_CACHE = "KV cache"  # generation: the keys and values kept for the tokens seen so far
     CUDA_OVERHEAD = "CUDA overhead"  # context, cuBLAS/cuDNN workspaces: NVML sees it, torch does not
     #: data parallelism (FSDP / ZeRO-2/3): whole parameters gathered from the shards for a unit's forward or backward
     GATHERED_PARAMETER = "Gathered parameter"
@@ -398,6 +399,8 @@ class EstimateResult:
     fit: FitSummary | None
     target: Target = "cuda"  # the step predicted: a CUDA step, or the same step on the CPU
     verification: Verification | None = None
+    seq_fit: Any = None  # SeqFit: the longest sequence at this batch (sequence models, when asked or generating)
+    grid: Any = None  # GridFit: batch x sequence length (when asked)
     #: the roofline step-time model on the chosen GPU (a model, not measured); None without a GPU or a trace
     step_time: StepTime | None = None
     step_time_note: str | None = None  # why there is no step time
@@ -422,6 +425,21 @@ class ModelledBytes:
     bytes: int  # at the peak
     source: str
     verified: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedBlock:
+    """Activations one block of the model keeps for backward (its own and its submodules'), at the end of forward.
+
+    ``name`` is a block ("model.layers.0") or a range of alike blocks ("model.layers.0-31", ``count`` 32,
+    bytes per block); ``parts`` splits a block's bytes by its direct children ("self_attn", "mlp", ...).
+    """
+
+    name: str
+    type: str
+    count: int
+    bytes_each: int
+    parts: tuple[tuple[str, int], ...] = ()
 
 
 #: what each traced number corresponds to on a real CUDA device
@@ -477,6 +495,12 @@ class TraceResult:
     metrics: dict[str, str] = dataclasses.field(default_factory=lambda: dict(TRACE_METRICS))
     #: parts of peak_bytes that are modelled, not traced (their sum is at most peak_bytes)
     modelled: tuple[ModelledBytes, ...] = ()
+    #: the highest live total in each phase (forward, backward, optimizer; prefill, decode for generation)
+    phase_peaks: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: generation: the KV cache at its full length (after the last forward)
+    kv_cache_bytes: int | None = None
+    #: what each block of the model keeps for backward (train mode), grouped when blocks are alike
+    saved_by_block: tuple[SavedBlock, ...] = ()
     #: how the step was recorded: "trace" (fake tensors) or "real CPU run" (the step reads tensor
     #: values, so it ran for real on the CPU at the requested batch, recorded the same way)
     method: str = "trace"
@@ -527,6 +551,54 @@ class BatchFit:
     limited_by_max: bool = False  # max_batch is the caller's upper limit, not the capacity
     notes: tuple[str, ...] = ()
     exact: bool = True  # False: the search stopped early; max_batch is a lower bound
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqFit:
+    """The longest sequence (a multiple of ``multiple_of`` tokens) whose traced prediction fits a capacity.
+
+    In generation the sequence is the prompt; ``context`` adds the tokens generated after it.
+    """
+
+    capacity_bytes: int
+    metric: str
+    batch_size: int
+    multiple_of: int
+    max_seq_len: int | None  # None: not even `multiple_of` tokens fit
+    peak_at_max_bytes: int | None
+    peak_at_next_bytes: int | None  # at max_seq_len + multiple_of (None when the limit was reached)
+    limit_tokens: int  # the longest sequence searched: the model's positions (less the new tokens) or memprof's limit
+    limited_by_positions: bool  # max_seq_len is the model's limit, not the capacity's
+    traces: int
+    new_tokens: int | None = None  # generation: tokens generated after the prompt
+    exact: bool = True
+    #: the traced peak as a line in the sequence length (through the shortest and longest traced)
+    slope_bytes_per_token: float = 0.0
+    intercept_bytes: float = 0.0
+
+    @property
+    def context(self) -> int | None:
+        """Prompt + generated tokens (generation), or the sequence itself."""
+        if self.max_seq_len is None:
+            return None
+        return self.max_seq_len + (self.new_tokens or 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GridFit:
+    """Which batch x sequence-length combinations fit a capacity: the largest batch at each sequence length."""
+
+    capacity_bytes: int
+    metric: str
+    batches: tuple[int, ...]
+    seq_lens: tuple[int, ...]
+    max_batch: tuple[int | None, ...]  # per seq_len: the largest batch that fits (at most max(batches))
+    traces: int
+    new_tokens: int | None = None
+
+    def fits(self, batch: int, seq_len: int) -> bool:
+        largest = self.max_batch[self.seq_lens.index(seq_len)]
+        return largest is not None and batch <= largest
 
 
 # =========================================================================== scaling (estimate --world-size 1,2,8,...)
@@ -854,6 +926,10 @@ class FindBatchResult:
     exact_accumulation: tuple[int, int] | None = None
     wall_seconds: float = 0.0
     notes: tuple[str, ...] = ()
+    #: what was searched: "batch_size", or "seq_len" (then every batch field above holds a sequence
+    #: length in tokens, at the fixed batch `seq_batch_size`)
+    axis: str = "batch_size"
+    seq_batch_size: int | None = None
 
 
 # =========================================================================== compare

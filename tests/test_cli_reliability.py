@@ -796,3 +796,33 @@ def test_ctrl_c_at_random_moments(args):
         assert "ERROR: interrupted" in proc.stderr
         if args[0] == "find-batch" and "trial 1:" in proc.stderr:
             assert "Trials" in proc.stdout and ("Interrupted" in proc.stdout or "Largest" in proc.stdout)
+
+
+def test_ctrl_c_inside_an_import_is_delivered_after_it(tmp_path, monkeypatch):
+    """A KeyboardInterrupt raised inside an import that C++ runs (torch's pybind11 modules) aborts the
+    process with "terminate called ...": during an import the handler re-sends SIGINT 50 ms later."""
+    import importlib
+    import signal
+    import sys
+
+    from memprof import cli
+
+    if not hasattr(signal, "setitimer"):
+        pytest.skip("no interval timers here")
+    (tmp_path / "interrupted_during_import.py").write_text(
+        "import signal, sys\nfrom memprof import cli\ncli._on_sigint(signal.SIGINT, sys._getframe())\nDONE = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    old_alarm = signal.getsignal(signal.SIGALRM)
+    try:
+        module = importlib.import_module("interrupted_during_import")  # no KeyboardInterrupt inside the import
+        assert module.DONE
+        assert signal.getitimer(signal.ITIMER_REAL)[0] > 0  # ... it comes again shortly
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        with pytest.raises(KeyboardInterrupt):  # outside an import the handler raises at once
+            cli._on_sigint(signal.SIGINT, sys._getframe())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_alarm)
+        cli._SIGINT_SEEN[0] = False
+        sys.modules.pop("interrupted_during_import", None)

@@ -385,7 +385,7 @@ def test_error_input_shape_rejected():
         (["memprof.zoo:Cruncher", "--gpu-memory", "lots"], "cannot read 'lots'"),
         (["memprof.zoo:Cruncher", "--gpu-memory", "24XB"], "unknown size unit"),
         (["memprof.zoo:Cruncher", "--headroom", "1.5"], "--headroom"),
-        (["memprof.zoo:Cruncher", "--mode", "infer"], "--mode must be train or eval"),
+        (["memprof.zoo:Cruncher", "--mode", "infer"], "--mode must be train, eval or generate"),
         (["memprof.zoo:Cruncher", "--layers", "-1"], "--layers"),
     ],
 )

@@ -43,8 +43,9 @@ def test_frozen_layers_trace_matches_a_real_cpu_step(levers):
 
 
 def test_activations_upstream_of_the_first_trainable_layer_are_not_kept():
-    full = trace_step(make_workload(mlp(), batch_size=64), target="cpu")
-    last = trace_step(make_workload(mlp(), batch_size=64, train_only=["4"]), target="cpu")
+    # a loop that drops the output before backward (the plain loop also keeps the 64 x 10 logits)
+    full = trace_step(make_workload(mlp(), batch_size=64, loop="trainer"), target="cpu")
+    last = trace_step(make_workload(mlp(), batch_size=64, train_only=["4"], loop="trainer"), target="cpu")
     # only the last Linear trains: it keeps its input (64 x 512 fp32, the second ReLU's output);
     # nothing upstream needs a gradient, so the first ReLU's output (the middle Linear's input,
     # which full training keeps for both the ReLU's and the Linear's backward) is not saved

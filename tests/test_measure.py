@@ -22,7 +22,7 @@ def _sum_loss(output, target):
     return output.sum()
 
 
-def linear_workload(batch=64, optimizer="sgd", made=None):
+def linear_workload(batch=64, optimizer="sgd", made=None, loop="plain"):
     def factory():
         model = nn.Linear(256, 256, bias=False)
         if made is not None:
@@ -37,17 +37,21 @@ def linear_workload(batch=64, optimizer="sgd", made=None):
         loss_hook=_sum_loss,
         source="module",
     )
-    return Workload(model=spec, batch_size=batch, optimizer=optimizer)
+    return Workload(model=spec, batch_size=batch, optimizer=optimizer, loop=loop)
 
 
 def test_cpu_cap_peak_is_hand_computed():
     # SGD, sum loss: the peak is in backward: weight + its gradient + the input (saved by mm) + two 4-byte scalars
     b = 64
-    trial = CpuCapRunner(10**9).run(linear_workload(b), b, steps=1)
+    trial = CpuCapRunner(10**9).run(linear_workload(b, loop="trainer"), b, steps=1)
     assert trial.fits and trial.steps_run == 1
     x_bytes = b * 256 * 4
     assert 2 * W_BYTES + x_bytes <= trial.peak_allocated_bytes <= 2 * W_BYTES + x_bytes + 16
     assert trial.leaked_bytes == 0
+    # a plain loop keeps the output (b x 256 floats) alive through backward as well
+    plain = CpuCapRunner(10**9).run(linear_workload(b, loop="plain"), b, steps=1)
+    y_bytes = b * 256 * 4
+    assert 2 * W_BYTES + x_bytes + y_bytes <= plain.peak_allocated_bytes <= 2 * W_BYTES + x_bytes + y_bytes + 16
 
 
 def test_cpu_cap_raises_exactly_when_live_bytes_cross_it():

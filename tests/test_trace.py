@@ -58,9 +58,10 @@ class CkptNet(nn.Module):
 
 # --------------------------------------------------------------------------- category totals
 @pytest.mark.parametrize("optimizer, states", [("sgd", 0), ("sgd-momentum", 1), ("adam", 2), ("adagrad", 1)])
-def test_mlp_category_totals_are_exact(optimizer, states):
+@pytest.mark.parametrize("loop", ["trainer", "plain"])
+def test_mlp_category_totals_are_exact(optimizer, states, loop):
     batch = 64
-    r = trace_step(mnist(batch, optimizer), target="cpu")
+    r = trace_step(mnist(batch, optimizer, loop=loop), target="cpu")
     p = MNIST_PARAMS * 4
     assert r.totals[C.PARAMETER] == p
     assert r.totals[C.BUFFER] == 0
@@ -69,8 +70,9 @@ def test_mlp_category_totals_are_exact(optimizer, states):
     assert r.totals[C.OPTIMIZER_STATE] == states * p + step_scalars
     assert r.totals[C.INPUT] == batch * 784 * 4
     # saved for backward: ReLU output (B x 128), log_softmax output (B x 10), the int64 class targets
-    # nll_loss keeps, its total_weight scalar, and the loss itself
-    assert r.totals[C.ACTIVATION] == batch * 128 * 4 + batch * 10 * 4 + batch * 8 + 4 + 4
+    # nll_loss keeps, its total_weight scalar, and the loss itself; a plain loop also holds the logits (B x 10)
+    logits = batch * 10 * 4 if loop == "plain" else 0
+    assert r.totals[C.ACTIVATION] == batch * 128 * 4 + batch * 10 * 4 + batch * 8 + 4 + 4 + logits
 
 
 def test_tied_weights_counted_once():
@@ -159,7 +161,8 @@ def test_fit_batch_finds_the_edge():
     assert trace_step(w.with_batch(38), target="cpu").peak_bytes > capacity
     assert fit.recommended_batch == 29
     assert fit.traces <= 8
-    assert fit.slope_bytes_per_sample == 784 * 4  # the peak is in Adam's step: only the input grows
+    # the peak is in Adam's step: only the input grows, and the logits a plain loop keeps (the default)
+    assert fit.slope_bytes_per_sample == 784 * 4 + 10 * 4
 
 
 def test_fit_batch_limits():
@@ -203,6 +206,7 @@ def test_amp_bf16_traces():
 def test_replayed_steps_equal_fully_traced_steps(target):
     """Steps after the first are copied from it: the result must equal tracing every step (all optimizers)."""
     workloads = [mnist(64, name) for name in ("adam", "adamw", "sgd", "rmsprop")]
+    workloads += [mnist(64, name, loop="trainer") for name in ("adam", "sgd")]
     workloads += [
         Workload(spec(CkptNet, (256,)), batch_size=32, optimizer="adagrad"),
         mnist(32, "sgd-momentum", precision=PRECISIONS["amp-bf16"]),
@@ -302,7 +306,8 @@ def test_fit_batch_reuses_a_known_trace_and_agrees_with_a_cold_fit():
     warm = fit_batch(workload, capacity, target="cpu", known=known)
     assert warm.max_batch == cold.max_batch and warm.max_batch is not None
     assert warm.peak_at_max_bytes <= capacity < warm.peak_at_next_bytes
-    assert (cold.max_batch, cold.traces) == (227, 4)  # batch 1, batch 8, the answer, answer + 1
+    # batch 1, batch 8, the answer, answer + 1 (227 when the output is dropped before backward: --loop trainer)
+    assert (cold.max_batch, cold.traces) == (224, 4)
     assert warm.traces - len(known) == 3  # no batch-1 trace: first guess, the answer, answer + 1
 
 

@@ -249,7 +249,26 @@ _SIGINT_SEEN = [False]
 
 def _on_sigint(signum: int, frame: Any) -> None:
     _SIGINT_SEEN[0] = True
+    if _importing(frame) and hasattr(signal, "setitimer"):
+        # a KeyboardInterrupt raised inside a module import that C++ (pybind11) is running aborts the
+        # process ("terminate called after throwing ..."): deliver it again in 50 ms, outside the import
+        signal.signal(signal.SIGALRM, _resend_sigint)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        return
     signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as Python's own handler
+
+
+def _resend_sigint(signum: int, frame: Any) -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+def _importing(frame: Any) -> bool:
+    """Whether the interrupted code runs inside an import (importlib's frames on the stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _internal_error(exc: BaseException) -> int:

@@ -16,7 +16,8 @@ from ..units import parse_bytes
 # typer option declarations, reused by every command's signature
 MODEL_ARG = typer.Argument(
     None,
-    help="torchvision name (resnet50), path/to/file.py:Class, package.module:attr, or a config .toml",
+    help="torchvision name (resnet50), path/to/file.py:Class, package.module:attr, a config .toml, "
+    "hf:org/name (Hugging Face config only), path/to/config.json, or timm:name",
     show_default=False,
     metavar="MODEL",
 )
@@ -24,7 +25,11 @@ MODEL_OPT = typer.Option(
     None, "--model", "-m", metavar="MODEL", help="The model, as the positional argument (either works)."
 )
 BATCH_OPT = typer.Option(
-    None, "--batch-size", "-b", metavar="N", help=f"Batch size [default: {DEFAULT_BATCH}, or the config's]"
+    None,
+    "--batch-size",
+    "-b",
+    metavar="N",
+    help=f"Batch size [default: {DEFAULT_BATCH}; 1 for Hugging Face models; or the config's]",
 )
 DTYPE_OPT = typer.Option(
     None, "--dtype", metavar="DTYPE", help=f"fp32 | fp16 | bf16 | amp-fp16 | amp-bf16 [default: {DEFAULT_DTYPE}]"
@@ -40,7 +45,42 @@ MODE_OPT = typer.Option(
     None,
     "--mode",
     metavar="MODE",
-    help="train (forward, backward, optimizer step) or eval (no_grad inference) [default: train]",
+    help="train (forward, backward, optimizer step), eval (no_grad inference) or generate (prefill and decode "
+    "with a KV cache; Hugging Face models) \\[default: train]",
+)
+SEQ_LEN_OPT = typer.Option(
+    None,
+    "--seq-len",
+    help="Tokens per sample (the prompt length with --mode generate) \\[default: 2048, or the model's positions]",
+)
+LOOP_OPT = typer.Option(
+    None,
+    "--loop",
+    help="Training loop shape: plain (out = model(...) stays alive through backward: the safe default) or "
+    "trainer (the output is dropped before backward, as HF Trainer and Lightning do).",
+)
+ATTN_OPT = typer.Option(None, "--attn", help="Hugging Face attention: sdpa or eager \\[default: the model's]")
+PADDING_OPT = typer.Option(
+    False, "--padding", help="The batch holds padding: Hugging Face then builds an explicit attention mask."
+)
+NEW_TOKENS_OPT = typer.Option(
+    None, "--new-tokens", help="--mode generate: tokens generated after the prompt \\[default: 128]."
+)
+KV_CACHE_OPT = typer.Option(
+    None, "--kv-cache", help="--mode generate: dynamic or static KV cache \\[default: the model's generation config]"
+)
+ROUTING_OPT = typer.Option(
+    None,
+    "--routing",
+    help="Mixture of experts: balanced (tokens x top-k / experts per expert) or worst (all to the same experts) "
+    "\\[default: balanced].",
+)
+CHECKPOINTING_OPT = typer.Option(
+    "none",
+    "--checkpointing",
+    "-c",
+    help="Activation checkpointing: blocks (each repeated block; Hugging Face models use their own "
+    "gradient_checkpointing_enable()) | sqrt | every-K | none.",
 )
 INPUT_SHAPE_OPT = typer.Option(
     None,
@@ -170,6 +210,13 @@ def build_workload(
     model_arg: list[str] | None = None,
     checkpointing: str = "none",
     inplace_relu: bool = False,
+    seq_len: int | None = None,
+    loop: str | None = None,
+    attn: str | None = None,
+    padding: bool = False,
+    new_tokens: int | None = None,
+    kv_cache: str | None = None,
+    routing: str | None = None,
     strategy: str | None = None,
     world_size: int | None = None,
     bucket_cap_mb: float | None = None,
@@ -193,12 +240,30 @@ def build_workload(
         model_kwargs=kwargs,
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
+        seq_len=seq_len,
+        loop=loop,
+        attn=attn,
+        padding=padding,
+        new_tokens=new_tokens,
+        kv_cache=kv_cache,
+        routing=routing,
         strategy=strategy,
         world_size=world_size,
         bucket_cap_mb=bucket_cap_mb,
         gradient_as_bucket_view=gradient_as_bucket_view,
         **levers,
     )
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]`` (positive integers)."""
+    try:
+        values = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UsageError(f"cannot read {flag} {text!r}", f"write positive integers, e.g. {flag} 1,2,4") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} must be positive integers, got {text!r}", f"e.g. {flag} 1,2,4")
+    return values
 
 
 def parse_world_sizes(text: str | None, strategy: str | None) -> list[int] | None:

@@ -11,6 +11,7 @@ import typer
 from ..engine.fit import check_headroom
 from . import EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_PARTIAL, command, emit_json, exit_code, handle_errors
 from .common import (
+    ATTN_OPT,
     CUDNN_BENCHMARK_OPT,
     DEFAULT_WORLD_SIZE,
     FORCE_OPT,
@@ -25,6 +26,8 @@ from .common import (
     MODEL_ARG_OPT,
     MODEL_KWARGS_OPT,
     MODEL_OPT,
+    PADDING_OPT,
+    ROUTING_OPT,
     TOKEN_RANGE_OPT,
     build_workload,
 )
@@ -91,6 +94,19 @@ def compare_cmd(
         metavar="N",
         help="Batch size of the baseline; more values add rows (repeatable) [default: 32, or the config's].",
     ),
+    seq_len: list[int] | None = typer.Option(
+        None,
+        "--seq-len",
+        help="Tokens per sample of the baseline; more values add rows (repeatable) \\[default: the model's].",
+    ),
+    loop: list[str] | None = typer.Option(
+        None,
+        "--loop",
+        help="Add a row per training-loop shape: trainer (output dropped before backward) | plain (repeatable).",
+    ),
+    attn: str | None = ATTN_OPT,
+    padding: bool = PADDING_OPT,
+    routing: str | None = ROUTING_OPT,
     baseline_dtype: str | None = typer.Option(
         None, "--baseline-dtype", metavar="DTYPE", help="dtype of the baseline [default: fp32]."
     ),
@@ -227,6 +243,9 @@ def compare_cmd(
     batches = list(batch_size or [])
     if any(b <= 0 for b in batches):
         raise UsageError(f"batch size must be a positive integer, got {min(batches)}", "e.g. --batch-size 32")
+    seqs = list(seq_len or [])
+    if any(s <= 0 for s in seqs):
+        raise UsageError(f"--seq-len must be a positive integer, got {min(seqs)}", "e.g. --seq-len 4096")
 
     from ..commands.compare import (
         compare,
@@ -247,7 +266,9 @@ def compare_cmd(
         ("optimizer", optimizer),
         ("checkpointing", checkpointing),
         ("mode", mode),
+        ("loop", loop),
         ("batch_size", batches[1:]),
+        ("seq_len", seqs[1:]),
     ):
         if values:
             axes[name] = list(values)
@@ -287,6 +308,10 @@ def compare_cmd(
             token_range=token_range,
             model_kwargs=model_kwargs,
             model_arg=model_arg,
+            seq_len=seqs[0] if seqs else None,
+            attn=attn,
+            padding=padding,
+            routing=routing,
             strategy=baseline_strategy,
             world_size=ranks if baseline_strategy not in (None, "none") else None,
         )

@@ -22,9 +22,11 @@ from . import (
     handle_errors,
 )
 from .common import (
+    ATTN_OPT,
     BATCH_OPT,
     BUCKET_CAP_OPT,
     BUCKET_VIEW_OPT,
+    CHECKPOINTING_OPT,
     CUDNN_BENCHMARK_OPT,
     DOUBLE_QUANT_OPT,
     DTYPE_OPT,
@@ -37,6 +39,8 @@ from .common import (
     INPUT_DTYPE_OPT,
     INPUT_SHAPE_OPT,
     JSON_OPT,
+    KV_CACHE_OPT,
+    LOOP_OPT,
     LORA_ALPHA_OPT,
     LORA_DROPOUT_OPT,
     LORA_RANK_OPT,
@@ -46,15 +50,20 @@ from .common import (
     MODEL_ARG_OPT,
     MODEL_KWARGS_OPT,
     MODEL_OPT,
+    NEW_TOKENS_OPT,
     OFFLOAD_OPT,
     OPTIMIZER_OPT,
+    PADDING_OPT,
     QUANTIZE_OPT,
+    ROUTING_OPT,
+    SEQ_LEN_OPT,
     STRATEGY_OPT,
     TOKEN_RANGE_OPT,
     TRAIN_ONLY_OPT,
     WORLD_SIZE_OPT,
     build_workload,
     parse_capacity,
+    parse_int_list,
     parse_world_sizes,
 )
 from .output import OutputFiles
@@ -97,11 +106,37 @@ def estimate_cmd(
     offload: str | None = OFFLOAD_OPT,
     model_kwargs: str | None = MODEL_KWARGS_OPT,
     model_arg: list[str] | None = MODEL_ARG_OPT,
+    seq_len: int | None = SEQ_LEN_OPT,
+    loop: str | None = LOOP_OPT,
+    attn: str | None = ATTN_OPT,
+    padding: bool = PADDING_OPT,
+    new_tokens: int | None = NEW_TOKENS_OPT,
+    kv_cache: str | None = KV_CACHE_OPT,
+    routing: str | None = ROUTING_OPT,
+    checkpointing: str = CHECKPOINTING_OPT,
     gpu_memory: str | None = GPU_MEMORY_OPT,
     gpu: str | None = GPU_OPT,
     gpu_arch: str | None = GPU_ARCH_OPT,
     cudnn_benchmark: bool = CUDNN_BENCHMARK_OPT,
     headroom: float = HEADROOM_OPT,
+    fit: str | None = typer.Option(
+        None,
+        "--fit",
+        help="What to fit to the capacity: batch (the largest batch at this sequence length) or seq-len (also the "
+        "longest sequence at this batch) \\[default: batch; both with --mode generate].",
+    ),
+    multiple_of: int = typer.Option(1, "--multiple-of", help="--fit seq-len: the answer is a multiple of this."),
+    grid: bool = typer.Option(
+        False, "--grid", help="Which batch x sequence-length combinations fit (needs a capacity; traces a few dozen)."
+    ),
+    grid_batches: str | None = typer.Option(
+        None, "--grid-batches", help="--grid: batch sizes, e.g. 1,2,4,8 \\[default: 1,2,4,...,64]."
+    ),
+    grid_seq_lens: str | None = typer.Option(
+        None,
+        "--grid-seq-lens",
+        help="--grid: sequence lengths, e.g. 1024,2048,4096 \\[default: powers of two up to the model's positions].",
+    ),
     layers: int = typer.Option(
         10, "--layers", "-l", metavar="N", help="Show the top N layers by activation; 0 shows all."
     ),
@@ -127,7 +162,8 @@ def estimate_cmd(
         None,
         "--plot",
         metavar="FILE",
-        help="With several --world-size values: write the per-rank chart (.svg, .png, .pdf or .html).",
+        help="Write a chart (.svg, .png, .pdf or .html): with --grid the batch x sequence-length grid; "
+        "with several --world-size values the per-rank chart.",
     ),
     force: bool = FORCE_OPT,
     json_out: bool = JSON_OPT,
@@ -152,15 +188,28 @@ def estimate_cmd(
     head = check_headroom(headroom)
     if layers < 0:
         raise UsageError(f"--layers must be 0 or more, got {layers}", "--layers 0 (or --all-layers) shows every layer")
+    if fit not in (None, "batch", "seq-len", "seq_len"):
+        raise UsageError(f"--fit must be batch or seq-len, got {fit!r}", "--fit seq-len: the longest sequence")
+    if multiple_of < 1:
+        raise UsageError(f"--multiple-of must be at least 1, got {multiple_of}", "e.g. --multiple-of 64")
+    batches = parse_int_list(grid_batches, "--grid-batches") if grid_batches else None
+    seq_lens = parse_int_list(grid_seq_lens, "--grid-seq-lens") if grid_seq_lens else None
+    want_grid = grid or batches is not None or seq_lens is not None
     from ..commands.estimate import estimate, estimate_capacity, parse_device
 
     sizes = parse_world_sizes(world_size, strategy)
+    sweep = sizes is not None and len(sizes) > 1
+    if want_grid and sweep:
+        raise UsageError("--grid and several --world-size values are two charts", "run them one at a time")
     if plot is not None:
         from ..render.charts import check_plot_path
 
         check_plot_path(plot)
-        if sizes is None or len(sizes) < 2:
-            raise UsageError("--plot draws a world-size sweep", "give several sizes: --world-size 1,2,8,64,1024")
+        if not want_grid and not sweep:
+            raise UsageError(
+                "--plot draws the --grid chart or a world-size sweep",
+                "add --grid, or give several sizes: --world-size 1,2,8,64,1024",
+            )
     if verify and strategy is not None:
         raise UsageError(
             "--verify runs one process's step, not a data-parallel job",
@@ -185,6 +234,14 @@ def estimate_cmd(
         token_range=token_range,
         model_kwargs=model_kwargs,
         model_arg=model_arg,
+        seq_len=seq_len,
+        loop=loop,
+        attn=attn,
+        padding=padding,
+        new_tokens=new_tokens,
+        kv_cache=kv_cache,
+        routing=routing,
+        checkpointing=checkpointing,
         strategy=strategy,
         world_size=sizes[-1] if sizes else None,
         offload=offload,
@@ -199,36 +256,63 @@ def estimate_cmd(
         quantize=quantize,
         double_quant=double_quant,
     )
-    if sizes is not None and len(sizes) > 1:
+    if want_grid and capacity is None:
+        raise UsageError(
+            "--grid needs a capacity to fit",
+            "pass --gpu-memory, e.g. --gpu-memory 80GiB (--device cpu: --memory-limit)",
+        )
+    grid_axes: tuple[list[int], list[int]] | bool | None = None
+    if want_grid:
+        from ..engine.fit import default_grid
+
+        default_batches, default_seqs = default_grid(workload)
+        grid_axes = (batches or default_batches, seq_lens or default_seqs)
+    if sweep:
+        assert sizes is not None
         _sweep(workload, sizes, capacity, note, head, no_trace, plot, json_out, force, target_name)
 
     def progress(message: str) -> None:  # the real-run fallback says what it will cost before it starts
         print(f"memprof: {message}", file=sys.stderr, flush=True)
 
     codes = []
-    try:
-        result = estimate(
-            workload,
-            capacity=capacity,
-            headroom=head,
-            traced=not no_trace,
-            capacity_note=note,
-            cuda_target=target,
-            gpu=target.gpu if gpu else None,
-            device=device,
-            verify=verify,
-            progress=progress,
-        )
-    except Interrupted as exc:  # Ctrl-C while tracing: the formula's answer is ready
-        result = exc.partial
-        codes.append(EXIT_INTERRUPTED)
-    if json_out:
-        emit_json(estimate_document(result))
-    else:
-        from ..render import stdout_console
-        from ..render.estimate import render_estimate
+    with OutputFiles(force) as files:
+        files.claim(plot, "--plot")  # the --grid chart: before the work, a bad path fails now
+        try:
+            result = estimate(
+                workload,
+                capacity=capacity,
+                headroom=head,
+                traced=not no_trace,
+                capacity_note=note,
+                fit_seq_len=True if fit in ("seq-len", "seq_len") else None,
+                multiple_of=multiple_of,
+                grid=grid_axes,
+                cuda_target=target,
+                gpu=target.gpu if gpu else None,
+                device=device,
+                verify=verify,
+                progress=progress,
+            )
+        except Interrupted as exc:  # Ctrl-C while tracing: the formula's answer is ready
+            result = exc.partial
+            codes.append(EXIT_INTERRUPTED)
+        # the report first: whatever happens to the plot file, it is on the screen
+        if json_out:
+            emit_json(estimate_document(result))
+        else:
+            from ..render import stdout_console
+            from ..render.estimate import render_estimate
 
-        render_estimate(result, stdout_console(), layers=None if all_layers else layers)
+            render_estimate(result, stdout_console(), layers=None if all_layers else layers)
+        if plot is not None:
+            from ..render.charts import write_grid_chart
+
+            if result.grid is None:
+                print("no plot written: the grid was not traced", file=sys.stderr)
+            elif files.write(plot, lambda path: write_grid_chart(result, path), "plot"):
+                print(f"wrote {plot}", file=sys.stderr)
+            else:
+                codes.append(EXIT_OUTPUT)
     from ..render import print_error
 
     if result.trace_error is not None:
@@ -244,9 +328,9 @@ def estimate_cmd(
             if result.traced is None
             else "the traced estimate above is complete; its fit is the formula's (its other traces were stopped)",
         )
-    fit = result.fit
-    if fit is not None and not fit.fits:
-        codes.append(EXIT_NOTHING_FITS if fit.max_batch is None else EXIT_DOES_NOT_FIT)
+    verdict = result.fit
+    if verdict is not None and not verdict.fits:
+        codes.append(EXIT_NOTHING_FITS if verdict.max_batch is None else EXIT_DOES_NOT_FIT)
     raise typer.Exit(exit_code(*codes))
 
 

@@ -11,6 +11,8 @@ import typer
 from ..engine.fit import check_headroom
 from . import EXIT_INTERRUPTED, EXIT_NOTHING_FITS, EXIT_OK, EXIT_OUTPUT, command, emit_json, exit_code, handle_errors
 from .common import (
+    ATTN_OPT,
+    CHECKPOINTING_OPT,
     CUDNN_BENCHMARK_OPT,
     DOUBLE_QUANT_OPT,
     DTYPE_OPT,
@@ -31,9 +33,13 @@ from .common import (
     MODEL_ARG_OPT,
     MODEL_KWARGS_OPT,
     MODEL_OPT,
+    NEW_TOKENS_OPT,
     OFFLOAD_OPT,
     OPTIMIZER_OPT,
+    PADDING_OPT,
     QUANTIZE_OPT,
+    ROUTING_OPT,
+    SEQ_LEN_OPT,
     STRATEGY_OPT,
     TOKEN_RANGE_OPT,
     TRAIN_ONLY_OPT,
@@ -72,6 +78,24 @@ def find_batch_cmd(
     offload: str | None = OFFLOAD_OPT,
     model_kwargs: str | None = MODEL_KWARGS_OPT,
     model_arg: list[str] | None = MODEL_ARG_OPT,
+    seq_len: int | None = SEQ_LEN_OPT,
+    loop: str | None = typer.Option(
+        None, "--loop", help="Training loop shape: plain (output kept through backward, default) or trainer."
+    ),
+    attn: str | None = ATTN_OPT,
+    padding: bool = PADDING_OPT,
+    new_tokens: int | None = NEW_TOKENS_OPT,
+    routing: str | None = ROUTING_OPT,
+    checkpointing: str = CHECKPOINTING_OPT,
+    search: str = typer.Option(
+        "batch",
+        "--search",
+        help="What to search: batch (the largest batch) or seq-len (the longest sequence at --batch-size, "
+        "a multiple of --multiple-of tokens).",
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", "-b", help="--search seq-len: the batch size to search the sequence length at [1]."
+    ),
     device: str | None = typer.Option(
         None,
         "--device",
@@ -167,6 +191,17 @@ def find_batch_cmd(
         raise UsageError(f"--steps must be at least 1, got {steps}", "use 2 or more")
     if device is None:
         device = "cpu" if limit is not None else "cuda"
+    if search not in ("batch", "seq-len", "seq_len"):
+        raise UsageError(f"--search must be batch or seq-len, got {search!r}", "--search seq-len: the longest sequence")
+    by_seq = search != "batch"
+    if batch_size is not None and not by_seq:
+        raise UsageError(
+            "--batch-size is what find-batch searches", "add --search seq-len to search the sequence length"
+        )
+    if by_seq and nproc_per_node is not None:
+        raise UsageError(
+            "--search seq-len runs in one process", "leave out --nproc-per-node, or search the batch per rank"
+        )
     on_cpu = device.strip().lower() == "cpu"
     if on_cpu and (gpu or gpu_arch):
         raise UsageError("--gpu and --gpu-arch are for CUDA trials", "leave them out with --device cpu")
@@ -192,6 +227,14 @@ def find_batch_cmd(
             token_range=token_range,
             model_kwargs=model_kwargs,
             model_arg=model_arg,
+            batch_size=batch_size if by_seq else None,
+            seq_len=seq_len,
+            loop=loop,
+            attn=attn,
+            padding=padding,
+            new_tokens=new_tokens,
+            routing=routing,
+            checkpointing=checkpointing,
             strategy=strategy,
             world_size=nproc_per_node * nnodes if strategy and nproc_per_node else None,
             freeze=freeze,
@@ -234,7 +277,7 @@ def find_batch_cmd(
                 raise typer.Exit(EXIT_OK)
             result = found
         else:
-            with TrialProgress(stderr_console()) as progress:
+            with TrialProgress(stderr_console(), unit="tokens" if by_seq else "batch") as progress:
                 result = find_batch(
                     workload,
                     device=device,
@@ -249,6 +292,8 @@ def find_batch_cmd(
                     isolate=isolate,
                     predict=not no_predict,
                     on_event=progress.on_event,
+                    search_axis="seq_len" if by_seq else "batch_size",
+                    seq_multiple_of=(multiple_of or 1) if by_seq else 1,
                     cuda_target=cuda_target,
                 )
         # the report first: whatever happens to the files, it is on the screen
@@ -270,9 +315,9 @@ def find_batch_cmd(
     if result.status == "nothing_fits":
         from ..render import format_bytes
 
+        what = f"{result.min_batch} tokens" if result.axis == "seq_len" else f"batch {result.min_batch}"
         print_error(
-            f"not even batch {result.min_batch} fits in {format_bytes(result.capacity.total_bytes)} "
-            f"({result.capacity.source})",
+            f"not even {what} fits in {format_bytes(result.capacity.total_bytes)} ({result.capacity.source})",
             "raise --memory-limit, use a smaller model or --dtype bf16, or see `memprof estimate` for "
             "where the memory goes",
         )

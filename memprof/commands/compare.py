@@ -24,7 +24,7 @@ from ..engine.distributed import get_strategy, is_sharded
 from ..engine.finetune import LoraSpec, parse_method, parse_patterns
 from ..engine.flops import recompute_cost
 from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
-from ..engine.workload import Workload, get_offload, get_optimizer_name, get_precision
+from ..engine.workload import LOOPS, Workload, get_offload, get_optimizer_name, get_precision
 from ..errors import Interrupted, MemprofError, UsageError
 from ..results import (
     Capacity,
@@ -46,8 +46,10 @@ AXES = (
     "optimizer",
     "checkpointing",
     "inplace_relu",
+    "loop",
     "mode",
     "batch_size",
+    "seq_len",
     "freeze",
     "lora",
     "quantize",
@@ -147,6 +149,19 @@ def _normalize(axis: str, value: Any) -> Any:
         if batch <= 0 or isinstance(value, bool):
             raise UsageError(f"batch size must be a positive integer, got {value!r}", "e.g. --batch-size 64")
         return batch
+    if axis == "seq_len":
+        try:
+            seq = int(value)
+        except (TypeError, ValueError):
+            seq = 0
+        if seq <= 0 or isinstance(value, bool):
+            raise UsageError(f"`seq_len` must be a positive integer, got {value!r}", "e.g. `seq_len` 4096")
+        return seq
+    if axis == "loop":
+        loop = str(value).strip().lower()
+        if loop not in LOOPS:
+            raise UsageError(f"unknown loop {value!r}", "choose plain (output kept through backward) or trainer")
+        return loop
     raise UsageError(f"unknown comparison axis {axis!r}", f"choose from {', '.join(AXES)}")
 
 
@@ -182,6 +197,10 @@ def apply_change(workload: Workload, axis: str, value: Any) -> Workload:
     value = _normalize(axis, value)
     if axis == "dtype":
         return workload.replace(precision=get_precision(value))
+    if axis == "seq_len":
+        from .workload import check_seq_len
+
+        check_seq_len(workload.model, value, workload.new_tokens if workload.mode == "generate" else None)
     if axis == "strategy":
         if value == "none":
             return workload.replace(strategy="none", world_size=1, offload="none")
@@ -204,7 +223,11 @@ def _part(axis: str, value: Any) -> str:
     if axis == "inplace_relu":
         return "in-place ReLU" if value else "no in-place ReLU"
     if axis == "mode":
-        return "eval (no_grad)" if value == "eval" else "train"
+        return {"eval": "eval (no_grad)", "generate": "generate"}.get(value, "train")
+    if axis == "seq_len":
+        return f"{value} tokens"
+    if axis == "loop":
+        return "trainer loop" if value == "trainer" else "plain loop"
     if axis == "strategy":
         if value == "none":
             return "one process"
@@ -232,8 +255,10 @@ def _key(w: Workload) -> tuple:
         w.optimizer if train else None,
         w.checkpointing if train else "none",
         w.inplace_relu,
+        w.loop if train else None,
         w.mode,
         w.batch_size,
+        w.seq_len,
         axis_value(w, "strategy"),
         w.freeze,
         w.train_only,
@@ -276,9 +301,10 @@ def make_variants(
             continue
         seen.add(key)
         changes = {axis: axis_value(w, axis) for axis in AXES if axis_value(w, axis) != axis_value(base, axis)}
-        if w.mode == "eval":  # optimizer and checkpointing do nothing in eval
+        if w.mode != "train":  # optimizer, checkpointing and the loop do nothing outside training
             changes.pop("optimizer", None)
             changes.pop("checkpointing", None)
+            changes.pop("loop", None)
         rows.append(Variant(variant_label(changes), w, changes, optional=optional))
     return rows
 
@@ -542,8 +568,14 @@ def order_rows(rows: list[CompareRow], base_batch: int) -> tuple[list[CompareRow
     ok = [r for r in rows if not r.baseline and r.error is None]
     base_mode = baseline[0].workload.get("mode") if baseline else "train"
 
-    def comparable(r: CompareRow) -> bool:  # same batch and mode: a real alternative to the baseline
-        return r.workload.get("batch_size") == base_batch and r.workload.get("mode") == base_mode
+    base_seq = baseline[0].workload.get("seq_len") if baseline else None
+
+    def comparable(r: CompareRow) -> bool:  # same batch, sequence and mode: a real alternative to the baseline
+        return (
+            r.workload.get("batch_size") == base_batch
+            and r.workload.get("mode") == base_mode
+            and r.workload.get("seq_len") == base_seq
+        )
 
     def max_batch(r: CompareRow) -> int:
         return r.fit.max_batch or 0 if r.fit is not None else 0
@@ -552,7 +584,12 @@ def order_rows(rows: list[CompareRow], base_batch: int) -> tuple[list[CompareRow
     same = sorted((r for r in ok if comparable(r)), key=lambda r: (r.peak_bytes, -max_batch(r)))
     other = sorted(
         (r for r in ok if not comparable(r)),
-        key=lambda r: (r.workload.get("mode") != base_mode, r.workload.get("batch_size"), r.peak_bytes),
+        key=lambda r: (
+            r.workload.get("mode") != base_mode,
+            r.workload.get("batch_size"),
+            r.workload.get("seq_len") or 0,
+            r.peak_bytes,
+        ),
     )
     failed = [r for r in rows if not r.baseline and r.error is not None]
     base_peak = baseline[0].peak_bytes if baseline and baseline[0].peak_bytes is not None else None

@@ -8,6 +8,7 @@ the tracer fails.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -151,6 +152,9 @@ def estimate(
     headroom: float = fitting.DEFAULT_HEADROOM,
     traced: bool = True,
     capacity_note: str | None = None,
+    fit_seq_len: bool | None = None,
+    multiple_of: int = 1,
+    grid: tuple[list[int], list[int]] | bool | None = None,
     progress: Callable[[str], None] | None = None,
     cuda_target: CudaTarget | None = None,
     gpu: GpuPeaks | None = None,
@@ -161,7 +165,12 @@ def estimate(
     """Estimate one step of ``workload`` by formula and, if ``traced``, by fake-tensor trace; fit ``capacity``.
 
     ``capacity`` is a :class:`Capacity` or a number of bytes; None skips the fit
-    (:func:`resolve_capacity` finds the local GPU's). ``cuda_target`` is the GPU architecture the
+    (:func:`resolve_capacity` finds the local GPU's).
+
+    Sequence models, with a capacity and a trace: ``fit_seq_len`` also finds the longest sequence at
+    this batch (a multiple of ``multiple_of`` tokens; by default on in generation, off in training);
+    ``grid`` (``(batches, seq_lens)``, or True for :func:`memprof.engine.fit.default_grid`) finds the
+    largest batch at each sequence length. ``cuda_target`` is the GPU architecture the
     trace predicts for (:func:`memprof.engine.catalog.resolve_target`; default: the local GPU, else assumed).
     ``gpu`` (peak FLOP/s and bandwidth: a catalog entry or a :class:`memprof.engine.roofline.PeakSpec`)
     adds the step-time model. ``device`` is the step predicted: ``"cuda"`` (``"cuda:N"``) or ``"cpu"``
@@ -196,14 +205,12 @@ def estimate(
     interrupted = False
     fit_note: str | None = None
     fit: FitSummary | None = None
+    cuda: CudaTarget | None = None  # the CUDA target the trace used (None: a CPU step)
     if traced:
-        import functools
-
         from ..engine.catalog import resolve_target, with_capacity
         from ..engine.trace import trace_step
 
         try:
-            cuda = None
             if target == "cuda":
                 cuda = cuda_target or resolve_target()
                 if capacity is not None:  # near it, the allocator releases its cache and retries: so does the replay
@@ -244,6 +251,37 @@ def estimate(
             trace_note = f"tracing failed: {trace_error} (formula only)"
     else:
         trace_note = "tracing skipped (--no-trace)"
+    seq_fit = grid_fit = None
+    sequences = workload.seq_len is not None and (workload.model.hf is not None or workload.model.takes_tokens)
+    if fit_seq_len is None:
+        fit_seq_len = workload.mode == "generate"
+    if (fit_seq_len or grid) and not sequences:
+        raise UsageError(
+            f"{workload.model.display_name} takes no token sequence: there is no sequence length to fit",
+            "`fit` seq-len and `grid` apply to language models (hf:..., or a model taking token ids)",
+        )
+    if trace_result is not None and capacity is not None and sequences:
+        if fit_seq_len:
+            assert workload.seq_len is not None
+            seq_fit = fitting.fit_seq_len(
+                workload,
+                capacity.total_bytes,
+                target=target,
+                multiple_of=multiple_of,
+                known={workload.seq_len: trace_result},
+                trace_fn=functools.partial(trace_step, cuda_target=cuda),
+            )
+        if grid:
+            batches, seqs = fitting.default_grid(workload) if isinstance(grid, bool) else grid
+            grid_fit = fitting.fit_grid(
+                workload,
+                capacity.total_bytes,
+                list(batches),
+                list(seqs),
+                target=target,
+                known={(workload.batch_size, workload.seq_len or 0): trace_result},
+                trace_fn=functools.partial(trace_step, cuda_target=cuda),
+            )
     if fit is None and capacity is not None:
         fit = formula_fit(analytic, capacity, headroom, note=fit_note)
     if trace_result is not None:
@@ -272,6 +310,8 @@ def estimate(
         fit=fit,
         headline_bytes=headline,
         headline_source=source,
+        seq_fit=seq_fit,
+        grid=grid_fit,
         step_time=step,
         step_time_note=step_note,
         target=target,

@@ -9,6 +9,7 @@ goes to the ``on_event`` callback.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -142,11 +143,17 @@ def find_batch(
     predict: bool = True,
     predictor: Predictor | None = None,
     on_event: EventCallback | None = None,
+    search_axis: str = "batch_size",
+    seq_multiple_of: int = 1,
     runner: Runner | None = None,
     prediction_seconds: float | None = None,
     cuda_target: CudaTarget | None = None,
 ) -> FindBatchResult:
     """Search the largest batch for which ``steps`` real training steps fit.
+
+    ``search_axis="seq_len"`` searches the longest sequence instead, at the workload's batch size
+    (a multiple of ``seq_multiple_of`` tokens, up to the model's positions): the result's batch
+    fields then hold sequence lengths in tokens (``axis`` says so).
 
     ``device="cpu"`` needs ``memory_limit`` (bytes): live tensor bytes are capped there
     and crossing the cap raises PyTorch's CPU out-of-memory error. ``predictor`` replaces
@@ -159,12 +166,66 @@ def find_batch(
     ``cuda_target`` is the architecture the prediction is for (default: the local GPU's); the
     trials always run on the local device.
     """
-    t0 = time.perf_counter()
-    emit = on_event or (lambda kind, data: None)
     headroom = check_search(steps, min_batch, max_batch, start, headroom, multiple_of, target_global_batch)
 
+    if search_axis not in ("batch_size", "seq_len"):
+        raise UsageError(f"unknown `search` axis {search_axis!r}", "choose batch or seq-len")
+    if search_axis == "seq_len":
+        return _find_seq_len(
+            workload,
+            device=device,
+            memory_limit=memory_limit,
+            steps=steps,
+            headroom=headroom,
+            unit=seq_multiple_of,
+            isolate=isolate,
+            predict=predict,
+            on_event=on_event,
+            max_tokens=max_batch if max_batch != DEFAULT_MAX_BATCH else None,
+            cuda_target=cuda_target,
+        )
     if runner is None:
         runner = make_runner(device, memory_limit, isolate)
+    return _search_with(
+        runner,
+        workload,
+        steps=steps,
+        min_batch=min_batch,
+        max_batch=max_batch,
+        start=start,
+        headroom=headroom,
+        multiple_of=multiple_of,
+        target_global_batch=target_global_batch,
+        predict=predict,
+        predictor=predictor,
+        on_event=on_event,
+        memory_limit=memory_limit,
+        prediction_seconds=prediction_seconds,
+        cuda_target=cuda_target,
+    )
+
+
+def _search_with(
+    runner: Any,
+    workload: Workload,
+    *,
+    steps: int,
+    min_batch: int = 1,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    start: int | None = None,
+    headroom: float = fitting.DEFAULT_HEADROOM,
+    multiple_of: int | None = None,
+    target_global_batch: int | None = None,
+    predict: bool = True,
+    predictor: Predictor | None = None,
+    on_event: EventCallback | None = None,
+    memory_limit: int | None = None,
+    prediction_seconds: float | None = None,
+    cuda_target: CudaTarget | None = None,
+) -> FindBatchResult:
+    """The search of :func:`find_batch` with a given runner (one integer axis: the batch, or blocks of tokens)."""
+    t0 = time.perf_counter()
+    emit = on_event or (lambda kind, data: None)
     ranks = workload.world_size if workload.distributed else 1
     metric = runner.metric
     notes: list[str] = []
@@ -341,6 +402,153 @@ def find_batch(
         wall_seconds=time.perf_counter() - t0,
         notes=tuple(notes),
     )
+
+
+class _SeqRunner:
+    """A runner whose "batch" is a number of ``unit``-token blocks of the sequence, at a fixed batch size."""
+
+    def __init__(self, runner: Any, unit: int):
+        self.runner = runner
+        self.unit = unit
+        self.device = runner.device
+        self.metric = runner.metric
+
+    def describe(self) -> str:
+        return self.runner.describe()
+
+    def capacity_bytes(self) -> int | None:
+        return self.runner.capacity_bytes()
+
+    def run(self, workload: Workload, k: int, steps: int = 2, on_phase: Any = None) -> BatchTrial:
+        trial = self.runner.run(workload.replace(seq_len=k * self.unit), workload.batch_size, steps, on_phase)
+        return replace(trial, batch_size=k)
+
+
+def _find_seq_len(
+    workload: Workload,
+    *,
+    device: str,
+    memory_limit: int | None,
+    steps: int,
+    headroom: float,
+    unit: int,
+    isolate: bool,
+    predict: bool,
+    on_event: EventCallback | None,
+    max_tokens: int | None,
+    cuda_target: CudaTarget | None = None,
+) -> FindBatchResult:
+    """find-batch on the sequence axis: the same search (in blocks of ``unit`` tokens), answered in tokens."""
+    if isinstance(unit, bool) or not isinstance(unit, int) or unit < 1:
+        raise UsageError(f"`seq_multiple_of` must be a positive integer, got {unit!r}", "e.g. 64")
+    if workload.seq_len is None:
+        raise UsageError(
+            f"{workload.model.display_name} takes no token sequence: there is no sequence length to search",
+            "search the batch instead, or use a language model (hf:...)",
+        )
+    positions = workload.model.max_positions
+    reserve = (workload.new_tokens or 0) if workload.mode == "generate" else 0
+    limit_tokens = positions - reserve if positions is not None else fitting.SEQ_SEARCH_LIMIT
+    if max_tokens is not None:
+        limit_tokens = min(limit_tokens, max_tokens)
+    max_k = max(1, limit_tokens // unit)
+    base = make_runner(device, memory_limit, isolate)
+    runner = _SeqRunner(base, unit)
+
+    def predictor(
+        w: Workload,
+        capacity_bytes: int,
+        *,
+        target: Target,
+        metric: Metric,
+        max_batch: int,
+        cuda_target: CudaTarget | None = None,
+    ) -> Any:
+        import functools
+
+        from ..engine.trace import trace_step
+
+        fit = fitting.fit_seq_len(
+            w,
+            capacity_bytes,
+            target=target,
+            metric=metric,
+            multiple_of=unit,
+            kernel_scratch=target != "cpu",
+            trace_fn=functools.partial(trace_step, cuda_target=cuda_target if target == "cuda" else None),
+        )
+        k = None if fit.max_seq_len is None else fit.max_seq_len // unit
+        at_max = fit.peak_at_max_bytes
+        return _SeqPrediction(k, fit.slope_bytes_per_token * unit, fit.intercept_bytes, at_max, fit.traces)
+
+    def in_tokens(kind: str, data: Any) -> None:
+        if on_event is None:
+            return
+        if kind == "predicted" and data is not None and data.max_batch is not None:
+            data = replace(data, max_batch=data.max_batch * unit)
+        elif kind == "trial":
+            data = data * unit
+        elif kind == "phase":
+            data = (data[0] * unit, *data[1:])
+        elif kind == "trial-done":
+            data = replace(data, batch_size=data.batch_size * unit)
+        on_event(kind, data)
+
+    result = _search_with(
+        runner,
+        workload,
+        steps=steps,
+        max_batch=max_k,
+        headroom=headroom,
+        predict=predict,
+        predictor=predictor,
+        on_event=in_tokens,
+        memory_limit=memory_limit,
+        cuda_target=cuda_target,
+    )
+
+    def tokens(k: int | None) -> int | None:
+        return None if k is None else k * unit
+
+    trials = tuple(replace(t, batch_size=t.batch_size * unit) for t in result.trials)
+    pred = result.prediction
+    if pred is not None:
+        pred = replace(
+            pred, max_batch=tokens(pred.max_batch), slope_bytes_per_sample=int(pred.slope_bytes_per_sample / unit)
+        )
+    slope = result.slope_bytes_per_sample / unit if result.slope_bytes_per_sample is not None else None
+    notes = list(result.notes)
+    if result.largest_batch is not None and result.largest_batch == max_k and positions is not None:
+        notes.append(f"the model's positions ({positions}) end the search, not the memory")
+    return replace(
+        result,
+        workload=workload.describe() | {"seq_len": None},
+        largest_batch=tokens(result.largest_batch),
+        smallest_oom_batch=tokens(result.smallest_oom_batch),
+        recommended_batch=tokens(result.recommended_batch),
+        min_batch=unit,
+        max_batch=max_k * unit,
+        multiple_of=unit if unit > 1 else None,
+        trials=trials,
+        prediction=pred,
+        slope_bytes_per_sample=slope,
+        axis="seq_len",
+        seq_batch_size=workload.batch_size,
+        notes=tuple(notes),
+        target_global_batch=None,
+        grad_accum_steps=None,
+        micro_batch=None,
+        exact_accumulation=None,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _SeqPrediction:
+    max_batch: int | None
+    slope_bytes_per_sample: float
+    intercept_bytes: float
+    peak_at_max_bytes: int | None
+    traces: int
 
 
 # =========================================================================== several processes

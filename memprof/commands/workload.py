@@ -12,12 +12,27 @@ from ..engine.checkpointing import parse_mode
 from ..engine.distributed import DEFAULT_BUCKET_CAP_MB, check_plan, get_strategy
 from ..engine.finetune import DEFAULT_LORA_ALPHA, LoraSpec, parse_method, parse_patterns, parse_targets
 from ..engine.loading import ModelSpec, load_model, spec_from_module
-from ..engine.workload import MODES, Workload, get_offload, get_optimizer_name, get_precision
+from ..engine.workload import (
+    ATTN_IMPLEMENTATIONS,
+    DEFAULT_LOOP,
+    KV_CACHES,
+    LOOPS,
+    MODES,
+    ROUTINGS,
+    Workload,
+    get_offload,
+    get_optimizer_name,
+    get_precision,
+)
 from ..errors import UsageError
 
 DEFAULT_BATCH = 32
+#: Hugging Face models: one sequence per step unless a batch size is given
+DEFAULT_HF_BATCH = 1
 DEFAULT_DTYPE = "fp32"
 DEFAULT_OPTIMIZER = "adam"
+#: generation: tokens generated after the prompt unless `new_tokens` is given
+DEFAULT_NEW_TOKENS = 128
 INPUT_DTYPES = ("float", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 Shape = Sequence[int]
@@ -60,6 +75,13 @@ def make_workload(
     model_kwargs: Mapping[str, Any] | None = None,
     checkpointing: str = "none",
     inplace_relu: bool = False,
+    seq_len: int | None = None,
+    loop: str | None = None,
+    attn: str | None = None,
+    padding: bool = False,
+    new_tokens: int | None = None,
+    kv_cache: str | None = None,
+    routing: str | None = None,
     strategy: str | None = None,
     world_size: int | None = None,
     bucket_cap_mb: float | None = None,
@@ -78,9 +100,14 @@ def make_workload(
     """The workload for ``model``; values given here win over a config file's ``[workload]`` table.
 
     ``model`` is a reference (``"resnet50"``, ``"path/to/file.py:Net"``, ``"package.module:attr"``,
-    ``"config.toml"``), an already loaded :class:`ModelSpec`, or a live ``torch.nn.Module`` (memprof
-    builds copies of it on fake tensors; the module itself is never changed).
-    Cheap options are checked before the model is loaded.
+    ``"config.toml"``, ``"hf:org/name"``, a ``config.json``, ``"timm:name"``), an already loaded
+    :class:`ModelSpec`, or a live ``torch.nn.Module`` (memprof builds copies of it on fake tensors;
+    the module itself is never changed). Cheap options are checked before the model is loaded.
+
+    Sequence models: ``seq_len`` tokens per sample (a prompt of that length for ``mode="generate"``,
+    which generates ``new_tokens`` more); ``loop`` is the training loop's shape ("plain", the default,
+    keeps the model's output through backward; "trainer" drops it first); ``attn``, ``padding``,
+    ``kv_cache`` and ``routing`` (mixture of experts) apply to Hugging Face models.
 
     Data parallelism (:mod:`memprof.engine.distributed`): ``strategy`` (ddp, fsdp, zero1, zero2, zero3)
     over ``world_size`` ranks, ``offload`` (optimizer, params), DDP's ``bucket_cap_mb`` and
@@ -96,8 +123,26 @@ def make_workload(
     opt_name = get_optimizer_name(optimizer) if optimizer else None
     if mode is not None and mode not in MODES:
         raise UsageError(
-            f"`mode` must be train or eval, got {mode!r}",
-            "train: forward, backward, optimizer step; eval: no_grad inference",
+            f"`mode` must be train, eval or generate, got {mode!r}",
+            "train: forward, backward, optimizer step; eval: no_grad inference; generate: prefill and decode "
+            "with a KV cache (Hugging Face models)",
+        )
+    for name, value in (("seq_len", seq_len), ("new_tokens", new_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise UsageError(f"`{name}` must be a positive integer, got {value!r}", f"e.g. `{name}` 512")
+    if loop is not None and loop not in LOOPS:
+        raise UsageError(
+            f"`loop` must be plain or trainer, got {loop!r}",
+            "plain: out = model(...) kept through backward (safe); trainer: the output is dropped before backward",
+        )
+    if attn is not None and attn not in ATTN_IMPLEMENTATIONS:
+        raise UsageError(f"`attn` must be sdpa or eager, got {attn!r}", "sdpa: PyTorch's fused attention")
+    if kv_cache is not None and kv_cache not in KV_CACHES:
+        raise UsageError(f"`kv_cache` must be dynamic or static, got {kv_cache!r}", "dynamic: grows with each token")
+    if routing is not None and routing not in ROUTINGS:
+        raise UsageError(
+            f"`routing` must be balanced or worst, got {routing!r}",
+            "balanced: tokens x top-k / experts per expert; worst: every token to the same experts",
         )
     shapes = check_shapes(input_shape) if input_shape is not None else None
     if input_dtype is not None and input_dtype not in INPUT_DTYPES:
@@ -140,14 +185,31 @@ def make_workload(
         if spec.inputs.dtype in (None, "float"):
             spec.inputs.dtype = "int64"
     d = spec.defaults
+    default_batch = DEFAULT_HF_BATCH if spec.hf is not None else DEFAULT_BATCH
+    mode = mode or d.get("mode", "train")
+    if mode == "generate" and new_tokens is None:
+        new_tokens = DEFAULT_NEW_TOKENS
+    if spec.hf is not None and seq_len is None:
+        seq_len = spec.hf.default_seq_len
+        positions = spec.max_positions
+        if mode == "generate" and positions is not None and new_tokens is not None:
+            seq_len = max(1, min(seq_len, positions - new_tokens))
+    _check_sequence_options(spec, mode, seq_len, new_tokens, padding, attn, kv_cache)
     return Workload(
         model=spec,
-        batch_size=batch_size if batch_size is not None else check_batch_size(int(d.get("batch_size", DEFAULT_BATCH))),
+        batch_size=batch_size if batch_size is not None else check_batch_size(int(d.get("batch_size", default_batch))),
         precision=precision or get_precision(d.get("dtype", DEFAULT_DTYPE)),
         optimizer=opt_name or d.get("optimizer", DEFAULT_OPTIMIZER),
-        mode=mode or d.get("mode", "train"),
+        mode=mode,
         checkpointing=checkpointing,
         inplace_relu=inplace_relu,
+        seq_len=seq_len,
+        loop=loop or DEFAULT_LOOP,
+        attn=attn,
+        padding=padding,
+        new_tokens=new_tokens if mode == "generate" else None,
+        kv_cache=kv_cache,
+        routing=routing or "balanced",
         **(levers | parallel),
     )
 
@@ -199,6 +261,60 @@ def finetune_levers(
         double_quant=bool(double_quant),
         offload=get_offload(offload),
     )
+
+
+def check_seq_len(spec: ModelSpec, seq_len: int | None, new_tokens: int | None = None) -> None:
+    """A sequence (prompt + generated tokens) must fit the model's positions."""
+    positions = spec.max_positions
+    if seq_len is None or positions is None:
+        return
+    total = seq_len + (new_tokens or 0)
+    if total > positions:
+        what = f"`seq_len` {seq_len}" + (f" + `new_tokens` {new_tokens}" if new_tokens else "")
+        raise UsageError(
+            f"{what} is longer than the {positions} positions of {spec.display_name} (max_position_embeddings)",
+            f"use at most {positions} tokens in all, or a config with more positions "
+            "(--model-arg max_position_embeddings=N changes the architecture)",
+        )
+
+
+def _check_sequence_options(
+    spec: ModelSpec,
+    mode: str,
+    seq_len: int | None,
+    new_tokens: int | None,
+    padding: bool,
+    attn: str | None,
+    kv_cache: str | None,
+) -> None:
+    hf = spec.hf
+    if hf is None:
+        if seq_len is not None and spec.source in ("torchvision", "timm"):
+            raise UsageError(
+                f"`seq_len` applies to models that take token ids; {spec.display_name} takes images",
+                "give the per-sample shape with `input_shape` instead",
+            )
+        for name, value in (("padding", padding), ("attn", attn), ("kv_cache", kv_cache)):
+            if value:
+                raise UsageError(f"`{name}` applies to Hugging Face models", "e.g. hf:meta-llama/Llama-3.2-1B")
+        if mode == "generate":
+            raise UsageError(
+                f"`mode` generate needs a Hugging Face causal or seq2seq model, not {spec.display_name}",
+                "e.g. hf:meta-llama/Llama-3.2-1B or a path to its config.json",
+            )
+        if new_tokens is not None:
+            raise UsageError("`new_tokens` applies to `mode` generate", "add `mode` generate")
+        return
+    if mode == "generate" and not hf.can_generate:
+        raise UsageError(
+            f"{spec.display_name} is a {hf.task} model: it does not generate",
+            "`mode` generate needs a causal LM or a seq2seq model",
+        )
+    if new_tokens is not None and mode != "generate":
+        raise UsageError("`new_tokens` applies to `mode` generate", "add `mode` generate")
+    if kv_cache is not None and mode != "generate":
+        raise UsageError("`kv_cache` applies to `mode` generate", "add `mode` generate")
+    check_seq_len(spec, seq_len, new_tokens if mode == "generate" else None)
 
 
 def parallel_fields(

@@ -356,13 +356,14 @@ def _run(model, workload: Workload, batch: int, act_bytes: int | None) -> _Run:
     """One forward on the meta device with hooks; an exception becomes InputShapeError naming the layer."""
     import torch
 
-    args, kwargs, target = workload.model.make_batch(batch, torch.device("meta"), workload.precision)
+    args, kwargs, target = workload.make_batch(torch.device("meta"), batch)
     run = _Run()
     rec = _CallRecorder(model, act_bytes)
     run.input_bytes = rec._size(_tensors((args, kwargs, target)))[1]
     run.input_elements = rec._size(_tensors((args, kwargs)))[0]
     try:
-        with rec, torch.set_grad_enabled(workload.mode == "train"), shape_only_rnns():
+        context = workload.model.step_context(model, workload, fake=False, meta=True)
+        with context, rec, torch.set_grad_enabled(workload.mode == "train"), shape_only_rnns():
             model(*args, **kwargs)
     except MemoryError:
         raise
@@ -462,7 +463,7 @@ def _buffers(model) -> tuple[int, int]:
 
 def _activation_bytes(run: _Run, mode: str) -> int:
     leaves = [c for c in run.calls if c.leaf]
-    if mode == "eval":  # nothing is kept: the largest layer's input and output are live at once
+    if mode != "train":  # nothing is kept: the largest layer's input and output are live at once
         return max((c.in_bytes + (0 if c.no_new_memory else c.out_bytes) for c in leaves), default=0)
     return sum(c.out_bytes for c in leaves if not c.no_new_memory)
 
@@ -507,8 +508,21 @@ def analyse(workload: Workload) -> AnalyticEstimate:
             f"AMP: activations at {precision.compute_bytes} B/element, "
             "plus one low-precision copy of the weights (Temporary)"
         )
+    kv_per_sample = 0
+    if workload.mode == "generate" and workload.model.hf is not None:
+        from .hf import kv_cache_formula
+
+        # the cache after the last decode step: prompt + new tokens - 1 (the last token is never fed back)
+        tokens = (workload.seq_len or workload.model.hf.default_seq_len) + (workload.new_tokens or 1) - 1
+        kv = kv_cache_formula(workload.model.hf.config, batch, tokens, el, static=workload.kv_cache == "static")
+        breakdown[MemCategory.KV_CACHE] = kv
+        kv_per_sample = kv // batch
+        notes.append(
+            "KV cache by formula: 2 x layers x batch x KV heads x head dim x cached tokens x bytes "
+            "(grouped-query heads; sliding-window layers capped at their window)"
+        )
     total = sum(breakdown.values())
-    per_sample = (activation_next - activation) + (run_next.input_bytes - run.input_bytes)
+    per_sample = (activation_next - activation) + (run_next.input_bytes - run.input_bytes) + kv_per_sample
     fixed = total - per_sample * batch
 
     # ---- per-layer rows: innermost calls aggregated per module, plus parameter owners never called

@@ -10,6 +10,9 @@ Every command (``estimate``, ``find-batch``, ``compare``) calls these; none keep
   with the capacity (:class:`memprof.results.Metric`).
 * :func:`first_guess`, :func:`bracket_peaks` and :func:`fit_batch`: the largest batch whose
   traced figure fits, exact under the tracer (it fits and one more does not).
+* :func:`fit_seq_len`: the same search on the other axis, the longest sequence at a batch size
+  (exact to the token, or to a multiple of tokens); :func:`fit_grid`: the largest batch at each of
+  several sequence lengths (which batch x sequence-length combinations fit).
 """
 
 from __future__ import annotations
@@ -20,12 +23,16 @@ from fractions import Fraction
 from typing import Any
 
 from ..errors import DataDependentError, UsageError
-from ..results import BatchFit, MemCategory, Metric, Target, TraceResult
+from ..results import BatchFit, GridFit, MemCategory, Metric, SeqFit, Target, TraceResult
 
 #: recommended batch = DEFAULT_HEADROOM x the largest batch that fits (the usual 80 % rule)
 DEFAULT_HEADROOM = 0.8
 #: the largest batch any traced search considers when the caller gives no limit
 SEARCH_LIMIT = 1 << 20
+#: the longest sequence a traced search considers when the model's positions set no limit
+SEQ_SEARCH_LIMIT = 1 << 20
+#: what grows with the batch (and the sequence) at a peak
+_GROWING = (MemCategory.ACTIVATION, MemCategory.INPUT, MemCategory.TEMPORARY, MemCategory.KV_CACHE)
 
 
 def check_headroom(headroom: float) -> float:
@@ -87,10 +94,7 @@ def value_of(result: Any, metric: Metric | str) -> int | None:
 def first_guess(traced: TraceResult, batch: int, metric_bytes: int, capacity_bytes: int, limit: int) -> int:
     """The largest batch one trace (at ``batch``) suggests: what grows with the batch at its peak
     (activations, inputs, temporaries) is per-sample, the rest of ``metric_bytes`` is fixed."""
-    per_batch = sum(
-        int(traced.breakdown_at_peak.get(c, 0))
-        for c in (MemCategory.ACTIVATION, MemCategory.INPUT, MemCategory.TEMPORARY)
-    )
+    per_batch = sum(int(traced.breakdown_at_peak.get(c, 0)) for c in _GROWING)
     if per_batch <= 0:
         return limit
     guess = int((capacity_bytes - (metric_bytes - per_batch)) // (per_batch / batch))
@@ -283,6 +287,162 @@ def fit_batch(
     predicted = limit if slope <= 0 else int(math.floor((capacity_bytes - intercept) / slope))
     predicted = max(1, min(predicted, limit))
     return finish(*bracket_peaks(peak, cache, capacity_bytes, limit, predicted, max_traces))
+
+
+# =========================================================================== sequence length
+def fit_seq_len(
+    workload: Any,
+    capacity_bytes: int,
+    *,
+    target: Target = "cuda",
+    metric: Metric | str | None = None,
+    multiple_of: int = 1,
+    kernel_scratch: bool = True,
+    known: dict[int, TraceResult] | None = None,
+    trace_fn: TraceFn | None = None,
+    max_traces: int = 40,
+) -> SeqFit:
+    """The longest sequence (a multiple of ``multiple_of`` tokens) at the workload's batch whose traced
+    ``metric`` fits ``capacity_bytes``: :func:`bracket_peaks` on the sequence axis, verified by tracing it
+    and the next multiple. ``known`` maps sequence lengths to traces already made (estimate's own).
+
+    The search stops at the model's positions (less the new tokens of a generation). In generation the
+    sequence is the prompt: the new tokens come on top of it.
+    """
+    if capacity_bytes <= 0:
+        raise UsageError(f"capacity must be positive, got {capacity_bytes}", "e.g. `gpu_memory` 24GiB")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise UsageError(f"`multiple_of` must be a positive integer, got {multiple_of!r}", "e.g. `multiple_of` 64")
+    metric = Metric(metric) if metric is not None else default_metric(target)
+    if trace_fn is None:
+        from .trace import trace_step
+
+        trace_fn = trace_step
+    reserve = (workload.new_tokens or 0) if workload.mode == "generate" else 0
+    positions = workload.model.max_positions
+    limit_tokens = positions - reserve if positions is not None else SEQ_SEARCH_LIMIT
+    limit = limit_tokens // multiple_of
+    cache: dict[int, int] = {}
+    usable: dict[int, TraceResult] = {}
+    for seq, r in (known or {}).items():
+        if seq % multiple_of == 0 and getattr(r, "target", target) == target and seq // multiple_of <= limit:
+            usable[seq // multiple_of] = r
+            v = value_of(r, metric)
+            assert v is not None
+            cache[seq // multiple_of] = v
+
+    def peak(k: int) -> int:
+        if k not in cache:
+            r = trace_fn(workload.replace(seq_len=k * multiple_of), target=target, kernel_scratch=kernel_scratch)
+            v = value_of(r, metric)
+            assert v is not None, f"a {r.target} trace has no {metric.value} figure"
+            cache[k] = v
+        return cache[k]
+
+    def result(k: int | None, exact: bool = True) -> SeqFit:
+        slope = intercept = 0.0
+        pts = sorted(cache.items())
+        if len(pts) >= 2:
+            (ka, pa), (kb, pb) = pts[0], pts[-1]
+            slope = (pb - pa) / ((kb - ka) * multiple_of)
+            intercept = pa - slope * ka * multiple_of
+        return SeqFit(
+            slope_bytes_per_token=slope,
+            intercept_bytes=intercept,
+            capacity_bytes=capacity_bytes,
+            metric=metric.value,
+            batch_size=workload.batch_size,
+            multiple_of=multiple_of,
+            max_seq_len=None if k is None else k * multiple_of,
+            peak_at_max_bytes=cache.get(k if k is not None else 1),
+            peak_at_next_bytes=cache.get(k + 1) if k is not None else None,
+            limit_tokens=limit_tokens,
+            limited_by_positions=k is not None and k == limit and positions is not None,
+            traces=len(cache),
+            new_tokens=reserve or None,
+            exact=exact,
+        )
+
+    if limit < 1:
+        return result(None)
+    fitting = sorted((k for k in usable if cache[k] <= capacity_bytes), reverse=True)
+    if fitting:
+        k0 = fitting[0]
+        guess = first_guess(usable[k0], k0, cache[k0], capacity_bytes, limit)
+    else:
+        if peak(1) > capacity_bytes:
+            return result(None)
+        if limit == 1:
+            return result(1)
+        k2 = next((k for k in sorted(cache, reverse=True) if 1 < k <= limit), min(limit, 8))
+        slope = (peak(k2) - peak(1)) / (k2 - 1)
+        guess = limit if slope <= 0 else int((capacity_bytes - peak(1)) // slope) + 1
+        guess = max(1, min(guess, limit))
+    largest, status = bracket_peaks(peak, cache, capacity_bytes, limit, guess, max_traces)
+    return result(largest, exact=status == "exact")
+
+
+def fit_grid(
+    workload: Any,
+    capacity_bytes: int,
+    batches: list[int],
+    seq_lens: list[int],
+    *,
+    target: Target = "cuda",
+    metric: Metric | str | None = None,
+    known: dict[tuple[int, int], TraceResult] | None = None,
+    trace_fn: TraceFn | None = None,
+) -> GridFit:
+    """The largest batch (up to ``max(batches)``) at each sequence length, each exact under the tracer
+    (:func:`fit_batch`); a sequence length that does not fit at batch 1 ends the longer ones too (memory
+    grows with the sequence). ``known`` maps (batch, seq_len) to traces already made."""
+    if not batches or not seq_lens or min(batches) < 1 or min(seq_lens) < 1:
+        raise UsageError("a grid needs positive batch sizes and sequence lengths", "e.g. batches 1,2,4 and 512,1024")
+    metric = Metric(metric) if metric is not None else default_metric(target)
+    batches = sorted(set(batches))
+    seq_lens = sorted(set(seq_lens))
+    results: list[int | None] = []
+    traces = 0
+    stop = False
+    for seq in seq_lens:
+        if stop:
+            results.append(None)
+            continue
+        have = {b: r for (b, s), r in (known or {}).items() if s == seq}
+        fit = fit_batch(
+            workload.replace(seq_len=seq),
+            capacity_bytes,
+            target=target,
+            metric=metric,
+            max_batch=batches[-1],
+            known=have,
+            trace_fn=trace_fn,
+        )
+        traces += fit.traces - len(have)
+        results.append(fit.max_batch)
+        stop = fit.max_batch is None
+    return GridFit(
+        capacity_bytes=capacity_bytes,
+        metric=metric.value,
+        batches=tuple(batches),
+        seq_lens=tuple(seq_lens),
+        max_batch=tuple(results),
+        traces=traces,
+        new_tokens=workload.new_tokens if workload.mode == "generate" else None,
+    )
+
+
+def default_grid(workload: Any) -> tuple[list[int], list[int]]:
+    """Batches 1, 2, 4, ... 64 and sequence lengths 512, 1024, ... up to the model's positions (at most 32768)."""
+    positions = workload.model.max_positions
+    reserve = (workload.new_tokens or 0) if workload.mode == "generate" else 0
+    top = min(32768, positions - reserve) if positions else 32768
+    seqs = [s for s in (128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768) if s <= top]
+    if len(seqs) > 7:
+        seqs = seqs[-7:]
+    if top not in seqs and top < 32768 and (not seqs or top > seqs[-1]):
+        seqs.append(top)
+    return [1, 2, 4, 8, 16, 32, 64], seqs or [top]
 
 
 # =========================================================================== gradient accumulation

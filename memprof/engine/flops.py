@@ -34,8 +34,15 @@ from ..results import FlopCount, ModuleFlops, UncountedOp
 from .checkpointing import counting_regions, get_plan
 from .workload import autocast, prepare
 
-#: phases whose ops count (the tracer's "done" is zero_grad, part of the optimizer's work)
-_PHASE = {"forward": "forward", "backward": "backward", "optimizer": "optimizer", "done": "optimizer"}
+#: phases whose ops count (the tracer's "done" is zero_grad, part of the optimizer's work; in generation the
+#: prefill is the forward over the whole prompt, the warm-up and decode steps are not counted)
+_PHASE = {
+    "forward": "forward",
+    "backward": "backward",
+    "optimizer": "optimizer",
+    "done": "optimizer",
+    "prefill": "forward",
+}
 #: the root module's name in per-module tables (as in the analytical layer table)
 ROOT = "(model)"
 #: ops that run outside every module (the loss, functional code in the training step)

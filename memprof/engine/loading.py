@@ -6,7 +6,10 @@ Accepted model references:
   ``configs/models.toml``; weights are never downloaded;
 * a user file and attribute, ``path/to/my.py:Net`` (a class or a factory function);
 * an importable ``package.module:attr``;
-* a model config file ``something.toml`` (see ``configs/``).
+* a model config file ``something.toml`` (see ``configs/``);
+* a Hugging Face model: ``hf:<org>/<name>`` (its config.json only, from the local Hugging Face
+  cache, memprof's catalog in ``configs/hf/``, or the hub), a path to a ``config.json`` or to a
+  folder that holds one; ``timm:<name>`` for timm models (see :mod:`memprof.engine.hf`).
 
 A user file (or module) may define two optional hooks next to the model:
 
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelLoadError, UsageError
+from ..errors import MemprofError, ModelLoadError, UsageError
 
 BATCH_HOOK = "memprof_batch"
 LOSS_HOOK = "memprof_loss"
@@ -186,11 +189,51 @@ class ModelSpec:
     inputs: InputSpec = field(default_factory=InputSpec)
     batch_hook: Callable | None = None
     loss_hook: Callable | None = None
-    source: str = "torchvision"  # torchvision | file | module | config | instance
+    source: str = "torchvision"  # torchvision | file | module | config | instance | hf | timm
     #: workload defaults from a config file (batch_size, dtype, optimizer, mode)
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: a Hugging Face model (memprof.engine.hf.HFModel): its inputs, loss, step context and generation
+    hf: Any = None
 
-    def instantiate(self):
+    @property
+    def takes_tokens(self) -> bool:
+        """Whether the model takes token ids, so that a sequence length applies."""
+        if self.hf is not None:
+            return True
+        return (
+            self.inputs.dtype not in (None, "float")
+            and len(self.inputs.shapes) == 1
+            and len(self.inputs.shapes[0]) == 1
+        )
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the model's positions allow (None: unknown or unlimited)."""
+        return self.hf.max_positions if self.hf is not None else None
+
+    @property
+    def default_seq_len(self) -> int | None:
+        if self.hf is not None:
+            return self.hf.default_seq_len
+        if self.takes_tokens:
+            return self.inputs.shapes[0][0]
+        return None
+
+    @property
+    def moe(self) -> Any:
+        """Mixture-of-experts facts (experts, top_k) of a Hugging Face model, else None."""
+        return self.hf.moe if self.hf is not None else None
+
+    def step_context(self, model, workload, fake: bool, meta: bool = False):
+        """A context around each step: Hugging Face models route MoE tokens and read known values there
+        (``fake``: the tracer's fake tensors; ``meta``: the formulas' meta-device forward)."""
+        import contextlib
+
+        if self.hf is None:
+            return contextlib.nullcontext()
+        return self.hf.step_context(model, workload.routing, fake, meta)
+
+    def instantiate(self, workload=None):
         """Build a fresh model (on the current default device / fake mode)."""
         import torch
 
@@ -199,8 +242,13 @@ class ModelSpec:
         args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
         self._check_arguments(args)
         try:
-            model = self.factory(**self.kwargs)
+            if self.hf is not None:
+                model = self.hf.build(attn=getattr(workload, "attn", None))
+            else:
+                model = self.factory(**self.kwargs)
         except MemoryError:
+            raise
+        except MemprofError:
             raise
         except Exception as exc:  # the user's constructor: the exception as raised, and its line
             raise constructor_error(exc, self.display_name, args) from None
@@ -214,6 +262,8 @@ class ModelSpec:
 
     def _check_arguments(self, args: str) -> None:
         """Arguments the constructor's signature cannot take fail here, before it runs."""
+        if self.hf is not None:  # config overrides, checked against the config when it is built
+            return
         try:
             signature = inspect.signature(self.factory)
         except (TypeError, ValueError):  # a builtin or C extension: no signature to check
@@ -230,6 +280,8 @@ class ModelSpec:
         """Fill in what the user left out: token ids for Embedding-first models, Linear widths."""
         import torch
 
+        if self.hf is not None:
+            return
         first = next(
             (m for m in model.modules() if not list(m.children()) and any(True for _ in m.parameters(recurse=False))),
             None,
@@ -253,19 +305,54 @@ class ModelSpec:
                     f"or define {BATCH_HOOK}(batch_size, device, dtype) next to the model",
                 )
 
-    def input_description(self) -> str:
+    def input_description(
+        self, batch_size: int | None = None, seq_len: int | None = None, padding: bool = False, mode: str = "train"
+    ) -> str:
+        if self.hf is not None:
+            if mode == "generate":
+                seq = seq_len or self.hf.default_seq_len
+                return f"prompt of {batch_size or '?'}×{seq} token ids (vocabulary {self.hf.vocab_size:,})" + (
+                    " with left padding" if padding else ""
+                )
+            return self.hf.describe_inputs(batch_size, seq_len, padding)
         if self.batch_hook is not None and not self.inputs.shapes:
             return f"from {BATCH_HOOK}()"
+        if seq_len is not None and self.takes_tokens:
+            return InputSpec([(seq_len,)], self.inputs.dtype, self.inputs.low, self.inputs.high).describe()
         return self.inputs.describe()
 
-    def make_batch(self, batch_size: int, device, precision) -> tuple[tuple, dict, Any]:
-        """Inputs and target for one batch: ``(args, kwargs, target)``."""
+    def make_batch(
+        self,
+        batch_size: int,
+        device,
+        precision,
+        *,
+        seq_len: int | None = None,
+        padding: bool = False,
+        mode: str = "train",
+    ) -> tuple[tuple, dict, Any]:
+        """Inputs and target for one batch: ``(args, kwargs, target)``.
+
+        ``seq_len`` sets the sequence length of token inputs (Hugging Face models, a single 1-D token
+        input, or a ``memprof_batch`` hook that takes ``seq_len``); ``padding`` pads Hugging Face batches.
+        """
         import torch
 
         float_dtype = precision.torch_param_dtype()
+        if self.hf is not None:
+            if mode == "generate":
+                return (
+                    (),
+                    self.hf.generate_inputs(batch_size, seq_len or self.hf.default_seq_len, device, padding),
+                    None,
+                )
+            return (), self.hf.make_batch(batch_size, seq_len, device, padding), None
         if self.batch_hook is not None:
             try:
-                produced = self.batch_hook(batch_size, device, float_dtype)
+                if seq_len is not None and "seq_len" in inspect.signature(self.batch_hook).parameters:
+                    produced = self.batch_hook(batch_size, device, float_dtype, seq_len=seq_len)
+                else:
+                    produced = self.batch_hook(batch_size, device, float_dtype)
             except MemoryError:
                 raise
             except Exception as exc:
@@ -288,8 +375,17 @@ class ModelSpec:
             if isinstance(inputs, (tuple, list)):
                 return tuple(inputs), {}, target
             return (inputs,), {}, target
+        shapes = self.inputs.shapes
+        if seq_len is not None:
+            if not self.takes_tokens:
+                raise UsageError(
+                    f"`seq_len` applies to models that take token ids; {self.display_name} takes "
+                    f"{self.inputs.describe()}",
+                    "leave out `seq_len`, or give the per-sample shape with `input_shape`",
+                )
+            shapes = [(seq_len,)]
         args = []
-        for shape in self.inputs.shapes:
+        for shape in shapes:
             if self.inputs.dtype in (None, "float"):
                 args.append(torch.randn((batch_size, *shape), dtype=float_dtype, device=device))
             else:
@@ -307,6 +403,8 @@ class ModelSpec:
     def loss_fn(self) -> Callable:
         if self.loss_hook is not None:
             return self.loss_hook
+        if self.hf is not None:
+            return self.hf.loss
         tokens = self.inputs.dtype not in (None, "float")
         return lambda output, target: default_loss(output, target, tokens=tokens)
 
@@ -696,12 +794,50 @@ def load_config(path: Path, kwargs: dict[str, Any]) -> ModelSpec:
     return spec
 
 
+def load_hf_model(ref: str, kwargs: dict[str, Any]) -> ModelSpec:
+    """``hf:<org>/<name>``, a ``config.json`` (or a folder holding one): a Hugging Face model from its config."""
+    from . import hf
+
+    model = hf.load_hf(ref, kwargs)
+    return ModelSpec(
+        ref=ref,
+        display_name=model.name,
+        factory=model.build,
+        kwargs=dict(kwargs),
+        inputs=InputSpec(shapes=[(model.default_seq_len,)], dtype="int64", low=0, high=model.vocab_size),
+        source="hf",
+        hf=model,
+    )
+
+
+def load_timm_model(name: str, kwargs: dict[str, Any]) -> ModelSpec:
+    from . import hf
+
+    model = hf.load_timm(name, kwargs)
+    return ModelSpec(
+        ref=f"timm:{name}",
+        display_name=name,
+        factory=model.factory,
+        kwargs=dict(kwargs),
+        inputs=InputSpec(shapes=[model.input_shape], dtype="float"),
+        source="timm",
+    )
+
+
 def load_model(ref: str, kwargs: dict[str, Any] | None = None) -> ModelSpec:
     """Resolve a model reference (see module docstring) without building the model."""
     kwargs = dict(kwargs or {})
     ref = str(ref).strip()
     if not ref:
         raise UsageError("no model given", "e.g. memprof estimate resnet50, or path/to/file.py:Net")
+    if ref.startswith("hf:"):
+        return load_hf_model(ref, kwargs)
+    if ref.startswith("timm:"):
+        return load_timm_model(ref[5:].strip(), kwargs)
+    from .hf import is_hf_path
+
+    if is_hf_path(ref):
+        return load_hf_model(ref, kwargs)
     if ref.endswith(".toml"):
         path = Path(ref)
         if not path.exists():

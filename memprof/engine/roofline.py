@@ -98,6 +98,8 @@ def tokens_per_sample(workload: Workload) -> int | None:
     inputs = workload.model.inputs
     if not inputs.dtype or not inputs.dtype.startswith(("int", "long", "uint")) or not inputs.shapes:
         return None
+    if workload.seq_len:  # sequence models: the tokens asked for (Hugging Face: --seq-len)
+        return workload.seq_len
     return math.prod(inputs.shapes[0])
 
 

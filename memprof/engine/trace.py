@@ -36,13 +36,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DataDependentError, MemprofError, ModelCodeError, TraceError, UsageError
-from ..results import CudaTarget, MemCategory, ModelledBytes, TimelinePoint, TraceResult
+from ..results import CudaTarget, MemCategory, ModelledBytes, SavedBlock, TimelinePoint, TraceResult
 from . import fastfake, overheads, placement
 from .allocator import AllocatorConf, CachingAllocatorModel, conf_from_source
 from .flops import FlopTally
 from .gradaccum import InputBufferMirror
 from .modtrack import ModuleTracker
-from .workload import Prepared, Workload, build_model, make_optimizer, train_step
+from .shadow import Shadows
+from .workload import Prepared, Workload, build_model, generate_step, make_optimizer, train_step
 
 if TYPE_CHECKING:
     from .tracking import StorageTracker
@@ -120,12 +121,21 @@ class _TraceRecorder:
         self.optimizer_op: dict[int, int] = {}
         self.done_start: dict[int, int] = {}
         self.done_op: dict[int, int] = {}
+        self.forward_end: dict[int, int] = {}  # step -> index of the first event after the model's forward returned
+        self.forward_end_op: dict[int, int] = {}
+        # step -> records a plain loop keeps alive into the next step: (the output's, the loss's)
+        self.kept: dict[int, tuple[list[int], list[int]]] = {}
+        self.backward_start: dict[int, int] = {}
+        self.backward_op: dict[int, int] = {}
+        self.root_label: str | None = None
+        self.kv_cache_bytes: int | None = None  # generation: the KV cache after the last forward
+        self.kv_recs: list[int] = []
+        self.blocks: dict[str, str] = {}  # repeated blocks of the model (ModuleList children): name -> type
         self.workspace_threads: set[str] = set()
         self.benchmarked: set[tuple] = set()  # convolution shapes cuDNN's benchmark has timed
         self.saw_convolution = False
         self.tally: FlopTally | None = None  # counts FLOPs while set (the first step)
         self.module_types: dict[str, str] = {}
-        self.root_label: str | None = None
         self.sharded = False  # FSDP / ZeRO-2/3: storages grown by resizing are gathered parameters
         self.gloo = False  # a CPU rank: gloo's own collective buffers are modelled
         self.gloo_held: int | None = None  # the record of gloo's last buffer, until its worker thread frees it
@@ -148,8 +158,14 @@ class _TraceRecorder:
         return _input_shapes(module, name, args, kwargs)
 
     def _exit_module(self, frame, output) -> None:
+        """The module tracker's exit hook: layers that returned; when the model's forward returned (a plain
+        loop's previous output dies then: :func:`_replay_step` frees it there)."""
         if output is not None and frame.module._parameters:  # None: its forward raised (always_call)
             self.param_layers_done += 1
+        if frame.name == self.root_label and self.phase == "forward" and self.step not in self.forward_end:
+            self.forward_end[self.step] = len(self.events)
+            if self.tracker is not None:
+                self.forward_end_op[self.step] = self.tracker.op_count
 
     def module_now(self) -> str | None:
         stack = self.modules.stack
@@ -442,6 +458,104 @@ def _input_shapes(module, name: str, args: tuple, kwargs: dict) -> list[tuple[in
     import torch
 
     return [tuple(a.shape) for a in args if isinstance(a, torch.Tensor) and not a.is_nested]
+
+
+def _with_meta_fallbacks(run: Callable[[Any, tuple, dict | None], Any]) -> Callable[[Any, tuple, dict | None], Any]:
+    """``run``, plus output shapes for ops whose meta kernel refuses what the CPU kernel runs.
+
+    ``torch._grouped_mm`` (mixture-of-experts layers) in float32: its meta kernel accepts only 16-bit
+    inputs, the CPU kernel any float. The shape does not depend on the dtype: the meta kernel is
+    asked in bfloat16 and the output made in the real dtype.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    grouped = {
+        getattr(torch.ops.aten, name).default
+        for name in ("_grouped_mm",)
+        if hasattr(torch.ops.aten, name) and hasattr(getattr(torch.ops.aten, name), "default")
+    }
+    if not grouped:
+        return run
+
+    def as_meta(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            dtype = torch.bfloat16 if x.is_floating_point() else x.dtype
+            return torch.empty_strided(tuple(x.shape), x.stride(), dtype=dtype, device="meta")
+        return x
+
+    def wrapped(func: Any, args: tuple, kwargs: dict | None) -> Any:
+        if func not in grouped:
+            return run(func, args, kwargs)
+        try:
+            return run(func, args, kwargs)
+        except RuntimeError:
+            a = args[0] if args else None
+            if not isinstance(a, torch.Tensor) or a.dtype in (torch.bfloat16, torch.float16):
+                raise
+            with unset_fake_temporarily():
+                meta_args = [as_meta(x) for x in args]
+                meta_kwargs = {k: as_meta(v) for k, v in (kwargs or {}).items()}
+                out = func(*meta_args, **meta_kwargs)
+            dtype = (kwargs or {}).get("out_dtype") or a.dtype
+            return run(
+                torch.ops.aten.empty_strided.default,
+                (tuple(out.shape), out.stride()),
+                {"dtype": dtype, "device": torch.device("cpu")},
+            )
+
+    return wrapped
+
+
+def _blocks(model) -> dict[str, str]:
+    """The model's repeated blocks (the children of its ModuleLists, e.g. "model.layers.0"): name -> type."""
+    import torch
+
+    blocks: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
+            for child_name, child in module.named_children():
+                full = f"{name}.{child_name}" if name else child_name
+                if not any(full.startswith(b + ".") for b in blocks):
+                    blocks[full] = type(child).__name__
+    return blocks
+
+
+def _saved_by_block(rec: _TraceRecorder, sizes: list[int], last: int) -> tuple[SavedBlock, ...]:
+    """What each block keeps for backward (activation records of the last step), alike blocks grouped."""
+    if not rec.blocks:
+        return ()
+    prefixes = sorted(rec.blocks, key=len, reverse=True)
+    per_block: dict[str, dict[str, int]] = {}
+    outside: dict[str, int] = {}
+    for r, cat in enumerate(rec.rec_cat):
+        if cat is not MemCategory.ACTIVATION or rec.rec_step[r] != last or not sizes[r]:
+            continue
+        module = rec.rec_module[r] or ""
+        block = next((b for b in prefixes if module == b or module.startswith(b + ".")), None)
+        if block is None:
+            key = module if module and module != rec.root_label else "(outside the blocks: loss, output)"
+            outside[key] = outside.get(key, 0) + sizes[r]
+            continue
+        part = module[len(block) + 1 :].split(".")[0] if module != block else "(its own ops)"
+        parts = per_block.setdefault(block, {})
+        parts[part] = parts.get(part, 0) + sizes[r]
+    rows: list[SavedBlock] = []
+    order = list(rec.blocks)
+    i = 0
+    while i < len(order):
+        name = order[i]
+        parts = per_block.get(name, {})
+        j = i + 1
+        while j < len(order) and rec.blocks[order[j]] == rec.blocks[name] and per_block.get(order[j], {}) == parts:
+            j += 1
+        label = name if j - i == 1 else f"{name}-{order[j - 1].rsplit('.', 1)[-1]}"
+        ranked = tuple(sorted(parts.items(), key=lambda kv: -kv[1]))
+        rows.append(SavedBlock(label, rec.blocks[name], j - i, sum(parts.values()), ranked))
+        i = j
+    for key, nbytes in sorted(outside.items(), key=lambda kv: -kv[1]):
+        rows.append(SavedBlock(key, "", 1, nbytes))
+    return tuple(rows)
 
 
 def _onednn_lstm(tracker, recorder: _TraceRecorder, func, args, kwargs, forward: bool):
@@ -1036,9 +1150,18 @@ def _record_step(
                 with fastfake.mode(fast):  # parameters and buffers are made through the same fast cache
                     model = _build_fake_model(workload)
             tracker = _make_tracker(recorder)
-            if fast is not None:
+            # known values of small integer tensors (masks, positions, routing): fake tensors only, and not
+            # for DDP's own bucket bookkeeping (the values it broadcasts would make step 2 differ from step 1
+            # by a few bytes, which the replay of steps does not copy) unless the model needs them
+            use_shadows = not real and (workload.model.hf is not None or not workload.distributed)
+            shadows = Shadows(fast.run if fast is not None else None) if use_shadows else None
+            if shadows is not None:
+                tracker.run_op = _with_meta_fallbacks(shadows.run)
+            elif fast is not None:
                 tracker.run_op = fast.run
-            with tracker:
+            if workload.mode == "generate":
+                steps = 1  # no optimizer state: every generate call is the same
+            with tracker, shadows.active() if shadows is not None else contextlib.nullcontext():
                 made_by_wrap: list[int] = []
                 if world is not None:  # DDP's buckets, FSDP2's shards: allocated by PyTorch's code, traced
                     traced_rank = world.rank
@@ -1067,18 +1190,25 @@ def _record_step(
                             raise _TraceRank(heaviest)
                 recorder.category = MemCategory.INPUT
                 try:
-                    args, kwargs, tgt = workload.model.make_batch(workload.batch_size, "cpu", workload.precision)
+                    args, kwargs, tgt = workload.make_batch("cpu")
                 except MemprofError:
                     raise
                 except Exception as exc:
                     dependent = _data_dependent(exc, "input-building") if not real else None
                     raise (dependent or _step_error(exc, "input-building")) from None
                 recorder.category = None
-                prepared = Prepared(workload, model, optimizer, args, kwargs, tgt, workload.model.loss_fn(), "cpu")
+
+                def context():
+                    return workload.model.step_context(model, workload, fake=True)
+
+                prepared = Prepared(
+                    workload, model, optimizer, args, kwargs, tgt, workload.model.loss_fn(), "cpu", context=context
+                )
                 del args, kwargs, tgt
                 hooked = getattr(model, "module", model) if world else model  # DDP/FSDP wrap the model
-                recorder.modules.attach(hooked)
                 recorder.root_label = type(hooked).__name__
+                recorder.modules.attach(hooked, recorder.root_label)
+                recorder.blocks = _blocks(hooked)
                 for name, module in hooked.named_modules():  # names as the module tracker gives them
                     recorder.module_types.setdefault(name or recorder.root_label, type(module).__name__)
                 if target == "cuda":
@@ -1106,6 +1236,8 @@ def _record_step(
                         recorder.forward_start[recorder.step] = len(recorder.events)
                         recorder.forward_op[recorder.step] = tracker.op_count
                     elif phase == "backward":
+                        recorder.backward_start.setdefault(recorder.step, len(recorder.events))
+                        recorder.backward_op.setdefault(recorder.step, tracker.op_count)
                         # storages made in this step's forward and still alive: saved for backward
                         step = recorder.step
                         for key in list(tracker.live):
@@ -1129,6 +1261,8 @@ def _record_step(
                     elif phase == "done":
                         recorder.done_start.setdefault(recorder.step, len(recorder.events))
                         recorder.done_op.setdefault(recorder.step, tracker.op_count)
+                    if phase == "done" and workload.mode == "train" and workload.loop == "plain":
+                        recorder.kept[recorder.step] = _kept_records(recorder, prepared.extras)
                     if phase == "done" and prepared.optimizer is not None:
                         for state in _optimizer_state(prepared.optimizer).values():
                             for name, value in state.items():
@@ -1160,7 +1294,9 @@ def _record_step(
                         recorder.step = step
                         recorder.tally = tally if step == 0 else None
                         try:
-                            if step == 0 or not replay:
+                            if workload.mode == "generate":
+                                _generate(prepared, recorder, tracker, on_phase)
+                            elif step == 0 or not replay:
                                 train_step(prepared, on_phase)
                             else:
                                 _replay_step(recorder, tracker, on_phase, step)
@@ -1171,7 +1307,7 @@ def _record_step(
                                 dependent = _data_dependent(exc, recorder.phase)
                                 if dependent is not None:
                                     raise dependent from None
-                            if recorder.phase == "forward":
+                            if recorder.phase in ("forward", "prefill", "warmup"):
                                 raise _forward_error(exc, recorder, model, workload) from None
                             raise _step_error(exc, recorder.phase) from None
                         finally:
@@ -1321,6 +1457,102 @@ def _finetune_notes(workload: Workload, target: str) -> list[str]:
     return notes
 
 
+def _tensors_in(obj: Any, depth: int = 0, seen: set[int] | None = None) -> list:
+    """The tensors an object holds: a model output, a loss, a KV cache (nested containers and attributes)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth > 6 or obj is None or isinstance(obj, (str, bytes, int, float, bool, type, torch.nn.Module)):
+        return []
+    seen = seen if seen is not None else set()
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        values: Any = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        values = list(obj)
+    elif hasattr(obj, "__dict__"):
+        values = list(vars(obj).values())
+    else:
+        return []
+    found: list = []
+    for value in values:
+        found.extend(_tensors_in(value, depth + 1, seen))
+    return found
+
+
+_RESIDENT = (
+    MemCategory.PARAMETER,
+    MemCategory.BUFFER,
+    MemCategory.INPUT,
+    MemCategory.GRADIENT,
+    MemCategory.OPTIMIZER_STATE,
+)
+
+
+def _kept_records(recorder: _TraceRecorder, extras: dict) -> tuple[list[int], list[int]]:
+    """Records of the storages a plain loop keeps alive after the step: (its output's, its loss's).
+
+    The output's die when the next forward returns (``out`` is rebound), the loss's once the next
+    loss is computed (a storage the loss holds goes with the loss, even if the output holds it too)."""
+    groups: tuple[list[int], list[int]] = ([], [])
+    taken: set[int] = set()
+    for group, obj in ((1, extras.get("loss")), (0, extras.get("out"))):
+        for t in _tensors_in(obj):
+            rec = recorder.key_to_rec.get(t.untyped_storage()._cdata)
+            if rec is not None and rec not in taken and recorder.rec_cat[rec] not in _RESIDENT:
+                taken.add(rec)
+                groups[group].append(rec)
+    return groups
+
+
+def _generate(prepared: Prepared, recorder: _TraceRecorder, tracker, on_phase) -> None:
+    """A generation, traced as two ``generate`` calls that hold its two peaks.
+
+    The prefill: ``generate`` on the prompt (P tokens), stopped after one token. The last decode step (the
+    largest, with the KV cache at its longest): ``generate`` on a prompt of P + N - 2 tokens for two
+    tokens, whose second forward is exactly the real run's last one (same cache length, same
+    input ids); the prefill of that call is phase "warmup" and does not count towards the peak.
+    With N <= 2 the real call is traced as is.
+    """
+    workload = prepared.workload
+    new_tokens = workload.new_tokens or 1
+    prompt = workload.seq_len or workload.model.default_seq_len or 1
+
+    def on_cache(cache: Any) -> None:
+        seen: set[int] = set()
+        total = 0
+        for t in _tensors_in(cache):
+            key = t.untyped_storage()._cdata
+            if key in seen:
+                continue
+            seen.add(key)
+            rec = recorder.key_to_rec.get(key)
+            if rec is not None and recorder.rec_cat[rec] not in _RESIDENT:
+                recorder.rec_cat[rec] = MemCategory.KV_CACHE
+                total += recorder.rec_nbytes[rec]
+        recorder.kv_cache_bytes = total
+        recorder.kv_recs = [recorder.key_to_rec[k] for k in seen if k in recorder.key_to_rec]
+
+    prepared.extras["on_cache"] = on_cache
+    if new_tokens <= 2:
+        generate_step(prepared, on_phase)
+        return
+    generate_step(prepared, on_phase, stop_after=1)  # a static cache is sized for all new tokens
+    prepared.args, prepared.kwargs = (), {}  # the prompt goes; the longer one below stands in for it
+    recorder.category = MemCategory.INPUT
+    try:
+        _, kwargs, _ = workload.replace(seq_len=prompt + new_tokens - 2).make_batch("cpu")
+    finally:
+        recorder.category = None
+    prepared.kwargs = kwargs
+    del kwargs
+    prepared.extras["phase_names"] = {1: "warmup"}
+    generate_step(prepared, on_phase, new_tokens=2)
+
+
 def _replay_step(recorder: _TraceRecorder, tracker, on_phase, step: int) -> None:
     """Step ``step`` >= 1 from step 0's events: nothing runs, the events are copied.
 
@@ -1349,12 +1581,29 @@ def _replay_step(recorder: _TraceRecorder, tracker, on_phase, step: int) -> None
                 events.append((clones[rec], -1, op + shift, phase, module, step))
 
     on_phase("forward")
-    copy(start, stop, tracker.op_count - recorder.forward_op[0], False)
+    shift = tracker.op_count - recorder.forward_op[0]
+    previous = recorder.kept.get(step - 1)
+    middle, loss_done = recorder.forward_end.get(0), recorder.backward_start.get(0)
+    if previous and middle is not None and loss_done is not None and start <= middle <= loss_done <= stop:
+        # a plain loop: the previous step's output dies when this step's forward returns, its loss
+        # when this step's loss is computed (just before backward)
+        copy(start, middle, shift, False)
+        for rec in previous[0]:
+            events.append((rec, -1, recorder.forward_end_op[0] + shift, "forward", recorder.root_label, step))
+        copy(middle, loss_done, shift, False)
+        for rec in previous[1]:
+            events.append((rec, -1, recorder.backward_op[0] + shift, "forward", None, step))
+        copy(loss_done, stop, shift, False)
+    else:
+        copy(start, stop, shift, False)
     tracker.op_count += recorder.optimizer_op[0] - recorder.forward_op[0]
     on_phase("optimizer")
     copy(stop, recorder.done_start[0], tracker.op_count - recorder.optimizer_op[0], True)
     tracker.op_count += recorder.done_op[0] - recorder.optimizer_op[0]
     on_phase("done")
+    if 0 in recorder.kept:  # the clones of what step 0 kept, not step 0's own records
+        out, loss = recorder.kept[0]
+        recorder.kept[step] = ([clones[r] for r in out if r in clones], [clones[r] for r in loss if r in clones])
 
 
 def _cuda_notes(workload: Workload, cuda_target: CudaTarget, recorder: _TraceRecorder, rules: Any) -> list[str]:
@@ -1424,7 +1673,8 @@ def _analyse(
     peak = -1
     peak_i = -1
     step_peak = [0] * steps
-    for i, (r, sign, _op, _phase, _mod, step) in enumerate(events):
+    phase_peaks: dict[str, int] = {}
+    for i, (r, sign, _op, phase, _mod, step) in enumerate(events):
         if alloc is not None:
             if sizes[r]:
                 if sign > 0:
@@ -1438,6 +1688,10 @@ def _analyse(
         else:
             cur += sign * sizes[r]
         curve[i] = cur
+        if phase == "warmup":  # a generation's stand-in prefill (see _generate): not part of the real run
+            continue
+        if cur > phase_peaks.get(phase, -1):
+            phase_peaks[phase] = cur
         if cur > peak:
             peak, peak_i = cur, i
         if step < steps and cur > step_peak[step]:
@@ -1466,7 +1720,7 @@ def _analyse(
     peak_phase = events[peak_i][3] if peak_i >= 0 else "setup"
     peak_module = events[peak_i][4] if peak_i >= 0 else None
     peak_step = events[peak_i][5] if peak_i >= 0 else 0
-    if peak_phase == "done":
+    if peak_phase == "done" and workload.mode == "train":
         peak_phase = "optimizer"
 
     # totals: persistent categories (as held at the end), per-step ones from the last step
@@ -1483,6 +1737,10 @@ def _analyse(
         elif c in (MemCategory.GRADIENT, MemCategory.ACTIVATION) and rec.rec_step[r] == last:
             totals[c] = totals.get(c, 0) + sizes[r]
     workspaces = sum(sizes[r] for r in range(n) if cats[r] is MemCategory.CUDA_OVERHEAD)
+    kv_bytes = None
+    if workload.mode == "generate":
+        kv_bytes = sum(sizes[r] for r in rec.kv_recs)
+        totals[MemCategory.KV_CACHE] = kv_bytes
 
     reserved = nvml = overhead = None
     if alloc is not None and context is not None:  # cuda
@@ -1518,6 +1776,9 @@ def _analyse(
         peak_step=peak_step,
         cublas_workspace_bytes=workspaces if cuda else None,
         cuda_context_bytes=context,
+        phase_peaks=phase_peaks,
+        kv_cache_bytes=kv_bytes,
+        saved_by_block=_saved_by_block(rec, sizes, last) if workload.mode == "train" else (),
         modelled=modelled,
     )
 

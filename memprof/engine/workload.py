@@ -210,7 +210,18 @@ def make_optimizer(name: str, params, device_type: str, offload: str = "none", w
 
 
 # --------------------------------------------------------------------------- workload
-MODES = ("train", "eval")
+MODES = ("train", "eval", "generate")
+#: the shape of the training loop around the step (see :func:`train_step`)
+LOOPS = ("plain", "trainer")
+DEFAULT_LOOP = "plain"
+LOOP_DESCRIPTIONS = {
+    "plain": "plain loop: `out = model(...)` stays alive through backward and the optimizer step, until the "
+    "next forward returns",
+    "trainer": "Trainer/Lightning loop: the output is dropped before backward, only the loss is kept",
+}
+ROUTINGS = ("balanced", "worst")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+KV_CACHES = ("dynamic", "static")
 
 
 @dataclass(frozen=True)
@@ -226,6 +237,20 @@ class Workload:
     checkpointing: str = "none"
     #: turn every nn.ReLU into ReLU(inplace=True) before the step
     inplace_relu: bool = False
+    #: tokens per sample for sequence models (None: the model's default; see ModelSpec.seq)
+    seq_len: int | None = None
+    #: the training loop's shape: "plain" keeps the model's output through backward, "trainer" drops it
+    loop: str = DEFAULT_LOOP
+    #: Hugging Face attention implementation ("sdpa", "eager"); None: the model's default
+    attn: str | None = None
+    #: the batch holds padding (Hugging Face then builds an explicit attention mask)
+    padding: bool = False
+    #: generation: tokens generated after the prompt (the prompt is seq_len tokens)
+    new_tokens: int | None = None
+    #: generation: "dynamic" or "static" KV cache; None: what the model's generation config asks for
+    kv_cache: str | None = None
+    #: mixture-of-experts routing assumption: "balanced" or "worst"
+    routing: str = "balanced"
     #: data parallelism (:mod:`memprof.engine.distributed`): none, ddp, zero1, zero2, zero3 / fsdp;
     #: ``batch_size`` is then per rank, and everything the workload predicts is one rank's
     strategy: str = "none"
@@ -251,7 +276,19 @@ class Workload:
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size <= 0:
             raise UsageError(f"batch size must be a positive integer, got {self.batch_size!r}", "e.g. --batch-size 32")
         if self.mode not in MODES:
-            raise UsageError(f"unknown mode {self.mode!r}", "choose train or eval")
+            raise UsageError(f"unknown mode {self.mode!r}", "choose train, eval or generate")
+        if self.loop not in LOOPS:
+            raise UsageError(f"unknown `loop` {self.loop!r}", "choose plain (output kept through backward) or trainer")
+        if self.routing not in ROUTINGS:
+            raise UsageError(f"unknown `routing` {self.routing!r}", "choose balanced or worst")
+        if self.attn is not None and self.attn not in ATTN_IMPLEMENTATIONS:
+            raise UsageError(f"unknown `attn` {self.attn!r}", "choose sdpa or eager")
+        if self.kv_cache is not None and self.kv_cache not in KV_CACHES:
+            raise UsageError(f"unknown `kv_cache` {self.kv_cache!r}", "choose dynamic or static")
+        for name in ("seq_len", "new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise UsageError(f"`{name}` must be a positive integer, got {value!r}", f"e.g. `{name}` 512")
         object.__setattr__(self, "optimizer", get_optimizer_name(self.optimizer))
         from .distributed import check_plan
 
@@ -288,22 +325,58 @@ class Workload:
     def with_batch(self, batch_size: int) -> Workload:
         return dataclasses.replace(self, batch_size=batch_size)
 
+    def with_seq_len(self, seq_len: int) -> Workload:
+        return dataclasses.replace(self, seq_len=seq_len)
+
     def replace(self, **changes: Any) -> Workload:
         return dataclasses.replace(self, **changes)
 
+    def make_batch(self, device, batch_size: int | None = None) -> tuple[tuple, dict, Any]:
+        """Inputs and target of one batch: ``(args, kwargs, target)`` (see ModelSpec.make_batch)."""
+        return self.model.make_batch(
+            self.batch_size if batch_size is None else batch_size,
+            device,
+            self.precision,
+            seq_len=self.seq_len,
+            padding=self.padding,
+            mode=self.mode,
+        )
+
     def describe(self) -> dict[str, Any]:
         """Plain data for headers and JSON."""
-        return {
+        info = {
             "model": self.model.display_name,
             "batch_size": self.batch_size,
-            "input": self.model.input_description(),
+            "input": self.model.input_description(self.batch_size, self.seq_len, self.padding, self.mode),
             "dtype": self.precision.name,
             "optimizer": self.optimizer if self.mode == "train" else None,
             "mode": self.mode,
             "checkpointing": self.checkpointing,
             "inplace_relu": self.inplace_relu,
             **self.finetune_description(),
-        } | self.describe_parallel()
+        }
+        if self.seq_len is not None:
+            info["seq_len"] = self.seq_len
+        if self.mode == "train":
+            info["loop"] = self.loop
+        if self.attn is not None:
+            info["attn"] = self.attn
+        if self.padding:
+            info["padding"] = True
+        if self.mode == "generate":
+            info["new_tokens"] = self.new_tokens
+            info["kv_cache"] = self.kv_cache or "model default"
+        if self.model.moe is not None:
+            info["routing"] = self.routing
+        hf = self.model.hf
+        if hf is not None:
+            info["source"] = hf.origin
+            info["task"] = hf.task
+            if hf.attn_used:
+                info["attn_used"] = hf.attn_used
+            if hf.published_params is not None:
+                info["published_params"] = hf.published_params
+        return info | self.describe_parallel()
 
     def describe_parallel(self) -> dict[str, Any]:
         """The data-parallel fields, only when there is a strategy (a single process describes as before)."""
@@ -349,6 +422,11 @@ class Prepared:
     loss_fn: Callable
     device_type: str
     extras: dict = field(default_factory=dict)
+    #: makes the context entered around every step (Hugging Face: MoE routing, known values on fake tensors)
+    context: Callable[[], Any] | None = None
+
+    def step_context(self):
+        return self.context() if self.context is not None else contextlib.nullcontext()
 
 
 def _tensors(model):
@@ -393,7 +471,7 @@ def build_model(workload: Workload, device: torch.device | str = "cpu"):
 
     device = torch.device(device)
     with torch.device(device):
-        model = workload.model.instantiate()
+        model = workload.model.instantiate(workload)
     dtype = workload.precision.torch_param_dtype()
     if dtype != torch.float32 or any(t.device != device for t in _tensors(model)):
         _convert(model, device, dtype)
@@ -402,15 +480,33 @@ def build_model(workload: Workload, device: torch.device | str = "cpu"):
             if isinstance(module, torch.nn.ReLU):
                 module.inplace = True
     model = apply_finetuning(model, workload)
-    if workload.checkpointing != "none":
-        from .checkpointing import apply_checkpointing
+    if workload.checkpointing != "none" and workload.mode == "train":
+        if not _own_checkpointing(model, workload.checkpointing):
+            from .checkpointing import apply_checkpointing
 
-        model = apply_checkpointing(model, workload.checkpointing)
+            model = apply_checkpointing(model, workload.checkpointing)
     model.train(workload.mode == "train")
-    if workload.mode == "eval":
+    if workload.mode != "train":
         for p in model.parameters():
             p.requires_grad_(False)
     return model
+
+
+def _own_checkpointing(model, mode: str) -> bool:
+    """Per-block checkpointing through the model's own switch (Hugging Face's), when it has one."""
+    if mode != "blocks" or not getattr(model, "supports_gradient_checkpointing", False):
+        return False
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:
+        enable = getattr(model, "gradient_checkpointing_enable", None)
+    if enable is None:
+        return False
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        enable()
+    return True
 
 
 def apply_finetuning(model, workload: Workload):
@@ -462,8 +558,12 @@ def prepare(
         sharded_opt = world if workload.strategy == "zero1" else None
         offload = "none" if workload.distributed else workload.offload
         opt = make_optimizer(workload.optimizer, trainable, optimizer_device_type or device.type, offload, sharded_opt)
-    args, kwargs, target = workload.model.make_batch(workload.batch_size, device, workload.precision)
-    return Prepared(workload, model, opt, args, kwargs, target, workload.model.loss_fn(), device.type)
+    args, kwargs, target = workload.make_batch(device)
+
+    def context():
+        return workload.model.step_context(model, workload, fake=False)
+
+    return Prepared(workload, model, opt, args, kwargs, target, workload.model.loss_fn(), device.type, context=context)
 
 
 def autocast(prepared: Prepared):
@@ -499,14 +599,28 @@ def make_grad_scaler(workload: Workload, device_type: str):
 def train_step(prepared: Prepared, on_phase: Callable[[str], None] = _noop, scaler=None) -> bool:
     """One training step: forward, loss, backward, optimizer.step(), zero_grad(set_to_none=True).
 
-    In eval mode: one forward pass under ``torch.no_grad()``. ``on_phase`` is told
-    "forward", "backward" and "optimizer" as each begins, and "done" at the end.
-    ``scaler`` (a GradScaler, AMP fp16) scales the loss and steps through it. Returns False when
+    The loop shape (``workload.loop``): "plain" is ``out = model(...); loss = ...; loss.backward();
+    optimizer.step()`` in a loop body, so the output (logits included) stays alive through backward and
+    the optimizer step, until the next step's forward returns and ``out`` is rebound; "trainer" drops
+    the output before backward as Hugging Face's Trainer and Lightning do.
+
+    In eval mode: one forward pass under ``torch.no_grad()``. In generate mode: one
+    ``model.generate`` call (phases "prefill" and "decode"). ``on_phase`` is told "forward",
+    "backward" and "optimizer" as each begins, and "done" at the end. ``scaler`` (a GradScaler,
+    AMP fp16 on CUDA) scales the loss and steps through it. Returns False when
     the scaler skipped ``optimizer.step()`` (inf/nan gradients: it lowered its scale), else True.
     """
+    with prepared.step_context():
+        return _step(prepared, on_phase, scaler)
+
+
+def _step(prepared: Prepared, on_phase: Callable[[str], None], scaler) -> bool:
     import torch
 
     workload = prepared.workload
+    if workload.mode == "generate":
+        generate_step(prepared, on_phase)
+        return True
     if workload.mode == "eval":
         on_phase("forward")
         with torch.no_grad(), autocast(prepared):
@@ -514,17 +628,20 @@ def train_step(prepared: Prepared, on_phase: Callable[[str], None] = _noop, scal
         del out
         on_phase("done")
         return True
+    kept = prepared.extras
     on_phase("forward")
     with autocast(prepared):
         out = prepared.model(*prepared.args, **prepared.kwargs)
+        kept.pop("out", None)  # a plain loop's previous output dies when `out` is rebound
         loss = prepared.loss_fn(out, prepared.target)
-    del out
+    kept.pop("loss", None)
+    if workload.loop == "trainer":
+        del out
     on_phase("backward")
     if scaler is not None:
         scaler.scale(loss).backward()
     else:
         loss.backward()
-    del loss
     on_phase("optimizer")
     optimizer = prepared.optimizer
     assert optimizer is not None  # prepare() makes one in train mode
@@ -537,8 +654,55 @@ def train_step(prepared: Prepared, on_phase: Callable[[str], None] = _noop, scal
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    if workload.loop == "plain":
+        kept["out"], kept["loss"] = out, loss
+        del out
+    del loss
     on_phase("done")
     return stepped
+
+
+def generate_step(
+    prepared: Prepared,
+    on_phase: Callable[[str], None] = _noop,
+    new_tokens: int | None = None,
+    stop_after: int | None = None,
+) -> Any:
+    """One ``model.generate`` call for ``new_tokens`` (default: the workload's) tokens after the prompt.
+
+    ``stop_after`` ends it after that many tokens (caches still sized for ``new_tokens``).
+    Phases: "prefill" (the first forward, over the whole prompt) and "decode" (each later forward,
+    one token against the KV cache); "done" at the end. Returns the KV cache of the last forward.
+    """
+    workload = prepared.workload
+    hf = workload.model.hf
+    if hf is None or not hf.can_generate:
+        raise UsageError(
+            f"{workload.model.display_name} cannot generate", "generation needs a causal or seq2seq Hugging Face model"
+        )
+    caches: list[Any] = []
+    on_cache = prepared.extras.get("on_cache")
+
+    def on_forward(i: int) -> None:
+        on_phase(prepared.extras.get("phase_names", {}).get(i, "prefill" if i == 1 else "decode"))
+
+    def keep(cache: Any) -> None:
+        caches[:] = [cache]
+        if on_cache is not None:
+            on_cache(cache)
+
+    out = hf.generate(
+        prepared.model,
+        prepared.kwargs,
+        new_tokens or workload.new_tokens or 1,
+        workload.kv_cache,
+        on_forward=on_forward,
+        on_cache=keep,
+        stop_after=stop_after,
+    )
+    del out
+    on_phase("done")
+    return caches[0] if caches else None
 
 
 def train_steps(

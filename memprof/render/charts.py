@@ -25,6 +25,7 @@ import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -284,6 +285,120 @@ def compare_chart(result: CompareResult) -> BarChart:
     )
 
 
+# --------------------------------------------------------------------------- batch x sequence-length grid
+def grid_svg(grid, title: str, width: int = 640, cell_h: int = 34) -> str:
+    """Which batch x sequence-length cells fit (``memprof estimate --grid``): fitting cells filled, the
+    boundary (the largest batch at each sequence length) drawn as a line between the cells."""
+    batches, seqs = list(grid.batches), list(grid.seq_lens)
+    left, top, right = 90, 56, 20
+    cell_w = max(36, (width - left - right) // max(1, len(batches)))
+    width = left + right + cell_w * len(batches)
+    height = top + cell_h * len(seqs) + 64
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<text x="{width / 2:.0f}" y="22" text-anchor="middle" font-size="14">{escape(title)}</text>',
+        f'<text x="{width / 2:.0f}" y="40" text-anchor="middle" fill="#555">fits {precise_bytes(grid.capacity_bytes)} '
+        f"({escape(grid.metric)}): filled = fits</text>",
+    ]
+    # rows from the shortest sequence (top) to the longest (bottom)
+    for row, seq in enumerate(seqs):
+        y = top + row * cell_h
+        largest = grid.max_batch[row]
+        parts.append(f'<text x="{left - 8}" y="{y + cell_h / 2 + 4:.0f}" text-anchor="end">{seq:,}</text>')
+        for col, batch in enumerate(batches):
+            x = left + col * cell_w
+            ok = largest is not None and batch <= largest
+            fill = "#4caf50" if ok else "#eeeeee"
+            parts.append(
+                f'<rect x="{x + 1}" y="{y + 1}" width="{cell_w - 2}" height="{cell_h - 2}" fill="{fill}">'
+                f"<title>batch {batch}, {seq:,} tokens: {'fits' if ok else 'does not fit'}</title></rect>"
+            )
+    # the boundary: a step line at the right edge of the last fitting cell of each row
+    points = []
+    for row, largest in enumerate(grid.max_batch):
+        n = sum(1 for b in batches if largest is not None and b <= largest)
+        x = left + n * cell_w
+        points += [(x, top + row * cell_h), (x, top + (row + 1) * cell_h)]
+    if points:
+        path = " ".join(f"{x},{y}" for x, y in points)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="#c62828" stroke-width="3"/>')
+    base = top + cell_h * len(seqs)
+    for col, batch in enumerate(batches):
+        mid = left + col * cell_w + cell_w / 2
+        parts.append(f'<text x="{mid:.0f}" y="{base + 18}" text-anchor="middle">{batch}</text>')
+    parts.append(
+        f'<text x="{left + cell_w * len(batches) / 2:.0f}" y="{base + 40}" text-anchor="middle">batch size</text>'
+    )
+    parts.append(
+        f'<text x="16" y="{top + cell_h * len(seqs) / 2:.0f}" text-anchor="middle" '
+        f'transform="rotate(-90 16 {top + cell_h * len(seqs) / 2:.0f})">sequence length (tokens)</text>'
+    )
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def write_grid_chart(result, path: Path) -> Path:
+    """``memprof estimate --grid --plot``: the grid as SVG (by hand) or PNG (matplotlib)."""
+    grid = result.grid
+    model = result.workload.get("model")
+    what = "prompt length" if result.workload.get("mode") == "generate" else "sequence length"
+    title = f"{model}: batch size x {what} that fit"
+    if path.suffix.lower() == ".png":
+        _write_grid_png(grid, title, path)
+    else:
+        path.write_text(grid_svg(grid, title), encoding="utf-8")
+    return path
+
+
+def _write_grid_png(grid, title: str, path: Path) -> None:  # pragma: no cover - needs matplotlib
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches, seqs = list(grid.batches), list(grid.seq_lens)
+    cells = [[1.0 if largest is not None and b <= largest else 0.0 for b in batches] for largest in grid.max_batch]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(batches), 1.2 + 0.45 * len(seqs)))
+    ax.imshow(cells, cmap="Greens", vmin=-0.3, vmax=1.2, aspect="auto")
+    xs, ys = [], []
+    for row, largest in enumerate(grid.max_batch):
+        n = sum(1 for b in batches if largest is not None and b <= largest)
+        xs += [n - 0.5, n - 0.5]
+        ys += [row - 0.5, row + 0.5]
+    ax.plot(xs, ys, color="#c62828", linewidth=2.5)
+    ax.set_xticks(range(len(batches)), [str(b) for b in batches])
+    ax.set_yticks(range(len(seqs)), [f"{s:,}" for s in seqs])
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("sequence length (tokens)")
+    ax.set_title(f"{title}\nfits {precise_bytes(grid.capacity_bytes)} ({grid.metric})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def grid_text(grid) -> list[str]:
+    """The grid for a terminal: one row per sequence length, ``█`` fits, ``·`` does not, ``│`` the boundary."""
+    batches = list(grid.batches)
+    width = max(len(str(b)) for b in batches) + 1
+    head = " " * 10 + "".join(f"{b:>{width}}" for b in batches) + "   largest batch"
+    lines = [head]
+    for seq, largest in zip(grid.seq_lens, grid.max_batch, strict=True):
+        cells = ""
+        for b in batches:
+            ok = largest is not None and b <= largest
+            cells += ("█" if ok else "·").rjust(width)
+        n = sum(1 for b in batches if largest is not None and b <= largest)
+        if 0 < n < len(batches):
+            cut = n * width
+            cells = cells[:cut] + "│" + cells[cut + 1 :]
+        label = "none" if largest is None else (f"{largest}+" if largest >= batches[-1] else str(largest))
+        lines.append(f"{seq:>9,} " + cells + f"   {label}")
+    return lines
+
+
+# --------------------------------------------------------------------------- per-rank memory vs world size
 #: the parts of one rank's peak that the world-size chart stacks: label, colour, terminal character
 SCALING_PARTS = (
     ("model states", "#4e79a7", "█"),  # parameters + gradients + optimizer state, as held by the rank

@@ -35,6 +35,7 @@ _ORDER = (
     MemCategory.ACTIVATION,
     MemCategory.TEMPORARY,
     MemCategory.INPUT,
+    MemCategory.KV_CACHE,
     MemCategory.CUDA_OVERHEAD,
 )
 #: what each strategy shards (labelled "(sharded)" in the breakdown)
@@ -113,20 +114,49 @@ def _categories(breakdown: dict) -> dict[MemCategory, int]:
     return out
 
 
+_MODES = {
+    "train": "train (forward, backward, optimizer step)",
+    "eval": "eval (no_grad inference)",
+    "generate": "generate (model.generate: prefill, then one token at a time with a KV cache)",
+}
+_LOOPS = {
+    "plain": "plain: `out = model(...)` stays alive through backward (the safe default; --loop trainer "
+    "if your loop drops it first)",
+    "trainer": "trainer: the output is dropped before backward (HF Trainer, Lightning)",
+}
+_ROUTINGS = {
+    "balanced": "balanced: tokens x top-k / experts per expert (assumed; --routing worst for all tokens "
+    "to the same experts)",
+    "worst": "worst case: every token to the same top-k experts (assumed)",
+}
+
+
 def _header(result: EstimateResult, console: Console) -> None:
     w = result.workload
     console.print(f"[bold]memprof estimate[/bold] · {w.get('model')}")
+    mode = str(w.get("mode"))
+    optimizer = str(w.get("optimizer")) if mode == "train" else f"- ({mode})"
     rows = [
         ("model", str(w.get("model"))),
         ("batch size", str(w.get("batch_size"))),
         ("input", str(w.get("input"))),
         ("dtype", str(w.get("dtype"))),
-        ("optimizer", str(w.get("optimizer")) if w.get("mode") == "train" else "- (eval)"),
-        (
-            "mode",
-            "train (forward, backward, optimizer step)" if w.get("mode") == "train" else "eval (no_grad inference)",
-        ),
+        ("optimizer", optimizer),
+        ("mode", _MODES.get(mode, mode)),
     ]
+    if w.get("source"):
+        rows.insert(1, ("config", f"{w.get('task')} from {w.get('source')}"))
+    if mode == "generate":
+        rows.append(("generation", f"{w.get('seq_len')}-token prompt + {w.get('new_tokens')} new tokens, greedy"))
+        rows.append(("KV cache", str(w.get("kv_cache"))))
+    if mode == "train" and w.get("loop"):
+        rows.append(("loop", _LOOPS.get(str(w.get("loop")), str(w.get("loop")))))
+    if w.get("attn_used") or w.get("attn"):
+        rows.append(
+            ("attention", str(w.get("attn_used") or w.get("attn")) + (" (padded batch)" if w.get("padding") else ""))
+        )
+    if w.get("routing"):
+        rows.append(("MoE routing", _ROUTINGS.get(str(w.get("routing")), str(w.get("routing")))))
     if w.get("checkpointing") not in (None, "none"):
         rows.append(("checkpointing", str(w.get("checkpointing"))))
     parallel = parallel_line(w)
@@ -144,7 +174,8 @@ def _header(result: EstimateResult, console: Console) -> None:
 
 def _headline(result: EstimateResult, console: Console) -> None:
     a = result.analytic
-    what = "training step" if result.workload.get("mode") == "train" else "inference forward"
+    mode = result.workload.get("mode")
+    what = {"train": "training step", "generate": "generation"}.get(str(mode), "inference forward")
     console.print()
     if result.traced is not None:
         t = result.traced
@@ -173,6 +204,8 @@ def _headline(result: EstimateResult, console: Console) -> None:
             say(console, "  " + "; ".join(extra))
         if getattr(t, "host_bytes", None):
             say(console, f"  offloaded to the host: {format_bytes(t.host_bytes)} per rank (not in the figures above)")
+        if mode == "generate":
+            _generation(result, console)
         one = " for one process" if parallel_line(result.workload) else ""
         say(console, f"  formula (four-part rule){one}: {format_bytes(a.total_bytes)}")
     else:
@@ -188,8 +221,32 @@ def _headline(result: EstimateResult, console: Console) -> None:
     params += f" · buffers {format_count(a.buffer_count)} elements"
     if a.tied_param_count:
         params += f" · {a.tied_param_count} tied tensor(s) counted once"
+    published = result.workload.get("published_params")
+    if published is not None:
+        params += " (the published count)" if published == a.param_count else f" (published: {format_count(published)})"
     params += f" · formula: {a.seconds:.2f} s"
     say(console, params)
+
+
+def _generation(result: EstimateResult, console: Console) -> None:
+    """Weights, the KV cache at full length, the prefill and the decode step, from the trace."""
+    t = result.traced
+    w = result.workload
+    peaks = getattr(t, "phase_peaks", {}) or {}
+    weights = int((t.totals or {}).get(MemCategory.PARAMETER, 0)) + int((t.totals or {}).get(MemCategory.BUFFER, 0))
+    kv = getattr(t, "kv_cache_bytes", None)
+    formula = _categories(result.analytic.breakdown).get(MemCategory.KV_CACHE)
+    tokens = int(w.get("seq_len") or 0) + int(w.get("new_tokens") or 1) - 1
+    console.print(f"  weights {format_bytes(weights)}")
+    if kv is not None:
+        check = f" (formula: {format_bytes(formula)})" if formula else ""
+        console.print(
+            f"  KV cache at full length ({tokens:,} tokens × batch {w.get('batch_size')}): {format_bytes(kv)}{check}"
+        )
+    if "prefill" in peaks:
+        console.print(f"  prefill peak (the whole prompt at once): {format_bytes(peaks['prefill'])}")
+    if "decode" in peaks:
+        console.print(f"  decode peak (the last token, longest cache): {format_bytes(peaks['decode'])}")
 
 
 def _breakdown(result: EstimateResult, console: Console) -> None:
@@ -241,6 +298,27 @@ def _breakdown(result: EstimateResult, console: Console) -> None:
             "  Traced: bytes alive at the moment of the peak (a gradient not made yet is not counted); "
             "Formula: each category at its full size.",
         )
+    console.print(table)
+
+
+def _saved_blocks(result: EstimateResult, console: Console) -> None:
+    """What each block of the model keeps for backward (traced), alike blocks on one row."""
+    rows = getattr(result.traced, "saved_by_block", None) or ()
+    if not rows:
+        return
+    table = _table()
+    table.add_column("Block", overflow="fold", max_width=34)
+    table.add_column("Type")
+    table.add_column("Saved for backward", justify="right")
+    table.add_column("Of which", overflow="fold")
+    for row in rows:
+        each = format_bytes(row.bytes_each)
+        saved = f"{each} each" if row.count > 1 else each
+        parts = ", ".join(f"{name} {format_bytes(n)}" for name, n in row.parts[:4])
+        name = f"{row.name} (×{row.count})" if row.count > 1 else row.name
+        table.add_row(name, row.type or "-", saved, parts or "-")
+    console.print()
+    console.print("[bold]Saved for backward, by block[/bold] (traced, at the end of forward)")
     console.print(table)
 
 
@@ -472,6 +550,8 @@ def _fit(result: EstimateResult, console: Console) -> None:
     )
     if fit.max_batch is None:
         say(console, "  largest batch that fits: none (not even batch 1)")
+        _seq_fit(result, console)
+        _grid(result, console)
         return
     say(console, f"  largest batch that fits: {fit.max_batch}")
     say(
@@ -482,6 +562,42 @@ def _fit(result: EstimateResult, console: Console) -> None:
     )
     if fit.per_sample_bytes is not None and fit.fixed_bytes is not None:
         say(console, f"  by batch: {format_bytes(fit.fixed_bytes)} + {format_bytes(fit.per_sample_bytes)} per sample")
+    _seq_fit(result, console)
+    _grid(result, console)
+
+
+def _seq_fit(result: EstimateResult, console: Console) -> None:
+    sf = result.seq_fit
+    if sf is None:
+        return
+    gen = sf.new_tokens is not None
+    what = "prompt" if gen else "sequence"
+    unit = f", a multiple of {sf.multiple_of}" if sf.multiple_of > 1 else ""
+    if sf.max_seq_len is None:
+        say(console, f"  longest {what} at batch {sf.batch_size}: none (not even {sf.multiple_of} tokens fit)")
+        return
+    text = f"  longest {what} at batch {sf.batch_size}: {sf.max_seq_len:,} tokens{unit}"
+    if gen:
+        text += f" (+ {sf.new_tokens} generated = {sf.context:,} tokens of context)"
+    if sf.limited_by_positions:
+        text += " - the model's positions, not the memory, set this limit"
+    elif sf.peak_at_next_bytes is not None:
+        text += f"; {sf.max_seq_len + sf.multiple_of:,} needs {format_bytes(sf.peak_at_next_bytes)}"
+    say(console, text)
+
+
+def _grid(result: EstimateResult, console: Console) -> None:
+    from .charts import grid_text
+
+    g = result.grid
+    if g is None:
+        return
+    what = "prompt length" if g.new_tokens is not None else "sequence length"
+    console.print()
+    console.print(f"[bold]Batch size × {what}[/bold] that fit {format_bytes(g.capacity_bytes)} (█ fits, · does not)")
+    for line in grid_text(g):
+        console.print("  " + line, markup=False, highlight=False)
+    say(console, f"  {g.traces} traces; each largest batch is exact under the tracer")
 
 
 def _verification(result: EstimateResult, console: Console) -> None:
@@ -519,6 +635,7 @@ def render_estimate(result: EstimateResult, console: Console, layers: int | None
     _header(result, console)
     _headline(result, console)
     _breakdown(result, console)
+    _saved_blocks(result, console)
     _weights(result, console)
     _layers(result, console, layers)
     _compute(result, console)

@@ -40,8 +40,9 @@ class TrialProgress:
     finished trial, so a long search never looks frozen.
     """
 
-    def __init__(self, console: Console):
+    def __init__(self, console: Console, unit: str = "batch"):
         self.console = console
+        self.unit = unit  # what a trial's number is: "batch", or "tokens" (find-batch --search seq-len)
         self.live: Live | None = None
         self.t0 = time.perf_counter()
         self.trial_t0 = self.t0
@@ -71,7 +72,7 @@ class TrialProgress:
             what = format_bytes(t.peak_reserved_bytes or t.peak_allocated_bytes) if t.fits else f"in {t.oom_phase}"
             lines.append(
                 Text(
-                    f"  batch {t.batch_size:>6}  {_verdict(t):<4}  {what}  {t.seconds:.1f} s",
+                    f"  {self.unit} {t.batch_size:>6}  {_verdict(t):<4}  {what}  {t.seconds:.1f} s",
                     style="green" if t.fits else "red",
                 )
             )
@@ -81,7 +82,7 @@ class TrialProgress:
             where = f"step {self.step} {self.phase}" if self.step else "building model and batch"
             lines.append(
                 Text(
-                    f"  trial {len(self.done) + 1}: batch {self.batch}  {where}  "
+                    f"  trial {len(self.done) + 1}: {self.unit} {self.batch}  {where}  "
                     f"{now - self.trial_t0:.1f} s  (total {now - self.t0:.1f} s)",
                     style="cyan",
                 )
@@ -95,8 +96,9 @@ class TrialProgress:
             self.state = "trials"
             if self.live is None and data is not None:
                 self.console.print(
-                    f"prediction: largest batch {data.max_batch or 'none (nothing fits)'} "
-                    f"({format_bytes(data.slope_bytes_per_sample)}/sample, traced in "
+                    f"prediction: largest {self.unit} {data.max_batch or 'none (nothing fits)'} "
+                    f"({format_bytes(data.slope_bytes_per_sample)}/{'sample' if self.unit == 'batch' else 'block'}, "
+                    "traced in "
                     f"{data.seconds:.1f} s)",
                     highlight=False,
                 )
@@ -116,7 +118,7 @@ class TrialProgress:
                     else f"out of memory in {t.oom_phase}"
                 )
                 self.console.print(
-                    f"trial {len(self.done)}: batch {t.batch_size} {_verdict(t)}, {extra} ({t.seconds:.1f} s)",
+                    f"trial {len(self.done)}: {self.unit} {t.batch_size} {_verdict(t)}, {extra} ({t.seconds:.1f} s)",
                     highlight=False,
                 )
         if self.live is not None:
@@ -129,7 +131,9 @@ def trial_table(result) -> Table:
     cuda = metric == "reserved"
     table = Table(title="Trials", title_justify="left", show_edge=False, pad_edge=False)
     table.add_column("#", justify="right", no_wrap=True)
-    table.add_column("batch", justify="right", no_wrap=True)
+    table.add_column(
+        "tokens" if getattr(result, "axis", "batch_size") == "seq_len" else "batch", justify="right", no_wrap=True
+    )
     table.add_column("why", no_wrap=True)
     table.add_column("result", no_wrap=True)
     table.add_column("peak alloc" if cuda else "peak live", justify="right", no_wrap=True)
@@ -171,6 +175,8 @@ def _spread(peaks) -> str:
 
 
 def answer_lines(result) -> list[str]:
+    if getattr(result, "axis", "batch_size") == "seq_len":
+        return _seq_answer_lines(result)
     cap = result.capacity
     lines = []
     if result.largest_batch is None:
@@ -235,6 +241,29 @@ def write_plot(result, path: Path) -> Path:
     return write(batch_chart(result), path)
 
 
+def _seq_answer_lines(result) -> list[str]:
+    """The answer of a sequence-length search (``--search seq-len``): in tokens, at a fixed batch."""
+    cap = result.capacity
+    at = f"at batch {result.seq_batch_size}"
+    if result.largest_batch is None:
+        if result.status == "interrupted":
+            return ["Interrupted before any sequence length was found to fit."]
+        return [f"Nothing fits: {result.min_batch} tokens {at} do not fit in {format_bytes(cap.total_bytes)}."]
+    if result.status == "exact":
+        nxt = f" ({result.smallest_oom_batch} run out of memory)" if result.smallest_oom_batch else ""
+        lines = [f"Longest sequence that fits {at}: {result.largest_batch} tokens{nxt}"]
+    elif result.status == "max_batch":
+        lines = [f"Longest sequence that fits {at}: at least {result.largest_batch} tokens (the search's limit)"]
+    else:
+        lines = [f"Longest sequence found to fit {at}: {result.largest_batch} tokens (search: {result.status})"]
+    if result.recommended_batch is not None:
+        lines.append(f"Recommended: {result.recommended_batch} tokens ({result.headroom:g} x {result.largest_batch})")
+    lines.extend(f"Note: {n}" for n in result.notes)
+    n = len(result.trials)
+    lines.append(f"{n} trial{'s' if n != 1 else ''}, {result.ooms} out of memory, {result.wall_seconds:.1f} s")
+    return lines
+
+
 def header_lines(result) -> list[str]:
     w = result.workload
     opt = f", optimizer {w['optimizer']}" if w.get("optimizer") else ""
@@ -251,10 +280,12 @@ def header_lines(result) -> list[str]:
     ]
     p = result.prediction
     if p is not None:
-        mb = "nothing fits" if p.max_batch in (None, 0) else f"largest batch {p.max_batch}"
+        seq = getattr(result, "axis", "batch_size") == "seq_len"
+        largest = f"longest sequence {p.max_batch} tokens" if seq else f"largest batch {p.max_batch}"
+        mb = "nothing fits" if p.max_batch in (None, 0) else largest
         lines.append(
             f"Prediction (traced): {mb}; {format_bytes(p.intercept_bytes)} + "
-            f"{format_bytes(p.slope_bytes_per_sample)}/sample ({p.seconds:.1f} s)"
+            f"{format_bytes(p.slope_bytes_per_sample)}/{'token' if seq else 'sample'} ({p.seconds:.1f} s)"
         )
     return lines
 
