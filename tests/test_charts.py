@@ -26,6 +26,7 @@ from memprof.render.charts import (
     check_plot_path,
     compare_chart,
     figure,
+    grid_chart,
     svg_text,
     terminal,
     ticks,
@@ -222,12 +223,50 @@ def test_timeline_shows_cuda_series_from_samples():
     assert chart.y.hi >= 520 * MiB
 
 
+# --------------------------------------------------------------------------- estimate --grid
+def _grid_result():
+    from types import SimpleNamespace
+
+    from memprof.engine.fit import GridFit
+
+    # largest batch at 128 / 512 / 2,048 / 8,192 tokens: all 7 columns, 32, 4 and none
+    grid = GridFit(GiB, "reserved", (1, 2, 4, 8, 16, 32, 64), (128, 512, 2048, 8192), (64, 32, 4, None), 5)
+    return SimpleNamespace(grid=grid, workload={"model": "hf:org/tiny"})
+
+
+def test_grid_chart_cells_and_boundary():
+    chart = grid_chart(_grid_result())
+    assert [sum(row) for row in chart.cells] == [7, 6, 3, 0] and chart.row_notes == ("64+", "32", "4", "none")
+    assert chart.title == "hf:org/tiny: batch size x sequence length that fit"
+    fig = figure(chart)
+    boundary = _artist(fig, "boundary")
+    assert list(boundary.get_xdata()) == [6.5, 6.5, 5.5, 5.5, 2.5, 2.5, -0.5, -0.5]  # after each row's last fit
+    assert list(boundary.get_ydata()) == [-0.5, 0.5, 0.5, 1.5, 1.5, 2.5, 2.5, 3.5]
+    text = svg_text(chart)
+    groups = _svg_groups(text)
+    assert sum(g.endswith("-yes") for g in groups) == 16 and sum(g.endswith("-no") for g in groups) == 12
+    assert "cell-1-5-yes" in groups and "cell-1-6-no" in groups
+    texts = _svg_texts(text)
+    assert "batch size" in texts and "2,048" in texts and "64" in texts
+    assert any("fits 1.00 GiB (reserved)" in t for t in texts)
+
+
+def test_grid_terminal_chart():
+    assert terminal(grid_chart(_grid_result())).plain.splitlines() == [
+        "            1  2  4  8 16 32 64   largest batch",
+        "      128   █  █  █  █  █  █  █   64+",
+        "      512   █  █  █  █  █  █│ ·   32",
+        "    2,048   █  █  █│ ·  ·  ·  ·   4",
+        "    8,192   ·  ·  ·  ·  ·  ·  ·   none",
+    ]
+
+
 # --------------------------------------------------------------------------- files
 @pytest.mark.parametrize("suffix, magic", [(".svg", b"<?xml"), (".png", b"\x89PNG"), (".pdf", b"%PDF")])
 def test_files_are_deterministic(tmp_path, suffix, magic):
-    chart = batch_chart(find_batch_result())
-    a, b = write(chart, tmp_path / f"a{suffix}"), write(chart, tmp_path / f"b{suffix}")
-    assert a.read_bytes().startswith(magic) and a.read_bytes() == b.read_bytes()
+    for chart in (batch_chart(find_batch_result()), grid_chart(_grid_result())):
+        a, b = write(chart, tmp_path / f"a{suffix}"), write(chart, tmp_path / f"b{suffix}")
+        assert a.read_bytes().startswith(magic) and a.read_bytes() == b.read_bytes()
 
 
 def test_html_holds_the_svg_inline(tmp_path):

@@ -305,11 +305,11 @@ def estimate_cmd(
 
             render_estimate(result, stdout_console(), layers=None if all_layers else layers)
         if plot is not None:
-            from ..render.charts import write_grid_chart
+            from ..render.charts import grid_chart, write
 
             if result.grid is None:
                 print("no plot written: the grid was not traced", file=sys.stderr)
-            elif files.write(plot, lambda path: write_grid_chart(result, path), "plot"):
+            elif files.write(plot, lambda path: write(grid_chart(result), path), "plot"):
                 print(f"wrote {plot}", file=sys.stderr)
             else:
                 codes.append(EXIT_OUTPUT)

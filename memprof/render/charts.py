@@ -1,18 +1,20 @@
 """Every chart memprof draws: a small declarative spec, one file backend (matplotlib) and one terminal backend.
 
 A chart is data: an :class:`XYChart` (two axes and marks: :class:`Line`, :class:`Points`,
-:class:`HLine`, :class:`VLine`) or a :class:`BarChart` (stacked horizontal bars). Functions
+:class:`HLine`, :class:`VLine`), a :class:`BarChart` (stacked horizontal bars) or a :class:`GridChart`
+(yes/no cells over two discrete axes, with a boundary in each row). Functions
 here turn a command's result into a chart (:func:`batch_chart` for find-batch's peak vs batch,
 :func:`compare_chart` for compare's breakdown bars, :func:`scaling_chart` for one rank's peak per
-world size, :func:`timeline_chart` for profile's live memory over time); three functions draw any chart:
+world size, :func:`timeline_chart` for profile's live memory over time, :func:`grid_chart` for estimate's
+batch x sequence-length grid); three functions draw any chart:
 
 * :func:`figure` - a matplotlib ``Figure`` (for notebooks, and for the files below);
 * :func:`write` - ``.svg``, ``.png``, ``.pdf`` (and ``.html``: the SVG in a page), deterministic:
   the same chart gives the same bytes (fixed SVG ids, no dates in the metadata);
 * :func:`terminal` - a Rich ``Text`` of characters, each mark drawn with its ``glyph``.
 
-To add a chart (batch x sequence length, ...), write one function
-``result -> XYChart | BarChart``; both backends draw it. Each mark's ``id`` becomes the
+To add a chart, write one function ``result -> XYChart | BarChart | GridChart``; both backends
+draw it. Each mark's ``id`` becomes the
 artist's ``gid`` (a ``<g id=...>`` in the SVG), which is what tests look for.
 
 matplotlib is imported lazily, only when a file or a figure is drawn.
@@ -25,7 +27,6 @@ import math
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -38,7 +39,7 @@ from . import byte_unit, ellipsize, format_bytes, precise_bytes
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
 
-    from ..results import CompareResult, FindBatchResult, ProfileResult, ScalingResult, ScalingRow
+    from ..results import CompareResult, EstimateResult, FindBatchResult, ProfileResult, ScalingResult, ScalingRow
 
 AxisKind = Literal["bytes", "count", "seconds"]
 LineStyle = Literal["solid", "dashed", "dotted"]
@@ -151,7 +152,27 @@ class BarChart:
     file_notes: bool = False  # each bar's note after its total in files too (the terminal always shows it)
 
 
-Chart = XYChart | BarChart
+@dataclass(frozen=True)
+class GridChart:
+    """Yes/no cells over two discrete axes (``cells[row][column]``), and in each row a boundary after its
+    last yes: the batch sizes (columns) and sequence lengths (rows) that fit."""
+
+    title: str
+    subtitle: str  # under the title in files, above the grid in the terminal
+    x_label: str
+    y_label: str
+    columns: tuple[int, ...]
+    rows: tuple[int, ...]
+    cells: tuple[tuple[bool, ...], ...]
+    row_notes: tuple[str, ...] = ()  # after each row in the terminal (the largest batch)
+    notes_label: str = "largest batch"
+    yes: Segment = Segment("fits", "#4caf50", "█")
+    no: Segment = Segment("does not fit", "#eeeeee", "·")
+    boundary: str = "#c62828"
+    size: tuple[float, float] = (8.0, 5.0)
+
+
+Chart = XYChart | BarChart | GridChart
 
 
 # --------------------------------------------------------------------------- ticks and labels
@@ -286,116 +307,29 @@ def compare_chart(result: CompareResult) -> BarChart:
 
 
 # --------------------------------------------------------------------------- batch x sequence-length grid
-def grid_svg(grid, title: str, width: int = 640, cell_h: int = 34) -> str:
-    """Which batch x sequence-length cells fit (``memprof estimate --grid``): fitting cells filled, the
-    boundary (the largest batch at each sequence length) drawn as a line between the cells."""
-    batches, seqs = list(grid.batches), list(grid.seq_lens)
-    left, top, right = 90, 56, 20
-    cell_w = max(36, (width - left - right) // max(1, len(batches)))
-    width = left + right + cell_w * len(batches)
-    height = top + cell_h * len(seqs) + 64
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{width / 2:.0f}" y="22" text-anchor="middle" font-size="14">{escape(title)}</text>',
-        f'<text x="{width / 2:.0f}" y="40" text-anchor="middle" fill="#555">fits {precise_bytes(grid.capacity_bytes)} '
-        f"({escape(grid.metric)}): filled = fits</text>",
-    ]
-    # rows from the shortest sequence (top) to the longest (bottom)
-    for row, seq in enumerate(seqs):
-        y = top + row * cell_h
-        largest = grid.max_batch[row]
-        parts.append(f'<text x="{left - 8}" y="{y + cell_h / 2 + 4:.0f}" text-anchor="end">{seq:,}</text>')
-        for col, batch in enumerate(batches):
-            x = left + col * cell_w
-            ok = largest is not None and batch <= largest
-            fill = "#4caf50" if ok else "#eeeeee"
-            parts.append(
-                f'<rect x="{x + 1}" y="{y + 1}" width="{cell_w - 2}" height="{cell_h - 2}" fill="{fill}">'
-                f"<title>batch {batch}, {seq:,} tokens: {'fits' if ok else 'does not fit'}</title></rect>"
-            )
-    # the boundary: a step line at the right edge of the last fitting cell of each row
-    points = []
-    for row, largest in enumerate(grid.max_batch):
-        n = sum(1 for b in batches if largest is not None and b <= largest)
-        x = left + n * cell_w
-        points += [(x, top + row * cell_h), (x, top + (row + 1) * cell_h)]
-    if points:
-        path = " ".join(f"{x},{y}" for x, y in points)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="#c62828" stroke-width="3"/>')
-    base = top + cell_h * len(seqs)
-    for col, batch in enumerate(batches):
-        mid = left + col * cell_w + cell_w / 2
-        parts.append(f'<text x="{mid:.0f}" y="{base + 18}" text-anchor="middle">{batch}</text>')
-    parts.append(
-        f'<text x="{left + cell_w * len(batches) / 2:.0f}" y="{base + 40}" text-anchor="middle">batch size</text>'
-    )
-    parts.append(
-        f'<text x="16" y="{top + cell_h * len(seqs) / 2:.0f}" text-anchor="middle" '
-        f'transform="rotate(-90 16 {top + cell_h * len(seqs) / 2:.0f})">sequence length (tokens)</text>'
-    )
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
-
-
-def write_grid_chart(result, path: Path) -> Path:
-    """``memprof estimate --grid --plot``: the grid as SVG (by hand) or PNG (matplotlib)."""
+def grid_chart(result: EstimateResult) -> GridChart:
+    """``memprof estimate --grid``: which batch x sequence-length cells fit (rows from the shortest sequence),
+    each row's boundary after its largest fitting batch."""
     grid = result.grid
-    model = result.workload.get("model")
-    what = "prompt length" if result.workload.get("mode") == "generate" else "sequence length"
-    title = f"{model}: batch size x {what} that fit"
-    if path.suffix.lower() == ".png":
-        _write_grid_png(grid, title, path)
-    else:
-        path.write_text(grid_svg(grid, title), encoding="utf-8")
-    return path
-
-
-def _write_grid_png(grid, title: str, path: Path) -> None:  # pragma: no cover - needs matplotlib
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batches, seqs = list(grid.batches), list(grid.seq_lens)
-    cells = [[1.0 if largest is not None and b <= largest else 0.0 for b in batches] for largest in grid.max_batch]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(batches), 1.2 + 0.45 * len(seqs)))
-    ax.imshow(cells, cmap="Greens", vmin=-0.3, vmax=1.2, aspect="auto")
-    xs, ys = [], []
-    for row, largest in enumerate(grid.max_batch):
-        n = sum(1 for b in batches if largest is not None and b <= largest)
-        xs += [n - 0.5, n - 0.5]
-        ys += [row - 0.5, row + 0.5]
-    ax.plot(xs, ys, color="#c62828", linewidth=2.5)
-    ax.set_xticks(range(len(batches)), [str(b) for b in batches])
-    ax.set_yticks(range(len(seqs)), [f"{s:,}" for s in seqs])
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("sequence length (tokens)")
-    ax.set_title(f"{title}\nfits {precise_bytes(grid.capacity_bytes)} ({grid.metric})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def grid_text(grid) -> list[str]:
-    """The grid for a terminal: one row per sequence length, ``█`` fits, ``·`` does not, ``│`` the boundary."""
-    batches = list(grid.batches)
-    width = max(len(str(b)) for b in batches) + 1
-    head = " " * 10 + "".join(f"{b:>{width}}" for b in batches) + "   largest batch"
-    lines = [head]
-    for seq, largest in zip(grid.seq_lens, grid.max_batch, strict=True):
-        cells = ""
-        for b in batches:
-            ok = largest is not None and b <= largest
-            cells += ("█" if ok else "·").rjust(width)
-        n = sum(1 for b in batches if largest is not None and b <= largest)
-        if 0 < n < len(batches):
-            cut = n * width
-            cells = cells[:cut] + "│" + cells[cut + 1 :]
-        label = "none" if largest is None else (f"{largest}+" if largest >= batches[-1] else str(largest))
-        lines.append(f"{seq:>9,} " + cells + f"   {label}")
-    return lines
+    assert grid is not None, "the estimate has no grid (estimate(..., grid=...))"
+    batches, seqs = tuple(grid.batches), tuple(grid.seq_lens)
+    cells = tuple(tuple(largest is not None and b <= largest for b in batches) for largest in grid.max_batch)
+    notes = tuple(
+        "none" if largest is None else (f"{largest}+" if largest >= batches[-1] else str(largest))
+        for largest in grid.max_batch
+    )
+    what = "prompt length" if grid.new_tokens is not None else "sequence length"
+    return GridChart(
+        f"{result.workload.get('model')}: batch size x {what} that fit",
+        f"fits {precise_bytes(grid.capacity_bytes)} ({grid.metric}): filled = fits",
+        "batch size",
+        f"{what} (tokens)",
+        batches,
+        seqs,
+        cells,
+        notes,
+        size=(1.6 + 0.7 * len(batches), 1.6 + 0.45 * len(seqs)),
+    )
 
 
 # --------------------------------------------------------------------------- per-rank memory vs world size
@@ -527,9 +461,11 @@ def figure(chart: Chart) -> Figure:
     ax = fig.add_subplot()
     if isinstance(chart, BarChart):
         _draw_bars(chart, ax)
+    elif isinstance(chart, GridChart):
+        _draw_grid(chart, ax)
     else:
         _draw_xy(chart, ax)
-    ax.set_title(chart.title, fontsize=11)
+    ax.set_title(chart.title + (f"\n{chart.subtitle}" if isinstance(chart, GridChart) else ""), fontsize=11)
     return fig
 
 
@@ -633,6 +569,39 @@ def _draw_bars(chart: BarChart, ax: Any) -> None:
         ax.figure.legend(loc="outside lower center", ncol=min(5, n), frameon=False, fontsize=8)
 
 
+def _boundary(chart: GridChart) -> list[tuple[float, float]]:
+    """The step line after each row's last yes, in cell coordinates (cell (c, r) spans c-0.5..c+0.5)."""
+    points: list[tuple[float, float]] = []
+    for r, row in enumerate(chart.cells):
+        x = sum(row) - 0.5
+        points += [(x, r - 0.5), (x, r + 0.5)]
+    return points
+
+
+def _draw_grid(chart: GridChart, ax: Any) -> None:
+    from matplotlib.patches import Rectangle
+
+    for r, row in enumerate(chart.cells):
+        for c, yes in enumerate(row):
+            part = chart.yes if yes else chart.no
+            ax.add_patch(
+                Rectangle(
+                    (c - 0.47, r - 0.47), 0.94, 0.94, color=part.color, gid=f"cell-{r}-{c}-{'yes' if yes else 'no'}"
+                )
+            )
+    points = _boundary(chart)
+    ax.plot([p[0] for p in points], [p[1] for p in points], color=chart.boundary, lw=2.5, gid="boundary")
+    ax.set_xlim(-0.5, len(chart.columns) - 0.5)
+    ax.set_ylim(len(chart.rows) - 0.5, -0.5)  # the first row on top
+    ax.set_xticks(range(len(chart.columns)), [str(v) for v in chart.columns])
+    ax.set_yticks(range(len(chart.rows)), [f"{v:,}" for v in chart.rows])
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_xlabel(chart.x_label)
+    ax.set_ylabel(chart.y_label)
+
+
 def _rc() -> AbstractContextManager[None]:
     """Text stays text in SVG (searchable, small); ids are hashed from a fixed salt: the same chart, the same bytes."""
     import matplotlib
@@ -688,7 +657,27 @@ def terminal(chart: Chart, width: int = 56, height: int = 12, line_width: int | 
     middle before anything wraps."""
     if isinstance(chart, BarChart):
         return _terminal_bars(chart, width, line_width)
+    if isinstance(chart, GridChart):
+        return _terminal_grid(chart)
     return _terminal_xy(chart, width, height)
+
+
+def _terminal_grid(chart: GridChart) -> Text:
+    """One line per row: each cell its glyph, ``│`` after the row's last yes, then the row's note."""
+    cell = max(len(str(v)) for v in chart.columns) + 1
+    text = Text(" " * 10 + "".join(f"{v:>{cell}}" for v in chart.columns) + f"   {chart.notes_label}\n")
+    for r, (value, row) in enumerate(zip(chart.rows, chart.cells, strict=True)):
+        text.append(f"{value:>9,} ")
+        n = sum(row)
+        for c, yes in enumerate(row):
+            part = chart.yes if yes else chart.no
+            edge = c == n and 0 < n < len(row)  # the boundary takes the pad before the first no
+            text.append("│" if edge else " ", style=chart.boundary if edge else None)
+            text.append(" " * (cell - 2))
+            text.append(part.glyph, style=part.color if yes else None)
+        note = chart.row_notes[r] if r < len(chart.row_notes) else ""
+        text.append(f"   {note}" + ("\n" if r < len(chart.rows) - 1 else ""))
+    return text
 
 
 def _terminal_xy(chart: XYChart, width: int, height: int) -> Text:

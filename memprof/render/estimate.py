@@ -8,6 +8,7 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..results import METHOD_REAL, EstimateResult, FlopCount, LayerRow, MemCategory
 from . import (
@@ -587,7 +588,7 @@ def _seq_fit(result: EstimateResult, console: Console) -> None:
 
 
 def _grid(result: EstimateResult, console: Console) -> None:
-    from .charts import grid_text
+    from .charts import grid_chart, terminal
 
     g = result.grid
     if g is None:
@@ -595,8 +596,8 @@ def _grid(result: EstimateResult, console: Console) -> None:
     what = "prompt length" if g.new_tokens is not None else "sequence length"
     console.print()
     console.print(f"[bold]Batch size × {what}[/bold] that fit {format_bytes(g.capacity_bytes)} (█ fits, · does not)")
-    for line in grid_text(g):
-        console.print("  " + line, markup=False, highlight=False)
+    for line in terminal(grid_chart(result)).split("\n"):
+        console.print(Text("  ") + line, highlight=False)
     say(console, f"  {g.traces} traces; each largest batch is exact under the tracer")
 
 
