@@ -61,6 +61,9 @@ def estimate(
     checkpointing: str = "none",
     inplace_relu: bool = False,
     use_nvml: bool = True,
+    device: str = "cuda",
+    memory_limit: int | str | None = None,
+    verify: bool = False,
     seq_len: int | None = None,
     loop: str | None = None,
     attn: str | None = None,
@@ -91,7 +94,10 @@ def estimate(
     (``gpu="a100-80gb"``), else the local GPU's via NVML, unless ``use_nvml=False``; with none,
     ``result.fit`` is None. The trace predicts for ``gpu``'s architecture, else ``gpu_arch``
     (``"sm80"``), else the local GPU's, else an assumed one (said in ``result.traced.cuda_target``);
-    ``gpu`` also adds the step-time model (``result.step_time``). Fine-tuning levers:
+    ``gpu`` also adds the step-time model (``result.step_time``). ``device="cpu"`` predicts the same
+    step run on the CPU (``memory_limit`` is then the capacity to fit). ``verify=True`` also runs the
+    real steps on ``device`` (``"cuda"``, ``"cuda:N"`` or ``"cpu"``) and fills ``result.verification``:
+    each measured figure next to its prediction, with the error. Fine-tuning levers:
     ``freeze`` / ``train_only`` (module-name globs), ``lora_rank`` (+ ``lora_alpha``, ``lora_targets``,
     ``lora_dropout``; needs peft), ``quantize`` ("int8", "nf4", "fp4"; ``double_quant``), ``offload="optimizer"``.
 
@@ -111,9 +117,11 @@ def estimate(
         >>> r = memprof.estimate(torchvision.models.resnet18(), batch_size=64, input_shape=(3, 224, 224),
         ...                      gpu_memory="24GiB", use_nvml=False)
         >>> r.headline_bytes, r.fit.max_batch, r.fit.recommended_batch  # doctest: +SKIP
+        >>> v = memprof.estimate("memprof.zoo:mnist_mlp", batch_size=64, device="cpu", verify=True).verification
+        >>> [(f.predicted_bytes, f.measured_bytes, f.error_pct) for f in v.figures]  # doctest: +SKIP
     """
     from .commands.estimate import estimate as run
-    from .commands.estimate import resolve_capacity
+    from .commands.estimate import estimate_capacity
     from .engine.catalog import resolve_target
 
     target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)
@@ -150,7 +158,9 @@ def estimate(
         double_quant=double_quant,
         offload=offload,
     )
-    capacity, note = resolve_capacity(_bytes(gpu_memory), use_nvml=use_nvml, gpu=target.gpu if gpu else None)
+    capacity, note = estimate_capacity(
+        device, _bytes(gpu_memory), _bytes(memory_limit), use_nvml=use_nvml, gpu=target.gpu if gpu else None
+    )
     axes = (list(grid[0]), list(grid[1])) if isinstance(grid, tuple) else grid
     return run(
         workload,
@@ -163,6 +173,8 @@ def estimate(
         grid=axes,
         cuda_target=target,
         gpu=target.gpu if gpu else None,
+        device=device,
+        verify=verify,
     )
 
 

@@ -24,6 +24,8 @@ METHOD_TRACE = "trace"
 METHOD_REAL = "real CPU run"
 #: how a batch search ended
 SearchStatus = Literal["exact", "max_batch", "nothing_fits", "interrupted", "trial_limit"]
+#: how a profiled script ended
+ScriptStatus = Literal["ok", "exit", "exception", "interrupted"]
 
 
 class Metric(str, enum.Enum):
@@ -358,8 +360,33 @@ class FitSummary:
 
 
 @dataclasses.dataclass(frozen=True)
+class VerifiedFigure:
+    """One predicted figure next to the same figure measured on a real step."""
+
+    metric: str  # "allocated" | "reserved" | "nvml"
+    measured_as: str  # what was read: "torch.cuda.max_memory_allocated()", "live bytes (torch.profiler)", ...
+    predicted_bytes: int | None
+    measured_bytes: int | None  # None: not measurable here (NVML without permission) or the step failed
+    error_pct: float | None  # (predicted - measured) / measured
+
+
+@dataclasses.dataclass(frozen=True)
+class Verification:
+    """``estimate --verify``: the real training steps run on the device, and each figure against its prediction."""
+
+    device: str  # "cpu" | "cuda:0 NVIDIA H100 80GB HBM3"
+    steps: int
+    predicted_source: Source  # the prediction compared: the trace, or the formula when there is none
+    figures: tuple[VerifiedFigure, ...]
+    seconds: float
+    oom: bool = False  # the real step ran out of memory: nothing measured
+    note: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class EstimateResult:
-    """``memprof estimate``: the workload, the formula estimate, the traced one when available, the fit."""
+    """``memprof estimate``: the workload, the formula estimate, the traced one when available, the fit,
+    and with ``verify`` the real step's figures."""
 
     workload: dict[str, Any]
     headline_bytes: int  # the number to read: the traced peak, or the formula total without a trace
@@ -370,6 +397,8 @@ class EstimateResult:
     capacity: Capacity | None
     capacity_note: str | None  # why there is no capacity
     fit: FitSummary | None
+    target: Target = "cuda"  # the step predicted: a CUDA step, or the same step on the CPU
+    verification: Verification | None = None
     seq_fit: Any = None  # SeqFit: the longest sequence at this batch (sequence models, when asked or generating)
     grid: Any = None  # GridFit: batch x sequence length (when asked)
     #: the roofline step-time model on the chosen GPU (a model, not measured); None without a GPU or a trace
@@ -744,7 +773,7 @@ class ProfileCuda:
 class ScriptOutcome:
     """How the script ended; ``exit_code`` is what ``python script.py`` would have returned."""
 
-    status: str  # ok | exit | exception | interrupted
+    status: ScriptStatus
     exit_code: int
     error: str | None = None  # "ZeroDivisionError: division by zero"
     location: str | None = None  # innermost line of the user's files in the traceback
@@ -874,7 +903,7 @@ class FindBatchResult:
     capacity: Capacity
     metric: str  # "allocated" (CPU cap: live tensor bytes) | "reserved" (CUDA)
     steps: int
-    status: str
+    status: SearchStatus
     largest_batch: int | None
     smallest_oom_batch: int | None
     recommended_batch: int | None

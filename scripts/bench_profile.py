@@ -134,7 +134,7 @@ def breakdown(repeats: int) -> None:
                 return run()
 
         def recorder(hooks: bool, trace: bool) -> float:
-            rec = P._Recorder(tmp, log=False, cuda_samples=False)
+            rec = P._ProfileRecorder(tmp, log=False, cuda_samples=False)
             if hooks:
                 rec.install_hooks()
             try:

@@ -102,54 +102,14 @@ def _AttentionOps(found: set):
 
 def child(spec_json: str) -> int:
     """Run two real CUDA steps and print one JSON line with the measured numbers."""
-    import torch
-
-    from memprof.engine import nvml
-    from memprof.engine.workload import MAX_SKIPPED_STEPS, make_grad_scaler, prepare, train_step
+    from memprof.engine.measure import measure_cuda_step
 
     spec = json.loads(spec_json)
     workload = _workload(spec["ref"], spec["options"])
-    torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = False
-    prepared = prepare(workload, "cuda")
-    scaler = make_grad_scaler(workload, "cuda")
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()  # construction temporaries: the trace starts from params/buffers/inputs
-    torch.cuda.reset_peak_memory_stats()
-    peaks = []  # after each step in which the optimizer stepped
-    backends: set[str] = set()
-    skipped = 0  # steps whose optimizer.step() GradScaler skipped (inf grads at its scale): run again
-    while len(peaks) < 2 and skipped <= MAX_SKIPPED_STEPS:
-        if not peaks and not skipped:  # which attention kernel CUDA really ran (the prediction names the one)
-            with _AttentionOps(backends):
-                stepped = train_step(prepared, scaler=scaler)
-        else:
-            stepped = train_step(prepared, scaler=scaler)
-        torch.cuda.synchronize()
-        if stepped:
-            peaks.append(torch.cuda.max_memory_allocated())
-        else:
-            skipped += 1
-    used = nvml.process_used_bytes(torch.cuda.current_device())
-    if used is None and spec.get("nvml_baseline_bytes") is not None:
-        info = nvml.device_info(torch.cuda.current_device())
-        if info is not None:
-            used = info.used_bytes - spec["nvml_baseline_bytes"]
-    print(
-        json.dumps(
-            {
-                "allocated_bytes": torch.cuda.max_memory_allocated(),
-                "reserved_bytes": torch.cuda.max_memory_reserved(),
-                "nvml_bytes": used,
-                "first_step_allocated_bytes": peaks[0] if peaks else None,
-                "optimizer_steps": len(peaks),
-                "skipped_steps": skipped,
-                "device": torch.cuda.get_device_name(),
-                "capability": list(torch.cuda.get_device_capability()),
-                "sdp_backend": ",".join(sorted(backends)) or None,
-            }
-        )
-    )
+    found: set[str] = set()  # which attention kernel CUDA really ran (the prediction names the one it expects)
+    measured = measure_cuda_step(workload, index=0, steps=2, first_step=lambda: _AttentionOps(found))
+    measured["sdp_backend"] = ",".join(sorted(found)) or None
+    print(json.dumps(measured))
     return 0
 
 
@@ -188,13 +148,7 @@ def cases(quick: bool, names: list[str], cuda_only: bool = False) -> list[tuple[
 
 
 def measure(ref: str, options: dict) -> dict:
-    from memprof.engine import nvml
-
-    baseline = None
-    info = nvml.device_info(0)
-    if info is not None:
-        baseline = info.used_bytes
-    spec = json.dumps({"ref": ref, "options": options, "nvml_baseline_bytes": baseline})
+    spec = json.dumps({"ref": ref, "options": options})
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, __file__, "--child", spec], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600

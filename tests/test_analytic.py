@@ -267,12 +267,14 @@ def test_input_shape_rejected_names_layer_and_shapes():
 def test_hooks_removed_after_success_and_failure():
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(4, 3), nn.ReLU())
-    rec = analytic._Recorder(model, None)
+    rec = analytic._CallRecorder(model, None)
     with pytest.raises(RuntimeError):
         with rec:
             model(torch.zeros(2, 5, device="meta"))
-    assert rec.stack[-1].name == "0"  # the innermost module running when it failed
-    with analytic._Recorder(model, None) as ok:
+    failed = rec.failed_call()
+    assert failed is not None and failed.name == "0"  # the innermost module running when it failed
+    assert failed.in_shapes == ((2, 5),)
+    with analytic._CallRecorder(model, None) as ok:
         model(torch.zeros(2, 4, device="meta"))
     assert [c.name for c in ok.calls] == ["0", "1", "(model)"]
     for m in model.modules():

@@ -44,6 +44,25 @@ def test_a_live_module_traces_as_a_real_cpu_step_measures():
     assert abs(predicted - measured) / measured < 0.001
 
 
+def test_estimate_on_the_cpu_verified_by_a_real_step():
+    from memprof.commands.workload import make_workload
+    from memprof.errors import NoGPUError
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10))
+    r = memprof.estimate(model, batch_size=16, device="cpu", verify=True, memory_limit="1MiB")
+    assert r.target == "cpu" and r.traced.target == "cpu" and r.verification is not None
+    (figure,) = r.verification.figures
+    measured = measure_cpu_step(make_workload(model, batch_size=16))["peak_bytes"]
+    assert figure.measured_bytes == measured and figure.predicted_bytes == r.traced.peak_bytes
+    assert abs(figure.error_pct) < 0.1
+    assert r.fit is not None and r.fit.capacity.total_bytes == 2**20 and r.fit.max_batch > 16
+    with pytest.raises(UsageError, match="`gpu_memory` is for `device` cuda"):
+        memprof.estimate(model, batch_size=16, device="cpu", gpu_memory="8GiB")
+    if not torch.cuda.is_available():
+        with pytest.raises(NoGPUError, match="`verify` runs a real step on `device` cuda"):
+            memprof.estimate(model, batch_size=16, verify=True)
+
+
 def test_find_batch_and_compare_on_the_cpu():
     found = memprof.find_batch("memprof.zoo:mnist_mlp", device="cpu", memory_limit="8MiB", input_shape=(1, 28, 28))
     assert found.status == "exact" and found.recommended_batch == int(found.largest_batch * 0.8)

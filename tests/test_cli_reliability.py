@@ -225,7 +225,7 @@ def test_existing_files_are_replaced_only_with_force(tmp_path):
         app, ["profile", "--force", "--log", str(log), "--plot", str(plot), str(script), str(tmp_path / "ran.txt")]
     )
     _check(res, 0, error=False)
-    assert log.read_text().startswith("# memprof profile --log") and plot.read_text().startswith("<svg")
+    assert log.read_text().startswith("# memprof profile --log") and "<svg" in plot.read_text()  # matplotlib's svg
     assert f"wrote the log to {log}" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.log", "old.svg", "ran.txt", "s.py"]
 
@@ -732,7 +732,7 @@ def test_ctrl_c_in_compare_keeps_the_rows_traced(tmp_path):
     proc = _interrupt_at(args, "TRACING torch.bfloat16", tmp_path)
     assert proc.returncode == 130 and "Traceback" not in proc.stderr
     assert "fp32 (baseline)" in proc.stdout and "interrupted (Ctrl-C) while tracing bf16" in proc.stdout
-    assert (tmp_path / "bars.svg").read_text().startswith("<svg")  # the plot of what was traced
+    assert "<svg" in (tmp_path / "bars.svg").read_text()  # the plot of what was traced
     assert "ERROR: interrupted" in proc.stderr
 
 

@@ -137,8 +137,8 @@ def test_golden_does_not_fit_top_layers():
     assert_golden("estimate_does_not_fit.txt", _render(_result(cap, fit), layers=2))
 
 
-def test_golden_traced_headline():
-    traced = SimpleNamespace(
+def _traced(**changes) -> SimpleNamespace:
+    fields: dict = dict(
         peak_bytes=6_500_000,
         peak_phase="backward",
         peak_module="2",
@@ -152,6 +152,12 @@ def test_golden_traced_headline():
             MemCategory.INPUT: 98_304,
         },
     )
+    fields.update(changes)
+    return SimpleNamespace(**fields)
+
+
+def test_golden_traced_headline():
+    traced = _traced()
     cap = Capacity(80 * GiB, "NVML: NVIDIA H100 80GB HBM3 (GPU 0)", "NVIDIA H100 80GB HBM3")
     fit = FitSummary(cap, "traced", "reserved", 20 * MiB, True, 9_000, 7_200, 0.8, 9_000_000, 500_000_000)
     assert_golden("estimate_traced.txt", _render(_result(cap, fit, traced)))
@@ -483,3 +489,126 @@ def test_unexpected_tracer_exception_falls_back_too(monkeypatch):
     res = estimate(Workload(model=spec, batch_size=4))
     assert res.traced is None and res.headline_source == "formula"
     assert res.trace_note == "tracing failed: RuntimeError: aten::foo has no fake implementation (formula only)"
+
+
+# --------------------------------------------------------------------------- --device cpu, --verify
+CONV = ["memprof.zoo:seed004_convstack", "--batch-size", "4", "--input-shape", "3,32,32", "--optimizer", "adam"]
+
+
+TINY_GPT = '{"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32}'
+
+
+@pytest.mark.parametrize(
+    "args, options",
+    [
+        (CONV, dict(batch_size=4, input_shape=["3,32,32"], optimizer="adam")),  # oneDNN convolutions
+        (
+            ["memprof.zoo:GPT", "--model-kwargs", TINY_GPT, "-i", "16", "-b", "4", "--optimizer", "adamw"],
+            dict(model_kwargs=TINY_GPT, input_shape=["16"], batch_size=4, optimizer="adamw"),
+        ),
+    ],
+    ids=["conv-stack", "gpt"],
+)
+def test_cpu_estimate_matches_an_independent_real_cpu_step(args, options):
+    """`estimate --device cpu --json` is the trace validate_cpu.py checks: within 1 % of a real CPU step."""
+    from memprof.cli.common import build_workload
+    from memprof.engine.measure import measure_cpu_step
+
+    res = runner.invoke(app, ["estimate", *args, "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["target"] == "cpu" and doc["headline_source"] == "traced" and doc["verification"] is None
+    predicted = doc["traced"]["peak_bytes"]
+    assert doc["traced"]["target"] == "cpu" and doc["headline_bytes"] == predicted
+    workload = build_workload(args[0], **options)
+    measured = measure_cpu_step(workload)["peak_bytes"]  # torch.profiler's memory events of two real steps
+    assert abs(predicted - measured) / measured <= 0.01, (predicted, measured)
+    assert doc["capacity"] is None and doc["capacity_note"] == "no --memory-limit given"
+
+
+def test_cpu_verify_prints_and_carries_predicted_and_measured():
+    res = runner.invoke(app, ["estimate", *CONV, "--device", "cpu", "--verify", "--memory-limit", "64MiB", "--json"])
+    assert res.exit_code == 0, res.stderr
+    doc = json.loads(res.stdout)
+    v = doc["verification"]
+    assert v["device"] == "cpu" and v["steps"] == 2 and v["predicted_source"] == "traced" and not v["oom"]
+    (fig,) = v["figures"]
+    assert fig["metric"] == "allocated" and fig["predicted_bytes"] == doc["traced"]["peak_bytes"]
+    assert fig["measured_bytes"] > 0 and abs(fig["error_pct"]) <= 1.0
+    assert fig["error_pct"] == pytest.approx(
+        100 * (fig["predicted_bytes"] - fig["measured_bytes"]) / fig["measured_bytes"]
+    )
+    assert doc["capacity"]["source"] == "--memory-limit" and doc["fit"]["max_batch"] > 4
+    text = runner.invoke(app, ["estimate", "memprof.zoo:mnist_mlp", "--device", "cpu", "--verify"])
+    assert text.exit_code == 0, text.stderr
+    assert "Verified: 2 real training steps on cpu" in text.stdout and "peak live bytes" in text.stdout
+    assert (
+        "(traced for the CPU)" in text.stdout and "Fit: skipped, no capacity given; pass --memory-limit" in text.stdout
+    )
+    assert "profiler_start" not in text.stderr and "ERROR" not in text.stderr  # kineto's chatter stays hidden
+
+
+def test_verify_on_cuda_without_a_gpu_says_so_and_exits_3():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    res = runner.invoke(app, ["estimate", *CONV, "--verify"])
+    assert res.exit_code == 3
+    assert res.stderr.splitlines() == [
+        "ERROR: --verify runs a real step on --device cuda, and no CUDA GPU is available",
+        "HINT: verify on the CPU instead: --device cpu --verify",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--device", "tpu"], "unknown --device 'tpu'"),
+        (["--device", "cpu", "--gpu-memory", "8GiB"], "--gpu-memory is for --device cuda"),
+        (["--device", "cpu", "--gpu", "a100-80gb"], "--gpu is for --device cuda"),
+        (["--memory-limit", "8GiB"], "--memory-limit is for --device cpu"),
+        (["--device", "cpu", "--verify", "--strategy", "ddp", "--world-size", "2"], "--verify runs one process's"),
+    ],
+)
+def test_device_errors(args, needle):
+    res = runner.invoke(app, ["estimate", *MNIST, *args])
+    assert res.exit_code == 2 and needle in res.stderr and "HINT:" in res.stderr
+
+
+def test_verify_refuses_a_data_parallel_workload_before_tracing():
+    import memprof
+    from memprof.errors import UsageError
+
+    with pytest.raises(UsageError, match="`verify` runs one process's step"):
+        memprof.estimate("memprof.zoo:mnist_mlp", batch_size=4, device="cpu", verify=True, strategy="ddp", world_size=2)
+
+
+def test_golden_verified_on_cuda():
+    """The --verify section as a CUDA run prints it (hand-built: this machine may have no GPU)."""
+    from memprof.results import Verification, VerifiedFigure
+
+    traced = _traced(notes=())
+    verification = Verification(
+        "cuda:0 NVIDIA H100 80GB HBM3",
+        2,
+        "traced",
+        (
+            VerifiedFigure("allocated", "torch.cuda.max_memory_allocated()", 6_500_000, 6_512_640, -0.194),
+            VerifiedFigure("reserved", "torch.cuda.max_memory_reserved()", 20 * MiB, 20 * MiB, 0.0),
+            VerifiedFigure("nvml", "NVML process used memory", 520 * MiB, 530 * MiB, -1.887),
+        ),
+        3.4,
+    )
+    assert_golden("estimate_verified_cuda.txt", _render(_result(traced=traced, verification=verification)))
+
+
+@pytest.mark.gpu
+def test_verify_on_cuda_measures_allocated_reserved_and_nvml():
+    res = runner.invoke(app, ["estimate", *CONV, "--verify", "--json"])
+    assert res.exit_code == 0, res.stderr
+    v = json.loads(res.stdout)["verification"]
+    assert v["device"].startswith("cuda:0") and not v["oom"]
+    figures = {f["metric"]: f for f in v["figures"]}
+    assert list(figures) == ["allocated", "reserved", "nvml"]
+    assert abs(figures["allocated"]["error_pct"]) <= 1.0 and figures["reserved"]["measured_bytes"] > 0

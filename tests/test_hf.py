@@ -390,6 +390,26 @@ def test_grid_agrees_with_the_batch_fit(tmp_path):
 
 
 @pytest.mark.slow
+def test_estimate_on_the_cpu_fits_the_grid_and_sequence_on_the_cpu_step(tmp_path):
+    """estimate(device="cpu", memory_limit=..., grid=..., fit_seq_len=True): the fits trace the CPU step."""
+    import memprof
+    from memprof.engine.fit import fit_batch
+
+    ref = tiny(tmp_path, "llama")
+    w = make_workload(ref, batch_size=2, seq_len=64, optimizer="adamw")
+    capacity = trace_step(w.replace(batch_size=3), target="cpu").peak_bytes
+    r = memprof.estimate(
+        ref, batch_size=2, seq_len=64, optimizer="adamw", device="cpu", memory_limit=capacity,
+        grid=([1, 2, 4], [32, 64]), fit_seq_len=True,
+    )  # fmt: skip
+    assert r.target == "cpu" and r.grid is not None and r.grid.metric == "allocated"
+    assert r.grid.max_batch[1] == 3 == fit_batch(w, capacity, target="cpu", max_batch=4).max_batch
+    assert r.seq_fit is not None and r.seq_fit.max_seq_len >= 64
+    assert trace_step(w.replace(seq_len=r.seq_fit.max_seq_len), target="cpu").peak_bytes <= capacity
+    assert trace_step(w.replace(seq_len=r.seq_fit.max_seq_len + 1), target="cpu").peak_bytes > capacity
+
+
+@pytest.mark.slow
 def test_estimate_cli_on_a_config_json(tmp_path):
     path = tiny(tmp_path, "qwen2")
     svg = tmp_path / "grid.svg"
@@ -403,7 +423,8 @@ def test_estimate_cli_on_a_config_json(tmp_path):
     assert doc["workload"]["seq_len"] == 128 and doc["workload"]["loop"] == "plain"
     assert doc["seq_fit"]["max_seq_len"] is not None and doc["grid"]["seq_lens"] == [128, 512]
     assert doc["traced"]["saved_by_block"][0]["type"] == "Qwen2DecoderLayer"
-    assert svg.read_text().startswith("<svg") and "batch size" in svg.read_text()
+    chart = svg.read_text()  # the grid chart: its boundary line and axes (tests/test_charts.py checks its cells)
+    assert chart.startswith("<?xml") and 'id="boundary"' in chart and "batch size" in chart
 
 
 @pytest.mark.slow

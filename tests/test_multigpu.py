@@ -21,7 +21,7 @@ from memprof.engine.torchrun import Launch, _agree, _Reply, check_launch
 from memprof.engine.trace import trace_step
 from memprof.engine.workload import Workload
 from memprof.errors import MeasureError, UsageError
-from memprof.render.charts import scaling_svg, scaling_terminal_chart
+from memprof.render.charts import figure, scaling_chart, svg_text, terminal
 from memprof.render.scaling import render_scaling
 from memprof.results import BatchTrial, Capacity, ScalingResult, ScalingRow
 from memprof.units import GiB, MiB
@@ -82,16 +82,25 @@ def test_scaling_render_golden():
 
 def test_scaling_charts_show_every_size_and_the_capacity():
     result = _scaling_result()
-    chart = scaling_terminal_chart(result)
-    lines = chart.splitlines()
-    assert lines[0].lstrip().startswith("1 rank") and "batch/rank 10" in lines[0]
-    assert "64 ranks" in lines[2] and "batch/rank 44" in lines[2]
-    assert "| capacity 4.0 GiB" in chart
-    # bars are proportional: the 1-rank bar (3 GiB of a 4 GiB scale, 40 columns) has 30 cells
-    assert sum(lines[0].count(g) for g in "█░▒·") == 30
-    svg = scaling_svg(result)
-    assert svg.count("<rect") >= 3 * 3 and "capacity" in svg and "b=44" in svg
-    assert_golden("scaling_plot.svg", svg)
+    chart = scaling_chart(result)
+    assert [b.label for b in chart.bars] == ["1 rank", "8 ranks", "64 ranks"]
+    # each bar's parts sum to the rank's peak; the capacity is the limit
+    assert [sum(b.values) for b in chart.bars] == [b.total for b in chart.bars] == [r.peak_bytes for r in result.rows]
+    assert chart.limit is not None and chart.limit.y == 4 * GiB
+    text = terminal(chart, width=40).plain
+    lines = text.splitlines()
+    assert lines[1].lstrip().startswith("1 rank") and "batch/rank 10" in lines[1]
+    assert "64 ranks" in lines[3] and "batch/rank 44" in lines[3]
+    assert "| capacity 4.0 GiB" in text
+    # bars are proportional: the 1-rank bar (3 GiB of a 4 GiB scale, 40 columns) has 30 cells; the capacity at 40
+    assert lines[1].index("|") == lines[1].index("█") + 39
+    assert sum(lines[1].count(g) for g in "█░▒·") == 30
+    fig = figure(chart)
+    ax = fig.axes[0]
+    assert ax.get_xlim()[1] > 4 * GiB
+    assert [a for a in ax.lines if a.get_gid() == "capacity"][0].get_xdata()[0] == 4 * GiB
+    svg = svg_text(chart)
+    assert 'id="capacity"' in svg and 'id="bar-2-segment-0"' in svg and "batch/rank 44" in svg
 
 
 # --------------------------------------------------------------------------- compare's strategy axis

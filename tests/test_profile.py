@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from memprof.cli import app
 from memprof.engine.profiler import profile_script
 from memprof.errors import NoGPUError, UsageError
-from memprof.render.profile import format_log, render_profile, timeline_html, timeline_svg
+from memprof.render.profile import format_log, render_profile
 from memprof.results import (
     LeakSuspect,
     LineStat,
@@ -250,17 +250,12 @@ def test_plots(script, tmp_path, monkeypatch):
     svg, page = tmp_path / "t.svg", tmp_path / "t.html"
     res = runner.invoke(app, ["profile", "--plot", str(svg), str(script(CRASH, "crash.py"))])
     assert res.exit_code == 1
-    assert svg.read_text().startswith("<svg") and "peak 334.1 KiB at crash.py:5" in svg.read_text()
+    assert "<svg" in svg.read_text() and "peak 334.1 KiB at crash.py:5" in svg.read_text()
     res = runner.invoke(app, ["profile", "--plot", str(page), str(script(CRASH, "crash.py"))])
-    assert "<html>" in page.read_text()
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        png = tmp_path / "t.png"
-        res = runner.invoke(app, ["profile", "--plot", str(png), str(script(CRASH, "crash.py"))])
-        assert res.exit_code == 1 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<html>" in page.read_text() and "<svg" in page.read_text() and "crash.py:5" in page.read_text()
+    png = tmp_path / "t.png"
+    res = runner.invoke(app, ["profile", "--plot", str(png), str(script(CRASH, "crash.py"))])
+    assert res.exit_code == 1 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     res = runner.invoke(app, ["profile", "--plot", str(tmp_path / "t.png"), str(script(CRASH, "crash.py"))])
     assert res.exit_code == 2 and "matplotlib" in res.stderr and "HINT:" in res.stderr
@@ -270,7 +265,7 @@ def test_plots(script, tmp_path, monkeypatch):
     "args, code, words",
     [
         (["profile", "no_such_script.py"], 2, "not found"),
-        (["profile", "--plot", "x.pdf", "no_such_script.py"], 2, "unknown format"),
+        (["profile", "--plot", "x.gif", "no_such_script.py"], 2, "unknown format"),
         (["profile", "--top", "0", "x.py"], 2, "--top"),
     ],
 )
@@ -418,12 +413,8 @@ def test_golden_render_cuda():
     assert_golden("profile_cuda.txt", _render(_hand_built(cuda=True)))
 
 
-def test_golden_svg_and_json():
+def test_json_and_log():
     r = _hand_built()
-    svg = timeline_svg(r)
-    assert_golden("profile_timeline.svg", svg)
-    assert "peak 14.0 MiB at train.py:31 (backward)" in svg
-    assert "<svg" in timeline_html(r)
     d = to_dict(r)
     assert "_timeline" not in d and d["peak"]["breakdown"]["optimizer_state"] == 4 * 1024 * 1024
     assert format_log(r).startswith("# memprof profile --log: train.py --epochs 1 on cpu")

@@ -182,7 +182,7 @@ def compare_cmd(
         None,
         "--plot",
         metavar="FILE",
-        help="Write the breakdown bars: file.svg, or file.png (needs matplotlib: pip install memprof[plot]).",
+        help="Write the breakdown bars: file.svg, .png, .pdf or .html.",
     ),
     strategy: list[str] | None = typer.Option(
         None,

@@ -142,6 +142,18 @@ def estimate_cmd(
     ),
     all_layers: bool = typer.Option(False, "--all-layers", help="Show every layer, in execution order."),
     no_trace: bool = typer.Option(False, "--no-trace", help="Formula only: skip the fake-tensor trace (fastest)."),
+    device: str = typer.Option(
+        "cuda",
+        "--device",
+        metavar="DEVICE",
+        help="The step to predict: cuda (cuda:N), or cpu: the same step run on the CPU.",
+    ),
+    memory_limit: str | None = typer.Option(
+        None, "--memory-limit", metavar="SIZE", help="--device cpu: the capacity to fit, e.g. 8GiB \\[default: no fit]."
+    ),
+    verify: bool = typer.Option(
+        False, "--verify", help="Also run the real step on the device; print predicted vs measured and the error."
+    ),
     strategy: str | None = STRATEGY_OPT,
     world_size: str | None = WORLD_SIZE_OPT,
     bucket_cap_mb: float | None = BUCKET_CAP_OPT,
@@ -149,13 +161,18 @@ def estimate_cmd(
     plot: Path | None = typer.Option(
         None,
         "--plot",
-        help="Write a chart: with --grid the batch x sequence-length grid (file.svg, or file.png with matplotlib); "
-        "with several --world-size values the per-rank chart (file.svg).",
+        metavar="FILE",
+        help="Write a chart (.svg, .png, .pdf or .html): with --grid the batch x sequence-length grid; "
+        "with several --world-size values the per-rank chart.",
     ),
     force: bool = FORCE_OPT,
     json_out: bool = JSON_OPT,
 ) -> None:
     """Estimate one training step's memory (traced and by formula) and the largest batch that fits.
+
+    --device cpu predicts the step on the CPU (live tensor bytes, oneDNN scratch included);
+    --verify then runs it for real and prints predicted vs measured (on CUDA: allocated,
+    reserved and NVML).
 
     With --strategy (ddp, fsdp, zero1, zero2, zero3) and --world-size N, everything is one
     rank's: PyTorch's DDP / FSDP2 code traced over a fake process group of N ranks. Several
@@ -163,7 +180,8 @@ def estimate_cmd(
 
     Exit codes: 0 it fits (or no capacity is known), 1 the batch does not fit but a smaller one
     does, 4 not even batch 1 fits, 5 the trace failed and the answer is the formula's only (the
-    ERROR line says why), 2 bad input; see memprof --help for all.
+    ERROR line says why), 2 bad input, 3 --verify needs a GPU and there is none; see memprof
+    --help for all.
     """
     from ..errors import Interrupted, UsageError
 
@@ -177,7 +195,8 @@ def estimate_cmd(
     batches = parse_int_list(grid_batches, "--grid-batches") if grid_batches else None
     seq_lens = parse_int_list(grid_seq_lens, "--grid-seq-lens") if grid_seq_lens else None
     want_grid = grid or batches is not None or seq_lens is not None
-    capacity_bytes = parse_capacity(gpu_memory)
+    from ..commands.estimate import estimate, estimate_capacity, parse_device
+
     sizes = parse_world_sizes(world_size, strategy)
     sweep = sizes is not None and len(sizes) > 1
     if want_grid and sweep:
@@ -185,18 +204,24 @@ def estimate_cmd(
     if plot is not None:
         from ..render.charts import check_plot_path
 
-        if want_grid:
-            check_plot_path(plot)
-        elif sweep:
-            check_plot_path(plot, (".svg",))
-        else:
+        check_plot_path(plot)
+        if not want_grid and not sweep:
             raise UsageError(
                 "--plot draws the --grid chart or a world-size sweep",
                 "add --grid, or give several sizes: --world-size 1,2,8,64,1024",
             )
+    if verify and strategy is not None:
+        raise UsageError(
+            "--verify runs one process's step, not a data-parallel job",
+            "profile the real job: memprof profile --nproc-per-node N script.py",
+        )
     from ..engine.catalog import resolve_target
 
+    target_name, _ = parse_device(device)
     target = resolve_target(gpu, gpu_arch, cudnn_benchmark=cudnn_benchmark)  # bad names fail before the model loads
+    capacity, note = estimate_capacity(
+        device, parse_capacity(gpu_memory), parse_capacity(memory_limit), gpu=target.gpu if gpu else None
+    )
     workload = build_workload(
         model,
         model_opt,
@@ -231,11 +256,11 @@ def estimate_cmd(
         quantize=quantize,
         double_quant=double_quant,
     )
-    from ..commands.estimate import estimate, resolve_capacity
-
-    capacity, note = resolve_capacity(capacity_bytes, gpu=target.gpu if gpu else None)
     if want_grid and capacity is None:
-        raise UsageError("--grid needs a capacity to fit", "pass --gpu-memory, e.g. --gpu-memory 80GiB")
+        raise UsageError(
+            "--grid needs a capacity to fit",
+            "pass --gpu-memory, e.g. --gpu-memory 80GiB (--device cpu: --memory-limit)",
+        )
     grid_axes: tuple[list[int], list[int]] | bool | None = None
     if want_grid:
         from ..engine.fit import default_grid
@@ -244,7 +269,7 @@ def estimate_cmd(
         grid_axes = (batches or default_batches, seq_lens or default_seqs)
     if sweep:
         assert sizes is not None
-        _sweep(workload, sizes, capacity, note, head, no_trace, plot, json_out, force)
+        _sweep(workload, sizes, capacity, note, head, no_trace, plot, json_out, force, target_name)
 
     def progress(message: str) -> None:  # the real-run fallback says what it will cost before it starts
         print(f"memprof: {message}", file=sys.stderr, flush=True)
@@ -264,6 +289,8 @@ def estimate_cmd(
                 grid=grid_axes,
                 cuda_target=target,
                 gpu=target.gpu if gpu else None,
+                device=device,
+                verify=verify,
                 progress=progress,
             )
         except Interrupted as exc:  # Ctrl-C while tracing: the formula's answer is ready
@@ -278,11 +305,11 @@ def estimate_cmd(
 
             render_estimate(result, stdout_console(), layers=None if all_layers else layers)
         if plot is not None:
-            from ..render.charts import write_grid_chart
+            from ..render.charts import grid_chart, write
 
             if result.grid is None:
                 print("no plot written: the grid was not traced", file=sys.stderr)
-            elif files.write(plot, lambda path: write_grid_chart(result, path), "plot"):
+            elif files.write(plot, lambda path: write(grid_chart(result), path), "plot"):
                 print(f"wrote {plot}", file=sys.stderr)
             else:
                 codes.append(EXIT_OUTPUT)
@@ -307,7 +334,7 @@ def estimate_cmd(
     raise typer.Exit(exit_code(*codes))
 
 
-def _sweep(workload, sizes, capacity, note, headroom, no_trace, plot, json_out, force) -> None:
+def _sweep(workload, sizes, capacity, note, headroom, no_trace, plot, json_out, force, target="cuda") -> None:
     """``--world-size 1,2,8,...``: one row per size; exit 0, or 4 when no size fits batch 1."""
     import sys
 
@@ -322,7 +349,15 @@ def _sweep(workload, sizes, capacity, note, headroom, no_trace, plot, json_out, 
 
     with OutputFiles(force) as files:
         files.claim(plot, "--plot")  # before the work: a bad path fails now
-        result = scale(workload, sizes, capacity=capacity, capacity_note=note, headroom=headroom, on_progress=progress)
+        result = scale(
+            workload,
+            sizes,
+            capacity=capacity,
+            capacity_note=note,
+            headroom=headroom,
+            target=target,
+            on_progress=progress,
+        )
         if json_out:
             from ..results import document
 
@@ -334,9 +369,9 @@ def _sweep(workload, sizes, capacity, note, headroom, no_trace, plot, json_out, 
             render_scaling(result, stdout_console())
         codes = []
         if plot is not None:
-            from ..render.charts import write_scaling_plot
+            from ..render.scaling import write_plot
 
-            if files.write(plot, lambda path: write_scaling_plot(result, path), "plot"):
+            if files.write(plot, lambda path: write_plot(result, path), "plot"):
                 print(f"wrote {plot}", file=sys.stderr)
             else:
                 codes.append(EXIT_OUTPUT)

@@ -136,8 +136,7 @@ def find_batch_cmd(
         None,
         "--plot",
         metavar="FILE",
-        help="Write a plot of peak memory vs batch: file.svg or "
-        "file.png (PNG needs matplotlib: pip install 'memprof[plot]').",
+        help="Write a plot of peak memory vs batch: file.svg, .png, .pdf or .html.",
     ),
     no_chart: bool = typer.Option(False, "--no-chart", help="Do not draw the chart in the terminal."),
     nproc_per_node: int | None = typer.Option(
@@ -304,7 +303,7 @@ def find_batch_cmd(
             render_find_batch(result, stdout_console(), chart=not no_chart)
         codes = []
         if plot is not None:
-            from ..render.charts import write_plot
+            from ..render.find_batch import write_plot
 
             if not result.trials:
                 print("no plot written: no trial ran", file=sys.stderr)

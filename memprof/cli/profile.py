@@ -33,7 +33,7 @@ def profile_cmd(
         None,
         "--plot",
         metavar="FILE",
-        help="Timeline plot with the peak marked: .svg, .html or .png (png needs matplotlib).",
+        help="Timeline plot with the peak marked: .svg, .png, .pdf or .html (with the top lines).",
     ),
     snapshot: Path | None = typer.Option(
         None,
@@ -48,6 +48,7 @@ def profile_cmd(
         help="Whose memory counts: auto (cuda when available, else all), cuda, cpu or all.",
     ),
     top: int = typer.Option(10, "--top", metavar="N", help="How many lines / tensor groups to show."),
+    no_chart: bool = typer.Option(False, "--no-chart", help="Do not draw memory over time in the terminal."),
     nproc_per_node: int | None = typer.Option(
         None,
         "--nproc-per-node",
@@ -70,7 +71,7 @@ def profile_cmd(
     """
     from ..commands.profile import DEVICES
     from ..errors import UsageError
-    from ..render.profile import check_plot_path
+    from ..render.charts import check_plot_path
 
     if device not in DEVICES:
         raise UsageError(f"unknown --device {device!r}", "choose auto, cuda, cpu or all")
@@ -117,7 +118,7 @@ def profile_cmd(
             if not console.is_terminal and "COLUMNS" not in os.environ:
                 console.width = max(console.width, 120)  # piped: the tables need room
             console.print()
-            render_profile(result, console, top=top)
+            render_profile(result, console, top=top, chart=not no_chart)
         written = [
             files.write(log, lambda path: path.write_text(format_log(result), encoding="utf-8"), "log"),
             files.write(plot, lambda path: write_plot(result, path), "plot"),

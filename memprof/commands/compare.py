@@ -798,23 +798,14 @@ def resolve_capacity(
     device: str, gpu_memory: int | None, memory_limit: int | None, gpu: GpuSpec | None = None
 ) -> tuple[Capacity | None, str | None]:
     """(capacity or None, why none): ``memory_limit`` on the CPU; on CUDA ``gpu_memory``, else the
-    catalog GPU's (``gpu``), else the local GPU via NVML."""
-    from ..engine import nvml
-    from .estimate import gpu_capacity
+    catalog GPU's (``gpu``), else the local GPU via NVML (:func:`memprof.commands.estimate.estimate_capacity`)."""
+    from .estimate import estimate_capacity
 
+    capacity, why = estimate_capacity(device, gpu_memory, memory_limit, gpu=gpu if device != "cpu" else None)
+    if capacity is not None:
+        return capacity, None
     if device == "cpu":
-        if memory_limit is not None:
-            return Capacity(memory_limit, "--memory-limit", "cpu"), None
         return None, "no --memory-limit: largest-batch columns left out (e.g. --memory-limit 8GiB)"
-    if gpu_memory:
-        return Capacity(int(gpu_memory), "--gpu-memory"), None
-    if gpu is not None:
-        return gpu_capacity(gpu), None
-    info = nvml.device_info(0)
-    if info is not None:
-        return Capacity(info.total_bytes, f"NVML: {info.name} (GPU 0)", info.name), None
-    _, reason = nvml.available()
-    why = reason or "NVML sees no GPU"
     return None, f"no --gpu-memory and no local GPU ({why}): largest-batch columns left out (e.g. --gpu-memory 24GiB)"
 
 

@@ -8,13 +8,15 @@ the tracer fails.
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..engine import fit as fitting
 from ..engine.analytic import analyse, largest_batch
 from ..engine.roofline import GpuPeaks, step_time, tokens_per_sample
-from ..errors import Interrupted, MemprofError
+from ..errors import Interrupted, MemprofError, NoGPUError, UsageError
 from ..results import (
     AnalyticEstimate,
     BatchFit,
@@ -24,17 +26,36 @@ from ..results import (
     FitSummary,
     GpuSpec,
     Metric,
+    Source,
+    Target,
     TraceResult,
+    Verification,
+    VerifiedFigure,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..engine.workload import Workload
 
 
+def parse_device(device: str) -> tuple[Target, int]:
+    """``"cuda"``, ``"cuda:N"`` or ``"cpu"`` -> (trace target, CUDA device index)."""
+    text = (device or "cuda").strip().lower()
+    if text == "cpu":
+        return "cpu", 0
+    if text == "cuda" or text.startswith("cuda:"):
+        try:
+            index = int(text.split(":", 1)[1]) if ":" in text else 0
+        except ValueError:
+            index = -1
+        if index >= 0:
+            return "cuda", index
+    raise UsageError(f"unknown `device` {device!r}", "write cuda, cuda:1 or cpu")
+
+
 def resolve_capacity(
-    capacity_bytes: int | None = None, *, use_nvml: bool = True, gpu: GpuSpec | None = None
+    capacity_bytes: int | None = None, *, use_nvml: bool = True, index: int = 0, gpu: GpuSpec | None = None
 ) -> tuple[Capacity | None, str | None]:
-    """``gpu_memory`` if given, else the catalog GPU's capacity (``gpu``), else GPU 0's total memory
+    """``gpu_memory`` if given, else the catalog GPU's capacity (``gpu``), else GPU ``index``'s total memory
     via NVML, else ``(None, why not)``."""
     if capacity_bytes is not None:
         return Capacity(total_bytes=int(capacity_bytes), source="--gpu-memory"), None
@@ -44,13 +65,38 @@ def resolve_capacity(
         return None, "no --gpu-memory given"
     from ..engine import nvml
 
-    info = nvml.device_info(0)
+    info = nvml.device_info(index)
     if info is None:
         _, reason = nvml.available()
         return None, reason or "NVML sees no GPU"
     return Capacity(
         total_bytes=info.total_bytes, source=f"NVML: {info.name} (GPU {info.index})", device_name=info.name
     ), None
+
+
+def estimate_capacity(
+    device: str = "cuda",
+    gpu_memory: int | None = None,
+    memory_limit: int | None = None,
+    *,
+    use_nvml: bool = True,
+    gpu: GpuSpec | None = None,
+) -> tuple[Capacity | None, str | None]:
+    """The capacity to fit on ``device``: ``gpu_memory`` (else the catalog GPU's, else the local GPU's via
+    NVML) for cuda, ``memory_limit`` for cpu; ``(None, why not)`` without one. Each is refused on the other
+    device."""
+    target, index = parse_device(device)
+    if target == "cpu":
+        if gpu_memory is not None:
+            raise UsageError("`gpu_memory` is for `device` cuda", "on the CPU the capacity is `memory_limit` 8GiB")
+        if gpu is not None:
+            raise UsageError("`gpu` is for `device` cuda", "on the CPU the capacity is `memory_limit` 8GiB")
+        if memory_limit is None:
+            return None, "no --memory-limit given"
+        return Capacity(total_bytes=int(memory_limit), source="--memory-limit", device_name="cpu"), None
+    if memory_limit is not None:
+        raise UsageError("`memory_limit` is for `device` cpu", "on a GPU the capacity is `gpu_memory` 24GiB")
+    return resolve_capacity(gpu_memory, use_nvml=use_nvml, index=index, gpu=gpu)
 
 
 def gpu_capacity(gpu: GpuSpec) -> Capacity:
@@ -112,6 +158,9 @@ def estimate(
     progress: Callable[[str], None] | None = None,
     cuda_target: CudaTarget | None = None,
     gpu: GpuPeaks | None = None,
+    *,
+    device: str = "cuda",
+    verify: bool = False,
 ) -> EstimateResult:
     """Estimate one step of ``workload`` by formula and, if ``traced``, by fake-tensor trace; fit ``capacity``.
 
@@ -121,19 +170,30 @@ def estimate(
     Sequence models, with a capacity and a trace: ``fit_seq_len`` also finds the longest sequence at
     this batch (a multiple of ``multiple_of`` tokens; by default on in generation, off in training);
     ``grid`` (``(batches, seq_lens)``, or True for :func:`memprof.engine.fit.default_grid`) finds the
-    largest batch at each sequence length.
-    (:func:`resolve_capacity` finds the local GPU's). ``cuda_target`` is the GPU architecture the
+    largest batch at each sequence length. ``cuda_target`` is the GPU architecture the
     trace predicts for (:func:`memprof.engine.catalog.resolve_target`; default: the local GPU, else assumed).
     ``gpu`` (peak FLOP/s and bandwidth: a catalog entry or a :class:`memprof.engine.roofline.PeakSpec`)
-    adds the step-time model. A step that reads tensor values runs for real on the CPU instead of being
-    traced; ``progress`` hears what that run will cost first.
+    adds the step-time model. ``device`` is the step predicted: ``"cuda"`` (``"cuda:N"``) or ``"cpu"``
+    (the same step on the CPU, as ``scripts/validate_cpu.py`` traces it; ``cuda_target`` is then unused).
+    ``verify`` also runs the real steps there and puts each figure next to its prediction
+    (:func:`verify_step`); on CUDA it needs a GPU, checked before anything is traced. A step that reads
+    tensor values runs for real on the CPU instead of being traced; ``progress`` hears what that run will
+    cost first.
 
     When the trace fails the answer is the formula's alone and says so: ``trace_error`` and
     ``trace_hint`` tell why and what to do (the command line exits 5, a partial answer).
     Ctrl-C during the trace raises :class:`~memprof.errors.Interrupted` (a ``KeyboardInterrupt``)
-    holding that formula-only result.
+    holding that formula-only result (nothing is verified then).
     """
     headroom = fitting.check_headroom(headroom)
+    target, index = parse_device(device)
+    if verify and workload.distributed:
+        raise UsageError(
+            "`verify` runs one process's step, not a data-parallel job",
+            "profile the real job: memprof profile --nproc-per-node N script.py",
+        )
+    if verify and target == "cuda":
+        _require_cuda(index)
     if isinstance(capacity, int) and not isinstance(capacity, bool):
         capacity = Capacity(total_bytes=capacity, source="capacity_bytes")
     assert not isinstance(capacity, bool), "capacity is a Capacity or a number of bytes, not a bool"
@@ -145,28 +205,28 @@ def estimate(
     interrupted = False
     fit_note: str | None = None
     fit: FitSummary | None = None
+    cuda: CudaTarget | None = None  # the CUDA target the trace used (None: a CPU step)
     if traced:
-        import functools
-
         from ..engine.catalog import resolve_target, with_capacity
         from ..engine.trace import trace_step
 
         try:
-            target = cuda_target or resolve_target()
-            if capacity is not None:  # near it, the allocator releases its cache and retries: so does the replay
-                target = with_capacity(target, capacity.total_bytes)
+            if target == "cuda":
+                cuda = cuda_target or resolve_target()
+                if capacity is not None:  # near it, the allocator releases its cache and retries: so does the replay
+                    cuda = with_capacity(cuda, capacity.total_bytes)
             trace_result = trace_step(
-                workload, target="cuda", cuda_target=target, count_bytes=gpu is not None, progress=progress
+                workload, target=target, cuda_target=cuda, count_bytes=gpu is not None, progress=progress
             )
             if capacity is not None:
                 try:
                     batch_fit = fitting.fit_batch(
                         workload,
                         capacity.total_bytes,
-                        target="cuda",
+                        target=target,
                         headroom=headroom,
                         known={workload.batch_size: trace_result},
-                        trace_fn=functools.partial(trace_step, cuda_target=target),
+                        trace_fn=functools.partial(trace_step, cuda_target=cuda),
                     )
                     fit = traced_fit(trace_result, batch_fit, capacity)
                 except MemprofError as exc:  # other batch sizes could not be traced: fit by formula
@@ -196,8 +256,6 @@ def estimate(
     if fit_seq_len is None:
         fit_seq_len = workload.mode == "generate"
     if (fit_seq_len or grid) and not sequences:
-        from ..errors import UsageError
-
         raise UsageError(
             f"{workload.model.display_name} takes no token sequence: there is no sequence length to fit",
             "`fit` seq-len and `grid` apply to language models (hf:..., or a model taking token ids)",
@@ -208,10 +266,10 @@ def estimate(
             seq_fit = fitting.fit_seq_len(
                 workload,
                 capacity.total_bytes,
-                target="cuda",
+                target=target,
                 multiple_of=multiple_of,
                 known={workload.seq_len: trace_result},
-                trace_fn=functools.partial(trace_step, cuda_target=target),
+                trace_fn=functools.partial(trace_step, cuda_target=cuda),
             )
         if grid:
             batches, seqs = fitting.default_grid(workload) if isinstance(grid, bool) else grid
@@ -220,9 +278,9 @@ def estimate(
                 capacity.total_bytes,
                 list(batches),
                 list(seqs),
-                target="cuda",
+                target=target,
                 known={(workload.batch_size, workload.seq_len or 0): trace_result},
-                trace_fn=functools.partial(trace_step, cuda_target=target),
+                trace_fn=functools.partial(trace_step, cuda_target=cuda),
             )
     if fit is None and capacity is not None:
         fit = formula_fit(analytic, capacity, headroom, note=fit_note)
@@ -231,7 +289,7 @@ def estimate(
     else:
         headline, source = analytic.total_bytes, "formula"
     if capacity is None and capacity_note is None:
-        capacity_note = "no --gpu-memory given"
+        capacity_note = "no --memory-limit given" if target == "cpu" else "no --gpu-memory given"
     step, step_note = None, None
     if trace_result is None:
         step_note = "needs a trace (the step-time model runs on the traced ops)"
@@ -239,6 +297,9 @@ def estimate(
         step_note = "needs a GPU (--gpu NAME)"
     else:
         step = step_time(trace_result, gpu, tokens=tokens_per_sample(workload))
+    verification = None
+    if verify and not interrupted:
+        verification = verify_step(workload, target, index, trace_result, analytic.total_bytes)
     result = EstimateResult(
         workload=workload.describe(),
         analytic=analytic,
@@ -253,6 +314,8 @@ def estimate(
         grid=grid_fit,
         step_time=step,
         step_time_note=step_note,
+        target=target,
+        verification=verification,
         trace_error=trace_error,
         trace_hint=trace_hint,
         interrupted=interrupted,
@@ -260,3 +323,84 @@ def estimate(
     if interrupted:
         raise Interrupted(result)
     return result
+
+
+def _require_cuda(index: int) -> None:
+    import torch
+
+    if not torch.cuda.is_available():  # asks the driver for a device count; allocates nothing on the GPU
+        raise NoGPUError(
+            "`verify` runs a real step on `device` cuda, and no CUDA GPU is available",
+            "verify on the CPU instead: `device` cpu `verify`",
+        )
+    if index >= torch.cuda.device_count():
+        raise NoGPUError(
+            f"there is no CUDA device {index} (found {torch.cuda.device_count()})", "choose `device` cuda:0"
+        )
+
+
+def _error(predicted: int | None, measured: int | None) -> float | None:
+    if predicted is None or not measured:
+        return None
+    return 100.0 * (predicted - measured) / measured
+
+
+def verify_step(
+    workload: Workload,
+    target: Target,
+    index: int,
+    traced: TraceResult | None,
+    formula_bytes: int,
+    steps: int = 2,
+) -> Verification:
+    """Run ``steps`` real training steps on the target and compare them with the prediction.
+
+    CPU: peak live bytes from ``torch.profiler``'s memory events, oneDNN scratch included
+    (:func:`memprof.engine.measure.measure_cpu_step`, the truth of ``scripts/validate_cpu.py``).
+    CUDA: ``torch.cuda.max_memory_allocated()``, ``max_memory_reserved()`` and NVML's usage for
+    this process (:func:`memprof.engine.measure.measure_cuda_step`, as ``scripts/validate_gpu.py``).
+    Without a trace the formula total is compared with the allocated peak.
+    """
+    from ..engine.measure import is_oom_error, measure_cpu_step, measure_cuda_step
+
+    source: Source = "traced" if traced is not None else "formula"
+    allocated = traced.peak_bytes if traced is not None else formula_bytes
+    started = time.perf_counter()
+    if target == "cpu":
+        measured = measure_cpu_step(workload, steps=steps)
+        figure = VerifiedFigure(
+            "allocated",
+            "peak live bytes (torch.profiler memory events)",
+            allocated,
+            measured["peak_bytes"],
+            _error(allocated, measured["peak_bytes"]),
+        )
+        return Verification("cpu", steps, source, (figure,), time.perf_counter() - started)
+    try:
+        m = measure_cuda_step(workload, index=index, steps=steps)
+    except Exception as exc:
+        if not is_oom_error(exc):
+            raise
+        return Verification(
+            f"cuda:{index}",
+            steps,
+            source,
+            (),
+            time.perf_counter() - started,
+            oom=True,
+            note=f"the real step ran out of memory at batch {workload.batch_size}",
+        )
+    predicted: list[tuple[str, str, int | None, int | None]] = [
+        ("allocated", "torch.cuda.max_memory_allocated()", allocated, m["allocated_bytes"])
+    ]
+    if traced is not None:
+        predicted.append(
+            ("reserved", "torch.cuda.max_memory_reserved()", traced.predicted_reserved_bytes, m["reserved_bytes"])
+        )
+        predicted.append(("nvml", "NVML process used memory", traced.predicted_nvml_bytes, m["nvml_bytes"]))
+    figures = tuple(VerifiedFigure(k, how, p, v, _error(p, v)) for k, how, p, v in predicted)
+    notes = [] if m["nvml_bytes"] is not None else ["NVML did not report this process's memory (not permitted here)"]
+    if m["optimizer_steps"] < steps:  # GradScaler skipped every step: the peak misses the optimizer state
+        notes.append(f"the optimizer stepped {m['optimizer_steps']} times in {m['skipped_steps']} skipped steps")
+    note = "; ".join(notes) or None
+    return Verification(f"cuda:{index} {m['device']}", steps, source, figures, time.perf_counter() - started, note=note)

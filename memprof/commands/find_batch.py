@@ -22,7 +22,7 @@ from ..engine.search import Guide, Outcome, search
 from ..engine.torchrun import COLLECTIVE_TIMEOUT_S, Launch, check_launch, raise_rank_error, run_job
 from ..engine.workload import MAX_SKIPPED_STEPS, Workload
 from ..errors import MemprofError, UsageError
-from ..results import BatchPrediction, BatchTrial, Capacity, CudaTarget, FindBatchResult, Metric, Target
+from ..results import BatchPrediction, BatchTrial, Capacity, CudaTarget, FindBatchResult, Metric, SearchStatus, Target
 
 DEFAULT_MAX_BATCH = 4096
 DEFAULT_STEPS = 2
@@ -322,6 +322,7 @@ def _search_with(
     def on_step(step) -> None:
         trials[-1] = replace(trials[-1], reason=step.reason)
 
+    status: SearchStatus
     if interrupted:
         status, largest, smallest_oom = "interrupted", None, None
     else:

@@ -21,6 +21,7 @@ Tied weights are counted once (by storage); buffers are kept apart from paramete
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import TraceError
 from ..results import AnalyticEstimate, LayerRow, MemCategory, MethodTotal
+from .modtrack import ModuleFrame, ModuleTracker
 from .rnn import shape_only_rnns
 from .workload import DTYPE_BYTES, get_offload, get_optimizer_name, optimizer_state_count
 
@@ -269,30 +271,27 @@ def _is_inplace(module) -> bool:
     return bool(getattr(module, "inplace", False))
 
 
-class _Recorder:
-    """Forward pre-/post-hooks on every module: the call stack, innermost calls and their outputs."""
+class _CallRecorder:
+    """Every module call of one forward (on the module tracker): input and output sizes, innermost calls."""
 
     def __init__(self, model, act_bytes: int | None):
         self.model = model
         self.act_bytes = act_bytes  # element size for floating outputs under AMP (None: the tensor's own)
-        self.names: dict[Any, str] = {}
-        for n, m in model.named_modules(remove_duplicate=False):
-            self.names.setdefault(m, n or "(model)")  # a module reachable under two names: its first
-        self.stack: list[_Call] = []
         self.calls: list[_Call] = []
-        self.handles: list = []
+        self.modules = ModuleTracker(on_enter=self._enter, on_exit=self._exit, backward=False)
 
     def __enter__(self):
-        for module in self.model.modules():
-            self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
-            self.handles.append(module.register_forward_hook(self._post, with_kwargs=True))
+        self.modules.attach(self.model, root_name="(model)")  # a module reachable under two names: its first
         return self
 
     def __exit__(self, *exc):
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        self.modules.detach()
         return False
+
+    def failed_call(self) -> _Call | None:
+        """The innermost call whose forward raised."""
+        frame = self.modules.stack[-1] if self.modules.stack else self.modules.failed
+        return frame.data if frame is not None else None
 
     def _size(self, tensors) -> tuple[int, int, int]:
         elements = nbytes = fp32 = 0
@@ -311,20 +310,21 @@ class _Recorder:
                 nbytes += n * t.element_size()
         return elements, nbytes, fp32
 
-    def _pre(self, module, args, kwargs):
-        if self.stack:
-            self.stack[-1].leaf = False
-        call = _Call(self.names.get(module, type(module).__name__), module)
-        call.in_bytes = self._size(_tensors((args, kwargs)))[1]
+    def _enter(self, module, name: str, args, kwargs) -> _Call:
+        stack = self.modules.stack
+        if stack:
+            stack[-1].data.leaf = False
+        call = _Call(name, module)
         inputs = _tensors((args, kwargs))
+        call.in_bytes = self._size(inputs)[1]
         call.in_shapes = tuple(tuple(t.shape) for t in inputs)
         call.in_ids = frozenset(id(t) for t in inputs)
-        self.stack.append(call)
+        return call
 
-    def _post(self, module, args, kwargs, output):
-        if not self.stack:
+    def _exit(self, frame: ModuleFrame, output) -> None:
+        if output is None and sys.exc_info()[1] is not None:  # its forward raised: not a call that ran
             return
-        call = self.stack.pop()
+        call = frame.data
         outs = _tensors(output)
         call.returns_input = bool(outs) and all(id(t) in call.in_ids for t in outs)
         call.out_shapes = tuple(tuple(t.shape) for t in outs)
@@ -358,7 +358,7 @@ def _run(model, workload: Workload, batch: int, act_bytes: int | None) -> _Run:
 
     args, kwargs, target = workload.make_batch(torch.device("meta"), batch)
     run = _Run()
-    rec = _Recorder(model, act_bytes)
+    rec = _CallRecorder(model, act_bytes)
     run.input_bytes = rec._size(_tensors((args, kwargs, target)))[1]
     run.input_elements = rec._size(_tensors((args, kwargs)))[0]
     try:
@@ -377,11 +377,11 @@ def _run(model, workload: Workload, batch: int, act_bytes: int | None) -> _Run:
     return run
 
 
-def _shape_error(exc: Exception, rec: _Recorder, args, kwargs, workload: Workload) -> Exception:
+def _shape_error(exc: Exception, rec: _CallRecorder, args, kwargs, workload: Workload) -> Exception:
     """The innermost module that was running, its input shape and what it expects (:mod:`.blame`)."""
     from .blame import expects, forward_error, raised, raised_in_model_code
 
-    call = rec.stack[-1] if rec.stack else None
+    call = rec.failed_call()
     first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     meta_problem = not raised_in_model_code(exc) and (
         isinstance(exc, NotImplementedError)

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from ..errors import MeasureError, MemprofError, NoGPUError
 from ..results import BatchTrial, Metric
-from .workload import Prepared, Workload, make_grad_scaler, prepare, train_step, train_steps
+from .workload import MAX_SKIPPED_STEPS, Prepared, Workload, make_grad_scaler, prepare, train_step, train_steps
 
 PhaseCallback = Callable[[int, str], None]  # (step number from 1, phase)
 
@@ -570,6 +570,28 @@ def _isolated_cuda(index: int) -> IsolatedRunner:
     return IsolatedRunner("cuda", index, f"cuda:{index}")
 
 
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for a while: the profiler's C++ layer (kineto) writes status lines
+    ("profiler_start", "gpuGetDeviceCount failed" on machines without a GPU) straight to it."""
+    import os
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable descriptor 2: nothing to hide
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def measure_cpu_step(workload: Workload, *, steps: int = 2, storages: bool = False) -> dict[str, int]:
     """Run ``steps`` REAL training steps on the CPU and measure peak live bytes without the tracer.
 
@@ -624,7 +646,7 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2, storages: bool = Fal
         tracker.register(tensors)
     try:
         for _ in range(steps):
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 with tracker if tracker is not None else contextlib.nullcontext():
                     train_step(prepared)
             events = [
@@ -657,6 +679,79 @@ def _step_peaks(step_peaks: list[int], resident: int) -> dict[str, int]:
         "steady_peak_bytes": step_peaks[-1],
         "resident_bytes": resident,
     }
+
+
+def measure_cuda_step(
+    workload: Workload,
+    *,
+    index: int = 0,
+    steps: int = 2,
+    first_step: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+) -> dict[str, Any]:
+    """Run ``steps`` REAL training steps on CUDA device ``index`` and read what the trace predicts.
+
+    The model, optimizer and batch are built first; construction temporaries are released
+    (``empty_cache``) and the peak statistics reset, so the figures cover the steps from the
+    resident state on, as the trace does: ``torch.cuda.max_memory_allocated()``,
+    ``max_memory_reserved()`` and NVML's usage for this process (CUDA context included; where
+    NVML does not list processes, the device's used memory minus what it used before). Used by
+    ``memprof estimate --verify`` and ``scripts/validate_gpu.py``. Returns ``{"allocated_bytes",
+    "reserved_bytes", "nvml_bytes" (None when unknown), "first_step_allocated_bytes", "optimizer_steps",
+    "skipped_steps", "device", "capability"}``: a step whose ``optimizer.step()`` GradScaler skipped is run
+    again (up to :data:`memprof.engine.workload.MAX_SKIPPED_STEPS`), so the optimizer state is measured.
+    A step that runs out of memory raises (see :func:`is_oom_error`). ``first_step``
+    makes a context the first step runs in (``scripts/validate_gpu.py`` notes which attention kernels run).
+    """
+    import torch
+
+    from . import nvml
+
+    if not torch.cuda.is_available():
+        raise NoGPUError("CUDA is not available", "verify on the CPU instead: `device` cpu")
+    before = nvml.device_info(index)  # before this process's CUDA context exists
+    baseline = before.used_bytes if before is not None else None
+    dev = torch.device("cuda", index)
+    torch.manual_seed(0)
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        with torch.cuda.device(dev):
+            prepared = prepare(workload, dev)
+            scaler = make_grad_scaler(workload, "cuda")
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()  # construction temporaries: the trace starts from params/buffers/inputs
+            torch.cuda.reset_peak_memory_stats()
+            peaks: list[int] = []  # after each step in which the optimizer stepped
+            skipped = 0  # steps whose optimizer.step() GradScaler skipped (inf grads at its scale): run again
+            while len(peaks) < steps and skipped <= MAX_SKIPPED_STEPS:
+                with first_step() if first_step is not None and not peaks and not skipped else contextlib.nullcontext():
+                    stepped = train_step(prepared, scaler=scaler)
+                torch.cuda.synchronize()
+                if stepped:
+                    peaks.append(int(torch.cuda.max_memory_allocated()))
+                else:
+                    skipped += 1
+            used = nvml.process_used_bytes(index)
+            if used is None and baseline is not None:
+                info = nvml.device_info(index)
+                if info is not None:
+                    used = info.used_bytes - baseline
+            result = {
+                "allocated_bytes": int(torch.cuda.max_memory_allocated()),
+                "reserved_bytes": int(torch.cuda.max_memory_reserved()),
+                "nvml_bytes": used,
+                "first_step_allocated_bytes": peaks[0] if peaks else None,
+                "optimizer_steps": len(peaks),
+                "skipped_steps": skipped,
+                "device": torch.cuda.get_device_name(),
+                "capability": list(torch.cuda.get_device_capability()),
+            }
+        del prepared, scaler
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        gc.collect()
+        torch.cuda.empty_cache()
+    return result
 
 
 # =========================================================================== one rank of a real job

@@ -8,8 +8,9 @@ How it works (real tensors, CPU or CUDA, no re-execution):
 * a ``sys.settrace`` hook that only follows frames of the user's own files (the script's
   folder, minus installed packages) keeps a stack of the lines being executed: allocations
   are charged to the innermost one, hits and per-line deltas/peaks come from its line events;
-* global module hooks keep a stack of modules in forward; autograd sequence numbers
-  recorded around each forward tell, in backward, which module's node is running;
+* global module hooks (:class:`~memprof.engine.modtrack.ModuleTracker`) keep a stack of modules in
+  forward; autograd sequence numbers recorded around each forward tell, in backward, which
+  module's node is running;
 * optimizer step hooks and per-parameter post-accumulate-grad hooks label optimizer
   state and gradients; parameters and buffers are labelled when their module first runs.
 
@@ -19,7 +20,6 @@ a script that raises or calls ``sys.exit`` still yields its partial profile.
 
 from __future__ import annotations
 
-import bisect
 import functools
 import linecache
 import os
@@ -51,6 +51,7 @@ from ..results import (
     TensorGroup,
     TimelineSample,
 )
+from .modtrack import ModuleFrame, ModuleTracker
 from .tracking import StorageTracker
 
 OUTSIDE = "<outside the script's files>"
@@ -72,7 +73,7 @@ _LIBRARY_MARKERS = (
 )
 
 
-class _Recorder(StorageTracker):
+class _ProfileRecorder(StorageTracker):
     """The dispatch mode plus everything charged to lines, modules and phases."""
 
     @classmethod
@@ -92,14 +93,11 @@ class _Recorder(StorageTracker):
         self.stack: list[list] = []  # user frames: [line key, bytes at line start, max during line]
         self.lines: dict[tuple[str, int], list[int]] = {}
         self.line_alloc: dict[tuple[str, int], int] = defaultdict(int)
-        self.mstack: list[list] = []  # modules in forward: [module, name, bytes at entry, max, seq at entry]
+        # modules in forward (frame data: [bytes at entry, max]); in backward, the module behind each node
+        self.mtrack = ModuleTracker(on_enter=self.forward_pre, on_exit=self.forward_post)
         self.modules: dict[str, list] = {}
         self.module_types: dict[str, str] = {}
-        self._names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._sighted: weakref.WeakSet = weakref.WeakSet()
-        self._seq_starts: list[int] = []  # disjoint autograd sequence ranges -> module name
-        self._seq_ends: list[int] = []
-        self._seq_names: list[str] = []
         self.opt_depth = 0
         self.script_globals: dict | None = None
         self.script_file: str | None = None
@@ -205,21 +203,20 @@ class _Recorder(StorageTracker):
             phase = "optimizer"
         elif torch._C._current_graph_task_id() != -1:
             phase = "backward"
-            node = torch._C._current_autograd_node()
-            if node is not None:
-                module = self._module_of_seq(node._sequence_nr())
-                if module is not None:
-                    ms = self.modules[module]
-                    ms[_BALLOC] += nbytes
-                    if ms[_BPEAK] is None or cur > ms[_BPEAK]:
-                        ms[_BPEAK] = cur
-        elif self.mstack:
+            module = self.mtrack.backward_module()
+            if module is not None:
+                ms = self.modules[module]
+                ms[_BALLOC] += nbytes
+                if ms[_BPEAK] is None or cur > ms[_BPEAK]:
+                    ms[_BPEAK] = cur
+        elif self.mtrack.stack:
             phase = "forward"
-            module = self.mstack[-1][1]
-            for entry in reversed(self.mstack):
-                if entry[3] >= cur:
+            frames = self.mtrack.stack
+            module = frames[-1].name
+            for frame in reversed(frames):
+                if frame.data[1] >= cur:
                     break
-                entry[3] = cur
+                frame.data[1] = cur
         else:
             phase = "script"
         cat = MemCategory.ACTIVATION if phase == "forward" and torch.is_grad_enabled() else MemCategory.TEMPORARY
@@ -366,20 +363,6 @@ class _Recorder(StorageTracker):
     _last_nvml = 0.0
 
     # -- modules ----------------------------------------------------------------------------------
-    def _module_name(self, module: torch.nn.Module) -> str:
-        name = self._names.get(module)
-        if name is None:
-            root = type(module).__name__
-            if not self.mstack:  # a root call: name its whole tree
-                for qual, sub in module.named_modules():
-                    if sub not in self._names:
-                        self._names[sub] = f"{root}.{qual}" if qual else root
-                name = self._names[module]
-            else:
-                name = f"{self.mstack[-1][1]}.<{root}>"
-                self._names[module] = name
-        return name
-
     def _first_sight(self, module: torch.nn.Module) -> None:
         for p in module.parameters(recurse=False):
             self.label(p, MemCategory.PARAMETER)
@@ -395,13 +378,13 @@ class _Recorder(StorageTracker):
         if p.grad is not None:
             self.label(p.grad, MemCategory.GRADIENT)
 
-    def forward_pre(self, module, args):
-        name = self._module_name(module)
+    def forward_pre(self, module, name: str, args, kwargs) -> list[int]:
+        """A module call starts (the tracker's on_enter): label its tensors on first sight; the frame's data."""
         if module not in self._sighted:
             self._sighted.add(module)
             self._first_sight(module)
             self.module_types[name] = type(module).__name__
-        if not self.mstack:  # the outermost call's tensor arguments allocated by the script: inputs
+        if not self.mtrack.stack:  # the outermost call's tensor arguments allocated by the script: inputs
             for a in tree_leaves(args):
                 if isinstance(a, torch.Tensor):
                     try:
@@ -410,60 +393,24 @@ class _Recorder(StorageTracker):
                         continue
                     if rec is not None and rec[_PHASE] == "script" and rec[_CAT] is MemCategory.TEMPORARY:
                         rec[_CAT] = MemCategory.INPUT
-        cur = self.current_bytes
-        self.mstack.append([module, name, cur, cur, torch._C._autograd._get_sequence_nr()])
         if name not in self.modules:
             self.modules[name] = [0, 0, 0, 0, None]
+        cur = self.current_bytes
+        return [cur, cur]  # bytes at entry, highest since
 
-    def forward_post(self, module, args, output):
-        # pop up to this module (a forward that raised may have left inner entries)
-        while self.mstack:
-            entry = self.mstack.pop()
-            if entry[0] is module:
-                break
-        else:
-            return
-        name = entry[1]
-        st = self.modules[name]
+    def forward_post(self, frame: ModuleFrame, output) -> None:
+        """A module call ends (the tracker's on_exit, the frame popped): its statistics."""
+        at_entry, highest = frame.data
+        st = self.modules[frame.name]
         st[_CALLS] += 1
-        added = self.current_bytes - entry[2]
+        added = self.current_bytes - at_entry
         if added > st[_ADDED]:
             st[_ADDED] = added
-        if entry[3] > st[_FPEAK]:
-            st[_FPEAK] = entry[3]
-        if self.mstack and entry[3] > self.mstack[-1][3]:
-            self.mstack[-1][3] = entry[3]
-        self._claim_seq(entry[4], torch._C._autograd._get_sequence_nr(), name)
-
-    def _claim_seq(self, s0: int, s1: int, name: str) -> None:
-        """Autograd nodes numbered [s0, s1) were made in this forward; inner modules keep theirs."""
-        if s1 <= s0:
-            return
-        i = bisect.bisect_left(self._seq_starts, s0)
-        children = list(zip(self._seq_starts[i:], self._seq_ends[i:], self._seq_names[i:], strict=False))
-        del self._seq_starts[i:], self._seq_ends[i:], self._seq_names[i:]
-        pos = s0
-        for a, b, n in children:
-            if a > pos:
-                self._add_seq(pos, a, name)
-            self._add_seq(a, b, n)
-            pos = max(pos, b)
-        if pos < s1:
-            self._add_seq(pos, s1, name)
-
-    def _add_seq(self, a: int, b: int, name: str) -> None:
-        if self._seq_names and self._seq_names[-1] == name and self._seq_ends[-1] == a:
-            self._seq_ends[-1] = b
-            return
-        self._seq_starts.append(a)
-        self._seq_ends.append(b)
-        self._seq_names.append(name)
-
-    def _module_of_seq(self, seq: int) -> str | None:
-        i = bisect.bisect_right(self._seq_starts, seq) - 1
-        if i >= 0 and seq < self._seq_ends[i]:
-            return self._seq_names[i]
-        return None
+        if highest > st[_FPEAK]:
+            st[_FPEAK] = highest
+        parents = self.mtrack.stack
+        if parents and highest > parents[-1].data[1]:
+            parents[-1].data[1] = highest
 
     # -- optimizers -----------------------------------------------------------------------------
     def opt_pre(self, optimizer, args, kwargs):
@@ -482,13 +429,7 @@ class _Recorder(StorageTracker):
 
     # -- install / remove -------------------------------------------------------------------------
     def install_hooks(self) -> None:
-        from torch.nn.modules import module as mm
-
-        self._hooks.append(mm.register_module_forward_pre_hook(self.forward_pre))
-        try:
-            self._hooks.append(mm.register_module_forward_hook(self.forward_post, always_call=True))
-        except TypeError:  # torch < 2.1
-            self._hooks.append(mm.register_module_forward_hook(self.forward_post))
+        self.mtrack.attach()  # global module hooks: every module the script runs
         try:
             from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
@@ -505,10 +446,11 @@ class _Recorder(StorageTracker):
                 pass
         self._hooks.clear()
         self._param_hooks.clear()
+        self.mtrack.detach()
 
 
 # ======================================================================================== run
-_ACTIVE: list[_Recorder | None] = [None]
+_ACTIVE: list[_ProfileRecorder | None] = [None]
 
 
 def _after_fork_in_child() -> None:
@@ -587,7 +529,7 @@ def profile_script(
     _warm_up()
     abspath = os.path.abspath(path)
     user_dir = abspath if path.is_dir() else os.path.dirname(abspath)
-    rec = _Recorder(user_dir, log=log, cuda_samples=has_cuda, device_type=None if device == "all" else device)
+    rec = _ProfileRecorder(user_dir, log=log, cuda_samples=has_cuda, device_type=None if device == "all" else device)
     saved_argv, saved_path0 = sys.argv[:], list(sys.path)
     saved_modules = set(sys.modules)
     saved_trace = sys.gettrace()
@@ -653,7 +595,7 @@ def profile_script(
                 pass
 
 
-def _forget_user_modules(before: set[str], rec: _Recorder) -> None:
+def _forget_user_modules(before: set[str], rec: _ProfileRecorder) -> None:
     """Modules the script imported from its own folder: gone with it, as when its process ends
     (a second profile in the same process must import its own ``helper.py``, not this one's)."""
     for name in set(sys.modules) - before:
@@ -662,18 +604,18 @@ def _forget_user_modules(before: set[str], rec: _Recorder) -> None:
             sys.modules.pop(name, None)
 
 
-def _display(rec: _Recorder, filename: str) -> str:
+def _display(rec: _ProfileRecorder, filename: str) -> str:
     path = os.path.abspath(filename)
     if path.startswith(rec.user_dir):
         return path[len(rec.user_dir) :]
     return os.path.basename(path)
 
 
-def _location(rec: _Recorder, key: tuple[str, int]) -> str:
+def _location(rec: _ProfileRecorder, key: tuple[str, int]) -> str:
     return f"{_display(rec, key[0])}:{key[1]}"
 
 
-def _loc(rec: _Recorder, key: tuple[str, int] | None) -> str | None:
+def _loc(rec: _ProfileRecorder, key: tuple[str, int] | None) -> str | None:
     return None if key is None else _location(rec, key)
 
 
@@ -683,7 +625,7 @@ def _source(key: tuple[str, int] | None) -> str | None:
     return linecache.getline(key[0], key[1]).strip() or None
 
 
-def _script_traceback(rec: _Recorder, exc: BaseException) -> tuple[str, ...]:
+def _script_traceback(rec: _ProfileRecorder, exc: BaseException) -> tuple[str, ...]:
     """The traceback Python would print for the script, with the script's own frames only (not
     memprof's, not runpy's, not the libraries'): the lines the person has to fix. Chained
     exceptions (``raise ... from``) keep only the last one, as the one that ended the script."""
@@ -700,7 +642,7 @@ def _script_traceback(rec: _Recorder, exc: BaseException) -> tuple[str, ...]:
     return tuple(lines)
 
 
-def _where(rec: _Recorder, tb) -> dict:
+def _where(rec: _ProfileRecorder, tb) -> dict:
     """The innermost frame of the user's files in a traceback."""
     key = None
     while tb is not None:
@@ -710,7 +652,7 @@ def _where(rec: _Recorder, tb) -> dict:
     return {"location": _loc(rec, key), "source": _source(key)}
 
 
-def _cuda_info(rec: _Recorder, snapshot_path) -> ProfileCuda | None:
+def _cuda_info(rec: _ProfileRecorder, snapshot_path) -> ProfileCuda | None:
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return None
     from . import nvml
@@ -740,7 +682,7 @@ def _cuda_info(rec: _Recorder, snapshot_path) -> ProfileCuda | None:
     )
 
 
-def _leaks(rec: _Recorder) -> list[LeakSuspect]:
+def _leaks(rec: _ProfileRecorder) -> list[LeakSuspect]:
     """Lines whose allocations from many executions are all alive (at exit, else at the peak), and
     global containers of tensors that keep their autograd graphs."""
     out: list[LeakSuspect] = []
@@ -811,7 +753,7 @@ def _leaks(rec: _Recorder) -> list[LeakSuspect]:
     return out
 
 
-def _groups(rec: _Recorder, records: list[list], limit: int) -> tuple[TensorGroup, ...]:
+def _groups(rec: _ProfileRecorder, records: list[list], limit: int) -> tuple[TensorGroup, ...]:
     groups: dict[tuple, list[int]] = {}
     for r in records:
         k = (r[_SHAPE], r[_DTYPE], r[_DEVICE], r[_ORIGIN], r[_CAT])
@@ -849,7 +791,7 @@ def _downsample(ts: array, bs: array, n: int) -> tuple[TimelineSample, ...]:
     return tuple(out)
 
 
-def _build(rec: _Recorder, path: Path, args, outcome, wall, cuda, leaks, top, timeline_points) -> ProfileResult:
+def _build(rec: _ProfileRecorder, path: Path, args, outcome, wall, cuda, leaks, top, timeline_points) -> ProfileResult:
     # lines
     live_exit: dict[Any, int] = defaultdict(int)
     for r in rec.meta.values():

@@ -27,6 +27,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..results import SearchStatus
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -89,7 +91,7 @@ STATUSES = ("exact", "max_batch", "nothing_fits", "interrupted", "trial_limit")
 class SearchResult:
     largest_fit: int | None
     smallest_oom: int | None
-    status: str
+    status: SearchStatus
     steps: tuple[Step, ...] = field(default_factory=tuple)
     capacity_bytes: int | None = None
 
@@ -286,7 +288,7 @@ class _State:
                 self.trust_guide = False
             self.up = 0
 
-    def status(self) -> str | None:
+    def status(self) -> SearchStatus | None:
         if self.hi is not None and self.hi <= self.min_batch:
             return "nothing_fits"
         if self.hi is not None and self.hi == self.lo + 1:

@@ -27,7 +27,6 @@ CPU prediction (raw storage bytes), the CUDA ``max_memory_allocated`` prediction
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import dataclasses
 import functools
@@ -42,6 +41,7 @@ from . import fastfake, overheads, placement
 from .allocator import AllocatorConf, CachingAllocatorModel, conf_from_source
 from .flops import FlopTally
 from .gradaccum import InputBufferMirror
+from .modtrack import ModuleTracker
 from .shadow import Shadows
 from .workload import Prepared, Workload, build_model, generate_step, make_optimizer, train_step
 
@@ -81,12 +81,10 @@ def _matmul_ops() -> frozenset:
 
 
 # =========================================================================== recording
-class _Recorder:
+class _TraceRecorder:
     """Collects allocation records and events while the step runs; analysis happens afterwards."""
 
     def __init__(self, target: str, kernel_scratch: bool = True, cuda_target: CudaTarget | None = None):
-        import torch
-
         self.target = target
         self.cuda_target = cuda_target
         self.rec_nbytes: list[int] = []
@@ -102,14 +100,10 @@ class _Recorder:
         self.phase = "setup"
         self.step = 0
         self.category: MemCategory | None = None  # forced category while set (setup)
-        self.module_stack: list[str] = []
-        self.seq_marks: list[int] = []
-        self.seq_mods: list[str | None] = []
-        self.last_module_input: tuple[str, list] | None = None
+        # the module running each allocation; on_enter keeps each call's input shapes for error messages
+        self.modules = ModuleTracker(on_enter=self._enter_module, on_exit=self._exit_module)
         self.param_layers_done = 0  # forward calls of modules with their own parameters that returned
         self.tracker: StorageTracker | None = None
-        self._current_node = torch._C._current_autograd_node
-        self._seq_nr = torch._C._autograd._get_sequence_nr
         self.need_workspace = target == "cuda"
         self.accum = InputBufferMirror()  # which gradient sums autograd does in place on real tensors
         self.cpu_scratch = target == "cpu" and kernel_scratch
@@ -154,24 +148,32 @@ class _Recorder:
 
     def locate(self) -> tuple[str | None, bool]:
         """For the FLOP tally: the module running now, and whether this is a recomputation in backward."""
-        return self.module_now(), self.phase == "backward" and bool(self.module_stack)
+        return self.module_now(), self.phase == "backward" and bool(self.modules.stack)
 
     # -- module attribution -------------------------------------------------------------
-    def module_now(self) -> str | None:
-        if self.module_stack:
-            return self.module_stack[-1]
-        if self.phase == "backward":
-            node = self._current_node()
-            if node is not None:
-                seq = node._sequence_nr()
-                i = bisect.bisect_right(self.seq_marks, seq) - 1
-                if i >= 0 and seq < (1 << 62):
-                    return self.seq_mods[i]
-        return None
+    def _enter_module(self, module, name: str, args: tuple, kwargs: dict) -> list[tuple[int, ...]]:
+        """The module tracker's entry hook: FSDP2's gathered parameters categorised; the call's input shapes."""
+        if self.sharded:  # FSDP2 swapped in the unsharded parameters just before (its pre-hook runs first)
+            self.categorize_tensors(module.parameters(recurse=False), MemCategory.GATHERED_PARAMETER)
+        return _input_shapes(module, name, args, kwargs)
 
-    def mark(self) -> None:
-        self.seq_marks.append(self._seq_nr())
-        self.seq_mods.append(self.module_stack[-1] if self.module_stack else None)
+    def _exit_module(self, frame, output) -> None:
+        """The module tracker's exit hook: layers that returned; when the model's forward returned (a plain
+        loop's previous output dies then: :func:`_replay_step` frees it there)."""
+        if output is not None and frame.module._parameters:  # None: its forward raised (always_call)
+            self.param_layers_done += 1
+        if frame.name == self.root_label and self.phase == "forward" and self.step not in self.forward_end:
+            self.forward_end[self.step] = len(self.events)
+            if self.tracker is not None:
+                self.forward_end_op[self.step] = self.tracker.op_count
+
+    def module_now(self) -> str | None:
+        stack = self.modules.stack
+        if stack:
+            return stack[-1].name
+        if self.phase == "backward":
+            return self.modules.backward_module()
+        return None
 
     # -- tracker callbacks ----------------------------------------------------------------
     def on_alloc(self, key: int, nbytes: int, func: Any) -> None:
@@ -311,7 +313,7 @@ def _gloo_scratch(func, args) -> int:
     return nbytes * int(args[1]) if times_group else nbytes
 
 
-def _scratch_rules(recorder: _Recorder) -> dict:
+def _scratch_rules(recorder: _TraceRecorder) -> dict:
     """op -> (kind, bytes(args)) for the kernel scratch a target allocates inside an op."""
     import torch
 
@@ -368,7 +370,7 @@ def _lt_ops() -> frozenset:
     )
 
 
-def _make_tracker(recorder: _Recorder):
+def _make_tracker(recorder: _TraceRecorder):
     import torch
     from torch.utils._pytree import tree_leaves
 
@@ -452,6 +454,12 @@ def _make_tracker(recorder: _Recorder):
     return tracker
 
 
+def _input_shapes(module, name: str, args: tuple, kwargs: dict) -> list[tuple[int, ...]]:
+    import torch
+
+    return [tuple(a.shape) for a in args if isinstance(a, torch.Tensor) and not a.is_nested]
+
+
 def _with_meta_fallbacks(run: Callable[[Any, tuple, dict | None], Any]) -> Callable[[Any, tuple, dict | None], Any]:
     """``run``, plus output shapes for ops whose meta kernel refuses what the CPU kernel runs.
 
@@ -513,7 +521,7 @@ def _blocks(model) -> dict[str, str]:
     return blocks
 
 
-def _saved_by_block(rec: _Recorder, sizes: list[int], last: int) -> tuple[SavedBlock, ...]:
+def _saved_by_block(rec: _TraceRecorder, sizes: list[int], last: int) -> tuple[SavedBlock, ...]:
     """What each block keeps for backward (activation records of the last step), alike blocks grouped."""
     if not rec.blocks:
         return ()
@@ -550,7 +558,7 @@ def _saved_by_block(rec: _Recorder, sizes: list[int], last: int) -> tuple[SavedB
     return tuple(rows)
 
 
-def _onednn_lstm(tracker, recorder: _Recorder, func, args, kwargs, forward: bool):
+def _onednn_lstm(tracker, recorder: _TraceRecorder, func, args, kwargs, forward: bool):
     """oneDNN's LSTM layer on the CPU: its workspace at its real size, its in-kernel scratch as a temporary.
 
     FakeTensorMode returns ``mkldnn_rnn_layer``'s workspace empty and the backward's two bias
@@ -594,7 +602,7 @@ def _onednn_lstm(tracker, recorder: _Recorder, func, args, kwargs, forward: bool
 class _CudnnHooks:
     """What the cuDNN RNN emulation (:func:`memprof.engine.rnn.cudnn_rnn_function`) reports to the recorder."""
 
-    def __init__(self, recorder: _Recorder):
+    def __init__(self, recorder: _TraceRecorder):
         self.recorder = recorder
         self.dropout_state = False
 
@@ -610,7 +618,7 @@ class _CudnnHooks:
             self.recorder.synthetic(rnn.CUDNN_DROPOUT_STATE_BYTES, MemCategory.CUDA_OVERHEAD, rnn.CUDNN_DROPOUT)
 
 
-def _install_cudnn_rnns(recorder: _Recorder) -> Callable[[], None]:
+def _install_cudnn_rnns(recorder: _TraceRecorder) -> Callable[[], None]:
     """Route nn.LSTM/GRU/RNN through an emulation of cuDNN's ``_cudnn_rnn`` while tracing for CUDA.
 
     On CUDA, ``torch._VF.lstm/gru/rnn_tanh/rnn_relu`` run one ``_cudnn_rnn`` for all layers, which
@@ -685,49 +693,6 @@ def _install_linear() -> Callable[[], None]:
         F.linear = real
 
     return restore
-
-
-def _install_module_hooks(model, recorder: _Recorder) -> list:
-    import torch
-
-    handles = []
-    root_name = type(model).__name__
-    recorder.root_label = root_name
-    recorder.blocks = _blocks(model)
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        label = name or root_name
-        recorder.module_types.setdefault(label, type(module).__name__)
-
-        def pre(mod, args, _label=label):
-            if recorder.sharded:  # FSDP2 swapped in the unsharded parameters just before (its hook runs first)
-                recorder.categorize_tensors(mod.parameters(recurse=False), MemCategory.GATHERED_PARAMETER)
-            recorder.module_stack.append(_label)
-            shapes = [tuple(a.shape) for a in args if isinstance(a, torch.Tensor) and not a.is_nested]
-            recorder.last_module_input = (_label, shapes)
-            recorder.mark()
-
-        def post(mod, args, output, _label=label, _params=bool(module._parameters)):
-            stack = recorder.module_stack
-            if stack and stack[-1] == _label:
-                stack.pop()
-            recorder.mark()
-            if _label == root_name and recorder.phase == "forward" and recorder.step not in recorder.forward_end:
-                recorder.forward_end[recorder.step] = len(recorder.events)
-                if recorder.tracker is not None:
-                    recorder.forward_end_op[recorder.step] = recorder.tracker.op_count
-            if _params and output is not None:  # None: its forward raised (always_call hooks still run)
-                recorder.param_layers_done += 1
-
-        handles.append(module.register_forward_pre_hook(pre))
-        try:  # always_call: pop even when forward raises (checkpoint's early stop of a recomputation)
-            handles.append(module.register_forward_hook(post, always_call=True))
-        except TypeError:  # torch < 2.1
-            handles.append(module.register_forward_hook(post))
-    return handles
 
 
 # =========================================================================== building on fake tensors
@@ -820,18 +785,18 @@ def _build_with_fake_parameters(workload: Workload):
 
 
 # =========================================================================== errors
-def _forward_error(exc: Exception, recorder: _Recorder, model, workload: Workload) -> MemprofError:
+def _forward_error(exc: Exception, recorder: _TraceRecorder, model, workload: Workload) -> MemprofError:
     """The exception as raised, the model's line, and a hint from the evidence (:mod:`.blame`)."""
     from .blame import expects, forward_error
 
-    where = recorder.module_stack[-1] if recorder.module_stack else None
-    if where is None and recorder.last_module_input is not None:
-        where = recorder.last_module_input[0]  # the innermost module entered last (hooks popped it)
-    root = where is None or where == type(model).__name__
-    module = None if root else dict(model.named_modules()).get(where)
+    modules = recorder.modules
+    frame = modules.stack[-1] if modules.stack else modules.failed  # the innermost call that raised
+    where = frame.name if frame is not None else None
+    root = frame is None or frame.module is model or frame.module is getattr(model, "module", None)  # DDP's wrap
+    module = None if root or frame is None else frame.module
     got = None
-    if recorder.last_module_input and recorder.last_module_input[0] == where:
-        got = ", ".join("×".join(map(str, s)) or "scalar" for s in recorder.last_module_input[1])
+    if frame is not None and frame.data is not None:
+        got = ", ".join("×".join(map(str, s)) or "scalar" for s in frame.data)
     return forward_error(
         exc,
         layer=None if root else where,
@@ -1148,10 +1113,9 @@ def _record_step(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     started = time.perf_counter()
-    recorder = _Recorder(target, kernel_scratch, cuda_target)
+    recorder = _TraceRecorder(target, kernel_scratch, cuda_target)
     rules = None
     notes: list[str] = []
-    handles: list = []
     prepared = None
     model = None
     gc_was_enabled = gc.isenabled()
@@ -1241,7 +1205,12 @@ def _record_step(
                     workload, model, optimizer, args, kwargs, tgt, workload.model.loss_fn(), "cpu", context=context
                 )
                 del args, kwargs, tgt
-                handles = _install_module_hooks(getattr(model, "module", model) if world else model, recorder)
+                hooked = getattr(model, "module", model) if world else model  # DDP/FSDP wrap the model
+                recorder.root_label = type(hooked).__name__
+                recorder.modules.attach(hooked, recorder.root_label)
+                recorder.blocks = _blocks(hooked)
+                for name, module in hooked.named_modules():  # names as the module tracker gives them
+                    recorder.module_types.setdefault(name or recorder.root_label, type(module).__name__)
                 if target == "cuda":
                     restore_rnns = _install_cudnn_rnns(recorder)
                 if not real:
@@ -1261,7 +1230,7 @@ def _record_step(
 
                 def on_phase(phase: str) -> None:
                     assert prepared is not None  # set above, before any step runs
-                    recorder.module_stack.clear()
+                    recorder.modules.clear()
                     recorder.accum.reset()
                     if phase == "forward":
                         recorder.forward_start[recorder.step] = len(recorder.events)
@@ -1342,7 +1311,7 @@ def _record_step(
                                 raise _forward_error(exc, recorder, model, workload) from None
                             raise _step_error(exc, recorder.phase) from None
                         finally:
-                            recorder.module_stack.clear()
+                            recorder.modules.clear()
                             recorder.tally = None
                 recorder.phase = "done"
                 op_count = tracker.op_count
@@ -1350,8 +1319,7 @@ def _record_step(
             tracker.detach()
     finally:
         fake_log.setLevel(fake_log_level)
-        for h in handles:
-            h.remove()
+        recorder.modules.detach()
         if real_get_rng_state is not None:
             torch.get_rng_state = real_get_rng_state
         if restore_rnns is not None:
@@ -1421,7 +1389,7 @@ def _distributed_notes(workload: Workload, target: str) -> list[str]:
     return notes
 
 
-def _offload(recorder: _Recorder, workload: Workload, target: str, steps: int) -> int | None:
+def _offload(recorder: _TraceRecorder, workload: Workload, target: str, steps: int) -> int | None:
     """Move the offloaded categories to the host (a CUDA step only); returns the most they hold at once, or None."""
     if workload.offload == "none" or target != "cuda":
         return None
@@ -1448,7 +1416,7 @@ def _weights(model, workload: Workload):
     return weight_breakdown(model)
 
 
-def _placed_peaks(rec: _Recorder) -> tuple[int | None, int | None]:
+def _placed_peaks(rec: _TraceRecorder) -> tuple[int | None, int | None]:
     """Peak of what lives in CPU memory (placement "host") and the paged bytes held at the end."""
     if not rec.placed_host and not rec.placed_paged:
         return None, None
@@ -1524,7 +1492,7 @@ _RESIDENT = (
 )
 
 
-def _kept_records(recorder: _Recorder, extras: dict) -> tuple[list[int], list[int]]:
+def _kept_records(recorder: _TraceRecorder, extras: dict) -> tuple[list[int], list[int]]:
     """Records of the storages a plain loop keeps alive after the step: (its output's, its loss's).
 
     The output's die when the next forward returns (``out`` is rebound), the loss's once the next
@@ -1540,7 +1508,7 @@ def _kept_records(recorder: _Recorder, extras: dict) -> tuple[list[int], list[in
     return groups
 
 
-def _generate(prepared: Prepared, recorder: _Recorder, tracker, on_phase) -> None:
+def _generate(prepared: Prepared, recorder: _TraceRecorder, tracker, on_phase) -> None:
     """A generation, traced as two ``generate`` calls that hold its two peaks.
 
     The prefill: ``generate`` on the prompt (P tokens), stopped after one token. The last decode step (the
@@ -1585,7 +1553,7 @@ def _generate(prepared: Prepared, recorder: _Recorder, tracker, on_phase) -> Non
     generate_step(prepared, on_phase, new_tokens=2)
 
 
-def _replay_step(recorder: _Recorder, tracker, on_phase, step: int) -> None:
+def _replay_step(recorder: _TraceRecorder, tracker, on_phase, step: int) -> None:
     """Step ``step`` >= 1 from step 0's events: nothing runs, the events are copied.
 
     Forward and backward repeat step 0's exactly. The optimizer step and ``zero_grad`` repeat
@@ -1638,7 +1606,7 @@ def _replay_step(recorder: _Recorder, tracker, on_phase, step: int) -> None:
         recorder.kept[step] = ([clones[r] for r in out if r in clones], [clones[r] for r in loss if r in clones])
 
 
-def _cuda_notes(workload: Workload, cuda_target: CudaTarget, recorder: _Recorder, rules: Any) -> list[str]:
+def _cuda_notes(workload: Workload, cuda_target: CudaTarget, recorder: _TraceRecorder, rules: Any) -> list[str]:
     notes = [
         f"predicted for {cuda_target.arch} ({cuda_target.source}); traced on fake CPU tensors with CUDA's kernel "
         "choices (memprof.engine.cudarules) and the optimizer CUDA would use (foreach)"
@@ -1678,7 +1646,7 @@ def _cuda_notes(workload: Workload, cuda_target: CudaTarget, recorder: _Recorder
 
 # =========================================================================== analysis
 def _analyse(
-    rec: _Recorder, workload: Workload, target: str, steps: int, op_count: int, notes: list[str]
+    rec: _TraceRecorder, workload: Workload, target: str, steps: int, op_count: int, notes: list[str]
 ) -> TraceResult:
     cuda = target == "cuda"
     n = len(rec.rec_nbytes)

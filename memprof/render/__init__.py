@@ -17,20 +17,33 @@ from ..results import METHOD_REAL, ModelledBytes
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
-def format_bytes(n: int | float | None, digits: int = 1) -> str:
-    """Binary units, labelled as such: 1536 -> '1.5 KiB'; None -> 'n/a'."""
+def byte_unit(n: int | float) -> tuple[int, str]:
+    """The binary unit ``n`` is shown in: (1024**3, 'GiB') for 1.5e9."""
+    value = abs(float(n))
+    for i, unit in enumerate(_UNITS):
+        if value < 1024 ** (i + 1) or unit == _UNITS[-1]:
+            return 1024**i, unit
+    raise AssertionError("unreachable")
+
+
+def format_bytes(n: int | float | None, digits: int | None = 1, unit: str | None = None) -> str:
+    """Binary units, labelled as such: 1536 -> '1.5 KiB'; None -> 'n/a'.
+
+    ``unit`` fixes the unit (axis ticks: '0.5 GiB', '1 GiB'); ``digits=None`` writes the shortest form.
+    """
     if n is None:
         return "n/a"
     value = float(n)
-    sign = "-" if value < 0 else ""
-    value = abs(value)
-    for unit in _UNITS:
-        if value < 1024 or unit == _UNITS[-1]:
-            if unit == "B":
-                return f"{sign}{int(value)} B"
-            return f"{sign}{value:.{digits}f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    scale, name = (1024 ** _UNITS.index(unit), unit) if unit else byte_unit(value)
+    if name == "B" and unit is None:
+        return f"{int(value)} B"
+    value /= scale
+    return f"{value:g} {name}" if digits is None else f"{value:.{digits}f} {name}"
+
+
+def precise_bytes(n: int) -> str:
+    """Headroom and other differences near a limit: two decimals in GiB from 0.1 GiB on ('0.60 GiB')."""
+    return format_bytes(n) if abs(n) < 1024**3 / 10 else format_bytes(n, 2, unit="GiB")
 
 
 def format_signed_bytes(n: int | None, digits: int = 1) -> str:

@@ -1,9 +1,8 @@
 """Rendering of ``memprof compare`` (see :class:`memprof.results.CompareResult`): table, stacked bars,
-verdict, notes; and the ``--plot`` file (hand-written SVG, or PNG/PDF through matplotlib)."""
+verdict, notes. The bars (terminal and ``--plot`` file) are drawn by :mod:`memprof.render.charts`."""
 
 from __future__ import annotations
 
-import html
 import textwrap
 from pathlib import Path
 
@@ -12,10 +11,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..results import CompareResult, CompareRow, MemCategory
+from ..results import CompareResult, CompareRow
 from . import (
     certainty,
-    ellipsize,
     format_bytes,
     format_count,
     format_flops,
@@ -24,21 +22,7 @@ from . import (
     format_signed_bytes,
     say,
 )
-
-BAR_WIDTH = 40
-#: stacking order, bar character (readable without colour), terminal colour, plot colour
-BAR_STYLE: dict[MemCategory, tuple[str, str, str]] = {
-    MemCategory.PARAMETER: ("█", "blue", "#4e79a7"),
-    MemCategory.BUFFER: ("▌", "cyan", "#76b7b2"),
-    MemCategory.GRADIENT: ("▓", "magenta", "#b07aa1"),
-    MemCategory.OPTIMIZER_STATE: ("▒", "yellow", "#edc948"),
-    MemCategory.ACTIVATION: ("░", "green", "#59a14f"),
-    MemCategory.TEMPORARY: ("▞", "red", "#e15759"),
-    MemCategory.INPUT: ("▪", "white", "#9c755f"),
-    MemCategory.CUDA_OVERHEAD: ("·", "bright_black", "#bab0ac"),
-    MemCategory.GATHERED_PARAMETER: ("▙", "bright_blue", "#86bcb6"),
-    MemCategory.COMMUNICATION: ("▚", "bright_magenta", "#f28e2b"),
-}
+from .charts import compare_chart, terminal, write
 
 
 def _delta(row: CompareRow) -> str:
@@ -47,12 +31,6 @@ def _delta(row: CompareRow) -> str:
     if row.delta_bytes is None:
         return "n/a"
     return f"{format_signed_bytes(row.delta_bytes)} {format_pct(row.delta_pct, 1, signed=True)}"
-
-
-def _where(row: CompareRow) -> str:
-    if row.peak_phase is None:
-        return ""
-    return row.peak_phase + (f", {row.peak_module}" if row.peak_module else "")
 
 
 # --------------------------------------------------------------------------- verdict
@@ -308,56 +286,11 @@ def measure_table(result: CompareResult) -> Table | None:
     return table
 
 
-def bar_segments(row: CompareRow, scale: int, width: int = BAR_WIDTH) -> list[tuple[MemCategory, int]]:
-    """(category, characters) of one stacked bar; cumulative rounding keeps the total exact."""
-    out = []
-    cum = 0
-    pos = 0
-    for cat in BAR_STYLE:
-        value = int(row.breakdown_at_peak.get(cat, 0) or 0)
-        if value <= 0:
-            continue
-        cum += value
-        end = round(cum / scale * width) if scale else 0
-        if end > pos:
-            out.append((cat, end - pos))
-            pos = end
-    return out
-
-
 def bars(result: CompareResult, width: int = 120) -> Text:
     """The stacked bars, each line within ``width`` columns: the bar shrinks (down to 10 characters)
     and the peak's place is shortened in the middle before anything wraps."""
-    rows = [r for r in result.rows if r.error is None and r.peak_bytes]
-    scale = max((r.peak_bytes for r in rows if r.peak_bytes), default=0)
-    used = [c for c in BAR_STYLE if any(r.breakdown_at_peak.get(c) for r in rows)]
-    label_w = max((len(r.label) for r in rows), default=10) + 2
-    where_w = min(44, max((len(_where(r)) for r in rows), default=0))
-    bar_w = max(10, min(BAR_WIDTH, width - 2 - label_w - 13 - where_w))
     text = Text("Breakdown at the peak:\n")
-    line = 2
-    text.append("  ")
-    for c in used:
-        ch, style, _ = BAR_STYLE[c]
-        item = len(c.value) + 4
-        if line + item > width and line > 2:  # the legend folds between items, never inside one
-            text.append("\n  ")
-            line = 2
-        text.append(ch, style=style)
-        text.append(f" {c.value}  ")
-        line += item
-    text.append("\n")
-    for r in rows:
-        text.append(("★ " if r.best else "  ") + r.label.ljust(label_w))
-        n = 0
-        for cat, count in bar_segments(r, scale, bar_w):
-            ch, style, _ = BAR_STYLE[cat]
-            text.append(ch * count, style=style)
-            n += count
-        text.append(" " * (bar_w - n + 1))
-        room = width - (2 + label_w + bar_w + 1 + 10 + 2)
-        where = ellipsize(_where(r), min(44, room)) if room >= 8 else ""
-        text.append(f"{format_bytes(r.peak_bytes):>10}" + (f"  {where}" if where else "") + "\n")
+    text.append_text(terminal(compare_chart(result), width=40, line_width=width))
     return text
 
 
@@ -441,90 +374,6 @@ def render_compare(result: CompareResult, console: Console) -> None:
             console.print(Text(textwrap.fill(line, width, initial_indent="  · ", subsequent_indent="    ")))
 
 
-# --------------------------------------------------------------------------- plot files
-def plot_svg(result: CompareResult) -> str:
-    """A stacked horizontal bar per configuration, as a standalone SVG (no dependencies)."""
-    rows = [r for r in result.rows if r.error is None and r.peak_bytes]
-    scale = max((r.peak_bytes for r in rows if r.peak_bytes), default=1) or 1
-    used = [c for c in BAR_STYLE if any(r.breakdown_at_peak.get(c) for r in rows)]
-    label_w, bar_w, row_h, top = 220, 520, 28, 64
-    width = label_w + bar_w + 110
-    height = top + row_h * len(rows) + 40
-    esc = html.escape
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="10" y="20" font-size="14" font-weight="bold">{esc(result.model)}: memory at the peak '
-        f"(batch {result.base_workload.get('batch_size')}, {esc(result.target)})</text>",
-    ]
-    x = 10
-    for c in used:
-        out.append(f'<rect x="{x}" y="32" width="12" height="12" fill="{BAR_STYLE[c][2]}"/>')
-        out.append(f'<text x="{x + 16}" y="42">{esc(c.value)}</text>')
-        x += 22 + 7 * len(c.value)
-    for i, r in enumerate(rows):
-        y = top + i * row_h
-        weight = ' font-weight="bold"' if r.best else ""
-        out.append(f'<text x="10" y="{y + 16}"{weight}>{esc(("★ " if r.best else "") + r.label)}</text>')
-        pos = 0.0
-        for cat in BAR_STYLE:
-            value = int(r.breakdown_at_peak.get(cat, 0) or 0)
-            if value <= 0:
-                continue
-            w = value / scale * bar_w
-            out.append(
-                f'<rect x="{label_w + pos:.1f}" y="{y + 4}" width="{w:.1f}" height="{row_h - 8}" '
-                f'fill="{BAR_STYLE[cat][2]}"><title>{esc(cat.value)}: {esc(format_bytes(value))}</title></rect>'
-            )
-            pos += w
-        out.append(f'<text x="{label_w + pos + 6:.1f}" y="{y + 16}">{esc(format_bytes(r.peak_bytes))}</text>')
-    out.append(f'<text x="10" y="{height - 14}" fill="#555">peak = {esc(result.peak_metric)}</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
-
-
-def _plot_matplotlib(result: CompareResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in result.rows if r.error is None and r.peak_bytes]
-    top = max(r.peak_bytes for r in rows if r.peak_bytes)
-    unit, scale = next(
-        ((u, 1024.0**i) for i, u in ((3, "GiB"), (2, "MiB"), (1, "KiB")) if top >= 1024.0**i), ("B", 1.0)
-    )
-    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 2.0))
-    labels = [("★ " if r.best else "") + r.label for r in rows][::-1]
-    left = [0.0] * len(rows)
-    used = 0
-    for cat, (_, _, colour) in BAR_STYLE.items():
-        values = [int(r.breakdown_at_peak.get(cat, 0) or 0) / scale for r in rows][::-1]
-        if not any(values):
-            continue
-        ax.barh(labels, values, left=left, color=colour, label=cat.value)
-        left = [a + b for a, b in zip(left, values, strict=False)]
-        used += 1
-    ax.set_xlabel(f"{unit} at the peak")
-    ax.set_title(
-        f"{result.model}: memory at the peak (batch {result.base_workload.get('batch_size')}, {result.target})"
-    )
-    ax.legend(
-        fontsize=8,
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.35 if len(rows) < 4 else -0.15),
-        ncol=max(1, used),
-        frameon=False,
-    )
-    fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-
-
-def write_plot(result: CompareResult, path: Path) -> None:
-    """``.svg``: hand-written, no dependencies; otherwise matplotlib (check the path with ``check_plot_path``)."""
-    if path.suffix.lower() == ".svg":
-        path.write_text(plot_svg(result), encoding="utf-8")
-    else:
-        _plot_matplotlib(result, path)
+def write_plot(result: CompareResult, path: Path) -> Path:
+    """The breakdown bars as a file: .svg, .png, .pdf or .html (see :func:`memprof.render.charts.write`)."""
+    return write(compare_chart(result), path)

@@ -8,6 +8,7 @@ from typing import Any
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ..results import METHOD_REAL, EstimateResult, FlopCount, LayerRow, MemCategory
 from . import (
@@ -163,10 +164,11 @@ def _header(result: EstimateResult, console: Console) -> None:
     if parallel is not None:
         rows[1] = ("batch size", f"{w.get('batch_size')} per rank")
         rows.append(("parallel", parallel))
+    cpu = "cpu (the same step run on the CPU), " if result.target == "cpu" else ""
     if result.capacity is not None:
-        rows.append(("device", f"{format_bytes(result.capacity.total_bytes)} ({result.capacity.source})"))
+        rows.append(("device", f"{cpu}{format_bytes(result.capacity.total_bytes)} ({result.capacity.source})"))
     else:
-        rows.append(("device", f"capacity unknown ({result.capacity_note or 'no --gpu-memory given'})"))
+        rows.append(("device", f"{cpu}capacity unknown ({result.capacity_note or 'no --gpu-memory given'})"))
     for key, value in rows:
         say(console, f"  {key:<11} {value}", hang=14)
 
@@ -179,7 +181,7 @@ def _headline(result: EstimateResult, console: Console) -> None:
     if result.traced is not None:
         t = result.traced
         real = getattr(t, "method", "trace") == METHOD_REAL
-        how = "recorded from a real CPU run" if real else "traced"
+        how = "recorded from a real CPU run" if real else "traced for the CPU" if result.target == "cpu" else "traced"
         console.print(f"[bold]Estimate: {format_bytes(result.headline_bytes)}[/bold] peak per {what} ({how})")
         if getattr(t, "peak_phase", None):
             say(
@@ -528,7 +530,12 @@ def _fit(result: EstimateResult, console: Console) -> None:
     console.print()
     fit = result.fit
     if fit is None:
-        console.print("[bold]Fit[/bold]: skipped, no GPU capacity known; pass --gpu-memory, e.g. --gpu-memory 24GiB")
+        if result.target == "cpu":
+            console.print("[bold]Fit[/bold]: skipped, no capacity given; pass --memory-limit, e.g. --memory-limit 8GiB")
+        else:
+            console.print(
+                "[bold]Fit[/bold]: skipped, no GPU capacity known; pass --gpu-memory, e.g. --gpu-memory 24GiB"
+            )
         return
     cap = fit.capacity
     console.print(f"[bold]Fit[/bold] on {format_bytes(cap.total_bytes)} ({cap.source})")
@@ -581,7 +588,7 @@ def _seq_fit(result: EstimateResult, console: Console) -> None:
 
 
 def _grid(result: EstimateResult, console: Console) -> None:
-    from .charts import grid_text
+    from .charts import grid_chart, terminal
 
     g = result.grid
     if g is None:
@@ -589,13 +596,43 @@ def _grid(result: EstimateResult, console: Console) -> None:
     what = "prompt length" if g.new_tokens is not None else "sequence length"
     console.print()
     console.print(f"[bold]Batch size × {what}[/bold] that fit {format_bytes(g.capacity_bytes)} (█ fits, · does not)")
-    for line in grid_text(g):
-        console.print("  " + line, markup=False, highlight=False)
+    for line in terminal(grid_chart(result)).split("\n"):
+        console.print(Text("  ") + line, highlight=False)
     say(console, f"  {g.traces} traces; each largest batch is exact under the tracer")
 
 
+def _verification(result: EstimateResult, console: Console) -> None:
+    v = result.verification
+    if v is None:
+        return
+    console.print()
+    console.print(f"[bold]Verified[/bold]: {v.steps} real training steps on {v.device} ({v.seconds:.1f} s)")
+    if v.predicted_source == "formula":
+        console.print("  predicted = the formula total (there is no trace)")
+    if v.oom:
+        console.print(f"  {v.note or 'the real step ran out of memory'}: nothing measured")
+        return
+    table = _table()
+    table.add_column("Measured as")
+    table.add_column("Predicted", justify="right")
+    table.add_column("Measured", justify="right")
+    table.add_column("Error", justify="right")
+    for f in v.figures:
+        table.add_row(
+            f.measured_as,
+            format_bytes(f.predicted_bytes),
+            format_bytes(f.measured_bytes),
+            format_pct(f.error_pct, 2, signed=True),
+        )
+    console.print(table)
+    console.print("  error = (predicted - measured) / measured")
+    if v.note:
+        console.print(f"  {v.note}", markup=False, highlight=False)
+
+
 def render_estimate(result: EstimateResult, console: Console, layers: int | None = DEFAULT_LAYERS) -> None:
-    """Header, headline, breakdown, per-layer table (top ``layers``; 0/None: all), estimators, fit."""
+    """Header, headline, breakdown, per-layer table (top ``layers``; 0/None: all), estimators, fit, and the
+    real step's figures (``--verify``)."""
     _header(result, console)
     _headline(result, console)
     _breakdown(result, console)
@@ -605,6 +642,7 @@ def render_estimate(result: EstimateResult, console: Console, layers: int | None
     _compute(result, console)
     _methods(result, console)
     _fit(result, console)
+    _verification(result, console)
     notes = list(result.analytic.notes) + list(getattr(result.traced, "notes", None) or ())
     if notes:
         console.print()

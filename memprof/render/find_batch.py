@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console, Group
@@ -10,7 +11,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from . import format_bytes, format_pct
+from . import format_bytes, format_pct, precise_bytes
+from .charts import batch_chart, terminal, write
 
 _METRIC_LABEL = {"allocated": "live tensor bytes", "reserved": "torch reserved"}
 
@@ -206,7 +208,7 @@ def answer_lines(result) -> list[str]:
             pct = f" ({100 * left / cap.total_bytes:.0f} %)" if left is not None and cap.total_bytes else ""
             lines.append(
                 f"  expected peak {format_bytes(result.recommended_expected_bytes)} of "
-                f"{format_bytes(cap.total_bytes)}; headroom left {_gib(left)}{pct}"
+                f"{format_bytes(cap.total_bytes)}; headroom left {precise_bytes(left)}{pct}"
             )
     if result.grad_accum_steps is not None:
         target = result.target_global_batch
@@ -234,6 +236,11 @@ def answer_lines(result) -> list[str]:
     return lines
 
 
+def write_plot(result, path: Path) -> Path:
+    """Peak memory vs batch as a file: .svg, .png, .pdf or .html (see :func:`memprof.render.charts.write`)."""
+    return write(batch_chart(result), path)
+
+
 def _seq_answer_lines(result) -> list[str]:
     """The answer of a sequence-length search (``--search seq-len``): in tokens, at a fixed batch."""
     cap = result.capacity
@@ -255,10 +262,6 @@ def _seq_answer_lines(result) -> list[str]:
     n = len(result.trials)
     lines.append(f"{n} trial{'s' if n != 1 else ''}, {result.ooms} out of memory, {result.wall_seconds:.1f} s")
     return lines
-
-
-def _gib(n: int) -> str:
-    return format_bytes(n) if abs(n) < 1024**3 / 10 else f"{n / 1024**3:.2f} GiB"
 
 
 def header_lines(result) -> list[str]:
@@ -299,7 +302,5 @@ def render_find_batch(result, console: Console, *, chart: bool = True) -> None:
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
     if chart and any(t.fits for t in result.trials):
-        from .charts import terminal_chart
-
         console.print()
-        console.print(terminal_chart(result), highlight=False, markup=False)
+        console.print(terminal(batch_chart(result)))

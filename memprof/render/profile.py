@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import textwrap
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console, JustifyMethod
 from rich.table import Table
@@ -13,8 +12,7 @@ from rich.text import Text
 
 from ..results import UNUSED_CUDA, ProfileResult
 from . import format_bytes, format_count, format_signed_bytes
-
-PLOT_SUFFIXES = (".svg", ".html", ".png")
+from .charts import terminal, timeline_chart, write
 
 
 def _shape(shape) -> str:
@@ -26,8 +24,9 @@ def _short(text: str | None, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def render_profile(result: ProfileResult, console: Console, top: int = 10) -> None:
-    """The whole report: header, peak with its breakdown, top lines, modules, tensors at the peak, leaks."""
+def render_profile(result: ProfileResult, console: Console, top: int = 10, chart: bool = True) -> None:
+    """The whole report: header, peak with its breakdown, memory over time (``chart``), top lines, modules,
+    tensors at the peak, leaks."""
     p = result.peak
     argv = " ".join([Path(result.script).name, *result.argv])
     console.print(
@@ -48,6 +47,9 @@ def render_profile(result: ProfileResult, console: Console, top: int = 10) -> No
             "Only CUDA memory was counted and the script allocated none: "
             "run with --device cpu (or all) to profile its CPU tensors."
         )
+    if chart and (result.timeline or result._timeline):
+        console.print()
+        console.print(terminal(timeline_chart(result)))
 
     if p.breakdown:
         t = Table(title="Live at the peak, by category", title_justify="left", show_edge=False)
@@ -264,186 +266,24 @@ def format_log(result: ProfileResult) -> str:
 
 
 # ------------------------------------------------------------------------------------------ --plot
-def check_plot_path(path: Path) -> None:
-    """Fail before the run when the plot cannot be written (.svg, .html or .png)."""
-    from .charts import check_plot_path as check
-
-    check(path, PLOT_SUFFIXES)
-
-
-def _series(result: ProfileResult, max_points: int = 3000) -> dict[str, Any]:
-    raw = result._timeline or {}
-    ts, bs = list(raw.get("t", ())), list(raw.get("allocated", ()))
-    if not ts:
-        ts = [s.t_s for s in result.timeline]
-        bs = [s.allocated_bytes for s in result.timeline]
-    if len(ts) > max_points:  # keep each bucket's max so the peak survives
-        step = len(ts) / max_points
-        idx = [
-            max(range(int(j * step), min(len(ts), max(int((j + 1) * step), int(j * step) + 1))), key=bs.__getitem__)
-            for j in range(max_points)
-        ]
-        ts, bs = [ts[i] for i in idx], [bs[i] for i in idx]
-    cuda = raw.get("cuda") or ()
-    return {
-        "t": ts,
-        "allocated": bs,
-        "reserved": [(c[0], c[1]) for c in cuda],
-        "nvml": [(c[0], c[2]) for c in cuda if c[2] is not None],
-        "peak_t": result.peak.time_s,
-        "peak_bytes": result.peak.bytes,
-    }
-
-
-def _nice_step(top: float) -> float:
-    """A round grid step in the binary unit that ``top`` is shown in: 1, 2 or 5 x 10^k KiB/MiB/GiB."""
-    unit = 1.0
-    while top / unit >= 1024 and unit < 1024**4:
-        unit *= 1024
-    raw = max(top / unit / 5, 1e-9)
-    mag = 1.0
-    while mag * 10 <= raw:
-        mag *= 10
-    while mag > raw:
-        mag /= 10
-    for m in (1, 2, 5, 10):
-        if mag * m >= raw:
-            return max(mag * m * unit, 1.0)
-    return mag * 10 * unit
-
-
-def timeline_svg(result: ProfileResult, width: int = 900, height: int = 360) -> str:
-    """A hand-written SVG of the live total over time (and CUDA reserved / NVML used), peak marked."""
-    s = _series(result)
-    left, right, top_m, bottom = 80, 20, 40, 45
-    pw, ph = width - left - right, height - top_m - bottom
-    t_max = max([s["t"][-1] if s["t"] else 0.0] + [t for t, _ in s["reserved"] + s["nvml"]] + [1e-9])
-    y_max = max([s["peak_bytes"], 1] + [b for _, b in s["reserved"] + s["nvml"]])
-    step = _nice_step(y_max)
-    y_top = step * (int(y_max / step) + 1)
-
-    def x(t: float) -> float:
-        return left + pw * t / t_max
-
-    def y(b: float) -> float:
-        return top_m + ph * (1 - b / y_top)
-
-    def path(points, stepwise: bool) -> str:
-        d: list[str] = []
-        prev = None
-        for t, b in points:
-            if prev is not None and stepwise:
-                d.append(f"L{x(t):.1f},{y(prev):.1f}")
-            d.append(f"{'M' if not d else 'L'}{x(t):.1f},{y(b):.1f}")
-            prev = b
-        return " ".join(d)
-
-    title = html.escape(f"memprof profile: {Path(result.script).name} ({result.device})")
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
-        '<rect width="100%" height="100%" fill="white"/>',
-        f'<text x="{left}" y="20" font-size="14" font-weight="bold">{title}</text>',
-    ]
-    v = 0.0
-    while v <= y_top + 1e-9:
-        parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{y(v):.1f}" y2="{y(v):.1f}" stroke="#ddd"/>')
-        parts.append(f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{html.escape(format_bytes(v))}</text>')
-        v += step
-    for i in range(6):
-        t = t_max * i / 5
-        parts.append(f'<text x="{x(t):.1f}" y="{top_m + ph + 18}" text-anchor="middle">{t:.2f} s</text>')
-    parts.append(f'<line x1="{left}" x2="{left}" y1="{top_m}" y2="{top_m + ph}" stroke="#444"/>')
-    parts.append(f'<line x1="{left}" x2="{left + pw}" y1="{top_m + ph}" y2="{top_m + ph}" stroke="#444"/>')
-    series = [
-        ("allocated (tracked tensors)", "#1f77b4", list(zip(s["t"], s["allocated"], strict=False)), True),
-        ("CUDA reserved", "#ff7f0e", s["reserved"], True),
-        ("NVML used (process)", "#2ca02c", s["nvml"], False),
-    ]
-    ly = top_m + 4
-    for label, color, points, stepwise in series:
-        if not points:
-            continue
-        parts.append(f'<path d="{path(points, stepwise)}" fill="none" stroke="{color}" stroke-width="1.5"/>')
-        parts.append(f'<rect x="{left + pw - 190}" y="{ly}" width="12" height="3" fill="{color}"/>')
-        parts.append(f'<text x="{left + pw - 172}" y="{ly + 5}">{html.escape(label)}</text>')
-        ly += 16
-    px, py = x(s["peak_t"]), y(s["peak_bytes"])
-    label = html.escape(f"peak {format_bytes(s['peak_bytes'])} at {result.peak.location or '?'} ({result.peak.phase})")
-    anchor = "end" if px > left + pw * 0.6 else "start"
-    dx = -8 if anchor == "end" else 8
-    parts.append(
-        f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{top_m}" y2="{top_m + ph}" stroke="#d62728" stroke-dasharray="4,3"/>'
-    )
-    parts.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4" fill="#d62728"/>')
-    parts.append(
-        f'<text x="{px + dx:.1f}" y="{max(py - 8, top_m + 12):.1f}" text-anchor="{anchor}" '
-        f'fill="#d62728">{label}</text>'
-    )
-    parts.append(
-        f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle">time since the script started</text>'
-    )
-    parts.append("</svg>")
-    return "\n".join(parts) + "\n"
-
-
-def timeline_html(result: ProfileResult) -> str:
-    title = html.escape(f"memprof profile: {Path(result.script).name}")
+def _lines_html(result: ProfileResult) -> str:
+    """What the ``.html`` plot adds under the chart: the peak and the top lines."""
+    esc = html.escape
     rows = "".join(
-        f"<tr><td>{html.escape(f'{ln.file}:{ln.line}')}</td><td>{ln.hits}</td>"
-        f"<td>{html.escape(format_signed_bytes(ln.max_delta_bytes))}</td>"
-        f"<td>{html.escape(format_bytes(ln.peak_bytes))}</td><td><code>{html.escape(ln.source)}</code></td></tr>"
+        f"<tr><td>{esc(f'{ln.file}:{ln.line}')}</td><td>{ln.hits}</td>"
+        f"<td>{esc(format_signed_bytes(ln.max_delta_bytes))}</td>"
+        f"<td>{esc(format_bytes(ln.peak_bytes))}</td><td><code>{esc(ln.source)}</code></td></tr>"
         for ln in result.lines[:10]
     )
     return (
-        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{title}</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 10px;text-align:left}</style></head>"
-        f"<body><h2>{title}</h2>\n{timeline_svg(result)}"
-        f"<p>Peak {html.escape(format_bytes(result.peak.bytes))} at {html.escape(result.peak.location or '?')} "
-        f"({html.escape(result.peak.phase)}).</p>"
+        f"<p>Peak {esc(format_bytes(result.peak.bytes))} at {esc(result.peak.location or '?')} "
+        f"({esc(result.peak.phase)}).</p>"
         "<table><tr><th>Line</th><th>Hits</th><th>Added (max)</th><th>Peak on line</th><th>Source</th></tr>"
-        f"{rows}</table></body></html>\n"
+        f"{rows}</table>\n"
     )
 
 
-def write_plot(result: ProfileResult, path: Path) -> None:
-    suffix = path.suffix.lower()
-    if suffix == ".svg":
-        path.write_text(timeline_svg(result))
-    elif suffix == ".html":
-        path.write_text(timeline_html(result))
-    else:
-        _write_png(result, path)
-
-
-def _write_png(result: ProfileResult, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s = _series(result)
-    mib = 1024 * 1024
-    fig, ax = plt.subplots(figsize=(10, 4))
-    ax.step(s["t"], [b / mib for b in s["allocated"]], where="post", label="allocated (tracked tensors)")
-    if s["reserved"]:
-        ax.step([t for t, _ in s["reserved"]], [b / mib for _, b in s["reserved"]], where="post", label="CUDA reserved")
-    if s["nvml"]:
-        ax.plot([t for t, _ in s["nvml"]], [b / mib for _, b in s["nvml"]], label="NVML used (process)")
-    ax.axvline(s["peak_t"], color="#d62728", linestyle="--", linewidth=0.8)
-    ax.plot(
-        [s["peak_t"]],
-        [s["peak_bytes"] / mib],
-        "o",
-        color="#d62728",
-        label=f"peak {format_bytes(s['peak_bytes'])} at {result.peak.location or '?'} ({result.peak.phase})",
-    )
-    ax.set_xlabel("time since the script started (s)")
-    ax.set_ylabel("MiB")
-    ax.set_title(f"memprof profile: {Path(result.script).name} ({result.device})")
-    top = max([s["peak_bytes"], 1] + [b for _, b in s["reserved"] + s["nvml"]])
-    ax.set_ylim(bottom=0, top=top / mib * 1.25)  # room for the legend above the curves
-    ax.legend(loc="upper left", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def write_plot(result: ProfileResult, path: Path) -> Path:
+    """The timeline as a file: .svg, .png, .pdf, or .html (with the top lines under it)."""
+    page = _lines_html(result) if path.suffix.lower() == ".html" else ""
+    return write(timeline_chart(result), path, page=page)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from . import format_bytes
-from .charts import scaling_terminal_chart
+from .charts import scaling_chart, terminal, write
 
 _STRATEGY = {
     "ddp": "DDP",
@@ -66,11 +67,11 @@ def render_scaling(result, console: Console, chart: bool = True) -> None:
         table.add_row(*cells)
     console.print()
     console.print(table)
-    if chart:
-        text = scaling_terminal_chart(result)
-        if text:
-            console.print()
-            console.print(text, markup=False, highlight=False)
+    if chart and any(r.peak_bytes for r in result.rows):
+        text = terminal(scaling_chart(result), width=40)
+        text.rstrip()
+        console.print()
+        console.print(text)
     notes = [
         "peak/rank: one rank's traced peak; states = parameters + gradients + optimizer state one rank holds; "
         "activations = what the step saves for backward (the same at every world size); gather+comm = "
@@ -84,3 +85,8 @@ def render_scaling(result, console: Console, chart: bool = True) -> None:
             markup=False,
             highlight=False,
         )
+
+
+def write_plot(result, path: Path) -> Path:
+    """One rank's peak per world size as a file: .svg, .png, .pdf or .html (see :func:`memprof.render.charts.write`)."""
+    return write(scaling_chart(result), path)
