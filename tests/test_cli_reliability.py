@@ -798,6 +798,43 @@ def test_ctrl_c_at_random_moments(args):
             assert "Trials" in proc.stdout and ("Interrupted" in proc.stdout or "Largest" in proc.stdout)
 
 
+def test_ctrl_c_inside_a_finalizer_is_delivered_after_it(monkeypatch):
+    """Ctrl-C landing in a weakref callback (run while C++ frees a tensor: torch's WeakIdKeyDictionary,
+    memprof's storage tracker) used to be swallowed with an "Exception ignored in" traceback, or to
+    abort in C++: there the handler re-sends SIGINT 50 ms later; one a finalizer swallowed anyway is
+    re-sent silently by the unraisable hook."""
+    import signal
+    import sys
+    import weakref
+
+    from memprof import cli
+
+    if not hasattr(signal, "setitimer"):
+        pytest.skip("no interval timers here")
+    resent: list[bool] = []
+    monkeypatch.setattr(cli, "_resend_later", lambda: resent.append(True))
+
+    class Thing:
+        pass
+
+    seen: list[bool] = []
+    try:
+        thing = Thing()
+        weakref.finalize(thing, lambda: (cli._on_sigint(signal.SIGINT, sys._getframe()), seen.append(True)))
+        del thing  # the finalizer runs now (reference counting)
+        assert seen == [True] and resent == [True]  # no KeyboardInterrupt inside the finalizer: sent again
+
+        import types
+
+        info = types.SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt(), exc_traceback=None)
+        cli._unraisable(info)  # swallowed by a finalizer anyway: re-sent, nothing printed
+        assert resent == [True, True]
+        with pytest.raises(KeyboardInterrupt):  # outside a finalizer the handler raises at once
+            cli._on_sigint(signal.SIGINT, sys._getframe())
+    finally:
+        cli._SIGINT_SEEN[0] = False
+
+
 def test_ctrl_c_inside_an_import_is_delivered_after_it(tmp_path, monkeypatch):
     """A KeyboardInterrupt raised inside an import that C++ runs (torch's pybind11 modules) aborts the
     process with "terminate called ...": during an import the handler re-sends SIGINT 50 ms later."""

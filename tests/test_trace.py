@@ -106,6 +106,33 @@ def test_traced_peaks_equal_real_cpu_steps(optimizer):
     assert abs(r.steady_peak_bytes - m["steady_peak_bytes"]) <= SCALAR_SLACK
 
 
+class ClonedEncoder(nn.Module):
+    """nn.TransformerEncoder: its layers are copy.deepcopy clones of one layer (``_get_clones``)."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(dim, 4, 2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
+def test_deep_copied_layers_are_traced_as_the_real_step_holds_them():
+    """A deep-copied fake parameter used to land in a new FakeTensorMode: every use of it was then
+    converted into the tracing mode as a new weight-sized storage (PaddedEncoder +6.5 %)."""
+    w = Workload(spec(ClonedEncoder, (32, 64)), batch_size=4, optimizer="adam")
+    r = trace_step(w, target="cpu")
+    m = measure_cpu_step(w)
+    assert abs(r.peak_bytes - m["peak_bytes"]) <= SCALAR_SLACK
+    layer = 3 * 64 * 64 + 3 * 64 + 64 * 64 + 64 + 2 * (64 * 128) + 128 + 64 + 4 * 64  # attention, MLP, 2 norms
+    assert r.totals[C.PARAMETER] == 4 * (2 * layer + 64 * 10 + 10)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert "__deepcopy__" not in FakeTensorMode.__dict__  # restored after the trace
+
+
 def test_first_step_vs_steady_state():
     # SGD-momentum: the momentum buffers appear in the first optimizer step, so from the second
     # step on they are held during backward as well

@@ -249,26 +249,50 @@ _SIGINT_SEEN = [False]
 
 def _on_sigint(signum: int, frame: Any) -> None:
     _SIGINT_SEEN[0] = True
-    if _importing(frame) and hasattr(signal, "setitimer"):
-        # a KeyboardInterrupt raised inside a module import that C++ (pybind11) is running aborts the
-        # process ("terminate called after throwing ..."): deliver it again in 50 ms, outside the import
-        signal.signal(signal.SIGALRM, _resend_sigint)
-        signal.setitimer(signal.ITIMER_REAL, 0.05)
+    if _deferred(frame) and hasattr(signal, "setitimer"):
+        # a KeyboardInterrupt raised inside a module import that C++ (pybind11) is running, or inside a
+        # finalizer that runs while C++ frees a tensor, aborts the process ("terminate called after
+        # throwing ...") or is swallowed with a traceback: deliver it again in 50 ms, outside
+        _resend_later()
         return
     signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as Python's own handler
+
+
+def _resend_later() -> None:
+    signal.signal(signal.SIGALRM, _resend_sigint)
+    signal.setitimer(signal.ITIMER_REAL, 0.05)
 
 
 def _resend_sigint(signum: int, frame: Any) -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
-def _importing(frame: Any) -> bool:
-    """Whether the interrupted code runs inside an import (importlib's frames on the stack)."""
+#: where the interrupted code runs inside a weakref callback or finalizer (``weakref.finalize``,
+#: torch's ``WeakIdKeyDictionary``), called while a tensor or storage is freed - often from C++
+_FINALIZER_FILES = ("weakref.py", os.path.join("torch", "utils", "weak.py"))
+
+
+def _deferred(frame: Any) -> bool:
+    """Whether the interrupted code runs inside an import or a finalizer, where an exception cannot
+    propagate: importlib's frames, ``__del__``, or a weakref callback on the stack."""
     while frame is not None:
-        if frame.f_code.co_filename.startswith("<frozen importlib"):
+        code = frame.f_code
+        if code.co_filename.startswith("<frozen importlib") or code.co_name == "__del__":
+            return True
+        if code.co_filename.endswith(_FINALIZER_FILES):
             return True
         frame = frame.f_back
     return False
+
+
+def _unraisable(info: Any) -> None:
+    """``sys.unraisablehook``: a KeyboardInterrupt that a finalizer swallowed (Python would print
+    "Exception ignored in ..." and go on) is delivered again shortly, silently; anything else as usual."""
+    if isinstance(info.exc_value, KeyboardInterrupt) or info.exc_type is KeyboardInterrupt:
+        if hasattr(signal, "setitimer"):
+            _resend_later()
+        return
+    sys.__unraisablehook__(info)
 
 
 def _internal_error(exc: BaseException) -> int:
@@ -380,6 +404,7 @@ def main() -> None:
     """
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when SIGINT is ignored (nohup, &)
         signal.signal(signal.SIGINT, _on_sigint)
+        sys.unraisablehook = _unraisable
     try:
         try:
             code: Any = app()
