@@ -41,6 +41,7 @@ from . import cpumem, fastfake, overheads, placement
 from .allocator import AllocatorConf, CachingAllocatorModel, conf_from_source
 from .flops import FlopTally
 from .gradaccum import InputBufferMirror
+from .loading import BATCH_HOOK, LOSS_HOOK
 from .modtrack import ModuleTracker
 from .shadow import Shadows
 from .workload import Prepared, Workload, build_model, generate_step, make_optimizer, train_step
@@ -853,8 +854,17 @@ def _build_with_fake_parameters(workload: Workload):
 # =========================================================================== errors
 def _forward_error(exc: Exception, recorder: _TraceRecorder, model, workload: Workload) -> MemprofError:
     """The exception as raised, the model's line, and a hint from the evidence (:mod:`.blame`)."""
-    from .blame import expects, forward_error
+    from .blame import at, expects, forward_error, raised
 
+    spec = workload.model
+    if spec.loss_hook is not None and spec.batch_hook is None and _raised_in(exc, spec.loss_hook):
+        # memprof made the inputs from a shape, so there is no target: the loss hook got None
+        return ModelCodeError(
+            f"{LOSS_HOOK}(output, target) raised {raised(exc)}{at(exc)}; memprof passes target=None when the "
+            f"model has no {BATCH_HOOK}",
+            f"define {BATCH_HOOK}(batch_size, device, dtype) returning (inputs, target) next to the model, "
+            f"or build the target inside {LOSS_HOOK}",
+        )
     modules = recorder.modules
     frame = modules.stack[-1] if modules.stack else modules.failed  # the innermost call that raised
     where = frame.name if frame is not None else None
@@ -873,6 +883,17 @@ def _forward_error(exc: Exception, recorder: _TraceRecorder, model, workload: Wo
         batch=workload.batch_size,
         first_layer=recorder.param_layers_done == 0,
     )
+
+
+def _raised_in(exc: BaseException, fn: Callable[..., Any]) -> bool:
+    """Whether ``fn``'s code is on the traceback of ``exc``."""
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 #: exception types (by name) that mean "fake tensors have no values for this"
