@@ -303,39 +303,131 @@ class TopOneMoE(nn.Module):
         return self.head(self.norm(x))
 
 
+def _padding(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``src_key_padding_mask`` of a padded batch: True at positions past each sequence's length."""
+    return torch.arange(tokens.shape[1], device=tokens.device)[None, :] >= lengths[:, None]
+
+
+def _padded_tokens(batch_size: int, t: int, vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random tokens and lengths from ``t // 2`` to ``t``."""
+    tokens = torch.randint(0, vocab_size, (batch_size, t), device=device)
+    return tokens, torch.randint(t // 2, t + 1, (batch_size,), device=device)
+
+
 class PaddedEncoder(nn.Module):
     """A transformer encoder classifier over padded token batches (``src_key_padding_mask`` from lengths).
 
     Takes ``(tokens, lengths)``; memprof builds both with :meth:`memprof_batch` (lengths from
     ``seq_len // 2`` to ``seq_len``). Training runs the masked math path; in eval mode PyTorch's
-    fast path packs the padded batch into a nested tensor, which reads the mask's values.
+    fast path packs the padded batch into a nested tensor, which reads the mask's values, and runs
+    each layer as one fused op (``torch._transformer_encoder_layer_fwd``). ``padding=False`` passes
+    no mask: in eval the fused layers then run on the dense batch.
     """
 
     seq_len = 128
 
-    def __init__(self, vocab_size: int = 8192, dim: int = 256, heads: int = 4, layers: int = 4, classes: int = 4):
+    def __init__(
+        self,
+        vocab_size: int = 8192,
+        dim: int = 256,
+        heads: int = 4,
+        layers: int = 4,
+        classes: int = 4,
+        activation: str = "relu",
+        padding: bool = True,
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)
         self.pos = nn.Parameter(torch.zeros(1, self.seq_len, dim))
-        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.1, batch_first=True)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.1, activation=activation, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers)
         self.head = nn.Linear(dim, classes)
         self.vocab_size = vocab_size
+        self.padding = padding
 
     def forward(self, tokens, lengths):
         t = tokens.shape[1]
-        pad = torch.arange(t, device=tokens.device)[None, :] >= lengths[:, None]
-        x = self.encoder(self.embed(tokens) + self.pos[:, :t], src_key_padding_mask=pad)
+        pad = _padding(tokens, lengths)
+        x = self.encoder(self.embed(tokens) + self.pos[:, :t], src_key_padding_mask=pad if self.padding else None)
         keep = (~pad).unsqueeze(-1).to(x.dtype)
         return self.head((x * keep).sum(1) / keep.sum(1))
 
     @staticmethod
     def memprof_batch(batch_size: int, device, dtype):
-        t = PaddedEncoder.seq_len
-        tokens = torch.randint(0, 8192, (batch_size, t), device=device)
-        lengths = torch.randint(t // 2, t + 1, (batch_size,), device=device)
+        tokens, lengths = _padded_tokens(batch_size, PaddedEncoder.seq_len, 8192, device)
         labels = torch.randint(0, 4, (batch_size,), device=device)
         return (tokens, lengths), labels
+
+
+class PaddedAttention(nn.Module):
+    """Blocks of ``nn.MultiheadAttention`` with a ``key_padding_mask``, layer norm and a GELU MLP over
+    padded token batches, masked mean pooling. In eval, ``nn.MultiheadAttention`` runs PyTorch's fused
+    ``torch._native_multi_head_attention``; in training the masked math path. Takes ``(tokens, lengths)``."""
+
+    seq_len = 128
+
+    def __init__(self, vocab_size: int = 8192, dim: int = 256, heads: int = 8, layers: int = 2, classes: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.attn = nn.ModuleList(nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(layers))
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.mlps = nn.ModuleList(_mlp(dim, 2 * dim, dim) for _ in range(layers))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, tokens, lengths):
+        pad = _padding(tokens, lengths)
+        x = self.embed(tokens)
+        for attn, norm, mlp in zip(self.attn, self.norms, self.mlps, strict=True):
+            a, _ = attn(x, x, x, key_padding_mask=pad)
+            x = norm(x + a)
+            x = x + mlp(x)
+        keep = (~pad).unsqueeze(-1).to(x.dtype)
+        return self.head((x * keep).sum(1) / keep.sum(1))
+
+    @staticmethod
+    def memprof_batch(batch_size: int, device, dtype):
+        tokens, lengths = _padded_tokens(batch_size, PaddedAttention.seq_len, 8192, device)
+        return (tokens, lengths), torch.randint(0, 4, (batch_size,), device=device)
+
+
+class PaddedDecoder(nn.Module):
+    """A sequence-to-sequence language model: ``nn.TransformerDecoder`` over padded target batches with a
+    causal ``tgt_mask``, ``tgt_key_padding_mask`` and ``memory_key_padding_mask`` (the memory is an
+    embedded padded source batch); padded target positions are ignored by the loss (-100).
+    Takes ``(source, source_lengths, target, target_lengths)``."""
+
+    src_len, tgt_len = 96, 64
+
+    def __init__(self, vocab_size: int = 4096, dim: int = 256, heads: int = 4, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        layer = nn.TransformerDecoderLayer(dim, heads, 4 * dim, dropout=0.1, batch_first=True)
+        self.decoder = nn.TransformerDecoder(layer, layers)
+        self.lm_head = nn.Linear(dim, vocab_size)
+
+    def forward(self, src, src_lengths, tgt, tgt_lengths):
+        t = tgt.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=tgt.device).triu(1)  # True: not attended
+        y = self.decoder(
+            self.embed(tgt),
+            self.embed(src),
+            tgt_mask=causal,
+            tgt_key_padding_mask=_padding(tgt, tgt_lengths),
+            memory_key_padding_mask=_padding(src, src_lengths),
+            tgt_is_causal=True,
+        )
+        return self.lm_head(y)
+
+    @staticmethod
+    def memprof_loss(output, target):
+        return F.cross_entropy(output.flatten(0, 1), target.flatten(), ignore_index=-100)
+
+    @staticmethod
+    def memprof_batch(batch_size: int, device, dtype):
+        src, src_lengths = _padded_tokens(batch_size, PaddedDecoder.src_len, 4096, device)
+        tgt, tgt_lengths = _padded_tokens(batch_size, PaddedDecoder.tgt_len, 4096, device)
+        target = tgt.masked_fill(_padding(tgt, tgt_lengths), -100)
+        return (src, src_lengths, tgt, tgt_lengths), target
 
 
 # --------------------------------------------------------------------------- vision and generative

@@ -49,7 +49,6 @@ class Case:
 
 GPT_SMALL = {"vocab_size": 8192, "block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 256}
 LM = {"vocab_size": 2000, "embed": 128, "hidden": 256, "num_layers": 2}
-ONEDNN_STEM = "oneDNN scratchpad in the weight gradient of the 3-channel strided stem convolution (not modelled)"
 ONEDNN_TRANSPOSED = "oneDNN scratch of transposed and tiny strided convolutions (partly modelled)"
 DETECTION = {"min_size": 128, "max_size": 128}  # the models' transform resizes every image to this
 
@@ -80,7 +79,6 @@ ZOO: list[Case] = [
         "convnext_tiny:2:64 adamw",
         "convnext_tiny",
         dict(batch_size=2, input_shape=(3, 64, 64), optimizer="adamw"),
-        ONEDNN_STEM,
     ),
     Case(
         "cnn",
@@ -144,6 +142,43 @@ ZOO: list[Case] = [
         "memprof.zoo:PaddedEncoder",
         dict(batch_size=8, mode="eval"),
     ),
+    Case(
+        "attention",
+        "PaddedEncoder gelu:16x128 eval (nested tensors)",
+        "memprof.zoo:PaddedEncoder",
+        dict(batch_size=16, mode="eval", model_kwargs={"activation": "gelu", "layers": 2}),
+    ),
+    Case(
+        "attention",
+        "PaddedEncoder unmasked:8x128 eval (fused layers)",
+        "memprof.zoo:PaddedEncoder",
+        dict(batch_size=8, mode="eval", model_kwargs={"padding": False}),
+    ),
+    Case(
+        "attention",
+        "PaddedAttention:8x128 adamw (key_padding_mask)",
+        "memprof.zoo:PaddedAttention",
+        dict(batch_size=8, optimizer="adamw"),
+    ),
+    Case(
+        "attention",
+        "PaddedAttention:8x128 eval (fused MHA)",
+        "memprof.zoo:PaddedAttention",
+        dict(batch_size=8, mode="eval"),
+    ),
+    Case(
+        "attention",
+        "PaddedMaskAttention:8x128 adam (SDPA bool mask)",
+        "memprof.zoo:PaddedMaskAttention",
+        dict(batch_size=8, input_shape=(128, 256), model_kwargs={"dropout": 0.1}),
+    ),
+    Case(
+        "attention",
+        "PaddedDecoder:8x64 adamw (causal+padding masks)",
+        "memprof.zoo:PaddedDecoder",
+        dict(batch_size=8, optimizer="adamw"),
+    ),
+    Case("attention", "PaddedDecoder:8x64 eval", "memprof.zoo:PaddedDecoder", dict(batch_size=8, mode="eval")),
     # ---- Hugging Face (tiny configs from transformers' config classes)
     Case("hf", "hf BERT:4x64 padded adam", f"{HF}:bert_padded", dict(batch_size=4)),
     Case("hf", "hf GPT-2:4x64 left-padded adamw", f"{HF}:gpt2_padded", dict(batch_size=4, optimizer="adamw")),
@@ -357,8 +392,7 @@ def run_case(case: Case) -> dict:
     storage_err = None
     if abs(err) > MAX_TARGET and traced.method == "trace":
         # a miss: separate the tracer from the CPU kernels' internal buffers. The trace without
-        # oneDNN's kernel scratch against fresh real steps' peak of tensor storages (what a GPU
-        # would hold); a separate run, since a dispatch mode changes some kernels' choices
+        # the kernels' scratch against fresh real steps' peak of tensor storages (what a GPU would hold)
         storages = trace_step(workload, target="cpu", kernel_scratch=False)
         truth = measure_cpu_step(workload, storages=True)["storage_peak_bytes"]
         storage_err = 100.0 * (storages.peak_bytes - truth) / truth

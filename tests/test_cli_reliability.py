@@ -835,6 +835,37 @@ def test_ctrl_c_inside_a_finalizer_is_delivered_after_it(monkeypatch):
         cli._SIGINT_SEEN[0] = False
 
 
+def test_ctrl_c_inside_a_dispatch_mode_switch_is_delivered_after_it(monkeypatch):
+    """Ctrl-C between a dispatch mode's push and its pop (FakeTensorMode.__enter__, torch's
+    _python_dispatch helpers) left C++ with a mode it did not expect: "terminate called after throwing
+    an instance of 'c10::Error' ... trying to set the current FakeTensorMode, but one already exists"
+    (CI). There the handler re-sends SIGINT 50 ms later."""
+    import signal
+    import sys
+
+    from memprof import cli
+
+    resent: list[bool] = []
+    monkeypatch.setattr(cli, "_resend_later", lambda: resent.append(True))
+
+    class Interrupting:
+        def __enter__(self):
+            cli._on_sigint(signal.SIGINT, sys._getframe())  # as if SIGINT arrived inside __enter__
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    try:
+        with Interrupting():
+            pass
+        assert resent == [True]
+        with pytest.raises(KeyboardInterrupt):  # in plain code the handler raises at once
+            cli._on_sigint(signal.SIGINT, sys._getframe())
+    finally:
+        cli._SIGINT_SEEN[0] = False
+
+
 def test_ctrl_c_inside_an_import_is_delivered_after_it(tmp_path, monkeypatch):
     """A KeyboardInterrupt raised inside an import that C++ runs (torch's pybind11 modules) aborts the
     process with "terminate called ...": during an import the handler re-sends SIGINT 50 ms later."""

@@ -115,3 +115,16 @@ def test_default_loss_handles_tuples_and_segmentation():
 def test_batch_size_must_be_positive():
     with pytest.raises(UsageError):
         Workload(model=load_model("resnet18"), batch_size=0)
+
+
+def test_input_dtype_takes_torch_names():
+    """``--input-dtype long`` is torch.long (int64), ``int`` torch.int (int32), as torch spells them."""
+    from memprof.commands.workload import make_workload
+
+    for name, canonical, dtype in (("long", "int64", torch.int64), ("torch.int", "int32", torch.int32)):
+        w = make_workload("memprof.zoo:mnist_mlp", batch_size=2, input_shape=(1, 28, 28), input_dtype=name)
+        assert w.model.inputs.dtype == canonical
+        (x,), _, _ = w.make_batch("cpu")
+        assert x.dtype == dtype
+    with pytest.raises(UsageError, match="`input_dtype` must be one of"):
+        make_workload("memprof.zoo:mnist_mlp", input_dtype="complex")

@@ -355,3 +355,16 @@ def test_linear_on_a_transposed_input_adds_its_bias_in_place_as_aten_does(mode):
     w = Workload(spec(TransposedHead, (12, 32)), batch_size=8, mode=mode)
     traced = trace_step(w, target="cpu")
     assert abs(traced.peak_bytes - measure_cpu_step(w)["peak_bytes"]) <= SCALAR_SLACK
+
+
+def test_a_loss_hook_without_a_batch_hook_is_told_that_its_target_is_none():
+    from memprof.errors import ModelCodeError
+
+    def memprof_loss(output, target):
+        return nn.functional.cross_entropy(output, target)
+
+    s = spec(nn.Linear, (16,), in_features=16, out_features=4)
+    s.loss_hook = memprof_loss
+    with pytest.raises(ModelCodeError, match="memprof passes target=None when the model has no memprof_batch") as err:
+        trace_step(Workload(s, batch_size=2), target="cpu")
+    assert "in memprof_loss" in err.value.message and "memprof_batch(batch_size, device, dtype)" in err.value.hint

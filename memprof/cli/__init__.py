@@ -270,17 +270,30 @@ def _resend_sigint(signum: int, frame: Any) -> None:
 #: where the interrupted code runs inside a weakref callback or finalizer (``weakref.finalize``,
 #: torch's ``WeakIdKeyDictionary``), called while a tensor or storage is freed - often from C++
 _FINALIZER_FILES = ("weakref.py", os.path.join("torch", "utils", "weak.py"))
+#: code that pushes and pops torch's dispatch modes (FakeTensorMode, memprof's trackers) around C++
+#: calls: interrupted between a push and its pop, C++ later finds a mode it did not expect and aborts
+#: ("trying to set the current FakeTensorMode, but one already exists")
+_MODE_FILES = (
+    "contextlib.py",
+    os.path.join("torch", "utils", "_python_dispatch.py"),
+    os.path.join("torch", "_subclasses", "fake_tensor.py"),
+)
+_MODE_FUNCTIONS = ("__enter__", "__exit__")
 
 
 def _deferred(frame: Any) -> bool:
-    """Whether the interrupted code runs inside an import or a finalizer, where an exception cannot
-    propagate: importlib's frames, ``__del__``, or a weakref callback on the stack."""
+    """Whether the interrupted code runs where an exception cannot propagate safely: inside an import
+    (importlib's frames), a finalizer (``__del__``, a weakref callback), or - in the innermost frames -
+    a context manager's ``__enter__``/``__exit__`` or torch's dispatch-mode code."""
+    depth = 0
     while frame is not None:
         code = frame.f_code
-        if code.co_filename.startswith("<frozen importlib") or code.co_name == "__del__":
+        filename = code.co_filename
+        if filename.startswith("<frozen importlib") or code.co_name == "__del__" or filename.endswith(_FINALIZER_FILES):
             return True
-        if code.co_filename.endswith(_FINALIZER_FILES):
+        if depth < 4 and (code.co_name in _MODE_FUNCTIONS or filename.endswith(_MODE_FILES)):
             return True
+        depth += 1
         frame = frame.f_back
     return False
 

@@ -34,6 +34,15 @@ DEFAULT_OPTIMIZER = "adam"
 #: generation: tokens generated after the prompt unless `new_tokens` is given
 DEFAULT_NEW_TOKENS = 128
 INPUT_DTYPES = ("float", "int64", "int32", "int16", "int8", "uint8", "bool")
+#: torch's other names for them (``torch.long`` is int64, ``torch.int`` int32)
+INPUT_DTYPE_ALIASES = {
+    "long": "int64",
+    "int": "int32",
+    "short": "int16",
+    "byte": "uint8",
+    "char": "int8",
+    "float32": "float",
+}
 
 Shape = Sequence[int]
 
@@ -145,6 +154,9 @@ def make_workload(
             "balanced: tokens x top-k / experts per expert; worst: every token to the same experts",
         )
     shapes = check_shapes(input_shape) if input_shape is not None else None
+    if input_dtype is not None:
+        name = input_dtype.strip().lower().removeprefix("torch.")
+        input_dtype = INPUT_DTYPE_ALIASES.get(name, name)
     if input_dtype is not None and input_dtype not in INPUT_DTYPES:
         raise UsageError(
             f"`input_dtype` must be one of {', '.join(INPUT_DTYPES)}, got {input_dtype!r}",

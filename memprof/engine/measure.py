@@ -570,28 +570,6 @@ def _isolated_cuda(index: int) -> IsolatedRunner:
     return IsolatedRunner("cuda", index, f"cuda:{index}")
 
 
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """File descriptor 2 to /dev/null for a while: the profiler's C++ layer (kineto) writes status lines
-    ("profiler_start", "gpuGetDeviceCount failed" on machines without a GPU) straight to it."""
-    import os
-    import sys
-
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no usable descriptor 2: nothing to hide
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def measure_cpu_step(workload: Workload, *, steps: int = 2, storages: bool = False) -> dict[str, int]:
     """Run ``steps`` REAL training steps on the CPU and measure peak live bytes without the tracer.
 
@@ -602,9 +580,9 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2, storages: bool = Fal
     Returns ``{"peak_bytes", "first_step_peak_bytes", "steady_peak_bytes", "resident_bytes"}``;
     with ``storages`` also ``"storage_peak_bytes"``: the same steps' peak of live tensor storages
     (a :class:`memprof.engine.tracking.StorageTracker`, as the CPU cap counts them: what a GPU would
-    hold, without the CPU kernels' internal scratch). An active dispatch mode changes a few kernels'
-    choices (MobileNetV3 in eval allocates 3 % less under one), so take ``peak_bytes`` from a run
-    without ``storages``.
+    hold, without the CPU kernels' internal scratch). The tracker's dispatch mode does not change which
+    kernels run (``peak_bytes`` is the same with ``storages``); module hooks would (they turn off
+    ``nn.TransformerEncoderLayer``'s fused inference path), and none are installed here.
     """
     import gc
     import logging
@@ -631,7 +609,7 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2, storages: bool = Fal
         if st.data_ptr() not in seen:
             seen.add(st.data_ptr())
             resident += st.nbytes()
-    from torch._C._autograd import DeviceType
+    from .cpumem import memory_events, quiet_stderr
 
     gc.collect()
     gc.disable()
@@ -646,15 +624,10 @@ def measure_cpu_step(workload: Workload, *, steps: int = 2, storages: bool = Fal
         tracker.register(tensors)
     try:
         for _ in range(steps):
-            with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 with tracker if tracker is not None else contextlib.nullcontext():
                     train_step(prepared)
-            events = [
-                (e.start_ns(), e.nbytes())
-                for e in prof.profiler.kineto_results.events()
-                if e.name() == "[memory]" and e.device_type() == DeviceType.CPU
-            ]
-            events.sort(key=lambda e: e[0])
+            events = memory_events(prof)
             peak = cur
             for _, nbytes in events:
                 cur += nbytes

@@ -78,6 +78,7 @@ class ModuleTracker:
         self._current_node = torch._C._current_autograd_node
         self._handles: list[Any] = []
         self._names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # global hooks: module -> name
+        self._unhooked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attach(fast_paths): module -> name
 
     # -- queries ------------------------------------------------------------------------------------
     def current(self) -> str | None:
@@ -102,9 +103,14 @@ class ModuleTracker:
         self.stack.clear()
 
     # -- install ------------------------------------------------------------------------------------
-    def attach(self, model: Any = None, root_name: str | None = None) -> ModuleTracker:
+    def attach(self, model: Any = None, root_name: str | None = None, fast_paths: bool = False) -> ModuleTracker:
         """Hook ``model``'s modules (each once, named by its first qualified name; the root ``root_name``,
-        by default its class name), or with no model every module that runs (global hooks)."""
+        by default its class name), or with no model every module that runs (global hooks).
+
+        With ``fast_paths``, modules whose forward looks for hooks and leaves its fused kernels when it
+        finds any (``nn.TransformerEncoderLayer``'s inference fast path, and everything inside it) get
+        none: global hooks follow them instead, so the model runs the kernels it runs unwatched.
+        """
         from torch.nn.modules import module as nn_module
 
         if model is None:
@@ -112,7 +118,14 @@ class ModuleTracker:
             self._handles.append(_always(nn_module.register_module_forward_hook, self._global_post))
             return self
         root = root_name or type(model).__name__
+        unhooked = _reads_hooks(model) if fast_paths else set()
+        if unhooked:
+            self._handles.append(nn_module.register_module_forward_pre_hook(self._unhooked_pre))
+            self._handles.append(_always(nn_module.register_module_forward_hook, self._unhooked_post))
         for qual, module in model.named_modules():  # each module once: the first name it is reached by
+            if id(module) in unhooked:
+                self._unhooked[module] = qual or root
+                continue
 
             def pre(mod, args, kwargs, _name=qual or root):
                 self._enter(mod, _name, args, kwargs)
@@ -174,6 +187,15 @@ class ModuleTracker:
     def _global_post(self, module: Any, args: tuple, output: Any) -> None:
         self._exit(module, output)
 
+    def _unhooked_pre(self, module: Any, args: tuple) -> None:
+        name = self._unhooked.get(module)
+        if name is not None:
+            self._enter(module, name, args, {})
+
+    def _unhooked_post(self, module: Any, args: tuple, output: Any) -> None:
+        if module in self._unhooked:
+            self._exit(module, output)
+
     def _global_name(self, module: Any) -> str:
         name = self._names.get(module)
         if name is None:
@@ -187,6 +209,19 @@ class ModuleTracker:
                 name = f"{self.stack[-1].name}.<{root}>"
                 self._names[module] = name
         return name
+
+
+def _reads_hooks(model: Any) -> set[int]:
+    """ids of the modules of ``model`` that a per-module hook would push off a fused kernel: every module
+    inside an ``nn.TransformerEncoderLayer``, whose forward takes its inference fast path
+    (``torch._transformer_encoder_layer_fwd``) only when none of them has forward hooks."""
+    import torch
+
+    found: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.TransformerEncoderLayer) and id(module) not in found:
+            found.update(id(m) for m in module.modules())
+    return found
 
 
 def _always(register: Callable[..., Any], hook: Callable[..., Any], **kwargs: Any) -> Any:

@@ -37,10 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DataDependentError, MemprofError, ModelCodeError, TraceError, UsageError
 from ..results import CudaTarget, MemCategory, ModelledBytes, SavedBlock, TimelinePoint, TraceResult
-from . import fastfake, overheads, placement
+from . import cpumem, fastfake, overheads, placement
 from .allocator import AllocatorConf, CachingAllocatorModel, conf_from_source
 from .flops import FlopTally
 from .gradaccum import InputBufferMirror
+from .loading import BATCH_HOOK, LOSS_HOOK
 from .modtrack import ModuleTracker
 from .shadow import Shadows
 from .workload import Prepared, Workload, build_model, generate_step, make_optimizer, train_step
@@ -107,6 +108,9 @@ class _TraceRecorder:
         self.need_workspace = target == "cuda"
         self.accum = InputBufferMirror()  # which gradient sums autograd does in place on real tensors
         self.cpu_scratch = target == "cpu" and kernel_scratch
+        # fused kernels' buffers, measured on the CPU: in a real run as the op runs, else by a probe
+        self.real = False
+        self.probe: cpumem.OpProbe | None = None
         self.workspace_source = ""
         self.lt_bytes, self.lt_source = 0, ""
         self.lt_threads: set[str] = set()
@@ -389,6 +393,7 @@ def _make_tracker(recorder: _TraceRecorder):
         getattr(getattr(torch.ops.aten, name, None), "default", None)
         for name in ("mkldnn_rnn_layer", "mkldnn_rnn_layer_backward")
     )
+    fused = cpumem.fused_ops() if recorder.cpu_scratch else frozenset()
 
     class _TraceTracker(StorageTracker):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -436,6 +441,8 @@ def _make_tracker(recorder: _TraceRecorder):
                 scratch = size(args)
             if not cuda and func in onednn_rnn:
                 out = _onednn_lstm(self, recorder, func, args, kwargs, func is onednn_rnn[0])
+            elif fused and (func in fused or (recorder.real and cpumem.has_nested(args, kwargs))):
+                out = _fused_op(self, recorder, func, types, args, kwargs)
             elif scratch:
                 rec = recorder.synthetic(scratch, MemCategory.TEMPORARY, kind)
                 try:
@@ -452,6 +459,38 @@ def _make_tracker(recorder: _TraceRecorder):
     tracker = _TraceTracker(on_alloc=recorder.on_alloc, on_free=recorder.on_free)
     recorder.tracker = tracker
     return tracker
+
+
+def _fused_op(tracker, recorder: _TraceRecorder, func, types, args, kwargs):
+    """An op whose CPU kernel allocates inside it (a fused transformer block, a nested-tensor kernel): its
+    buffers beyond the storages it returns, measured (:mod:`memprof.engine.cpumem`), are a temporary
+    held while it runs: in a real run the op itself runs measured, in a fake trace a probe of its shapes."""
+    from .tracking import StorageTracker
+
+    run = tracker.run_op
+    held: list[int] = []
+
+    def run_measured(f, a, k):
+        def call():
+            return run(f, a, k) if run is not None else f(*a, **(k or {}))
+
+        if recorder.real:
+            out, scratch = cpumem.measure_op(call, tracker.live)
+        else:
+            out = call()  # first: an op fake tensors cannot run (a nested tensor from a mask) needs no probe
+            assert recorder.probe is not None  # set for every fake CPU trace with kernel scratch
+            scratch = recorder.probe.scratch(f, a, k)
+        if scratch:
+            held.append(recorder.synthetic(scratch, MemCategory.TEMPORARY, cpumem.FUSED))
+        return out
+
+    tracker.run_op = run_measured
+    try:
+        return StorageTracker.__torch_dispatch__(tracker, func, types, args, kwargs)
+    finally:
+        tracker.run_op = run
+        for rec in held:
+            recorder.free_synthetic(rec)
 
 
 def _input_shapes(module, name: str, args: tuple, kwargs: dict) -> list[tuple[int, ...]]:
@@ -815,8 +854,17 @@ def _build_with_fake_parameters(workload: Workload):
 # =========================================================================== errors
 def _forward_error(exc: Exception, recorder: _TraceRecorder, model, workload: Workload) -> MemprofError:
     """The exception as raised, the model's line, and a hint from the evidence (:mod:`.blame`)."""
-    from .blame import expects, forward_error
+    from .blame import at, expects, forward_error, raised
 
+    spec = workload.model
+    if spec.loss_hook is not None and spec.batch_hook is None and _raised_in(exc, spec.loss_hook):
+        # memprof made the inputs from a shape, so there is no target: the loss hook got None
+        return ModelCodeError(
+            f"{LOSS_HOOK}(output, target) raised {raised(exc)}{at(exc)}; memprof passes target=None when the "
+            f"model has no {BATCH_HOOK}",
+            f"define {BATCH_HOOK}(batch_size, device, dtype) returning (inputs, target) next to the model, "
+            f"or build the target inside {LOSS_HOOK}",
+        )
     modules = recorder.modules
     frame = modules.stack[-1] if modules.stack else modules.failed  # the innermost call that raised
     where = frame.name if frame is not None else None
@@ -835,6 +883,17 @@ def _forward_error(exc: Exception, recorder: _TraceRecorder, model, workload: Wo
         batch=workload.batch_size,
         first_layer=recorder.param_layers_done == 0,
     )
+
+
+def _raised_in(exc: BaseException, fn: Callable[..., Any]) -> bool:
+    """Whether ``fn``'s code is on the traceback of ``exc``."""
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is code:
+            return True
+        tb = tb.tb_next
+    return False
 
 
 #: exception types (by name) that mean "fake tensors have no values for this"
@@ -1142,6 +1201,9 @@ def _record_step(
 
     started = time.perf_counter()
     recorder = _TraceRecorder(target, kernel_scratch, cuda_target)
+    recorder.real = real
+    if recorder.cpu_scratch and not real:
+        recorder.probe = cpumem.OpProbe()
     rules = None
     notes: list[str] = []
     prepared = None
@@ -1236,7 +1298,9 @@ def _record_step(
                 del args, kwargs, tgt
                 hooked = getattr(model, "module", model) if world else model  # DDP/FSDP wrap the model
                 recorder.root_label = type(hooked).__name__
-                recorder.modules.attach(hooked, recorder.root_label)
+                # on the CPU the model runs the fused kernels it runs unwatched (their buffers are measured);
+                # a CUDA trace hooks every module, so nn.TransformerEncoderLayer runs its unfused equivalent
+                recorder.modules.attach(hooked, recorder.root_label, fast_paths=target == "cpu")
                 recorder.blocks = _blocks(hooked)
                 for name, module in hooked.named_modules():  # names as the module tracker gives them
                     recorder.module_types.setdefault(name or recorder.root_label, type(module).__name__)
@@ -1667,6 +1731,12 @@ def _cuda_notes(workload: Workload, cuda_target: CudaTarget, recorder: _TraceRec
             "cuDNN convolution workspaces not modelled: cuDNN's heuristics pick the algorithm at run time "
             "(Conv_v8.cpp try_plans), usually with a small workspace; --cudnn-benchmark models the first step's "
             "benchmarking"
+        )
+    if workload.mode != "train" and "TransformerEncoderLayer" in recorder.module_types.values():
+        notes.append(
+            "nn.TransformerEncoderLayer is traced through its layers: CUDA's fused inference path "
+            "(torch._transformer_encoder_layer_fwd) allocates inside one kernel, which a CUDA trace cannot see "
+            "(a CPU trace runs and measures it)"
         )
     notes.append(
         "not modelled: the memory-efficient and cuDNN attention kernels' backward workspaces, CUDA's reduction "

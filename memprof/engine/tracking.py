@@ -59,6 +59,16 @@ def _unwatch_resizes(tracker: StorageTracker) -> None:
         _real_resize = None
 
 
+def nested_metadata(t: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors a (strided) nested tensor keeps its layout in: ``aten._nested_tensor_size`` and its
+    strides and offsets return them themselves (shared with the nested tensors made from it)."""
+    getters = ("_nested_tensor_size", "_nested_tensor_strides", "_nested_tensor_storage_offsets")
+    try:
+        return [getattr(t, name)() for name in getters]
+    except (AttributeError, RuntimeError):  # a jagged-layout nested tensor: its offsets are ordinary tensors
+        return []
+
+
 class StorageTracker(TorchDispatchMode):
     """Sees every storage that ops create while active, and when each one dies.
 
@@ -98,6 +108,8 @@ class StorageTracker(TorchDispatchMode):
             st = t.untyped_storage()
             if self._register_storage(st, func):
                 new.append(st._cdata)
+            if t.is_nested:  # its buffer, and the sizes, strides and offsets it keeps in tensors of their own
+                new.extend(self.register(nested_metadata(t), func))
         return new
 
     def _register_storage(self, st: torch.UntypedStorage, func: Any) -> bool:
