@@ -305,14 +305,14 @@ def onednn_conv_scratch(func, args) -> int:
     """Bytes oneDNN (mkldnn) convolutions on the CPU hold inside the op, next to its outputs.
 
     PyTorch's CPU convolution reorders NCHW / NCDHW tensors to oneDNN's blocked layouts
-    (channels padded to the CPU's block, :func:`_channel_block`) inside the kernel (measured with torch.profiler, per op): forward
-    holds a blocked output and, when the input channels are blockable (multiple of 8), a
-    blocked input and weight (with fewer than 8, the weight alone), then the real output; a
-    transposed convolution holds twice its output; backward holds a blocked grad_output and,
-    for the weight gradient, a blocked input (in bf16/fp16 also an fp32 weight-gradient
-    accumulator) while the gradients are produced. No dispatch mode sees these, so the CPU
-    trace adds them as a temporary around the op. CUDA (cuDNN) works on the tensors as they
-    are; its workspaces are not modelled.
+    (channels padded to the CPU's block, :func:`_channel_block`) inside the kernel (measured
+    with torch.profiler, per op): forward holds a blocked output and, when the input channels
+    are blockable (multiple of 8), a blocked input and weight (with fewer than 8, the weight
+    alone), then the real output; a transposed convolution holds twice its output; backward
+    holds a blocked grad_output and, for the weight gradient, a blocked input (in bf16/fp16
+    also an fp32 weight-gradient accumulator) while the gradients are produced. No dispatch
+    mode sees these, so the CPU trace adds them as a temporary around the op. CUDA (cuDNN)
+    works on the tensors as they are; its workspaces are not modelled.
     """
     import torch
 
