@@ -49,12 +49,7 @@ class Case:
 
 GPT_SMALL = {"vocab_size": 8192, "block_size": 128, "n_layer": 4, "n_head": 4, "n_embd": 256}
 LM = {"vocab_size": 2000, "embed": 128, "hidden": 256, "num_layers": 2}
-ONEDNN_STEM = "oneDNN scratchpad in the weight gradient of the 3-channel strided stem convolution (not modelled)"
 ONEDNN_TRANSPOSED = "oneDNN scratch of transposed and tiny strided convolutions (partly modelled)"
-ONEDNN_3D = (
-    "oneDNN 3-D convolutions' reorders and weight-gradient buffers (8-16x the weight, measured per op) are not modelled"
-)
-ONEDNN_DILATED = "oneDNN weight-gradient buffers of the dilated 3x3 convolutions (8.5x the weight) are not modelled"
 DETECTION = {"min_size": 128, "max_size": 128}  # the models' transform resizes every image to this
 
 ZOO: list[Case] = [
@@ -84,7 +79,6 @@ ZOO: list[Case] = [
         "convnext_tiny:2:64 adamw",
         "convnext_tiny",
         dict(batch_size=2, input_shape=(3, 64, 64), optimizer="adamw"),
-        ONEDNN_STEM,
     ),
     Case(
         "cnn",
@@ -133,7 +127,6 @@ ZOO: list[Case] = [
         "vit_b_16:4:64 sgd",
         "vit_b_16",
         dict(batch_size=4, input_shape=(3, 64, 64), optimizer="sgd", model_kwargs={"image_size": 64}),
-        ONEDNN_STEM,
     ),
     Case("vit", "swin_t:2:96 adamw", "swin_t", dict(batch_size=2, input_shape=(3, 96, 96), optimizer="adamw")),
     Case("vit", "MLPMixer:8:64 adam", "memprof.zoo:MLPMixer", dict(batch_size=8, input_shape=(3, 64, 64))),
@@ -314,7 +307,6 @@ ZOO: list[Case] = [
         "deeplabv3_mobilenet_v3_large:2:128 adam",
         "deeplabv3_mobilenet_v3_large",
         dict(batch_size=2, input_shape=(3, 128, 128)),
-        ONEDNN_DILATED,
     ),
     Case("segmentation", "UNet:2:64 adam", "configs/unet.toml", dict(batch_size=2, input_shape=(3, 64, 64))),
     Case(
@@ -323,13 +315,12 @@ ZOO: list[Case] = [
         "configs/unet.toml",
         dict(batch_size=4, input_shape=(3, 64, 64), dtype="bf16"),
     ),
-    Case("video", "r3d_18:2x8x64 adam", "r3d_18", dict(batch_size=2, input_shape=(3, 8, 64, 64)), ONEDNN_3D),
+    Case("video", "r3d_18:2x8x64 adam", "r3d_18", dict(batch_size=2, input_shape=(3, 8, 64, 64))),
     Case(
         "video",
         "mc3_18:2x8x64 sgd",
         "mc3_18",
         dict(batch_size=2, input_shape=(3, 8, 64, 64), optimizer="sgd"),
-        ONEDNN_3D,
     ),
     Case(
         "optical-flow",
